@@ -1,0 +1,51 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+
+from api.body_limit import BodySizeLimit
+from api.errors import install_error_handlers
+from api.publisher import Publisher, celery_publisher
+from api.routes import health, jobs
+from promptq.config import Settings, get_settings
+from promptq.jobs.schemas import JobCreate
+
+
+def create_app(settings: Settings | None = None, publish: Publisher | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="promptq",
+        version="0.1.0",
+        summary="A self-hosted job queue for LLM prompts.",
+        docs_url="/docs",
+    )
+    app.state.settings = settings
+    app.state.publish = publish or celery_publisher(settings)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(jobs.router)
+    _document_manual_bodies(app)
+    return app
+
+
+def _document_manual_bodies(app: FastAPI) -> None:
+    """POST /v1/jobs reads JSON or a form itself, so FastAPI cannot see its body model;
+    add that model's schema to the OpenAPI document by hand."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = build()
+        definitions = JobCreate.model_json_schema(ref_template="#/components/schemas/{model}")
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.update(definitions.pop("$defs", {}))
+        components["JobCreate"] = definitions
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

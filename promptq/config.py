@@ -1,0 +1,84 @@
+"""One typed settings object for every process (API, worker, beat, CLI).
+
+Read from `PROMPTQ_*` environment variables and a `.env` file in the working directory.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_UPSTREAM_URL = "https://api.cometapi.com"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="PROMPTQ_", env_file=".env", extra="ignore", populate_by_name=True
+    )
+
+    database_url: str = "sqlite:///./promptq.db"
+    # Unset means "no shared Redis": `promptq up` then starts a private one and passes its
+    # URL to the processes it runs. Every other process needs it set.
+    redis_url: str | None = None
+    upstream_url: str = DEFAULT_UPSTREAM_URL
+    upstream_api_key: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("PROMPTQ_UPSTREAM_API_KEY", "COMETAPI_KEY"),
+    )
+    admin_token: SecretStr | None = None
+    limits_file: Path | None = None
+    pricing_file: Path | None = None
+    webhook_allow_private: bool = False
+    flower_basic_auth: SecretStr | None = None
+
+    # Intake
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    max_wait_seconds: int = Field(default=60, ge=0, le=600)
+    default_max_tokens: int = Field(default=1024, ge=1)
+    # The model a flat `prompt` job runs on when it names none.
+    default_model: str = "claude-sonnet-4-5-20250929"
+
+    # Upstream calls and retries
+    upstream_timeout_seconds: float = Field(default=600.0, gt=0)
+    upstream_connect_timeout_seconds: float = Field(default=10.0, gt=0)
+    max_attempts: int = Field(default=6, ge=1, le=100)
+    retry_base_seconds: float = Field(default=1.0, ge=0)
+    retry_max_seconds: float = Field(default=60.0, ge=0)
+
+    # Worker
+    worker_concurrency: int = Field(default=64, ge=1, le=2000)
+    # A message not acknowledged within this many seconds is handed to another worker by
+    # the Redis broker; every countdown we use must stay well below it.
+    broker_visibility_timeout_seconds: int = Field(default=3600, ge=60)
+    # How long a claimed job stays ours without a heartbeat before the sweeper takes it back.
+    claim_lease_seconds: int = Field(default=60, ge=5)
+    sweep_interval_seconds: float = Field(default=10.0, gt=0)
+    # A queued job older than this with no progress is published again by the sweeper.
+    republish_after_seconds: int = Field(default=30, ge=1)
+
+    # Client side (`promptq submit`, `promptq jobs ls`)
+    api_url: str = "http://127.0.0.1:8000"
+    api_key: SecretStr | None = None
+
+    @field_validator("upstream_url", "api_url")
+    @classmethod
+    def _strip_trailing_slash(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+        return value.rstrip("/")
+
+    @property
+    def upstream_key(self) -> str | None:
+        return self.upstream_api_key.get_secret_value() if self.upstream_api_key else None
+
+    @property
+    def uses_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,184 @@
+"""The worker side of a job: claim it, then record what one upstream call gave.
+
+The upstream call itself happens between the two, outside any database transaction, so a
+slow upstream never holds a connection or a lock.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from promptq.config import Settings
+from promptq.jobs.repository import JobRepository
+from promptq.models import Attempt, JobStatus
+from promptq.pricing import PriceTable, cost_of
+from promptq.types import utcnow
+from promptq.upstream import Outcome, UpstreamResult
+from promptq.usage import Usage
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    id: str
+    model: str
+    request: dict[str, Any]
+    priority: str
+    attempt: int
+    claimed_at: datetime
+
+
+@dataclass(frozen=True)
+class Claim:
+    job: ClaimedJob | None = None
+    # Set when the job exists and will be runnable later: seconds until it is due.
+    due_in: float | None = None
+    priority: str | None = None
+
+
+@dataclass(frozen=True)
+class AttemptVerdict:
+    status: JobStatus
+    # Seconds until the next attempt, when the job is to be retried.
+    retry_in: float | None = None
+
+
+def claim_job(session: Session, settings: Settings, job_id: str) -> Claim:
+    repository = JobRepository(session)
+    now = utcnow()
+    if not repository.claim(job_id, now, now + timedelta(seconds=settings.claim_lease_seconds)):
+        job = repository.get(job_id)
+        if job is not None and job.status in (JobStatus.QUEUED, JobStatus.RETRYING):
+            due = job.next_attempt_at or now
+            return Claim(due_in=max(0.0, (due - now).total_seconds()), priority=job.priority)
+        return Claim()
+    job = repository.get(job_id)
+    assert job is not None  # we just updated it in this transaction
+    session.refresh(job)
+    return Claim(
+        job=ClaimedJob(
+            id=job.id,
+            model=job.model,
+            request=job.request,
+            priority=job.priority,
+            attempt=job.attempts,
+            claimed_at=now,
+        )
+    )
+
+
+def backoff_seconds(
+    attempt: int, settings: Settings, retry_after: float | None, rng: random.Random | None = None
+) -> float:
+    """Exponential backoff with equal jitter, never shorter than the upstream's retry-after."""
+    rng = rng or random.Random()
+    ceiling = min(settings.retry_max_seconds, settings.retry_base_seconds * 2 ** (attempt - 1))
+    delay = ceiling / 2 + rng.uniform(0, ceiling / 2)
+    if retry_after is not None:
+        delay = max(delay, retry_after)
+    return delay
+
+
+def output_text(message: dict[str, Any]) -> str:
+    blocks = message.get("content") or []
+    return "".join(
+        block.get("text", "")
+        for block in blocks
+        if isinstance(block, dict) and block.get("type") == "text"
+    )
+
+
+def record_attempt(
+    session: Session,
+    settings: Settings,
+    prices: PriceTable,
+    claimed: ClaimedJob,
+    result: UpstreamResult,
+) -> AttemptVerdict:
+    repository = JobRepository(session)
+    now = utcnow()
+    repository.add_attempt(
+        Attempt(
+            job_id=claimed.id,
+            number=claimed.attempt,
+            started_at=claimed.claimed_at,
+            finished_at=now,
+            latency_ms=result.latency_ms,
+            outcome=result.outcome,
+            status_code=result.status_code,
+            upstream_request_id=result.request_id,
+            error_type=result.error_type,
+            error_message=result.error_message,
+        )
+    )
+    common: dict[str, Any] = {
+        "updated_at": now,
+        "lease_expires_at": None,
+        "upstream_status": result.status_code,
+    }
+    if result.outcome is Outcome.SUCCEEDED:
+        assert result.message is not None
+        verdict = AttemptVerdict(JobStatus.SUCCEEDED)
+        values = {**common, **_success_values(claimed, result.message, prices), "finished_at": now}
+    elif result.outcome is Outcome.TRANSIENT and claimed.attempt < settings.max_attempts:
+        retry_in = backoff_seconds(claimed.attempt, settings, result.retry_after)
+        verdict = AttemptVerdict(JobStatus.RETRYING, retry_in=retry_in)
+        values = {
+            **common,
+            **_error_values(result),
+            "status": JobStatus.RETRYING,
+            "next_attempt_at": now + timedelta(seconds=retry_in),
+        }
+    else:
+        verdict = AttemptVerdict(JobStatus.FAILED)
+        values = {**common, **_error_values(result), "status": JobStatus.FAILED, "finished_at": now}
+        if result.outcome is Outcome.TRANSIENT:
+            values["error_message"] = (
+                f"gave up after {claimed.attempt} attempts; last error: {result.error_message}"
+            )
+    # Only a claim still held may be settled, with one exception: a success that lands after
+    # the sweeper took the job back (a lease lost to a stalled heartbeat) is still the answer,
+    # already paid for, and is kept rather than asked for again.
+    settle_from = [JobStatus.RUNNING]
+    if verdict.status is JobStatus.SUCCEEDED:
+        settle_from.append(JobStatus.RETRYING)
+    if not repository.transition(claimed.id, settle_from, values):
+        return AttemptVerdict(JobStatus.RUNNING)
+    return verdict
+
+
+def _error_values(result: UpstreamResult) -> dict[str, Any]:
+    return {
+        "error_type": result.error_type or "upstream_error",
+        "error_message": result.error_message or "the upstream call failed",
+    }
+
+
+def _success_values(
+    claimed: ClaimedJob, message: dict[str, Any], prices: PriceTable
+) -> dict[str, Any]:
+    usage = Usage.from_message(message)
+    values: dict[str, Any] = {
+        "status": JobStatus.SUCCEEDED,
+        "result": message,
+        "output_text": output_text(message),
+        "error_type": None,
+        "error_message": None,
+        **usage.to_api(),
+    }
+    model_prices = prices.prices_for(claimed.model)
+    if model_prices is not None:
+        cost = cost_of(usage, model_prices)
+        values.update(
+            cost_input=cost.input,
+            cost_output=cost.output,
+            cost_cache_write=cost.cache_write,
+            cost_cache_read=cost.cache_read,
+            cost_total=cost.total,
+            prices=model_prices.to_dict(),
+        )
+    return values

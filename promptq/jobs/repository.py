@@ -1,0 +1,121 @@
+"""All queries on jobs and their attempts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
+
+from promptq.models import RUNNABLE_STATUSES, Attempt, Job, JobStatus
+
+
+class JobRepository:
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def add(self, job: Job) -> Job:
+        self.session.add(job)
+        self.session.flush()
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        return self.session.get(Job, job_id)
+
+    def get_for_key(self, job_id: str, api_key_id: str) -> Job | None:
+        query = select(Job).where(Job.id == job_id, Job.api_key_id == api_key_id)
+        return self.session.scalars(query).first()
+
+    def by_idempotency_key(self, api_key_id: str, idempotency_key: str) -> Job | None:
+        query = select(Job).where(
+            Job.api_key_id == api_key_id, Job.idempotency_key == idempotency_key
+        )
+        return self.session.scalars(query).first()
+
+    def list_for_key(
+        self, api_key_id: str, status: str | None, limit: int, before_id: str | None
+    ) -> Sequence[Job]:
+        """Newest first; ids are ULIDs, so ordering by id is ordering by creation."""
+        query = select(Job).where(Job.api_key_id == api_key_id)
+        if status is not None:
+            query = query.where(Job.status == status)
+        if before_id is not None:
+            query = query.where(Job.id < before_id)
+        return self.session.scalars(query.order_by(Job.id.desc()).limit(limit)).all()
+
+    def claim(self, job_id: str, now: datetime, lease_until: datetime) -> bool:
+        """Compare-and-set a runnable, due job to running. Only one caller ever wins, which
+        is what makes a message delivered twice harmless."""
+        statement = (
+            update(Job)
+            .where(
+                Job.id == job_id,
+                Job.status.in_(RUNNABLE_STATUSES),
+                or_(Job.next_attempt_at.is_(None), Job.next_attempt_at <= now),
+            )
+            .values(
+                status=JobStatus.RUNNING,
+                attempts=Job.attempts + 1,
+                started_at=now,
+                lease_expires_at=lease_until,
+                updated_at=now,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        return self.session.execute(statement).rowcount == 1  # type: ignore[attr-defined]
+
+    def transition(self, job_id: str, from_statuses: Sequence[str], values: dict[str, Any]) -> bool:
+        """Compare-and-set from one of `from_statuses`; False when the job had moved on."""
+        statement = (
+            update(Job)
+            .where(Job.id == job_id, Job.status.in_(from_statuses))
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+        return self.session.execute(statement).rowcount == 1  # type: ignore[attr-defined]
+
+    def add_attempt(self, attempt: Attempt) -> None:
+        self.session.add(attempt)
+
+    def attempts_for(self, job_id: str) -> Sequence[Attempt]:
+        query = select(Attempt).where(Attempt.job_id == job_id).order_by(Attempt.number)
+        return self.session.scalars(query).all()
+
+    def due_for_publish(self, now: datetime, stale_before: datetime, limit: int) -> Sequence[Job]:
+        """Runnable jobs that have been due since before `stale_before` and are still not
+        claimed: their broker message may be lost (a wiped Redis, a dead worker's prefetch)."""
+        query = (
+            select(Job)
+            .where(
+                Job.status.in_(RUNNABLE_STATUSES),
+                or_(
+                    Job.next_attempt_at < stale_before,
+                    Job.next_attempt_at.is_(None) & (Job.updated_at < stale_before),
+                ),
+            )
+            .order_by(Job.id)
+            .limit(limit)
+        )
+        return self.session.scalars(query).all()
+
+    def expired_leases(self, now: datetime, limit: int) -> Sequence[Job]:
+        query = (
+            select(Job)
+            .where(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)
+            .order_by(Job.id)
+            .limit(limit)
+        )
+        return self.session.scalars(query).all()
+
+    def extend_leases(self, job_ids: Sequence[str], lease_until: datetime) -> int:
+        if not job_ids:
+            return 0
+        statement = (
+            update(Job)
+            .where(Job.id.in_(job_ids), Job.status == JobStatus.RUNNING)
+            .values(lease_expires_at=lease_until)
+            .execution_options(synchronize_session=False)
+        )
+        return self.session.execute(statement).rowcount  # type: ignore[attr-defined]

@@ -1,0 +1,48 @@
+"""Finding jobs that fell through the cracks: a lost broker message, a dead worker."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sqlalchemy.orm import Session
+
+from promptq.config import Settings
+from promptq.jobs.repository import JobRepository
+from promptq.models import JobStatus
+from promptq.types import utcnow
+
+SWEEP_BATCH = 1000
+
+
+def reclaim_expired(session: Session) -> list[tuple[str, str]]:
+    """Running jobs whose lease ran out (their worker died or hung) become runnable again,
+    or fail when that was their last attempt. Returns the (id, priority) of those to run."""
+    repository = JobRepository(session)
+    now = utcnow()
+    runnable: list[tuple[str, str]] = []
+    for job in repository.expired_leases(now, SWEEP_BATCH):
+        last = job.attempts >= job.max_attempts
+        values = {
+            "status": JobStatus.FAILED if last else JobStatus.RETRYING,
+            "lease_expires_at": None,
+            "next_attempt_at": None,
+            "updated_at": now,
+            "error_type": "worker_lost",
+            "error_message": (
+                f"the worker running attempt {job.attempts} stopped answering"
+                + ("; no attempts left" if last else "; the job will be tried again")
+            ),
+        }
+        if last:
+            values["finished_at"] = now
+        if repository.transition(job.id, [JobStatus.RUNNING], values) and not last:
+            runnable.append((job.id, job.priority))
+    return runnable
+
+
+def stale_runnable_jobs(session: Session, settings: Settings) -> list[tuple[str, str]]:
+    """Runnable jobs that have been due for a while without being claimed."""
+    now = utcnow()
+    stale_before = now - timedelta(seconds=settings.republish_after_seconds)
+    jobs = JobRepository(session).due_for_publish(now, stale_before, SWEEP_BATCH)
+    return [(job.id, job.priority) for job in jobs]

@@ -1,0 +1,83 @@
+"""Client API keys: created once (the plain key and webhook secret are shown then and never
+again), stored hashed, revoked by id or name."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import secrets
+from dataclasses import dataclass
+from decimal import Decimal
+
+from sqlalchemy.orm import Session
+
+from promptq.ids import new_id
+from promptq.keys.repository import ApiKeyRepository
+from promptq.models import ApiKey
+from promptq.types import utcnow
+
+KEY_PREFIX = "pq_"
+WEBHOOK_SECRET_PREFIX = "whsec_"
+
+
+class ApiKeyError(ValueError):
+    """A key operation that cannot be done; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class CreatedKey:
+    record: ApiKey
+    key: str
+    webhook_secret: str
+
+
+def hash_key(plain: str) -> str:
+    return hashlib.sha256(plain.encode()).hexdigest()
+
+
+def create_key(
+    session: Session, name: str, rpm: int | None = None, monthly_budget_usd: Decimal | None = None
+) -> CreatedKey:
+    name = name.strip()
+    if not name:
+        raise ApiKeyError("a key needs a non-empty name")
+    if rpm is not None and rpm < 1:
+        raise ApiKeyError("--rpm must be a positive number of requests per minute")
+    if monthly_budget_usd is not None and monthly_budget_usd < 0:
+        raise ApiKeyError("--monthly-budget must be zero or more US dollars")
+    plain = KEY_PREFIX + secrets.token_urlsafe(32)
+    # Standard Webhooks secrets are `whsec_` + base64 of the raw HMAC key.
+    webhook_secret = WEBHOOK_SECRET_PREFIX + base64.b64encode(secrets.token_bytes(24)).decode()
+    record = ApiKey(
+        id=new_id("key"),
+        name=name,
+        key_hash=hash_key(plain),
+        key_prefix=plain[:10],
+        webhook_secret=webhook_secret,
+        rpm=rpm,
+        monthly_budget_usd=monthly_budget_usd,
+    )
+    ApiKeyRepository(session).add(record)
+    return CreatedKey(record=record, key=plain, webhook_secret=webhook_secret)
+
+
+def authenticate(session: Session, plain: str) -> ApiKey | None:
+    """The active key behind a presented secret, or None."""
+    if not plain.startswith(KEY_PREFIX):
+        return None
+    record = ApiKeyRepository(session).by_hash(hash_key(plain))
+    if record is None or record.revoked_at is not None:
+        return None
+    return record
+
+
+def revoke_key(session: Session, ident: str) -> ApiKey:
+    matches = ApiKeyRepository(session).by_id_or_name(ident)
+    if not matches:
+        raise ApiKeyError(f"no key with id or name {ident!r}; `promptq keys list` shows them")
+    if len(matches) > 1:
+        raise ApiKeyError(f"several keys are named {ident!r}; revoke by id instead")
+    record = matches[0]
+    if record.revoked_at is None:
+        record.revoked_at = utcnow()
+    return record

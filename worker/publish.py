@@ -1,0 +1,72 @@
+"""Putting job ids on the broker. Called only after the job's row has committed."""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+from celery import Celery
+
+from worker.app import MESSAGE_PRIORITY
+
+log = logging.getLogger(__name__)
+
+RUN_JOB_TASK = "promptq.run_job"
+# Never wait in the broker longer than this: a longer wait is the job's next_attempt_at,
+# and the sweeper publishes it when it is due (the Redis broker redelivers unacknowledged
+# delayed messages after its visibility timeout, again and again).
+MAX_COUNTDOWN_SECONDS = 60.0
+# While this marker lives, the sweeper assumes the job's message is still in the broker.
+# It dies with a wiped Redis, so lost messages are re-published.
+PUBLISHED_MARKER_TTL_SECONDS = 600
+
+
+def published_marker(job_id: str) -> str:
+    return f"promptq:published:{job_id}"
+
+
+def publish_job(
+    app: Celery, job_id: str, priority: str = "normal", countdown: float | None = None
+) -> None:
+    if countdown is not None and countdown > MAX_COUNTDOWN_SECONDS:
+        return  # left to the sweeper, which publishes it once due
+    app.send_task(
+        RUN_JOB_TASK,
+        args=[job_id],
+        priority=MESSAGE_PRIORITY.get(priority, MESSAGE_PRIORITY["normal"]),
+        countdown=countdown if countdown and countdown > 0 else None,
+    )
+    mark_published(app, [job_id])
+
+
+def mark_published(app: Celery, job_ids: list[str]) -> None:
+    client = _marker_client(app)
+    with client.pipeline(transaction=False) as pipe:
+        for job_id in job_ids:
+            pipe.set(published_marker(job_id), 1, ex=PUBLISHED_MARKER_TTL_SECONDS)
+        pipe.execute()
+
+
+def clear_published(app: Celery, job_id: str) -> None:
+    _marker_client(app).delete(published_marker(job_id))
+
+
+def unpublished(app: Celery, job_ids: list[str]) -> list[str]:
+    if not job_ids:
+        return []
+    client = _marker_client(app)
+    with client.pipeline(transaction=False) as pipe:
+        for job_id in job_ids:
+            pipe.exists(published_marker(job_id))
+        present = pipe.execute()
+    return [job_id for job_id, exists in zip(job_ids, present, strict=True) if not exists]
+
+
+_clients: dict[str, redis.Redis] = {}
+
+
+def _marker_client(app: Celery) -> redis.Redis:
+    url = app.conf.broker_url
+    if url not in _clients:
+        _clients[url] = redis.Redis.from_url(url)
+    return _clients[url]

@@ -1,0 +1,5 @@
+"""Celery tasks. Each takes ids, loads what it needs, and returns quietly when it is gone."""
+
+from worker.tasks import jobs, sweeper
+
+__all__ = ["jobs", "sweeper"]
