@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, TypeGuard
 from urllib.parse import urlsplit
 
 log = logging.getLogger(__name__)
@@ -375,7 +375,7 @@ def _invalid(message: str) -> ApiError:
     return ApiError(400, "invalid_request_error", message)
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -753,7 +753,8 @@ class Upstream:
         return directives.fault_for_call(index)
 
     def _handle(self, request_id: str, headers: Mapping[str, str], raw: bytes | None) -> Answer:
-        config, limiter = self.config, self.limiter
+        with self._lock:
+            config, limiter = self.config, self.limiter
         if raw is None:
             raise ApiError(413, "request_too_large", _ANTHROPIC_FAULTS["413"][2])
         key = _api_key(headers)
@@ -785,8 +786,8 @@ class Upstream:
             admission = limiter.admit(total_in - cache.read, body["max_tokens"])
             if not admission.admitted:
                 retry = {"retry-after": str(admission.retry_after), **admission.headers}
-                message = "This request would exceed your organization's rate limit."
-                return anthropic_error(429, "rate_limit_error", message, request_id, retry)
+                text = "This request would exceed your organization's rate limit."
+                return anthropic_error(429, "rate_limit_error", text, request_id, retry)
             fault = random_fault
             if fault is not None:
                 limiter.refund_output(body["max_tokens"])
@@ -975,13 +976,17 @@ class Simulator:
     @property
     def url(self) -> str:
         host, port = self._server.server_address[:2]
-        host = f"[{host}]" if ":" in str(host) else host
-        return f"http://{host}:{port}"
+        name = host.decode() if isinstance(host, bytes) else host
+        return f"http://[{name}]:{port}" if ":" in name else f"http://{name}:{port}"
 
     def start(self) -> Simulator:
         if self._thread is None:
+            # A short poll makes stop() quick, which tests that start many simulators feel.
             self._thread = threading.Thread(
-                target=self._server.serve_forever, name="promptq-simulator", daemon=True
+                target=self._server.serve_forever,
+                kwargs={"poll_interval": 0.05},
+                name="promptq-simulator",
+                daemon=True,
             )
             self._thread.start()
         return self

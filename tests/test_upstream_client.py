@@ -245,7 +245,7 @@ class _Recorder(BaseHTTPRequestHandler):
 
 def test_the_client_sends_all_three_headers_and_never_returns_the_key() -> None:
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}"

@@ -8,6 +8,7 @@ Ctrl-C stops every child and then the private services.
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import signal
@@ -70,6 +71,8 @@ def up(port: int, flower_port: int, concurrency: int | None) -> None:
         simulator = Simulator(SimulatorConfig(latency=0.5, latency_jitter=1.0)).start()
         private.append(simulator)
         env["PROMPTQ_UPSTREAM_URL"] = simulator.url
+        # The simulator asks for a key like the real upstream does; any will do.
+        env["PROMPTQ_UPSTREAM_API_KEY"] = "simulator"
         click.secho(
             "promptq up: no upstream key set (PROMPTQ_UPSTREAM_API_KEY or COMETAPI_KEY), so jobs "
             f"run against the built-in simulator at {simulator.url}, not a real model.",
@@ -80,6 +83,7 @@ def up(port: int, flower_port: int, concurrency: int | None) -> None:
 
     from promptq.migrate import upgrade
 
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     upgrade(settings.database_url)
 
     if settings.redis_url is None:

@@ -1,0 +1,200 @@
+"""The `promptq` command line, run as a real process, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from sqlalchemy import create_engine, inspect
+
+from promptq.cli.stack import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This machine's environment without any promptq setting, plus `extra`."""
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("PROMPTQ_") and k != "COMETAPI_KEY"
+    }
+    return {**env, **extra}
+
+
+def promptq(
+    *args: str, env: dict[str, str], cwd: Path | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [sys.executable, "-m", "promptq", *args],
+        env=env,
+        cwd=cwd or REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_db_upgrade_creates_the_schema(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    result = promptq("db", "upgrade", env=clean_env(PROMPTQ_DATABASE_URL=url))
+    assert "head" in result.stdout
+    tables = set(inspect(create_engine(url)).get_table_names())
+    assert {"api_keys", "jobs", "attempts", "alembic_version"} <= tables
+
+
+def test_keys_create_list_revoke(database_url: str, test_env: dict[str, str]) -> None:
+    env = clean_env(PROMPTQ_DATABASE_URL=database_url)
+    created = json.loads(
+        promptq(
+            "keys",
+            "create",
+            "zapier",
+            "--rpm",
+            "30",
+            "--monthly-budget",
+            "12.50",
+            "--json",
+            env=env,
+        ).stdout
+    )
+    assert set(created) == {"id", "name", "key", "webhook_secret"}
+    assert created["key"].startswith("pq_") and created["webhook_secret"].startswith("whsec_")
+
+    plain = promptq("keys", "create", "n8n", env=env).stdout.splitlines()
+    assert plain[1].startswith("pq_") and plain[2].startswith("whsec_")
+
+    listed = promptq("keys", "list", "--json", env=env).stdout
+    assert created["key"] not in listed and created["webhook_secret"] not in listed
+    row = next(r for r in json.loads(listed) if r["id"] == created["id"])
+    assert row["rpm"] == 30 and row["monthly_budget_usd"] == "12.5"
+    assert row["revoked_at"] is None
+    assert "zapier" in promptq("keys", "list", env=env).stdout
+
+    assert "revoked" in promptq("keys", "revoke", created["id"], env=env).stdout
+    row = next(
+        r
+        for r in json.loads(promptq("keys", "list", "--json", env=env).stdout)
+        if r["id"] == created["id"]
+    )
+    assert row["revoked_at"] is not None
+
+    missing = promptq("keys", "revoke", "nobody", env=env, check=False)
+    assert missing.returncode != 0 and "no key" in missing.stderr
+    bad = promptq("keys", "create", "x", "--monthly-budget", "lots", env=env, check=False)
+    assert bad.returncode != 0 and "US dollars" in bad.stderr
+
+
+@pytest.fixture
+def api_server(test_env: dict[str, str], worker_process: Any) -> Iterator[str]:
+    """A real `promptq api` process next to the test session's worker."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "promptq", "api", f"--port={port}"],
+        env={**os.environ, **test_env},
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(url, process)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+def wait_until_up(url: str, process: subprocess.Popen[Any], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the process exited before it served"
+        try:
+            if requests.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{url} did not come up in {timeout}s")
+
+
+def test_submit_wait_and_jobs_ls(api_server: str, api_key: str) -> None:
+    env = clean_env(PROMPTQ_API_URL=api_server, PROMPTQ_API_KEY=api_key)
+    result = promptq("submit", "Say hello to the CLI", "--wait", env=env)
+    assert "Say hello to the CLI" in result.stdout  # the simulator echoes the prompt
+    assert "$" in result.stderr  # the cost line
+    job_id = promptq("submit", "no wait", env=env).stdout.strip()
+    assert job_id.startswith("job_")
+    listing = promptq("jobs", "ls", "--json", env=env).stdout
+    assert job_id in {job["id"] for job in json.loads(listing)}
+
+    failed = promptq("submit", "x [[sim:400]]", "--wait", env=env, check=False)
+    assert failed.returncode != 0 and "failed" in failed.stderr
+    no_key = promptq("submit", "x", env=clean_env(PROMPTQ_API_URL=api_server), check=False)
+    assert no_key.returncode != 0 and "PROMPTQ_API_KEY" in no_key.stderr
+
+
+def test_up_runs_the_whole_stack_and_stops_cleanly(tmp_path: Path) -> None:
+    port, flower_port = free_port(), free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "promptq",
+            "up",
+            f"--port={port}",
+            f"--flower-port={flower_port}",
+            "--concurrency=4",
+        ],
+        env=clean_env(),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        first_line = process.stdout.readline()  # type: ignore[union-attr]
+        assert "simulator" in first_line
+        lines = [first_line]
+        while not any("PROMPTQ_API_KEY=" in line for line in lines):
+            lines.append(process.stdout.readline())  # type: ignore[union-attr]
+            assert len(lines) < 200, "".join(lines)
+        output = "".join(lines)
+        key = output.split("PROMPTQ_API_KEY=")[1].split()[0]
+        flower_login = output.split("(login ")[1].split(")")[0]
+        url = f"http://127.0.0.1:{port}"
+        wait_until_up(url, process)
+
+        job = requests.post(
+            f"{url}/v1/jobs?wait=30",
+            json={"prompt": "up and running"},
+            headers={"x-api-key": key},
+            timeout=40,
+        ).json()
+        assert job["status"] == "succeeded", job
+        assert Decimal(job["cost"]["total"]) > 0
+
+        flower = f"http://127.0.0.1:{flower_port}"
+        assert requests.get(f"{flower}/api/tasks", timeout=5).status_code == 401
+        tasks = requests.get(
+            f"{flower}/api/tasks", auth=tuple(flower_login.split(":", 1)), timeout=5
+        ).json()
+        assert "promptq.run_job" in {task["name"] for task in tasks.values()}
+    finally:
+        os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+        code = process.wait(timeout=40)
+    assert code == 0
+    leftover = subprocess.run(["pgrep", "-g", str(process.pid)], capture_output=True)
+    assert leftover.stdout == b""
