@@ -36,7 +36,6 @@ class Settings(BaseSettings):
 
     # Intake
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
-    max_wait_seconds: int = Field(default=60, ge=0, le=600)
     default_max_tokens: int = Field(default=1024, ge=1)
     # The model a flat `prompt` job runs on when it names none.
     default_model: str = "claude-sonnet-4-5-20250929"

@@ -182,6 +182,17 @@ def test_flat_prompt_as_form(client: Any, api_key: str) -> None:
             },
             "budget_tokens",
         ),
+        (
+            {
+                "request": {
+                    **ONE_MESSAGE,
+                    "max_tokens": 2000,
+                    "temperature": 0.5,
+                    "thinking": {"type": "enabled", "budget_tokens": 1024},
+                }
+            },
+            "temperature",
+        ),
         ({"request": {**ONE_MESSAGE, "stream": True}}, "stream"),
         ({"request": ONE_MESSAGE, "model": "other"}, "model"),
     ],

@@ -73,6 +73,8 @@ class MessagesRequest(BaseModel):
                     f"thinking.budget_tokens ({budget}) must be less than max_tokens "
                     f"({self.max_tokens})"
                 )
+            if self.temperature not in (None, 1):
+                raise ValueError("temperature: must be left out (or 1) when thinking is enabled")
         return self
 
     def to_upstream(self) -> dict[str, Any]:
