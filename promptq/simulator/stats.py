@@ -1,0 +1,51 @@
+"""Stats: calls, outcomes and concurrency, as `GET /_sim/stats` shows them."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from typing import Any
+
+from promptq.simulator.answers import Answer
+
+
+class Stats:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.in_flight = 0
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.calls = 0
+            self.succeeded = 0
+            self.by_status: Counter[str] = Counter()
+            self.by_prompt: Counter[str] = Counter()
+            self.max_in_flight = self.in_flight
+
+    def enter(self) -> None:
+        with self._lock:
+            self.calls += 1
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+
+    def leave(self, answer: Answer) -> None:
+        with self._lock:
+            self.in_flight -= 1
+            self.by_status["dropped" if answer.drop else str(answer.status)] += 1
+            self.succeeded += answer.succeeded
+
+    def prompt(self, text: str) -> None:
+        with self._lock:
+            self.by_prompt[text[:60]] += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "calls": self.calls,
+                "succeeded": self.succeeded,
+                "by_status": dict(self.by_status),
+                "calls_by_prompt": dict(self.by_prompt),
+                "in_flight": self.in_flight,
+                "max_in_flight": self.max_in_flight,
+            }
