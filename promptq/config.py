@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     broker_visibility_timeout_seconds: int = Field(default=3600, ge=60)
     # How long a claimed job stays ours without a heartbeat before the sweeper takes it back.
     claim_lease_seconds: int = Field(default=60, ge=5)
+    # How long a rate-limit concurrency slot outlives a worker that stopped renewing it.
+    slot_lease_seconds: int = Field(default=30, ge=3)
     sweep_interval_seconds: float = Field(default=10.0, gt=0)
     # A queued job older than this with no progress is published again by the sweeper.
     republish_after_seconds: int = Field(default=30, ge=1)

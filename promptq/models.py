@@ -87,6 +87,9 @@ class Job(Base):
     finished_at: Mapped[datetime | None]
     # When a queued or retrying job may next be claimed (None: now).
     next_attempt_at: Mapped[datetime | None]
+    # What a runnable job is waiting for, when it is held back: a rate limit of its model
+    # (rpm, input_tpm, output_tpm, concurrency, upstream_backoff, queue) or its key (key_rpm).
+    waiting_for: Mapped[str | None] = mapped_column(String(32))
     # Until when the worker that claimed it owns it; past this the sweeper takes it back.
     lease_expires_at: Mapped[datetime | None]
 

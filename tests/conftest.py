@@ -99,8 +99,31 @@ def simulator() -> Iterator[Simulator]:
         yield server
 
 
+# Limits far above what the tests send, so only the rate-limit tests (which set their own)
+# ever wait for budget.
+GENEROUS_LIMITS = "".join(
+    f"""
+[models."{pattern}"]
+rpm = 1000000
+input_tpm = 100000000
+output_tpm = 100000000
+max_concurrency = 10000
+"""
+    for pattern in ("*", "claude-*")
+)
+
+
 @pytest.fixture(scope="session")
-def test_env(database_url: str, redis_url: str, simulator: Simulator) -> Iterator[dict[str, str]]:
+def limits_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("limits") / "limits.toml"
+    path.write_text(GENEROUS_LIMITS)
+    return path
+
+
+@pytest.fixture(scope="session")
+def test_env(
+    database_url: str, redis_url: str, simulator: Simulator, limits_file: Path
+) -> Iterator[dict[str, str]]:
     """The environment every promptq process of this test session runs with; also applied
     to this process, since the Celery app and the worker context read it."""
     env = {
@@ -115,6 +138,7 @@ def test_env(database_url: str, redis_url: str, simulator: Simulator) -> Iterato
         "PROMPTQ_CLAIM_LEASE_SECONDS": "6",
         "PROMPTQ_REPUBLISH_AFTER_SECONDS": "2",
         "PROMPTQ_MAX_BODY_BYTES": str(64 * 1024),
+        "PROMPTQ_LIMITS_FILE": str(limits_file),
     }
     saved = {name: os.environ.get(name) for name in env}
     os.environ.update(env)

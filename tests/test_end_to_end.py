@@ -95,7 +95,7 @@ def test_thinking_and_cache_usage_are_priced(client: Any, api_key: str) -> None:
     first = client.post("/v1/jobs?wait=20", json={"request": request}, headers=auth(api_key))
     second = client.post("/v1/jobs?wait=20", json={"request": request}, headers=auth(api_key))
     first_job, second_job = first.json(), second.json()
-    assert first_job["status"] == second_job["status"] == "succeeded"
+    assert first_job["status"] == second_job["status"] == "succeeded", (first_job, second_job)
     assert first_job["result"]["content"][0]["type"] == "thinking"
     assert first_job["usage"]["cache_creation_input_tokens"] > 0
     assert second_job["usage"]["cache_read_input_tokens"] > 0

@@ -5,32 +5,49 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from promptq.pricing import PriceTable
+import redis
 
 from promptq.config import Settings, get_settings
+from promptq.jobs.leases import LeaseKeeper
+from promptq.jobs.runner import JobRunner
+from promptq.pricing import PriceTable
+from promptq.ratelimit.limiter import Grant, Limiter
+from promptq.ratelimit.table import LimitTable
 from promptq.upstream import UpstreamClient
-from worker.leases import LeaseKeeper
 
 
 @dataclass(frozen=True)
 class WorkerContext:
     settings: Settings
-    prices: PriceTable
-    upstream: UpstreamClient
+    limiter: Limiter
     leases: LeaseKeeper
+    runner: JobRunner
 
 
 @lru_cache(maxsize=1)
 def worker_context() -> WorkerContext:
+    from worker.app import app
+    from worker.publish import publish_job
+
     settings = get_settings()
-    return WorkerContext(
-        settings=settings,
-        prices=PriceTable.load(settings.pricing_file),
-        upstream=UpstreamClient(
-            settings.upstream_url,
-            settings.upstream_key,
-            timeout=settings.upstream_timeout_seconds,
-            connect_timeout=settings.upstream_connect_timeout_seconds,
-        ),
-        leases=LeaseKeeper(settings),
+    assert settings.redis_url is not None  # create_celery refused to start without it
+    limiter = Limiter(
+        redis.Redis.from_url(settings.redis_url),
+        LimitTable.load(settings.limits_file),
+        slot_lease_seconds=settings.slot_lease_seconds,
     )
+    leases = LeaseKeeper(settings, limiter)
+    upstream = UpstreamClient(
+        settings.upstream_url,
+        settings.upstream_key,
+        timeout=settings.upstream_timeout_seconds,
+        connect_timeout=settings.upstream_connect_timeout_seconds,
+    )
+
+    def publish(job_id: str, priority: str, countdown: float | None, grant: Grant | None) -> None:
+        publish_job(app, job_id, priority, countdown=countdown, grant=grant)
+
+    runner = JobRunner(
+        settings, PriceTable.load(settings.pricing_file), upstream, limiter, leases, publish
+    )
+    return WorkerContext(settings=settings, limiter=limiter, leases=leases, runner=runner)

@@ -7,6 +7,7 @@ import logging
 import redis
 from celery import Celery
 
+from promptq.ratelimit.limiter import Grant
 from worker.app import MESSAGE_PRIORITY
 
 log = logging.getLogger(__name__)
@@ -26,13 +27,19 @@ def published_marker(job_id: str) -> str:
 
 
 def publish_job(
-    app: Celery, job_id: str, priority: str = "normal", countdown: float | None = None
+    app: Celery,
+    job_id: str,
+    priority: str = "normal",
+    countdown: float | None = None,
+    grant: Grant | None = None,
 ) -> None:
+    """Publish a job's id; with `grant`, the rate-limit budget a dispatcher took for it."""
     if countdown is not None and countdown > MAX_COUNTDOWN_SECONDS:
+        clear_published(app, job_id)
         return  # left to the sweeper, which publishes it once due
     app.send_task(
         RUN_JOB_TASK,
-        args=[job_id],
+        args=[job_id, grant.to_message()] if grant else [job_id],
         priority=MESSAGE_PRIORITY.get(priority, MESSAGE_PRIORITY["normal"]),
         countdown=countdown if countdown and countdown > 0 else None,
     )

@@ -1,4 +1,5 @@
-"""The worker side of a job: claim it, then record what one upstream call gave.
+"""The worker side of a job: decide whether it may run, claim it, then record what one
+upstream call gave.
 
 The upstream call itself happens between the two, outside any database transaction, so a
 slow upstream never holds a connection or a lock.
@@ -15,11 +16,27 @@ from sqlalchemy.orm import Session
 
 from promptq.config import Settings
 from promptq.jobs.repository import JobRepository
-from promptq.models import Attempt, JobStatus
+from promptq.models import RUNNABLE_STATUSES, Attempt, JobStatus
 from promptq.pricing import PriceTable, cost_of
 from promptq.types import utcnow
 from promptq.upstream import Outcome, UpstreamResult
 from promptq.usage import Usage
+
+
+@dataclass(frozen=True)
+class RunnableJob:
+    """What deciding whether, and when, a queued job may run needs to know."""
+
+    id: str
+    model: str
+    request: dict[str, Any]
+    priority: str
+    attempts: int
+    api_key_id: str
+    key_rpm: int | None
+    waiting_for: str | None
+    # Seconds until it is due (0: now).
+    due_in: float
 
 
 @dataclass(frozen=True)
@@ -33,42 +50,58 @@ class ClaimedJob:
 
 
 @dataclass(frozen=True)
-class Claim:
-    job: ClaimedJob | None = None
-    # Set when the job exists and will be runnable later: seconds until it is due.
-    due_in: float | None = None
-    priority: str | None = None
-
-
-@dataclass(frozen=True)
 class AttemptVerdict:
     status: JobStatus
     # Seconds until the next attempt, when the job is to be retried.
     retry_in: float | None = None
 
 
-def claim_job(session: Session, settings: Settings, job_id: str) -> Claim:
-    repository = JobRepository(session)
+def runnable_job(session: Session, job_id: str) -> RunnableJob | None:
+    """The job if it is waiting to run; None when it is gone, running or finished."""
+    found = JobRepository(session).with_key(job_id)
+    if found is None:
+        return None
+    job, key = found
+    if job.status not in RUNNABLE_STATUSES:
+        return None
     now = utcnow()
-    if not repository.claim(job_id, now, now + timedelta(seconds=settings.claim_lease_seconds)):
-        job = repository.get(job_id)
-        if job is not None and job.status in (JobStatus.QUEUED, JobStatus.RETRYING):
-            due = job.next_attempt_at or now
-            return Claim(due_in=max(0.0, (due - now).total_seconds()), priority=job.priority)
-        return Claim()
-    job = repository.get(job_id)
-    assert job is not None  # we just updated it in this transaction
-    session.refresh(job)
-    return Claim(
-        job=ClaimedJob(
-            id=job.id,
-            model=job.model,
-            request=job.request,
-            priority=job.priority,
-            attempt=job.attempts,
-            claimed_at=now,
-        )
+    due_in = (job.next_attempt_at - now).total_seconds() if job.next_attempt_at else 0.0
+    return RunnableJob(
+        id=job.id,
+        model=job.model,
+        request=job.request,
+        priority=job.priority,
+        attempts=job.attempts,
+        api_key_id=job.api_key_id,
+        key_rpm=key.rpm,
+        waiting_for=job.waiting_for,
+        due_in=max(0.0, due_in),
     )
+
+
+def claim_job(session: Session, settings: Settings, job: RunnableJob) -> ClaimedJob | None:
+    """Take the job for one attempt; None when another delivery took it first."""
+    now = utcnow()
+    lease_until = now + timedelta(seconds=settings.claim_lease_seconds)
+    if not JobRepository(session).claim(job.id, now, lease_until):
+        return None
+    return ClaimedJob(
+        id=job.id,
+        model=job.model,
+        request=job.request,
+        priority=job.priority,
+        attempt=job.attempts + 1,
+        claimed_at=now,
+    )
+
+
+def mark_waiting(session: Session, job_id: str, reason: str, until: datetime | None = None) -> None:
+    """Say what a runnable job waits for (a rate limit, its key's rpm); `until` also moves
+    the time it is due."""
+    values: dict[str, Any] = {"waiting_for": reason, "updated_at": utcnow()}
+    if until is not None:
+        values["next_attempt_at"] = until
+    JobRepository(session).transition(job_id, RUNNABLE_STATUSES, values)
 
 
 def backoff_seconds(

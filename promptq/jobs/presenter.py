@@ -59,6 +59,7 @@ def job_to_api(job: Job) -> dict[str, Any]:
         "created_at": isoformat(job.created_at),
         "started_at": isoformat(job.started_at),
         "finished_at": isoformat(job.finished_at),
+        "waiting_for": None if JobStatus(job.status).is_final else job.waiting_for,
         "next_attempt_at": (
             None if JobStatus(job.status).is_final else isoformat(job.next_attempt_at)
         ),

@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
-from promptq.models import RUNNABLE_STATUSES, Attempt, Job, JobStatus
+from promptq.models import RUNNABLE_STATUSES, ApiKey, Attempt, Job, JobStatus
 
 
 class JobRepository:
@@ -23,6 +23,13 @@ class JobRepository:
 
     def get(self, job_id: str) -> Job | None:
         return self.session.get(Job, job_id)
+
+    def with_key(self, job_id: str) -> tuple[Job, ApiKey] | None:
+        query = (
+            select(Job, ApiKey).join(ApiKey, Job.api_key_id == ApiKey.id).where(Job.id == job_id)
+        )
+        row = self.session.execute(query).first()
+        return (row[0], row[1]) if row else None
 
     def get_for_key(self, job_id: str, api_key_id: str) -> Job | None:
         query = select(Job).where(Job.id == job_id, Job.api_key_id == api_key_id)
@@ -60,6 +67,7 @@ class JobRepository:
                 attempts=Job.attempts + 1,
                 started_at=now,
                 lease_expires_at=lease_until,
+                waiting_for=None,
                 updated_at=now,
             )
             .execution_options(synchronize_session=False)
@@ -84,14 +92,15 @@ class JobRepository:
         return self.session.scalars(query).all()
 
     def due_for_publish(self, now: datetime, stale_before: datetime, limit: int) -> Sequence[Job]:
-        """Runnable jobs that have been due since before `stale_before` and are still not
-        claimed: their broker message may be lost (a wiped Redis, a dead worker's prefetch)."""
+        """Runnable jobs that are due (parked until a time now past), or were last touched
+        before `stale_before`: their broker message may be lost (a wiped Redis, a dead
+        worker's prefetch), or was never sent (a wait too long for a broker countdown)."""
         query = (
             select(Job)
             .where(
                 Job.status.in_(RUNNABLE_STATUSES),
                 or_(
-                    Job.next_attempt_at < stale_before,
+                    Job.next_attempt_at <= now,
                     Job.next_attempt_at.is_(None) & (Job.updated_at < stale_before),
                 ),
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import timedelta
 
 from sqlalchemy.orm import Session
@@ -40,9 +41,17 @@ def reclaim_expired(session: Session) -> list[tuple[str, str]]:
     return runnable
 
 
-def stale_runnable_jobs(session: Session, settings: Settings) -> list[tuple[str, str]]:
-    """Runnable jobs that have been due for a while without being claimed."""
+@dataclass(frozen=True)
+class Candidate:
+    id: str
+    priority: str
+    model: str
+
+
+def stale_runnable_jobs(session: Session, settings: Settings) -> list[Candidate]:
+    """Runnable jobs that are due and may have no message: due ones parked in the database
+    (a long backoff, a key's rpm), and ones left unclaimed for a while."""
     now = utcnow()
     stale_before = now - timedelta(seconds=settings.republish_after_seconds)
     jobs = JobRepository(session).due_for_publish(now, stale_before, SWEEP_BATCH)
-    return [(job.id, job.priority) for job in jobs]
+    return [Candidate(job.id, job.priority, job.model) for job in jobs]

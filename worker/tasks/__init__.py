@@ -1,5 +1,6 @@
 """Celery tasks. Each takes ids, loads what it needs, and returns quietly when it is gone."""
 
+from worker import lifecycle
 from worker.tasks import jobs, sweeper
 
-__all__ = ["jobs", "sweeper"]
+__all__ = ["jobs", "lifecycle", "sweeper"]

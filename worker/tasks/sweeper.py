@@ -17,14 +17,21 @@ log = logging.getLogger(__name__)
 
 @promptq_task("sweep")
 def sweep() -> dict[str, int]:
-    settings = worker_context().settings
-    with session_scope(settings.database_url) as session:
+    ctx = worker_context()
+    url = ctx.settings.database_url
+    with session_scope(url) as session:
         reclaimed = reclaim_expired(session)
-    with session_scope(settings.database_url) as session:
-        candidates = stale_runnable_jobs(session, settings)
-    lost = set(unpublished(app, [job_id for job_id, _ in candidates]))
-    for job_id, priority in reclaimed + [c for c in candidates if c[0] in lost]:
+    with session_scope(url) as session:
+        candidates = stale_runnable_jobs(session, ctx.settings)
+    # A job is accounted for while its message's marker lives or it waits in its model's
+    # rate-limit queue; the rest lost their message.
+    without_marker = set(unpublished(app, [c.id for c in candidates]))
+    queued = ctx.limiter.queued([(c.id, c.model) for c in candidates if c.id in without_marker])
+    lost = [c for c in candidates if c.id in without_marker and c.id not in queued]
+    for job_id, priority in reclaimed:
         publish_job(app, job_id, priority)
+    for candidate in lost:
+        publish_job(app, candidate.id, candidate.priority)
     if reclaimed or lost:
         log.info(
             "sweep: %d jobs taken back from dead workers, %d re-published",

@@ -1,0 +1,74 @@
+"""Keeps the claims of a process's in-flight calls alive.
+
+A claim is a lease of `claim_lease_seconds` on the job row, and a call's concurrency slot is
+a lease in Redis; this thread renews both for every call the process has in flight, so a
+long call keeps its job and its slot, while those of a process that died are taken back
+within one lease.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+
+from promptq.config import Settings
+from promptq.db import session_scope
+from promptq.jobs.repository import JobRepository
+from promptq.ratelimit.limiter import Grant, Limiter
+from promptq.types import utcnow
+
+log = logging.getLogger(__name__)
+
+
+class LeaseKeeper:
+    def __init__(self, settings: Settings, limiter: Limiter) -> None:
+        self.settings = settings
+        self.limiter = limiter
+        self._held: dict[str, Grant] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @contextmanager
+    def holding(self, job_id: str, grant: Grant) -> Iterator[None]:
+        self._ensure_running()
+        with self._lock:
+            self._held[job_id] = grant
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._held.pop(job_id, None)
+
+    def renew(self) -> int:
+        with self._lock:
+            held = dict(self._held)
+        if not held:
+            return 0
+        self.limiter.renew(held.values())
+        lease_until = utcnow() + timedelta(seconds=self.settings.claim_lease_seconds)
+        with session_scope(self.settings.database_url) as session:
+            return JobRepository(session).extend_leases(sorted(held), lease_until)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _ensure_running(self) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="promptq-leases", daemon=True
+                )
+                self._thread.start()
+
+    def _run(self) -> None:
+        # A third of the shorter lease: two renewals may fail before anything is lost.
+        interval = min(self.settings.claim_lease_seconds, self.limiter.slot_lease_ms / 1000) / 3
+        while not self._stop.wait(interval):
+            try:
+                self.renew()
+            except Exception:  # a database or Redis hiccup must not end the renewals for good
+                log.exception("renewing leases failed; retrying in %.0fs", interval)

@@ -1,0 +1,117 @@
+"""One delivery of a job, from message to recorded attempt.
+
+The order matters: a job is checked (still runnable, due), then admitted (its key's rpm,
+then the model's limits: a job that must wait joins the model's queue in Redis and its
+message is done), then claimed (compare-and-set), then called, then recorded. Budget that
+was granted but not used is given back.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+
+from promptq.config import Settings
+from promptq.db import session_scope
+from promptq.jobs.execution import (
+    RunnableJob,
+    claim_job,
+    mark_waiting,
+    record_attempt,
+    runnable_job,
+)
+from promptq.jobs.leases import LeaseKeeper
+from promptq.pricing import PriceTable
+from promptq.ratelimit.limiter import Grant, Limiter
+from promptq.types import utcnow
+from promptq.upstream import UpstreamClient
+from promptq.usage import Usage
+
+log = logging.getLogger(__name__)
+
+KEY_RPM = "key_rpm"
+# A reservation this close is not worth a round trip through the broker.
+NEGLIGIBLE_DELAY_SECONDS = 0.05
+
+# publish(job_id, priority, countdown, grant)
+Publish = Callable[[str, str, float | None, Grant | None], None]
+
+
+@dataclass
+class JobRunner:
+    settings: Settings
+    prices: PriceTable
+    upstream: UpstreamClient
+    limiter: Limiter
+    leases: LeaseKeeper
+    publish: Publish
+
+    def run(self, job_id: str, grant: Grant | None = None) -> str:
+        with session_scope(self.settings.database_url) as session:
+            job = runnable_job(session, job_id)
+        if job is None:
+            self._give_back(grant)
+            return "nothing to do"
+        if job.due_in > 0:
+            # Delivered early (a duplicate, or clocks apart): come back when it is due.
+            self._give_back(grant)
+            self.publish(job.id, job.priority, job.due_in, None)
+            return "not due"
+        if grant is None:
+            admitted = self._admit(job)
+            if admitted is None:
+                return "waiting"
+            grant = admitted
+        return self._attempt(job, grant)
+
+    def _admit(self, job: RunnableJob) -> Grant | None:
+        if job.key_rpm and job.attempts == 0 and job.waiting_for != KEY_RPM:
+            delay = self.limiter.reserve_for_key(job.api_key_id, job.key_rpm)
+            if delay > NEGLIGIBLE_DELAY_SECONDS:
+                with session_scope(self.settings.database_url) as session:
+                    mark_waiting(session, job.id, KEY_RPM, utcnow() + timedelta(seconds=delay))
+                self.publish(job.id, job.priority, delay, None)
+                return None
+        decision = self.limiter.acquire(job.id, job.model, job.request, job.priority)
+        if decision.grant is None:
+            with session_scope(self.settings.database_url) as session:
+                mark_waiting(session, job.id, decision.waiting_for or "queue")
+        return decision.grant
+
+    def _attempt(self, job: RunnableJob, grant: Grant) -> str:
+        url = self.settings.database_url
+        with session_scope(url) as session:
+            claimed = claim_job(session, self.settings, job)
+        if claimed is None:
+            self._give_back(grant)
+            return "claimed elsewhere"
+        with self.leases.holding(job.id, grant):
+            result = self.upstream.create_message(claimed.request)
+        usage = Usage.from_message(result.message) if result.message else None
+        self.limiter.settle(grant, usage, called=True)
+        if result.status_code == 429 or result.rate_limit_headers:
+            self.limiter.feedback(
+                job.model,
+                result.rate_limit_headers,
+                throttled=result.status_code == 429,
+                retry_after=result.retry_after,
+            )
+        with session_scope(url) as session:
+            verdict = record_attempt(session, self.settings, self.prices, claimed, result)
+        log.info(
+            "job %s attempt %d: %s (upstream %s, %d ms)",
+            job.id,
+            claimed.attempt,
+            verdict.status,
+            result.status_code,
+            result.latency_ms,
+        )
+        if verdict.retry_in is not None:
+            self.publish(job.id, job.priority, verdict.retry_in, None)
+        return str(verdict.status)
+
+    def _give_back(self, grant: Grant | None) -> None:
+        if grant is not None:
+            self.limiter.settle(grant, None, called=False)

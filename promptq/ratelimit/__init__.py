@@ -1,0 +1,1 @@
+"""Global rate limits, shared by every worker through Redis."""

@@ -1,0 +1,319 @@
+"""The account-wide limiter: every worker process on every machine asks the same Redis.
+
+Each decision is one Lua script run atomically on Redis's clock. Per model there are three
+GCRA meters (requests, input tokens, output tokens), a set of in-flight slots with leases,
+a pause set by the upstream's 429s, an adaptive share of the configured rate, and a queue of
+jobs waiting for budget, ordered by priority and arrival. A job arriving while others wait
+queues behind them; dispatchers hand the budget to the queue's head as it frees up.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from importlib.resources import files
+from typing import Any
+
+import redis
+
+from promptq.ratelimit.estimate import estimate_input_tokens, output_reservation
+from promptq.ratelimit.headers import ReportedLimits, read_rate_limit_headers
+from promptq.ratelimit.table import LimitTable, ModelLimits
+from promptq.usage import Usage
+
+PRIORITY_RANK = {"high": 0, "normal": 1, "low": 2}
+RANK_PRIORITY = {rank: name for name, rank in PRIORITY_RANK.items()}
+MODELS_WAITING = "promptq:rl:waiting-models"
+
+
+def _script(client: redis.Redis, name: str) -> Any:
+    scripts = files("promptq.ratelimit").joinpath("lua")
+    prelude = scripts.joinpath("prelude.lua").read_text()
+    return client.register_script(prelude + "\n" + scripts.joinpath(f"{name}.lua").read_text())
+
+
+@dataclass(frozen=True)
+class Adaptive:
+    """How the effective rate follows the upstream's 429s: cut by `cut` at once (at most
+    once per `debounce_seconds`), then back up linearly over `recovery_seconds`."""
+
+    cut: float = 0.7
+    floor: float = 0.05
+    debounce_seconds: float = 2.0
+    recovery_seconds: float = 120.0
+    # How long limits reported in anthropic-ratelimit-* headers stay in force unrefreshed.
+    reported_ttl_seconds: float = 120.0
+
+    @property
+    def recovery_per_ms(self) -> float:
+        return 1.0 / (self.recovery_seconds * 1000)
+
+
+@dataclass(frozen=True)
+class Grant:
+    """Budget handed to one upstream call: its slot, and the tokens charged for it."""
+
+    id: str
+    model: str
+    input_tokens: int
+    output_tokens: int
+
+    def to_message(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "model": self.model,
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+        }
+
+    @classmethod
+    def from_message(cls, data: Mapping[str, Any]) -> Grant:
+        return cls(
+            id=str(data["id"]),
+            model=str(data["model"]),
+            input_tokens=int(data["input_tokens"]),
+            output_tokens=int(data["output_tokens"]),
+        )
+
+
+@dataclass(frozen=True)
+class Decision:
+    grant: Grant | None = None
+    # When not granted: what the job waits for (rpm, input_tpm, output_tpm, concurrency,
+    # upstream_backoff, or queue: behind other waiting jobs) and a hint of how long.
+    waiting_for: str | None = None
+    wait_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """The result of offering budget to a model's queue."""
+
+    job_id: str | None = None
+    priority: str | None = None
+    grant: Grant | None = None
+    wait_seconds: float = 0.0
+    empty: bool = False
+
+
+class Limiter:
+    def __init__(
+        self,
+        client: redis.Redis,
+        table: LimitTable,
+        slot_lease_seconds: float = 30.0,
+        adaptive: Adaptive | None = None,
+    ) -> None:
+        self.client = client
+        self.table = table
+        self.slot_lease_ms = slot_lease_seconds * 1000
+        self.adaptive = adaptive or Adaptive()
+        self._acquire = _script(client, "acquire")
+        self._settle = _script(client, "settle")
+        self._feedback = _script(client, "feedback")
+        self._reserve = _script(client, "reserve")
+        self._renew = _script(client, "renew")
+
+    @staticmethod
+    def keys(model: str) -> list[str]:
+        # The hash tag keeps one model's keys on one slot, should the Redis be a cluster.
+        base = f"promptq:rl:{{{model}}}"
+        return [
+            f"{base}:state",
+            f"{base}:inflight",
+            f"{base}:waiting",
+            f"{base}:costs",
+            MODELS_WAITING,
+        ]
+
+    def _limit_args(self, limits: ModelLimits) -> list[Any]:
+        return [
+            limits.rpm or 0,
+            limits.input_tpm or 0,
+            limits.output_tpm or 0,
+            limits.max_concurrency or 0,
+            limits.burst_seconds * 1000,
+            self.slot_lease_ms,
+            self.adaptive.recovery_per_ms,
+        ]
+
+    def acquire(
+        self, job_id: str, model: str, request: Mapping[str, Any], priority: str
+    ) -> Decision:
+        """Budget for a job that just arrived, or its place in the model's queue."""
+        limits = self.table.limits_for(model)
+        input_tokens = estimate_input_tokens(request)
+        output_tokens = output_reservation(request)
+        grant_id = uuid.uuid4().hex
+        reply = self._acquire(
+            keys=self.keys(model),
+            args=[
+                "direct",
+                model,
+                job_id,
+                input_tokens,
+                output_tokens,
+                PRIORITY_RANK.get(priority, 1),
+                *self._limit_args(limits),
+                grant_id,
+            ],
+        )
+        verdict = _text(reply[0])
+        if verdict == "granted":
+            return Decision(grant=Grant(grant_id, model, input_tokens, output_tokens))
+        return Decision(waiting_for=_text(reply[1]), wait_seconds=float(reply[2]) / 1000)
+
+    def dispatch(self, model: str) -> Dispatch:
+        """Budget for the first job in the model's queue, if there is budget now."""
+        grant_id = uuid.uuid4().hex
+        reply = self._acquire(
+            keys=self.keys(model),
+            args=[
+                "head",
+                model,
+                "",
+                0,
+                0,
+                1,
+                *self._limit_args(self.table.limits_for(model)),
+                grant_id,
+            ],
+        )
+        verdict = _text(reply[0])
+        if verdict == "empty":
+            return Dispatch(empty=True)
+        if verdict == "denied":
+            return Dispatch(wait_seconds=float(reply[2]) / 1000)
+        job_id, rank = _text(reply[1]), int(reply[2])
+        grant = Grant(grant_id, model, int(float(reply[3])), int(float(reply[4])))
+        return Dispatch(job_id=job_id, priority=RANK_PRIORITY.get(rank, "normal"), grant=grant)
+
+    def queued(self, jobs: list[tuple[str, str]]) -> set[str]:
+        """Which of these (job id, model) pairs wait in their model's queue."""
+        with self.client.pipeline(transaction=False) as pipe:
+            for job_id, model in jobs:
+                pipe.zscore(self.keys(model)[2], job_id)
+            scores = pipe.execute()
+        return {
+            job_id for (job_id, _), score in zip(jobs, scores, strict=True) if score is not None
+        }
+
+    def waiting_models(self) -> list[str]:
+        return sorted(_text(m) for m in self.client.smembers(MODELS_WAITING))
+
+    def settle(self, grant: Grant, usage: Usage | None, called: bool = True) -> None:
+        """Free the grant's slot and correct its token charges by what was really used."""
+        if not called:
+            refunds = (grant.input_tokens, grant.output_tokens, 1)
+        elif usage is None:
+            # No answer to count: the upstream generated nothing, so the output reservation
+            # comes back; the input charge stays, to stay on the safe side.
+            refunds = (0, grant.output_tokens, 0)
+        else:
+            used_input = usage.input_tokens + usage.cache_creation_input_tokens
+            refunds = (
+                grant.input_tokens - used_input,
+                grant.output_tokens - usage.output_tokens,
+                0,
+            )
+        limits = self.table.limits_for(grant.model)
+        state, inflight = self.keys(grant.model)[:2]
+        self._settle(
+            keys=[state, inflight],
+            args=[
+                grant.id,
+                refunds[0],
+                refunds[1],
+                refunds[2],
+                limits.rpm or 0,
+                limits.input_tpm or 0,
+                limits.output_tpm or 0,
+                self.adaptive.recovery_per_ms,
+            ],
+        )
+
+    def feedback(
+        self, model: str, headers: Mapping[str, str], throttled: bool, retry_after: float | None
+    ) -> ReportedLimits:
+        """Tell every worker what the upstream said: a 429 pauses the model for its
+        retry-after and cuts the rate; reported limits cap the configured ones."""
+        reported = read_rate_limit_headers(headers)
+        pause_ms = reported.pause_ms
+        if throttled:
+            pause_ms = max(pause_ms, (retry_after if retry_after is not None else 1.0) * 1000)
+        if not throttled and not reported.any:
+            return reported
+        adaptive = self.adaptive
+        self._feedback(
+            keys=[self.keys(model)[0]],
+            args=[
+                pause_ms,
+                1 if throttled else 0,
+                adaptive.cut,
+                adaptive.floor,
+                adaptive.debounce_seconds * 1000,
+                adaptive.recovery_per_ms,
+                adaptive.reported_ttl_seconds * 1000,
+                reported.requests,
+                reported.input_tokens,
+                reported.output_tokens,
+            ],
+        )
+        return reported
+
+    def renew(self, grants: Iterable[Grant]) -> None:
+        grants = list(grants)
+        if grants:
+            self._renew(
+                keys=[self.keys(g.model)[1] for g in grants],
+                args=[self.slot_lease_ms, *[g.id for g in grants]],
+            )
+
+    def reserve_for_key(self, key_id: str, rpm: int, burst_seconds: float = 0.5) -> float:
+        """Seconds until a job of this client key may go, its place in the key's rate
+        taken now."""
+        delay_ms = self._reserve(
+            keys=[f"promptq:rl:key:{{{key_id}}}"], args=[rpm, burst_seconds * 1000]
+        )
+        return float(delay_ms) / 1000
+
+    def snapshot(self, model: str) -> dict[str, Any]:
+        """The bucket as `promptq limits` shows it."""
+        state_key, inflight, waiting, _, _ = self.keys(model)
+        state = {_text(k): float(v) for k, v in self.client.hgetall(state_key).items()}
+        seconds, micros = self.client.time()
+        now = seconds * 1000 + micros / 1000
+        recovered = (
+            state.get("f:base", 1.0)
+            + (now - state.get("f:t0", 0.0)) * self.adaptive.recovery_per_ms
+        )
+        return {
+            "model": model,
+            "limits": self.table.limits_for(model).to_dict(),
+            "factor": round(min(1.0, recovered), 3),
+            "paused_for_seconds": max(0.0, (state.get("paused_until", 0.0) - now) / 1000),
+            "reported": {
+                dim: int(state[f"cap:{dim}"])
+                for dim in ("req", "inp", "out")
+                if f"cap:{dim}" in state and state.get(f"capu:{dim}", 0) > now
+            },
+            "in_flight": self.client.zcount(inflight, now, "+inf"),
+            "waiting": self.client.zcard(waiting),
+            "ahead_seconds": {
+                dim: round(max(0.0, (state[f"tat:{dim}"] - now) / 1000), 3)
+                for dim in ("req", "inp", "out")
+                if f"tat:{dim}" in state
+            },
+        }
+
+    def known_models(self) -> list[str]:
+        models = set()
+        for key in self.client.scan_iter(match="promptq:rl:{*}:state", count=500):
+            name = _text(key)
+            models.add(name[len("promptq:rl:{") : name.rindex("}")])
+        return sorted(models)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

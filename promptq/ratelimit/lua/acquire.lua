@@ -1,0 +1,91 @@
+-- Admit one upstream call, or say why not and for how long.
+-- KEYS: 1 state hash, 2 in-flight zset, 3 waiting zset, 4 waiting costs hash, 5 models set
+-- ARGV: 1 mode ("direct": a job arriving; "head": the first waiting job), 2 model,
+--       3 job id, 4 input cost, 5 output cost, 6 priority rank (direct mode),
+--       7 rpm, 8 input tpm, 9 output tpm (0: unlimited), 10 max concurrency (0: unlimited),
+--       11 burst ms, 12 slot lease ms, 13 recovery per ms, 14 grant id
+-- Returns {"granted", job, rank, input cost, output cost} | {"queued", reason, wait ms} | {"denied", reason, wait ms}
+--         | {"empty"}
+local state, inflight, waiting, costs, models = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local mode, model = ARGV[1], ARGV[2]
+local job, input_cost, output_cost, rank = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
+local limits = {req = tonumber(ARGV[7]), inp = tonumber(ARGV[8]), out = tonumber(ARGV[9])}
+local max_concurrency, burst = tonumber(ARGV[10]), tonumber(ARGV[11])
+local lease, recovery, grant = tonumber(ARGV[12]), tonumber(ARGV[13]), ARGV[14]
+local now = now_ms()
+
+local function enqueue(reason, wait)
+  -- Scores order the queue: priority rank first, then arrival. NX keeps a job's place when
+  -- its message is delivered again.
+  redis.call('ZADD', waiting, 'NX', tonumber(rank) * 1e13 + now, job)
+  redis.call('HSET', costs, job, input_cost .. ':' .. output_cost)
+  redis.call('SADD', models, model)
+  return {'queued', reason, string.format('%.0f', wait)}
+end
+
+if mode == 'direct' then
+  -- Jobs already waiting go first: a newcomer queues behind them, whatever the budget.
+  if redis.call('ZCARD', waiting) > 0 then return enqueue('queue', 0) end
+else
+  local head = redis.call('ZRANGE', waiting, 0, 0, 'WITHSCORES')
+  if #head == 0 then
+    redis.call('SREM', models, model)
+    return {'empty'}
+  end
+  job = head[1]
+  rank = tostring(math.floor(tonumber(head[2]) / 1e13))
+  local cost = redis.call('HGET', costs, job)
+  if cost then
+    local sep = string.find(cost, ':', 1, true)
+    input_cost = tonumber(string.sub(cost, 1, sep - 1))
+    output_cost = tonumber(string.sub(cost, sep + 1))
+  end
+end
+
+local function refuse(reason, wait)
+  if mode == 'direct' then return enqueue(reason, wait) end
+  return {'denied', reason, string.format('%.0f', wait)}
+end
+
+local paused = num(redis.call('HGET', state, 'paused_until'), 0)
+if paused > now then return refuse('upstream_backoff', paused - now) end
+
+local f = factor(state, now, recovery)
+local charges = {req = 1, inp = input_cost, out = output_cost}
+local new_tat = {}
+local worst, reason = 0, nil
+for _, dim in ipairs({'req', 'inp', 'out'}) do
+  local limit = effective_limit(state, dim, limits[dim], now, f)
+  if limit > 0 then
+    local per_unit = 60000 / limit
+    local tat = math.max(num(redis.call('HGET', state, 'tat:' .. dim), 0), now)
+    local increment = charges[dim] * per_unit
+    -- A call larger than the burst still goes once the bucket is full, leaving it in debt;
+    -- otherwise a big prompt could never be sent.
+    local allowance = math.max(burst, increment)
+    local wait = tat + increment - allowance - now
+    if wait > 0.001 then
+      if wait > worst then worst, reason = wait, dim end
+    else
+      new_tat[dim] = tat + increment
+    end
+  end
+end
+if reason then
+  local names = {req = 'rpm', inp = 'input_tpm', out = 'output_tpm'}
+  return refuse(names[reason], worst)
+end
+
+redis.call('ZREMRANGEBYSCORE', inflight, '-inf', now)
+if max_concurrency > 0 and redis.call('ZCARD', inflight) >= max_concurrency then
+  return refuse('concurrency', 50)
+end
+
+for dim, tat in pairs(new_tat) do put(state, 'tat:' .. dim, tat) end
+redis.call('ZADD', inflight, now + lease, grant)
+if mode == 'head' then
+  redis.call('ZREM', waiting, job)
+  redis.call('HDEL', costs, job)
+end
+redis.call('PEXPIRE', state, 86400000)
+return {'granted', job, rank, tostring(input_cost), tostring(output_cost)}
