@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Any
 
 import pytest
 import redis
+from helpers import start_worker, stop_worker
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
@@ -169,42 +168,11 @@ def worker_process(
     test_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[subprocess.Popen[bytes]]:
     """A real `promptq worker` process, as a deployment runs it."""
-    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "promptq",
-                "worker",
-                "--concurrency=16",
-                f"--hostname=test-{uuid.uuid4().hex[:6]}@%h",
-            ],
-            env={**os.environ, **test_env},
-            cwd=REPO,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    process = start_worker(test_env, tmp_path_factory.mktemp("worker") / "worker.log")
     try:
-        wait_for_worker(process, log_path)
         yield process
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-
-
-def wait_for_worker(process: subprocess.Popen[bytes], log_path: Path, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"worker exited early:\n{log_path.read_text()}")
-        if b"ready." in log_path.read_bytes():
-            return
-        time.sleep(0.1)
-    raise RuntimeError(f"worker not ready in {timeout}s:\n{log_path.read_text()}")
+        stop_worker(process)
 
 
 @pytest.fixture

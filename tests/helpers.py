@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
+import uuid
+from pathlib import Path
 from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def auth(key: str) -> dict[str, str]:
@@ -21,3 +28,40 @@ def wait_for_status(
             return job
         time.sleep(0.05)
     raise AssertionError(f"job {job_id} never reached {statuses}; last seen: {job}")
+
+
+def start_worker(
+    env: dict[str, str], log_path: Path, concurrency: int = 16, timeout: float = 30
+) -> subprocess.Popen[bytes]:
+    """A real `promptq worker` process with `env`, once it says it is ready."""
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "promptq",
+                "worker",
+                f"--concurrency={concurrency}",
+                f"--hostname=test-{uuid.uuid4().hex[:6]}@%h",
+            ],
+            env={**os.environ, **env},
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + timeout
+    while b"ready." not in log_path.read_bytes():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"worker did not start:\n{log_path.read_text()}")
+        time.sleep(0.1)
+    return process
+
+
+def stop_worker(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

@@ -6,7 +6,7 @@ import logging
 
 import click
 
-from promptq.cli import client, keys, services, stack
+from promptq.cli import client, keys, limits, services, stack
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -22,6 +22,7 @@ cli.add_command(stack.up)
 for command in services.commands:
     cli.add_command(command)
 cli.add_command(keys.keys)
+cli.add_command(limits.limits)
 for command in client.commands:
     cli.add_command(command)
 

@@ -98,6 +98,15 @@ def db_upgrade(revision: str) -> None:
 @click.option("--rpm", type=int, help="Requests per minute before 429s (default: unlimited).")
 @click.option("--input-tpm", type=int, help="Input tokens per minute.")
 @click.option("--output-tpm", type=int, help="Output tokens per minute.")
+@click.option(
+    "--burst-seconds", default=1.0, show_default=True, help="Bucket capacity in seconds of rate."
+)
+@click.option(
+    "--ratelimit-headers/--no-ratelimit-headers",
+    default=True,
+    show_default=True,
+    help="Send anthropic-ratelimit-* headers.",
+)
 @click.option("--p-429", default=0.0, help="Chance of a random 429.")
 @click.option("--p-500", default=0.0, help="Chance of a random 500.")
 @click.option("--p-529", default=0.0, help="Chance of a random 529 (overloaded).")

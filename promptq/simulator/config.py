@@ -35,6 +35,9 @@ class SimulatorConfig:
     p_openai_error: float = 0.0
     seed: int | None = None
     api_key: str | None = None
+    # Send anthropic-ratelimit-* headers when limits are set (CometAPI may not pass them on;
+    # switching them off tests a client that must find the limit from 429s alone).
+    ratelimit_headers: bool = True
 
     def __post_init__(self) -> None:
         # Checked here so that `replace()` (the /_sim/config patch) is validated too.

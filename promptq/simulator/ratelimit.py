@@ -63,6 +63,7 @@ class RateLimiter:
             if limit is not None
         }
         self._lock = threading.Lock()
+        self._send_headers = config.ratelimit_headers
 
     def admit(self, input_tokens: int, max_tokens: int) -> Admission:
         costs = {"requests": 1, "input-tokens": input_tokens, "output-tokens": max_tokens}
@@ -95,6 +96,8 @@ class RateLimiter:
 
     def _headers(self) -> dict[str, str]:
         out: dict[str, str] = {}
+        if not self._send_headers:
+            return out
         for name, bucket in self._buckets.items():
             out.update(bucket.headers(name))
         return out

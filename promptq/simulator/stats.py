@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from typing import Any
 
@@ -21,11 +22,15 @@ class Stats:
             self.succeeded = 0
             self.by_status: Counter[str] = Counter()
             self.by_prompt: Counter[str] = Counter()
+            # Calls arriving in each wall-clock second: what an upstream's per-second
+            # enforcement of a per-minute limit sees.
+            self.by_second: Counter[int] = Counter()
             self.max_in_flight = self.in_flight
 
     def enter(self) -> None:
         with self._lock:
             self.calls += 1
+            self.by_second[int(time.time())] += 1
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
 
@@ -48,4 +53,5 @@ class Stats:
                 "calls_by_prompt": dict(self.by_prompt),
                 "in_flight": self.in_flight,
                 "max_in_flight": self.max_in_flight,
+                "calls_by_second": {str(second): n for second, n in sorted(self.by_second.items())},
             }

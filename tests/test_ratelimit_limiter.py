@@ -1,0 +1,270 @@
+"""The limiter's decisions, against the real Redis: pacing, tokens, slots, pauses,
+adaptation, reported limits, priorities and key reservations."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from promptq.ratelimit.limiter import Adaptive, Grant, Limiter
+from promptq.ratelimit.table import LimitTable
+from promptq.usage import Usage
+
+MODEL = "claude-test-1"
+
+MakeLimiter = Callable[..., Limiter]
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    # A database of its own, so no worker of another test module sees these buckets.
+    client = redis.Redis.from_url(redis_url.rsplit("/", 1)[0] + "/2")
+    client.flushdb()
+    yield client
+    client.flushdb()
+
+
+@pytest.fixture
+def make_limiter(redis_client: redis.Redis) -> MakeLimiter:
+    def make(
+        slot_lease_seconds: float = 30.0, adaptive: Adaptive | None = None, **limits: Any
+    ) -> Limiter:
+        fields = {
+            "rpm": "unlimited",
+            "input_tpm": "unlimited",
+            "output_tpm": "unlimited",
+            "max_concurrency": "unlimited",
+            **limits,
+        }
+        body = "\n".join(
+            f"{name} = {value!r}" if not isinstance(value, str) else f'{name} = "{value}"'
+            for name, value in fields.items()
+        )
+        table = LimitTable.from_toml(f'[models."claude-test-*"]\n{body}\n')
+        return Limiter(
+            redis_client, table, slot_lease_seconds=slot_lease_seconds, adaptive=adaptive
+        )
+
+    return make
+
+
+def request(max_tokens: int = 10, text: str = "hello") -> dict[str, Any]:
+    return {
+        "model": MODEL,
+        "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": text}],
+    }
+
+
+def drain(limiter: Limiter, seconds: float) -> list[tuple[float, Grant]]:
+    """Run a dispatcher loop for a while; the (monotonic time, grant) of every grant."""
+    granted: list[tuple[float, Grant]] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        offer = limiter.dispatch(MODEL)
+        if offer.grant is not None:
+            granted.append((time.monotonic(), offer.grant))
+            continue
+        if offer.empty:
+            break
+        time.sleep(min(offer.wait_seconds, 0.01))
+    return granted
+
+
+def test_first_call_is_granted_then_others_queue(make_limiter: MakeLimiter) -> None:
+    limiter = make_limiter(rpm=60, burst_seconds=0.5)
+    first = limiter.acquire("job-1", MODEL, request(), "normal")
+    assert first.grant is not None
+    second = limiter.acquire("job-2", MODEL, request(), "normal")
+    assert second.grant is None and second.waiting_for == "rpm"
+    assert 0.4 < second.wait_seconds <= 1.0
+    third = limiter.acquire("job-3", MODEL, request(), "normal")
+    assert third.grant is None and third.waiting_for == "queue"  # behind job-2
+    assert limiter.snapshot(MODEL)["waiting"] == 2
+
+
+def test_calls_are_spread_evenly_with_a_small_burst(make_limiter: MakeLimiter) -> None:
+    limiter = make_limiter(rpm=1200, burst_seconds=0.25)  # 20 a second, 5 at once
+    for i in range(200):
+        limiter.acquire(f"job-{i}", MODEL, request(), "normal")
+    granted = drain(limiter, 2.0)
+    times = [t for t, _ in granted]
+    # Two seconds at 20/s plus the burst of 5 (and the one granted on arrival).
+    assert 40 <= len(granted) + 1 <= 47
+    for start in times:
+        in_window = sum(1 for t in times if start <= t < start + 1.0)
+        assert in_window <= 20 + 5 + 1
+    gaps = [b - a for a, b in itertools.pairwise(times[6:])]
+    assert min(gaps) > 0.03  # past the burst, one every 50 ms, not in clumps
+
+
+def test_output_tokens_are_reserved_then_refunded(make_limiter: MakeLimiter) -> None:
+    limiter = make_limiter(output_tpm=6000, burst_seconds=0.5)  # 100 tokens a second
+    first = limiter.acquire("job-1", MODEL, request(max_tokens=100), "normal").grant
+    assert first is not None and first.output_tokens == 100
+    blocked = limiter.acquire("job-2", MODEL, request(max_tokens=100), "normal")
+    assert blocked.waiting_for == "output_tpm" and blocked.wait_seconds > 0.3
+    assert limiter.dispatch(MODEL).grant is None
+    # The call used 5 of its 100 tokens: the other 95 come back at once, so the next call
+    # waits 50 ms for those 5 instead of most of a second.
+    limiter.settle(first, Usage(input_tokens=2, output_tokens=5))
+    assert limiter.dispatch(MODEL).wait_seconds < 0.06
+    [(_, grant)] = drain(limiter, 0.2)
+    assert grant.output_tokens == 100
+
+
+def test_input_estimate_is_corrected_by_usage(make_limiter: MakeLimiter) -> None:
+    limiter = make_limiter(input_tpm=60_000, burst_seconds=0.1)  # 1,000 tokens a second
+    grant = limiter.acquire("job-1", MODEL, request(text="x" * 350), "normal").grant
+    assert grant is not None and 90 <= grant.input_tokens <= 120  # a conservative guess
+    before = limiter.snapshot(MODEL)["ahead_seconds"]["inp"]
+    # The call really read 1,000 tokens: the bucket is charged the difference.
+    limiter.settle(grant, Usage(input_tokens=1000, output_tokens=1))
+    after = limiter.snapshot(MODEL)["ahead_seconds"]["inp"]
+    assert after - before == pytest.approx(0.9, abs=0.1)
+
+
+def test_unused_grant_gives_everything_back(make_limiter: MakeLimiter) -> None:
+    limiter = make_limiter(rpm=60, max_concurrency=1, burst_seconds=0.5)
+    grant = limiter.acquire("job-1", MODEL, request(), "normal").grant
+    assert grant is not None
+    assert limiter.acquire("job-2", MODEL, request(), "normal").grant is None
+    limiter.settle(grant, None, called=False)  # e.g. the job was canceled meanwhile
+    assert limiter.dispatch(MODEL).job_id == "job-2"
+
+
+def test_a_dead_callers_slot_frees_itself(make_limiter: MakeLimiter) -> None:
+    limiter = make_limiter(max_concurrency=2, slot_lease_seconds=1.0)
+    assert limiter.acquire("job-1", MODEL, request(), "normal").grant is not None
+    assert limiter.acquire("job-2", MODEL, request(), "normal").grant is not None
+    third = limiter.acquire("job-3", MODEL, request(), "normal")
+    assert third.waiting_for == "concurrency"
+    # Nobody settles or renews jobs 1 and 2, as if their worker was killed.
+    assert limiter.dispatch(MODEL).grant is None
+    time.sleep(1.1)
+    assert limiter.dispatch(MODEL).job_id == "job-3"
+
+
+def test_renewed_slots_stay_held(make_limiter: MakeLimiter) -> None:
+    limiter = make_limiter(max_concurrency=1, slot_lease_seconds=1.0)
+    grant = limiter.acquire("job-1", MODEL, request(), "normal").grant
+    assert grant is not None
+    limiter.acquire("job-2", MODEL, request(), "normal")
+    for _ in range(3):
+        time.sleep(0.5)
+        limiter.renew([grant])
+        assert limiter.dispatch(MODEL).grant is None
+    limiter.settle(grant, Usage(output_tokens=1))
+    assert limiter.dispatch(MODEL).job_id == "job-2"
+
+
+def test_a_429_pauses_the_model_for_everyone(make_limiter: MakeLimiter) -> None:
+    limiter = make_limiter(rpm=6000)
+    other = make_limiter(rpm=6000)  # another worker process: same Redis, same model
+    limiter.feedback(MODEL, {}, throttled=True, retry_after=1.0)
+    paused = other.acquire("job-1", MODEL, request(), "normal")
+    assert paused.waiting_for == "upstream_backoff"
+    assert 0.8 < paused.wait_seconds <= 1.0
+    assert other.acquire("elsewhere", "claude-test-other", request(), "normal").grant
+    time.sleep(1.05)
+    assert other.dispatch(MODEL).job_id == "job-1"
+
+
+def test_429s_cut_the_rate_which_then_recovers(make_limiter: MakeLimiter) -> None:
+    adaptive = Adaptive(cut=0.5, debounce_seconds=0.5, recovery_seconds=4.0)
+    limiter = make_limiter(rpm=6000, adaptive=adaptive)
+    limiter.feedback(MODEL, {}, throttled=True, retry_after=0.0)
+    limiter.feedback(MODEL, {}, throttled=True, retry_after=0.0)  # same burst: cut once
+    assert limiter.snapshot(MODEL)["factor"] == pytest.approx(0.5, abs=0.02)
+    time.sleep(0.6)
+    limiter.feedback(MODEL, {}, throttled=True, retry_after=0.0)  # a later burst
+    factor = limiter.snapshot(MODEL)["factor"]
+    assert factor == pytest.approx((0.5 + 0.6 / 4) * 0.5, abs=0.03)
+    time.sleep(1.0)
+    assert limiter.snapshot(MODEL)["factor"] == pytest.approx(factor + 1.0 / 4, abs=0.03)
+
+
+def test_reported_limits_cap_the_configured_ones(make_limiter: MakeLimiter) -> None:
+    limiter = make_limiter(rpm=6000, burst_seconds=0.1)  # configured 100/s
+    limiter.feedback(
+        MODEL, {"anthropic-ratelimit-requests-limit": "60"}, throttled=False, retry_after=None
+    )
+    assert limiter.snapshot(MODEL)["reported"] == {"req": 60}
+    assert limiter.acquire("job-1", MODEL, request(), "normal").grant is not None
+    second = limiter.acquire("job-2", MODEL, request(), "normal")
+    assert second.waiting_for == "rpm" and second.wait_seconds > 0.8  # 1/s, not 100/s
+
+
+def test_reported_exhaustion_pauses_until_reset(make_limiter: MakeLimiter) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    limiter = make_limiter(rpm=6000)
+    reset = (datetime.now(UTC) + timedelta(seconds=2)).isoformat()
+    limiter.feedback(
+        MODEL,
+        {
+            "anthropic-ratelimit-input-tokens-remaining": "0",
+            "anthropic-ratelimit-input-tokens-reset": reset,
+        },
+        throttled=False,
+        retry_after=None,
+    )
+    decision = limiter.acquire("job-1", MODEL, request(), "normal")
+    assert decision.waiting_for == "upstream_backoff" and 1.5 < decision.wait_seconds <= 2.0
+
+
+def test_waiting_jobs_go_by_priority_then_arrival(make_limiter: MakeLimiter) -> None:
+    limiter = make_limiter(max_concurrency=1)
+    holder = limiter.acquire("running", MODEL, request(), "normal").grant
+    assert holder is not None
+    for job_id, priority in [
+        ("low-1", "low"),
+        ("normal-1", "normal"),
+        ("low-2", "low"),
+        ("high-1", "high"),
+        ("normal-2", "normal"),
+    ]:
+        assert limiter.acquire(job_id, MODEL, request(), priority).grant is None
+    order = []
+    grant = holder
+    for _ in range(5):
+        limiter.settle(grant, Usage(output_tokens=1))
+        offer = limiter.dispatch(MODEL)
+        assert offer.job_id is not None and offer.grant is not None
+        order.append((offer.job_id, offer.priority))
+        grant = offer.grant
+    assert order == [
+        ("high-1", "high"),
+        ("normal-1", "normal"),
+        ("normal-2", "normal"),
+        ("low-1", "low"),
+        ("low-2", "low"),
+    ]
+    assert limiter.dispatch(MODEL).empty
+
+
+def test_a_redelivered_job_keeps_its_place(make_limiter: MakeLimiter) -> None:
+    limiter = make_limiter(max_concurrency=1)
+    assert limiter.acquire("running", MODEL, request(), "normal").grant is not None
+    limiter.acquire("first", MODEL, request(), "normal")
+    limiter.acquire("second", MODEL, request(), "normal")
+    limiter.acquire("first", MODEL, request(), "normal")  # its message came again
+    assert limiter.queued([("first", MODEL), ("second", MODEL), ("third", MODEL)]) == {
+        "first",
+        "second",
+    }
+    assert limiter.snapshot(MODEL)["waiting"] == 2
+
+
+def test_key_rpm_reserves_spread_out_start_times(make_limiter: MakeLimiter) -> None:
+    limiter = make_limiter()
+    delays = [limiter.reserve_for_key("key_a", rpm=60, burst_seconds=0.5) for _ in range(4)]
+    assert delays == pytest.approx([0, 1, 2, 3], abs=0.05)
+    bursty = [limiter.reserve_for_key("key_c", rpm=60, burst_seconds=2) for _ in range(4)]
+    assert bursty == pytest.approx([0, 0, 1, 2], abs=0.05)  # two at once, then one a second
+    assert limiter.reserve_for_key("key_b", rpm=60) == 0  # keys do not share
