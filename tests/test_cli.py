@@ -198,3 +198,19 @@ def test_up_runs_the_whole_stack_and_stops_cleanly(tmp_path: Path) -> None:
     assert code == 0
     leftover = subprocess.run(["pgrep", "-g", str(process.pid)], capture_output=True)
     assert leftover.stdout == b""
+
+
+@pytest.mark.parametrize("command", [["worker"], ["api"], ["up"]])
+def test_a_broken_limits_file_stops_start_up_with_its_reason(
+    tmp_path: Path, command: list[str]
+) -> None:
+    limits = tmp_path / "limits.toml"
+    limits.write_text('[models."claude-*"]\nrpm = "fast"\n')
+    env = clean_env(
+        PROMPTQ_LIMITS_FILE=str(limits),
+        PROMPTQ_REDIS_URL="redis://127.0.0.1:1/0",
+        PROMPTQ_DATABASE_URL=f"sqlite:///{tmp_path / 'x.db'}",
+    )
+    result = promptq(*command, env=env, cwd=tmp_path, check=False)
+    assert result.returncode != 0
+    assert "limits.toml" in result.stderr and "rpm" in result.stderr

@@ -6,7 +6,19 @@ from pathlib import Path
 
 import click
 
-from promptq.config import get_settings
+from promptq.config import Settings, get_settings
+
+
+def preflight(settings: Settings) -> None:
+    """Refuse to start on a broken limits or price file, saying what is wrong in it."""
+    from promptq.pricing import PriceTable, PricingError
+    from promptq.ratelimit.table import LimitsError, LimitTable
+
+    try:
+        LimitTable.load(settings.limits_file)
+        PriceTable.load(settings.pricing_file)
+    except (LimitsError, PricingError) as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 @click.command()
@@ -17,6 +29,7 @@ def api(host: str, port: int, workers: int) -> None:
     """Serve the HTTP API."""
     import uvicorn
 
+    preflight(get_settings())
     uvicorn.run(
         "api.main:app", host=host, port=port, workers=workers, log_level="info", access_log=False
     )
@@ -30,7 +43,9 @@ def worker(concurrency: int | None, queues: str, hostname: str | None) -> None:
     """Run a Celery worker that executes jobs."""
     from worker.app import app
 
-    concurrency = concurrency or get_settings().worker_concurrency
+    settings = get_settings()
+    preflight(settings)
+    concurrency = concurrency or settings.worker_concurrency
     argv = [
         "worker",
         "--pool=threads",

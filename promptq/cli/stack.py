@@ -61,7 +61,10 @@ def ensure_local_key(database_url: str) -> str | None:
 @click.option("--concurrency", type=int, help="Worker threads (upstream calls in flight).")
 def up(port: int, flower_port: int, concurrency: int | None) -> None:
     """Run everything on this machine: migrations, API, worker, beat and Flower."""
+    from promptq.cli.services import preflight
+
     settings = get_settings()
+    preflight(settings)
     env = dict(os.environ)
     private: list[Any] = []
 
