@@ -8,14 +8,13 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
-from api.errors import ApiError
+from api.auth import caller, presented_key
 from promptq.config import Settings
 from promptq.db import get_sessionmaker
-from promptq.keys.service import authenticate
 from promptq.models import ApiKey
 
 
-def get_app_settings(request: Request) -> Settings:
+async def get_app_settings(request: Request) -> Settings:
     return request.app.state.settings  # type: ignore[no-any-return]
 
 
@@ -36,27 +35,8 @@ def get_session(settings: SettingsDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def presented_key(request: Request) -> str | None:
-    authorization = request.headers.get("authorization")
-    if authorization:
-        scheme, _, token = authorization.partition(" ")
-        if scheme.lower() == "bearer" and token.strip():
-            return token.strip()
-    return request.headers.get("x-api-key") or None
-
-
 def get_api_key(request: Request, session: SessionDep) -> ApiKey:
-    plain = presented_key(request)
-    if plain is None:
-        raise ApiError(
-            401,
-            "missing API key: send `Authorization: Bearer pq_...` or `x-api-key: pq_...` "
-            "(create one with `promptq keys create NAME`)",
-        )
-    key = authenticate(session, plain)
-    if key is None:
-        raise ApiError(401, "invalid or revoked API key")
-    return key
+    return caller(session, presented_key(request))
 
 
 ApiKeyDep = Annotated[ApiKey, Depends(get_api_key)]

@@ -40,8 +40,10 @@ def create_celery(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         worker_pool="threads",
         worker_concurrency=settings.worker_concurrency,
+        # Flower follows tasks from the worker's events. The "sent" event is left off: the
+        # API would publish it on every POST, under a process-wide lock in Celery.
         worker_send_task_events=True,
-        task_send_sent_event=True,
+        task_send_sent_event=False,
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
         broker_transport_options={

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from contextlib import closing
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
@@ -13,9 +14,11 @@ from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 
+from api.auth import cached_caller, caller, presented_key
 from api.deps import ApiKeyDep, SessionDep, SettingsDep
 from api.errors import ApiError, describe_validation_errors
-from promptq.db import session_scope
+from promptq.config import Settings
+from promptq.db import get_sessionmaker, session_scope
 from promptq.jobs import service
 from promptq.jobs.presenter import job_to_api
 from promptq.jobs.schemas import JobCreate
@@ -55,24 +58,34 @@ async def read_job_create(request: Request) -> JobCreate:
         raise ApiError(422, describe_validation_errors(list(exc.errors()))) from exc
 
 
-def _create(
-    session: SessionDep,
-    settings: SettingsDep,
+def _authenticate(settings: Settings, plain_key: str | None) -> ApiKey:
+    with closing(get_sessionmaker(settings.database_url)()) as session:
+        return caller(session, plain_key)
+
+
+def _intake(
+    request: Request,
+    settings: Settings,
     key: ApiKey,
     payload: JobCreate,
     idempotency_header: str | None,
-) -> tuple[dict[str, Any], bool, str, str]:
-    try:
-        outcome = service.create_job(session, settings, key, payload, idempotency_header)
-        session.commit()
-    except IntegrityError:
-        # Another request with the same idempotency key committed first: return its job.
-        session.rollback()
-        outcome = service.create_job(session, settings, key, payload, idempotency_header)
-        if outcome.created:
-            raise
-    job = outcome.job
-    return job_to_api(job), outcome.created, job.id, job.priority
+) -> dict[str, Any]:
+    """Store, commit, then publish: one trip to the thread pool per job, since intake runs
+    hundreds of times a second."""
+    with closing(get_sessionmaker(settings.database_url)()) as session:
+        try:
+            outcome = service.create_job(session, settings, key, payload, idempotency_header)
+            session.commit()
+        except IntegrityError:
+            # Another request with the same idempotency key committed first: its job.
+            session.rollback()
+            outcome = service.create_job(session, settings, key, payload, idempotency_header)
+            if outcome.created:
+                raise
+        body = job_to_api(outcome.job)
+    if outcome.created:
+        request.app.state.publish(outcome.job.id, outcome.job.priority)
+    return body
 
 
 @router.post(
@@ -93,22 +106,18 @@ def _create(
 )
 async def create_job(
     request: Request,
-    session: SessionDep,
     settings: SettingsDep,
-    key: ApiKeyDep,
     wait: Annotated[int, Query(ge=0, le=60, description="seconds to hold the answer")] = 0,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> JSONResponse:
+    plain_key = presented_key(request)
+    key = cached_caller(plain_key) or await run_in_threadpool(_authenticate, settings, plain_key)
     payload = await read_job_create(request)
-    body, created, job_id, priority = await run_in_threadpool(
-        _create, session, settings, key, payload, idempotency_key
-    )
-    if created:
-        await run_in_threadpool(request.app.state.publish, job_id, priority)
+    body = await run_in_threadpool(_intake, request, settings, key, payload, idempotency_key)
     if wait and not JobStatus(body["status"]).is_final:
-        body = await wait_for_final(settings.database_url, key, job_id, wait) or body
+        body = await wait_for_final(settings.database_url, key, body["id"], wait) or body
     status = 200 if JobStatus(body["status"]).is_final else 202
-    return JSONResponse(body, status_code=status, headers={"Location": f"/v1/jobs/{job_id}"})
+    return JSONResponse(body, status_code=status, headers={"Location": f"/v1/jobs/{body['id']}"})
 
 
 async def wait_for_final(

