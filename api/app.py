@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from api.body_limit import BodySizeLimit
+from api.broker import BrokerCheck
 from api.errors import install_error_handlers
 from api.publisher import Publisher, celery_publisher
 from api.routes import health, jobs
@@ -24,6 +25,7 @@ def create_app(settings: Settings | None = None, publish: Publisher | None = Non
     )
     app.state.settings = settings
     app.state.publish = publish or celery_publisher(settings)
+    app.state.broker = BrokerCheck(settings.redis_url) if settings.redis_url else None
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     install_error_handlers(app)
     app.include_router(health.router)

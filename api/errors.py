@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from sqlalchemy import exc as sqlalchemy_errors
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from promptq.db import TRANSIENT_DATABASE_ERRORS
 from promptq.jobs.errors import InvalidJob, JobConflict, JobError, JobNotFound
 
 STATUS_BY_ERROR: dict[type[JobError], int] = {InvalidJob: 400, JobNotFound: 404, JobConflict: 409}
@@ -64,7 +67,33 @@ def describe_validation_errors(errors: list[Any], drop_prefix: tuple[str, ...] =
     return "; ".join(parts)
 
 
+RETRY_AFTER_SECONDS = "5"
+
+
+def dependency_unavailable(what: str) -> JSONResponse:
+    return error_response(
+        503,
+        f"{what} is not answering right now, so nothing was done; retry in a few seconds",
+        "service_unavailable",
+        headers={"Retry-After": RETRY_AFTER_SECONDS},
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(sqlalchemy_errors.DBAPIError)
+    async def _database_error(_: Request, exc: sqlalchemy_errors.DBAPIError) -> JSONResponse:
+        if isinstance(exc, TRANSIENT_DATABASE_ERRORS) or exc.connection_invalidated:
+            return dependency_unavailable("the database")
+        raise exc
+
+    @app.exception_handler(sqlalchemy_errors.TimeoutError)
+    async def _pool_timeout(_: Request, __: Exception) -> JSONResponse:
+        return dependency_unavailable("the database")
+
+    @app.exception_handler(redis.RedisError)
+    async def _redis_error(_: Request, __: Exception) -> JSONResponse:
+        return dependency_unavailable("Redis")
+
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return error_response(exc.status, exc.message, exc.error_type, exc.headers)

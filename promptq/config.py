@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     # the Redis broker; every countdown we use must stay well below it.
     broker_visibility_timeout_seconds: int = Field(default=3600, ge=60)
     # How long a claimed job stays ours without a heartbeat before the sweeper takes it back.
-    claim_lease_seconds: int = Field(default=60, ge=5)
+    claim_lease_seconds: int = Field(default=30, ge=5)
     # How long a rate-limit concurrency slot outlives a worker that stopped renewing it.
     slot_lease_seconds: int = Field(default=30, ge=3)
     sweep_interval_seconds: float = Field(default=10.0, gt=0)

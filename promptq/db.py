@@ -8,7 +8,12 @@ from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import exc as sqlalchemy_errors
 from sqlalchemy.orm import Session, sessionmaker
+
+# What a database that is restarting, unreachable or (SQLite) locked raises: worth waiting
+# out, unlike a failed constraint or a bug.
+TRANSIENT_DATABASE_ERRORS = (sqlalchemy_errors.OperationalError, sqlalchemy_errors.InterfaceError)
 
 
 def _configure_sqlite(engine: Engine) -> None:

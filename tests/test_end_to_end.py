@@ -81,7 +81,8 @@ def test_thinking_and_cache_usage_are_priced(client: Any, api_key: str) -> None:
     system = [
         {
             "type": "text",
-            "text": "A long shared preamble. " * 40,
+            # Unique per run: the simulator remembers cached prefixes for its lifetime.
+            "text": unique("A long shared preamble. " * 40),
             "cache_control": {"type": "ephemeral"},
         }
     ]

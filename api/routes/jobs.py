@@ -16,12 +16,12 @@ from starlette.concurrency import run_in_threadpool
 
 from api.auth import cached_caller, caller, presented_key
 from api.deps import ApiKeyDep, SessionDep, SettingsDep
-from api.errors import ApiError, describe_validation_errors
+from api.errors import RETRY_AFTER_SECONDS, ApiError, describe_validation_errors
 from promptq.config import Settings
 from promptq.db import get_sessionmaker, session_scope
 from promptq.jobs import service
 from promptq.jobs.presenter import job_to_api
-from promptq.jobs.schemas import JobCreate
+from promptq.jobs.schemas import MAX_JSON_DEPTH, JobCreate, json_depth
 from promptq.models import ApiKey, JobStatus
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -48,8 +48,12 @@ async def read_job_create(request: Request) -> JobCreate:
             raise ApiError(400, "empty body: send a JSON object with `prompt` or `request`")
         try:
             data = json.loads(raw)
+        except RecursionError as exc:
+            raise ApiError(400, f"body nests deeper than {MAX_JSON_DEPTH} levels") from exc
         except ValueError as exc:
             raise ApiError(400, f"body is not valid JSON: {exc}") from exc
+    if json_depth(data) > MAX_JSON_DEPTH:
+        raise ApiError(400, f"body nests deeper than {MAX_JSON_DEPTH} levels")
     if not isinstance(data, dict):
         raise ApiError(422, "body: must be a JSON object")
     try:
@@ -72,6 +76,15 @@ def _intake(
 ) -> dict[str, Any]:
     """Store, commit, then publish: one trip to the thread pool per job, since intake runs
     hundreds of times a second."""
+    broker = request.app.state.broker
+    if broker is not None and not broker.answers():
+        raise ApiError(
+            503,
+            "the broker (Redis) is not answering, so the job was not accepted; retry in a "
+            "few seconds",
+            "service_unavailable",
+            headers={"Retry-After": RETRY_AFTER_SECONDS},
+        )
     with closing(get_sessionmaker(settings.database_url)()) as session:
         try:
             outcome = service.create_job(session, settings, key, payload, idempotency_header)

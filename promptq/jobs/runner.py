@@ -13,8 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
+
 from promptq.config import Settings
-from promptq.db import session_scope
+from promptq.db import TRANSIENT_DATABASE_ERRORS, session_scope
 from promptq.jobs.execution import (
     RunnableJob,
     claim_job,
@@ -32,6 +34,8 @@ from promptq.usage import Usage
 log = logging.getLogger(__name__)
 
 KEY_RPM = "key_rpm"
+# How long a worker keeps an upstream answer in memory while the database is away.
+RECORD_PATIENCE_SECONDS = 300
 # A reservation this close is not worth a round trip through the broker.
 NEGLIGIBLE_DELAY_SECONDS = 0.05
 
@@ -89,17 +93,16 @@ class JobRunner:
             return "claimed elsewhere"
         with self.leases.holding(job.id, grant):
             result = self.upstream.create_message(claimed.request)
-        usage = Usage.from_message(result.message) if result.message else None
-        self.limiter.settle(grant, usage, called=True)
-        if result.status_code == 429 or result.rate_limit_headers:
-            self.limiter.feedback(
-                job.model,
-                result.rate_limit_headers,
-                throttled=result.status_code == 429,
-                retry_after=result.retry_after,
-            )
-        with session_scope(url) as session:
-            verdict = record_attempt(session, self.settings, self.prices, claimed, result)
+            # The answer is recorded first, and waited for through a database outage: it
+            # was paid for, and losing it would mean asking the upstream again.
+            for retrying in Retrying(
+                retry=retry_if_exception_type(TRANSIENT_DATABASE_ERRORS),
+                wait=wait_exponential(multiplier=0.5, max=10),
+                stop=stop_after_delay(RECORD_PATIENCE_SECONDS),
+                reraise=True,
+            ):
+                with retrying, session_scope(url) as session:
+                    verdict = record_attempt(session, self.settings, self.prices, claimed, result)
         log.info(
             "job %s attempt %d: %s (upstream %s, %d ms)",
             job.id,
@@ -108,6 +111,19 @@ class JobRunner:
             result.status_code,
             result.latency_ms,
         )
+        try:
+            usage = Usage.from_message(result.message) if result.message else None
+            self.limiter.settle(grant, usage, called=True)
+            if result.status_code == 429 or result.rate_limit_headers:
+                self.limiter.feedback(
+                    job.model,
+                    result.rate_limit_headers,
+                    throttled=result.status_code == 429,
+                    retry_after=result.retry_after,
+                )
+        except Exception:
+            # Left unsettled, the slot frees itself when its lease runs out.
+            log.exception("could not settle the rate-limit grant of job %s", job.id)
         if verdict.retry_in is not None:
             self.publish(job.id, job.priority, verdict.retry_in, None)
         return str(verdict.status)

@@ -7,11 +7,18 @@ minutes later at the upstream.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from promptq.models import Priority
+
+# Bounds on what one job may carry, each refused with a message naming it.
+MAX_JSON_DEPTH = 64
+MAX_METADATA_KEYS = 50
+MAX_METADATA_BYTES = 16 * 1024
+MAX_MESSAGES = 10_000
 
 ModelName = Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True)]
 # Anthropic's documented minimum for extended thinking.
@@ -48,7 +55,7 @@ class MessagesRequest(BaseModel):
 
     model: ModelName
     max_tokens: int = Field(ge=1, le=1_000_000)
-    messages: list[MessageParam] = Field(min_length=1, max_length=10_000)
+    messages: list[MessageParam] = Field(min_length=1, max_length=MAX_MESSAGES)
     system: str | list[dict[str, Any]] | None = None
     temperature: float | None = Field(default=None, ge=0, le=1)
     top_p: float | None = Field(default=None, ge=0, le=1)
@@ -120,6 +127,15 @@ class JobCreate(BaseModel):
                     f"{', '.join(extra)}: flat fields go with `prompt`; put them inside "
                     "`request` instead"
                 )
+        if self.metadata is not None:
+            if len(self.metadata) > MAX_METADATA_KEYS:
+                raise ValueError(f"metadata: at most {MAX_METADATA_KEYS} keys")
+            size = len(json.dumps(self.metadata, ensure_ascii=False).encode())
+            if size > MAX_METADATA_BYTES:
+                raise ValueError(
+                    f"metadata: {size} bytes as JSON, more than the {MAX_METADATA_BYTES} allowed; "
+                    "keep large data elsewhere and put its reference here"
+                )
         if self.webhook_url and self.callback_url and self.webhook_url != self.callback_url:
             raise ValueError("webhook_url and callback_url are aliases; give one of them")
         for name in ("webhook_url", "callback_url"):
@@ -145,3 +161,21 @@ class JobCreate(BaseModel):
         if self.temperature is not None:
             params["temperature"] = self.temperature
         return MessagesRequest.model_validate(params)
+
+
+def json_depth(value: Any) -> int:
+    """How deeply a parsed JSON value nests (a scalar is 0), without recursion."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = list(item.values())
+        elif isinstance(item, list):
+            children = item
+        else:
+            deepest = max(deepest, depth)
+            continue
+        deepest = max(deepest, depth + 1)
+        stack.extend((child, depth + 1) for child in children)
+    return deepest

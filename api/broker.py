@@ -1,0 +1,33 @@
+"""Whether the broker answers, asked before a job is stored.
+
+A job is accepted only if it can be published: with Redis away the API answers 503 before
+writing anything, so the client retries instead of holding a job id that would sit unrun.
+The answer is kept for a second, so intake does not ping Redis on every request.
+"""
+
+from __future__ import annotations
+
+import time
+
+import redis
+
+CHECK_EVERY_SECONDS = 1.0
+
+
+class BrokerCheck:
+    def __init__(self, redis_url: str) -> None:
+        self._client = redis.Redis.from_url(
+            redis_url, socket_timeout=0.5, socket_connect_timeout=0.5
+        )
+        self._checked_at = 0.0
+        self._answers = True
+
+    def answers(self) -> bool:
+        now = time.monotonic()
+        if now - self._checked_at >= CHECK_EVERY_SECONDS:
+            try:
+                self._answers = bool(self._client.ping())
+            except redis.RedisError:
+                self._answers = False
+            self._checked_at = now
+        return self._answers
