@@ -72,7 +72,8 @@ class Stack:
         response = requests.post(
             f"{self.url}/v1/jobs", json={"prompt": prompt}, headers=headers, timeout=10
         )
-        assert response.status_code == 202, response.text
+        # 200 when a retried request finds its job already finished.
+        assert response.status_code in (200, 202), response.text
         return str(response.json()["id"])
 
     def job(self, job_id: str) -> dict[str, Any]:
@@ -151,6 +152,7 @@ def test_api_killed_under_load_loses_and_doubles_nothing(stack: Stack) -> None:
     stack.start_worker()
     texts = prompts(120, "kill the api")
     accepted: dict[str, str] = {}
+    errors: dict[str, str] = {}
     lock = threading.Lock()
 
     def client(mine: list[str]) -> None:
@@ -160,7 +162,8 @@ def test_api_killed_under_load_loses_and_doubles_nothing(stack: Stack) -> None:
             while time.monotonic() < deadline:
                 try:
                     job_id = stack.submit(text, idempotency_key=f"chaos-{text}")
-                except (requests.RequestException, AssertionError):
+                except (requests.RequestException, AssertionError) as exc:
+                    errors[text] = repr(exc)[:300]
                     time.sleep(0.2)
                     continue
                 with lock:
@@ -178,7 +181,7 @@ def test_api_killed_under_load_loses_and_doubles_nothing(stack: Stack) -> None:
     stack.start_api()
     for thread in threads:
         thread.join(timeout=90)
-    assert len(accepted) == len(texts)
+    assert len(accepted) == len(texts), [errors[t] for t in texts if t not in accepted]
     jobs = stack.wait_all(list(accepted.values()))
     assert all(job["status"] == "succeeded" for job in jobs)
     assert len({job["id"] for job in jobs}) == len(texts)
