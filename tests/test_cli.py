@@ -7,14 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
 import pytest
 import requests
+from helpers import wait_for_http
 from sqlalchemy import create_engine, inspect
 
 from promptq.cli.stack import free_port
@@ -96,39 +94,6 @@ def test_keys_create_list_revoke(database_url: str, test_env: dict[str, str]) ->
     assert bad.returncode != 0 and "US dollars" in bad.stderr
 
 
-@pytest.fixture
-def api_server(test_env: dict[str, str], worker_process: Any) -> Iterator[str]:
-    """A real `promptq api` process next to the test session's worker."""
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "promptq", "api", f"--port={port}"],
-        env={**os.environ, **test_env},
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_up(url, process)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
-
-
-def wait_until_up(url: str, process: subprocess.Popen[Any], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "the process exited before it served"
-        try:
-            if requests.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"{url} did not come up in {timeout}s")
-
-
 def test_submit_wait_and_jobs_ls(api_server: str, api_key: str) -> None:
     env = clean_env(PROMPTQ_API_URL=api_server, PROMPTQ_API_KEY=api_key)
     result = promptq("submit", "Say hello to the CLI", "--wait", env=env)
@@ -175,7 +140,7 @@ def test_up_runs_the_whole_stack_and_stops_cleanly(tmp_path: Path) -> None:
         key = output.split("PROMPTQ_API_KEY=")[1].split()[0]
         flower_login = output.split("(login ")[1].split(")")[0]
         url = f"http://127.0.0.1:{port}"
-        wait_until_up(url, process)
+        wait_for_http(url, process)
 
         job = requests.post(
             f"{url}/v1/jobs?wait=30",
