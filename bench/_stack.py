@@ -86,13 +86,16 @@ def exit_on_signals() -> None:
 
 _PR_SET_PDEATHSIG = 1
 _libc: Any = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+if _libc is not None:
+    _libc.prctl  # noqa: B018 -- resolved (and cached) now, not in each forked child
 
 
 def _die_with_parent() -> None:
     # Runs in the child between fork and exec. PR_SET_PDEATHSIG makes the kernel send
     # SIGTERM to the child when the benchmark dies, even by SIGKILL, where no `finally`
     # runs. It is a single system call through an already-loaded libc, which takes no
-    # locks; callers still start children before starting threads of their own.
+    # locks; callers still start children before starting threads of their own where
+    # they can. The "parent" is the forking *thread*: start children from the main thread.
     if _libc is not None:
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
@@ -189,11 +192,18 @@ def wait_until(check: Callable[[], bool], child: Child, timeout: float, what: st
     raise RuntimeError(f"{what} not ready in {timeout:.0f}s; log:\n{child.log_tail()}")
 
 
-def start_api(stack: contextlib.ExitStack, env: dict[str, str], workdir: Path) -> tuple[Child, str]:
-    """`promptq api` (one uvicorn process) on a free port; returns it once /readyz says the
-    database and Redis answer."""
-    port = free_port()
-    child = start_child(stack, "api", ["api", "--host=127.0.0.1", f"--port={port}"], env, workdir)
+def start_api(
+    stack: contextlib.ExitStack,
+    env: dict[str, str],
+    workdir: Path,
+    port: int | None = None,
+    name: str = "api",
+) -> tuple[Child, str]:
+    """`promptq api` (one uvicorn process) on `port` (default: a free one); returns it once
+    /readyz says the database and Redis answer. An API started again (after a kill, on the
+    same port) needs a name of its own: the name is also its log file's."""
+    port = port or free_port()
+    child = start_child(stack, name, ["api", "--host=127.0.0.1", f"--port={port}"], env, workdir)
     url = f"http://127.0.0.1:{port}"
 
     def ready() -> bool:
@@ -230,6 +240,27 @@ def start_worker(
     )
     wait_until(lambda: b"ready." in child.log_path.read_bytes(), child, 60, "the worker")
     return child
+
+
+def start_beat(stack: contextlib.ExitStack, env: dict[str, str], workdir: Path) -> Child:
+    """`promptq beat` (the periodic sweeper: jobs whose message was lost are published again),
+    returned once it logs that it started. A deployment runs exactly one."""
+    child = start_child(
+        stack, "beat", ["beat", f"--schedule={workdir / 'celerybeat-schedule'}"], env, workdir
+    )
+    wait_until(lambda: b"beat: Starting" in child.log_path.read_bytes(), child, 60, "beat")
+    return child
+
+
+def task_errors(children: list[Child]) -> list[str]:
+    """The lines in which Celery reports a task that raised (its message is then acknowledged
+    and gone: only the sweeper brings the job back)."""
+    lines: list[str] = []
+    for child in children:
+        with contextlib.suppress(OSError):
+            content = child.log_path.read_text(errors="replace")
+            lines += [line for line in content.splitlines() if "raised unexpected" in line]
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,6 +405,24 @@ def database_version(url: str) -> tuple[str, str]:
         engine.dispose()
     parts = full.split()
     return (parts[0], parts[1]) if len(parts) > 1 else ("PostgreSQL", full)
+
+
+def postgres_connections(url: str) -> tuple[int, int] | None:
+    """(connections open on the whole server, max_connections), or None for SQLite. Other
+    users of a shared server take connections the benchmark's processes may need: a worker
+    refused one ("too many clients") fails its task, and that job's message is gone."""
+    if url.startswith("sqlite"):
+        return None
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            in_use = int(
+                connection.execute(text("SELECT count(*) FROM pg_stat_activity")).scalar_one()
+            )
+            most = int(connection.execute(text("SHOW max_connections")).scalar_one())
+    finally:
+        engine.dispose()
+    return in_use, most
 
 
 def bench_engine(stack: contextlib.ExitStack, url: str) -> Engine:

