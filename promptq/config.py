@@ -20,6 +20,11 @@ class Settings(BaseSettings):
     )
 
     database_url: str = "sqlite:///./promptq.db"
+    # Connections per process (PostgreSQL). A worker's threads hold one only for the short
+    # transactions around a call, so a few serve dozens of threads; keep processes x
+    # (pool + overflow) under the server's max_connections.
+    database_pool_size: int = Field(default=5, ge=1)
+    database_max_overflow: int = Field(default=15, ge=0)
     # Unset means "no shared Redis": `promptq up` then starts a private one and passes its
     # URL to the processes it runs. Every other process needs it set.
     redis_url: str | None = None

@@ -11,6 +11,8 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy import exc as sqlalchemy_errors
 from sqlalchemy.orm import Session, sessionmaker
 
+from promptq.config import get_settings
+
 # What a database that is restarting, unreachable or (SQLite) locked raises: worth waiting
 # out, unlike a failed constraint or a bug.
 TRANSIENT_DATABASE_ERRORS = (sqlalchemy_errors.OperationalError, sqlalchemy_errors.InterfaceError)
@@ -35,9 +37,14 @@ def get_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
         _configure_sqlite(engine)
         return engine
-    # A worker runs dozens of upstream calls at once, but each holds a connection only for
-    # the few short transactions around its call, so a modest pool with overflow suffices.
-    return create_engine(url, pool_size=10, max_overflow=40, pool_pre_ping=True, pool_timeout=30)
+    settings = get_settings()
+    return create_engine(
+        url,
+        pool_size=settings.database_pool_size,
+        max_overflow=settings.database_max_overflow,
+        pool_pre_ping=True,
+        pool_timeout=30,
+    )
 
 
 @lru_cache(maxsize=8)

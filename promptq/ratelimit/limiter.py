@@ -36,18 +36,22 @@ def _script(client: redis.Redis, name: str) -> Any:
 @dataclass(frozen=True)
 class Adaptive:
     """How the effective rate follows the upstream's 429s: cut by `cut` at once (at most
-    once per `debounce_seconds`), then back up linearly over `recovery_seconds`."""
+    once per `debounce_seconds`, so calls in flight together count as one 429), then back
+    over `recovery_seconds` to 95% of the rate that was refused, and beyond it only by
+    `probe_per_10_minutes` of itself every ten minutes."""
 
     cut: float = 0.7
-    floor: float = 0.05
-    debounce_seconds: float = 2.0
-    recovery_seconds: float = 120.0
+    floor: float = 0.02
+    debounce_seconds: float = 0.5
+    recovery_seconds: float = 20.0
+    probe_per_10_minutes: float = 0.1
     # How long limits reported in anthropic-ratelimit-* headers stay in force unrefreshed.
     reported_ttl_seconds: float = 120.0
 
     @property
-    def recovery_per_ms(self) -> float:
-        return 1.0 / (self.recovery_seconds * 1000)
+    def args(self) -> list[float]:
+        """(recovery ms, probe per ms), as the scripts take them."""
+        return [self.recovery_seconds * 1000, self.probe_per_10_minutes / 600_000]
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,7 @@ class Limiter:
         self._feedback = _script(client, "feedback")
         self._reserve = _script(client, "reserve")
         self._renew = _script(client, "renew")
+        self._factor = _script(client, "factor")
 
     @staticmethod
     def keys(model: str) -> list[str]:
@@ -135,7 +140,7 @@ class Limiter:
             limits.max_concurrency or 0,
             limits.burst_seconds * 1000,
             self.slot_lease_ms,
-            self.adaptive.recovery_per_ms,
+            *self.adaptive.args,
         ]
 
     def acquire(
@@ -229,7 +234,7 @@ class Limiter:
                 limits.rpm or 0,
                 limits.input_tpm or 0,
                 limits.output_tpm or 0,
-                self.adaptive.recovery_per_ms,
+                *self.adaptive.args,
             ],
         )
 
@@ -253,11 +258,12 @@ class Limiter:
                 adaptive.cut,
                 adaptive.floor,
                 adaptive.debounce_seconds * 1000,
-                adaptive.recovery_per_ms,
+                adaptive.args[0],
                 adaptive.reported_ttl_seconds * 1000,
                 reported.requests,
                 reported.input_tokens,
                 reported.output_tokens,
+                adaptive.args[1],
             ],
         )
         return reported
@@ -284,14 +290,11 @@ class Limiter:
         state = {_text(k): float(v) for k, v in self.client.hgetall(state_key).items()}
         seconds, micros = self.client.time()
         now = seconds * 1000 + micros / 1000
-        recovered = (
-            state.get("f:base", 1.0)
-            + (now - state.get("f:t0", 0.0)) * self.adaptive.recovery_per_ms
-        )
+        factor = float(self._factor(keys=[state_key], args=self.adaptive.args))
         return {
             "model": model,
             "limits": self.table.limits_for(model).to_dict(),
-            "factor": round(min(1.0, recovered), 3),
+            "factor": round(factor, 3),
             "paused_for_seconds": max(0.0, (state.get("paused_until", 0.0) - now) / 1000),
             "reported": {
                 dim: int(state[f"cap:{dim}"])

@@ -2,14 +2,42 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
+import redis
+from celery import Task
+
+from promptq.db import TRANSIENT_DATABASE_ERRORS
 from promptq.ratelimit.limiter import Grant
+from worker.app import app
 from worker.context import worker_context
+from worker.publish import clear_published
 from worker.tasks.base import promptq_task
 
+# Worth waiting out rather than dropping the message: the database or Redis restarting.
+TRANSIENT_ERRORS = (*TRANSIENT_DATABASE_ERRORS, redis.ConnectionError, redis.TimeoutError)
 
-@promptq_task("run_job")
+
+class RunJobTask(Task):  # type: ignore[misc]
+    def on_failure(
+        self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
+    ) -> None:
+        # The message is gone; without its marker the sweeper publishes the job again soon
+        # instead of waiting for the marker to expire.
+        with contextlib.suppress(redis.RedisError):
+            clear_published(app, args[0])
+
+
+@promptq_task(
+    "run_job",
+    base=RunJobTask,
+    autoretry_for=TRANSIENT_ERRORS,
+    retry_backoff=1,
+    retry_backoff_max=30,
+    retry_jitter=True,
+    max_retries=20,
+)
 def run_job(job_id: str, grant: dict[str, Any] | None = None) -> str:
     """`grant` is set when a dispatcher already took rate-limit budget for this job."""
     return worker_context().runner.run(job_id, Grant.from_message(grant) if grant else None)

@@ -3,7 +3,7 @@
 -- ARGV: 1 mode ("direct": a job arriving; "head": the first waiting job), 2 model,
 --       3 job id, 4 input cost, 5 output cost, 6 priority rank (direct mode),
 --       7 rpm, 8 input tpm, 9 output tpm (0: unlimited), 10 max concurrency (0: unlimited),
---       11 burst ms, 12 slot lease ms, 13 recovery per ms, 14 grant id
+--       11 burst ms, 12 slot lease ms, 13 recovery ms, 14 probe per ms, 15 grant id
 -- Returns {"granted", job, rank, input cost, output cost} | {"queued", reason, wait ms} | {"denied", reason, wait ms}
 --         | {"empty"}
 local state, inflight, waiting, costs, models = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
@@ -11,7 +11,8 @@ local mode, model = ARGV[1], ARGV[2]
 local job, input_cost, output_cost, rank = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 local limits = {req = tonumber(ARGV[7]), inp = tonumber(ARGV[8]), out = tonumber(ARGV[9])}
 local max_concurrency, burst = tonumber(ARGV[10]), tonumber(ARGV[11])
-local lease, recovery, grant = tonumber(ARGV[12]), tonumber(ARGV[13]), ARGV[14]
+local lease, recovery, probe = tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14])
+local grant = ARGV[15]
 local now = now_ms()
 
 local function enqueue(reason, wait)
@@ -50,7 +51,7 @@ end
 local paused = num(redis.call('HGET', state, 'paused_until'), 0)
 if paused > now then return refuse('upstream_backoff', paused - now) end
 
-local f = factor(state, now, recovery)
+local f = factor(state, now, recovery, probe)
 local charges = {req = 1, inp = input_cost, out = output_cost}
 local new_tat = {}
 local worst, reason = 0, nil

@@ -16,11 +16,20 @@ local function put(key, field, value)
   redis.call('HSET', key, field, string.format('%.3f', value))
 end
 
--- The share of the configured rate in force: cut on upstream 429s, climbing back linearly.
-local function factor(state, now, recovery_per_ms)
+-- The share of the configured rate in force. A 429 cuts it and remembers the share that
+-- was refused (the ceiling); it then climbs back over `recovery_ms` to just under that
+-- ceiling, and past it only slowly (`probe_per_ms`), so a limit configured too high settles
+-- just below what the upstream grants instead of tripping it again and again.
+local function factor(state, now, recovery_ms, probe_per_ms)
   local base = num(redis.call('HGET', state, 'f:base'), 1)
   local since = num(redis.call('HGET', state, 'f:t0'), 0)
-  return math.min(1, base + (now - since) * recovery_per_ms)
+  local ceiling = num(redis.call('HGET', state, 'f:ceiling'), 1)
+  local target = math.max(base, 0.95 * ceiling)
+  local elapsed = now - since
+  if elapsed < recovery_ms then
+    return math.min(1, base + (target - base) * elapsed / recovery_ms)
+  end
+  return math.min(1, target + (elapsed - recovery_ms) * probe_per_ms * target)
 end
 
 -- Per-minute limit of one dimension: the configured one, lowered by what the upstream

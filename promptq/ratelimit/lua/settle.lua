@@ -3,13 +3,13 @@
 -- KEYS: 1 state hash, 2 in-flight zset
 -- ARGV: 1 grant id, 2 input tokens to add back (negative: more were used), 3 output tokens
 --       to add back, 4 requests to add back (1 when the call never happened),
---       5 rpm, 6 input tpm, 7 output tpm, 8 recovery per ms
+--       5 rpm, 6 input tpm, 7 output tpm, 8 recovery ms, 9 probe per ms
 local state, inflight = KEYS[1], KEYS[2]
 local refunds = {req = tonumber(ARGV[4]), inp = tonumber(ARGV[2]), out = tonumber(ARGV[3])}
 local limits = {req = tonumber(ARGV[5]), inp = tonumber(ARGV[6]), out = tonumber(ARGV[7])}
 local now = now_ms()
 redis.call('ZREM', inflight, ARGV[1])
-local f = factor(state, now, tonumber(ARGV[8]))
+local f = factor(state, now, tonumber(ARGV[8]), tonumber(ARGV[9]))
 for _, dim in ipairs({'req', 'inp', 'out'}) do
   local limit = effective_limit(state, dim, limits[dim], now, f)
   local tat = num(redis.call('HGET', state, 'tat:' .. dim), nil)
