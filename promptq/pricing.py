@@ -35,6 +35,7 @@ from functools import cache
 from typing import Any
 
 from promptq.patterns import longest_match
+from promptq.tablefile import read_table_file
 from promptq.usage import Usage
 
 
@@ -207,26 +208,7 @@ class PriceTable:
         """The built-in prices, overridden and extended by the file at `path` if one is given."""
         if path is None:
             return cls(_builtin_prices())
-        try:
-            with open(path, "rb") as file:
-                data = file.read()
-        except FileNotFoundError:
-            raise PricingError(
-                f"pricing file {os.fspath(path)!r} (PROMPTQ_PRICING_FILE) does not exist; "
-                "fix the path, or unset PROMPTQ_PRICING_FILE to use the built-in prices"
-            ) from None
-        except OSError as exc:
-            raise PricingError(
-                f"cannot read pricing file {os.fspath(path)!r}: {exc.strerror or exc}; "
-                "make it a readable file, or unset PROMPTQ_PRICING_FILE"
-            ) from None
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise PricingError(
-                f"pricing file {os.fspath(path)!r} is not UTF-8 text ({exc.reason} at byte "
-                f"{exc.start}); save it as UTF-8"
-            ) from None
+        text = read_table_file(path, "pricing", "PROMPTQ_PRICING_FILE", PricingError)
         return cls.from_toml(text, source=os.fspath(path))
 
     @classmethod

@@ -37,6 +37,7 @@ from functools import cache
 from typing import Any
 
 from promptq.patterns import longest_match
+from promptq.tablefile import read_table_file
 
 
 class LimitsError(ValueError):
@@ -131,26 +132,7 @@ class LimitTable:
         """The built-in limits, overridden and extended by the file at `path` if one is given."""
         if path is None:
             return cls(_builtin_limits())
-        try:
-            with open(path, "rb") as file:
-                data = file.read()
-        except FileNotFoundError:
-            raise LimitsError(
-                f"limits file {os.fspath(path)!r} (PROMPTQ_LIMITS_FILE) does not exist; "
-                "fix the path, or unset PROMPTQ_LIMITS_FILE to use the built-in limits"
-            ) from None
-        except OSError as exc:
-            raise LimitsError(
-                f"cannot read limits file {os.fspath(path)!r}: {exc.strerror or exc}; "
-                "make it a readable file, or unset PROMPTQ_LIMITS_FILE"
-            ) from None
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise LimitsError(
-                f"limits file {os.fspath(path)!r} is not UTF-8 text ({exc.reason} at byte "
-                f"{exc.start}); save it as UTF-8"
-            ) from None
+        text = read_table_file(path, "limits", "PROMPTQ_LIMITS_FILE", LimitsError)
         return cls.from_toml(text, source=os.fspath(path))
 
     @classmethod
