@@ -249,3 +249,22 @@ def test_the_sweeper_publishes_lost_jobs_and_reclaims_dead_claims(
     reclaimed = wait_for_status(client, api_key, orphan, FINAL)
     assert reclaimed["status"] == "succeeded"
     assert reclaimed["attempts"] == 2
+
+
+def test_a_message_lost_with_its_marker_alive_is_published_again(
+    client: Any, api_key: str, database_url: str, settings: Any
+) -> None:
+    import time
+
+    from worker.app import app
+    from worker.publish import broker_backlog, mark_published
+    from worker.tasks.sweeper import sweep
+
+    # As when a worker is killed between taking a message off the queue and recording it:
+    # the marker says the message is in the broker, but it is nowhere.
+    job_id = _unpublished_job(database_url, settings, api_key, unique("lost in a dying worker"))
+    mark_published(app, [job_id])
+    time.sleep(settings.republish_after_seconds + 0.5)
+    assert broker_backlog(app) == 0
+    assert sweep()["republished"] >= 1
+    assert wait_for_status(client, api_key, job_id, FINAL)["status"] == "succeeded"

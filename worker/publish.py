@@ -8,7 +8,7 @@ import redis
 from celery import Celery
 
 from promptq.ratelimit.limiter import Grant
-from worker.app import MESSAGE_PRIORITY
+from worker.app import MESSAGE_PRIORITY, QUEUE
 
 log = logging.getLogger(__name__)
 
@@ -77,3 +77,15 @@ def _marker_client(app: Celery) -> redis.Redis:
     if url not in _clients:
         _clients[url] = redis.Redis.from_url(url)
     return _clients[url]
+
+
+def broker_backlog(app: Celery) -> int:
+    """Messages waiting in the job queue (every priority level), not yet taken by a worker."""
+    client = _marker_client(app)
+    steps = app.conf.broker_transport_options["priority_steps"]
+    sep = app.conf.broker_transport_options["sep"]
+    names = [QUEUE] + [f"{QUEUE}{sep}{step}" for step in steps if step]
+    with client.pipeline(transaction=False) as pipe:
+        for name in names:
+            pipe.llen(name)
+        return sum(pipe.execute())

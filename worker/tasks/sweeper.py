@@ -9,7 +9,7 @@ from promptq.db import session_scope
 from promptq.jobs.sweeping import reclaim_expired, stale_runnable_jobs
 from worker.app import app
 from worker.context import worker_context
-from worker.publish import publish_job, unpublished
+from worker.publish import broker_backlog, publish_job, unpublished
 from worker.tasks.base import promptq_task
 
 log = logging.getLogger(__name__)
@@ -23,9 +23,15 @@ def sweep() -> dict[str, int]:
         reclaimed = reclaim_expired(session)
     with session_scope(url) as session:
         candidates = stale_runnable_jobs(session, ctx.settings)
-    # A job is accounted for while its message's marker lives or it waits in its model's
-    # rate-limit queue; the rest lost their message.
-    without_marker = set(unpublished(app, [c.id for c in candidates]))
+    # A job is accounted for while it waits in its model's rate-limit queue, or while its
+    # message's marker lives and the broker still holds messages it may be among. With the
+    # broker's queue empty, a due job nobody claimed lost its message whatever its marker
+    # says (a worker killed between taking a message and recording it); publishing it again
+    # is safe, since a job runs only for the delivery that claims it.
+    if broker_backlog(app) > 0:
+        without_marker = set(unpublished(app, [c.id for c in candidates]))
+    else:
+        without_marker = {c.id for c in candidates}
     queued = ctx.limiter.queued([(c.id, c.model) for c in candidates if c.id in without_marker])
     lost = [c for c in candidates if c.id in without_marker and c.id not in queued]
     for job_id, priority in reclaimed:

@@ -1,0 +1,367 @@
+"""Posting one webhook: one attempt, one DeliveryResult, never a raise for what the network or
+the endpoint does.
+
+The address check happens on the connection itself: the connection resolves the host, drops
+every address `is_unsafe_address` refuses and connects to one that is left. Checking a name
+first and letting the HTTP library resolve it again would leave a window in which DNS can
+answer differently (DNS rebinding). The hostname stays the request's Host header and, for
+https, its SNI name and the name the certificate is verified against.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from contextlib import suppress
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+import requests
+import urllib3.exceptions
+from requests.adapters import DEFAULT_POOLBLOCK, HTTPAdapter
+from requests.structures import CaseInsensitiveDict
+from urllib3 import HTTPConnectionPool, HTTPSConnectionPool, PoolManager
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
+from urllib3.util import parse_url
+from urllib3.util.connection import allowed_gai_family
+
+from promptq.upstream.classify import parse_retry_after
+from promptq.webhooks.ssrf import ALLOW_PRIVATE_HINT, UnsafeTarget, check_url, is_unsafe_address
+
+DEFAULT_TIMEOUT_SECONDS = 15.0
+EXCERPT_BYTES = 1024
+
+_AddrInfo = tuple[socket.AddressFamily, socket.SocketKind, int, str, tuple[Any, ...]]
+
+
+@dataclass(frozen=True)
+class DeliveryResult:
+    status_code: int | None  # None: no HTTP answer at all
+    latency_ms: int
+    response_excerpt: str | None  # the first EXCERPT_BYTES of the body, when there was one
+    error: str | None  # why the delivery failed, for the person reading the attempt log
+    retry_after: float | None  # seconds, from Retry-After on a 429 or 503
+
+    @property
+    def succeeded(self) -> bool:
+        return self.error is None and self.status_code is not None and 200 <= self.status_code < 300
+
+
+class _Deadline:
+    """One delivery's overall deadline, enforced on its sockets by a timer thread. Socket
+    timeouts bound each read, not their sum: a server sending a byte a second outlasts them."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.expired = False
+        self._at = time.monotonic() + seconds
+        self._lock = threading.Lock()
+        self._watched: list[socket.socket] = []
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def remaining(self) -> float:
+        return max(0.0, self._at - time.monotonic())
+
+    def watch(self, sock: socket.socket) -> None:
+        # A duplicate descriptor: TLS wrapping takes the original one over, and shutdown()
+        # acts on the socket itself, through whichever descriptor it is called.
+        with self._lock:
+            self._watched.append(sock.dup())
+            if self.expired:
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._watched:
+                # Wakes a read blocked in the delivering thread: it sees the end of the stream.
+                with suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._timer.cancel()
+        with self._lock:
+            for sock in self._watched:
+                sock.close()
+            self._watched.clear()
+
+
+def _sort_addresses(
+    infos: Sequence[_AddrInfo], allow_private: bool
+) -> tuple[list[_AddrInfo], list[str]]:
+    """getaddrinfo's answers split into those we may connect to and, described, the refused."""
+    allowed: list[_AddrInfo] = []
+    refused: list[str] = []
+    for info in infos:
+        ip = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
+        reason = None if allow_private else is_unsafe_address(ip)
+        if reason is None:
+            allowed.append(info)
+        elif (described := f"{ip} is {reason}") not in refused:
+            refused.append(described)
+    return allowed, refused
+
+
+@dataclass(frozen=True)
+class _ConnectPolicy:
+    allow_private: bool
+    deadline: _Deadline
+
+    def connect(self, conn: HTTPConnection) -> socket.socket:
+        """What urllib3's own `_new_conn` does, with the address check between resolving and
+        connecting."""
+        # `_dns_host` keeps a trailing dot, which matters to the resolver (no search domains).
+        host = conn._dns_host.strip("[]")
+        try:
+            infos = socket.getaddrinfo(host, conn.port, allowed_gai_family(), socket.SOCK_STREAM)
+        except socket.gaierror as error:
+            raise NameResolutionError(conn.host, conn, error) from error
+        allowed, refused = _sort_addresses(infos, self.allow_private)
+        if not allowed:
+            raise UnsafeTarget(
+                f"refused to connect to {conn.host}: {', '.join(refused)}; {ALLOW_PRIVATE_HINT}"
+            )
+        last_error: OSError | None = None
+        for family, kind, proto, _, sockaddr in allowed:
+            remaining = self.deadline.remaining()
+            if remaining <= 0:
+                break
+            limit = conn.timeout if isinstance(conn.timeout, int | float) else None
+            sock = socket.socket(family, kind, proto)
+            try:
+                for option in conn.socket_options or ():
+                    sock.setsockopt(*option)
+                sock.settimeout(remaining if limit is None else min(limit, remaining))
+                sock.connect(sockaddr)
+            except OSError as error:
+                sock.close()
+                last_error = error
+                continue
+            self.deadline.watch(sock)
+            return sock
+        if last_error is None or isinstance(last_error, TimeoutError):
+            raise ConnectTimeoutError(conn, f"connecting to {conn.host} timed out")
+        raise NewConnectionError(conn, f"failed to connect: {last_error}") from last_error
+
+
+class _GuardedHTTPConnection(HTTPConnection):
+    def __init__(self, *args: Any, policy: _ConnectPolicy, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._policy = policy
+
+    def _new_conn(self) -> socket.socket:
+        return self._policy.connect(self)
+
+
+class _GuardedHTTPSConnection(HTTPSConnection):
+    # `connect` wraps the socket from `_new_conn` in TLS for `self.host`, the name: SNI and
+    # certificate verification are untouched by connecting to a checked address.
+    def __init__(self, *args: Any, policy: _ConnectPolicy, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._policy = policy
+
+    def _new_conn(self) -> socket.socket:
+        return self._policy.connect(self)
+
+
+class _GuardedHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _GuardedHTTPConnection
+
+
+class _GuardedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _GuardedHTTPSConnection
+
+
+class _GuardedPoolManager(PoolManager):
+    def __init__(self, policy: _ConnectPolicy, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.pool_classes_by_scheme = {"http": _GuardedHTTPPool, "https": _GuardedHTTPSPool}
+        self._policy = policy
+
+    def _new_pool(
+        self,
+        scheme: str,
+        host: str,
+        port: int,
+        request_context: dict[str, Any] | None = None,
+    ) -> HTTPConnectionPool:
+        # Pools hand keywords they do not know to their connections. Added here, after the
+        # pool key was made, since the key refuses fields it does not know.
+        context = dict(self.connection_pool_kw if request_context is None else request_context)
+        context["policy"] = self._policy
+        return super()._new_pool(scheme, host, port, context)
+
+
+class _GuardedAdapter(HTTPAdapter):
+    def __init__(self, policy: _ConnectPolicy) -> None:
+        self._policy = policy  # before super().__init__, which makes the pool manager
+        # No urllib3 retries: every attempt is recorded and retried on promptq's schedule.
+        super().__init__(pool_connections=1, pool_maxsize=1, max_retries=0)
+
+    def init_poolmanager(
+        self, connections: int, maxsize: int, block: bool = DEFAULT_POOLBLOCK, **pool_kwargs: Any
+    ) -> None:
+        self._pool_connections = connections
+        self._pool_maxsize = maxsize
+        self._pool_block = block
+        self.poolmanager = _GuardedPoolManager(
+            self._policy, num_pools=connections, maxsize=maxsize, block=block, **pool_kwargs
+        )
+
+
+def _innermost(error: BaseException) -> BaseException:
+    """The exception at the bottom of requests' and urllib3's wrappers: the one that says why."""
+    seen: set[int] = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        reason = getattr(error, "reason", None)
+        inner = [a for a in error.args if isinstance(a, BaseException)]
+        following: BaseException | None
+        if isinstance(reason, BaseException):
+            following = reason
+        elif inner:
+            following = inner[-1]
+        else:
+            following = error.__cause__
+        if following is None:
+            break
+        error = following
+    return error
+
+
+def _without_secrets(url: str) -> str:
+    """A URL to show: no credentials, no query, at most 200 characters."""
+    try:
+        parsed = parse_url(url)
+    except urllib3.exceptions.LocationParseError:
+        return "an unreadable URL"
+    shown = parsed._replace(auth=None, query=None, fragment=None).url
+    return shown if len(shown) <= 200 else shown[:199] + "…"
+
+
+class WebhookSender:
+    """Posts webhooks. Safe to share between threads: every post has its own connection, which
+    is also the only sane choice when each job names its own endpoint."""
+
+    def __init__(
+        self,
+        allow_private: bool = False,
+        timeout: float = DEFAULT_TIMEOUT_SECONDS,
+        excerpt_bytes: int = EXCERPT_BYTES,
+        ca_bundle: str | None = None,
+    ) -> None:
+        self.allow_private = allow_private  # PROMPTQ_WEBHOOK_ALLOW_PRIVATE
+        self.timeout = timeout
+        self.excerpt_bytes = excerpt_bytes
+        self._verify: bool | str = ca_bundle or True  # a private CA's bundle, else certifi's
+        self._headers = {
+            "user-agent": "promptq-webhooks",
+            "content-type": "application/json",
+            # The raw body is what the excerpt shows; and a small gzip bomb stays small.
+            "accept-encoding": "identity",
+        }
+
+    def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> DeliveryResult:
+        started = time.monotonic()
+        deadline = _Deadline(self.timeout)
+        adapter: _GuardedAdapter | None = None
+        try:
+            # The form of the URL only: its address is checked on the connection.
+            check_url(url, allow_private=True)
+            merged = CaseInsensitiveDict({**self._headers})
+            merged.update(headers)
+            request = requests.Request("POST", url, data=body, headers=merged).prepare()
+            adapter = _GuardedAdapter(_ConnectPolicy(self.allow_private, deadline))
+            remaining = deadline.remaining()
+            response = adapter.send(
+                request, stream=True, timeout=(remaining, remaining), verify=self._verify
+            )
+            try:
+                excerpt = self._read_excerpt(response, deadline)
+            finally:
+                response.close()
+            return self._answered(response, excerpt, started)
+        except UnsafeTarget as error:
+            return self._failed(str(error), started)
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as error:
+            return self._failed(self._describe(error, url, deadline), started)
+        finally:
+            deadline.close()
+            if adapter is not None:
+                adapter.close()
+
+    def _read_excerpt(self, response: requests.Response, deadline: _Deadline) -> bytes:
+        """Up to `excerpt_bytes` of the body, or what arrived of it before the deadline."""
+        chunks: list[bytes] = []
+        size = 0
+        with suppress(urllib3.exceptions.HTTPError, OSError):
+            while size < self.excerpt_bytes and not deadline.expired:
+                # read1: whatever has arrived, so a slow body keeps what it sent so far.
+                chunk = response.raw.read1(self.excerpt_bytes - size, decode_content=False)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+        return b"".join(chunks)
+
+    def _answered(
+        self, response: requests.Response, excerpt: bytes, started: float
+    ) -> DeliveryResult:
+        status = response.status_code
+        error: str | None = None
+        if 300 <= status < 400:
+            location = response.headers.get("location")
+            target = f" to {_without_secrets(location)}" if location else ""
+            error = (
+                f"the endpoint answered {status} (a redirect{target}); "
+                "promptq does not follow redirects"
+            )
+        elif not 200 <= status < 300:
+            with suppress(ValueError):
+                error = f"the endpoint answered {status} {HTTPStatus(status).phrase}"
+            error = error or f"the endpoint answered {status}"
+        return DeliveryResult(
+            status_code=status,
+            latency_ms=_elapsed_ms(started),
+            response_excerpt=excerpt.decode("utf-8", "replace"),
+            error=error,
+            retry_after=parse_retry_after(response.headers) if status in (429, 503) else None,
+        )
+
+    def _describe(self, error: BaseException, url: str, deadline: _Deadline) -> str:
+        # Host and port only: the path and query of a webhook URL can carry its secrets.
+        try:
+            parsed = parse_url(url)
+            where = f"{parsed.host}:{parsed.port}" if parsed.port else str(parsed.host)
+        except urllib3.exceptions.LocationParseError:
+            where = "the endpoint"
+        if isinstance(error, requests.exceptions.ConnectTimeout):
+            return f"connecting to {where} took longer than {self.timeout:g}s"
+        if deadline.expired or isinstance(error, requests.exceptions.Timeout):
+            return f"{where} did not answer within {self.timeout:g}s"
+        if isinstance(error, requests.exceptions.InvalidURL | requests.exceptions.InvalidSchema):
+            return "webhook_url is not a URL promptq can post to"
+        cause = _innermost(error)
+        if isinstance(error, requests.exceptions.SSLError):
+            return f"TLS with {where} failed: {cause}"
+        return f"connecting to {where} failed: {cause}"
+
+    def _failed(self, error: str, started: float) -> DeliveryResult:
+        return DeliveryResult(
+            status_code=None,
+            latency_ms=_elapsed_ms(started),
+            response_excerpt=None,
+            error=error,
+            retry_after=None,
+        )
+
+
+def _elapsed_ms(started: float) -> int:
+    return round((time.monotonic() - started) * 1000)
