@@ -57,7 +57,6 @@ class _Deadline:
     timeouts bound each read, not their sum: a server sending a byte a second outlasts them."""
 
     def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
         self.expired = False
         self._at = time.monotonic() + seconds
         self._lock = threading.Lock()
@@ -75,7 +74,8 @@ class _Deadline:
         with self._lock:
             self._watched.append(sock.dup())
             if self.expired:
-                sock.shutdown(socket.SHUT_RDWR)
+                with suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
 
     def _expire(self) -> None:
         with self._lock:
@@ -284,6 +284,10 @@ class WebhookSender:
                 request, stream=True, timeout=(remaining, remaining), verify=self._verify
             )
             try:
+                if deadline.expired:
+                    # Cut off mid-headers, http.client takes the end of the stream for their
+                    # end: an answer that was not complete in time is no answer.
+                    return self._failed(self._describe(TimeoutError(), url, deadline), started)
                 excerpt = self._read_excerpt(response, deadline)
             finally:
                 response.close()

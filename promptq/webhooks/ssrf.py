@@ -131,7 +131,7 @@ def _embedded_ipv4(ip: ipaddress.IPv6Address) -> tuple[ipaddress.IPv4Address, st
     return None
 
 
-def parse_ip_literal(host: str) -> IPAddress | None:
+def _parse_ip_literal(host: str) -> IPAddress | None:
     """The address a URL host spells, in any form a resolver accepts, or None for a name.
 
     Besides dotted quads and IPv6, resolvers take the legacy inet_aton forms: decimal
@@ -167,7 +167,7 @@ def check_url(url: str, allow_private: bool = False) -> None:
         ) from None
     scheme = (parsed.scheme or "").lower()
     if scheme not in ("http", "https"):
-        shown = f"{scheme}://" if scheme else "no scheme"
+        shown = f"a {scheme}: URL" if scheme else "a URL without a scheme"
         raise UnsafeTarget(f"webhook_url must be an http:// or https:// URL, not {shown}")
     host = (parsed.host or "").lower()
     # A trailing dot only marks a name as fully qualified: 127.0.0.1. is 127.0.0.1.
@@ -176,7 +176,7 @@ def check_url(url: str, allow_private: bool = False) -> None:
         raise UnsafeTarget("webhook_url has no host")
     if allow_private:
         return
-    ip = parse_ip_literal(bare)
+    ip = _parse_ip_literal(bare)
     if ip is not None:
         reason = is_unsafe_address(ip)
         if reason is not None:
