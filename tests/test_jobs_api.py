@@ -346,3 +346,25 @@ def test_errors_have_one_shape(client: Any) -> None:
         body = response.json()
         assert set(body) == {"error"}
         assert set(body["error"]) == {"type", "message"}
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:5678/webhook",
+        "http://2130706433/",
+        "http://[::1]/hook",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://10.0.0.7/n8n",
+        "http://localhost/x",
+    ],
+)
+def test_a_webhook_to_a_private_address_is_refused_at_intake(
+    client: Any, api_key: str, url: str
+) -> None:
+    response = client.post(
+        "/v1/jobs", json={"prompt": "x", "callback_url": url}, headers=auth(api_key)
+    )
+    assert response.status_code == 400
+    message = response.json()["error"]["message"]
+    assert "webhook_url" in message and "PROMPTQ_WEBHOOK_ALLOW_PRIVATE" in message

@@ -17,6 +17,7 @@ from promptq.jobs.repository import JobRepository
 from promptq.jobs.schemas import JobCreate
 from promptq.models import RUNNABLE_STATUSES, ApiKey, Job, JobStatus
 from promptq.types import utcnow
+from promptq.webhooks import UnsafeTarget, check_url
 
 IDEMPOTENCY_WINDOW = timedelta(hours=24)
 
@@ -80,6 +81,11 @@ def create_job(
         if earlier is not None:
             return CreatedJob(job=earlier, created=False)
 
+    if payload.target_url is not None:
+        try:
+            check_url(payload.target_url, allow_private=settings.webhook_allow_private)
+        except UnsafeTarget as exc:
+            raise InvalidJob(str(exc)) from None
     params = payload.messages_request(settings.default_model, settings.default_max_tokens)
     job = Job(
         id=new_id("job"),
