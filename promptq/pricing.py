@@ -35,7 +35,7 @@ from functools import cache
 from typing import Any
 
 from promptq.patterns import longest_match
-from promptq.tablefile import read_table_file
+from promptq.tablefile import check_entry_shape, read_table_file
 from promptq.usage import Usage
 
 
@@ -268,20 +268,14 @@ def _decimal_places(value: Decimal) -> int:
 
 def _model_prices(pattern: str, given: Mapping[str, Any], where: str) -> ModelPrices:
     """Validate one entry's prices (from a file, the built-ins or storage) and fill defaults."""
-    if not pattern:
-        raise PricingError(
-            f"{where}: the pattern is empty; name a model or a shell-style pattern such as "
-            '"claude-sonnet-4-5*"'
-        )
-    unknown = [name for name in given if name not in PRICE_FIELDS]
-    if unknown:
-        # [models.claude-sonnet-4.5] splits at the dot into a pattern and a sub-table.
-        nested = isinstance(given[unknown[0]], dict)
-        hint = '; quote a pattern that has dots: [models."claude-x-4.5*"]' if nested else ""
-        raise PricingError(
-            f"{where}: unknown key {unknown[0]!r}; the keys are "
-            f"{', '.join(PRICE_FIELDS)} (USD per million tokens){hint}"
-        )
+    check_entry_shape(
+        pattern,
+        given,
+        PRICE_FIELDS,
+        where,
+        PricingError,
+        keys_note=" (USD per million tokens)",
+    )
     prices: dict[str, Decimal] = {}
     for name in REQUIRED_FIELDS:
         if name not in given:

@@ -37,7 +37,7 @@ from functools import cache
 from typing import Any
 
 from promptq.patterns import longest_match
-from promptq.tablefile import read_table_file
+from promptq.tablefile import check_entry_shape, read_table_file
 
 
 class LimitsError(ValueError):
@@ -239,19 +239,9 @@ def _model_limits(
 ) -> ModelLimits:
     """Validate one entry's limits (from a file or the built-ins); what it leaves out comes
     from `parent`, or, with no parent, is required (burst_seconds has its default)."""
-    if not pattern:
-        raise LimitsError(
-            f"{where}: the pattern is empty; name a model or a shell-style pattern such as "
-            '"claude-sonnet-4-5*", or "*" for every model'
-        )
-    unknown = [name for name in given if name not in FIELDS]
-    if unknown:
-        # [models.claude-3.5] splits at the dot into a pattern and a sub-table.
-        nested = isinstance(given[unknown[0]], dict)
-        hint = '; quote a pattern that has dots: [models."claude-x-4.5*"]' if nested else ""
-        raise LimitsError(
-            f"{where}: unknown key {unknown[0]!r}; the keys are {', '.join(FIELDS)}{hint}"
-        )
+    check_entry_shape(
+        pattern, given, FIELDS, where, LimitsError, pattern_hint=', or "*" for every model'
+    )
     values: dict[str, Any] = {}
     for name in LIMIT_FIELDS:
         if name in given:
