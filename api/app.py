@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from api.body_limit import BodySizeLimit
 from api.broker import BrokerCheck
 from api.errors import install_error_handlers
-from api.publisher import Publisher, celery_publisher
+from api.publisher import Publisher, celery_deliverer, celery_publisher
 from api.routes import health, jobs
 from promptq.config import Settings, get_settings
 from promptq.jobs.schemas import JobCreate
@@ -25,6 +25,7 @@ def create_app(settings: Settings | None = None, publish: Publisher | None = Non
     )
     app.state.settings = settings
     app.state.publish = publish or celery_publisher(settings)
+    app.state.deliver = celery_deliverer(settings)
     app.state.broker = BrokerCheck(settings.redis_url) if settings.redis_url else None
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     install_error_handlers(app)

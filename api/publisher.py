@@ -27,3 +27,20 @@ def celery_publisher(settings: Settings) -> Publisher:
             log.warning("could not publish job %s now; the sweeper will", job_id, exc_info=True)
 
     return publish
+
+
+def celery_deliverer(settings: Settings) -> Callable[[str], None]:
+    from worker.app import create_celery
+    from worker.publish import publish_delivery
+
+    app = create_celery(settings)
+
+    def deliver(delivery_id: str) -> None:
+        try:
+            publish_delivery(app, delivery_id)
+        except Exception:
+            log.warning(
+                "could not publish delivery %s now; the sweeper will", delivery_id, exc_info=True
+            )
+
+    return deliver

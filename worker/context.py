@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -14,6 +15,7 @@ from promptq.pricing import PriceTable
 from promptq.ratelimit.limiter import Grant, Limiter
 from promptq.ratelimit.table import LimitTable
 from promptq.upstream import UpstreamClient
+from promptq.webhooks import WebhookSender
 
 
 @dataclass(frozen=True)
@@ -22,12 +24,13 @@ class WorkerContext:
     limiter: Limiter
     leases: LeaseKeeper
     runner: JobRunner
+    webhooks: WebhookSender
 
 
 @lru_cache(maxsize=1)
 def worker_context() -> WorkerContext:
     from worker.app import app
-    from worker.publish import publish_job
+    from worker.publish import publish_delivery, publish_job
 
     settings = get_settings()
     assert settings.redis_url is not None  # create_celery refused to start without it
@@ -47,7 +50,23 @@ def worker_context() -> WorkerContext:
     def publish(job_id: str, priority: str, countdown: float | None, grant: Grant | None) -> None:
         publish_job(app, job_id, priority, countdown=countdown, grant=grant)
 
+    def deliver(delivery_ids: Sequence[str]) -> None:
+        for delivery_id in delivery_ids:
+            publish_delivery(app, delivery_id)
+
     runner = JobRunner(
-        settings, PriceTable.load(settings.pricing_file), upstream, limiter, leases, publish
+        settings,
+        PriceTable.load(settings.pricing_file),
+        upstream,
+        limiter,
+        leases,
+        publish,
+        deliver,
     )
-    return WorkerContext(settings=settings, limiter=limiter, leases=leases, runner=runner)
+    return WorkerContext(
+        settings=settings,
+        limiter=limiter,
+        leases=leases,
+        runner=runner,
+        webhooks=WebhookSender(allow_private=settings.webhook_allow_private),
+    )

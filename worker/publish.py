@@ -22,6 +22,21 @@ MAX_COUNTDOWN_SECONDS = 60.0
 PUBLISHED_MARKER_TTL_SECONDS = 600
 
 
+DELIVER_WEBHOOK_TASK = "promptq.deliver_webhook"
+
+
+def publish_delivery(app: Celery, delivery_id: str, countdown: float | None = None) -> None:
+    """Publish a webhook delivery's id; a wait past the countdown limit is the sweeper's."""
+    if countdown is not None and countdown > MAX_COUNTDOWN_SECONDS:
+        return
+    app.send_task(
+        DELIVER_WEBHOOK_TASK,
+        args=[delivery_id],
+        priority=MESSAGE_PRIORITY["high"],
+        countdown=countdown if countdown and countdown > 0 else None,
+    )
+
+
 def published_marker(job_id: str) -> str:
     return f"promptq:published:{job_id}"
 

@@ -23,6 +23,7 @@ from promptq.jobs import service
 from promptq.jobs.presenter import job_to_api
 from promptq.jobs.schemas import MAX_JSON_DEPTH, JobCreate, json_depth
 from promptq.models import ApiKey, JobStatus
+from promptq.webhooks import deliveries
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -179,3 +180,23 @@ def cancel_job(job_id: str, session: SessionDep, key: ApiKeyDep) -> dict[str, An
     job = service.cancel_job(session, key, job_id)
     session.commit()
     return job_to_api(job)
+
+
+@router.get("/{job_id}/deliveries", summary="Webhook deliveries of a job, with every attempt")
+def job_deliveries(job_id: str, session: SessionDep, key: ApiKeyDep) -> dict[str, Any]:
+    job = service.get_job(session, key, job_id)
+    return {"data": deliveries.for_job(session, job.id)}
+
+
+@router.post("/{job_id}/redeliver", status_code=202, summary="Send a job's webhook again")
+def redeliver(job_id: str, request: Request, session: SessionDep, key: ApiKeyDep) -> dict[str, Any]:
+    job = service.get_job(session, key, job_id)
+    delivery = deliveries.redeliver(session, job)
+    if delivery is None:
+        raise ApiError(
+            409,
+            f"job {job.id} has sent no webhook yet (it has no webhook_url, or has not finished)",
+        )
+    session.commit()
+    request.app.state.deliver(delivery.id)
+    return {"id": delivery.id, "event_id": delivery.event_id, "status": delivery.status}

@@ -21,6 +21,7 @@ from promptq.pricing import PriceTable, cost_of
 from promptq.types import utcnow
 from promptq.upstream import Outcome, UpstreamResult
 from promptq.usage import Usage
+from promptq.webhooks import deliveries
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,8 @@ class AttemptVerdict:
     status: JobStatus
     # Seconds until the next attempt, when the job is to be retried.
     retry_in: float | None = None
+    # Webhook deliveries the job's end created, to send now.
+    deliveries: tuple[str, ...] = ()
 
 
 def runnable_job(session: Session, job_id: str) -> RunnableJob | None:
@@ -181,6 +184,11 @@ def record_attempt(
         settle_from.append(JobStatus.RETRYING)
     if not repository.transition(claimed.id, settle_from, values):
         return AttemptVerdict(JobStatus.RUNNING)
+    if verdict.status.is_final:
+        job = repository.get(claimed.id)
+        assert job is not None
+        session.refresh(job)
+        return AttemptVerdict(verdict.status, deliveries=tuple(deliveries.job_event(session, job)))
     return verdict
 
 

@@ -46,7 +46,13 @@ def job_to_api(job: Job) -> dict[str, Any]:
             "message": job.error_message,
             "upstream_status": job.upstream_status,
         }
-    webhook = {"url": job.webhook_url, "status": None, "attempts": 0} if job.webhook_url else None
+    webhook = None
+    if job.webhook_url:
+        webhook = {
+            "url": job.webhook_url,
+            "status": job.webhook_status,
+            "attempts": job.webhook_attempts or 0,
+        }
     return {
         "id": job.id,
         "object": "job",

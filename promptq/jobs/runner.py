@@ -9,7 +9,7 @@ was granted but not used is given back.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -51,6 +51,8 @@ class JobRunner:
     limiter: Limiter
     leases: LeaseKeeper
     publish: Publish
+    # deliver(delivery_ids): send the webhook deliveries a job's end created.
+    deliver: Callable[[Sequence[str]], None]
 
     def run(self, job_id: str, grant: Grant | None = None) -> str:
         with session_scope(self.settings.database_url) as session:
@@ -124,6 +126,8 @@ class JobRunner:
         except Exception:
             # Left unsettled, the slot frees itself when its lease runs out.
             log.exception("could not settle the rate-limit grant of job %s", job.id)
+        if verdict.deliveries:
+            self.deliver(verdict.deliveries)
         if verdict.retry_in is not None:
             self.publish(job.id, job.priority, verdict.retry_in, None)
         return str(verdict.status)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 from sqlalchemy.orm import Session
@@ -11,16 +11,25 @@ from promptq.config import Settings
 from promptq.jobs.repository import JobRepository
 from promptq.models import JobStatus
 from promptq.types import utcnow
+from promptq.webhooks import deliveries
 
 SWEEP_BATCH = 1000
 
 
-def reclaim_expired(session: Session) -> list[tuple[str, str]]:
+@dataclass
+class Reclaimed:
+    # (id, priority) of the jobs to run again.
+    runnable: list[tuple[str, str]] = field(default_factory=list)
+    # Webhook deliveries of the jobs that failed for good, to send now.
+    deliveries: list[str] = field(default_factory=list)
+
+
+def reclaim_expired(session: Session) -> Reclaimed:
     """Running jobs whose lease ran out (their worker died or hung) become runnable again,
-    or fail when that was their last attempt. Returns the (id, priority) of those to run."""
+    or fail when that was their last attempt."""
     repository = JobRepository(session)
     now = utcnow()
-    runnable: list[tuple[str, str]] = []
+    reclaimed = Reclaimed()
     for job in repository.expired_leases(now, SWEEP_BATCH):
         last = job.attempts >= job.max_attempts
         values = {
@@ -36,9 +45,14 @@ def reclaim_expired(session: Session) -> list[tuple[str, str]]:
         }
         if last:
             values["finished_at"] = now
-        if repository.transition(job.id, [JobStatus.RUNNING], values) and not last:
-            runnable.append((job.id, job.priority))
-    return runnable
+        if not repository.transition(job.id, [JobStatus.RUNNING], values):
+            continue
+        if last:
+            session.refresh(job)
+            reclaimed.deliveries += deliveries.job_event(session, job)
+        else:
+            reclaimed.runnable.append((job.id, job.priority))
+    return reclaimed
 
 
 @dataclass(frozen=True)

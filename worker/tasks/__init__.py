@@ -1,6 +1,6 @@
 """Celery tasks. Each takes ids, loads what it needs, and returns quietly when it is gone."""
 
 from worker import lifecycle
-from worker.tasks import jobs, sweeper
+from worker.tasks import jobs, sweeper, webhooks
 
-__all__ = ["jobs", "lifecycle", "sweeper"]
+__all__ = ["jobs", "lifecycle", "sweeper", "webhooks"]

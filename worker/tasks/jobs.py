@@ -8,15 +8,11 @@ from typing import Any
 import redis
 from celery import Task
 
-from promptq.db import TRANSIENT_DATABASE_ERRORS
 from promptq.ratelimit.limiter import Grant
 from worker.app import app
 from worker.context import worker_context
 from worker.publish import clear_published
-from worker.tasks.base import promptq_task
-
-# Worth waiting out rather than dropping the message: the database or Redis restarting.
-TRANSIENT_ERRORS = (*TRANSIENT_DATABASE_ERRORS, redis.ConnectionError, redis.TimeoutError)
+from worker.tasks.base import RETRY_TRANSIENT, promptq_task
 
 
 class RunJobTask(Task):  # type: ignore[misc]
@@ -29,15 +25,7 @@ class RunJobTask(Task):  # type: ignore[misc]
             clear_published(app, args[0])
 
 
-@promptq_task(
-    "run_job",
-    base=RunJobTask,
-    autoretry_for=TRANSIENT_ERRORS,
-    retry_backoff=1,
-    retry_backoff_max=30,
-    retry_jitter=True,
-    max_retries=20,
-)
+@promptq_task("run_job", base=RunJobTask, **RETRY_TRANSIENT)
 def run_job(job_id: str, grant: dict[str, Any] | None = None) -> str:
     """`grant` is set when a dispatcher already took rate-limit budget for this job."""
     return worker_context().runner.run(job_id, Grant.from_message(grant) if grant else None)

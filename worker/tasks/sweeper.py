@@ -4,12 +4,15 @@ published again, and jobs whose worker died are taken back."""
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 
 from promptq.db import session_scope
 from promptq.jobs.sweeping import reclaim_expired, stale_runnable_jobs
+from promptq.types import utcnow
+from promptq.webhooks import deliveries
 from worker.app import app
 from worker.context import worker_context
-from worker.publish import broker_backlog, publish_job, unpublished
+from worker.publish import broker_backlog, publish_delivery, publish_job, unpublished
 from worker.tasks.base import promptq_task
 
 log = logging.getLogger(__name__)
@@ -34,14 +37,21 @@ def sweep() -> dict[str, int]:
         without_marker = {c.id for c in candidates}
     queued = ctx.limiter.queued([(c.id, c.model) for c in candidates if c.id in without_marker])
     lost = [c for c in candidates if c.id in without_marker and c.id not in queued]
-    for job_id, priority in reclaimed:
+    for job_id, priority in reclaimed.runnable:
         publish_job(app, job_id, priority)
     for candidate in lost:
         publish_job(app, candidate.id, candidate.priority)
-    if reclaimed or lost:
+    # Deliveries due for a few seconds: their message was lost, their sender died, or their
+    # wait was too long for a broker countdown. A duplicate sends nothing (take() is a CAS).
+    with session_scope(url) as session:
+        due = deliveries.due(session, utcnow() - timedelta(seconds=2))
+    for delivery_id in [*reclaimed.deliveries, *due]:
+        publish_delivery(app, delivery_id)
+    if reclaimed.runnable or lost or due:
         log.info(
-            "sweep: %d jobs taken back from dead workers, %d re-published",
-            len(reclaimed),
+            "sweep: %d jobs taken back from dead workers, %d re-published, %d deliveries sent",
+            len(reclaimed.runnable),
             len(lost),
+            len(due),
         )
-    return {"reclaimed": len(reclaimed), "republished": len(lost)}
+    return {"reclaimed": len(reclaimed.runnable), "republished": len(lost), "deliveries": len(due)}

@@ -1,0 +1,222 @@
+"""Webhook deliveries: created with the event, in the same transaction as the job's end, so
+none is lost; sent and retried from the database on the contract's schedule, every
+attempt a row of its own."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
+
+from promptq.ids import new_id
+from promptq.jobs.presenter import isoformat, job_to_api
+from promptq.models import ApiKey, DeliveryStatus, Job, WebhookAttempt, WebhookDelivery
+from promptq.types import utcnow
+from promptq.webhooks.sender import DeliveryResult
+from promptq.webhooks.signing import sign
+
+# Seconds to wait after each failed attempt: about 5 s, 5 min, 30 min, 2 h, 5 h, 10 h.
+RETRY_SCHEDULE = (5, 300, 1800, 7200, 18000, 36000)
+# How long a worker owns a delivery it is sending; past this another may send it.
+SENDING_LEASE = timedelta(seconds=60)
+GONE = 410
+
+
+@dataclass(frozen=True)
+class PreparedDelivery:
+    id: str
+    url: str
+    body: bytes
+    headers: dict[str, str]
+    attempt: int
+
+
+def job_event(session: Session, job: Job) -> list[str]:
+    """Create the delivery of a job's end to its webhook_url; the ids to send now."""
+    if job.webhook_url is None or job.status not in ("succeeded", "failed"):
+        return []
+    return [_create(session, job, event_id=new_id("msg")).id]
+
+
+def _create(session: Session, job: Job, event_id: str) -> WebhookDelivery:
+    now = utcnow()
+    event_type = f"job.{job.status}"
+    body = json.dumps(
+        {"type": event_type, "timestamp": isoformat(now), "data": job_to_api(job)},
+        separators=(",", ":"),
+    )
+    delivery = WebhookDelivery(
+        id=new_id("dlv"),
+        event_id=event_id,
+        job_id=job.id,
+        api_key_id=job.api_key_id,
+        url=job.webhook_url,
+        event_type=event_type,
+        body=body,
+        attempts=0,
+        status=DeliveryStatus.PENDING,
+        next_attempt_at=now,
+    )
+    session.add(delivery)
+    job.webhook_status = DeliveryStatus.PENDING
+    session.flush()
+    return delivery
+
+
+def redeliver(session: Session, job: Job) -> WebhookDelivery | None:
+    """Send a job's last event again, as the same event (same webhook-id)."""
+    last = session.scalars(
+        select(WebhookDelivery)
+        .where(WebhookDelivery.job_id == job.id)
+        .order_by(WebhookDelivery.created_at.desc())
+        .limit(1)
+    ).first()
+    if last is None:
+        return None
+    again = WebhookDelivery(
+        id=new_id("dlv"),
+        event_id=last.event_id,
+        job_id=job.id,
+        api_key_id=last.api_key_id,
+        url=last.url,
+        event_type=last.event_type,
+        body=last.body,
+        attempts=0,
+        status=DeliveryStatus.PENDING,
+        next_attempt_at=utcnow(),
+    )
+    session.add(again)
+    job.webhook_status = DeliveryStatus.PENDING
+    session.flush()
+    return again
+
+
+def take(session: Session, delivery_id: str) -> PreparedDelivery | None:
+    """Claim a due delivery for one attempt (a compare-and-set, so a duplicate message
+    sends nothing) and sign it; None when it is not pending or not due."""
+    now = utcnow()
+    claimed = session.execute(
+        update(WebhookDelivery)
+        .where(
+            WebhookDelivery.id == delivery_id,
+            WebhookDelivery.status == DeliveryStatus.PENDING,
+            or_(WebhookDelivery.next_attempt_at.is_(None), WebhookDelivery.next_attempt_at <= now),
+        )
+        .values(next_attempt_at=now + SENDING_LEASE, attempts=WebhookDelivery.attempts + 1)
+        .execution_options(synchronize_session=False)
+    ).rowcount  # type: ignore[attr-defined]
+    if claimed != 1:
+        return None
+    delivery = session.get(WebhookDelivery, delivery_id)
+    assert delivery is not None
+    session.refresh(delivery)
+    key = session.get(ApiKey, delivery.api_key_id)
+    assert key is not None
+    body = delivery.body.encode()
+    headers = {
+        "content-type": "application/json",
+        "user-agent": "promptq-webhooks/1",
+        **sign(key.webhook_secret, delivery.event_id, now, body),
+    }
+    return PreparedDelivery(delivery.id, delivery.url, body, headers, delivery.attempts)
+
+
+def next_delay(attempt: int, result: DeliveryResult) -> float | None:
+    """Seconds until the next attempt after a failed one, or None when it was the last."""
+    if result.status_code == GONE or attempt > len(RETRY_SCHEDULE):
+        return None
+    delay = float(RETRY_SCHEDULE[attempt - 1])
+    if result.retry_after is not None:
+        delay = max(delay, result.retry_after)
+    return delay
+
+
+def record(
+    session: Session, prepared: PreparedDelivery, result: DeliveryResult, started_at: datetime
+) -> float | None:
+    """Record one attempt; the seconds until the next one, or None when it is settled."""
+    delivery = session.get(WebhookDelivery, prepared.id)
+    assert delivery is not None
+    session.add(
+        WebhookAttempt(
+            delivery_id=delivery.id,
+            number=prepared.attempt,
+            started_at=started_at,
+            latency_ms=result.latency_ms,
+            status_code=result.status_code,
+            response_excerpt=result.response_excerpt,
+            error=result.error,
+        )
+    )
+    now = utcnow()
+    delay = None if result.succeeded else next_delay(prepared.attempt, result)
+    if result.succeeded:
+        delivery.status, delivery.finished_at = DeliveryStatus.SUCCEEDED, now
+    elif delay is None:
+        delivery.status, delivery.finished_at = DeliveryStatus.FAILED, now
+    else:
+        delivery.next_attempt_at = now + timedelta(seconds=delay)
+    if delivery.job_id is not None:
+        job = session.get(Job, delivery.job_id)
+        if job is not None:
+            job.webhook_status = delivery.status
+            job.webhook_attempts = delivery.attempts
+    return delay
+
+
+def due(session: Session, now: datetime, limit: int = 1000) -> Sequence[str]:
+    query = (
+        select(WebhookDelivery.id)
+        .where(
+            WebhookDelivery.status == DeliveryStatus.PENDING, WebhookDelivery.next_attempt_at <= now
+        )
+        .order_by(WebhookDelivery.next_attempt_at)
+        .limit(limit)
+    )
+    return session.scalars(query).all()
+
+
+def for_job(session: Session, job_id: str) -> list[dict[str, Any]]:
+    deliveries = session.scalars(
+        select(WebhookDelivery)
+        .where(WebhookDelivery.job_id == job_id)
+        .order_by(WebhookDelivery.created_at)
+    ).all()
+    attempts = session.scalars(
+        select(WebhookAttempt)
+        .where(WebhookAttempt.delivery_id.in_([d.id for d in deliveries]))
+        .order_by(WebhookAttempt.id)
+    ).all()
+    return [
+        {
+            "id": d.id,
+            "object": "webhook_delivery",
+            "event_id": d.event_id,
+            "event_type": d.event_type,
+            "url": d.url,
+            "status": d.status,
+            "attempts": [
+                {
+                    "number": a.number,
+                    "started_at": isoformat(a.started_at),
+                    "latency_ms": a.latency_ms,
+                    "status_code": a.status_code,
+                    "response_excerpt": a.response_excerpt,
+                    "error": a.error,
+                }
+                for a in attempts
+                if a.delivery_id == d.id
+            ],
+            "next_attempt_at": isoformat(d.next_attempt_at)
+            if d.status == DeliveryStatus.PENDING
+            else None,
+            "created_at": isoformat(d.created_at),
+            "finished_at": isoformat(d.finished_at),
+        }
+        for d in deliveries
+    ]

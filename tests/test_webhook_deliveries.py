@@ -1,0 +1,178 @@
+"""Webhook deliveries end to end: a job's end is signed and sent to its webhook_url (n8n's
+$execution.resumeUrl), retried on the schedule with the same webhook-id, every attempt
+recorded; 410 ends it; redeliver sends the event again. A real receiving server checks the
+signature with the standardwebhooks library."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from helpers import auth, wait_for_status
+from standardwebhooks.webhooks import Webhook
+
+from promptq.db import session_scope
+from promptq.keys.service import create_key
+from promptq.webhooks.deliveries import RETRY_SCHEDULE, next_delay
+from promptq.webhooks.sender import DeliveryResult
+
+FINAL = {"succeeded", "failed", "canceled"}
+
+
+class Receiver:
+    """Records every request; answers with the scripted statuses, then 200."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[dict[str, str], bytes, float]] = []
+        self.script: list[int] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                receiver.requests.append((headers, body, time.monotonic()))
+                status = receiver.script.pop(0) if receiver.script else 200
+                self.send_response(status)
+                self.send_header("content-length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_for(self, count: int, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.requests) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(self.requests) >= count, f"{len(self.requests)} deliveries, not {count}"
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    server = Receiver()
+    yield server
+    server.server.shutdown()
+
+
+@pytest.fixture
+def signed_key(database_url: str, test_env: dict[str, str]) -> tuple[str, str]:
+    with session_scope(database_url) as session:
+        created = create_key(session, "webhooks")
+        return created.key, created.webhook_secret
+
+
+def test_a_finished_job_is_signed_and_sent_to_its_callback_url(
+    client: Any, worker_process: Any, receiver: Receiver, signed_key: tuple[str, str]
+) -> None:
+    key, secret = signed_key
+    job = client.post(
+        "/v1/jobs", json={"prompt": "notify me", "callback_url": receiver.url}, headers=auth(key)
+    ).json()
+    receiver.wait_for(1)
+    headers, body, _ = receiver.requests[0]
+    payload = Webhook(secret).verify(body, headers)  # raises if the signature is wrong
+    assert payload["type"] == "job.succeeded"
+    assert payload["data"]["id"] == job["id"] and payload["data"]["output_text"]
+    assert headers["webhook-id"].startswith("msg_")
+    with pytest.raises(Exception):  # noqa: B017  (the library's own verification error)
+        Webhook(secret).verify(body.replace(b"notify", b"NOTIFY"), headers)
+
+    finished = wait_for_status(client, key, job["id"], FINAL)
+    deadline = time.monotonic() + 5
+    while finished["webhook"]["status"] != "succeeded" and time.monotonic() < deadline:
+        time.sleep(0.1)
+        finished = client.get(f"/v1/jobs/{job['id']}", headers=auth(key)).json()
+    assert finished["webhook"] == {"url": receiver.url, "status": "succeeded", "attempts": 1}
+    [delivery] = client.get(f"/v1/jobs/{job['id']}/deliveries", headers=auth(key)).json()["data"]
+    assert delivery["event_type"] == "job.succeeded"
+    assert [a["status_code"] for a in delivery["attempts"]] == [200]
+    assert delivery["event_id"] == headers["webhook-id"]
+
+
+def test_a_failed_job_sends_job_failed(
+    client: Any, worker_process: Any, receiver: Receiver, signed_key: tuple[str, str]
+) -> None:
+    key, secret = signed_key
+    client.post(
+        "/v1/jobs",
+        json={"prompt": f"{uuid.uuid4()} [[sim:400]]", "webhook_url": receiver.url},
+        headers=auth(key),
+    )
+    receiver.wait_for(1)
+    headers, body, _ = receiver.requests[0]
+    payload = Webhook(secret).verify(body, headers)
+    assert payload["type"] == "job.failed"
+    assert payload["data"]["error"]["upstream_status"] == 400
+
+
+def test_a_failed_delivery_is_retried_with_the_same_webhook_id(
+    client: Any, worker_process: Any, receiver: Receiver, signed_key: tuple[str, str]
+) -> None:
+    key, _ = signed_key
+    receiver.script = [500]
+    job = client.post(
+        "/v1/jobs",
+        json={"prompt": "retry my webhook", "webhook_url": receiver.url},
+        headers=auth(key),
+    ).json()
+    receiver.wait_for(2, timeout=30)
+    (first, _, sent_first), (second, _, sent_second) = receiver.requests[:2]
+    assert first["webhook-id"] == second["webhook-id"]
+    assert sent_second - sent_first >= RETRY_SCHEDULE[0] - 0.5  # about 5 s
+    time.sleep(0.5)
+    [delivery] = client.get(f"/v1/jobs/{job['id']}/deliveries", headers=auth(key)).json()["data"]
+    assert [a["status_code"] for a in delivery["attempts"]] == [500, 200]
+    assert delivery["status"] == "succeeded"
+
+
+def test_410_gone_ends_the_delivery_and_redeliver_sends_it_again(
+    client: Any, worker_process: Any, receiver: Receiver, signed_key: tuple[str, str]
+) -> None:
+    key, _ = signed_key
+    receiver.script = [410]
+    job = client.post(
+        "/v1/jobs", json={"prompt": "gone", "webhook_url": receiver.url}, headers=auth(key)
+    ).json()
+    receiver.wait_for(1)
+    time.sleep(1.0)
+    [delivery] = client.get(f"/v1/jobs/{job['id']}/deliveries", headers=auth(key)).json()["data"]
+    assert delivery["status"] == "failed" and len(delivery["attempts"]) == 1
+    assert len(receiver.requests) == 1  # no retry after a 410
+
+    again = client.post(f"/v1/jobs/{job['id']}/redeliver", headers=auth(key))
+    assert again.status_code == 202
+    receiver.wait_for(2)
+    assert receiver.requests[1][0]["webhook-id"] == receiver.requests[0][0]["webhook-id"]
+
+    plain = client.post("/v1/jobs?wait=20", json={"prompt": "no hook"}, headers=auth(key)).json()
+    refused = client.post(f"/v1/jobs/{plain['id']}/redeliver", headers=auth(key))
+    assert refused.status_code == 409
+
+
+def result(status: int | None, retry_after: float | None = None) -> DeliveryResult:
+    return DeliveryResult(
+        status_code=status,
+        latency_ms=5,
+        response_excerpt=None,
+        error=None if status else "timeout",
+        retry_after=retry_after,
+    )
+
+
+def test_the_retry_schedule() -> None:
+    delays = [next_delay(attempt, result(500)) for attempt in range(1, 8)]
+    assert delays == [5, 300, 1800, 7200, 18000, 36000, None]
+    assert next_delay(1, result(None)) == 5  # a timeout is retried too
+    assert next_delay(1, result(429, retry_after=120)) == 120  # retry-after honoured
+    assert next_delay(2, result(503, retry_after=10)) == 300  # never sooner than scheduled
+    assert next_delay(1, result(410)) is None  # gone: no more attempts
