@@ -10,7 +10,7 @@ from api.body_limit import BodySizeLimit
 from api.broker import BrokerCheck
 from api.errors import install_error_handlers
 from api.publisher import Publisher, celery_deliverer, celery_publisher
-from api.routes import health, jobs
+from api.routes import health, jobs, webhooks
 from promptq.config import Settings, get_settings
 from promptq.jobs.schemas import JobCreate
 
@@ -31,6 +31,7 @@ def create_app(settings: Settings | None = None, publish: Publisher | None = Non
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(jobs.router)
+    app.include_router(webhooks.router)
     _document_manual_bodies(app)
     return app
 

@@ -146,6 +146,21 @@ class DeliveryStatus(StrEnum):
     FAILED = "failed"
 
 
+class WebhookSubscription(Base):
+    """A REST hook: every job of the key that ends with one of `events` is sent to `url`."""
+
+    __tablename__ = "webhook_subscriptions"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    api_key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), index=True)
+    url: Mapped[str] = mapped_column(Text)
+    events: Mapped[list[str]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Set when a receiver answered 410 Gone, or a delivery failed on every attempt.
+    disabled_at: Mapped[datetime | None]
+    disabled_reason: Mapped[str | None] = mapped_column(Text)
+
+
 class WebhookDelivery(Base):
     """One event sent to one URL, however many attempts it takes."""
 
@@ -160,6 +175,11 @@ class WebhookDelivery(Base):
         ForeignKey("jobs.id", ondelete="CASCADE"), index=True
     )
     api_key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
+    subscription_id: Mapped[str | None] = mapped_column(
+        ForeignKey(
+            "webhook_subscriptions.id", ondelete="SET NULL", name="fk_deliveries_subscription"
+        )
+    )
     url: Mapped[str] = mapped_column(Text)
     event_type: Mapped[str] = mapped_column(String(32))
     # The body as first sent, so that every attempt sends the same bytes.

@@ -176,3 +176,71 @@ def test_the_retry_schedule() -> None:
     assert next_delay(1, result(429, retry_after=120)) == 120  # retry-after honoured
     assert next_delay(2, result(503, retry_after=10)) == 300  # never sooner than scheduled
     assert next_delay(1, result(410)) is None  # gone: no more attempts
+
+
+def test_rest_hook_subscriptions(
+    client: Any,
+    worker_process: Any,
+    receiver: Receiver,
+    signed_key: tuple[str, str],
+    make_key: Any,
+) -> None:
+    key, secret = signed_key
+    created = client.post(
+        "/v1/webhooks", json={"url": receiver.url, "events": ["job.succeeded"]}, headers=auth(key)
+    )
+    assert created.status_code == 201
+    hook = created.json()
+    assert hook["id"].startswith("whk_") and hook["events"] == ["job.succeeded"]
+    listed = client.get("/v1/webhooks", headers=auth(key)).json()["data"]
+    assert [h["id"] for h in listed] == [hook["id"]]
+    assert (
+        client.get(f"/v1/webhooks/{hook['id']}", headers=auth(make_key("other"))).status_code == 404
+    )
+
+    job = client.post("/v1/jobs", json={"prompt": "zap me"}, headers=auth(key)).json()
+    client.post("/v1/jobs", json={"prompt": f"{uuid.uuid4()} [[sim:400]]"}, headers=auth(key))
+    receiver.wait_for(1)
+    time.sleep(1.5)  # the failed job must not be sent: job.failed was not asked for
+    assert len(receiver.requests) == 1
+    headers, body, _ = receiver.requests[0]
+    payload = Webhook(secret).verify(body, headers)
+    assert payload["type"] == "job.succeeded" and payload["data"]["id"] == job["id"]
+
+    deleted = client.delete(f"/v1/webhooks/{hook['id']}", headers=auth(key))
+    assert deleted.status_code == 200 and deleted.json()["deleted"] is True
+    assert client.get("/v1/webhooks", headers=auth(key)).json()["data"] == []
+
+
+def test_410_disables_a_subscription(
+    client: Any, worker_process: Any, receiver: Receiver, signed_key: tuple[str, str]
+) -> None:
+    key, _ = signed_key
+    receiver.script = [410]
+    hook = client.post("/v1/webhooks", json={"url": receiver.url}, headers=auth(key)).json()
+    assert hook["events"] == ["job.failed", "job.succeeded"]
+    client.post("/v1/jobs", json={"prompt": "gone for good"}, headers=auth(key))
+    receiver.wait_for(1)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        state = client.get(f"/v1/webhooks/{hook['id']}", headers=auth(key)).json()
+        if state["disabled_at"]:
+            break
+        time.sleep(0.1)
+    assert state["disabled_at"] and "410" in state["disabled_reason"]
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ({"url": "http://127.0.0.1/x", "events": ["job.done"]}, "events"),
+        ({"events": ["job.failed"]}, "url"),
+        ({"url": "ftp://example.com/x"}, "url"),
+    ],
+)
+def test_bad_subscriptions_are_refused(
+    client: Any, api_key: str, body: dict[str, Any], words: str
+) -> None:
+    response = client.post("/v1/webhooks", json=body, headers=auth(api_key))
+    assert response.status_code == 422
+    assert words in response.json()["error"]["message"]

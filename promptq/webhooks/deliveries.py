@@ -17,6 +17,7 @@ from promptq.ids import new_id
 from promptq.jobs.presenter import isoformat, job_to_api
 from promptq.models import ApiKey, DeliveryStatus, Job, WebhookAttempt, WebhookDelivery
 from promptq.types import utcnow
+from promptq.webhooks import subscriptions
 from promptq.webhooks.sender import DeliveryResult
 from promptq.webhooks.signing import sign
 
@@ -37,42 +38,48 @@ class PreparedDelivery:
 
 
 def job_event(session: Session, job: Job) -> list[str]:
-    """Create the delivery of a job's end to its webhook_url; the ids to send now."""
-    if job.webhook_url is None or job.status not in ("succeeded", "failed"):
+    """Create the deliveries of a job's end: to its webhook_url and to every subscription of
+    its key that wants the event. The ids, to send now."""
+    if job.status not in ("succeeded", "failed"):
         return []
-    return [_create(session, job, event_id=new_id("msg")).id]
-
-
-def _create(session: Session, job: Job, event_id: str) -> WebhookDelivery:
     now = utcnow()
     event_type = f"job.{job.status}"
     body = json.dumps(
         {"type": event_type, "timestamp": isoformat(now), "data": job_to_api(job)},
         separators=(",", ":"),
     )
-    delivery = WebhookDelivery(
-        id=new_id("dlv"),
-        event_id=event_id,
-        job_id=job.id,
-        api_key_id=job.api_key_id,
-        url=job.webhook_url,
-        event_type=event_type,
-        body=body,
-        attempts=0,
-        status=DeliveryStatus.PENDING,
-        next_attempt_at=now,
-    )
-    session.add(delivery)
-    job.webhook_status = DeliveryStatus.PENDING
+    targets: list[tuple[str, str | None]] = [
+        (s.url, s.id) for s in subscriptions.listening(session, job.api_key_id, event_type)
+    ]
+    if job.webhook_url is not None:
+        targets.insert(0, (job.webhook_url, None))
+        job.webhook_status = DeliveryStatus.PENDING
+    created = [
+        WebhookDelivery(
+            id=new_id("dlv"),
+            event_id=new_id("msg"),
+            job_id=job.id,
+            api_key_id=job.api_key_id,
+            subscription_id=subscription_id,
+            url=url,
+            event_type=event_type,
+            body=body,
+            attempts=0,
+            status=DeliveryStatus.PENDING,
+            next_attempt_at=now,
+        )
+        for url, subscription_id in targets
+    ]
+    session.add_all(created)
     session.flush()
-    return delivery
+    return [delivery.id for delivery in created]
 
 
 def redeliver(session: Session, job: Job) -> WebhookDelivery | None:
     """Send a job's last event again, as the same event (same webhook-id)."""
     last = session.scalars(
         select(WebhookDelivery)
-        .where(WebhookDelivery.job_id == job.id)
+        .where(WebhookDelivery.job_id == job.id, WebhookDelivery.subscription_id.is_(None))
         .order_by(WebhookDelivery.created_at.desc())
         .limit(1)
     ).first()
@@ -161,7 +168,16 @@ def record(
         delivery.status, delivery.finished_at = DeliveryStatus.FAILED, now
     else:
         delivery.next_attempt_at = now + timedelta(seconds=delay)
-    if delivery.job_id is not None:
+    if delivery.subscription_id is not None and delivery.status == DeliveryStatus.FAILED:
+        subscriptions.disable(
+            session,
+            delivery.subscription_id,
+            "the receiver answered 410 Gone"
+            if result.status_code == GONE
+            else f"every attempt to deliver {delivery.event_type} failed, the last with "
+            f"{result.status_code or result.error}; subscribe again once the receiver is back",
+        )
+    elif delivery.job_id is not None and delivery.subscription_id is None:
         job = session.get(Job, delivery.job_id)
         if job is not None:
             job.webhook_status = delivery.status
