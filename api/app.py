@@ -10,7 +10,7 @@ from api.body_limit import BodySizeLimit
 from api.broker import BrokerCheck
 from api.errors import install_error_handlers
 from api.publisher import Publisher, celery_deliverer, celery_publisher
-from api.routes import health, jobs, webhooks
+from api.routes import health, jobs, templates, webhooks
 from promptq.config import Settings, get_settings
 from promptq.jobs.schemas import JobCreate
 
@@ -32,6 +32,7 @@ def create_app(settings: Settings | None = None, publish: Publisher | None = Non
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(webhooks.router)
+    app.include_router(templates.router)
     _document_manual_bodies(app)
     return app
 

@@ -204,3 +204,22 @@ class WebhookAttempt(Base):
     status_code: Mapped[int | None]
     response_excerpt: Mapped[str | None] = mapped_column(Text)
     error: Mapped[str | None] = mapped_column(Text)
+
+
+class PromptTemplate(Base):
+    """A prompt with Jinja2 placeholders; whatever JSON is posted to its jobs endpoint fills
+    them in, so any webhook source can start a job with its own payload."""
+
+    __tablename__ = "prompt_templates"
+    __table_args__ = (UniqueConstraint("api_key_id", "name", name="uq_templates_key_name"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    api_key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
+    name: Mapped[str] = mapped_column(String(100))
+    prompt: Mapped[str] = mapped_column(Text)
+    system: Mapped[str | None] = mapped_column(Text)
+    model: Mapped[str | None] = mapped_column(String(200))
+    max_tokens: Mapped[int | None]
+    temperature: Mapped[float | None]
+    webhook_url: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

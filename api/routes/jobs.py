@@ -68,7 +68,7 @@ def _authenticate(settings: Settings, plain_key: str | None) -> ApiKey:
         return caller(session, plain_key)
 
 
-def _intake(
+def accept_job(
     request: Request,
     settings: Settings,
     key: ApiKey,
@@ -127,7 +127,7 @@ async def create_job(
     plain_key = presented_key(request)
     key = cached_caller(plain_key) or await run_in_threadpool(_authenticate, settings, plain_key)
     payload = await read_job_create(request)
-    body = await run_in_threadpool(_intake, request, settings, key, payload, idempotency_key)
+    body = await run_in_threadpool(accept_job, request, settings, key, payload, idempotency_key)
     if wait and not JobStatus(body["status"]).is_final:
         body = await wait_for_final(settings.database_url, key, body["id"], wait) or body
     status = 200 if JobStatus(body["status"]).is_final else 202

@@ -1,0 +1,98 @@
+"""/v1/templates: prompt templates, and jobs made from whatever JSON a webhook source posts."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import IntegrityError
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import ApiKeyDep, SessionDep, SettingsDep
+from api.errors import ApiError
+from api.routes.jobs import FORM_TYPES, accept_job
+from promptq import templates
+from promptq.jobs.schemas import MAX_JSON_DEPTH, json_depth
+
+router = APIRouter(prefix="/v1/templates", tags=["templates"])
+
+
+@router.post("", status_code=201, summary="Create a prompt template")
+def create_template(
+    body: templates.TemplateCreate, session: SessionDep, key: ApiKeyDep
+) -> JSONResponse:
+    try:
+        template = templates.create(session, key, body)
+        session.commit()
+    except templates.TemplateError as exc:
+        raise ApiError(422, str(exc)) from None
+    except IntegrityError:
+        raise ApiError(409, f"a template named {body.name!r} exists; delete it first") from None
+    return JSONResponse(templates.to_api(template), status_code=201)
+
+
+@router.get("", summary="List prompt templates")
+def list_templates(session: SessionDep, key: ApiKeyDep) -> dict[str, Any]:
+    return {"data": [templates.to_api(t) for t in templates.of_key(session, key)]}
+
+
+@router.get("/{name}", summary="Get a prompt template")
+def get_template(name: str, session: SessionDep, key: ApiKeyDep) -> dict[str, Any]:
+    return templates.to_api(_found(session, key, name))
+
+
+@router.delete("/{name}", summary="Delete a prompt template")
+def delete_template(name: str, session: SessionDep, key: ApiKeyDep) -> dict[str, Any]:
+    _found(session, key, name)
+    templates.delete(session, key, name)
+    session.commit()
+    return {"name": name, "object": "template", "deleted": True}
+
+
+@router.post("/{name}/jobs", status_code=202, summary="Start a job from a template")
+async def template_job(
+    name: str,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    key: ApiKeyDep,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> JSONResponse:
+    """Whatever JSON is posted becomes the template's variables: its top-level keys, and
+    the whole of it as `input`."""
+    payload = await _payload(request)
+    template = await run_in_threadpool(_found, session, key, name)
+    try:
+        job = templates.job_from(template, payload)
+    except templates.TemplateError as exc:
+        raise ApiError(422, str(exc)) from None
+    body = await run_in_threadpool(accept_job, request, settings, key, job, idempotency_key)
+    return JSONResponse(body, status_code=202, headers={"Location": f"/v1/jobs/{body['id']}"})
+
+
+def _found(session: SessionDep, key: ApiKeyDep, name: str) -> Any:
+    try:
+        return templates.get(session, key, name)
+    except templates.TemplateNotFound as exc:
+        raise ApiError(404, str(exc)) from None
+
+
+async def _payload(request: Request) -> Any:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type in FORM_TYPES:
+        form = await request.form()
+        return {k: v for k, v in form.items() if isinstance(v, str)}
+    raw = await request.body()
+    if not raw.strip():
+        return {}
+    try:
+        payload = json.loads(raw)
+    except RecursionError:
+        raise ApiError(400, f"body nests deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as exc:
+        raise ApiError(400, f"body is not valid JSON: {exc}") from None
+    if json_depth(payload) > MAX_JSON_DEPTH:
+        raise ApiError(400, f"body nests deeper than {MAX_JSON_DEPTH} levels")
+    return payload
