@@ -1,0 +1,139 @@
+"""promptq webhooks: the delay from a job finishing to its first delivery arriving.
+
+    .venv/bin/python bench/webhook_delay.py            # fresh PostgreSQL database, Redis db 11
+    .venv/bin/python bench/webhook_delay.py --sqlite
+
+One `promptq api` and one `promptq worker` run as child processes against the simulator;
+a receiver on 127.0.0.1 notes when each job's `job.succeeded` arrives. The delay of a job
+is that arrival time less the job's `finished_at` (same machine, same clock). Progress goes
+to stderr; stdout is Markdown, ready to paste into the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import text
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _report import markdown_table, print_markdown, report_start
+from _stack import (
+    add_store_options,
+    bench_engine,
+    bench_run,
+    create_api_key,
+    epoch,
+    log,
+    percentile,
+    stack_env,
+    start_api,
+    start_worker,
+    submit_jobs,
+    write_limits_file,
+)
+
+from promptq.simulator import Simulator, SimulatorConfig
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/11"
+
+
+class Receiver:
+    """Notes the arrival time of each job's first delivery."""
+
+    def __init__(self) -> None:
+        self.arrivals: dict[str, float] = {}
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                arrived = time.time()
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                job_id = json.loads(body)["data"]["id"]
+                with receiver.lock:
+                    receiver.arrivals.setdefault(job_id, arrived)
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=200, help="jobs (default 200)")
+    parser.add_argument("--latency", type=float, default=0.2, help="upstream seconds (0.2)")
+    parser.add_argument("--concurrency", type=int, default=32, help="worker threads (32)")
+    add_store_options(parser, DEFAULT_REDIS_URL, "flushed before and after the run")
+    args = parser.parse_args()
+
+    with bench_run(args, DEFAULT_REDIS_URL) as (stack, setup):
+        simulator = Simulator(SimulatorConfig(latency=args.latency)).start()
+        stack.callback(simulator.stop)
+        receiver = Receiver()
+        stack.callback(receiver.server.shutdown)
+        env = stack_env(
+            setup,
+            write_limits_file(setup.workdir),
+            {
+                "PROMPTQ_UPSTREAM_URL": simulator.url,
+                "PROMPTQ_WEBHOOK_ALLOW_PRIVATE": "true",
+            },
+        )
+        _, api_url = start_api(stack, env, setup.workdir)
+        start_worker(stack, env, setup.workdir, args.concurrency)
+        key_id, key = create_api_key(setup.database.url, "webhook-delay")
+        bodies = [
+            json.dumps({"prompt": f"delay {i}", "webhook_url": receiver.url}).encode()
+            for i in range(args.jobs)
+        ]
+        log(f"submitting {args.jobs} jobs with a webhook_url")
+        submitted = submit_jobs(api_url, key, bodies, clients=4, deadline_seconds=120)
+        deadline = time.monotonic() + 120
+        while len(receiver.arrivals) < submitted.accepted and time.monotonic() < deadline:
+            time.sleep(0.2)
+        engine = bench_engine(stack, setup.database.url)
+        with engine.connect() as connection:
+            rows = connection.execute(
+                text("SELECT id, finished_at FROM jobs WHERE api_key_id = :key"), {"key": key_id}
+            ).all()
+        delays = [
+            receiver.arrivals[job_id] - epoch(finished)
+            for job_id, finished in rows
+            if job_id in receiver.arrivals and finished is not None
+        ]
+        lines = report_start("Webhook delivery delay", setup)
+        lines += [
+            f"{submitted.accepted} jobs with a `webhook_url`, one API, one worker (concurrency "
+            f"{args.concurrency}), simulated upstream {args.latency} s; delay = first delivery's "
+            "arrival at a receiver on 127.0.0.1 minus the job's `finished_at`.",
+            "",
+            markdown_table(
+                ["Measure", "Result"],
+                [
+                    ["Deliveries received / jobs", f"{len(delays)} / {submitted.accepted}"],
+                    ["p50", f"{percentile(delays, 50) * 1000:.0f} ms"],
+                    ["p95", f"{percentile(delays, 95) * 1000:.0f} ms"],
+                    ["max", f"{max(delays, default=float('nan')) * 1000:.0f} ms"],
+                ],
+            ),
+        ]
+        print_markdown(lines)
+        return 0 if len(delays) == submitted.accepted == args.jobs else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
