@@ -185,9 +185,9 @@ def record_attempt(
     if not repository.transition(claimed.id, settle_from, values):
         return AttemptVerdict(JobStatus.RUNNING)
     if verdict.status.is_final:
+        # First loaded in this session after the update above, so already current.
         job = repository.get(claimed.id)
         assert job is not None
-        session.refresh(job)
         return AttemptVerdict(verdict.status, deliveries=tuple(deliveries.job_event(session, job)))
     return verdict
 
