@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from api.body_limit import BodySizeLimit
 from api.broker import BrokerCheck
 from api.errors import install_error_handlers
-from api.publisher import Publisher, celery_deliverer, celery_publisher
+from api.publisher import BrokerPublisher, Publisher
 from api.routes import health, jobs, templates, webhooks
 from promptq.config import Settings, get_settings
 from promptq.jobs.schemas import JobCreate
@@ -24,8 +24,9 @@ def create_app(settings: Settings | None = None, publish: Publisher | None = Non
         docs_url="/docs",
     )
     app.state.settings = settings
-    app.state.publish = publish or celery_publisher(settings)
-    app.state.deliver = celery_deliverer(settings)
+    broker = BrokerPublisher.for_settings(settings)
+    app.state.publish = publish or broker.job
+    app.state.deliver = broker.delivery
     app.state.broker = BrokerCheck(settings.redis_url) if settings.redis_url else None
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     install_error_handlers(app)

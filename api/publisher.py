@@ -1,9 +1,13 @@
-"""The API's side of the broker: publish committed jobs, never failing the request for it."""
+"""The API's side of the broker: publish committed jobs and webhook deliveries, never failing
+the request for it (the row is committed; the sweeper publishes it once the broker is back)."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
+
+from celery import Celery
 
 from promptq.config import Settings
 
@@ -12,35 +16,32 @@ log = logging.getLogger(__name__)
 Publisher = Callable[[str, str], None]
 
 
-def celery_publisher(settings: Settings) -> Publisher:
-    from worker.app import create_celery
-    from worker.publish import publish_job
+@dataclass(frozen=True)
+class BrokerPublisher:
+    """One Celery app (and so one producer pool) per API process, for every kind of message."""
 
-    app = create_celery(settings)
+    app: Celery
 
-    def publish(job_id: str, priority: str) -> None:
+    @classmethod
+    def for_settings(cls, settings: Settings) -> BrokerPublisher:
+        from worker.app import create_celery
+
+        return cls(create_celery(settings))
+
+    def job(self, job_id: str, priority: str) -> None:
+        from worker.publish import publish_job
+
         try:
-            publish_job(app, job_id, priority)
+            publish_job(self.app, job_id, priority)
         except Exception:
-            # The row is committed and queued; the sweeper publishes it once the broker is
-            # back, so the client still gets its 202.
             log.warning("could not publish job %s now; the sweeper will", job_id, exc_info=True)
 
-    return publish
+    def delivery(self, delivery_id: str) -> None:
+        from worker.publish import publish_delivery
 
-
-def celery_deliverer(settings: Settings) -> Callable[[str], None]:
-    from worker.app import create_celery
-    from worker.publish import publish_delivery
-
-    app = create_celery(settings)
-
-    def deliver(delivery_id: str) -> None:
         try:
-            publish_delivery(app, delivery_id)
+            publish_delivery(self.app, delivery_id)
         except Exception:
             log.warning(
                 "could not publish delivery %s now; the sweeper will", delivery_id, exc_info=True
             )
-
-    return deliver

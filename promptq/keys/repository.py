@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from promptq.models import ApiKey
@@ -30,4 +30,5 @@ class ApiKeyRepository:
         return self.session.scalars(select(ApiKey).order_by(ApiKey.created_at)).all()
 
     def count_active(self) -> int:
-        return len(self.session.scalars(select(ApiKey.id).where(ApiKey.revoked_at.is_(None))).all())
+        query = select(func.count()).select_from(ApiKey).where(ApiKey.revoked_at.is_(None))
+        return int(self.session.scalar(query) or 0)
