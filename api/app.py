@@ -5,12 +5,24 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 
 from api.body_limit import BodySizeLimit
 from api.broker import BrokerCheck
 from api.errors import install_error_handlers
 from api.publisher import BrokerPublisher, Publisher
-from api.routes import health, jobs, templates, webhooks
+from api.routes import (
+    batches,
+    dashboard,
+    health,
+    jobs,
+    messages,
+    metrics,
+    templates,
+    usage,
+    webhooks,
+)
+from api.routes.batches import BATCHES_PATH
 from promptq.config import Settings, get_settings
 from promptq.jobs.schemas import JobCreate
 
@@ -28,12 +40,23 @@ def create_app(settings: Settings | None = None, publish: Publisher | None = Non
     app.state.publish = publish or broker.job
     app.state.deliver = broker.delivery
     app.state.broker = BrokerCheck(settings.redis_url) if settings.redis_url else None
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.state.publish_batch = broker.batch
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=settings.max_body_bytes,
+        limits_by_path={BATCHES_PATH: (settings.max_batch_bytes, "PROMPTQ_MAX_BATCH_BYTES")},
+    )
     install_error_handlers(app)
     app.include_router(health.router)
+    app.include_router(metrics.router)
     app.include_router(jobs.router)
     app.include_router(webhooks.router)
     app.include_router(templates.router)
+    app.include_router(messages.router)
+    app.include_router(batches.router)
+    app.include_router(usage.router)
+    app.include_router(dashboard.router)
+    app.mount("/static", StaticFiles(directory=dashboard.STATIC_DIR), name="static")
     _document_manual_bodies(app)
     return app
 

@@ -7,14 +7,19 @@ a revoked key keeps working on an API process for at most KEY_CACHE_SECONDS.
 
 from __future__ import annotations
 
+import hmac
 import threading
+from contextlib import closing
 
 from cachetools import TTLCache
 from fastapi import Request
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from api.errors import ApiError
-from promptq.keys.service import authenticate
+from promptq.config import Settings
+from promptq.db import get_sessionmaker
+from promptq.keys.service import KEY_PREFIX, authenticate
 from promptq.models import ApiKey
 
 KEY_CACHE_SECONDS = 5.0
@@ -66,3 +71,37 @@ def caller(session: Session, plain: str | None) -> ApiKey:
 def forget_cached_keys() -> None:
     with _lock:
         _cache.clear()
+
+
+async def request_caller(request: Request, database_url: str) -> ApiKey:
+    """The calling key for a route that reads its body itself: from the cache when it can,
+    else one trip to the thread pool for the database."""
+    plain = presented_key(request)
+    return cached_caller(plain) or await run_in_threadpool(
+        _caller_from_database, database_url, plain
+    )
+
+
+def _caller_from_database(database_url: str, plain: str | None) -> ApiKey:
+    with closing(get_sessionmaker(database_url)()) as session:
+        return caller(session, plain)
+
+
+def is_admin(settings: Settings, plain: str | None) -> bool:
+    """Whether `plain` is the admin token (PROMPTQ_ADMIN_TOKEN); never while none is set.
+    Compared in constant time, so how long a wrong guess takes tells nothing of the token."""
+    token = settings.admin_token.get_secret_value() if settings.admin_token else ""
+    if not token or plain is None:
+        return False
+    return hmac.compare_digest(plain.encode(), token.encode())
+
+
+def key_or_admin(session: Session, settings: Settings, plain: str | None) -> ApiKey | None:
+    """For the endpoints an operator may read across keys: the calling key, or None for
+    the admin token (`Authorization: Bearer <PROMPTQ_ADMIN_TOKEN>`); a 401 for anything
+    else."""
+    if is_admin(settings, plain):
+        return None
+    if plain is not None and not plain.startswith(KEY_PREFIX):
+        raise ApiError(401, "invalid admin token or API key")
+    return caller(session, plain)

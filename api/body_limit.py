@@ -10,23 +10,31 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.errors import error_body
+
 
 class BodyTooLarge(Exception):
     pass
 
 
 class BodySizeLimit:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, limits_by_path: dict[str, tuple[int, str]] | None = None
+    ) -> None:
+        """`limits_by_path`: a path's own limit and the setting that raises it."""
         self.app = app
-        self.max_bytes = max_bytes
+        self.default = (max_bytes, "PROMPTQ_MAX_BODY_BYTES")
+        self.limits_by_path = limits_by_path or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        path = scope["path"]
+        max_bytes, setting = self.limits_by_path.get(path.rstrip("/"), self.default)
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(send)
+        if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+            await self._refuse(send, path, max_bytes, setting)
             return
 
         received = 0
@@ -37,7 +45,7 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
+                if received > max_bytes:
                     raise BodyTooLarge
             return message
 
@@ -51,18 +59,14 @@ class BodySizeLimit:
             await self.app(scope, counting_receive, tracking_send)
         except BodyTooLarge:
             if not started:
-                await self._refuse(send)
+                await self._refuse(send, path, max_bytes, setting)
 
-    async def _refuse(self, send: Send) -> None:
-        body = json.dumps(
-            {
-                "error": {
-                    "type": "request_too_large",
-                    "message": f"request body is larger than the limit of {self.max_bytes} bytes "
-                    "(PROMPTQ_MAX_BODY_BYTES); send less, or raise the limit",
-                }
-            }
-        ).encode()
+    async def _refuse(self, send: Send, path: str, max_bytes: int, setting: str) -> None:
+        message = (
+            f"request body is larger than the limit of {max_bytes} bytes ({setting}); "
+            "send less, or raise the limit"
+        )
+        body = json.dumps(error_body(413, message, "request_too_large", path)).encode()
         await send(
             {
                 "type": "http.response.start",

@@ -12,10 +12,17 @@ from pydantic import ValidationError
 from sqlalchemy import exc as sqlalchemy_errors
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from promptq.budgets import BudgetExceeded
 from promptq.db import TRANSIENT_DATABASE_ERRORS
 from promptq.jobs.errors import InvalidJob, JobConflict, JobError, JobNotFound
+from promptq.validation import describe_validation_errors
 
-STATUS_BY_ERROR: dict[type[JobError], int] = {InvalidJob: 400, JobNotFound: 404, JobConflict: 409}
+STATUS_BY_ERROR: dict[type[JobError], int] = {
+    InvalidJob: 400,
+    BudgetExceeded: 402,
+    JobNotFound: 404,
+    JobConflict: 409,
+}
 TYPE_BY_STATUS = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -46,76 +53,84 @@ class ApiError(Exception):
         self.headers = headers
 
 
-def error_response(
-    status: int, message: str, error_type: str | None = None, headers: dict[str, str] | None = None
-) -> JSONResponse:
-    body = {
+ANTHROPIC_PATHS = "/v1/messages"
+
+
+def error_body(status: int, message: str, error_type: str | None, path: str = "") -> dict[str, Any]:
+    body: dict[str, Any] = {
         "error": {"type": error_type or TYPE_BY_STATUS.get(status, "api_error"), "message": message}
     }
-    return JSONResponse(body, status_code=status, headers=headers)
+    if path.startswith(ANTHROPIC_PATHS):
+        # Anthropic's shape, which the SDKs parse: promptq's with `"type": "error"` on top.
+        body = {"type": "error", **body}
+    return body
 
 
-def describe_validation_errors(errors: list[Any], drop_prefix: tuple[str, ...] = ()) -> str:
-    """Pydantic's errors as one sentence per field: `request.max_tokens: ...`."""
-    parts = []
-    for error in errors:
-        location = [str(item) for item in error.get("loc", ()) if item not in drop_prefix]
-        field = ".".join(location) or "body"
-        message = str(error.get("msg", "is invalid"))
-        message = message.removeprefix("Value error, ")
-        parts.append(message if message.split(":")[0] in field else f"{field}: {message}")
-    return "; ".join(parts)
+def error_response(
+    status: int,
+    message: str,
+    error_type: str | None = None,
+    headers: dict[str, str] | None = None,
+    request: Request | None = None,
+) -> JSONResponse:
+    path = request.url.path if request is not None else ""
+    return JSONResponse(
+        error_body(status, message, error_type, path), status_code=status, headers=headers
+    )
 
 
 RETRY_AFTER_SECONDS = "5"
 
 
-def dependency_unavailable(what: str) -> JSONResponse:
+def dependency_unavailable(what: str, request: Request | None = None) -> JSONResponse:
     return error_response(
         503,
         f"{what} is not answering right now, so nothing was done; retry in a few seconds",
         "service_unavailable",
         headers={"Retry-After": RETRY_AFTER_SECONDS},
+        request=request,
     )
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(sqlalchemy_errors.DBAPIError)
-    async def _database_error(_: Request, exc: sqlalchemy_errors.DBAPIError) -> JSONResponse:
+    async def _database_error(request: Request, exc: sqlalchemy_errors.DBAPIError) -> JSONResponse:
         if isinstance(exc, TRANSIENT_DATABASE_ERRORS) or exc.connection_invalidated:
-            return dependency_unavailable("the database")
+            return dependency_unavailable("the database", request)
         raise exc
 
     @app.exception_handler(sqlalchemy_errors.TimeoutError)
-    async def _pool_timeout(_: Request, __: Exception) -> JSONResponse:
-        return dependency_unavailable("the database")
+    async def _pool_timeout(request: Request, __: Exception) -> JSONResponse:
+        return dependency_unavailable("the database", request)
 
     @app.exception_handler(redis.RedisError)
-    async def _redis_error(_: Request, __: Exception) -> JSONResponse:
-        return dependency_unavailable("Redis")
+    async def _redis_error(request: Request, __: Exception) -> JSONResponse:
+        return dependency_unavailable("Redis", request)
 
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.error_type, exc.headers)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.error_type, exc.headers, request)
 
     @app.exception_handler(JobError)
-    async def _job_error(_: Request, exc: JobError) -> JSONResponse:
-        return error_response(STATUS_BY_ERROR.get(type(exc), 400), str(exc), exc.error_type)
+    async def _job_error(request: Request, exc: JobError) -> JSONResponse:
+        status = STATUS_BY_ERROR.get(type(exc), 400)
+        return error_response(status, str(exc), exc.error_type, request=request)
 
     @app.exception_handler(RequestValidationError)
-    async def _request_invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _request_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         message = describe_validation_errors(list(exc.errors()), drop_prefix=("body", "query"))
-        return error_response(422, message)
+        return error_response(422, message, request=request)
 
     @app.exception_handler(ValidationError)
-    async def _model_invalid(_: Request, exc: ValidationError) -> JSONResponse:
-        return error_response(422, describe_validation_errors(list(exc.errors())))
+    async def _model_invalid(request: Request, exc: ValidationError) -> JSONResponse:
+        return error_response(422, describe_validation_errors(list(exc.errors())), request=request)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
         if exc.status_code == 404 and message == "Not Found":
             message = "no such endpoint; see /docs for the API"
         if exc.status_code == 405:
             message = "method not allowed on this endpoint; see /docs for the API"
-        return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        return error_response(exc.status_code, message, headers=headers, request=request)

@@ -36,6 +36,18 @@ class BrokerPublisher:
         except Exception:
             log.warning("could not publish job %s now; the sweeper will", job_id, exc_info=True)
 
+    def batch(self, batch_id: str) -> None:
+        from worker.publish import publish_batch
+
+        try:
+            publish_batch(self.app, batch_id)
+        except Exception:
+            log.warning(
+                "could not publish batch %s now; the sweeper will publish its requests",
+                batch_id,
+                exc_info=True,
+            )
+
     def delivery(self, delivery_id: str) -> None:
         from worker.publish import publish_delivery
 

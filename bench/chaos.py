@@ -84,7 +84,7 @@ from _stack import (
     write_limits_file,
 )
 
-MODEL = "claude-sonnet-4-5-20250929"
+MODEL = "claude-sonnet-4-6"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/12"
 # Short leases and sweeps, so that a dead worker's jobs come back within seconds.
 STACK_SETTINGS = {

@@ -70,7 +70,7 @@ from _stack import (
     write_limits_file,
 )
 
-MODEL = "claude-sonnet-4-5-20250929"
+MODEL = "claude-sonnet-4-6"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/14"
 POLL_SECONDS = 0.5
 REQUEST_TIMEOUT_SECONDS = 30.0

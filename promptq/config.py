@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_UPSTREAM_URL = "https://api.cometapi.com"
@@ -16,7 +17,13 @@ DEFAULT_UPSTREAM_URL = "https://api.cometapi.com"
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="PROMPTQ_", env_file=".env", extra="ignore", populate_by_name=True
+        env_prefix="PROMPTQ_",
+        env_file=".env",
+        extra="ignore",
+        populate_by_name=True,
+        # `PROMPTQ_LIMITS_FILE=` in a .env file means "unset", not the current directory;
+        # an empty upstream key must not hide COMETAPI_KEY.
+        env_ignore_empty=True,
     )
 
     database_url: str = "sqlite:///./promptq.db"
@@ -41,9 +48,15 @@ class Settings(BaseSettings):
 
     # Intake
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    # A Message Batch create may be larger: Anthropic's limit is 256 MB.
+    max_batch_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+    # How long POST /v1/messages waits for its job to start before giving up with a 529
+    # (the SDK then retries); a job already running is always waited for.
+    messages_wait_seconds: float = Field(default=600.0, gt=0)
     default_max_tokens: int = Field(default=1024, ge=1)
-    # The model a flat `prompt` job runs on when it names none.
-    default_model: str = "claude-sonnet-4-5-20250929"
+    # The model a flat `prompt` job runs on when it names none (not claude-sonnet-4-5,
+    # which Anthropic retires on 2026-11-30).
+    default_model: str = "claude-sonnet-4-6"
 
     # Upstream calls and retries
     upstream_timeout_seconds: float = Field(default=600.0, gt=0)
@@ -69,12 +82,26 @@ class Settings(BaseSettings):
     api_url: str = "http://127.0.0.1:8000"
     api_key: SecretStr | None = None
 
+    # Logs of `promptq api`, `worker` and `beat`: one JSON object per line for a log pipeline
+    # (the default, since these run as services), or `text` for a person at a terminal.
+    log_format: Literal["json", "text"] = "json"
+    # The least severe level those processes log (a Python level name).
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+
     @field_validator("upstream_url", "api_url")
     @classmethod
     def _strip_trailing_slash(cls, value: str) -> str:
         if not value.startswith(("http://", "https://")):
             raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
         return value.rstrip("/")
+
+    @field_validator("log_format", "log_level", mode="before")
+    @classmethod
+    def _any_case(cls, value: object, info: ValidationInfo) -> object:
+        # `PROMPTQ_LOG_LEVEL=debug` and `PROMPTQ_LOG_FORMAT=JSON` mean what they say.
+        if not isinstance(value, str):
+            return value
+        return value.upper() if info.field_name == "log_level" else value.lower()
 
     @property
     def upstream_key(self) -> str | None:

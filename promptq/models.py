@@ -65,6 +65,7 @@ class Job(Base):
         Index("ix_jobs_key_status_id", "api_key_id", "status", "id"),
         Index("ix_jobs_status_next_attempt", "status", "next_attempt_at"),
         UniqueConstraint("api_key_id", "idempotency_key", name="uq_jobs_key_idempotency"),
+        Index("ix_jobs_batch_status", "batch_id", "status"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -115,9 +116,45 @@ class Job(Base):
     webhook_status: Mapped[str | None] = mapped_column(String(16))
     webhook_attempts: Mapped[int] = mapped_column(Integer, default=0)
 
+    # Set for the requests of a Message Batch: the batch, and the request's own custom_id.
+    batch_id: Mapped[str | None] = mapped_column(
+        ForeignKey("message_batches.id", name="fk_jobs_batch"), nullable=True
+    )
+    custom_id: Mapped[str | None] = mapped_column(String(64))
+
     attempt_records: Mapped[list[Attempt]] = relationship(
         back_populates="job", order_by="Attempt.number", lazy="raise"
     )
+
+
+class BatchStatus(StrEnum):
+    """Anthropic's processing_status of a Message Batch."""
+
+    IN_PROGRESS = "in_progress"
+    CANCELING = "canceling"
+    ENDED = "ended"
+
+
+class MessageBatch(Base):
+    """A Message Batch: its requests are ordinary jobs carrying its id; its counts are
+    computed from them, so there is one truth."""
+
+    __tablename__ = "message_batches"
+    __table_args__ = (
+        Index("ix_batches_key_id", "api_key_id", "id"),
+        Index("ix_batches_status_expires", "processing_status", "expires_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    api_key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
+    processing_status: Mapped[str] = mapped_column(String(16), default=BatchStatus.IN_PROGRESS)
+    request_count: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime]
+    cancel_initiated_at: Mapped[datetime | None]
+    ended_at: Mapped[datetime | None]
+    # A deleted batch is hidden, not erased: its jobs' costs stay on the books.
+    deleted_at: Mapped[datetime | None]
 
 
 class Attempt(Base):
@@ -223,3 +260,24 @@ class PromptTemplate(Base):
     temperature: Mapped[float | None]
     webhook_url: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class BudgetReservation(Base):
+    """The most a running job of a key with a monthly budget may cost, held from its claim
+    until its attempt is recorded: what concurrent jobs have in flight counts against the
+    budget, so together they cannot overshoot it. A row of its own rather than a counter, so
+    that a killed worker's reservation goes when the sweeper takes its job back, and only
+    reservations of running jobs are ever counted."""
+
+    __tablename__ = "budget_reservations"
+    __table_args__ = (Index("ix_budget_reservations_key", "api_key_id"),)
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    api_key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
+    amount: Mapped[Decimal]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+# A key's spend in a period (its budget's month, a usage report) sums cost_total over its
+# jobs finished in that period; with cost_total in the index it is read from the index alone.
+Index("ix_jobs_key_finished", Job.api_key_id, Job.finished_at, Job.cost_total)

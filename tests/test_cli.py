@@ -179,3 +179,15 @@ def test_a_broken_limits_file_stops_start_up_with_its_reason(
     result = promptq(*command, env=env, cwd=tmp_path, check=False)
     assert result.returncode != 0
     assert "limits.toml" in result.stderr and "rpm" in result.stderr
+
+
+@pytest.mark.parametrize("credentials", [None, "", "admin", "admin:"])
+def test_flower_refuses_to_start_without_basic_auth(
+    tmp_path: Path, credentials: str | None
+) -> None:
+    extra = {"PROMPTQ_REDIS_URL": "redis://127.0.0.1:1/0"}
+    if credentials is not None:
+        extra["PROMPTQ_FLOWER_BASIC_AUTH"] = credentials
+    result = promptq("flower", env=clean_env(**extra), cwd=tmp_path, check=False)
+    assert result.returncode != 0
+    assert "PROMPTQ_FLOWER_BASIC_AUTH" in result.stderr

@@ -45,7 +45,7 @@ def test_a_job_runs_and_records_result_usage_and_cost(
     prompt = unique("What is the capital of France?")
     response = client.post(
         "/v1/jobs?wait=20",
-        json={"prompt": prompt, "model": "claude-sonnet-4-5-20250929", "metadata": {"a": 1}},
+        json={"prompt": prompt, "model": "claude-sonnet-4-6", "metadata": {"a": 1}},
         headers=auth(api_key),
     )
     assert response.status_code == 200, response.text
@@ -60,7 +60,7 @@ def test_a_job_runs_and_records_result_usage_and_cost(
     usage = Usage.from_message(job["result"])
     assert job["usage"] == usage.to_api()
     assert usage.input_tokens > 0 and usage.output_tokens > 0
-    prices = PriceTable.load(None).prices_for("claude-sonnet-4-5-20250929")
+    prices = PriceTable.load(None).prices_for("claude-sonnet-4-6")
     assert prices is not None
     expected = cost_of(usage, prices)
     assert Decimal(job["cost"]["total"]) == expected.total

@@ -9,7 +9,10 @@ pool and one price table per process.
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
+from celery.signals import setup_logging
 
 from promptq.config import Settings, get_settings
 
@@ -62,6 +65,16 @@ def create_celery(settings: Settings) -> Celery:
         timezone="UTC",
     )
     return app
+
+
+@setup_logging.connect
+def _configure_logging(**_: Any) -> None:
+    """With a receiver on this signal Celery configures no logging of its own (no handlers,
+    no coloured task format, no stdout redirection), whether started by `promptq worker`,
+    `promptq beat` or `celery -A worker.app`: every record goes to promptq's JSON lines."""
+    from promptq.logging import configure_logging
+
+    configure_logging(get_settings())
 
 
 app = create_celery(get_settings())

@@ -61,6 +61,28 @@ def publish_job(
     mark_published(app, [job_id])
 
 
+def publish_jobs(app: Celery, job_ids: list[str], priority: str) -> None:
+    """Publish many jobs through one producer connection, marking them in one pipeline."""
+    with app.producer_or_acquire() as producer:
+        for job_id in job_ids:
+            app.send_task(
+                RUN_JOB_TASK,
+                args=[job_id],
+                priority=MESSAGE_PRIORITY.get(priority, MESSAGE_PRIORITY["normal"]),
+                producer=producer,
+            )
+    mark_published(app, job_ids)
+
+
+FEED_BATCH_TASK = "promptq.feed_batch"
+
+
+def publish_batch(app: Celery, batch_id: str) -> None:
+    """One message for a whole batch: a worker publishes its requests' jobs (off the API's
+    request path, so creating 10,000 requests answers in a second or two)."""
+    app.send_task(FEED_BATCH_TASK, args=[batch_id], priority=MESSAGE_PRIORITY["high"])
+
+
 def mark_published(app: Celery, job_ids: list[str]) -> None:
     client = _marker_client(app)
     with client.pipeline(transaction=False) as pipe:

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 
-from api.auth import cached_caller, caller, presented_key
+from api.auth import request_caller
 from api.deps import ApiKeyDep, SessionDep, SettingsDep
 from api.errors import RETRY_AFTER_SECONDS, ApiError, describe_validation_errors
 from promptq.config import Settings
@@ -61,11 +61,6 @@ async def read_job_create(request: Request) -> JobCreate:
         return JobCreate.model_validate(data)
     except ValidationError as exc:
         raise ApiError(422, describe_validation_errors(list(exc.errors()))) from exc
-
-
-def _authenticate(settings: Settings, plain_key: str | None) -> ApiKey:
-    with closing(get_sessionmaker(settings.database_url)()) as session:
-        return caller(session, plain_key)
 
 
 def accept_job(
@@ -124,8 +119,7 @@ async def create_job(
     wait: Annotated[int, Query(ge=0, le=60, description="seconds to hold the answer")] = 0,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> JSONResponse:
-    plain_key = presented_key(request)
-    key = cached_caller(plain_key) or await run_in_threadpool(_authenticate, settings, plain_key)
+    key = await request_caller(request, settings.database_url)
     payload = await read_job_create(request)
     body = await run_in_threadpool(accept_job, request, settings, key, payload, idempotency_key)
     if wait and not JobStatus(body["status"]).is_final:
@@ -142,14 +136,14 @@ async def wait_for_final(
     delay = 0.05
     body = None
     while True:
-        body = await run_in_threadpool(_read, database_url, key, job_id)
+        body = await run_in_threadpool(read_job, database_url, key, job_id)
         if JobStatus(body["status"]).is_final or time.monotonic() >= deadline:
             return body
         await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
         delay = min(delay * 1.5, 0.5)
 
 
-def _read(database_url: str, key: ApiKey, job_id: str) -> dict[str, Any]:
+def read_job(database_url: str, key: ApiKey, job_id: str) -> dict[str, Any]:
     with session_scope(database_url) as session:
         return job_to_api(service.get_job(session, key, job_id))
 

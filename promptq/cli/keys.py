@@ -12,6 +12,7 @@ from promptq.db import session_scope
 from promptq.jobs.presenter import isoformat
 from promptq.keys.repository import ApiKeyRepository
 from promptq.keys.service import ApiKeyError, create_key, revoke_key
+from promptq.pricing import format_usd
 
 
 def _budget(_: click.Context, __: click.Parameter, value: str | None) -> Decimal | None:
@@ -31,7 +32,11 @@ def keys() -> None:
 @keys.command("create")
 @click.argument("name")
 @click.option("--rpm", type=click.IntRange(min=1), help="This key's own requests per minute.")
-@click.option("--monthly-budget", callback=_budget, help="USD this key may spend per month.")
+@click.option(
+    "--monthly-budget",
+    callback=_budget,
+    help="USD this key may spend per calendar month (UTC); past it, new jobs get 402.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def create(name: str, rpm: int | None, monthly_budget: Decimal | None, as_json: bool) -> None:
     """Create a key; its secret and webhook signing secret are shown now and never again."""
@@ -71,7 +76,8 @@ def list_keys(as_json: bool) -> None:
                 "name": key.name,
                 "prefix": key.key_prefix,
                 "rpm": key.rpm,
-                "monthly_budget_usd": str(key.monthly_budget_usd)
+                # format_usd, not str(): a stored 100 comes back normalized as 1E+2.
+                "monthly_budget_usd": format_usd(key.monthly_budget_usd)
                 if key.monthly_budget_usd is not None
                 else None,
                 "created_at": isoformat(key.created_at),

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from promptq.config import Settings, get_settings
+from promptq.logging import configure_logging, logging_config
 
 
 def preflight(settings: Settings) -> None:
@@ -29,9 +30,17 @@ def api(host: str, port: int, workers: int) -> None:
     """Serve the HTTP API."""
     import uvicorn
 
-    preflight(get_settings())
+    settings = get_settings()
+    preflight(settings)
+    # uvicorn applies this in each of its processes, in place of its own coloured format.
     uvicorn.run(
-        "api.main:app", host=host, port=port, workers=workers, log_level="info", access_log=False
+        "api.main:app",
+        host=host,
+        port=port,
+        workers=workers,
+        log_config=logging_config(settings),
+        log_level=settings.log_level.lower(),
+        access_log=False,
     )
 
 
@@ -45,14 +54,18 @@ def worker(concurrency: int | None, queues: str, hostname: str | None) -> None:
 
     settings = get_settings()
     preflight(settings)
+    # Before Celery starts: what it warns about on start-up (running as root, say) is logged
+    # as JSON too; its setup_logging receiver (worker.app) applies the same again.
+    configure_logging(settings)
     concurrency = concurrency or settings.worker_concurrency
     argv = [
+        *_celery_global_options(settings),
         "worker",
         "--pool=threads",
         f"--concurrency={concurrency}",
         f"--queues={queues}",
         "--task-events",
-        "--loglevel=INFO",
+        f"--loglevel={settings.log_level}",
         "--without-gossip",
         "--without-mingle",
     ]
@@ -71,8 +84,24 @@ def beat(schedule: str) -> None:
     """Run the periodic scheduler (exactly one per deployment)."""
     from worker.app import app
 
+    settings = get_settings()
+    configure_logging(settings)
     Path(schedule).parent.mkdir(parents=True, exist_ok=True)
-    app.start(["beat", "--loglevel=INFO", f"--schedule={schedule}"])
+    app.start(
+        [
+            *_celery_global_options(settings),
+            "beat",
+            f"--loglevel={settings.log_level}",
+            f"--schedule={schedule}",
+        ]
+    )
+
+
+def _celery_global_options(settings: Settings) -> list[str]:
+    """Celery's logging is promptq's (worker.app's setup_logging receiver). With JSON logs,
+    Celery's start-up banner, printed straight to stdout, is left out too, so that every
+    line a worker or beat writes is one JSON object."""
+    return ["--quiet"] if settings.log_format == "json" else []
 
 
 @click.command()
@@ -83,10 +112,18 @@ def flower(port: int, address: str) -> None:
     from worker.app import app
 
     settings = get_settings()
-    argv = ["flower", f"--port={port}", f"--address={address}"]
-    if settings.flower_basic_auth:
-        argv.append(f"--basic-auth={settings.flower_basic_auth.get_secret_value()}")
-    app.start(argv)
+    credentials = (
+        settings.flower_basic_auth.get_secret_value() if settings.flower_basic_auth else ""
+    )
+    # Flower shows every task and can revoke them and stop workers: never open to all.
+    user, _, password = credentials.partition(":")
+    if not user or not password:
+        raise click.ClickException(
+            "PROMPTQ_FLOWER_BASIC_AUTH is not set (or not user:password); set it, e.g. "
+            "PROMPTQ_FLOWER_BASIC_AUTH=admin:$(openssl rand -hex 12), so Flower is not open "
+            "to everyone who can reach its port"
+        )
+    app.start(["flower", f"--port={port}", f"--address={address}", f"--basic-auth={credentials}"])
 
 
 @click.group()

@@ -66,6 +66,8 @@ def up(port: int, flower_port: int, concurrency: int | None) -> None:
     settings = get_settings()
     preflight(settings)
     env = dict(os.environ)
+    # One terminal shows every process's log: text reads better there than JSON lines.
+    env.setdefault("PROMPTQ_LOG_FORMAT", "text")
     private: list[Any] = []
 
     if settings.upstream_key is None:
@@ -74,8 +76,9 @@ def up(port: int, flower_port: int, concurrency: int | None) -> None:
         simulator = Simulator(SimulatorConfig(latency=0.5, latency_jitter=1.0)).start()
         private.append(simulator)
         env["PROMPTQ_UPSTREAM_URL"] = simulator.url
-        # The simulator asks for a key like the real upstream does; any will do.
-        env["PROMPTQ_UPSTREAM_API_KEY"] = "simulator"
+        # The simulator asks for a key like the real upstream does; any will do. A random
+        # one, since logs mask the upstream key wherever it appears.
+        env["PROMPTQ_UPSTREAM_API_KEY"] = f"sim-{secrets.token_hex(12)}"
         click.secho(
             "promptq up: no upstream key set (PROMPTQ_UPSTREAM_API_KEY or COMETAPI_KEY), so jobs "
             f"run against the built-in simulator at {simulator.url}, not a real model.",
@@ -84,9 +87,10 @@ def up(port: int, flower_port: int, concurrency: int | None) -> None:
     else:
         click.echo(f"promptq up: jobs run against {settings.upstream_url}/v1/messages")
 
+    # Before the import: Alembic logs its plugins as it loads.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     from promptq.migrate import upgrade
 
-    logging.getLogger("alembic").setLevel(logging.WARNING)
     upgrade(settings.database_url)
 
     if settings.redis_url is None:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy.orm import Session
 
+from promptq.batches.service import end_if_finished
 from promptq.config import Settings
 from promptq.jobs.repository import JobRepository
 from promptq.models import RUNNABLE_STATUSES, Attempt, JobStatus
@@ -38,6 +40,8 @@ class RunnableJob:
     waiting_for: str | None
     # Seconds until it is due (0: now).
     due_in: float
+    # The key's monthly budget: only a key with one reserves money when its jobs start.
+    key_monthly_budget_usd: Decimal | None = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,7 @@ def runnable_job(session: Session, job_id: str) -> RunnableJob | None:
         key_rpm=key.rpm,
         waiting_for=job.waiting_for,
         due_in=max(0.0, due_in),
+        key_monthly_budget_usd=key.monthly_budget_usd,
     )
 
 
@@ -188,7 +193,10 @@ def record_attempt(
         # First loaded in this session after the update above, so already current.
         job = repository.get(claimed.id)
         assert job is not None
-        return AttemptVerdict(verdict.status, deliveries=tuple(deliveries.job_event(session, job)))
+        sent = deliveries.job_event(session, job)
+        if job.batch_id is not None:
+            sent += end_if_finished(session, settings, job.batch_id)
+        return AttemptVerdict(verdict.status, deliveries=tuple(sent))
     return verdict
 
 

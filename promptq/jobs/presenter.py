@@ -76,4 +76,5 @@ def job_to_api(job: Job) -> dict[str, Any]:
         "prices": job.prices,
         "error": error,
         "webhook": webhook,
+        "batch": {"id": job.batch_id, "custom_id": job.custom_id} if job.batch_id else None,
     }

@@ -15,6 +15,7 @@ from datetime import timedelta
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
+from promptq import budgets
 from promptq.config import Settings
 from promptq.db import TRANSIENT_DATABASE_ERRORS, session_scope
 from promptq.jobs.execution import (
@@ -88,11 +89,22 @@ class JobRunner:
 
     def _attempt(self, job: RunnableJob, grant: Grant) -> str:
         url = self.settings.database_url
+        refused: budgets.Refusal | None = None
         with session_scope(url) as session:
             claimed = claim_job(session, self.settings, job)
+            if claimed is not None and job.key_monthly_budget_usd is not None:
+                # In the claim's transaction: a job runs only with its cost reserved.
+                refused = budgets.reserve(
+                    session, self.settings, self.prices, job.api_key_id, claimed
+                )
         if claimed is None:
             self._give_back(grant)
             return "claimed elsewhere"
+        if refused is not None:
+            self._give_back(grant)
+            self.deliver(refused.deliveries)
+            log.info("job %s not started: %s", job.id, refused.message)
+            return "budget exceeded"
         with self.leases.holding(job.id, grant):
             result = self.upstream.create_message(claimed.request)
             # The answer is recorded first, and waited for through a database outage: it
@@ -105,6 +117,8 @@ class JobRunner:
             ):
                 with retrying, session_scope(url) as session:
                     verdict = record_attempt(session, self.settings, self.prices, claimed, result)
+                    if job.key_monthly_budget_usd is not None:
+                        budgets.release(session, [claimed.id])
         log.info(
             "job %s attempt %d: %s (upstream %s, %d ms)",
             job.id,
@@ -112,6 +126,7 @@ class JobRunner:
             verdict.status,
             result.status_code,
             result.latency_ms,
+            extra={"job_id": job.id, "attempt": claimed.attempt, "model": job.model},
         )
         try:
             usage = Usage.from_message(result.message) if result.message else None
@@ -125,7 +140,9 @@ class JobRunner:
                 )
         except Exception:
             # Left unsettled, the slot frees itself when its lease runs out.
-            log.exception("could not settle the rate-limit grant of job %s", job.id)
+            log.exception(
+                "could not settle the rate-limit grant of job %s", job.id, extra={"job_id": job.id}
+            )
         if verdict.deliveries:
             self.deliver(verdict.deliveries)
         if verdict.retry_in is not None:

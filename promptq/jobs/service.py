@@ -10,6 +10,7 @@ from datetime import timedelta
 
 from sqlalchemy.orm import Session
 
+from promptq.budgets import check_budget
 from promptq.config import Settings
 from promptq.ids import new_id
 from promptq.jobs.errors import InvalidJob, JobConflict, JobNotFound
@@ -81,6 +82,7 @@ def create_job(
         if earlier is not None:
             return CreatedJob(job=earlier, created=False)
 
+    check_budget(session, key)
     if payload.target_url is not None:
         try:
             check_url(payload.target_url, allow_private=settings.webhook_allow_private)
@@ -126,6 +128,7 @@ def list_jobs(
 
 
 def cancel_job(session: Session, key: ApiKey, job_id: str) -> Job:
+    """A batch whose last open request this was is ended by the sweeper's next round."""
     job = get_job(session, key, job_id)
     now = utcnow()
     canceled = JobRepository(session).transition(

@@ -7,6 +7,8 @@ from datetime import timedelta
 
 from sqlalchemy.orm import Session
 
+from promptq import budgets
+from promptq.batches.service import end_if_finished
 from promptq.config import Settings
 from promptq.jobs.repository import JobRepository
 from promptq.models import JobStatus
@@ -24,7 +26,7 @@ class Reclaimed:
     deliveries: list[str] = field(default_factory=list)
 
 
-def reclaim_expired(session: Session) -> Reclaimed:
+def reclaim_expired(session: Session, settings: Settings) -> Reclaimed:
     """Running jobs whose lease ran out (their worker died or hung) become runnable again,
     or fail when that was their last attempt."""
     repository = JobRepository(session)
@@ -47,9 +49,13 @@ def reclaim_expired(session: Session) -> Reclaimed:
             values["finished_at"] = now
         if not repository.transition(job.id, [JobStatus.RUNNING], values):
             continue
+        # The dead worker's budget reservation goes with its claim.
+        budgets.release(session, [job.id])
         if last:
             session.refresh(job)
             reclaimed.deliveries += deliveries.job_event(session, job)
+            if job.batch_id is not None:
+                reclaimed.deliveries += end_if_finished(session, settings, job.batch_id)
         else:
             reclaimed.runnable.append((job.id, job.priority))
     return reclaimed

@@ -43,8 +43,8 @@ def create_key(
         raise ApiKeyError("a key needs a non-empty name")
     if rpm is not None and rpm < 1:
         raise ApiKeyError("--rpm must be a positive number of requests per minute")
-    if monthly_budget_usd is not None and monthly_budget_usd < 0:
-        raise ApiKeyError("--monthly-budget must be zero or more US dollars")
+    if monthly_budget_usd is not None:
+        check_budget_amount(monthly_budget_usd)
     plain = KEY_PREFIX + secrets.token_urlsafe(32)
     # Standard Webhooks secrets are `whsec_` + base64 of the raw HMAC key.
     webhook_secret = WEBHOOK_SECRET_PREFIX + base64.b64encode(secrets.token_bytes(24)).decode()
@@ -59,6 +59,21 @@ def create_key(
     )
     ApiKeyRepository(session).add(record)
     return CreatedKey(record=record, key=plain, webhook_secret=webhook_secret)
+
+
+# Money columns hold integer picodollars in a signed 64-bit integer.
+MAX_BUDGET_USD = Decimal(9_000_000)
+
+
+def check_budget_amount(amount: Decimal) -> None:
+    """A monthly budget must be a positive amount of US dollars that money columns can hold:
+    at most 12 decimal places (a picodollar) and under 9 million."""
+    if not isinstance(amount, Decimal) or not amount.is_finite() or amount <= 0:
+        raise ApiKeyError(f"--monthly-budget must be more than 0 US dollars, got {amount}")
+    if amount > MAX_BUDGET_USD:
+        raise ApiKeyError(f"--monthly-budget must be at most {MAX_BUDGET_USD} US dollars")
+    if amount != amount.quantize(Decimal("1e-12")):
+        raise ApiKeyError("--monthly-budget has more than 12 decimal places; round it")
 
 
 def authenticate(session: Session, plain: str) -> ApiKey | None:

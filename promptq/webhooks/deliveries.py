@@ -39,8 +39,9 @@ class PreparedDelivery:
 
 def job_event(session: Session, job: Job) -> list[str]:
     """Create the deliveries of a job's end: to its webhook_url and to every subscription of
-    its key that wants the event. The ids, to send now."""
-    if job.status not in ("succeeded", "failed"):
+    its key that wants the event. The ids, to send now. A batch's requests send none of
+    their own (a batch of 10,000 would make 10,000 calls): the batch announces its end."""
+    if job.status not in ("succeeded", "failed") or job.batch_id is not None:
         return []
     now = utcnow()
     event_type = f"job.{job.status}"
@@ -69,6 +70,34 @@ def job_event(session: Session, job: Job) -> list[str]:
             next_attempt_at=now,
         )
         for url, subscription_id in targets
+    ]
+    session.add_all(created)
+    session.flush()
+    return [delivery.id for delivery in created]
+
+
+def batch_event(session: Session, api_key_id: str, batch: dict[str, Any]) -> list[str]:
+    """Create the `batch.ended` deliveries of a batch, to every subscription that wants it."""
+    now = utcnow()
+    body = json.dumps(
+        {"type": "batch.ended", "timestamp": isoformat(now), "data": batch},
+        separators=(",", ":"),
+    )
+    created = [
+        WebhookDelivery(
+            id=new_id("dlv"),
+            event_id=new_id("msg"),
+            job_id=None,
+            api_key_id=api_key_id,
+            subscription_id=subscription.id,
+            url=subscription.url,
+            event_type="batch.ended",
+            body=body,
+            attempts=0,
+            status=DeliveryStatus.PENDING,
+            next_attempt_at=now,
+        )
+        for subscription in subscriptions.listening(session, api_key_id, "batch.ended")
     ]
     session.add_all(created)
     session.flush()

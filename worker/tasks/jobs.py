@@ -8,6 +8,7 @@ from typing import Any
 import redis
 from celery import Task
 
+from promptq.logging import log_context
 from promptq.ratelimit.limiter import Grant
 from worker.app import app
 from worker.context import worker_context
@@ -28,4 +29,7 @@ class RunJobTask(Task):  # type: ignore[misc]
 @promptq_task("run_job", base=RunJobTask, **RETRY_TRANSIENT)
 def run_job(job_id: str, grant: dict[str, Any] | None = None) -> str:
     """`grant` is set when a dispatcher already took rate-limit budget for this job."""
-    return worker_context().runner.run(job_id, Grant.from_message(grant) if grant else None)
+    # Whatever is logged while the job runs (the runner, the upstream client, the limiter)
+    # names it.
+    with log_context(job_id=job_id, task="promptq.run_job"):
+        return worker_context().runner.run(job_id, Grant.from_message(grant) if grant else None)

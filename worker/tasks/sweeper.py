@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
+from promptq.batches.service import expire_and_close
 from promptq.db import session_scope
 from promptq.jobs.sweeping import reclaim_expired, stale_runnable_jobs
 from promptq.types import utcnow
@@ -23,7 +24,7 @@ def sweep() -> dict[str, int]:
     ctx = worker_context()
     url = ctx.settings.database_url
     with session_scope(url) as session:
-        reclaimed = reclaim_expired(session)
+        reclaimed = reclaim_expired(session, ctx.settings)
     with session_scope(url) as session:
         candidates = stale_runnable_jobs(session, ctx.settings)
     # A job is accounted for while it waits in its model's rate-limit queue, or while its
@@ -43,9 +44,13 @@ def sweep() -> dict[str, int]:
         publish_job(app, candidate.id, candidate.priority)
     # Deliveries due for a few seconds: their message was lost, their sender died, or their
     # wait was too long for a broker countdown. A duplicate sends nothing (take() is a CAS).
+    # Batches: requests past the 24 hours expire, and a batch whose last request ended
+    # without ending it (a job canceled on its own, say) is ended here.
+    with session_scope(url) as session:
+        batch_deliveries = expire_and_close(session, ctx.settings)
     with session_scope(url) as session:
         due = deliveries.due(session, utcnow() - timedelta(seconds=2))
-    for delivery_id in [*reclaimed.deliveries, *due]:
+    for delivery_id in [*reclaimed.deliveries, *batch_deliveries, *due]:
         publish_delivery(app, delivery_id)
     if reclaimed.runnable or lost or due:
         log.info(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from promptq.db import session_scope
+from promptq.logging import log_context
 from promptq.types import utcnow
 from promptq.webhooks import deliveries
 from worker.app import app
@@ -13,6 +14,11 @@ from worker.tasks.base import RETRY_TRANSIENT, promptq_task
 
 @promptq_task("deliver_webhook", **RETRY_TRANSIENT)
 def deliver_webhook(delivery_id: str) -> str:
+    with log_context(delivery_id=delivery_id, task="promptq.deliver_webhook"):
+        return _deliver(delivery_id)
+
+
+def _deliver(delivery_id: str) -> str:
     ctx = worker_context()
     with session_scope(ctx.settings.database_url) as session:
         prepared = deliveries.take(session, delivery_id)

@@ -1,0 +1,119 @@
+"""POST /v1/messages, Anthropic-compatible: the official SDKs work with `base_url` pointed at
+promptq. Each call is a job at high priority, under the same limits, retries and cost
+records as any other; the answer is the upstream's message unchanged once the job has
+finished, or its error in Anthropic's shape and status. `stream: true` is answered with
+Anthropic's server-sent events once the job has finished (promptq.upstream.message_events
+says why not sooner)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from api.auth import request_caller
+from api.deps import SettingsDep
+from api.errors import ApiError
+from api.routes.jobs import accept_job, read_job
+from promptq.db import session_scope
+from promptq.jobs import service
+from promptq.jobs.errors import JobConflict
+from promptq.jobs.schemas import MAX_JSON_DEPTH, JobCreate, MessagesRequest, json_depth
+from promptq.models import ApiKey, JobStatus, Priority
+from promptq.upstream.anthropic_errors import anthropic_error
+from promptq.upstream.message_events import message_events
+from promptq.validation import describe_validation_errors
+
+router = APIRouter(tags=["anthropic"])
+
+# A running job is waited for past messages_wait_seconds: its upstream call is under way and
+# bounded by the upstream timeout; giving up on it would pay for an answer nobody reads.
+POLL_CEILING_SECONDS = 0.25
+
+
+async def read_messages_request(request: Request) -> tuple[MessagesRequest, bool]:
+    """The parameters, and whether the client asked for a stream (the job itself never
+    streams: see promptq.upstream.message_events)."""
+    raw = await request.body()
+    try:
+        data = json.loads(raw) if raw.strip() else None
+    except RecursionError as exc:
+        raise ApiError(400, f"body nests deeper than {MAX_JSON_DEPTH} levels") from exc
+    except ValueError as exc:
+        raise ApiError(400, f"body is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ApiError(400, "body: must be a JSON object of Messages API parameters")
+    if json_depth(data) > MAX_JSON_DEPTH:
+        raise ApiError(400, f"body nests deeper than {MAX_JSON_DEPTH} levels")
+    stream = data.pop("stream", None)
+    if stream not in (None, True, False):
+        raise ApiError(400, "stream: must be true or false")
+    try:
+        return MessagesRequest.model_validate(data), bool(stream)
+    except ValidationError as exc:
+        # Anthropic answers invalid parameters with 400, not 422.
+        raise ApiError(400, describe_validation_errors(list(exc.errors()))) from exc
+
+
+@router.post("/v1/messages", summary="Create a message (Anthropic Messages API)")
+async def create_message(request: Request, settings: SettingsDep) -> Response:
+    key = await request_caller(request, settings.database_url)
+    params, stream = await read_messages_request(request)
+    payload = JobCreate(request=params, priority=Priority.HIGH)
+    body = await run_in_threadpool(accept_job, request, settings, key, payload, None)
+    job = await _await_job(request, settings.database_url, key, body, settings)
+    headers = {"request-id": job["id"], "x-promptq-job-id": job["id"]}
+    if job["status"] == JobStatus.SUCCEEDED and stream:
+        return StreamingResponse(
+            message_events(job["result"]), media_type="text/event-stream", headers=headers
+        )
+    if job["status"] == JobStatus.SUCCEEDED:
+        return JSONResponse(job["result"], headers=headers)
+    if job["status"] == JobStatus.FAILED:
+        error = job["error"] or {}
+        status, error_body = anthropic_error(
+            error.get("type"), error.get("message"), error.get("upstream_status")
+        )
+        return JSONResponse(error_body, status_code=status, headers=headers)
+    raise ApiError(
+        529,
+        f"promptq could not start this request within {settings.messages_wait_seconds:g} s "
+        f"(job {job['id']} waited for rate-limit budget and was canceled); retry later",
+        "overloaded_error",
+        headers=headers,
+    )
+
+
+async def _await_job(
+    request: Request, database_url: str, key: ApiKey, job: dict[str, Any], settings: SettingsDep
+) -> dict[str, Any]:
+    """Poll until the job is final. Past the wait, or when the client has gone, a job that
+    has not started is canceled, so that it never costs anything."""
+    deadline = time.monotonic() + settings.messages_wait_seconds
+    delay = 0.02
+    while not JobStatus(job["status"]).is_final:
+        gone = await request.is_disconnected()
+        if gone or time.monotonic() >= deadline:
+            job = await run_in_threadpool(_cancel_unless_running, database_url, key, job["id"])
+            if gone or JobStatus(job["status"]).is_final:
+                return job
+            deadline = float("inf")
+        await asyncio.sleep(delay)
+        delay = min(delay * 1.5, POLL_CEILING_SECONDS)
+        job = await run_in_threadpool(read_job, database_url, key, job["id"])
+    return job
+
+
+def _cancel_unless_running(database_url: str, key: ApiKey, job_id: str) -> dict[str, Any]:
+    try:
+        with session_scope(database_url) as session:
+            service.cancel_job(session, key, job_id)
+    except JobConflict:
+        pass  # running or finished: its answer is on its way
+    return read_job(database_url, key, job_id)

@@ -1,0 +1,73 @@
+"""GET /metrics: the whole deployment's figures in Prometheus's text format.
+
+No authentication, as is the Prometheus convention (scrapers are configured with a URL,
+and the endpoint is kept off the public network by where it listens or by the proxy in
+front). That is safe because nothing here is secret or per client: counts, tokens, costs
+and latencies by model and status, never a key, a URL or a prompt.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import redis
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from api.deps import SettingsDep
+from promptq.config import Settings
+from promptq.metrics import PromptqCollector
+
+router = APIRouter(tags=["health"])
+
+# A scrape must fail fast when Redis is away (503), not hang until Prometheus gives up.
+REDIS_TIMEOUT_SECONDS = 2.0
+_build_lock = threading.Lock()
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics of the whole deployment",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},
+)
+def metrics(request: Request, settings: SettingsDep) -> Response:
+    # Errors are the app's: a database or Redis outage becomes the usual 503.
+    body = generate_latest(_registry(request.app, settings))
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+def _registry(app: FastAPI, settings: Settings) -> CollectorRegistry:
+    """One registry per app, built on the first scrape. Dedicated, not prometheus_client's
+    global one: its process and platform collectors describe one API process, not the
+    deployment, and tests build many apps in one process."""
+    registry: CollectorRegistry | None = getattr(app.state, "metrics_registry", None)
+    if registry is not None:
+        return registry
+    with _build_lock:
+        registry = getattr(app.state, "metrics_registry", None)
+        if registry is None:
+            registry = CollectorRegistry()
+            registry.register(_collector(settings))
+            app.state.metrics_registry = registry
+    return registry
+
+
+def _collector(settings: Settings) -> PromptqCollector:
+    if not settings.redis_url:
+        return PromptqCollector(settings.database_url, None)
+    from worker.app import create_celery
+    from worker.publish import broker_backlog
+
+    client = redis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=REDIS_TIMEOUT_SECONDS,
+        socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
+    )
+    # broker_backlog reads the queue names from a Celery app's configuration; this one
+    # only lends them and never connects or publishes.
+    celery_app = create_celery(settings)
+    return PromptqCollector(
+        settings.database_url, client, broker_backlog=lambda: broker_backlog(celery_app)
+    )

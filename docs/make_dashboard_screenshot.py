@@ -1,0 +1,197 @@
+"""Make docs/dashboard.png: the /dashboard page over a month of made-up but realistic jobs.
+
+    .venv/bin/python docs/make_dashboard_screenshot.py [--out docs/dashboard.png]
+
+Needs Debian's chromium and chromium-driver (`apt-get install chromium chromium-driver`) and
+the dev dependencies (selenium). Everything else is scratch: a fresh SQLite database in a
+temporary directory, filled through promptq's models, and the API in this process on a free
+loopback port. Nothing touches PROMPTQ_DATABASE_URL's database; no Redis is needed, since
+the page publishes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import tempfile
+import threading
+import time
+from datetime import datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+ADMIN_TOKEN = "screenshot-admin-token"
+# USD per million tokens (input, output), as the built-in price table has them.
+MODELS = {
+    "claude-sonnet-4-5-20250929": (Decimal(3), Decimal(15)),
+    "claude-haiku-4-5-20251001": (Decimal(1), Decimal(5)),
+    "claude-opus-4-1-20250805": (Decimal(15), Decimal(75)),
+}
+FAILURES = [
+    ("invalid_request_error", 400, "max_tokens: 64000 > 32000, which is the maximum for this model"),
+    ("rate_limit_error", 429, "Number of request tokens has exceeded your per-minute rate limit"),
+    ("overloaded_error", 529, "Overloaded"),
+    ("upstream_unavailable", 524, "the upstream answered 524 (a proxy timeout) 4 times"),
+    ("invalid_request_error", 400, "messages: text content blocks must be non-empty"),
+]
+
+
+def fill(database_url: str, now: datetime) -> None:
+    """About a month of jobs for three keys on three models, with weekly rhythm and noise."""
+    from promptq.db import session_scope
+    from promptq.ids import new_id
+    from promptq.keys.service import create_key
+    from promptq.models import Job, JobStatus
+
+    rng = random.Random(7)
+    with session_scope(database_url) as session:
+        keys = [create_key(session, name).record.id for name in ("n8n", "backend", "nightly")]
+    jobs: list[Job] = []
+
+    def job(status: str, model: str, finished: datetime | None, **fields: object) -> Job:
+        created = (finished or now) - timedelta(seconds=rng.uniform(2, 40))
+        return Job(
+            id=new_id("job"),
+            api_key_id=rng.choice(keys),
+            status=status,
+            model=model,
+            request={"model": model, "max_tokens": 1024, "messages": []},
+            attempts=1,
+            max_attempts=4,
+            created_at=created,
+            started_at=created if status != JobStatus.QUEUED else None,
+            finished_at=finished,
+            **fields,
+        )
+
+    for days_ago in range(33, -1, -1):
+        day = (now - timedelta(days=days_ago)).replace(hour=0, minute=0, second=0, microsecond=0)
+        weekday = day.weekday() < 5
+        for model, (input_price, output_price) in MODELS.items():
+            base = {"claude-sonnet-4-5-20250929": 60, "claude-haiku-4-5-20251001": 140}.get(
+                model, 6
+            )
+            for _ in range(rng.randint(base // 2, base) if weekday else rng.randint(0, base // 4)):
+                finished = day + timedelta(seconds=rng.uniform(0, 86_399))
+                if finished > now:
+                    continue
+                tokens_in, tokens_out = rng.randint(300, 6000), rng.randint(80, 1500)
+                cost_in = tokens_in * input_price / 1_000_000
+                cost_out = tokens_out * output_price / 1_000_000
+                jobs.append(
+                    job(
+                        JobStatus.SUCCEEDED,
+                        model,
+                        finished,
+                        input_tokens=tokens_in,
+                        output_tokens=tokens_out,
+                        cache_creation_input_tokens=0,
+                        cache_read_input_tokens=0,
+                        cost_input=cost_in,
+                        cost_output=cost_out,
+                        cost_cache_write=Decimal(0),
+                        cost_cache_read=Decimal(0),
+                        cost_total=cost_in + cost_out,
+                    )
+                )
+    for minutes_ago in sorted(rng.sample(range(5, 9000), 24), reverse=True):
+        error_type, status_code, message = rng.choice(FAILURES)
+        finished = now - timedelta(minutes=minutes_ago)
+        jobs.append(
+            job(
+                JobStatus.FAILED,
+                rng.choice(list(MODELS)),
+                finished,
+                error_type=error_type,
+                upstream_status=status_code,
+                error_message=message,
+            )
+        )
+    for status, count in [("queued", 37), ("running", 12), ("retrying", 4), ("canceled", 9)]:
+        for _ in range(count):
+            finished = now if status == JobStatus.CANCELED else None
+            jobs.append(job(status, rng.choice(list(MODELS)), finished))
+    with session_scope(database_url) as session:
+        session.add_all(jobs)
+
+
+def serve(database_url: str) -> str:
+    """The API in a thread of this process, on a free loopback port."""
+    import uvicorn
+    from pydantic import SecretStr
+
+    from api.app import create_app
+    from promptq.cli.stack import free_port
+    from promptq.config import Settings
+
+    settings = Settings(database_url=database_url, admin_token=SecretStr(ADMIN_TOKEN))
+    port = free_port()
+    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    return f"http://127.0.0.1:{port}"
+
+
+def screenshot(url: str, out: Path, profile: str) -> None:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+        "--window-size=1200,900",
+        f"--user-data-dir={profile}",
+    ):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        driver.get(f"{url}/dashboard")
+        driver.find_element(By.NAME, "credential").send_keys(ADMIN_TOKEN)
+        driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+        WebDriverWait(driver, 20).until(
+            lambda d: len(d.find_elements(By.CSS_SELECTOR, ".chart[data-rendered]")) == 3
+        )
+        driver.save_screenshot(str(out))
+    finally:
+        driver.quit()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "dashboard.png")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="promptq-screenshot-") as scratch:
+        database_url = f"sqlite:///{scratch}/promptq.db"
+        # Before promptq reads its settings: the scratch database, and a broker URL that is
+        # never dialled (the Celery app wants one to exist; the page publishes nothing).
+        os.environ["PROMPTQ_DATABASE_URL"] = database_url
+        os.environ["PROMPTQ_REDIS_URL"] = "redis://127.0.0.1:9/0"
+        os.environ.pop("PROMPTQ_ADMIN_TOKEN", None)
+        from promptq.migrate import upgrade
+        from promptq.types import utcnow
+
+        upgrade(database_url)
+        fill(database_url, utcnow())
+        screenshot(serve(database_url), args.out, f"{scratch}/chromium")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""Monthly budgets of client keys: checked at intake, reserved at each job's start."""
+
+from promptq.budgets.service import (
+    BUDGET_EXCEEDED,
+    BudgetExceeded,
+    BudgetState,
+    Refusal,
+    budget_state,
+    check_budget,
+    max_cost,
+    release,
+    reserve,
+)
+
+__all__ = [
+    "BUDGET_EXCEEDED",
+    "BudgetExceeded",
+    "BudgetState",
+    "Refusal",
+    "budget_state",
+    "check_budget",
+    "max_cost",
+    "release",
+    "reserve",
+]

@@ -1,0 +1,219 @@
+"""Monthly budgets of client keys: refused at intake once spent, and held to at the start
+of every job, so that jobs running at once cannot together overshoot the budget.
+
+A key's month is the calendar month in UTC. What counts against the budget is its spend
+(the recorded costs of its jobs finished this month) plus what is reserved for its running
+jobs: each job reserves the most it could cost when a worker claims it, in the same
+transaction as the claim, and releases it when its attempt is recorded, in the same
+transaction as its cost. The check and the reservation are one decision per key at a time
+(the key's row is locked on PostgreSQL; SQLite has a single writer), so however many
+workers start jobs at once, they overshoot by no more than what the price estimate misses.
+
+Keys without a budget cost nothing here: every entry point returns before any query.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.orm import Session
+
+from promptq.budgets.repository import BudgetRepository
+from promptq.config import Settings
+from promptq.jobs.errors import JobError
+from promptq.jobs.repository import JobRepository
+from promptq.models import ApiKey, Job, JobStatus
+from promptq.periods import isoformat_z, month_start, next_month_start
+from promptq.pricing import PriceTable, cost_of, format_usd
+from promptq.ratelimit.estimate import estimate_input_tokens, output_reservation
+from promptq.types import utcnow
+from promptq.usage import Usage
+
+if TYPE_CHECKING:
+    from promptq.jobs.execution import ClaimedJob
+
+BUDGET_EXCEEDED = "budget_exceeded_error"
+
+
+class BudgetExceeded(JobError):
+    """A key's monthly budget is spent; the API answers 402."""
+
+    error_type = BUDGET_EXCEEDED
+
+    def __init__(self, message: str, state: BudgetState) -> None:
+        super().__init__(message)
+        self.state = state
+
+
+@dataclass(frozen=True)
+class BudgetState:
+    """A key's budget this month and what is committed against it, in USD."""
+
+    budget: Decimal
+    spent: Decimal
+    reserved: Decimal
+    # The first moment of next month, UTC: when spending starts from zero again.
+    resets_at: datetime
+
+    @property
+    def committed(self) -> Decimal:
+        return self.spent + self.reserved
+
+    @property
+    def remaining(self) -> Decimal:
+        return max(Decimal(0), self.budget - self.committed)
+
+    @property
+    def reached(self) -> bool:
+        return self.committed >= self.budget
+
+    def fits(self, amount: Decimal) -> bool:
+        return not self.reached and self.committed + amount <= self.budget
+
+    def describe(self) -> str:
+        return (
+            f"{format_usd(self.spent)} USD spent this month and {format_usd(self.reserved)} USD "
+            f"reserved for jobs in flight, of a monthly budget of {format_usd(self.budget)} USD"
+        )
+
+    @property
+    def resets(self) -> str:
+        return isoformat_z(self.resets_at)
+
+
+def budget_state(
+    session: Session, api_key_id: str, budget: Decimal, now: datetime | None = None
+) -> BudgetState:
+    now = now or utcnow()
+    spent, reserved = BudgetRepository(session).committed(api_key_id, month_start(now))
+    return BudgetState(budget, spent, reserved, next_month_start(now))
+
+
+def check_budget(session: Session, key: ApiKey, now: datetime | None = None) -> None:
+    """Refuse a new job of `key` once its budget is reached (spend plus reservations); call
+    it on every path that creates jobs. One query for a key with a budget, none without."""
+    budget = key.monthly_budget_usd
+    if budget is None:
+        return
+    state = budget_state(session, key.id, budget, now)
+    if state.reached:
+        raise BudgetExceeded(
+            f"API key {key.name!r} has reached its monthly budget: {state.describe()}. "
+            f"New jobs are refused until the budget resets at {state.resets} (the first day "
+            "of next month, UTC).",
+            state,
+        )
+
+
+def max_cost(request: Mapping[str, Any], model: str, prices: PriceTable) -> Decimal:
+    """The most a call could cost, at the prices it would be charged: the estimated input
+    tokens at the input price (the dearest input-side price when the request asks for
+    caching, since cache writes cost more than plain input) plus max_tokens at the output
+    price. A model without a price records no cost, so it holds nothing."""
+    model_prices = prices.prices_for(model)
+    if model_prices is None:
+        return Decimal(0)
+    input_price = model_prices.input
+    if _asks_for_caching(request):
+        input_price = max(input_price, model_prices.cache_write, model_prices.cache_write_1h)
+    usage = Usage(
+        input_tokens=estimate_input_tokens(request), output_tokens=output_reservation(request)
+    )
+    return cost_of(usage, replace(model_prices, input=input_price)).total
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A claimed job that was failed instead of started: its budget could not hold it."""
+
+    message: str
+    # Webhook deliveries its failure created, to send now.
+    deliveries: tuple[str, ...]
+
+
+def reserve(
+    session: Session,
+    settings: Settings,
+    prices: PriceTable,
+    api_key_id: str,
+    claimed: ClaimedJob,
+    now: datetime | None = None,
+) -> Refusal | None:
+    """Reserve the claimed job's maximum cost against its key's budget, in the claim's own
+    transaction; None when it fits (or the key has no budget). When it does not fit, the
+    job fails here with `budget_exceeded_error` and never reaches the upstream."""
+    repository = BudgetRepository(session)
+    key = repository.lock_key(api_key_id)
+    if key is None or key.monthly_budget_usd is None:
+        return None
+    amount = max_cost(claimed.request, claimed.model, prices)
+    state = budget_state(session, api_key_id, key.monthly_budget_usd, now)
+    if state.fits(amount):
+        repository.reserve(claimed.id, api_key_id, amount)
+        return None
+    message = (
+        f"not started: this job could cost up to {format_usd(amount)} USD "
+        f"({estimate_input_tokens(claimed.request)} input tokens estimated, max_tokens "
+        f"{output_reservation(claimed.request)}), and API key {key.name!r} has "
+        f"{format_usd(state.remaining)} USD left ({state.describe()}). The budget resets at "
+        f"{state.resets} (the first day of next month, UTC)."
+    )
+    return Refusal(message, tuple(_fail(session, settings, claimed, message)))
+
+
+def release(session: Session, job_ids: Sequence[str]) -> None:
+    """Give back the reservations of jobs whose attempt ended (recorded, or taken back by
+    the sweeper); a recorded cost is spend from then on."""
+    BudgetRepository(session).release(job_ids)
+
+
+def _fail(session: Session, settings: Settings, claimed: ClaimedJob, message: str) -> list[str]:
+    # Imported here: the webhook and batch modules import the job service, which imports
+    # this module for check_budget.
+    from promptq.batches.service import end_if_finished
+    from promptq.webhooks import deliveries
+
+    now = utcnow()
+    repository = JobRepository(session)
+    failed = repository.transition(
+        claimed.id,
+        [JobStatus.RUNNING],
+        {
+            "status": JobStatus.FAILED,
+            "finished_at": now,
+            "updated_at": now,
+            "lease_expires_at": None,
+            "error_type": BUDGET_EXCEEDED,
+            "error_message": message,
+            "upstream_status": None,
+            # The claim counted an attempt, but the upstream was never asked.
+            "attempts": Job.attempts - 1,
+        },
+    )
+    if not failed:
+        return []
+    job = repository.get(claimed.id)
+    assert job is not None
+    sent = deliveries.job_event(session, job)
+    if job.batch_id is not None:
+        sent += end_if_finished(session, settings, job.batch_id)
+    return sent
+
+
+def _asks_for_caching(request: Mapping[str, Any]) -> bool:
+    """Whether any part of the request carries `cache_control` (a block, a tool, or the
+    request itself)."""
+    pending: list[Any] = [request]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, Mapping):
+            if "cache_control" in value:
+                return True
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
+    return False

@@ -1,0 +1,144 @@
+"""What the /dashboard page shows: jobs by status, the latest failures, and spend per day and
+per model. The spend comes from the usage report, so the page and `GET /v1/usage` agree to
+the picodollar. Everything is scoped to one key, or to every key when `api_key_id` is None.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from promptq.models import ApiKey, Job, JobStatus
+from promptq.periods import Period, current_month, isoformat_z
+from promptq.reports.service import UsageReport, UsageRow, cost_parts, usage_report
+from promptq.types import utcnow
+
+SPEND_DAYS = 30
+FAILURES_SHOWN = 20
+
+
+@dataclass(frozen=True)
+class Failure:
+    id: str
+    model: str
+    key_name: str
+    finished_at: datetime | None
+    error_type: str | None
+    error_message: str | None
+    upstream_status: int | None
+
+
+def status_counts(session: Session, api_key_id: str | None) -> dict[str, int]:
+    """Every status, in lifecycle order, with its count of jobs (zero included)."""
+    query = select(Job.status, func.count()).group_by(Job.status)
+    if api_key_id is not None:
+        query = query.where(Job.api_key_id == api_key_id)
+    counts = {status.value: 0 for status in JobStatus}
+    for status, count in session.execute(query):
+        counts[status] = int(count)
+    return counts
+
+
+def recent_failures(
+    session: Session, api_key_id: str | None, limit: int = FAILURES_SHOWN
+) -> list[Failure]:
+    """The latest failed jobs, most recently finished first."""
+    query = (
+        select(
+            Job.id,
+            Job.model,
+            ApiKey.name,
+            Job.finished_at,
+            Job.error_type,
+            Job.error_message,
+            Job.upstream_status,
+        )
+        .join(ApiKey, ApiKey.id == Job.api_key_id)
+        .where(Job.status == JobStatus.FAILED)
+        .order_by(Job.finished_at.desc().nulls_last(), Job.id.desc())
+        .limit(limit)
+    )
+    if api_key_id is not None:
+        query = query.where(Job.api_key_id == api_key_id)
+    return [Failure(*row) for row in session.execute(query)]
+
+
+def last_days(now: datetime, days: int = SPEND_DAYS) -> Period:
+    """The `days` UTC calendar days up to and including today."""
+    now = now.astimezone(UTC)
+    today = datetime(now.year, now.month, now.day, tzinfo=UTC)
+    return Period(today - timedelta(days=days - 1), today + timedelta(days=1))
+
+
+@dataclass(frozen=True)
+class Dashboard:
+    rendered_at: datetime
+    api_key_id: str | None
+    statuses: dict[str, int]
+    by_day: UsageReport
+    by_model: UsageReport
+    failures: list[Failure]
+
+    def spend_by_day(self) -> list[dict[str, Any]]:
+        """One entry per day of the period, days without spend as zero, so a chart of it
+        shows the gaps; amounts stay decimal strings (the browser converts them to draw)."""
+        rows = {row.sums.group[0]: row for row in self.by_day.rows}
+        start, end = self.by_day.period.start, self.by_day.period.end
+        entries = []
+        for offset in range((end - start).days):
+            day = (start + timedelta(days=offset)).date().isoformat()
+            row = rows.get(day)
+            entries.append(
+                {"day": day, "jobs": row.sums.jobs if row else 0, "cost": cost_total(row)}
+            )
+        return entries
+
+    def chart_data(self) -> dict[str, Any]:
+        """What the page's script draws, embedded in the page as JSON."""
+        return {
+            "rendered_at": isoformat_z(self.rendered_at),
+            "scope": "all keys" if self.api_key_id is None else self.api_key_id,
+            "statuses": self.statuses,
+            "spend_by_day": {
+                "from": isoformat_z(self.by_day.period.start),
+                "to": isoformat_z(self.by_day.period.end),
+                "days": self.spend_by_day(),
+                **_totals(self.by_day),
+            },
+            "spend_by_model": {
+                "from": isoformat_z(self.by_model.period.start),
+                "to": isoformat_z(self.by_model.period.end),
+                "models": [
+                    {"model": row.sums.group[0], "jobs": row.sums.jobs, "cost": cost_total(row)}
+                    for row in self.by_model.rows
+                ],
+                **_totals(self.by_model),
+            },
+        }
+
+
+def cost_total(row: UsageRow | None) -> str:
+    return cost_parts(row.sums)["total"] if row else "0"
+
+
+def _totals(report: UsageReport) -> dict[str, Any]:
+    total = report.total
+    return {"jobs": total.jobs, "cost": cost_parts(total)["total"]}
+
+
+def build_dashboard(
+    session: Session, api_key_id: str | None, now: datetime | None = None
+) -> Dashboard:
+    now = now or utcnow()
+    return Dashboard(
+        rendered_at=now,
+        api_key_id=api_key_id,
+        statuses=status_counts(session, api_key_id),
+        by_day=usage_report(session, "day", last_days(now), api_key_id),
+        by_model=usage_report(session, "model", current_month(now), api_key_id),
+        failures=recent_failures(session, api_key_id),
+    )

@@ -1,0 +1,108 @@
+"""All queries of the usage report: sums over the jobs with a recorded cost, grouped."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Select,
+    String,
+    func,
+    literal_column,
+    select,
+    type_coerce,
+)
+from sqlalchemy.orm import Session
+
+from promptq.models import ApiKey, Job
+
+GroupBy = Literal["model", "key", "day"]
+GROUP_BYS: tuple[GroupBy, ...] = ("model", "key", "day")
+
+
+@dataclass(frozen=True)
+class UsageSums:
+    """One group's sums, as the database gave them: money in integer picodollars."""
+
+    group: tuple[str, ...]  # (model,), (key id, key name) or (YYYY-MM-DD,)
+    jobs: int
+    input_tokens: int
+    output_tokens: int
+    cache_creation_input_tokens: int
+    cache_read_input_tokens: int
+    cost_total: int
+    cost_input: int
+    cost_output: int
+    cost_cache_write: int
+    cost_cache_read: int
+
+
+def day_of(column: Any, dialect: str) -> ColumnElement[str]:
+    """The UTC calendar day of a timestamp as YYYY-MM-DD text, in SQL, per dialect."""
+    # The constants are literals, not bound parameters: PostgreSQL must see the expression
+    # in GROUP BY as the same one as in the select list, and $1 and $2 are not.
+    if dialect == "postgresql":
+        # timezone('UTC', timestamptz) is the UTC wall-clock time, whatever the session's
+        # TimeZone setting.
+        utc = func.timezone(literal_column("'UTC'"), column)
+        return func.to_char(utc, literal_column("'YYYY-MM-DD'"), type_=String)
+    # SQLite keeps promptq's timestamps as naive UTC text (promptq.types.UTCDateTime).
+    return func.strftime(literal_column("'%Y-%m-%d'"), column, type_=String)
+
+
+def _sum(column: Any) -> ColumnElement[int]:
+    # type_coerce: the raw integers (picodollars for money), not Money's conversion per
+    # row; they become Decimal once, at the edge.
+    return func.coalesce(func.sum(type_coerce(column, BigInteger)), 0)
+
+
+class UsageRepository:
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def sums(
+        self, group_by: GroupBy, start: datetime, end: datetime, api_key_id: str | None
+    ) -> list[UsageSums]:
+        """Sums per group over the jobs with a recorded cost finished in [start, end)."""
+        keys: Sequence[Any]
+        if group_by == "model":
+            keys = [Job.model]
+        elif group_by == "key":
+            keys = [Job.api_key_id, ApiKey.name]
+        else:
+            keys = [day_of(Job.finished_at, self.session.get_bind().dialect.name).label("day")]
+        query: Select[Any] = select(
+            *keys,
+            func.count(),
+            _sum(Job.input_tokens),
+            _sum(Job.output_tokens),
+            _sum(Job.cache_creation_input_tokens),
+            _sum(Job.cache_read_input_tokens),
+            _sum(Job.cost_total),
+            _sum(Job.cost_input),
+            _sum(Job.cost_output),
+            _sum(Job.cost_cache_write),
+            _sum(Job.cost_cache_read),
+        ).where(
+            Job.cost_total.is_not(None),
+            Job.finished_at >= start,
+            Job.finished_at < end,
+        )
+        if group_by == "key":
+            query = query.join(ApiKey, ApiKey.id == Job.api_key_id)
+        if api_key_id is not None:
+            query = query.where(Job.api_key_id == api_key_id)
+        query = query.group_by(*keys).order_by(*reversed(keys) if group_by == "key" else keys)
+        width = len(keys)
+        return [
+            UsageSums(
+                tuple(str(value) for value in row[:width]),
+                *(int(value) for value in row[width:]),
+            )
+            for row in self.session.execute(query)
+        ]

@@ -1,0 +1,58 @@
+"""Jobs with known costs written straight to the database, for the usage and budget tests."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+
+from promptq.db import session_scope
+from promptq.ids import new_id
+from promptq.keys.service import authenticate
+from promptq.models import Job, JobStatus
+from promptq.types import utcnow
+
+
+def key_id_of(database_url: str, plain: str) -> str:
+    with session_scope(database_url) as session:
+        key = authenticate(session, plain)
+        assert key is not None
+        return key.id
+
+
+def add_job(
+    database_url: str,
+    api_key_id: str,
+    finished_at: datetime | None,
+    *,
+    model: str = "claude-sonnet-4-5-20250929",
+    status: str = JobStatus.SUCCEEDED,
+    tokens: tuple[int, int, int, int] = (0, 0, 0, 0),
+    cost: tuple[str, str, str, str] | None = None,
+) -> str:
+    """A job as a worker leaves it: `tokens` and `cost` are (input, output, cache write,
+    cache read); cost None means no recorded cost (a failure, an unpriced model)."""
+    parts = [Decimal(part) for part in cost] if cost is not None else None
+    job = Job(
+        id=new_id("job"),
+        api_key_id=api_key_id,
+        status=status,
+        model=model,
+        request={"model": model, "max_tokens": 10, "messages": []},
+        attempts=1,
+        max_attempts=4,
+        created_at=finished_at or utcnow(),
+        started_at=finished_at,
+        finished_at=finished_at,
+        input_tokens=tokens[0],
+        output_tokens=tokens[1],
+        cache_creation_input_tokens=tokens[2],
+        cache_read_input_tokens=tokens[3],
+        cost_input=parts[0] if parts else None,
+        cost_output=parts[1] if parts else None,
+        cost_cache_write=parts[2] if parts else None,
+        cost_cache_read=parts[3] if parts else None,
+        cost_total=sum(parts, Decimal(0)) if parts else None,
+    )
+    with session_scope(database_url) as session:
+        session.add(job)
+    return job.id

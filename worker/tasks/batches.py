@@ -1,0 +1,31 @@
+"""Feeding a Message Batch's requests to the queue: the Celery edge of promptq.batches."""
+
+from __future__ import annotations
+
+from promptq.batches.service import job_ids_to_publish
+from promptq.db import session_scope
+from promptq.models import Priority
+from worker.app import app
+from worker.context import worker_context
+from worker.publish import publish_jobs
+from worker.tasks.base import RETRY_TRANSIENT, promptq_task
+
+FEED_PAGE = 500
+
+
+@promptq_task("feed_batch", **RETRY_TRANSIENT)
+def feed_batch(batch_id: str) -> int:
+    """Publish every runnable request of the batch, a page at a time. Running twice only
+    publishes duplicates, which their claim makes harmless; dying halfway loses nothing,
+    since the sweeper publishes runnable jobs left without a message."""
+    ctx = worker_context()
+    after: str | None = None
+    published = 0
+    while True:
+        with session_scope(ctx.settings.database_url) as session:
+            job_ids = job_ids_to_publish(session, batch_id, after, FEED_PAGE)
+        if not job_ids:
+            return published
+        publish_jobs(app, job_ids, Priority.LOW)
+        published += len(job_ids)
+        after = job_ids[-1]
