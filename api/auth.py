@@ -7,6 +7,8 @@ a revoked key keeps working on an API process for at most KEY_CACHE_SECONDS.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import threading
 from contextlib import closing
@@ -29,12 +31,25 @@ _lock = threading.Lock()
 
 
 def presented_key(request: Request) -> str | None:
+    """The key from `Authorization: Bearer`, `x-api-key`, or Basic auth with the key as
+    user name or password (for tools that only speak Basic, such as Zapier's polling)."""
     authorization = request.headers.get("authorization")
     if authorization:
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() == "bearer" and token.strip():
             return token.strip()
+        if scheme.lower() == "basic" and token.strip():
+            return _key_from_basic(token.strip())
     return request.headers.get("x-api-key") or None
+
+
+def _key_from_basic(token: str) -> str | None:
+    try:
+        user, _, password = base64.b64decode(token, validate=True).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    # Either half may carry it; a key is recognisable by its prefix.
+    return next((part for part in (password, user) if part.startswith(KEY_PREFIX)), None)
 
 
 def _require(plain: str | None) -> str:
@@ -42,7 +57,8 @@ def _require(plain: str | None) -> str:
         raise ApiError(
             401,
             "missing API key: send `Authorization: Bearer pq_...` or `x-api-key: pq_...` "
-            "(create one with `promptq keys create NAME`)",
+            "(or Basic auth with the key as password; create one with "
+            "`promptq keys create NAME`)",
         )
     return plain
 

@@ -193,7 +193,9 @@ class WebhookSubscription(Base):
     url: Mapped[str] = mapped_column(Text)
     events: Mapped[list[str]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    # Set when a receiver answered 410 Gone, or a delivery failed on every attempt.
+    # Since when every attempt to this URL has failed (None: the last one succeeded).
+    failing_since: Mapped[datetime | None]
+    # Set when the receiver answered 410 Gone, or had been failing for days.
     disabled_at: Mapped[datetime | None]
     disabled_reason: Mapped[str | None] = mapped_column(Text)
 

@@ -133,11 +133,12 @@ def test_up_runs_the_whole_stack_and_stops_cleanly(tmp_path: Path) -> None:
         first_line = process.stdout.readline()  # type: ignore[union-attr]
         assert "simulator" in first_line
         lines = [first_line]
-        while not any("PROMPTQ_API_KEY=" in line for line in lines):
+        while not any("PROMPTQ_WEBHOOK_SECRET=" in line for line in lines):
             lines.append(process.stdout.readline())  # type: ignore[union-attr]
             assert len(lines) < 200, "".join(lines)
         output = "".join(lines)
         key = output.split("PROMPTQ_API_KEY=")[1].split()[0]
+        assert output.split("PROMPTQ_WEBHOOK_SECRET=")[1].startswith("whsec_")
         flower_login = output.split("(login ")[1].split(")")[0]
         url = f"http://127.0.0.1:{port}"
         wait_for_http(url, process)
@@ -157,6 +158,10 @@ def test_up_runs_the_whole_stack_and_stops_cleanly(tmp_path: Path) -> None:
             f"{flower}/api/tasks", auth=tuple(flower_login.split(":", 1)), timeout=5
         ).json()
         assert "promptq.run_job" in {task["name"] for task in tasks.values()}
+        # Flower shows a task's arguments: job ids, never the prompt or a secret.
+        shown = json.dumps(list(tasks.values()))
+        assert job["id"] in shown
+        assert "up and running" not in shown and key not in shown
     finally:
         os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
         code = process.wait(timeout=40)

@@ -6,6 +6,8 @@ unless a worker from another test module happens to be running.
 
 from __future__ import annotations
 
+import base64
+
 from typing import Any
 
 import pytest
@@ -39,7 +41,14 @@ def test_openapi_documents_job_creation(client: Any) -> None:
 
 @pytest.mark.parametrize(
     "headers",
-    [{}, {"Authorization": "Bearer pq_wrong"}, {"x-api-key": "nope"}, {"Authorization": "Basic x"}],
+    [
+        {},
+        {"Authorization": "Bearer pq_wrong"},
+        {"x-api-key": "nope"},
+        {"Authorization": "Basic x"},
+        {"Authorization": "Basic " + base64.b64encode(b"zapier:pq_wrong").decode()},
+        {"Authorization": "Basic " + base64.b64encode(b"zapier:not-a-key").decode()},
+    ],
 )
 def test_requests_without_a_valid_key_are_refused(client: Any, headers: dict[str, str]) -> None:
     response = client.post("/v1/jobs", json={"prompt": "hi"}, headers=headers)
@@ -50,6 +59,16 @@ def test_requests_without_a_valid_key_are_refused(client: Any, headers: dict[str
 def test_x_api_key_header_works(client: Any, api_key: str) -> None:
     response = client.post("/v1/jobs", json={"prompt": "hi"}, headers={"x-api-key": api_key})
     assert response.status_code == 202
+
+
+@pytest.mark.parametrize("pair", ["{key}:", ":{key}", "zapier:{key}", "{key}:x"])
+def test_basic_auth_with_the_key_as_user_or_password_works(
+    client: Any, api_key: str, pair: str
+) -> None:
+    """Zapier's polling trigger speaks only Basic auth."""
+    token = base64.b64encode(pair.format(key=api_key).encode()).decode()
+    response = client.get("/v1/jobs?status=succeeded", headers={"Authorization": f"Basic {token}"})
+    assert response.status_code == 200
 
 
 def test_revoked_key_is_refused(client: Any, api_key: str, database_url: str) -> None:

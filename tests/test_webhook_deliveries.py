@@ -5,9 +5,11 @@ signature with the standardwebhooks library."""
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -193,6 +195,66 @@ def test_410_disables_a_subscription(
             break
         time.sleep(0.1)
     assert state["disabled_at"] and "410" in state["disabled_reason"]
+
+
+def test_a_subscription_failing_for_days_is_disabled_and_says_so(
+    database_url: str, signed_key: tuple[str, str]
+) -> None:
+    """The subscription's health as a function of its attempts and an explicit clock."""
+    from promptq.keys.service import authenticate
+    from promptq.webhooks import subscriptions
+
+    key, _ = signed_key
+    failed, ok = result(500), result(200)
+    t0 = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
+    with session_scope(database_url) as session:
+        hook = subscriptions.subscribe(
+            session, authenticate(session, key), "http://127.0.0.1:9/hook", None, True
+        )
+        assert subscriptions.note_attempt(session, hook.id, failed, t0)
+        assert hook.failing_since == t0
+        assert subscriptions.note_attempt(session, hook.id, failed, t0 + timedelta(days=2))
+        # One success in between starts the count again.
+        assert subscriptions.note_attempt(session, hook.id, ok, t0 + timedelta(days=2, hours=1))
+        assert hook.failing_since is None
+        t1 = t0 + timedelta(days=3)
+        assert subscriptions.note_attempt(session, hook.id, failed, t1)
+        assert subscriptions.note_attempt(
+            session, hook.id, failed, t1 + timedelta(days=2, hours=23)
+        )
+        assert hook.disabled_at is None
+        assert not subscriptions.note_attempt(session, hook.id, failed, t1 + timedelta(days=3))
+        assert hook.disabled_at is not None
+        assert "every delivery since 2026-11-05T09:00:00Z failed" in hook.disabled_reason
+        assert "500" in hook.disabled_reason
+        assert hook not in subscriptions.listening(session, hook.api_key_id, "job.succeeded")
+        # Once disabled, nothing brings it back but a new subscription.
+        assert not subscriptions.note_attempt(session, hook.id, ok, t1 + timedelta(days=4))
+
+
+def test_a_delivery_to_a_subscription_failing_for_days_is_its_last(
+    client: Any, worker_process: Any, receiver: Receiver, signed_key: tuple[str, str]
+) -> None:
+    from promptq.models import WebhookSubscription
+
+    key, _ = signed_key
+    receiver.script = [503]
+    hook = client.post("/v1/webhooks", json={"url": receiver.url}, headers=auth(key)).json()
+    with session_scope(os.environ["PROMPTQ_DATABASE_URL"]) as session:
+        stored = session.get(WebhookSubscription, hook["id"])
+        assert stored is not None
+        stored.failing_since = datetime.now(UTC) - timedelta(days=4)
+    job = client.post("/v1/jobs", json={"prompt": "anyone home?"}, headers=auth(key)).json()
+    receiver.wait_for(1)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        state = client.get(f"/v1/webhooks/{hook['id']}", headers=auth(key)).json()
+        if state["disabled_at"]:
+            break
+        time.sleep(0.1)
+    assert state["disabled_at"] and "503" in state["disabled_reason"]
+    deliveries = client.get(f"/v1/jobs/{job['id']}/deliveries", headers=auth(key)).json()
+    assert [d["status"] for d in deliveries["data"]] == ["failed"]
 
 
 @pytest.mark.parametrize(

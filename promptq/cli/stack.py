@@ -17,11 +17,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from promptq.config import get_settings
+
+if TYPE_CHECKING:
+    from promptq.keys.service import CreatedKey
 
 STATE_DIR = Path(".promptq")
 
@@ -43,7 +46,7 @@ def start_private_redis() -> tuple[Any, str]:
     return server, f"redis://127.0.0.1:{port}/0"
 
 
-def ensure_local_key(database_url: str) -> str | None:
+def ensure_local_key(database_url: str) -> CreatedKey | None:
     """A key on first start, so the first curl works; None when keys already exist."""
     from promptq.db import session_scope
     from promptq.keys.repository import ApiKeyRepository
@@ -52,7 +55,7 @@ def ensure_local_key(database_url: str) -> str | None:
     with session_scope(database_url) as session:
         if ApiKeyRepository(session).count_active():
             return None
-        return create_key(session, "local").key
+        return create_key(session, "local")
 
 
 @click.command()
@@ -112,7 +115,9 @@ def up(port: int, flower_port: int, concurrency: int | None) -> None:
     click.echo(f"Flower: http://127.0.0.1:{flower_port}  (login {flower_auth})")
     click.echo(f"export PROMPTQ_API_URL={api_url}")
     if key:
-        click.echo(f"export PROMPTQ_API_KEY={key}")
+        click.echo(f"export PROMPTQ_API_KEY={key.key}")
+        # What a webhook receiver checks signatures with (docs/webhook-receivers.md).
+        click.echo(f"export PROMPTQ_WEBHOOK_SECRET={key.webhook_secret}")
     else:
         click.echo(
             "# PROMPTQ_API_KEY: the key printed on first start, "

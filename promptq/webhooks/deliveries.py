@@ -25,7 +25,7 @@ from promptq.webhooks.signing import sign
 RETRY_SCHEDULE = (5, 300, 1800, 7200, 18000, 36000)
 # How long a worker owns a delivery it is sending; past this another may send it.
 SENDING_LEASE = timedelta(seconds=60)
-GONE = 410
+GONE = subscriptions.GONE
 
 
 @dataclass(frozen=True)
@@ -191,22 +191,17 @@ def record(
     )
     now = utcnow()
     delay = None if result.succeeded else next_delay(prepared.attempt, result)
+    if delivery.subscription_id is not None:
+        subscription_on = subscriptions.note_attempt(session, delivery.subscription_id, result, now)
+        if not subscription_on:
+            delay = None  # a disabled subscription is sent nothing more
     if result.succeeded:
         delivery.status, delivery.finished_at = DeliveryStatus.SUCCEEDED, now
     elif delay is None:
         delivery.status, delivery.finished_at = DeliveryStatus.FAILED, now
     else:
         delivery.next_attempt_at = now + timedelta(seconds=delay)
-    if delivery.subscription_id is not None and delivery.status == DeliveryStatus.FAILED:
-        subscriptions.disable(
-            session,
-            delivery.subscription_id,
-            "the receiver answered 410 Gone"
-            if result.status_code == GONE
-            else f"every attempt to deliver {delivery.event_type} failed, the last with "
-            f"{result.status_code or result.error}; subscribe again once the receiver is back",
-        )
-    elif delivery.job_id is not None and delivery.subscription_id is None:
+    if delivery.job_id is not None and delivery.subscription_id is None:
         job = session.get(Job, delivery.job_id)
         if job is not None:
             job.webhook_status = delivery.status

@@ -4,6 +4,7 @@ wants, for every job of the key that made it."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
@@ -13,6 +14,7 @@ from promptq.ids import new_id
 from promptq.jobs.presenter import isoformat
 from promptq.models import ApiKey, WebhookSubscription
 from promptq.types import utcnow
+from promptq.webhooks.sender import DeliveryResult
 from promptq.webhooks.ssrf import UnsafeTarget, check_url
 
 EVENTS = ("job.succeeded", "job.failed", "batch.ended")
@@ -80,6 +82,41 @@ def listening(session: Session, api_key_id: str, event_type: str) -> list[Webhoo
     return [s for s in session.scalars(query) if event_type in s.events]
 
 
+# A subscription whose receiver has failed every attempt for this long is disabled: long
+# enough to ride out a weekend's outage, short enough not to knock on a dead door forever.
+DISABLE_AFTER_FAILING = timedelta(days=3)
+GONE = 410
+
+
+def note_attempt(
+    session: Session, subscription_id: str, result: DeliveryResult, now: datetime
+) -> bool:
+    """Track a subscription's health from one delivery attempt; False when it is (now)
+    disabled: its receiver answered 410 Gone, or has failed every attempt for days."""
+    subscription = session.get(WebhookSubscription, subscription_id)
+    if subscription is None or subscription.disabled_at is not None:
+        return False
+    if result.succeeded:
+        subscription.failing_since = None
+        return True
+    outcome = f"{result.status_code}" if result.status_code else str(result.error)
+    if result.status_code == GONE:
+        disable(session, subscription_id, "the receiver answered 410 Gone")
+        return False
+    if subscription.failing_since is None:
+        subscription.failing_since = now
+        return True
+    if now - subscription.failing_since >= DISABLE_AFTER_FAILING:
+        disable(
+            session,
+            subscription_id,
+            f"every delivery since {isoformat(subscription.failing_since)} failed, the last "
+            f"with {outcome}; fix the receiver, then subscribe again",
+        )
+        return False
+    return True
+
+
 def disable(session: Session, subscription_id: str, reason: str) -> None:
     subscription = session.get(WebhookSubscription, subscription_id)
     if subscription is not None and subscription.disabled_at is None:
@@ -94,6 +131,7 @@ def to_api(subscription: WebhookSubscription) -> dict[str, Any]:
         "url": subscription.url,
         "events": subscription.events,
         "created_at": isoformat(subscription.created_at),
+        "failing_since": isoformat(subscription.failing_since),
         "disabled_at": isoformat(subscription.disabled_at),
         "disabled_reason": subscription.disabled_reason,
     }
