@@ -83,7 +83,7 @@ class BatchRepository:
             .group_by(Job.batch_id, Job.status, expired)
         )
         for batch_id, status, is_expired, count in self.session.execute(query):
-            counts[batch_id][(status, bool(is_expired))] = count
+            counts[str(batch_id)][(status, bool(is_expired))] = count
         return counts
 
     def has_unfinished(self, batch_id: str) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from decimal import Decimal, InvalidOperation
+from typing import Any
 
 import click
 
@@ -70,7 +71,7 @@ def create(name: str, rpm: int | None, monthly_budget: Decimal | None, as_json: 
 def list_keys(as_json: bool) -> None:
     """List keys (never their secrets)."""
     with session_scope(get_settings().database_url) as session:
-        rows = [
+        rows: list[dict[str, Any]] = [
             {
                 "id": key.id,
                 "name": key.name,

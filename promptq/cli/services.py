@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -165,7 +166,7 @@ def db_upgrade(revision: str) -> None:
 @click.option("--p-malformed", default=0.0, help="Chance of an HTML error page.")
 @click.option("--p-drop", default=0.0, help="Chance of a dropped connection.")
 @click.option("--seed", type=int, help="Seed for the random faults.")
-def simulate_upstream(host: str, port: int, **options: object) -> None:
+def simulate_upstream(host: str, port: int, **options: Any) -> None:
     """Serve an Anthropic-faithful fake /v1/messages (for tests, benchmarks and demos)."""
     from promptq.simulator import SimulatorConfig, serve
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 from promptq.models import Job, JobStatus
@@ -29,10 +30,10 @@ def job_cost(job: Job) -> Cost | None:
     if job.cost_total is None:
         return None
     return Cost(
-        input=job.cost_input or 0,
-        output=job.cost_output or 0,
-        cache_write=job.cost_cache_write or 0,
-        cache_read=job.cost_cache_read or 0,
+        input=job.cost_input or Decimal(0),
+        output=job.cost_output or Decimal(0),
+        cache_write=job.cost_cache_write or Decimal(0),
+        cache_read=job.cost_cache_read or Decimal(0),
     )
 
 
