@@ -7,7 +7,6 @@ unless a worker from another test module happens to be running.
 from __future__ import annotations
 
 import base64
-
 from typing import Any
 
 import pytest
