@@ -93,9 +93,10 @@ async def request_caller(request: Request, database_url: str) -> ApiKey:
     """The calling key for a route that reads its body itself: from the cache when it can,
     else one trip to the thread pool for the database."""
     plain = presented_key(request)
-    return cached_caller(plain) or await run_in_threadpool(
-        _caller_from_database, database_url, plain
-    )
+    cached = cached_caller(plain)
+    if cached is not None:
+        return cached
+    return await run_in_threadpool(_caller_from_database, database_url, plain)
 
 
 def _caller_from_database(database_url: str, plain: str | None) -> ApiKey:
