@@ -32,7 +32,11 @@ MODELS = {
     "claude-opus-4-1-20250805": (Decimal(15), Decimal(75)),
 }
 FAILURES = [
-    ("invalid_request_error", 400, "max_tokens: 64000 > 32000, which is the maximum for this model"),
+    (
+        "invalid_request_error",
+        400,
+        "max_tokens: 64000 > 32000, which is the maximum for this model",
+    ),
     ("rate_limit_error", 429, "Number of request tokens has exceeded your per-minute rate limit"),
     ("overloaded_error", 529, "Overloaded"),
     ("upstream_unavailable", 524, "the upstream answered 524 (a proxy timeout) 4 times"),
@@ -162,11 +166,16 @@ def screenshot(url: str, out: Path, profile: str) -> None:
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     try:
+        # The viewport itself at 1200x900 (a window of that size has less room for the page).
+        driver.execute_cdp_cmd(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": 1200, "height": 900, "deviceScaleFactor": 1, "mobile": False},
+        )
         driver.get(f"{url}/dashboard")
         driver.find_element(By.NAME, "credential").send_keys(ADMIN_TOKEN)
         driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
         WebDriverWait(driver, 20).until(
-            lambda d: len(d.find_elements(By.CSS_SELECTOR, ".chart[data-rendered]")) == 3
+            lambda d: len(d.find_elements(By.CSS_SELECTOR, "[id^=chart-][data-rendered]")) == 3
         )
         driver.save_screenshot(str(out))
     finally:

@@ -119,8 +119,8 @@ def sign_in(
         return _sign_in_form(
             request,
             401,
-            "That is not a valid API key or admin token. Paste a key (pq_...) from "
-            "`promptq keys create`, or the server's PROMPTQ_ADMIN_TOKEN.",
+            "That is not a valid API key or admin token. Paste a key (pq_...) made by "
+            "promptq keys create, or the server's PROMPTQ_ADMIN_TOKEN.",
         )
     response = RedirectResponse(f"{request.scope.get('root_path', '')}/dashboard", 303)
     response.set_cookie(

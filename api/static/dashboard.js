@@ -1,90 +1,107 @@
 // Draws the dashboard's charts with uPlot from the JSON island #dashboard-data.
-// Amounts arrive as decimal strings; they become numbers here only to be drawn, and the
-// legend shows the exact strings. After drawing, each chart's element gets
-// data-rendered="N points", which the browser test reads back.
+// Amounts arrive as decimal strings: they become numbers here only to be drawn, and the
+// readout under a chart shows the exact strings. After drawing, each chart's element gets
+// data-rendered="N points" (the browser test reads it back).
 (function () {
   "use strict";
 
   var data = JSON.parse(document.getElementById("dashboard-data").textContent);
-  var HEIGHT = 220;
+  var HEIGHT = 210;
   var ACCENT = "#3f6fd8";
-  var STATUS_COLORS = {
-    queued: "#8a93a6", running: "#3f6fd8", retrying: "#e0a030",
-    succeeded: "#2f9e5b", failed: "#d64545", canceled: "#5b6475",
-  };
   var PALETTE = ["#3f6fd8", "#2f9e5b", "#e0a030", "#8e5bd6", "#d64545", "#2aa3b8", "#5b6475"];
   var charts = [];
-
-  // Tick labels with as many decimals as the tick step needs, so that 0.005 and 0.01
-  // never both print as "0.01".
-  function tickValues(prefix) {
-    return function (u, splits) {
-      var step = splits.length > 1 ? Math.abs(splits[1] - splits[0]) : 1;
-      var fraction = String(+step.toPrecision(10)).split(".")[1] || "";
-      return splits.map(function (v) { return prefix + v.toFixed(fraction.length); });
-    };
-  }
-
-  function zeroBased(u, min, max) { return [0, max > 0 ? max * 1.1 : 1]; }
 
   function markRendered(el, count) {
     el.dataset.rendered = count + (count === 1 ? " point" : " points");
   }
 
+  // Tick labels with as many decimals as the tick step needs, so that 0.005 and 0.01
+  // never both print as "0.01".
+  function dollarTicks(u, splits) {
+    var step = splits.length > 1 ? Math.abs(splits[1] - splits[0]) : 1;
+    var decimals = (String(+step.toPrecision(10)).split(".")[1] || "").length;
+    return splits.map(function (v) { return "$" + v.toFixed(decimals); });
+  }
+
+  function zeroBased(u, min, max) { return [0, max > 0 ? max * 1.1 : 1]; }
+
+  function describe(row) {
+    return "$" + row.cost + " over " + row.jobs.toLocaleString() + (row.jobs === 1 ? " job" : " jobs");
+  }
+
+  // The readout under a chart: the hovered point's exact figures, else its resting text.
+  function readout(id, text) {
+    var el = document.getElementById(id);
+    var resting = el.textContent;
+    return function (u) {
+      var i = u.cursor.idx;
+      el.textContent = i == null ? resting : text(i);
+    };
+  }
+
   function shorten(label, room) {
-    // Dated model ids ("...-20250929") say the same without the date in a tick label; the
-    // table beside the chart has the full names.
-    var text = label.replace(/-\d{8}$/, "");
-    var fits = Math.max(4, Math.floor(room / 7));
+    // A tick label must fit its bar's room: a dated model id ("...-20250929") reads the
+    // same without its date, and the table beside the chart has the full names.
+    var fits = Math.max(4, Math.floor(room / 7.5));
+    var text = label.length > fits ? label.replace(/-\d{8}$/, "") : label;
     return text.length > fits ? text.slice(0, fits - 1) + "\u2026" : text;
   }
 
-  // Categorical bars: x is the index of each label.
-  function barChart(el, o) {
-    var n = o.values.length;
-    var xs = o.values.map(function (_, i) { return i; });
-    var bars = uPlot.paths.bars({
-      size: [0.6, 80],
-      radius: 0.08,
-      disp: { fill: { unit: 3, values: function () { return o.colors; } } },
-    });
-    var room = el.clientWidth / Math.max(n, 1);
-    return new uPlot({
-      width: el.clientWidth,
-      height: HEIGHT,
-      cursor: { points: { show: false }, drag: { x: false, y: false } },
-      scales: { x: { time: false, range: [-0.5, n - 0.5] }, y: { range: zeroBased } },
-      axes: [
-        {
-          splits: function () { return xs; },
-          values: function (u, splits) {
-            return splits.map(function (i) { return o.labels[i] === undefined ? "" : shorten(o.labels[i], room); });
-          },
-          grid: { show: false },
-          ticks: { show: false },
-        },
-        { values: tickValues(o.prefix), size: 64, grid: { stroke: "#eef0f4" } },
-      ],
-      series: [
-        { label: o.xLabel, value: function (u, i) { return i == null ? "" : o.labels[i]; } },
-        {
-          label: o.label, fill: ACCENT, stroke: ACCENT, paths: bars, points: { show: false },
-          value: function (u, v, s, i) { return i == null ? "" : o.texts[i]; },
-        },
-      ],
-      hooks: { draw: [function () { markRendered(el, n); }] },
-    }, [xs, o.values], el);
+  function chart(el, options, xs, ys) {
+    options.width = el.clientWidth;
+    options.height = HEIGHT;
+    options.legend = { show: false };
+    options.cursor = { points: { show: false }, drag: { x: false, y: false } };
+    options.hooks.draw = [function () { markRendered(el, xs.length); }];
+    charts.push([el, new uPlot(options, [xs, ys], el)]);
   }
 
+  // One bar split by status, each part as wide as its share of all jobs: readable whatever
+  // the counts, where a bar chart of them would be all "succeeded". Built with the DOM and
+  // sized through the CSSOM, which the page's Content-Security-Policy allows.
   function drawStatuses() {
     var el = document.getElementById("chart-statuses");
-    var names = Object.keys(data.statuses);
-    var counts = names.map(function (name) { return data.statuses[name]; });
-    charts.push([el, barChart(el, {
-      labels: names, values: counts, xLabel: "status", label: "jobs", prefix: "",
-      texts: counts.map(function (c) { return c.toLocaleString(); }),
-      colors: names.map(function (name) { return STATUS_COLORS[name] || ACCENT; }),
-    })]);
+    var total = data.statuses.reduce(function (sum, row) { return sum + row.jobs; }, 0);
+    data.statuses.forEach(function (row) {
+      if (!row.jobs) return;
+      var part = document.createElement("span");
+      part.className = "status-part status-" + row.status;
+      part.style.flexGrow = String(row.jobs);
+      part.title = row.status + ": " + row.jobs.toLocaleString() + " (" +
+        (100 * row.jobs / total).toFixed(1) + "%)";
+      el.appendChild(part);
+    });
+    markRendered(el, data.statuses.length);
+  }
+
+  function drawDays() {
+    var el = document.getElementById("chart-days");
+    var days = data.spend_by_day.days;
+    var half = 12 * 3600;
+    chart(el, {
+      // The report's days are UTC days: label them so, whatever the browser's time zone.
+      tzDate: function (ts) { return uPlot.tzDate(new Date(ts * 1e3), "Etc/UTC"); },
+      scales: {
+        x: { time: true, range: function (u, min, max) { return [min - half, max + half]; } },
+        y: { range: zeroBased },
+      },
+      axes: [
+        { values: "{MMM} {D}", size: 32, grid: { show: false } },
+        { values: dollarTicks, size: 60, grid: { stroke: "#eef0f4" } },
+      ],
+      series: [
+        {},
+        {
+          label: "spend", fill: ACCENT, stroke: ACCENT, points: { show: false },
+          paths: uPlot.paths.bars({ size: [0.7, 40], radius: 0.1 }),
+        },
+      ],
+      hooks: {
+        setCursor: [readout("readout-days", function (i) { return days[i].day + ": " + describe(days[i]); })],
+      },
+    },
+    days.map(function (d) { return Date.parse(d.day + "T00:00:00Z") / 1000; }),
+    days.map(function (d) { return Number(d.cost); }));
   }
 
   function drawModels() {
@@ -96,46 +113,39 @@
       markRendered(el, 0);
       return;
     }
-    charts.push([el, barChart(el, {
-      labels: rows.map(function (r) { return r.model; }),
-      values: rows.map(function (r) { return Number(r.cost); }),
-      texts: rows.map(function (r) { return "$" + r.cost + " (" + r.jobs.toLocaleString() + " jobs)"; }),
-      colors: rows.map(function (_, i) { return PALETTE[i % PALETTE.length]; }),
-      xLabel: "model", label: "spend", prefix: "$",
-    })]);
-  }
-
-  function drawDays() {
-    var el = document.getElementById("chart-days");
-    var days = data.spend_by_day.days;
-    var xs = days.map(function (d) { return Date.parse(d.day + "T00:00:00Z") / 1000; });
-    var half = 12 * 3600;
-    charts.push([el, new uPlot({
-      width: el.clientWidth,
-      height: HEIGHT,
-      // Days are UTC days, as the usage report counts them; label them so everywhere.
-      tzDate: function (ts) { return uPlot.tzDate(new Date(ts * 1e3), "Etc/UTC"); },
-      cursor: { points: { show: false }, drag: { x: false, y: false } },
-      scales: {
-        x: { time: true, range: function (u, min, max) { return [min - half, max + half]; } },
-        y: { range: zeroBased },
-      },
+    var xs = rows.map(function (_, i) { return i; });
+    var colors = rows.map(function (_, i) { return PALETTE[i % PALETTE.length]; });
+    var room = el.clientWidth / rows.length;
+    chart(el, {
+      scales: { x: { time: false, range: [-0.5, rows.length - 0.5] }, y: { range: zeroBased } },
       axes: [
-        { grid: { show: false } },
-        { values: tickValues("$"), size: 64, grid: { stroke: "#eef0f4" } },
+        {
+          splits: function () { return xs; },
+          values: function (u, splits) {
+            return splits.map(function (i) { return rows[i] ? shorten(rows[i].model, room) : ""; });
+          },
+          size: 32,
+          grid: { show: false },
+          ticks: { show: false },
+        },
+        { values: dollarTicks, size: 60, grid: { stroke: "#eef0f4" } },
       ],
       series: [
-        { label: "day", value: function (u, ts, s, i) { return i == null ? "" : days[i].day; } },
+        {},
         {
-          label: "spend", fill: ACCENT, stroke: ACCENT, points: { show: false },
-          paths: uPlot.paths.bars({ size: [0.7, 40], radius: 0.1 }),
-          value: function (u, v, s, i) {
-            return i == null ? "" : "$" + days[i].cost + " (" + days[i].jobs.toLocaleString() + " jobs)";
-          },
+          // width 0: uPlot colours each bar from disp.fill only when the bars have no outline.
+          label: "spend", fill: ACCENT, width: 0, points: { show: false },
+          paths: uPlot.paths.bars({
+            size: [0.6, 90],
+            radius: 0.06,
+            disp: { fill: { unit: 3, values: function () { return colors; } } },
+          }),
         },
       ],
-      hooks: { draw: [function () { markRendered(el, days.length); }] },
-    }, [xs, days.map(function (d) { return Number(d.cost); })], el)]);
+      hooks: {
+        setCursor: [readout("readout-models", function (i) { return rows[i].model + ": " + describe(rows[i]); })],
+      },
+    }, xs, rows.map(function (r) { return Number(r.cost); }));
   }
 
   drawStatuses();

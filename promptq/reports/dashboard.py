@@ -102,7 +102,9 @@ class Dashboard:
         return {
             "rendered_at": isoformat_z(self.rendered_at),
             "scope": "all keys" if self.api_key_id is None else self.api_key_id,
-            "statuses": self.statuses,
+            "statuses": [
+                {"status": status, "jobs": count} for status, count in self.statuses.items()
+            ],
             "spend_by_day": {
                 "from": isoformat_z(self.by_day.period.start),
                 "to": isoformat_z(self.by_day.period.end),

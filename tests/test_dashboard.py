@@ -1,0 +1,373 @@
+"""/dashboard: the sign-in flow, what a key and the admin token each see, the chart data
+against /v1/usage, HTML escaping, and (in headless Chromium, when it is installed) that the
+charts really draw."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from helpers import auth
+from money_helpers import add_job, key_id_of
+from pydantic import SecretStr
+
+from promptq.db import session_scope
+from promptq.models import Job
+from promptq.types import utcnow
+
+ADMIN_TOKEN = "admin-" + uuid.uuid4().hex
+SONNET = "claude-sonnet-4-5-20250929"
+HAIKU = "claude-haiku-4-5-20251001"
+ISLAND = re.compile(r'<script type="application/json" id="dashboard-data">(.*?)</script>', re.S)
+
+
+@pytest.fixture
+def admin_client(settings: Any) -> Iterator[Any]:
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    configured = settings.model_copy(update={"admin_token": SecretStr(ADMIN_TOKEN)})
+    with TestClient(create_app(configured)) as test_client:
+        yield test_client
+
+
+def page(client: Any, credential: str) -> str:
+    response = client.get("/dashboard", headers=auth(credential))
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/html")
+    return str(response.text)
+
+
+def island(html: str) -> dict[str, Any]:
+    match = ISLAND.search(html)
+    assert match, "no chart data in the page"
+    return json.loads(match.group(1))  # type: ignore[no-any-return]
+
+
+def add_failure(database_url: str, key_id: str, message: str, model: str = SONNET) -> str:
+    job_id = add_job(database_url, key_id, utcnow(), status="failed", model=model)
+    with session_scope(database_url) as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.error_type, job.error_message, job.upstream_status = (
+            "invalid_request_error",
+            message,
+            400,
+        )
+    return job_id
+
+
+def test_sign_in_sets_a_strict_httponly_cookie_and_never_echoes_the_credential(
+    client: Any, api_key: str
+) -> None:
+    form = client.get("/dashboard")
+    assert form.status_code == 200
+    assert 'action="/dashboard/sign-in"' in form.text and 'name="credential"' in form.text
+    assert "set-cookie" not in form.headers
+
+    for wrong in ("pq_not-a-real-key", "hunter2", ""):
+        refused = client.post("/dashboard/sign-in", data={"credential": wrong})
+        assert refused.status_code == 401
+        assert "not a valid API key or admin token" in refused.text
+        assert 'name="credential"' in refused.text
+        assert "set-cookie" not in refused.headers
+        if wrong:
+            assert wrong not in refused.text
+
+    signed_in = client.post(
+        "/dashboard/sign-in", data={"credential": api_key}, follow_redirects=False
+    )
+    assert signed_in.status_code == 303
+    assert signed_in.headers["location"] == "/dashboard"
+    cookie = signed_in.headers["set-cookie"]
+    assert cookie.startswith("promptq_dashboard=")
+    for attribute in ("HttpOnly", "SameSite=strict", "Path=/dashboard"):
+        assert attribute in cookie
+    assert "Secure" not in cookie  # plain http here; see the https case below
+
+    board = client.get("/dashboard")  # the cookie alone
+    assert board.status_code == 200
+    assert "Sign out" in board.text and "dashboard-data" in board.text
+    assert api_key not in board.text
+    assert board.headers["cache-control"] == "no-store"
+    assert "script-src 'self'" in board.headers["content-security-policy"]
+
+    signed_out = client.post("/dashboard/sign-out", follow_redirects=False)
+    assert signed_out.status_code == 303
+    assert 'promptq_dashboard=""' in signed_out.headers["set-cookie"]
+    assert "Max-Age=0" in signed_out.headers["set-cookie"]
+    assert 'name="credential"' in client.get("/dashboard").text
+
+    # A cookie that no longer holds a valid credential: the form, 401, and the cookie goes.
+    client.cookies.set("promptq_dashboard", "garbage!", path="/dashboard")
+    stale = client.get("/dashboard")
+    assert stale.status_code == 401 and 'name="credential"' in stale.text
+    assert "Max-Age=0" in stale.headers["set-cookie"]
+
+
+def test_the_cookie_is_secure_over_https(settings: Any, api_key: str) -> None:
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    with TestClient(create_app(settings), base_url="https://testserver") as client:
+        response = client.post(
+            "/dashboard/sign-in", data={"credential": api_key}, follow_redirects=False
+        )
+    assert response.status_code == 303
+    assert "Secure" in response.headers["set-cookie"]
+
+
+def test_headers_work_as_for_the_api(admin_client: Any, api_key: str) -> None:
+    assert "dashboard-data" in page(admin_client, api_key)
+    by_x_api_key = admin_client.get("/dashboard", headers={"x-api-key": api_key})
+    assert by_x_api_key.status_code == 200 and "dashboard-data" in by_x_api_key.text
+    assert "all keys" in page(admin_client, ADMIN_TOKEN)
+    wrong = admin_client.get("/dashboard", headers=auth(ADMIN_TOKEN + "x"))
+    assert wrong.status_code == 401 and 'name="credential"' in wrong.text
+    # The page is not part of the JSON API's OpenAPI document.
+    assert not any(
+        path.startswith("/dashboard") for path in admin_client.get("/openapi.json").json()["paths"]
+    )
+
+
+def test_a_key_sees_its_own_jobs_and_the_admin_token_everyones(
+    admin_client: Any, make_key: Any, database_url: str
+) -> None:
+    alice, bob = make_key("alice"), make_key("bob")
+    a, b = key_id_of(database_url, alice), key_id_of(database_url, bob)
+    alice_failure = add_failure(database_url, a, f"alice's failure {uuid.uuid4().hex}")
+    bob_failure = add_failure(database_url, b, f"bob's failure {uuid.uuid4().hex}")
+    add_job(database_url, a, utcnow(), cost=("0.001", "0.002", "0", "0"))
+    add_job(database_url, a, utcnow(), cost=("0.001", "0.002", "0", "0"))
+    add_job(database_url, a, None, status="queued")
+
+    mine = page(admin_client, alice)
+    assert alice_failure in mine and "alice&#39;s failure" in mine
+    assert bob_failure not in mine and "bob&#39;s failure" not in mine
+    assert island(mine)["statuses"] == [
+        {"status": "queued", "jobs": 1},
+        {"status": "running", "jobs": 0},
+        {"status": "retrying", "jobs": 0},
+        {"status": "succeeded", "jobs": 2},
+        {"status": "failed", "jobs": 1},
+        {"status": "canceled", "jobs": 0},
+    ]
+    assert island(mine)["scope"] == a
+
+    everyone = page(admin_client, ADMIN_TOKEN)
+    assert alice_failure in everyone and bob_failure in everyone
+    # The admin's table names each failure's key; the two just added are the newest.
+    rows = re.findall(
+        r"<code>(job_\w+)</code></td>\s*<td[^>]*>[^<]*</td>\s*<td>(\w+)</td>", everyone
+    )
+    assert rows[:2] == [(bob_failure, "bob"), (alice_failure, "alice")]
+    assert island(everyone)["scope"] == "all keys"
+    counts = {row["status"]: row["jobs"] for row in island(everyone)["statuses"]}
+    assert counts["failed"] >= 2 and counts["succeeded"] >= 2 and counts["queued"] >= 1
+
+
+def test_the_chart_data_is_the_usage_report(
+    admin_client: Any, make_key: Any, database_url: str
+) -> None:
+    plain = make_key("charts")
+    key = key_id_of(database_url, plain)
+    now = utcnow()
+    for finished, model, cost in [
+        (now, SONNET, ("0.000300000001", "0.0015", "0.00001875", "0")),
+        (now, HAIKU, ("0.000011", "0.000065", "0", "0")),
+        (now - timedelta(days=3), SONNET, ("0.25", "1.5", "0", "0")),
+        (now - timedelta(days=29), HAIKU, ("0.1", "0", "0", "0")),
+        (now - timedelta(days=45), SONNET, ("7", "0", "0", "0")),  # before both periods
+    ]:
+        add_job(database_url, key, finished, model=model, cost=cost)
+    data = island(page(admin_client, plain))
+
+    by_model = admin_client.get("/v1/usage", headers=auth(plain)).json()
+    models = data["spend_by_model"]
+    assert (models["from"], models["to"]) == (by_model["from"], by_model["to"])
+    assert models["models"] == [
+        {"model": row["model"], "jobs": row["jobs"], "cost": row["cost"]["total"]}
+        for row in by_model["data"]
+    ]
+    assert models["cost"] == by_model["total"]["cost"]["total"]
+    assert all(isinstance(row["cost"], str) for row in models["models"])
+
+    days = data["spend_by_day"]
+    assert len(days["days"]) == 30
+    assert days["days"][-1]["day"] == now.date().isoformat()
+    assert days["to"] == (now + timedelta(days=1)).date().isoformat() + "T00:00:00Z"
+    by_day = admin_client.get(
+        "/v1/usage",
+        params={"group_by": "day", "from": days["from"], "to": days["to"]},
+        headers=auth(plain),
+    ).json()
+    reported = {row["day"]: (row["jobs"], row["cost"]["total"]) for row in by_day["data"]}
+    assert len(reported) == 3  # today, three days ago, 29 days ago
+    assert {d["day"]: (d["jobs"], d["cost"]) for d in days["days"] if d["jobs"]} == reported
+    assert all(d["cost"] == "0" for d in days["days"] if d["day"] not in reported)
+    assert days["cost"] == by_day["total"]["cost"]["total"]
+    assert reported[now.date().isoformat()] == (2, "0.001894750001")
+
+
+def test_errors_and_model_names_are_escaped(client: Any, make_key: Any, database_url: str) -> None:
+    plain = make_key("escaping")
+    key = key_id_of(database_url, plain)
+    evil_model = "</script><script>alert('model')</script>"
+    add_failure(
+        database_url, key, '<script>alert("error")</script> & <b>bold</b>', model=evil_model
+    )
+    add_job(database_url, key, utcnow(), model=evil_model, cost=("0.1", "0", "0", "0"))
+    html = page(client, plain)
+    assert '<script>alert("error")</script>' not in html
+    assert (
+        "&lt;script&gt;alert(&#34;error&#34;)&lt;/script&gt; &amp; &lt;b&gt;bold&lt;/b&gt;" in html
+    )
+    assert "<script>alert(" not in html
+    # Only the page's own three script elements: the data island and two scripts.
+    assert html.count("<script") == 3
+    # The data island parses back to the very name, though it cannot end its element.
+    assert island(html)["spend_by_model"]["models"][0]["model"] == evil_model
+
+
+# --- In a real browser -------------------------------------------------------------------
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+needs_chromium = pytest.mark.skipif(
+    not (CHROMIUM.exists() and CHROMEDRIVER.exists())
+    or importlib.util.find_spec("selenium") is None,
+    reason="headless Chromium test: needs /usr/bin/chromium and /usr/bin/chromedriver "
+    "(apt-get install chromium chromium-driver) and selenium (make install)",
+)
+COUNT_COLOR = """
+const [canvas, r, g, b] = arguments;
+const pixels = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+let count = 0;
+for (let i = 0; i < pixels.length; i += 4) {
+  const [pr, pg, pb, alpha] = pixels.subarray(i, i + 4);
+  if (pr === r && pg === g && pb === b && alpha === 255) count++;
+}
+return count;
+"""
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[Any]:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1280,1000",
+        f"--user-data-dir={tmp_path / 'chromium'}",
+    ):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def run_jobs(api_url: str, key: str, jobs: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    ids = []
+    for model, prompt in jobs:
+        response = requests.post(
+            f"{api_url}/v1/jobs",
+            json={"prompt": f"{prompt} {uuid.uuid4().hex}", "model": model},
+            headers=auth(key),
+            timeout=10,
+        )
+        assert response.status_code == 202, response.text
+        ids.append(response.json()["id"])
+    finished = []
+    deadline = time.monotonic() + 30
+    for job_id in ids:
+        while True:
+            job = requests.get(f"{api_url}/v1/jobs/{job_id}", headers=auth(key), timeout=10).json()
+            if job["status"] in {"succeeded", "failed", "canceled"}:
+                finished.append(job)
+                break
+            assert time.monotonic() < deadline, f"job {job_id} never finished: {job}"
+            time.sleep(0.1)
+    return finished
+
+
+@needs_chromium
+def test_the_charts_draw_in_headless_chromium(browser: Any, api_server: str, make_key: Any) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    key = make_key("browser")
+    jobs = run_jobs(
+        api_server,
+        key,
+        [
+            (SONNET, "dashboard job one"),
+            (SONNET, "dashboard job two"),
+            (HAIKU, "dashboard job three"),
+            (SONNET, "[[sim:400]] dashboard job that fails"),
+        ],
+    )
+    assert [job["status"] for job in jobs] == ["succeeded"] * 3 + ["failed"]
+    failed = jobs[-1]
+
+    # Signed in the way a person does: the form, then the cookie it sets.
+    browser.get(f"{api_server}/dashboard")
+    browser.find_element(By.NAME, "credential").send_keys(key)
+    browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    WebDriverWait(browser, 20).until(
+        lambda d: len(d.find_elements(By.CSS_SELECTOR, "[id^=chart-][data-rendered]")) == 3
+    )
+    assert browser.current_url == f"{api_server}/dashboard"
+
+    days = browser.find_element(By.ID, "chart-days")
+    models = browser.find_element(By.ID, "chart-models")
+    statuses = browser.find_element(By.ID, "chart-statuses")
+    assert days.get_attribute("data-rendered") == "30 points"
+    assert models.get_attribute("data-rendered") == "2 points"
+    assert statuses.get_attribute("data-rendered") == "6 points"
+    for chart in (days, models):
+        canvas = chart.find_element(By.TAG_NAME, "canvas")
+        assert canvas.size["width"] > 200 and canvas.size["height"] > 100
+    # The bars themselves: the models chart's first two palette colours, today's day bar.
+    model_canvas = models.find_element(By.TAG_NAME, "canvas")
+    assert browser.execute_script(COUNT_COLOR, model_canvas, 0x3F, 0x6F, 0xD8) > 100
+    assert browser.execute_script(COUNT_COLOR, model_canvas, 0x2F, 0x9E, 0x5B) > 100
+    day_canvas = days.find_element(By.TAG_NAME, "canvas")
+    assert browser.execute_script(COUNT_COLOR, day_canvas, 0x3F, 0x6F, 0xD8) > 20
+    parts = statuses.find_elements(By.CSS_SELECTOR, ".status-part")
+    assert [part.get_attribute("title").split(":")[0] for part in parts] == ["succeeded", "failed"]
+    assert all(part.size["width"] > 0 for part in parts)
+
+    # Pointing at the model chart shows a model's exact spend, as the table has it.
+    ActionChains(browser).move_to_element(models.find_element(By.CLASS_NAME, "u-over")).perform()
+    readout = browser.find_element(By.ID, "readout-models").text
+    assert readout.startswith("claude-") and "$" in readout and "job" in readout
+
+    failures = browser.find_element(By.ID, "failures").text
+    assert failed["id"] in failures and "invalid_request_error" in failures
+    errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    assert errors == []
