@@ -143,9 +143,20 @@ def test_unsafe_targets_are_refused_naming_why(url: str, word: str) -> None:
     assert "s3cret" not in message
 
 
-@pytest.mark.parametrize(("url", "word"), REFUSED_URLS)
-def test_allow_private_lets_every_address_through(url: str, word: str) -> None:
+@pytest.mark.parametrize(("url", "word"), [(u, w) for u, w in REFUSED_URLS if w != "metadata"])
+def test_allow_private_lets_every_private_address_through(url: str, word: str) -> None:
     check_url(url, allow_private=True)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [u for u, w in REFUSED_URLS if w == "metadata"]
+    + ["http://[::ffff:169.254.169.254]/", "http://[::ffff:a9fe:a9fe]/"],
+)
+def test_metadata_addresses_are_refused_even_when_private_ones_are_allowed(url: str) -> None:
+    with pytest.raises(UnsafeTarget) as caught:
+        check_url(url, allow_private=True)
+    assert "metadata" in str(caught.value) and "never" in str(caught.value)
 
 
 def test_the_message_shows_what_a_spelling_means() -> None:
@@ -292,6 +303,9 @@ def test_a_name_with_only_private_addresses_keeps_none() -> None:
     assert "private" in refused[1]
 
 
-def test_allow_private_keeps_every_address() -> None:
-    answers = [addrinfo(a) for a in ("127.0.0.1", "::1")]
-    assert _sort_addresses(answers, allow_private=True) == (answers, [])
+def test_allow_private_keeps_every_address_but_metadata() -> None:
+    answers = [addrinfo(a) for a in ("127.0.0.1", "::1", "169.254.169.254", "::ffff:a9fe:a9fe")]
+    allowed, refused = _sort_addresses(answers, allow_private=True)
+    assert allowed == answers[:2]
+    assert refused[0] == "169.254.169.254 is a cloud metadata address"
+    assert "IPv4-mapped" in refused[1]

@@ -2,7 +2,7 @@
 the endpoint does.
 
 The address check happens on the connection itself: the connection resolves the host, drops
-every address `is_unsafe_address` refuses and connects to one that is left. Checking a name
+every address `refusal_reason` refuses and connects to one that is left. Checking a name
 first and letting the HTTP library resolve it again would leave a window in which DNS can
 answer differently (DNS rebinding). The hostname stays the request's Host header and, for
 https, its SNI name and the name the certificate is verified against.
@@ -31,7 +31,7 @@ from urllib3.util import parse_url
 from urllib3.util.connection import allowed_gai_family
 
 from promptq.upstream.classify import parse_retry_after
-from promptq.webhooks.ssrf import ALLOW_PRIVATE_HINT, UnsafeTarget, check_url, is_unsafe_address
+from promptq.webhooks.ssrf import UnsafeTarget, check_url, refusal_hint, refusal_reason
 
 DEFAULT_TIMEOUT_SECONDS = 15.0
 EXCERPT_BYTES = 1024
@@ -101,7 +101,7 @@ def _sort_addresses(
     refused: list[str] = []
     for info in infos:
         ip = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
-        reason = None if allow_private else is_unsafe_address(ip)
+        reason = refusal_reason(ip, allow_private)
         if reason is None:
             allowed.append(info)
         elif (described := f"{ip} is {reason}") not in refused:
@@ -126,7 +126,8 @@ class _ConnectPolicy:
         allowed, refused = _sort_addresses(infos, self.allow_private)
         if not allowed:
             raise UnsafeTarget(
-                f"refused to connect to {conn.host}: {', '.join(refused)}; {ALLOW_PRIVATE_HINT}"
+                f"refused to connect to {conn.host}: {', '.join(refused)}; "
+                f"{refusal_hint(self.allow_private)}"
             )
         last_error: OSError | None = None
         for family, kind, proto, _, sockaddr in allowed:

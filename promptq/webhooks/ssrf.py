@@ -20,6 +20,11 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 ALLOW_PRIVATE_HINT: Final = (
     "promptq refuses private targets unless PROMPTQ_WEBHOOK_ALLOW_PRIVATE=true"
 )
+METADATA_HINT: Final = "promptq never sends webhooks to cloud metadata addresses"
+
+
+def refusal_hint(allow_private: bool) -> str:
+    return METADATA_HINT if allow_private else ALLOW_PRIVATE_HINT
 
 LOOPBACK = "a loopback address"
 PRIVATE = "a private address"
@@ -117,6 +122,20 @@ def is_unsafe_address(ip: IPAddress) -> str | None:
     return None
 
 
+def refusal_reason(ip: IPAddress, allow_private: bool) -> str | None:
+    """Why promptq will not connect to `ip` under the setting, or None. Cloud metadata
+    addresses are refused even with PROMPTQ_WEBHOOK_ALLOW_PRIVATE: a local setup never needs
+    them, and they are what an attacker aims a webhook at first (the machine's credentials)."""
+    if not allow_private:
+        return is_unsafe_address(ip)
+    if isinstance(ip, ipaddress.IPv6Address):
+        ip = ipaddress.IPv6Address(int(ip))
+        embedded = _embedded_ipv4(ip)
+        if embedded is not None and embedded[0] in _METADATA_ADDRESSES:
+            return f"{METADATA} ({embedded[0]}) in {embedded[1]} IPv6 form"
+    return METADATA if ip in _METADATA_ADDRESSES else None
+
+
 def _embedded_ipv4(ip: ipaddress.IPv6Address) -> tuple[ipaddress.IPv4Address, str] | None:
     """The IPv4 address an IPv6 one carries, and the name of the form, if it carries one."""
     low32 = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
@@ -174,14 +193,15 @@ def check_url(url: str, allow_private: bool = False) -> None:
     bare = host.rstrip(".")
     if not bare:
         raise UnsafeTarget("webhook_url has no host")
-    if allow_private:
-        return
     ip = _parse_ip_literal(bare)
     if ip is not None:
-        reason = is_unsafe_address(ip)
+        reason = refusal_reason(ip, allow_private)
         if reason is not None:
             spelled = host if host.strip("[]") == str(ip) else f"{host} = {ip}"
-            raise UnsafeTarget(f"webhook_url points at {reason} ({spelled}); {ALLOW_PRIVATE_HINT}")
+            hint = refusal_hint(allow_private)
+            raise UnsafeTarget(f"webhook_url points at {reason} ({spelled}); {hint}")
+        return
+    if allow_private:
         return
     reason = _local_name_reason(bare)
     if reason is not None:
