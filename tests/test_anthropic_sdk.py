@@ -222,9 +222,12 @@ def test_a_batch_runs_to_its_end_and_its_results_come_back_as_jsonl(
     assert "max_tokens" in results["invalid-params"].error.error.message
 
     # Its requests are ordinary jobs: visible, priced, at low priority.
-    jobs = requests.get(f"{api_url}/v1/jobs?limit=100", headers=auth(key), timeout=10).json()
-    mine = [job for job in jobs["data"] if (job["batch"] or {}).get("id") == batch.id]
+    listed = requests.get(f"{api_url}/v1/jobs?batch={batch.id}", headers=auth(key), timeout=10)
+    mine = listed.json()["data"]
     assert len(mine) == 4 and {job["priority"] for job in mine} == {"low"}
+    assert {job["batch"]["id"] for job in mine} == {batch.id}
+    outside = requests.get(f"{api_url}/v1/jobs?batch=none&limit=100", headers=auth(key), timeout=10)
+    assert not any(job["batch"] for job in outside.json()["data"])
     first = next(job for job in mine if job["batch"]["custom_id"] == "first")
     assert first["cost"]["total"] is not None
 

@@ -160,8 +160,12 @@ def list_jobs(
     status: Annotated[str | None, Query(description="only jobs in this status")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     after: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+    batch: Annotated[
+        str | None,
+        Query(description="a message batch's id: only its requests; `none`: no batch requests"),
+    ] = None,
 ) -> dict[str, Any]:
-    jobs, has_more = service.list_jobs(session, key, status, limit, after)
+    jobs, has_more = service.list_jobs(session, key, status, limit, after, batch)
     return {
         "data": [job_to_api(job) for job in jobs],
         "has_more": has_more,

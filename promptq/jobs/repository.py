@@ -11,6 +11,8 @@ from sqlalchemy.orm import Session
 
 from promptq.models import RUNNABLE_STATUSES, ApiKey, Attempt, Job, JobStatus
 
+NO_BATCH = "none"
+
 
 class JobRepository:
     def __init__(self, session: Session) -> None:
@@ -42,12 +44,22 @@ class JobRepository:
         return self.session.scalars(query).first()
 
     def list_for_key(
-        self, api_key_id: str, status: str | None, limit: int, before_id: str | None
+        self,
+        api_key_id: str,
+        status: str | None,
+        limit: int,
+        before_id: str | None,
+        batch: str | None = None,
     ) -> Sequence[Job]:
-        """Newest first; ids are ULIDs, so ordering by id is ordering by creation."""
+        """Newest first; ids are ULIDs, so ordering by id is ordering by creation. `batch`:
+        a batch's id, or NO_BATCH for jobs outside any batch."""
         query = select(Job).where(Job.api_key_id == api_key_id)
         if status is not None:
             query = query.where(Job.status == status)
+        if batch == NO_BATCH:
+            query = query.where(Job.batch_id.is_(None))
+        elif batch is not None:
+            query = query.where(Job.batch_id == batch)
         if before_id is not None:
             query = query.where(Job.id < before_id)
         return self.session.scalars(query.order_by(Job.id.desc()).limit(limit)).all()

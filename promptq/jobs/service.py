@@ -116,14 +116,20 @@ def get_job(session: Session, key: ApiKey, job_id: str) -> Job:
 
 
 def list_jobs(
-    session: Session, key: ApiKey, status: str | None, limit: int, after: str | None
+    session: Session,
+    key: ApiKey,
+    status: str | None,
+    limit: int,
+    after: str | None,
+    batch: str | None = None,
 ) -> tuple[Sequence[Job], bool]:
     """A page of jobs, newest first, and whether more follow. `after` is the cursor: the
-    last id of the previous page."""
+    last id of the previous page. `batch`: a batch's id for its requests only, `none` to
+    leave batch requests out (a polling trigger wants one event per job it started)."""
     if status is not None and status not in {s.value for s in JobStatus}:
         allowed = ", ".join(s.value for s in JobStatus)
         raise InvalidJob(f"status: must be one of {allowed}")
-    rows = JobRepository(session).list_for_key(key.id, status, limit + 1, after)
+    rows = JobRepository(session).list_for_key(key.id, status, limit + 1, after, batch)
     return rows[:limit], len(rows) > limit
 
 

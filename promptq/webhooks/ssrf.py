@@ -26,6 +26,7 @@ METADATA_HINT: Final = "promptq never sends webhooks to cloud metadata addresses
 def refusal_hint(allow_private: bool) -> str:
     return METADATA_HINT if allow_private else ALLOW_PRIVATE_HINT
 
+
 LOOPBACK = "a loopback address"
 PRIVATE = "a private address"
 LINK_LOCAL = "a link-local address"
