@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
@@ -10,6 +12,7 @@ from fastapi.staticfiles import StaticFiles
 from api.body_limit import BodySizeLimit
 from api.broker import BrokerCheck
 from api.errors import install_error_handlers
+from api.finished import FinishedJobs
 from api.publisher import BrokerPublisher, Publisher
 from api.routes import (
     batches,
@@ -34,8 +37,10 @@ def create_app(settings: Settings | None = None, publish: Publisher | None = Non
         version="0.1.0",
         summary="A self-hosted job queue for LLM prompts.",
         docs_url="/docs",
+        lifespan=_lifespan,
     )
     app.state.settings = settings
+    app.state.finished = FinishedJobs(settings.redis_url) if settings.redis_url else None
     broker = BrokerPublisher.for_settings(settings)
     app.state.publish = publish or broker.job
     app.state.deliver = broker.delivery
@@ -59,6 +64,16 @@ def create_app(settings: Settings | None = None, publish: Publisher | None = Non
     app.mount("/static", StaticFiles(directory=dashboard.STATIC_DIR), name="static")
     _document_manual_bodies(app)
     return app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    finished: FinishedJobs | None = app.state.finished
+    if finished is not None:
+        finished.start()
+    yield
+    if finished is not None:
+        await finished.stop()
 
 
 def _document_manual_bodies(app: FastAPI) -> None:

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from decimal import Decimal
 from pathlib import Path
 
@@ -154,12 +155,18 @@ def test_up_runs_the_whole_stack_and_stops_cleanly(tmp_path: Path) -> None:
 
         flower = f"http://127.0.0.1:{flower_port}"
         assert requests.get(f"{flower}/api/tasks", timeout=5).status_code == 401
-        tasks = requests.get(
-            f"{flower}/api/tasks", auth=tuple(flower_login.split(":", 1)), timeout=5
-        ).json()
+        # Flower learns of tasks from the worker's events, which may trail the job a little.
+        deadline = time.monotonic() + 15
+        while True:
+            tasks = requests.get(
+                f"{flower}/api/tasks", auth=tuple(flower_login.split(":", 1)), timeout=5
+            ).json()
+            shown = json.dumps(list(tasks.values()))
+            if job["id"] in shown or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         assert "promptq.run_job" in {task["name"] for task in tasks.values()}
         # Flower shows a task's arguments: job ids, never the prompt or a secret.
-        shown = json.dumps(list(tasks.values()))
         assert job["id"] in shown
         assert "up and running" not in shown and key not in shown
     finally:

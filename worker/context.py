@@ -9,6 +9,7 @@ from functools import lru_cache
 import redis
 
 from promptq.config import Settings, get_settings
+from promptq.jobs.finished import announce
 from promptq.jobs.leases import LeaseKeeper
 from promptq.jobs.runner import JobRunner
 from promptq.pricing import PriceTable
@@ -34,8 +35,9 @@ def worker_context() -> WorkerContext:
 
     settings = get_settings()
     assert settings.redis_url is not None  # create_celery refused to start without it
+    client = redis.Redis.from_url(settings.redis_url)
     limiter = Limiter(
-        redis.Redis.from_url(settings.redis_url),
+        client,
         LimitTable.load(settings.limits_file),
         slot_lease_seconds=settings.slot_lease_seconds,
     )
@@ -62,6 +64,7 @@ def worker_context() -> WorkerContext:
         leases,
         publish,
         deliver,
+        announce=lambda job_id: announce(client, job_id),
     )
     return WorkerContext(
         settings=settings,

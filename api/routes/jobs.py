@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from contextlib import closing
@@ -17,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from api.auth import request_caller
 from api.deps import ApiKeyDep, SessionDep, SettingsDep
 from api.errors import RETRY_AFTER_SECONDS, ApiError, describe_validation_errors
+from api.finished import watching
 from promptq.config import Settings
 from promptq.db import get_sessionmaker, session_scope
 from promptq.jobs import service
@@ -123,24 +123,24 @@ async def create_job(
     payload = await read_job_create(request)
     body = await run_in_threadpool(accept_job, request, settings, key, payload, idempotency_key)
     if wait and not JobStatus(body["status"]).is_final:
-        body = await wait_for_final(settings.database_url, key, body["id"], wait) or body
+        body = await wait_for_final(request, settings.database_url, key, body["id"], wait)
     status = 200 if JobStatus(body["status"]).is_final else 202
     return JSONResponse(body, status_code=status, headers={"Location": f"/v1/jobs/{body['id']}"})
 
 
 async def wait_for_final(
-    database_url: str, key: ApiKey, job_id: str, seconds: float
-) -> dict[str, Any] | None:
-    """Poll the job until it is final or time runs out; the last view of it either way."""
+    request: Request, database_url: str, key: ApiKey, job_id: str, seconds: float
+) -> dict[str, Any]:
+    """The job once it is final, or as it is when time runs out. Woken by the worker's
+    word that it finished (api.finished), and looking at the database now and then."""
     deadline = time.monotonic() + seconds
-    delay = 0.05
-    body = None
-    while True:
-        body = await run_in_threadpool(read_job, database_url, key, job_id)
-        if JobStatus(body["status"]).is_final or time.monotonic() >= deadline:
-            return body
-        await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-        delay = min(delay * 1.5, 0.5)
+    with watching(request.app.state.finished, job_id) as watch:
+        while True:
+            body = await run_in_threadpool(read_job, database_url, key, job_id)
+            left = deadline - time.monotonic()
+            if JobStatus(body["status"]).is_final or left <= 0:
+                return body
+            await watch.pause(left)
 
 
 def read_job(database_url: str, key: ApiKey, job_id: str) -> dict[str, Any]:

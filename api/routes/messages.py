@@ -7,7 +7,6 @@ says why not sooner)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from typing import Any
@@ -20,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from api.auth import request_caller
 from api.deps import SettingsDep
 from api.errors import ApiError
+from api.finished import watching
 from api.routes.jobs import accept_job, read_job
 from promptq.db import session_scope
 from promptq.jobs import service
@@ -32,9 +32,8 @@ from promptq.validation import describe_validation_errors
 
 router = APIRouter(tags=["anthropic"])
 
-# A running job is waited for past messages_wait_seconds: its upstream call is under way and
-# bounded by the upstream timeout; giving up on it would pay for an answer nobody reads.
-POLL_CEILING_SECONDS = 0.25
+# How often a waiting request checks that its client is still there.
+DISCONNECT_CHECK_SECONDS = 1.0
 
 
 async def read_messages_request(request: Request) -> tuple[MessagesRequest, bool]:
@@ -93,20 +92,22 @@ async def create_message(request: Request, settings: SettingsDep) -> Response:
 async def _await_job(
     request: Request, database_url: str, key: ApiKey, job: dict[str, Any], settings: SettingsDep
 ) -> dict[str, Any]:
-    """Poll until the job is final. Past the wait, or when the client has gone, a job that
+    """Wait until the job is final. Past the wait, or when the client has gone, a job that
     has not started is canceled, so that it never costs anything."""
     deadline = time.monotonic() + settings.messages_wait_seconds
-    delay = 0.02
-    while not JobStatus(job["status"]).is_final:
-        gone = await request.is_disconnected()
-        if gone or time.monotonic() >= deadline:
-            job = await run_in_threadpool(_cancel_unless_running, database_url, key, job["id"])
-            if gone or JobStatus(job["status"]).is_final:
-                return job
-            deadline = float("inf")
-        await asyncio.sleep(delay)
-        delay = min(delay * 1.5, POLL_CEILING_SECONDS)
-        job = await run_in_threadpool(read_job, database_url, key, job["id"])
+    with watching(request.app.state.finished, job["id"]) as watch:
+        while not JobStatus(job["status"]).is_final:
+            gone = await request.is_disconnected()
+            if gone or time.monotonic() >= deadline:
+                job = await run_in_threadpool(_cancel_unless_running, database_url, key, job["id"])
+                if gone or JobStatus(job["status"]).is_final:
+                    return job
+                # Running: its call is under way, bounded by the upstream timeout; giving
+                # up now would pay for an answer nobody reads.
+                deadline = float("inf")
+            # Short pauses: a client that hangs up is noticed within a second.
+            await watch.pause(min(DISCONNECT_CHECK_SECONDS, deadline - time.monotonic()))
+            job = await run_in_threadpool(read_job, database_url, key, job["id"])
     return job
 
 

@@ -54,6 +54,8 @@ class JobRunner:
     publish: Publish
     # deliver(delivery_ids): send the webhook deliveries a job's end created.
     deliver: Callable[[Sequence[str]], None]
+    # announce(job_id): tell clients held open on the job that it has finished.
+    announce: Callable[[str], None] = lambda _job_id: None
 
     def run(self, job_id: str, grant: Grant | None = None) -> str:
         with session_scope(self.settings.database_url) as session:
@@ -102,6 +104,7 @@ class JobRunner:
             return "claimed elsewhere"
         if refused is not None:
             self._give_back(grant)
+            self.announce(job.id)
             self.deliver(refused.deliveries)
             log.info("job %s not started: %s", job.id, refused.message)
             return "budget exceeded"
@@ -143,6 +146,8 @@ class JobRunner:
             log.exception(
                 "could not settle the rate-limit grant of job %s", job.id, extra={"job_id": job.id}
             )
+        if verdict.status.is_final:
+            self.announce(job.id)
         if verdict.deliveries:
             self.deliver(verdict.deliveries)
         if verdict.retry_in is not None:

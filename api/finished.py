@@ -1,0 +1,110 @@
+"""The API's ear for finished jobs: one Redis subscription per process, and the requests
+held open on a job (POST /v1/messages, ?wait=N) woken when theirs ends.
+
+Waiters still read the job from the database, which stays the only truth; the wake-up only
+saves them from polling it every fraction of a second. While the subscription is down
+(Redis restarting), they poll at the old, faster pace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict
+from collections.abc import Iterator
+
+import redis
+import redis.asyncio
+
+from promptq.jobs.finished import CHANNEL
+
+log = logging.getLogger(__name__)
+
+# How often a waiter looks at the database with no word from Redis: rarely while the
+# subscription is up (the word normally comes first), often while it is down.
+POLL_SUBSCRIBED_SECONDS = 2.0
+POLL_UNSUBSCRIBED_SECONDS = 0.25
+RECONNECT_SECONDS = 1.0
+
+
+class Watch:
+    """One waiter's view of one job."""
+
+    def __init__(self, listener: FinishedJobs | None) -> None:
+        self.event = asyncio.Event()
+        self.listener = listener
+
+    async def pause(self, seconds: float) -> bool:
+        """Wait up to `seconds`, less if the job is announced finished meanwhile; whether
+        it was."""
+        subscribed = self.listener is not None and self.listener.subscribed
+        ceiling = POLL_SUBSCRIBED_SECONDS if subscribed else POLL_UNSUBSCRIBED_SECONDS
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.event.wait(), max(0.0, min(seconds, ceiling)))
+        woken = self.event.is_set()
+        self.event.clear()
+        return woken
+
+
+class FinishedJobs:
+    def __init__(self, redis_url: str) -> None:
+        self.redis_url = redis_url
+        self.subscribed = False
+        self._watches: dict[str, set[Watch]] = defaultdict(set)
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._listen())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    @contextlib.contextmanager
+    def watching(self, job_id: str) -> Iterator[Watch]:
+        """Registered before the caller first reads the job, so an end announced between
+        that read and the first pause is not missed."""
+        watch = Watch(self)
+        self._watches[job_id].add(watch)
+        try:
+            yield watch
+        finally:
+            watches = self._watches.get(job_id)
+            if watches is not None:
+                watches.discard(watch)
+                if not watches:
+                    del self._watches[job_id]
+
+    async def _listen(self) -> None:
+        while True:
+            client = redis.asyncio.Redis.from_url(self.redis_url)
+            try:
+                async with client.pubsub() as pubsub:
+                    await pubsub.subscribe(CHANNEL)
+                    self.subscribed = True
+                    async for message in pubsub.listen():
+                        if message.get("type") == "message":
+                            self._wake(message["data"].decode())
+            except (redis.RedisError, OSError):
+                log.warning("lost the finished-jobs subscription; waiters poll until it is back")
+            finally:
+                self.subscribed = False
+                await client.aclose()
+            await asyncio.sleep(RECONNECT_SECONDS)
+
+    def _wake(self, job_id: str) -> None:
+        for watch in self._watches.get(job_id, ()):
+            watch.event.set()
+
+
+@contextlib.contextmanager
+def watching(listener: FinishedJobs | None, job_id: str) -> Iterator[Watch]:
+    """A watch on `job_id`; without a listener (no Redis), one that is never woken."""
+    if listener is None:
+        yield Watch(None)
+        return
+    with listener.watching(job_id) as watch:
+        yield watch
