@@ -19,3 +19,17 @@ def alembic_config(database_url: str) -> Config:
 
 def upgrade(database_url: str, revision: str = "head") -> None:
     command.upgrade(alembic_config(database_url), revision)
+
+
+def schema_revisions(database_url: str) -> tuple[str | None, str]:
+    """(the database's revision, or None before the first migration; the code's head)."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    from promptq.db import get_engine
+
+    head = ScriptDirectory.from_config(alembic_config(database_url)).get_current_head()
+    assert head is not None
+    with get_engine(database_url).connect() as connection:
+        current = MigrationContext.configure(connection).get_current_revision()
+    return current, head

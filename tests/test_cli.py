@@ -53,6 +53,20 @@ def test_db_upgrade_creates_the_schema(tmp_path: Path) -> None:
     assert {"api_keys", "jobs", "attempts", "alembic_version"} <= tables
 
 
+def test_db_check_says_whether_the_schema_is_this_releases(tmp_path: Path) -> None:
+    env = clean_env(PROMPTQ_DATABASE_URL=f"sqlite:///{tmp_path / 'fresh.db'}")
+    before = promptq("db", "check", env=env, check=False)
+    assert before.returncode == 1
+    assert "no revision" in before.stderr and "promptq db upgrade" in before.stderr
+    promptq("db", "upgrade", env=env)
+    after = promptq("db", "check", env=env)
+    assert after.stdout.startswith("database at ")
+
+    away = clean_env(PROMPTQ_DATABASE_URL="postgresql+psycopg://postgres@127.0.0.1:1/none")
+    unreachable = promptq("db", "check", "--wait", "1", env=away, check=False)
+    assert unreachable.returncode == 1 and "does not answer" in unreachable.stderr
+
+
 def test_keys_create_list_revoke(database_url: str, test_env: dict[str, str]) -> None:
     env = clean_env(PROMPTQ_DATABASE_URL=database_url)
     created = json.loads(

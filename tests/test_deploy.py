@@ -504,7 +504,7 @@ def test_k8s_containers_reference_existing_config_and_secrets() -> None:
         for d in of_kind("Secret")
     }
     for name, spec in pod_specs():
-        for container in spec["containers"]:
+        for container in all_containers(spec):
             sources = [(e.get("configMapRef"), "ConfigMap") for e in container.get("envFrom", [])]
             sources += [(e.get("secretRef"), "Secret") for e in container.get("envFrom", [])]
             referenced = {(kind, ref["name"]) for ref, kind in sources if ref}
@@ -539,7 +539,7 @@ def test_k8s_pods_run_as_non_root_with_resources() -> None:
     for name, spec in pod_specs():
         pod_security = spec.get("securityContext", {})
         assert spec.get("enableServiceLinks") is False, name  # PROMPTQ_API_* would appear
-        for container in spec["containers"]:
+        for container in all_containers(spec):
             security = {**pod_security, **container.get("securityContext", {})}
             assert security.get("runAsNonRoot") is True, name
             assert security.get("runAsUser", image_uid) == image_uid, name
@@ -698,12 +698,24 @@ def test_systemd_exec_lines_name_real_commands() -> None:
 # ---------------------------------------------------------------------------- all of them
 
 
+def all_containers(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    return [*spec.get("initContainers", []), *spec["containers"]]
+
+
+def test_every_deployment_waits_for_the_schema() -> None:
+    """Pods start only once the migration Job has run: `promptq db check --wait`."""
+    for deployment in of_kind("Deployment"):
+        spec = deployment["spec"]["template"]["spec"]
+        waits = [k8s_argv(c)[:2] for c in spec.get("initContainers", [])]
+        assert ["db", "check"] in waits, deployment["metadata"]["name"]
+
+
 def promptq_invocations() -> list[tuple[str, list[str]]]:
     """Every `promptq ...` the deploy files run, with where it comes from."""
     found = [("Dockerfile CMD", dockerfile_cmd())]
     found += [(f"compose {n}", compose_argv(s)) for n, s in promptq_services().items()]
     for name, spec in pod_specs():
-        found += [(f"k8s {name}/{c['name']}", k8s_argv(c)) for c in spec["containers"]]
+        found += [(f"k8s {name}/{c['name']}", k8s_argv(c)) for c in all_containers(spec)]
     found += [(f"systemd {name}", unit_promptq_argv(name)) for name in sorted(SYSTEMD_UNITS)]
     return found
 

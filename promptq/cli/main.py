@@ -16,6 +16,9 @@ def cli(log_level: str) -> None:
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # Alembic announces each plugin and its database dialect at INFO: noise before a
+    # command's own output. Its migration steps (`Running upgrade ...`) still show.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 
 
 cli.add_command(stack.up)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +131,45 @@ def flower(port: int, address: str) -> None:
 @click.group()
 def db() -> None:
     """Database schema commands."""
+
+
+@db.command("check")
+@click.option(
+    "--wait",
+    "wait_seconds",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Keep checking this many seconds (a container waiting for the migration job).",
+)
+def db_check(wait_seconds: float) -> None:
+    """Exit 0 when the database's schema is the one this release expects, 1 otherwise."""
+    import time
+
+    from sqlalchemy.exc import OperationalError
+
+    from promptq.migrate import schema_revisions
+
+    # Reading the revision makes Alembic describe its dialect at INFO, every 2 s.
+    logging.getLogger("alembic.runtime.migration").setLevel(logging.WARNING)
+    settings = get_settings()
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            current, head = schema_revisions(settings.database_url)
+        except OperationalError as error:
+            problem = f"the database does not answer ({error.orig}); check PROMPTQ_DATABASE_URL"
+        else:
+            if current == head:
+                click.echo(f"database at {head}")
+                return
+            problem = (
+                f"the database is at {current or 'no revision'}, this release expects {head}: "
+                "run `promptq db upgrade`"
+            )
+        if time.monotonic() >= deadline:
+            raise click.ClickException(problem)
+        time.sleep(2)
 
 
 @db.command("upgrade")
