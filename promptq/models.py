@@ -121,6 +121,9 @@ class Job(Base):
         ForeignKey("message_batches.id", name="fk_jobs_batch"), nullable=True
     )
     custom_id: Mapped[str | None] = mapped_column(String(64))
+    # The client's anthropic-beta header, sent with every upstream call of the job: beta
+    # features (and the parameters only they accept) work through promptq as they do direct.
+    anthropic_beta: Mapped[str | None] = mapped_column(String(500))
 
     attempt_records: Mapped[list[Attempt]] = relationship(
         back_populates="job", order_by="Attempt.number", lazy="raise"

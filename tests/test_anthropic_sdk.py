@@ -128,6 +128,37 @@ def test_a_stream_carries_the_same_message_as_anthropics_events(
     ]
 
 
+def test_beta_features_reach_the_upstream_with_their_header(
+    sdk: anthropic.Anthropic, api_url: str, key: str, simulator: Any
+) -> None:
+    prompt = unique("a beta feature, please")
+    message = sdk.beta.messages.create(
+        model=MODEL,
+        max_tokens=32,
+        betas=["context-management-2025-06-27", "interleaved-thinking-2025-05-14"],
+        messages=[{"role": "user", "content": prompt}],
+    )
+    assert message.content[0].text
+    stats = requests.get(f"{simulator.url}/_sim/stats", timeout=5).json()
+    assert stats["beta_by_prompt"][prompt[:60]] == (
+        "context-management-2025-06-27,interleaved-thinking-2025-05-14"
+    )
+
+    batch = sdk.beta.messages.batches.create(
+        betas=["files-api-2025-04-14"], requests=[request("b", unique("beta in a batch"))]
+    )
+    jobs = requests.get(f"{api_url}/v1/jobs?batch={batch.id}", headers=auth(key), timeout=10)
+    assert [job["anthropic_beta"] for job in jobs.json()["data"]] == ["files-api-2025-04-14"]
+
+    with pytest.raises(anthropic.BadRequestError, match="anthropic-beta"):
+        sdk.messages.create(
+            model=MODEL,
+            max_tokens=8,
+            messages=[{"role": "user", "content": "x"}],
+            extra_headers={"anthropic-beta": "not a beta name; drop table"},
+        )
+
+
 @pytest.mark.parametrize(
     ("call", "error_class", "status", "error_type"),
     [

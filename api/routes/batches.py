@@ -17,6 +17,7 @@ from promptq.batches import service
 from promptq.batches.schemas import parse_batch_requests
 from promptq.config import Settings
 from promptq.db import get_sessionmaker
+from promptq.jobs.schemas import anthropic_beta
 from promptq.models import ApiKey, BatchStatus
 
 BATCHES_PATH = "/v1/messages/batches"
@@ -42,6 +43,7 @@ def _accept_batch(request: Request, settings: Settings, key: ApiKey, raw: bytes)
     except (ValueError, RecursionError) as exc:
         raise ApiError(400, f"body is not valid JSON: {exc}") from exc
     requests = parse_batch_requests(data)
+    beta = anthropic_beta(request.headers.get("anthropic-beta"))
     broker = request.app.state.broker
     if broker is not None and not broker.answers():
         raise ApiError(
@@ -52,7 +54,7 @@ def _accept_batch(request: Request, settings: Settings, key: ApiKey, raw: bytes)
             headers={"Retry-After": RETRY_AFTER_SECONDS},
         )
     with closing(get_sessionmaker(settings.database_url)()) as session:
-        view, ended = service.create_batch(session, settings, key, requests)
+        view, ended = service.create_batch(session, settings, key, requests, beta)
         session.commit()
         body = view.to_api(_base_url(request))
     request.app.state.publish_batch(view.batch.id)

@@ -21,7 +21,7 @@ from promptq.config import Settings
 from promptq.db import get_sessionmaker, session_scope
 from promptq.jobs import service
 from promptq.jobs.presenter import job_to_api
-from promptq.jobs.schemas import MAX_JSON_DEPTH, JobCreate, json_depth
+from promptq.jobs.schemas import MAX_JSON_DEPTH, JobCreate, anthropic_beta, json_depth
 from promptq.models import ApiKey, JobStatus
 from promptq.webhooks import deliveries
 
@@ -71,7 +71,8 @@ def accept_job(
     idempotency_header: str | None,
 ) -> dict[str, Any]:
     """Store, commit, then publish: one trip to the thread pool per job, since intake runs
-    hundreds of times a second."""
+    hundreds of times a second. An anthropic-beta header goes with the job to the upstream."""
+    beta = anthropic_beta(request.headers.get("anthropic-beta"))
     broker = request.app.state.broker
     if broker is not None and not broker.answers():
         raise ApiError(
@@ -83,12 +84,12 @@ def accept_job(
         )
     with closing(get_sessionmaker(settings.database_url)()) as session:
         try:
-            outcome = service.create_job(session, settings, key, payload, idempotency_header)
+            outcome = service.create_job(session, settings, key, payload, idempotency_header, beta)
             session.commit()
         except IntegrityError:
             # Another request with the same idempotency key committed first: its job.
             session.rollback()
-            outcome = service.create_job(session, settings, key, payload, idempotency_header)
+            outcome = service.create_job(session, settings, key, payload, idempotency_header, beta)
             if outcome.created:
                 raise
         body = job_to_api(outcome.job)

@@ -40,7 +40,11 @@ class BatchView:
 
 
 def create_batch(
-    session: Session, settings: Settings, key: ApiKey, requests: Sequence[BatchRequest]
+    session: Session,
+    settings: Settings,
+    key: ApiKey,
+    requests: Sequence[BatchRequest],
+    anthropic_beta: str | None = None,
 ) -> tuple[BatchView, list[str]]:
     """The batch and one job per request; the deliveries to send when it ended at once
     (every request invalid)."""
@@ -58,7 +62,7 @@ def create_batch(
     # follow the order of the requests, and results come back in that order.
     job_ids = sorted(new_id("job") for _ in requests)
     jobs = [
-        _job_row(job_id, batch.id, key.id, request, settings, now)
+        _job_row(job_id, batch.id, key.id, request, settings, now, anthropic_beta)
         for job_id, request in zip(job_ids, requests, strict=True)
     ]
     BatchRepository(session).add(batch, jobs)
@@ -76,6 +80,7 @@ def _job_row(
     request: BatchRequest,
     settings: Settings,
     now: Any,
+    anthropic_beta: str | None,
 ) -> dict[str, Any]:
     row: dict[str, Any] = {
         "id": job_id,
@@ -91,6 +96,7 @@ def _job_row(
         "webhook_attempts": 0,
         "batch_id": batch_id,
         "custom_id": request.custom_id,
+        "anthropic_beta": anthropic_beta,
     }
     if request.error is not None:
         row.update(

@@ -42,6 +42,7 @@ class RunnableJob:
     due_in: float
     # The key's monthly budget: only a key with one reserves money when its jobs start.
     key_monthly_budget_usd: Decimal | None = None
+    anthropic_beta: str | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class ClaimedJob:
     priority: str
     attempt: int
     claimed_at: datetime
+    anthropic_beta: str | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,7 @@ def runnable_job(session: Session, job_id: str) -> RunnableJob | None:
         waiting_for=job.waiting_for,
         due_in=max(0.0, due_in),
         key_monthly_budget_usd=key.monthly_budget_usd,
+        anthropic_beta=job.anthropic_beta,
     )
 
 
@@ -100,6 +103,7 @@ def claim_job(session: Session, settings: Settings, job: RunnableJob) -> Claimed
         priority=job.priority,
         attempt=job.attempts + 1,
         claimed_at=now,
+        anthropic_beta=job.anthropic_beta,
     )
 
 

@@ -78,4 +78,5 @@ def job_to_api(job: Job) -> dict[str, Any]:
         "error": error,
         "webhook": webhook,
         "batch": {"id": job.batch_id, "custom_id": job.custom_id} if job.batch_id else None,
+        "anthropic_beta": job.anthropic_beta,
     }

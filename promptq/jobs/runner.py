@@ -109,7 +109,7 @@ class JobRunner:
             log.info("job %s not started: %s", job.id, refused.message)
             return "budget exceeded"
         with self.leases.holding(job.id, grant):
-            result = self.upstream.create_message(claimed.request)
+            result = self.upstream.create_message(claimed.request, beta=claimed.anthropic_beta)
             # The answer is recorded first, and waited for through a database outage: it
             # was paid for, and losing it would mean asking the upstream again.
             for retrying in Retrying(

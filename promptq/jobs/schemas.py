@@ -8,10 +8,12 @@ minutes later at the upstream.
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from promptq.jobs.errors import InvalidJob
 from promptq.models import Priority
 
 # Bounds on what one job may carry, each refused with a message naming it.
@@ -161,6 +163,24 @@ class JobCreate(BaseModel):
         if self.temperature is not None:
             params["temperature"] = self.temperature
         return MessagesRequest.model_validate(params)
+
+
+BETA_NAMES = re.compile(r"^[A-Za-z0-9._-]+$")
+MAX_BETA_HEADER = 500
+
+
+def anthropic_beta(header: str | None) -> str | None:
+    """The anthropic-beta header a client sent (comma-separated beta names), normalized;
+    InvalidJob when it cannot be a list of beta names."""
+    if header is None or not header.strip():
+        return None
+    names = [name.strip() for name in header.split(",") if name.strip()]
+    if len(header) > MAX_BETA_HEADER or not all(BETA_NAMES.match(name) for name in names):
+        raise InvalidJob(
+            "anthropic-beta: a comma-separated list of beta names (letters, digits, `.`, `_`, "
+            f"`-`), at most {MAX_BETA_HEADER} characters"
+        )
+    return ",".join(names)
 
 
 def json_depth(value: Any) -> int:

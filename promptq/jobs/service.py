@@ -74,6 +74,7 @@ def create_job(
     key: ApiKey,
     payload: JobCreate,
     idempotency_header: str | None = None,
+    anthropic_beta: str | None = None,
 ) -> CreatedJob:
     idempotency_key = resolve_idempotency_key(payload, idempotency_header)
     fingerprint = request_fingerprint(payload)
@@ -102,6 +103,7 @@ def create_job(
         request_hash=fingerprint,
         attempts=0,
         max_attempts=settings.max_attempts,
+        anthropic_beta=anthropic_beta,
     )
     JobRepository(session).add(job)
     return CreatedJob(job=job, created=True)

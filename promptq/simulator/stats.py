@@ -22,6 +22,8 @@ class Stats:
             self.succeeded = 0
             self.by_status: Counter[str] = Counter()
             self.by_prompt: Counter[str] = Counter()
+            # The anthropic-beta header each prompt last came with (what a client asked for).
+            self.beta_by_prompt: dict[str, str] = {}
             # Calls arriving in each wall-clock second: what an upstream's per-second
             # enforcement of a per-minute limit sees.
             self.by_second: Counter[int] = Counter()
@@ -40,9 +42,11 @@ class Stats:
             self.by_status["dropped" if answer.drop else str(answer.status)] += 1
             self.succeeded += answer.succeeded
 
-    def prompt(self, text: str) -> None:
+    def prompt(self, text: str, beta: str | None = None) -> None:
         with self._lock:
             self.by_prompt[text[:60]] += 1
+            if beta:
+                self.beta_by_prompt[text[:60]] = beta
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
@@ -51,6 +55,7 @@ class Stats:
                 "succeeded": self.succeeded,
                 "by_status": dict(self.by_status),
                 "calls_by_prompt": dict(self.by_prompt),
+                "beta_by_prompt": dict(self.beta_by_prompt),
                 "in_flight": self.in_flight,
                 "max_in_flight": self.max_in_flight,
                 "calls_by_second": {str(second): n for second, n in sorted(self.by_second.items())},

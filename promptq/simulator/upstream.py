@@ -112,7 +112,7 @@ class Upstream:
             raise _invalid(f"request body is not valid JSON: {error}") from None
         body = validate_request(body)
         prompt = last_user_text(body["messages"])
-        self.stats.prompt(prompt)
+        self.stats.prompt(prompt, headers.get("anthropic-beta"))
         directives = parse_directives(prompt)
 
         fault = self._directive_fault(body, directives)

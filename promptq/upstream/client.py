@@ -95,10 +95,11 @@ class UpstreamClient:
             session.close()
             self._local.session = None
 
-    def create_message(self, params: dict[str, Any]) -> UpstreamResult:
-        return self._call(params).redacted(self._api_key)
+    def create_message(self, params: dict[str, Any], beta: str | None = None) -> UpstreamResult:
+        """One call; `beta`: the anthropic-beta header the job's client sent."""
+        return self._call(params, beta).redacted(self._api_key)
 
-    def _call(self, params: dict[str, Any]) -> UpstreamResult:
+    def _call(self, params: dict[str, Any], beta: str | None = None) -> UpstreamResult:
         started = time.monotonic()
         try:
             body = json.dumps(params, ensure_ascii=False).encode("utf-8")
@@ -108,7 +109,7 @@ class UpstreamClient:
             response = self._session().post(
                 self.url,
                 data=body,
-                headers=self._headers,
+                headers={**self._headers, "anthropic-beta": beta} if beta else self._headers,
                 timeout=(self.connect_timeout, self.timeout),
                 allow_redirects=False,
             )
