@@ -4,6 +4,7 @@ adaptation, reported limits, priorities and key reservations."""
 from __future__ import annotations
 
 import itertools
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -99,8 +100,10 @@ def test_calls_are_spread_evenly_with_a_small_burst(make_limiter: MakeLimiter) -
     for start in times:
         in_window = sum(1 for t in times if start <= t < start + 1.0)
         assert in_window <= 20 + 5 + 1
+    # Past the burst, one every 50 ms. Not the smallest gap: a stall of this process (a busy
+    # CI machine) lets budget build up to the burst, which is then rightly granted at once.
     gaps = [b - a for a, b in itertools.pairwise(times[6:])]
-    assert min(gaps) > 0.03  # past the burst, one every 50 ms, not in clumps
+    assert 0.04 <= statistics.median(gaps) <= 0.06
 
 
 def test_output_tokens_are_reserved_then_refunded(make_limiter: MakeLimiter) -> None:
