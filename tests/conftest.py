@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import redis
-from helpers import start_process, start_worker, stop_worker, wait_for_http
+from helpers import running_api, start_worker, stop_worker
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
@@ -208,14 +208,5 @@ def client(settings: Settings) -> Iterator[Any]:
 @pytest.fixture
 def api_server(test_env: dict[str, str], worker_process: Any, tmp_path: Path) -> Iterator[str]:
     """A real `promptq api` process next to the test session's worker."""
-    from promptq.cli.stack import free_port
-
-    port = free_port()
-    process = start_process(["api", f"--port={port}"], test_env, tmp_path / "api.log")
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_http(url, process)
+    with running_api(test_env, tmp_path / "api.log") as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=20)

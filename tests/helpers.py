@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -79,6 +81,22 @@ def start_process(args: list[str], env: dict[str, str], log_path: Path) -> subpr
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+
+
+@contextlib.contextmanager
+def running_api(env: dict[str, str], log_path: Path) -> Iterator[str]:
+    """A real `promptq api` process on a free port, its URL once it answers."""
+    from promptq.cli.stack import free_port
+
+    port = free_port()
+    process = start_process(["api", f"--port={port}"], env, log_path)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(url, process)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
 
 
 def wait_for_http(url: str, process: subprocess.Popen[bytes], timeout: float = 30) -> None:

@@ -12,10 +12,9 @@ from typing import Any
 import anthropic
 import pytest
 import requests
-from helpers import Receiver, auth, start_process, wait_for_http
+from helpers import Receiver, auth, running_api
 from standardwebhooks.webhooks import Webhook
 
-from promptq.cli.stack import free_port
 from promptq.db import session_scope
 from promptq.keys.service import create_key
 
@@ -27,16 +26,8 @@ def api_url(
     test_env: dict[str, str], worker_process: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     """A real `promptq api` process, shared by this module's tests."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("sdk-api") / "api.log"
-    process = start_process(["api", f"--port={port}"], test_env, log)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_http(url, process)
+    with running_api(test_env, tmp_path_factory.mktemp("sdk-api") / "api.log") as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
 
 
 @pytest.fixture(scope="module")
@@ -339,16 +330,9 @@ def test_batches_page_like_anthropics(api_url: str, make_key: Any) -> None:
 @pytest.fixture
 def impatient_api(test_env: dict[str, str], worker_process: Any, tmp_path: Path) -> Iterator[str]:
     """An API that waits only 1.5 s for a /v1/messages job to start."""
-    port = free_port()
     env = {**test_env, "PROMPTQ_MESSAGES_WAIT_SECONDS": "1.5"}
-    process = start_process(["api", f"--port={port}"], env, tmp_path / "api.log")
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_http(url, process)
+    with running_api(env, tmp_path / "api.log") as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
 
 
 def test_a_request_that_cannot_start_in_time_or_is_abandoned_is_canceled(

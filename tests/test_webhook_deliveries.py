@@ -179,6 +179,16 @@ def test_rest_hook_subscriptions(
     assert client.get("/v1/webhooks", headers=auth(key)).json()["data"] == []
 
 
+def disabled_subscription(client: Any, key: str, hook_id: str) -> dict[str, Any]:
+    """The subscription once it says it is disabled, or as it is after 5 s."""
+    deadline = time.monotonic() + 5
+    while True:
+        state: dict[str, Any] = client.get(f"/v1/webhooks/{hook_id}", headers=auth(key)).json()
+        if state["disabled_at"] or time.monotonic() > deadline:
+            return state
+        time.sleep(0.1)
+
+
 def test_410_disables_a_subscription(
     client: Any, worker_process: Any, receiver: Receiver, signed_key: tuple[str, str]
 ) -> None:
@@ -188,12 +198,7 @@ def test_410_disables_a_subscription(
     assert hook["events"] == ["job.failed", "job.succeeded"]
     client.post("/v1/jobs", json={"prompt": "gone for good"}, headers=auth(key))
     receiver.wait_for(1)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        state = client.get(f"/v1/webhooks/{hook['id']}", headers=auth(key)).json()
-        if state["disabled_at"]:
-            break
-        time.sleep(0.1)
+    state = disabled_subscription(client, key, hook["id"])
     assert state["disabled_at"] and "410" in state["disabled_reason"]
 
 
@@ -246,12 +251,7 @@ def test_a_delivery_to_a_subscription_failing_for_days_is_its_last(
         stored.failing_since = datetime.now(UTC) - timedelta(days=4)
     job = client.post("/v1/jobs", json={"prompt": "anyone home?"}, headers=auth(key)).json()
     receiver.wait_for(1)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        state = client.get(f"/v1/webhooks/{hook['id']}", headers=auth(key)).json()
-        if state["disabled_at"]:
-            break
-        time.sleep(0.1)
+    state = disabled_subscription(client, key, hook["id"])
     assert state["disabled_at"] and "503" in state["disabled_reason"]
     deliveries = client.get(f"/v1/jobs/{job['id']}/deliveries", headers=auth(key)).json()
     assert [d["status"] for d in deliveries["data"]] == ["failed"]
