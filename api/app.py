@@ -42,6 +42,7 @@ def create_app(settings: Settings | None = None, publish: Publisher | None = Non
     app.state.settings = settings
     app.state.finished = FinishedJobs(settings.redis_url) if settings.redis_url else None
     broker = BrokerPublisher.for_settings(settings)
+    app.state.celery = broker.app
     app.state.publish = publish or broker.job
     app.state.deliver = broker.delivery
     app.state.broker = BrokerCheck(settings.redis_url) if settings.redis_url else None

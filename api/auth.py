@@ -84,11 +84,6 @@ def caller(session: Session, plain: str | None) -> ApiKey:
     return key
 
 
-def forget_cached_keys() -> None:
-    with _lock:
-        _cache.clear()
-
-
 async def request_caller(request: Request, database_url: str) -> ApiKey:
     """The calling key for a route that reads its body itself: from the cache when it can,
     else one trip to the thread pool for the database."""

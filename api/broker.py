@@ -11,6 +11,8 @@ import time
 
 import redis
 
+from api.errors import RETRY_AFTER_SECONDS, ApiError
+
 CHECK_EVERY_SECONDS = 1.0
 
 
@@ -31,3 +33,15 @@ class BrokerCheck:
                 self._answers = False
             self._checked_at = now
         return self._answers
+
+
+def require_broker(check: BrokerCheck | None, what: str) -> None:
+    """A 503 before anything is stored when the broker is away (`what`: "job", "batch")."""
+    if check is not None and not check.answers():
+        raise ApiError(
+            503,
+            f"the broker (Redis) is not answering, so the {what} was not accepted; retry in a "
+            "few seconds",
+            "service_unavailable",
+            headers={"Retry-After": RETRY_AFTER_SECONDS},
+        )

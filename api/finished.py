@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 
@@ -34,17 +35,22 @@ class Watch:
     def __init__(self, listener: FinishedJobs | None) -> None:
         self.event = asyncio.Event()
         self.listener = listener
+        self.looked_at = time.monotonic()
 
     async def pause(self, seconds: float) -> bool:
-        """Wait up to `seconds`, less if the job is announced finished meanwhile; whether
-        it was."""
+        """Wait up to `seconds`, less if the job is announced finished or the database is
+        due a look meanwhile; whether the caller should look at it now (the wake-up came,
+        or the polling interval has passed since its last look)."""
         subscribed = self.listener is not None and self.listener.subscribed
-        ceiling = POLL_SUBSCRIBED_SECONDS if subscribed else POLL_UNSUBSCRIBED_SECONDS
+        interval = POLL_SUBSCRIBED_SECONDS if subscribed else POLL_UNSUBSCRIBED_SECONDS
+        until_due = interval - (time.monotonic() - self.looked_at)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.event.wait(), max(0.0, min(seconds, ceiling)))
-        woken = self.event.is_set()
+            await asyncio.wait_for(self.event.wait(), max(0.0, min(seconds, until_due)))
+        look = self.event.is_set() or time.monotonic() - self.looked_at >= interval
         self.event.clear()
-        return woken
+        if look:
+            self.looked_at = time.monotonic()
+        return look
 
 
 class FinishedJobs:

@@ -31,29 +31,21 @@ class BrokerPublisher:
     def job(self, job_id: str, priority: str) -> None:
         from worker.publish import publish_job
 
-        try:
-            publish_job(self.app, job_id, priority)
-        except Exception:
-            log.warning("could not publish job %s now; the sweeper will", job_id, exc_info=True)
+        self._quietly(f"job {job_id}", lambda: publish_job(self.app, job_id, priority))
 
     def batch(self, batch_id: str) -> None:
         from worker.publish import publish_batch
 
-        try:
-            publish_batch(self.app, batch_id)
-        except Exception:
-            log.warning(
-                "could not publish batch %s now; the sweeper will publish its requests",
-                batch_id,
-                exc_info=True,
-            )
+        self._quietly(f"batch {batch_id}'s requests", lambda: publish_batch(self.app, batch_id))
 
     def delivery(self, delivery_id: str) -> None:
         from worker.publish import publish_delivery
 
+        self._quietly(f"delivery {delivery_id}", lambda: publish_delivery(self.app, delivery_id))
+
+    @staticmethod
+    def _quietly(what: str, publish: Callable[[], None]) -> None:
         try:
-            publish_delivery(self.app, delivery_id)
+            publish()
         except Exception:
-            log.warning(
-                "could not publish delivery %s now; the sweeper will", delivery_id, exc_info=True
-            )
+            log.warning("could not publish %s now; the sweeper will", what, exc_info=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from contextlib import closing
 from typing import Annotated, Any
 
@@ -11,8 +10,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.auth import request_caller
+from api.bodies import parse_json_body
+from api.broker import require_broker
 from api.deps import ApiKeyDep, SessionDep, SettingsDep
-from api.errors import RETRY_AFTER_SECONDS, ApiError
+from api.errors import ApiError
 from promptq.batches import service
 from promptq.batches.schemas import parse_batch_requests
 from promptq.config import Settings
@@ -38,21 +39,10 @@ async def create_batch(request: Request, settings: SettingsDep) -> JSONResponse:
 
 def _accept_batch(request: Request, settings: Settings, key: ApiKey, raw: bytes) -> dict[str, Any]:
     """Parse, validate, store in bulk, commit, then one message for the whole batch."""
-    try:
-        data = json.loads(raw) if raw.strip() else None
-    except (ValueError, RecursionError) as exc:
-        raise ApiError(400, f"body is not valid JSON: {exc}") from exc
+    data = parse_json_body(raw, check_depth=False) if raw.strip() else None
     requests = parse_batch_requests(data)
     beta = anthropic_beta(request.headers.get("anthropic-beta"))
-    broker = request.app.state.broker
-    if broker is not None and not broker.answers():
-        raise ApiError(
-            503,
-            "the broker (Redis) is not answering, so the batch was not accepted; retry in a "
-            "few seconds",
-            "service_unavailable",
-            headers={"Retry-After": RETRY_AFTER_SECONDS},
-        )
+    require_broker(request.app.state.broker, "batch")
     with closing(get_sessionmaker(settings.database_url)()) as session:
         view, ended = service.create_batch(session, settings, key, requests, beta)
         session.commit()

@@ -14,8 +14,10 @@ from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 
 from api.auth import request_caller
+from api.bodies import TOO_DEEP, parse_json_body
+from api.broker import require_broker
 from api.deps import ApiKeyDep, SessionDep, SettingsDep
-from api.errors import RETRY_AFTER_SECONDS, ApiError, describe_validation_errors
+from api.errors import ApiError, describe_validation_errors
 from api.finished import watching
 from promptq.config import Settings
 from promptq.db import get_sessionmaker, session_scope
@@ -43,18 +45,13 @@ async def read_job_create(request: Request) -> JobCreate:
                 raise ApiError(
                     422, "metadata: must be a JSON object when sent as a form field"
                 ) from exc
+            if json_depth(data) > MAX_JSON_DEPTH:
+                raise ApiError(400, TOO_DEEP)
     else:
         raw = await request.body()
         if not raw.strip():
             raise ApiError(400, "empty body: send a JSON object with `prompt` or `request`")
-        try:
-            data = json.loads(raw)
-        except RecursionError as exc:
-            raise ApiError(400, f"body nests deeper than {MAX_JSON_DEPTH} levels") from exc
-        except ValueError as exc:
-            raise ApiError(400, f"body is not valid JSON: {exc}") from exc
-    if json_depth(data) > MAX_JSON_DEPTH:
-        raise ApiError(400, f"body nests deeper than {MAX_JSON_DEPTH} levels")
+        data = parse_json_body(raw)
     if not isinstance(data, dict):
         raise ApiError(422, "body: must be a JSON object")
     try:
@@ -73,15 +70,7 @@ def accept_job(
     """Store, commit, then publish: one trip to the thread pool per job, since intake runs
     hundreds of times a second. An anthropic-beta header goes with the job to the upstream."""
     beta = anthropic_beta(request.headers.get("anthropic-beta"))
-    broker = request.app.state.broker
-    if broker is not None and not broker.answers():
-        raise ApiError(
-            503,
-            "the broker (Redis) is not answering, so the job was not accepted; retry in a "
-            "few seconds",
-            "service_unavailable",
-            headers={"Retry-After": RETRY_AFTER_SECONDS},
-        )
+    require_broker(request.app.state.broker, "job")
     with closing(get_sessionmaker(settings.database_url)()) as session:
         try:
             outcome = service.create_job(session, settings, key, payload, idempotency_header, beta)

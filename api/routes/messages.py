@@ -7,7 +7,6 @@ says why not sooner)."""
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -17,14 +16,16 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from api.auth import request_caller
+from api.bodies import parse_json_body
 from api.deps import SettingsDep
 from api.errors import ApiError
 from api.finished import watching
 from api.routes.jobs import accept_job, read_job
+from promptq.config import Settings
 from promptq.db import session_scope
 from promptq.jobs import service
 from promptq.jobs.errors import JobConflict
-from promptq.jobs.schemas import MAX_JSON_DEPTH, JobCreate, MessagesRequest, json_depth
+from promptq.jobs.schemas import JobCreate, MessagesRequest
 from promptq.models import ApiKey, JobStatus, Priority
 from promptq.upstream.anthropic_errors import anthropic_error
 from promptq.upstream.message_events import message_events
@@ -40,16 +41,9 @@ async def read_messages_request(request: Request) -> tuple[MessagesRequest, bool
     """The parameters, and whether the client asked for a stream (the job itself never
     streams: see promptq.upstream.message_events)."""
     raw = await request.body()
-    try:
-        data = json.loads(raw) if raw.strip() else None
-    except RecursionError as exc:
-        raise ApiError(400, f"body nests deeper than {MAX_JSON_DEPTH} levels") from exc
-    except ValueError as exc:
-        raise ApiError(400, f"body is not valid JSON: {exc}") from exc
+    data = parse_json_body(raw) if raw.strip() else None
     if not isinstance(data, dict):
         raise ApiError(400, "body: must be a JSON object of Messages API parameters")
-    if json_depth(data) > MAX_JSON_DEPTH:
-        raise ApiError(400, f"body nests deeper than {MAX_JSON_DEPTH} levels")
     stream = data.pop("stream", None)
     if stream not in (None, True, False):
         raise ApiError(400, "stream: must be true or false")
@@ -66,7 +60,7 @@ async def create_message(request: Request, settings: SettingsDep) -> Response:
     params, stream = await read_messages_request(request)
     payload = JobCreate(request=params, priority=Priority.HIGH)
     body = await run_in_threadpool(accept_job, request, settings, key, payload, None)
-    job = await _await_job(request, settings.database_url, key, body, settings)
+    job = await _await_job(request, settings, key, body)
     headers = {"request-id": job["id"], "x-promptq-job-id": job["id"]}
     if job["status"] == JobStatus.SUCCEEDED and stream:
         return StreamingResponse(
@@ -90,7 +84,7 @@ async def create_message(request: Request, settings: SettingsDep) -> Response:
 
 
 async def _await_job(
-    request: Request, database_url: str, key: ApiKey, job: dict[str, Any], settings: SettingsDep
+    request: Request, settings: Settings, key: ApiKey, job: dict[str, Any]
 ) -> dict[str, Any]:
     """Wait until the job is final. Past the wait, or when the client has gone, a job that
     has not started is canceled, so that it never costs anything."""
@@ -99,15 +93,18 @@ async def _await_job(
         while not JobStatus(job["status"]).is_final:
             gone = await request.is_disconnected()
             if gone or time.monotonic() >= deadline:
-                job = await run_in_threadpool(_cancel_unless_running, database_url, key, job["id"])
+                job = await run_in_threadpool(
+                    _cancel_unless_running, settings.database_url, key, job["id"]
+                )
                 if gone or JobStatus(job["status"]).is_final:
                     return job
                 # Running: its call is under way, bounded by the upstream timeout; giving
                 # up now would pay for an answer nobody reads.
                 deadline = float("inf")
-            # Short pauses: a client that hangs up is noticed within a second.
-            await watch.pause(min(DISCONNECT_CHECK_SECONDS, deadline - time.monotonic()))
-            job = await run_in_threadpool(read_job, database_url, key, job["id"])
+            # Short pauses: a client that hangs up is noticed within a second; the job is
+            # read only when it is announced finished or a look at the database is due.
+            if await watch.pause(min(DISCONNECT_CHECK_SECONDS, deadline - time.monotonic())):
+                job = await run_in_threadpool(read_job, settings.database_url, key, job["id"])
     return job
 
 

@@ -49,15 +49,14 @@ def _registry(app: FastAPI, settings: Settings) -> CollectorRegistry:
         registry = getattr(app.state, "metrics_registry", None)
         if registry is None:
             registry = CollectorRegistry()
-            registry.register(_collector(settings))
+            registry.register(_collector(app, settings))
             app.state.metrics_registry = registry
     return registry
 
 
-def _collector(settings: Settings) -> PromptqCollector:
+def _collector(app: FastAPI, settings: Settings) -> PromptqCollector:
     if not settings.redis_url:
         return PromptqCollector(settings.database_url, None)
-    from worker.app import create_celery
     from worker.publish import broker_backlog
 
     client = redis.Redis.from_url(
@@ -65,9 +64,8 @@ def _collector(settings: Settings) -> PromptqCollector:
         socket_timeout=REDIS_TIMEOUT_SECONDS,
         socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
     )
-    # broker_backlog reads the queue names from a Celery app's configuration; this one
-    # only lends them and never connects or publishes.
-    celery_app = create_celery(settings)
+    # broker_backlog reads the queue names from the publishing Celery app's configuration.
+    celery_app = app.state.celery
     return PromptqCollector(
         settings.database_url, client, broker_backlog=lambda: broker_backlog(celery_app)
     )

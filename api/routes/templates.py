@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
@@ -10,11 +9,11 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 
+from api.bodies import parse_json_body
 from api.deps import ApiKeyDep, SessionDep, SettingsDep
 from api.errors import ApiError
 from api.routes.jobs import FORM_TYPES, accept_job
 from promptq import templates
-from promptq.jobs.schemas import MAX_JSON_DEPTH, json_depth
 
 router = APIRouter(prefix="/v1/templates", tags=["templates"])
 
@@ -85,14 +84,4 @@ async def _payload(request: Request) -> Any:
         form = await request.form()
         return {k: v for k, v in form.items() if isinstance(v, str)}
     raw = await request.body()
-    if not raw.strip():
-        return {}
-    try:
-        payload = json.loads(raw)
-    except RecursionError:
-        raise ApiError(400, f"body nests deeper than {MAX_JSON_DEPTH} levels") from None
-    except ValueError as exc:
-        raise ApiError(400, f"body is not valid JSON: {exc}") from None
-    if json_depth(payload) > MAX_JSON_DEPTH:
-        raise ApiError(400, f"body nests deeper than {MAX_JSON_DEPTH} levels")
-    return payload
+    return parse_json_body(raw) if raw.strip() else {}

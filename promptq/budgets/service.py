@@ -172,10 +172,9 @@ def release(session: Session, job_ids: Sequence[str]) -> None:
 
 
 def _fail(session: Session, settings: Settings, claimed: ClaimedJob, message: str) -> list[str]:
-    # Imported here: the webhook and batch modules import the job service, which imports
-    # this module for check_budget.
-    from promptq.batches.service import end_if_finished
-    from promptq.webhooks import deliveries
+    # Imported here: the endings use promptq.batches.service, which imports this module
+    # (check_budget).
+    from promptq.jobs.endings import end_events
 
     now = utcnow()
     repository = JobRepository(session)
@@ -198,10 +197,7 @@ def _fail(session: Session, settings: Settings, claimed: ClaimedJob, message: st
         return []
     job = repository.get(claimed.id)
     assert job is not None
-    sent = deliveries.job_event(session, job)
-    if job.batch_id is not None:
-        sent += end_if_finished(session, settings, job.batch_id)
-    return sent
+    return end_events(session, settings, job)
 
 
 def _asks_for_caching(request: Mapping[str, Any]) -> bool:

@@ -15,15 +15,14 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from promptq.batches.service import end_if_finished
 from promptq.config import Settings
+from promptq.jobs.endings import end_events
 from promptq.jobs.repository import JobRepository
 from promptq.models import RUNNABLE_STATUSES, Attempt, JobStatus
 from promptq.pricing import PriceTable, cost_of
 from promptq.types import utcnow
 from promptq.upstream import Outcome, UpstreamResult
 from promptq.usage import Usage
-from promptq.webhooks import deliveries
 
 
 @dataclass(frozen=True)
@@ -197,10 +196,7 @@ def record_attempt(
         # First loaded in this session after the update above, so already current.
         job = repository.get(claimed.id)
         assert job is not None
-        sent = deliveries.job_event(session, job)
-        if job.batch_id is not None:
-            sent += end_if_finished(session, settings, job.batch_id)
-        return AttemptVerdict(verdict.status, deliveries=tuple(sent))
+        return AttemptVerdict(verdict.status, deliveries=tuple(end_events(session, settings, job)))
     return verdict
 
 

@@ -8,12 +8,11 @@ from datetime import timedelta
 from sqlalchemy.orm import Session
 
 from promptq import budgets
-from promptq.batches.service import end_if_finished
 from promptq.config import Settings
+from promptq.jobs.endings import end_events
 from promptq.jobs.repository import JobRepository
 from promptq.models import JobStatus
 from promptq.types import utcnow
-from promptq.webhooks import deliveries
 
 SWEEP_BATCH = 1000
 
@@ -53,9 +52,7 @@ def reclaim_expired(session: Session, settings: Settings) -> Reclaimed:
         budgets.release(session, [job.id])
         if last:
             session.refresh(job)
-            reclaimed.deliveries += deliveries.job_event(session, job)
-            if job.batch_id is not None:
-                reclaimed.deliveries += end_if_finished(session, settings, job.batch_id)
+            reclaimed.deliveries += end_events(session, settings, job)
         else:
             reclaimed.runnable.append((job.id, job.priority))
     return reclaimed

@@ -43,24 +43,44 @@ def job_event(session: Session, job: Job) -> list[str]:
     their own (a batch of 10,000 would make 10,000 calls): the batch announces its end."""
     if job.status not in ("succeeded", "failed") or job.batch_id is not None:
         return []
-    now = utcnow()
     event_type = f"job.{job.status}"
-    body = json.dumps(
-        {"type": event_type, "timestamp": isoformat(now), "data": job_to_api(job)},
-        separators=(",", ":"),
-    )
     targets: list[tuple[str, str | None]] = [
         (s.url, s.id) for s in subscriptions.listening(session, job.api_key_id, event_type)
     ]
     if job.webhook_url is not None:
         targets.insert(0, (job.webhook_url, None))
         job.webhook_status = DeliveryStatus.PENDING
+    return _create_event(session, job.api_key_id, event_type, job_to_api(job), targets, job.id)
+
+
+def batch_event(session: Session, api_key_id: str, batch: dict[str, Any]) -> list[str]:
+    """Create the `batch.ended` deliveries of a batch, to every subscription that wants it."""
+    targets: list[tuple[str, str | None]] = [
+        (s.url, s.id) for s in subscriptions.listening(session, api_key_id, "batch.ended")
+    ]
+    return _create_event(session, api_key_id, "batch.ended", batch, targets)
+
+
+def _create_event(
+    session: Session,
+    api_key_id: str,
+    event_type: str,
+    data: dict[str, Any],
+    targets: list[tuple[str, str | None]],
+    job_id: str | None = None,
+) -> list[str]:
+    """One delivery per (url, subscription id) target, all of the same body, each its own
+    event id; the ids, to send now."""
+    now = utcnow()
+    body = json.dumps(
+        {"type": event_type, "timestamp": isoformat(now), "data": data}, separators=(",", ":")
+    )
     created = [
         WebhookDelivery(
             id=new_id("dlv"),
             event_id=new_id("msg"),
-            job_id=job.id,
-            api_key_id=job.api_key_id,
+            job_id=job_id,
+            api_key_id=api_key_id,
             subscription_id=subscription_id,
             url=url,
             event_type=event_type,
@@ -70,34 +90,6 @@ def job_event(session: Session, job: Job) -> list[str]:
             next_attempt_at=now,
         )
         for url, subscription_id in targets
-    ]
-    session.add_all(created)
-    session.flush()
-    return [delivery.id for delivery in created]
-
-
-def batch_event(session: Session, api_key_id: str, batch: dict[str, Any]) -> list[str]:
-    """Create the `batch.ended` deliveries of a batch, to every subscription that wants it."""
-    now = utcnow()
-    body = json.dumps(
-        {"type": "batch.ended", "timestamp": isoformat(now), "data": batch},
-        separators=(",", ":"),
-    )
-    created = [
-        WebhookDelivery(
-            id=new_id("dlv"),
-            event_id=new_id("msg"),
-            job_id=None,
-            api_key_id=api_key_id,
-            subscription_id=subscription.id,
-            url=subscription.url,
-            event_type="batch.ended",
-            body=body,
-            attempts=0,
-            status=DeliveryStatus.PENDING,
-            next_attempt_at=now,
-        )
-        for subscription in subscriptions.listening(session, api_key_id, "batch.ended")
     ]
     session.add_all(created)
     session.flush()
@@ -148,9 +140,9 @@ def take(session: Session, delivery_id: str) -> PreparedDelivery | None:
     ).rowcount  # type: ignore[attr-defined]
     if claimed != 1:
         return None
-    delivery = session.get(WebhookDelivery, delivery_id)
+    # populate_existing: the UPDATE above bypassed the identity map; one query, current.
+    delivery = session.get(WebhookDelivery, delivery_id, populate_existing=True)
     assert delivery is not None
-    session.refresh(delivery)
     key = session.get(ApiKey, delivery.api_key_id)
     assert key is not None
     body = delivery.body.encode()

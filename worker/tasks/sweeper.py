@@ -42,12 +42,12 @@ def sweep() -> dict[str, int]:
         publish_job(app, job_id, priority)
     for candidate in lost:
         publish_job(app, candidate.id, candidate.priority)
-    # Deliveries due for a few seconds: their message was lost, their sender died, or their
-    # wait was too long for a broker countdown. A duplicate sends nothing (take() is a CAS).
     # Batches: requests past the 24 hours expire, and a batch whose last request ended
     # without ending it (a job canceled on its own, say) is ended here.
     with session_scope(url) as session:
         batch_deliveries = expire_and_close(session, ctx.settings)
+    # Deliveries due for a few seconds: their message was lost, their sender died, or their
+    # wait was too long for a broker countdown. A duplicate sends nothing (take() is a CAS).
     with session_scope(url) as session:
         due = deliveries.due(session, utcnow() - timedelta(seconds=2))
     for delivery_id in [*reclaimed.deliveries, *batch_deliveries, *due]:

@@ -1,0 +1,20 @@
+"""What a job's end sets off, wherever it ends (its attempt recorded, the sweeper taking it
+back for good, its budget refusing it): its webhook deliveries and, for a batch's request
+that was the batch's last, the batch's end."""
+
+from __future__ import annotations
+
+from sqlalchemy.orm import Session
+
+from promptq.batches.service import end_if_finished
+from promptq.config import Settings
+from promptq.models import Job
+from promptq.webhooks import deliveries
+
+
+def end_events(session: Session, settings: Settings, job: Job) -> list[str]:
+    """The deliveries the end created, to send once the transaction has committed."""
+    sent = deliveries.job_event(session, job)
+    if job.batch_id is not None:
+        sent += end_if_finished(session, settings, job.batch_id)
+    return sent
