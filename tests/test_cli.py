@@ -217,3 +217,65 @@ def test_flower_refuses_to_start_without_basic_auth(
     result = promptq("flower", env=clean_env(**extra), cwd=tmp_path, check=False)
     assert result.returncode != 0
     assert "PROMPTQ_FLOWER_BASIC_AUTH" in result.stderr
+
+
+def test_api_says_which_limits_are_in_force_when_no_file_gives_them(tmp_path: Path) -> None:
+    import socket
+
+    # A port already taken: the API stops right after its start-up checks.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = clean_env(PROMPTQ_DATABASE_URL=f"sqlite:///{tmp_path / 'x.db'}")
+        result = promptq("api", f"--port={port}", env=env, cwd=tmp_path, check=False)
+    [line] = [line for line in result.stderr.splitlines() if "built-in limits" in line]
+    assert "Anthropic's first usage tier" in line and "50 requests" in line
+    assert "PROMPTQ_LIMITS_FILE" in line and "promptq limits --from-upstream" in line
+
+
+def test_limits_names_the_builtins_and_how_to_give_the_accounts_own(tmp_path: Path) -> None:
+    result = promptq("limits", env=clean_env(), cwd=tmp_path)
+    assert "Anthropic's first usage tier" in result.stdout
+    assert "PROMPTQ_LIMITS_FILE" in result.stdout and "--from-upstream" in result.stdout
+    limits = tmp_path / "limits.toml"
+    limits.write_text('[models."claude-*"]\nrpm = 4000\n')
+    configured = promptq("limits", env=clean_env(PROMPTQ_LIMITS_FILE=str(limits)), cwd=tmp_path)
+    assert str(limits) in configured.stdout and "first usage tier" not in configured.stdout
+
+
+def test_limits_from_upstream_prints_the_limits_it_reports(tmp_path: Path) -> None:
+    from promptq.ratelimit.table import LimitTable
+    from promptq.simulator import Simulator, SimulatorConfig
+
+    config = SimulatorConfig(rpm=4000, input_tpm=2_000_000, output_tpm=400_000, api_key="sk-x")
+    with Simulator(config) as sim:
+        env = clean_env(PROMPTQ_UPSTREAM_URL=sim.url, PROMPTQ_UPSTREAM_API_KEY="sk-x")
+        result = promptq(
+            "limits", "--from-upstream", "--model", "claude-opus-4-7", env=env, cwd=tmp_path
+        )
+        assert sim.stats()["calls"] == 1  # one minimal call
+    limits = tmp_path / "limits.toml"
+    limits.write_text(result.stdout)
+    reported = LimitTable.load(limits).limits_for("claude-opus-4-7")
+    assert (reported.rpm, reported.input_tpm, reported.output_tpm) == (4000, 2_000_000, 400_000)
+    # What the upstream does not report is inherited, as for any file.
+    assert reported.max_concurrency == LimitTable.load(None).limits_for("x").max_concurrency
+
+
+def test_limits_from_upstream_says_when_the_upstream_reports_none(tmp_path: Path) -> None:
+    from promptq.simulator import Simulator
+
+    with Simulator() as sim:  # no limits: no anthropic-ratelimit-* headers, like CometAPI
+        env = clean_env(PROMPTQ_UPSTREAM_URL=sim.url, PROMPTQ_UPSTREAM_API_KEY="sk-x")
+        result = promptq("limits", "--from-upstream", env=env, cwd=tmp_path, check=False)
+        refused = promptq(
+            "limits",
+            "--from-upstream",
+            env={**env, "PROMPTQ_UPSTREAM_URL": "http://127.0.0.1:1"},
+            cwd=tmp_path,
+            check=False,
+        )
+    assert result.returncode == 1 and result.stdout == ""
+    assert "reports no limits" in result.stderr and "PROMPTQ_LIMITS_FILE" in result.stderr
+    assert refused.returncode == 1 and "PROMPTQ_UPSTREAM_URL" in refused.stderr

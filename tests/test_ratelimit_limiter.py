@@ -4,6 +4,7 @@ adaptation, reported limits, priorities and key reservations."""
 from __future__ import annotations
 
 import itertools
+import json
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -42,10 +43,7 @@ def make_limiter(redis_client: redis.Redis) -> MakeLimiter:
             "max_concurrency": "unlimited",
             **limits,
         }
-        body = "\n".join(
-            f"{name} = {value!r}" if not isinstance(value, str) else f'{name} = "{value}"'
-            for name, value in fields.items()
-        )
+        body = "\n".join(f"{name} = {json.dumps(value)}" for name, value in fields.items())
         table = LimitTable.from_toml(f'[models."claude-test-*"]\n{body}\n')
         return Limiter(
             redis_client, table, slot_lease_seconds=slot_lease_seconds, adaptive=adaptive
@@ -107,7 +105,8 @@ def test_calls_are_spread_evenly_with_a_small_burst(make_limiter: MakeLimiter) -
 
 
 def test_output_tokens_are_reserved_then_refunded(make_limiter: MakeLimiter) -> None:
-    limiter = make_limiter(output_tpm=6000, burst_seconds=0.5)  # 100 tokens a second
+    # 100 tokens a second, a meter half a second deep.
+    limiter = make_limiter(output_tpm=6000, token_burst_seconds=0.5)
     first = limiter.acquire("job-1", MODEL, request(max_tokens=100), "normal").grant
     assert first is not None and first.output_tokens == 100
     blocked = limiter.acquire("job-2", MODEL, request(max_tokens=100), "normal")
@@ -122,7 +121,8 @@ def test_output_tokens_are_reserved_then_refunded(make_limiter: MakeLimiter) -> 
 
 
 def test_input_estimate_is_corrected_by_usage(make_limiter: MakeLimiter) -> None:
-    limiter = make_limiter(input_tpm=60_000, burst_seconds=0.1)  # 1,000 tokens a second
+    # 1,000 tokens a second.
+    limiter = make_limiter(input_tpm=60_000, token_burst_seconds=0.1)
     grant = limiter.acquire("job-1", MODEL, request(text="x" * 350), "normal").grant
     assert grant is not None and 90 <= grant.input_tokens <= 120  # a conservative guess
     before = limiter.snapshot(MODEL)["ahead_seconds"]["inp"]
@@ -207,7 +207,7 @@ def test_reported_limits_cap_the_configured_ones(make_limiter: MakeLimiter) -> N
     assert second.waiting_for == "rpm" and second.wait_seconds > 0.8  # 1/s, not 100/s
 
 
-def test_reported_exhaustion_pauses_until_reset(make_limiter: MakeLimiter) -> None:
+def test_reported_exhaustion_of_requests_pauses_until_reset(make_limiter: MakeLimiter) -> None:
     from datetime import UTC, datetime, timedelta
 
     limiter = make_limiter(rpm=6000)
@@ -215,14 +215,151 @@ def test_reported_exhaustion_pauses_until_reset(make_limiter: MakeLimiter) -> No
     limiter.feedback(
         MODEL,
         {
-            "anthropic-ratelimit-input-tokens-remaining": "0",
-            "anthropic-ratelimit-input-tokens-reset": reset,
+            "anthropic-ratelimit-requests-remaining": "0",
+            "anthropic-ratelimit-requests-reset": reset,
         },
         throttled=False,
         retry_after=None,
     )
     decision = limiter.acquire("job-1", MODEL, request(), "normal")
     assert decision.waiting_for == "upstream_backoff" and 1.5 < decision.wait_seconds <= 2.0
+
+
+def test_reported_exhaustion_of_tokens_empties_the_meter_instead_of_pausing(
+    make_limiter: MakeLimiter,
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    # A token "reset" is when the bucket is full again (here 30 s away), but it refills all
+    # along: a call needing 100 tokens at 100 a second can go in about a second.
+    limiter = make_limiter(output_tpm=6000)
+    reset = (datetime.now(UTC) + timedelta(seconds=30)).isoformat()
+    limiter.feedback(
+        MODEL,
+        {
+            "anthropic-ratelimit-output-tokens-limit": "6000",
+            "anthropic-ratelimit-output-tokens-remaining": "0",
+            "anthropic-ratelimit-output-tokens-reset": reset,
+        },
+        throttled=False,
+        retry_after=None,
+    )
+    decision = limiter.acquire("job-1", MODEL, request(max_tokens=100), "normal")
+    assert decision.waiting_for == "output_tpm" and 0.8 < decision.wait_seconds <= 1.0
+
+
+def test_reported_remaining_tokens_lower_the_meter_but_never_raise_it(
+    make_limiter: MakeLimiter,
+) -> None:
+    limiter = make_limiter(output_tpm=6000)  # 100 a second, a meter of 6,000
+    headers = {"anthropic-ratelimit-output-tokens-remaining": "500"}
+    limiter.feedback(MODEL, headers, throttled=False, retry_after=None)
+    # Someone else spent the account's tokens: 500 left, so 1,000 wait for 500 more.
+    decision = limiter.acquire("job-1", MODEL, request(max_tokens=1000), "normal")
+    assert decision.waiting_for == "output_tpm" and 4.5 < decision.wait_seconds <= 5.0
+    # A higher figure later does not give back what the meter knows to be spent.
+    limiter.feedback(
+        MODEL,
+        {"anthropic-ratelimit-output-tokens-remaining": "6000"},
+        throttled=False,
+        retry_after=None,
+    )
+    assert limiter.dispatch(MODEL).wait_seconds > 4.0
+
+
+def test_calls_larger_than_the_request_burst_run_concurrently_up_to_the_token_capacity(
+    make_limiter: MakeLimiter,
+) -> None:
+    # Anthropic's first tier: 8,000 output tokens a minute. With max_tokens 1,024 the account
+    # holds seven such calls at once; a meter of half a second would hold one.
+    limiter = make_limiter(rpm=60_000, output_tpm=8000)
+    grants = [
+        limiter.acquire(f"job-{i}", MODEL, request(max_tokens=1024), "normal").grant
+        for i in range(7)
+    ]
+    assert all(grant is not None for grant in grants)
+    eighth = limiter.acquire("job-8", MODEL, request(max_tokens=1024), "normal")
+    assert eighth.grant is None and eighth.waiting_for == "output_tpm"
+    # A call that wrote 100 of its 1,024 gives the rest back: the eighth fits at once.
+    first = grants[0]
+    assert first is not None
+    limiter.settle(first, Usage(input_tokens=5, output_tokens=100))
+    assert limiter.dispatch(MODEL).job_id == "job-8"
+
+
+def cached_request(text: str = "hello", ttl: str | None = None) -> dict[str, Any]:
+    control: dict[str, str] = {"type": "ephemeral", **({"ttl": ttl} if ttl else {})}
+    return {
+        **request(text=text),
+        # About 1,000 tokens of instructions, marked for the prompt cache.
+        "system": [{"type": "text", "text": "rules " * 583, "cache_control": control}],
+    }
+
+
+def input_tat(client: redis.Redis) -> float:
+    return float(client.hget(Limiter.keys(MODEL)[0], "tat:inp") or 0)
+
+
+def test_cache_reads_leave_the_input_meter_untouched(
+    make_limiter: MakeLimiter, redis_client: redis.Redis
+) -> None:
+    limiter = make_limiter(input_tpm=60_000)  # 1,000 tokens a second: 1 ms a token
+    # The first call writes the cache: the whole prompt counts.
+    first = limiter.acquire("job-1", MODEL, cached_request("one"), "normal").grant
+    assert first is not None and first.input_tokens > 1000
+    written = Usage(input_tokens=5, output_tokens=3, cache_creation_input_tokens=1000)
+    limiter.settle(first, written, request=cached_request("one"))
+    # The next one reads it: only what follows the cached prefix is charged...
+    before = input_tat(redis_client)
+    second = limiter.acquire("job-2", MODEL, cached_request("two"), "normal").grant
+    assert second is not None and second.input_tokens < 20
+    assert input_tat(redis_client) - before < 20
+    # ...and settled to what the upstream counted: the cache read adds nothing.
+    read = Usage(input_tokens=5, output_tokens=3, cache_read_input_tokens=1000)
+    limiter.settle(second, read, request=cached_request("two"))
+    assert input_tat(redis_client) - before == pytest.approx(5, abs=0.01)
+
+
+def test_an_upstream_that_counts_cache_reads_is_charged_for_them(
+    make_limiter: MakeLimiter, redis_client: redis.Redis
+) -> None:
+    limiter = make_limiter(input_tpm=60_000, count_cache_reads=True)
+    first = limiter.acquire("job-1", MODEL, cached_request("one"), "normal").grant
+    assert first is not None
+    written = Usage(input_tokens=5, output_tokens=3, cache_creation_input_tokens=1000)
+    limiter.settle(first, written, request=cached_request("one"))
+    before = input_tat(redis_client)
+    second = limiter.acquire("job-2", MODEL, cached_request("two"), "normal").grant
+    assert second is not None and second.input_tokens > 1000
+    read = Usage(input_tokens=5, output_tokens=3, cache_read_input_tokens=1000)
+    limiter.settle(second, read, request=cached_request("two"))
+    assert input_tat(redis_client) - before == pytest.approx(1005, abs=0.01)
+
+
+def test_a_prompt_the_upstream_did_not_cache_is_charged_whole(
+    make_limiter: MakeLimiter, redis_client: redis.Redis
+) -> None:
+    # Too short to cache, say: the answer reports no cache write, so nothing is remembered.
+    limiter = make_limiter(input_tpm=60_000)
+    first = limiter.acquire("job-1", MODEL, cached_request("one"), "normal").grant
+    assert first is not None
+    limiter.settle(first, Usage(input_tokens=1005, output_tokens=3), request=cached_request())
+    second = limiter.acquire("job-2", MODEL, cached_request("two"), "normal").grant
+    assert second is not None and second.input_tokens > 1000
+
+
+def test_a_cached_prefix_is_forgotten_when_the_upstream_cache_would_be(
+    make_limiter: MakeLimiter, redis_client: redis.Redis
+) -> None:
+    limiter = make_limiter(input_tpm=60_000)
+    for ttl, seconds in ((None, 300), ("1h", 3600)):
+        grant = limiter.acquire(f"job-{ttl}", MODEL, cached_request(ttl=ttl), "normal").grant
+        assert grant is not None
+        written = Usage(input_tokens=5, output_tokens=3, cache_creation_input_tokens=1000)
+        limiter.settle(grant, written, request=cached_request(ttl=ttl))
+        [marker] = redis_client.keys(f"promptq:rl:{{{MODEL}}}:cached:*")
+        assert seconds - 5 < redis_client.pttl(marker) / 1000 <= seconds
+        redis_client.delete(marker)
 
 
 def test_waiting_jobs_go_by_priority_then_arrival(make_limiter: MakeLimiter) -> None:

@@ -152,6 +152,23 @@ def test_an_integer_burst_is_read_as_seconds():
     assert limits.limits_for("m").burst_seconds == 60.0
 
 
+def test_token_meters_are_a_minute_deep_unless_a_file_says_otherwise():
+    # As deep as the upstream's own token buckets, whatever the request smoothing.
+    builtin = LimitTable.load(None).limits_for("claude-sonnet-4-6")
+    assert (builtin.burst_seconds, builtin.token_burst_seconds) == (0.5, 60.0)
+    assert builtin.count_cache_reads is False
+    limits = table(
+        '[models."*"]\ntoken_burst_seconds = 10\n'
+        '[models."old-*"]\ncount_cache_reads = true\n'
+        '[models."new-*"]\ntoken_burst_seconds = 2.5\n'
+    )
+    # Left out, both are inherited from the file's "*" like any other key.
+    old = limits.limits_for("old-model")
+    assert (old.token_burst_seconds, old.count_cache_reads) == (10.0, True)
+    new = limits.limits_for("new-model")
+    assert (new.token_burst_seconds, new.count_cache_reads) == (2.5, False)
+
+
 def test_unlimited_switches_one_dimension_off():
     limits = table('[models."local-*"]\nrpm = "unlimited"\nmax_concurrency = "unlimited"\n')
     local = limits.limits_for("local-llama")
@@ -203,6 +220,8 @@ def test_to_dict_gives_every_field_with_none_for_unlimited():
         "output_tpm": 8000,
         "max_concurrency": 20,
         "burst_seconds": 0.25,
+        "token_burst_seconds": 60.0,
+        "count_cache_reads": False,
     }
 
 
@@ -211,6 +230,8 @@ def test_to_dict_of_a_builtin():
         "pattern": "claude-*",
         **CONTRACT,
         "burst_seconds": 0.5,
+        "token_burst_seconds": 60.0,
+        "count_cache_reads": False,
     }
 
 
@@ -266,6 +287,23 @@ def test_a_table_without_a_catch_all_is_refused():
             '[models."m"]\nburst_seconds = "unlimited"\n',
             ['"m"', "burst_seconds", "cannot be unlimited"],
         ),
+        (
+            '[models."m"]\ntoken_burst_seconds = 0\n',
+            ['"m"', "token_burst_seconds = 0", "more than 0"],
+        ),
+        (
+            '[models."m"]\ntoken_burst_seconds = 61\n',
+            ['"m"', "token_burst_seconds = 61", "at most 60"],
+        ),
+        (
+            '[models."m"]\ntoken_burst_seconds = "unlimited"\n',
+            ['"m"', "token_burst_seconds", "cannot be unlimited", "token_burst_seconds = 60"],
+        ),
+        (
+            '[models."m"]\ncount_cache_reads = "yes"\n',
+            ['"m"', "count_cache_reads must be true or false", "'yes'"],
+        ),
+        ('[models."m"]\ncount_cache_reads = 1\n', ['"m"', "count_cache_reads", "true or false"]),
         ('[model."m"]\nrpm = 3\n', ["unknown top-level key 'model'", "[models."]),
         ("rpm = 3\n", ["unknown top-level key 'rpm'"]),
         ("models = 3\n", ["'models' must be a table"]),

@@ -55,6 +55,12 @@ max_concurrency = 1000
 rpm = "unlimited"
 max_concurrency = 1
 {UNLIMITED}
+[models."claude-tokens-*"]
+rpm = 60000
+input_tpm = "unlimited"
+output_tpm = 8000
+max_concurrency = 100
+
 [models."claude-adapt-*"]
 rpm = 240
 max_concurrency = 100
@@ -153,6 +159,37 @@ def test_limits_hold_across_worker_processes(
     # 24 calls at 4 a second take about 6 seconds, less the small burst.
     assert elapsed > 4.5
     assert max(stats["calls_by_second"].values()) <= 4 + 1 + 1
+
+
+def test_large_calls_run_together_up_to_the_output_token_capacity(
+    rl_client: Any, api_key: str, rl_simulator: Simulator
+) -> None:
+    # Anthropic's first tier: 8,000 output tokens a minute, in a bucket a minute deep. Seven
+    # calls of max_tokens 1,024 fit in it at once; a meter of half a second of the rate
+    # (67 tokens) would let them through one at a time, 2 s each.
+    rl_simulator.configure(output_tpm=8000)
+    try:
+        rl_simulator.reset()
+        started = time.monotonic()
+        ids = [
+            submit(
+                rl_client,
+                api_key,
+                "claude-tokens-1",
+                f"large {i} {uuid.uuid4()} [[sim:latency=2]] [[sim:output=100]]",
+                max_tokens=1024,
+            )
+            for i in range(7)
+        ]
+        jobs = wait_all(rl_client, api_key, ids)
+        elapsed = time.monotonic() - started
+        stats = rl_simulator.stats()
+    finally:
+        rl_simulator.configure(output_tpm=None)
+    assert all(job["status"] == "succeeded" for job in jobs)
+    assert stats["by_status"].get("429", 0) == 0
+    assert stats["max_in_flight"] == 7
+    assert elapsed < 8  # one at a time would take 14 s
 
 
 def test_a_429_pauses_every_worker(rl_client: Any, api_key: str, rl_env: dict[str, str]) -> None:

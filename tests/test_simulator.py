@@ -9,6 +9,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
 
@@ -451,7 +452,8 @@ def test_the_request_bucket_answers_429_with_retry_after_then_recovers() -> None
 
 
 def test_output_tokens_are_reserved_from_max_tokens() -> None:
-    with Simulator(SimulatorConfig(output_tpm=600)) as sim:  # 10 tokens a second
+    # 10 tokens a second, a bucket of one second.
+    with Simulator(SimulatorConfig(output_tpm=600, token_burst_seconds=1)) as sim:
         body = request_body("a reply longer than ten tokens", max_tokens=10)
         assert post(sim, body).status_code == 200
         limited = post(sim, body)
@@ -468,12 +470,50 @@ def test_unused_output_tokens_are_refunded() -> None:
 
 
 def test_a_request_bigger_than_the_bucket_passes_once_and_leaves_a_debt() -> None:
-    with Simulator(SimulatorConfig(input_tpm=60)) as sim:  # 1 token a second, capacity 1
+    # 1 token a second, capacity 1.
+    with Simulator(SimulatorConfig(input_tpm=60, token_burst_seconds=1)) as sim:
         assert post(sim, request_body("x" * 100)).status_code == 200  # 25 tokens
         limited = post(sim, request_body("y"))
         assert limited.status_code == 429
         assert 20 <= int(limited.headers["retry-after"]) <= 26
         assert "anthropic-ratelimit-input-tokens-reset" in limited.headers
+
+
+def test_token_buckets_are_a_minute_deep_and_give_back_the_unwritten() -> None:
+    # 600 output tokens a minute: three calls of max_tokens 200 fit at once, as at Anthropic,
+    # and a fourth while they run does not.
+    with Simulator(SimulatorConfig(output_tpm=600, latency=0.5)) as sim:
+        bodies = [
+            request_body(unique(f"deep {i} [[sim:output=20]]"), max_tokens=200) for i in range(3)
+        ]
+        with ThreadPoolExecutor(3) as pool:
+            running = [pool.submit(post, sim, body) for body in bodies]
+            time.sleep(0.25)
+            assert post(sim, request_body(unique("fourth"), max_tokens=200)).status_code == 429
+            assert [call.result().status_code for call in running] == [200, 200, 200]
+        # Each wrote 20 of its 200: 540 came back, so the next one fits at once.
+        assert post(sim, request_body(unique("after"), max_tokens=200)).status_code == 200
+
+
+def test_cache_reads_do_not_count_against_the_input_limit() -> None:
+    document = "The handbook. " * 143  # about 500 tokens, cached
+    system = [{"type": "text", "text": document, "cache_control": {"type": "ephemeral"}}]
+    with Simulator(SimulatorConfig(input_tpm=600)) as sim:  # a bucket of 600 tokens
+        assert post(sim, request_body(unique("first"), system=system)).status_code == 200
+        # About 100 tokens left: the whole prompt would not fit, its uncached part does.
+        for i in range(3):
+            response = post(sim, request_body(unique(f"read {i}"), system=system))
+            assert response.status_code == 200
+            assert response.json()["usage"]["cache_read_input_tokens"] > 400
+        uncached = request_body(unique("not cached"), system=document)
+        assert post(sim, uncached).status_code == 429
+
+
+def test_an_output_directive_sets_the_length_of_the_answer(sim: Simulator) -> None:
+    answer = post(sim, request_body(unique("[[sim:output=100]]"), max_tokens=200)).json()
+    assert (answer["usage"]["output_tokens"], answer["stop_reason"]) == (100, "end_turn")
+    capped = post(sim, request_body(unique("[[sim:output=100]]"), max_tokens=40)).json()
+    assert (capped["usage"]["output_tokens"], capped["stop_reason"]) == (40, "max_tokens")
 
 
 def test_no_ratelimit_headers_without_limits(sim: Simulator) -> None:

@@ -12,16 +12,27 @@ from promptq.config import Settings, get_settings
 from promptq.logging import configure_logging, logging_config
 
 
-def preflight(settings: Settings) -> None:
-    """Refuse to start on a broken limits or price file, saying what is wrong in it."""
+def preflight(settings: Settings, announce_limits: bool = True) -> None:
+    """Refuse to start on a broken limits or price file, saying what is wrong in it; say
+    which limits are in force when no file gives the account's own (`announce_limits`)."""
+    from promptq.cli.limits import HOW_TO_CONFIGURE
     from promptq.pricing import PriceTable, PricingError
-    from promptq.ratelimit.table import LimitsError, LimitTable
+    from promptq.ratelimit.table import LimitsError, LimitTable, describe_builtin_limits
 
     try:
         LimitTable.load(settings.limits_file)
         PriceTable.load(settings.pricing_file)
     except (LimitsError, PricingError) as exc:
         raise click.ClickException(str(exc)) from exc
+    if settings.limits_file is None and announce_limits:
+        # Most accounts allow more than the built-ins: running on them unawares leaves most
+        # of the account unused, so say it once, where the operator looks.
+        configure_logging(settings)
+        logging.getLogger("promptq.limits").warning(
+            "no limits file: the built-in limits are in force, %s; %s",
+            describe_builtin_limits(),
+            HOW_TO_CONFIGURE,
+        )
 
 
 @click.command()
@@ -192,7 +203,16 @@ def db_upgrade(revision: str) -> None:
 @click.option("--input-tpm", type=int, help="Input tokens per minute.")
 @click.option("--output-tpm", type=int, help="Output tokens per minute.")
 @click.option(
-    "--burst-seconds", default=1.0, show_default=True, help="Bucket capacity in seconds of rate."
+    "--burst-seconds",
+    default=1.0,
+    show_default=True,
+    help="Request bucket capacity in seconds of rate.",
+)
+@click.option(
+    "--token-burst-seconds",
+    default=60.0,
+    show_default=True,
+    help="Token bucket capacity in seconds of rate (a minute, as Anthropic's).",
 )
 @click.option(
     "--ratelimit-headers/--no-ratelimit-headers",

@@ -67,7 +67,8 @@ def up(port: int, flower_port: int, concurrency: int | None) -> None:
     from promptq.cli.services import preflight
 
     settings = get_settings()
-    preflight(settings)
+    # Its API and worker say which limits are in force as they start.
+    preflight(settings, announce_limits=False)
     env = dict(os.environ)
     # One terminal shows every process's log: text reads better there than JSON lines.
     env.setdefault("PROMPTQ_LOG_FORMAT", "text")

@@ -133,7 +133,7 @@ class JobRunner:
         )
         try:
             usage = Usage.from_message(result.message) if result.message else None
-            self.limiter.settle(grant, usage, called=True)
+            self.limiter.settle(grant, usage, called=True, request=claimed.request)
             if result.status_code == 429 or result.rate_limit_headers:
                 self.limiter.feedback(
                     job.model,

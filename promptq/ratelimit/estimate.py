@@ -6,8 +6,10 @@ the answer's usage. It errs high, because an underestimate is what earns a 429.
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 CHARS_PER_TOKEN = 3.5
@@ -17,6 +19,8 @@ TOKENS_PER_IMAGE = 1600
 # A base64 PDF: roughly 1,500 to 3,000 tokens per page and tens of KB per page.
 BASE64_CHARS_PER_DOCUMENT_TOKEN = 30
 TOKENS_PER_MESSAGE = 4
+# How long the upstream keeps a cached prefix: five minutes, or an hour when asked for.
+CACHE_TTL_SECONDS = {"5m": 300, "1h": 3600}
 
 
 def estimate_input_tokens(request: Mapping[str, Any]) -> int:
@@ -69,3 +73,53 @@ def _content_tokens(content: Any) -> int:
         else:
             total += _chars(json.dumps(block, ensure_ascii=False, default=str))
     return total
+
+
+@dataclass(frozen=True)
+class CachePrefix:
+    """The prompt up to one `cache_control` breakpoint: what the upstream caches."""
+
+    digest: str  # of everything up to and including the breakpoint's block, in cache order
+    tokens: int  # estimated, as estimate_input_tokens counts them
+    ttl_seconds: int
+
+
+def cache_prefixes(request: Mapping[str, Any]) -> list[CachePrefix]:
+    """The prompt's cacheable prefixes, shortest first, in the upstream's cache order (tools,
+    system, messages). A prefix is identified by a digest of its blocks, so two prompts that
+    share it name the same cache entry."""
+    digest = hashlib.sha256(str(request.get("model", "")).encode())
+    tokens = 0
+    prefixes: list[CachePrefix] = []
+    for block, block_tokens in _blocks_in_cache_order(request):
+        plain = {k: v for k, v in block.items() if k != "cache_control"}
+        digest.update(b"\x00" + json.dumps(plain, sort_keys=True, default=str).encode())
+        tokens += block_tokens
+        control = block.get("cache_control")
+        if isinstance(control, dict):
+            ttl = CACHE_TTL_SECONDS.get(str(control.get("ttl", "5m")), 300)
+            prefixes.append(CachePrefix(digest.hexdigest(), tokens, ttl))
+    return prefixes
+
+
+def _blocks_in_cache_order(request: Mapping[str, Any]) -> Iterator[tuple[dict[str, Any], int]]:
+    """Every block that can carry a breakpoint, with its estimated tokens; plain strings
+    (which cannot) count as blocks too, so that what comes after them is told apart."""
+    for tool in request.get("tools") or []:
+        if isinstance(tool, dict):
+            yield tool, _chars(json.dumps(tool, ensure_ascii=False, default=str))
+    system = request.get("system")
+    if isinstance(system, str):
+        yield {"type": "text", "text": system}, _chars(system)
+    elif isinstance(system, list):
+        yield from ((b, _content_tokens([b])) for b in system if isinstance(b, dict))
+    for message in request.get("messages") or []:
+        if not isinstance(message, dict):
+            continue
+        content = message.get("content")
+        role = {"role": message.get("role")}
+        if isinstance(content, str):
+            yield {**role, "text": content}, TOKENS_PER_MESSAGE + _chars(content)
+        elif isinstance(content, list):
+            yield role, TOKENS_PER_MESSAGE
+            yield from ((b, _content_tokens([b])) for b in content if isinstance(b, dict))

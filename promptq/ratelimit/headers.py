@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+# Header name part -> the limiter's name for the dimension.
 DIMENSIONS = {"requests": "req", "input-tokens": "inp", "output-tokens": "out"}
 
 
@@ -15,12 +16,17 @@ class ReportedLimits:
     requests: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
-    # Milliseconds until a dimension it reports as exhausted refills (0: none exhausted).
-    pause_ms: float = 0.0
+    # What it says is left in each bucket ("req", "inp", "out"), where it says.
+    remaining: Mapping[str, int] = field(default_factory=dict)
+    # Milliseconds until each dimension it reports as exhausted (remaining 0) is full again.
+    exhausted_ms: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def any(self) -> bool:
-        return bool(self.requests or self.input_tokens or self.output_tokens or self.pause_ms)
+        return bool(self.requests or self.input_tokens or self.output_tokens or self.remaining)
+
+    def limit(self, dim: str) -> int:
+        return {"req": self.requests, "inp": self.input_tokens, "out": self.output_tokens}[dim]
 
 
 def read_rate_limit_headers(
@@ -28,21 +34,27 @@ def read_rate_limit_headers(
 ) -> ReportedLimits:
     now = now or datetime.now(UTC)
     limits: dict[str, int] = {}
-    pause_ms = 0.0
-    for name in DIMENSIONS:
+    remaining: dict[str, int] = {}
+    exhausted_ms: dict[str, float] = {}
+    for name, dim in DIMENSIONS.items():
         prefix = f"anthropic-ratelimit-{name}-"
         limit = _int(headers.get(prefix + "limit"))
         if limit:
-            limits[name] = limit
-        if _int(headers.get(prefix + "remaining")) == 0 and headers.get(prefix + "remaining"):
+            limits[dim] = limit
+        left = _int(headers.get(prefix + "remaining"))
+        if left is None:
+            continue
+        remaining[dim] = max(0, left)
+        if left <= 0:
             reset = _time(headers.get(prefix + "reset"))
             if reset is not None:
-                pause_ms = max(pause_ms, (reset - now).total_seconds() * 1000)
+                exhausted_ms[dim] = max(0.0, (reset - now).total_seconds() * 1000)
     return ReportedLimits(
-        requests=limits.get("requests", 0),
-        input_tokens=limits.get("input-tokens", 0),
-        output_tokens=limits.get("output-tokens", 0),
-        pause_ms=max(0.0, pause_ms),
+        requests=limits.get("req", 0),
+        input_tokens=limits.get("inp", 0),
+        output_tokens=limits.get("out", 0),
+        remaining=remaining,
+        exhausted_ms=exhausted_ms,
     )
 
 

@@ -1,7 +1,8 @@
 """The account-wide limiter: every worker process on every machine asks the same Redis.
 
 Each decision is one Lua script run atomically on Redis's clock. Per model there are three
-GCRA meters (requests, input tokens, output tokens), a set of in-flight slots with leases,
+GCRA meters (requests, smoothed over `burst_seconds`; input and output tokens, as deep as
+the upstream's own minute-deep buckets), a set of in-flight slots with leases,
 a pause set by the upstream's 429s, an adaptive share of the configured rate, and a queue of
 jobs waiting for budget, ordered by priority and arrival. A job arriving while others wait
 queues behind them; dispatchers hand the budget to the queue's head as it frees up.
@@ -17,7 +18,12 @@ from typing import Any
 
 import redis
 
-from promptq.ratelimit.estimate import estimate_input_tokens, output_reservation
+from promptq.ratelimit.estimate import (
+    CachePrefix,
+    cache_prefixes,
+    estimate_input_tokens,
+    output_reservation,
+)
 from promptq.ratelimit.headers import ReportedLimits, read_rate_limit_headers
 from promptq.ratelimit.table import LimitTable, ModelLimits
 from promptq.usage import Usage
@@ -132,6 +138,11 @@ class Limiter:
             MODELS_WAITING,
         ]
 
+    @staticmethod
+    def cache_marker(model: str, prefix: CachePrefix) -> str:
+        """The key that says the upstream holds this prompt prefix in its cache."""
+        return f"promptq:rl:{{{model}}}:cached:{prefix.digest}"
+
     def _limit_args(self, limits: ModelLimits) -> list[Any]:
         return [
             limits.rpm or 0,
@@ -150,9 +161,12 @@ class Limiter:
         limits = self.table.limits_for(model)
         input_tokens = estimate_input_tokens(request)
         output_tokens = output_reservation(request)
+        # Longest first: the script charges the prompt less the longest prefix it knows is
+        # cached, since cache reads do not count as input (unless the upstream counts them).
+        prefixes = [] if limits.count_cache_reads else cache_prefixes(request)[::-1]
         grant_id = uuid.uuid4().hex
         reply = self._acquire(
-            keys=self.keys(model),
+            keys=[*self.keys(model), *(self.cache_marker(model, p) for p in prefixes)],
             args=[
                 "direct",
                 model,
@@ -162,16 +176,21 @@ class Limiter:
                 PRIORITY_RANK.get(priority, 1),
                 *self._limit_args(limits),
                 grant_id,
+                limits.token_burst_seconds * 1000,
+                *(p.tokens for p in prefixes),
             ],
         )
         verdict = _text(reply[0])
         if verdict == "granted":
-            return Decision(grant=Grant(grant_id, model, input_tokens, output_tokens))
+            # The input charge as the script made it (less a cached prefix).
+            charged = int(float(reply[3]))
+            return Decision(grant=Grant(grant_id, model, charged, output_tokens))
         return Decision(waiting_for=_text(reply[1]), wait_seconds=float(reply[2]) / 1000)
 
     def dispatch(self, model: str) -> Dispatch:
         """Budget for the first job in the model's queue, if there is budget now."""
         grant_id = uuid.uuid4().hex
+        limits = self.table.limits_for(model)
         reply = self._acquire(
             keys=self.keys(model),
             args=[
@@ -181,8 +200,9 @@ class Limiter:
                 0,
                 0,
                 1,
-                *self._limit_args(self.table.limits_for(model)),
+                *self._limit_args(limits),
                 grant_id,
+                limits.token_burst_seconds * 1000,
             ],
         )
         verdict = _text(reply[0])
@@ -207,8 +227,17 @@ class Limiter:
     def waiting_models(self) -> list[str]:
         return sorted(_text(m) for m in self.client.smembers(MODELS_WAITING))
 
-    def settle(self, grant: Grant, usage: Usage | None, called: bool = True) -> None:
-        """Free the grant's slot and correct its token charges by what was really used."""
+    def settle(
+        self,
+        grant: Grant,
+        usage: Usage | None,
+        called: bool = True,
+        request: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Free the grant's slot and correct its token charges by what was really used.
+        Given the request, a call that the upstream reports as caching its prompt marks the
+        prompt's prefixes as cached, so that later calls are charged without them."""
+        limits = self.table.limits_for(grant.model)
         if not called:
             refunds = (grant.input_tokens, grant.output_tokens, 1)
         elif usage is None:
@@ -216,16 +245,26 @@ class Limiter:
             # comes back; the input charge stays, to stay on the safe side.
             refunds = (0, grant.output_tokens, 0)
         else:
+            # Cache writes count as input; cache reads do not, unless this upstream says so.
             used_input = usage.input_tokens + usage.cache_creation_input_tokens
+            if limits.count_cache_reads:
+                used_input += usage.cache_read_input_tokens
             refunds = (
                 grant.input_tokens - used_input,
                 grant.output_tokens - usage.output_tokens,
                 0,
             )
-        limits = self.table.limits_for(grant.model)
+        cached: list[CachePrefix] = []
+        if (
+            request is not None
+            and usage is not None
+            and not limits.count_cache_reads
+            and (usage.cache_creation_input_tokens or usage.cache_read_input_tokens)
+        ):
+            cached = cache_prefixes(request)
         state, inflight = self.keys(grant.model)[:2]
         self._settle(
-            keys=[state, inflight],
+            keys=[state, inflight, *(self.cache_marker(grant.model, p) for p in cached)],
             args=[
                 grant.id,
                 refunds[0],
@@ -235,6 +274,7 @@ class Limiter:
                 limits.input_tpm or 0,
                 limits.output_tpm or 0,
                 *self.adaptive.args,
+                *(p.ttl_seconds * 1000 for p in cached),
             ],
         )
 
@@ -242,13 +282,27 @@ class Limiter:
         self, model: str, headers: Mapping[str, str], throttled: bool, retry_after: float | None
     ) -> ReportedLimits:
         """Tell every worker what the upstream said: a 429 pauses the model for its
-        retry-after and cuts the rate; reported limits cap the configured ones."""
+        retry-after and cuts the rate; reported limits cap the configured ones; reported
+        remaining tokens lower the token meters to them."""
         reported = read_rate_limit_headers(headers)
-        pause_ms = reported.pause_ms
-        if throttled:
-            pause_ms = max(pause_ms, (retry_after if retry_after is not None else 1.0) * 1000)
         if not throttled and not reported.any:
             return reported
+        limits = self.table.limits_for(model)
+        configured = {"req": limits.rpm, "inp": limits.input_tpm, "out": limits.output_tpm}
+        # Requests exhausted: wait for the reset. Tokens exhausted: the token meter drops to
+        # empty (below) and refills at the rate, which is sooner than a token "reset" (the
+        # time the bucket is full again); only a dimension with no limit known to turn
+        # tokens into time is paused until its reset.
+        pause_ms = max(
+            (
+                ms
+                for dim, ms in reported.exhausted_ms.items()
+                if dim == "req" or not (configured[dim] or reported.limit(dim))
+            ),
+            default=0.0,
+        )
+        if throttled:
+            pause_ms = max(pause_ms, (retry_after if retry_after is not None else 1.0) * 1000)
         adaptive = self.adaptive
         self._feedback(
             keys=[self.keys(model)[0]],
@@ -264,6 +318,11 @@ class Limiter:
                 reported.input_tokens,
                 reported.output_tokens,
                 adaptive.args[1],
+                limits.input_tpm or 0,
+                limits.output_tpm or 0,
+                limits.token_burst_seconds * 1000,
+                reported.remaining.get("inp", -1),
+                reported.remaining.get("out", -1),
             ],
         )
         return reported

@@ -10,9 +10,11 @@ and extends it:
     input_tpm = 30000      # input tokens per minute (estimated before the call)
     output_tpm = 8000      # output tokens per minute (max_tokens reserved, the rest refunded)
     max_concurrency = 20   # calls in flight at once
-    burst_seconds = 0.5    # optional: seconds of rate that may go at once after an idle spell
+    burst_seconds = 0.5    # optional: seconds of the request rate that may go at once
+    token_burst_seconds = 60   # optional: depth of the token meters, in seconds of their rate
+    count_cache_reads = false  # optional: true if the upstream counts cache reads as input
 
-Every value is a positive whole number or "unlimited", which switches that limit off.
+Every limit is a positive whole number or "unlimited", which switches that limit off.
 0 is refused rather than read as "off": as a limit it would block every call forever.
 
 A key left out of a file's entry is inherited: from the built-in entry of the same pattern
@@ -20,10 +22,17 @@ if there is one, otherwise from the "*" entry (the file's own "*" if it gives on
 gaps filled from the built-in "*"). So `[models."my-model"]` with only `rpm = 5` keeps the
 catch-all's token and concurrency limits.
 
-The upstream may enforce a minute's limit second by second, so the limits are spread out,
-not spent at once: after an idle spell only `burst_seconds` worth of each rate may go in one
-go. At low rates that is less than one request (50 rpm x 0.5 s = 0.42 requests), so whatever
-consumes these figures must still let one call through after an idle spell.
+Requests and tokens are metered the way Anthropic meters them. The upstream may enforce a
+minute's request limit second by second, so requests are spread out: after an idle spell
+only `burst_seconds` worth of the request rate may go in one go. At low rates that is less
+than one request (50 rpm x 0.5 s = 0.42 requests), so whatever consumes these figures must
+still let one call through after an idle spell. Token buckets, on the other hand, are a
+minute deep upstream (continuously refilled up to the per-minute maximum): a call takes its
+input and `max_tokens` of output when it starts and gives back what it did not write when
+it ends. The token meters are as deep (`token_burst_seconds`, default 60), so the calls in
+flight are bounded by that capacity over `max_tokens`, not by a second's worth of the rate.
+Prompt-cache reads do not count as input for current models; an upstream that counts them
+says so with `count_cache_reads = true`.
 """
 
 from __future__ import annotations
@@ -45,10 +54,12 @@ class LimitsError(ValueError):
 
 
 LIMIT_FIELDS = ("rpm", "input_tpm", "output_tpm", "max_concurrency")
-FIELDS = (*LIMIT_FIELDS, "burst_seconds")
+FIELDS = (*LIMIT_FIELDS, "burst_seconds", "token_burst_seconds", "count_cache_reads")
 UNLIMITED = "unlimited"
 CATCH_ALL = "*"
 DEFAULT_BURST_SECONDS = 0.5
+# As deep as the upstream's own token buckets: a minute of the per-minute limit.
+DEFAULT_TOKEN_BURST_SECONDS = 60.0
 # The limits are per minute: a burst of more than a minute's worth at once is not spreading
 # the rate out at all, and is what an upstream enforcing it per second answers with 429s.
 MAX_BURST_SECONDS = 60.0
@@ -78,7 +89,11 @@ class ModelLimits:
     input_tpm: int | None  # input tokens per minute, estimated before the call
     output_tpm: int | None  # output tokens per minute: max_tokens reserved, the rest refunded
     max_concurrency: int | None  # calls in flight at once
-    burst_seconds: float = DEFAULT_BURST_SECONDS
+    burst_seconds: float = DEFAULT_BURST_SECONDS  # seconds of the request rate at once
+    # Depth of the input and output token meters, in seconds of their rate.
+    token_burst_seconds: float = DEFAULT_TOKEN_BURST_SECONDS
+    # Whether prompt-cache reads count toward input_tpm (not at Anthropic for current models).
+    count_cache_reads: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.pattern, str) or not self.pattern:
@@ -91,6 +106,12 @@ class ModelLimits:
             if value is not None:
                 object.__setattr__(self, name, _checked_limit(value, name, where))
         object.__setattr__(self, "burst_seconds", _checked_burst(self.burst_seconds, where))
+        object.__setattr__(
+            self,
+            "token_burst_seconds",
+            _checked_burst(self.token_burst_seconds, where, "token_burst_seconds"),
+        )
+        object.__setattr__(self, "count_cache_reads", _checked_flag(self.count_cache_reads, where))
 
     def to_dict(self) -> dict[str, Any]:
         """The limits as JSON-ready values; None stands for "unlimited"."""
@@ -101,6 +122,8 @@ class ModelLimits:
             "output_tpm": self.output_tpm,
             "max_concurrency": self.max_concurrency,
             "burst_seconds": self.burst_seconds,
+            "token_burst_seconds": self.token_burst_seconds,
+            "count_cache_reads": self.count_cache_reads,
         }
 
 
@@ -198,40 +221,48 @@ def _checked_limit(value: Any, name: str, where: str) -> int | None:
     return value
 
 
-def _checked_burst(value: Any, where: str) -> float:
+def _checked_burst(value: Any, where: str, name: str = "burst_seconds") -> float:
+    tokens = name == "token_burst_seconds"
+    default = DEFAULT_TOKEN_BURST_SECONDS if tokens else DEFAULT_BURST_SECONDS
+    example = f"e.g. {name} = {default:g}"
     limit = f"more than 0 and at most {MAX_BURST_SECONDS:g}"
     if isinstance(value, bool) or not isinstance(value, int | float):
         if value == UNLIMITED:
-            # Unlimited would let a whole minute's worth go at once: not spread out at all.
+            # Unlimited would let more than a minute's worth go at once: not a limit at all.
             hint = " (a burst cannot be unlimited)"
         elif isinstance(value, str):
             hint = " (a string); write it without quotes,"
         else:
             hint = ";"
         raise LimitsError(
-            f"{where}: burst_seconds must be a number of seconds, {limit}, got {value!r}{hint}"
-            f" e.g. burst_seconds = {DEFAULT_BURST_SECONDS}"
+            f"{where}: {name} must be a number of seconds, {limit}, got {value!r}{hint} {example}"
         )
     seconds = float(value)
     if not math.isfinite(seconds):
         raise LimitsError(
-            f"{where}: burst_seconds = {value} is not a finite number; give a number of "
-            f"seconds, {limit}, e.g. burst_seconds = {DEFAULT_BURST_SECONDS}"
+            f"{where}: {name} = {value} is not a finite number; give a number of "
+            f"seconds, {limit}, {example}"
         )
     if seconds <= 0:
         raise LimitsError(
-            f"{where}: burst_seconds = {value} must be more than 0: a burst of no time "
-            f"would let no call through; give a small number such as "
-            f"burst_seconds = {DEFAULT_BURST_SECONDS}"
+            f"{where}: {name} = {value} must be more than 0: a burst of no time "
+            f"would let no call through; give a small number, {example}"
         )
     if seconds > MAX_BURST_SECONDS:
         raise LimitsError(
-            f"{where}: burst_seconds = {value} is more than {MAX_BURST_SECONDS:g}: the limits "
-            "are per minute, so that would spend more than a minute's worth at once, which an "
-            "upstream enforcing them second by second answers with 429s; give at most "
-            f"{MAX_BURST_SECONDS:g}"
+            f"{where}: {name} = {value} is more than {MAX_BURST_SECONDS:g}: the limits "
+            "are per minute, so that would spend more than a minute's worth at once, which "
+            f"the upstream answers with 429s; give at most {MAX_BURST_SECONDS:g}"
         )
     return seconds
+
+
+def _checked_flag(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise LimitsError(
+            f"{where}: count_cache_reads must be true or false (without quotes), got {value!r}"
+        )
+    return value
 
 
 def _model_limits(
@@ -254,12 +285,21 @@ def _model_limits(
                 f"from; give it in {_UNITS[name]}, e.g. {name} = {_EXAMPLES[name]}, or "
                 f'{name} = "{UNLIMITED}"'
             )
+    # The optional settings: given, else the parent's, else their defaults.
     if "burst_seconds" in given:
         values["burst_seconds"] = _checked_burst(given["burst_seconds"], where)
-    else:
-        values["burst_seconds"] = (
-            parent.burst_seconds if parent is not None else DEFAULT_BURST_SECONDS
+    elif parent is not None:
+        values["burst_seconds"] = parent.burst_seconds
+    if "token_burst_seconds" in given:
+        values["token_burst_seconds"] = _checked_burst(
+            given["token_burst_seconds"], where, "token_burst_seconds"
         )
+    elif parent is not None:
+        values["token_burst_seconds"] = parent.token_burst_seconds
+    if "count_cache_reads" in given:
+        values["count_cache_reads"] = _checked_flag(given["count_cache_reads"], where)
+    elif parent is not None:
+        values["count_cache_reads"] = parent.count_cache_reads
     return ModelLimits(pattern=pattern, **values)
 
 
@@ -308,10 +348,14 @@ def _parse_toml(text: str, source: str, base: Mapping[str, ModelLimits]) -> list
     return [resolved[pattern] for pattern in models]
 
 
-# Built-in limits: CometAPI's default account limits for Claude models, as the contract
-# (PRODUCT.md, "Rate limits and prices") gives them. The catch-all "*" has the same figures
-# on purpose: a model of any other name still goes through the same account, so it is still
-# limited; a file can name it to give it its own limits, or "unlimited" ones.
+# Built-in limits: Anthropic's first usage tier for Claude Sonnet and Opus 4.x (50 rpm,
+# 30,000 input and 8,000 output tokens a minute), the smallest paying account's limits, as
+# the contract (PRODUCT.md, "Rate limits and prices") gives them; max_concurrency is
+# promptq's own. A safe floor: most accounts allow more, and PROMPTQ_LIMITS_FILE (or
+# `promptq limits --from-upstream`) gives the account's own. The catch-all "*" has the same
+# figures on purpose: a model of any other name still goes through the same account, so it
+# is still limited; a file can name it to give it its own limits, or "unlimited" ones.
+BUILTIN_LIMITS_NAME = "Anthropic's first usage tier (Claude Sonnet and Opus 4.x)"
 # fmt: off
 _BUILTIN_LIMITS: dict[str, dict[str, int]] = {
     "claude-*": {"rpm": 50, "input_tpm": 30_000, "output_tpm": 8_000, "max_concurrency": 20},
@@ -326,4 +370,14 @@ def _builtin_limits() -> tuple[ModelLimits, ...]:
     return tuple(
         _model_limits(pattern, values, None, f'built-in limits: "{pattern}"')
         for pattern, values in _BUILTIN_LIMITS.items()
+    )
+
+
+def describe_builtin_limits() -> str:
+    """The built-in limits in words, for the line a process logs when no file is given."""
+    limits = LimitTable(_builtin_limits()).limits_for("claude-sonnet-4-6")
+    return (
+        f"{BUILTIN_LIMITS_NAME}: {limits.rpm:,} requests, {limits.input_tpm:,} input tokens "
+        f"and {limits.output_tpm:,} output tokens a minute, {limits.max_concurrency} calls "
+        "in flight, for every model"
     )

@@ -14,7 +14,7 @@ CHARS_PER_TOKEN = 4
 
 
 _PROBABILITIES = ("p_429", "p_500", "p_529", "p_malformed", "p_drop", "p_openai_error")
-_SECONDS = ("latency", "latency_jitter", "burst_seconds")
+_SECONDS = ("latency", "latency_jitter", "burst_seconds", "token_burst_seconds")
 _LIMITS = ("rpm", "input_tpm", "output_tpm")
 
 
@@ -25,8 +25,12 @@ class SimulatorConfig:
     rpm: int | None = None
     input_tpm: int | None = None
     output_tpm: int | None = None
-    # Bucket capacity in seconds of rate: 1.0 enforces a minute's limit second by second.
+    # Request bucket capacity in seconds of rate: 1.0 enforces a minute's limit second by
+    # second.
     burst_seconds: float = 1.0
+    # Token buckets are a minute deep, as Anthropic's are: continuously refilled up to the
+    # per-minute maximum.
+    token_burst_seconds: float = 60.0
     p_429: float = 0.0
     p_500: float = 0.0
     p_529: float = 0.0
@@ -51,8 +55,9 @@ class SimulatorConfig:
                 raise ValueError(f"{name} must be a probability between 0 and 1")
         if sum(getattr(self, name) for name in _PROBABILITIES) > 1:
             raise ValueError("the fault probabilities must add up to at most 1")
-        if self.burst_seconds <= 0:
-            raise ValueError("burst_seconds must be > 0")
+        for name in ("burst_seconds", "token_burst_seconds"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
         for name in (*_LIMITS, "seed"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):

@@ -122,9 +122,25 @@ def _reply_texts(body: dict[str, Any]) -> tuple[str, str]:
     return thinking, text
 
 
-def build_message(body: dict[str, Any], usage_in: tuple[int, CacheUsage]) -> dict[str, Any]:
+def _padded(text: str, tokens_wanted: int) -> str:
+    """The reply stretched (or cut) to a given number of tokens, still a function of the
+    prompt."""
+    chars = tokens_wanted * CHARS_PER_TOKEN
+    filler = " and so on"
+    while len(text) < chars:
+        text += filler
+    return text[:chars]
+
+
+def build_message(
+    body: dict[str, Any], usage_in: tuple[int, CacheUsage], output_tokens: int | None = None
+) -> dict[str, Any]:
+    """The answer; `output_tokens` asks for a reply of that many tokens (capped by
+    max_tokens), else its length follows the prompt."""
     input_tokens, cache = usage_in
     thinking, text = _reply_texts(body)
+    if output_tokens is not None:
+        text = _padded(text, max(1, output_tokens))
     if (body.get("thinking") or {}).get("type") != "enabled":
         thinking = ""
     stop_reason, stop_sequence = "end_turn", None
@@ -143,7 +159,7 @@ def build_message(body: dict[str, Any], usage_in: tuple[int, CacheUsage]) -> dic
         content.append({"type": "thinking", "thinking": thinking, "signature": signature})
     if text or not content:
         content.append({"type": "text", "text": text})
-    output_tokens = min(body["max_tokens"], max(1, tokens(len(thinking) + len(text))))
+    written = min(body["max_tokens"], max(1, tokens(len(thinking) + len(text))))
     return {
         "id": "msg_" + secrets.token_hex(12),
         "type": "message",
@@ -154,7 +170,7 @@ def build_message(body: dict[str, Any], usage_in: tuple[int, CacheUsage]) -> dic
         "stop_sequence": stop_sequence,
         "usage": {
             "input_tokens": input_tokens,
-            "output_tokens": output_tokens,
+            "output_tokens": written,
             "cache_creation_input_tokens": cache.write,
             "cache_read_input_tokens": cache.read,
         },

@@ -1,4 +1,10 @@
-"""Rate limits: token buckets like Anthropic's (continuous refill, capacity = burst of rate)."""
+"""Rate limits: token buckets like Anthropic's (continuous refill, capacity = burst of rate).
+
+Requests go through a bucket of `burst_seconds` of their rate (a minute's limit enforced
+second by second); input and output tokens through buckets of `token_burst_seconds` (a
+minute, as Anthropic's). A call takes its uncached input and `max_tokens` of output when it
+starts and gives back the output it did not write when it ends.
+"""
 
 from __future__ import annotations
 
@@ -58,7 +64,11 @@ class RateLimiter:
             "output-tokens": config.output_tpm,
         }
         self._buckets = {
-            name: TokenBucket(limit, config.burst_seconds, now)
+            name: TokenBucket(
+                limit,
+                config.burst_seconds if name == "requests" else config.token_burst_seconds,
+                now,
+            )
             for name, limit in limits.items()
             if limit is not None
         }

@@ -141,7 +141,7 @@ class Upstream:
             time.sleep(delay)
         if fault is not None:
             return fault_answer(fault, request_id, ratelimit())
-        message = build_message(body, (input_tokens, cache))
+        message = build_message(body, (input_tokens, cache), directives.output_tokens)
         self.cache.remember(cache)
         limiter.refund_output(body["max_tokens"] - message["usage"]["output_tokens"])
         answer = _json_answer(200, message, ratelimit())

@@ -1,9 +1,11 @@
 -- Admit one upstream call, or say why not and for how long.
--- KEYS: 1 state hash, 2 in-flight zset, 3 waiting zset, 4 waiting costs hash, 5 models set
+-- KEYS: 1 state hash, 2 in-flight zset, 3 waiting zset, 4 waiting costs hash, 5 models set,
+--       6.. the markers of the prompt's cacheable prefixes, longest first (direct mode)
 -- ARGV: 1 mode ("direct": a job arriving; "head": the first waiting job), 2 model,
 --       3 job id, 4 input cost, 5 output cost, 6 priority rank (direct mode),
 --       7 rpm, 8 input tpm, 9 output tpm (0: unlimited), 10 max concurrency (0: unlimited),
---       11 burst ms, 12 slot lease ms, 13 recovery ms, 14 probe per ms, 15 grant id
+--       11 request burst ms, 12 slot lease ms, 13 recovery ms, 14 probe per ms, 15 grant id,
+--       16 token burst ms, 17.. the estimated tokens of each prefix in KEYS 6..
 -- Returns {"granted", job, rank, input cost, output cost} | {"queued", reason, wait ms} | {"denied", reason, wait ms}
 --         | {"empty"}
 local state, inflight, waiting, costs, models = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
@@ -12,8 +14,20 @@ local job, input_cost, output_cost, rank = ARGV[3], tonumber(ARGV[4]), tonumber(
 local limits = {req = tonumber(ARGV[7]), inp = tonumber(ARGV[8]), out = tonumber(ARGV[9])}
 local max_concurrency, burst = tonumber(ARGV[10]), tonumber(ARGV[11])
 local lease, recovery, probe = tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14])
-local grant = ARGV[15]
+local grant, token_burst = ARGV[15], tonumber(ARGV[16])
 local now = now_ms()
+
+-- A prefix the upstream has in its cache (seen cached by an earlier call, within the cache's
+-- lifetime) will be read from it, and cache reads do not count as input: only the rest of
+-- the prompt is charged. The longest known prefix wins, as at the upstream.
+if mode == 'direct' then
+  for i = 6, #KEYS do
+    if redis.call('EXISTS', KEYS[i]) == 1 then
+      input_cost = math.max(1, input_cost - tonumber(ARGV[i + 11]))
+      break
+    end
+  end
+end
 
 local function enqueue(reason, wait)
   -- Scores order the queue: priority rank first, then arrival. NX keeps a job's place when
@@ -53,6 +67,9 @@ if paused > now then return refuse('upstream_backoff', paused - now) end
 
 local f = factor(state, now, recovery, probe)
 local charges = {req = 1, inp = input_cost, out = output_cost}
+-- Requests are smoothed (the upstream may enforce a minute's limit second by second); token
+-- meters are as deep as the upstream's own buckets, so many large calls fit at once.
+local bursts = {req = burst, inp = token_burst, out = token_burst}
 local new_tat = {}
 local worst, reason = 0, nil
 for _, dim in ipairs({'req', 'inp', 'out'}) do
@@ -63,7 +80,7 @@ for _, dim in ipairs({'req', 'inp', 'out'}) do
     local increment = charges[dim] * per_unit
     -- A call larger than the burst still goes once the bucket is full, leaving it in debt;
     -- otherwise a big prompt could never be sent.
-    local allowance = math.max(burst, increment)
+    local allowance = math.max(bursts[dim], increment)
     local wait = tat + increment - allowance - now
     if wait > 0.001 then
       if wait > worst then worst, reason = wait, dim end

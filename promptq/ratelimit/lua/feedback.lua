@@ -4,7 +4,9 @@
 --       2 throttled (1 when the upstream answered 429), 3 cut factor, 4 min factor,
 --       5 debounce ms, 6 recovery ms, 7 cap ttl ms,
 --       8 request limit, 9 input token limit, 10 output token limit (0: not reported),
---       11 probe per ms
+--       11 probe per ms, 12 configured input tpm, 13 configured output tpm (0: unlimited),
+--       14 token burst ms, 15 input tokens remaining, 16 output tokens remaining (-1: not
+--       reported)
 local state = KEYS[1]
 local now = now_ms()
 local pause = tonumber(ARGV[1])
@@ -30,6 +32,24 @@ for _, dim in ipairs({'req', 'inp', 'out'}) do
   if caps[dim] > 0 then
     put(state, 'cap:' .. dim, caps[dim])
     put(state, 'capu:' .. dim, now + tonumber(ARGV[7]))
+  end
+end
+-- The upstream's word on what is left in its token buckets: where it says less than the
+-- meter holds, the meter drops to it (someone else spending on the account, or an estimate
+-- that was low). It never raises the meter: the figure is as of the answer, before calls
+-- admitted since then reached the upstream.
+local configured = {inp = tonumber(ARGV[12]), out = tonumber(ARGV[13])}
+local remaining = {inp = tonumber(ARGV[15]), out = tonumber(ARGV[16])}
+local token_burst = tonumber(ARGV[14])
+local f = factor(state, now, tonumber(ARGV[6]), tonumber(ARGV[11]))
+for _, dim in ipairs({'inp', 'out'}) do
+  local limit = effective_limit(state, dim, configured[dim], now, f)
+  if remaining[dim] >= 0 and limit > 0 then
+    local per_unit = 60000 / limit
+    local floor = now + token_burst - remaining[dim] * per_unit
+    if floor > num(redis.call('HGET', state, 'tat:' .. dim), 0) then
+      put(state, 'tat:' .. dim, floor)
+    end
   end
 end
 redis.call('PEXPIRE', state, 86400000)
