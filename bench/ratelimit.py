@@ -20,10 +20,20 @@ enforcing a real token bucket, runs in this process. Only 127.0.0.1 is contacted
    granting `--rpm`, first without anthropic-ratelimit-* headers (promptq must find the limit from
    429s alone), then with them.
 
+4. Token limits (`--tokens`), as the upstream counts them: token buckets a minute deep, a
+   call taking `max_tokens` of output when it starts and giving back what it did not write,
+   cache reads outside the input limit. Three shapes, each at a realistic latency: an
+   output-bound model (6,000 output tokens a minute, max_tokens 200, 100 written, 5 s), large
+   calls (80,000 output tokens a minute, max_tokens 4,096, 10 s) and an input-bound model
+   whose prompts are 80% read from the prompt cache. Targets: 95% of the rate the upstream
+   sustains after the first minute, at most 0.1% of calls refused, at least 18 large calls
+   in flight at once.
+
 Each load run has its own model name (its own bucket in Redis, its own limits-file entry),
 so the runs share one stack without sharing limiter state; the simulator's bucket and
-counters are reset between runs. Input and output token limits are "unlimited" and
-max_concurrency far above the workers' threads, so requests per minute is what binds.
+counters are reset between runs. In runs 1 and 3, input and output token limits are
+"unlimited" and max_concurrency far above the workers' threads, so requests per minute is
+what binds; in the token runs, tokens bind.
 
 Everything started here is stopped, and the fresh database dropped, however the run ends
 (ExitStack; bounded loops and deadlines). Exit status 1 means jobs were lost or did not
@@ -98,11 +108,76 @@ POLL_SECONDS = 0.25
 # The simulator's bucket holds one second of its rate: a minute's limit enforced second by
 # second, as Anthropic does.
 UPSTREAM_BURST_SECONDS = 1.0
+# Its token buckets are a minute deep, as Anthropic's are.
+UPSTREAM_TOKEN_BURST_SECONDS = 60.0
 COST_WARMUP = 200
 # Model names must start with "claude-" for the simulator. One per load run: its own bucket.
 STEADY_MODEL = "claude-bench-steady"
 TWICE_MODEL_PREFIX = "claude-bench-twice"
 COST_MODEL_PREFIX = "claude-bench-cost"
+
+
+@dataclass(frozen=True)
+class TokenShape:
+    title: str
+    jobs: int
+    latency: float
+    max_tokens: int
+    output_tokens: int  # what each answer writes ([[sim:output=N]])
+    input_tpm: int | None
+    output_tpm: int | None
+    # The prompt: a system block marked for the prompt cache, and a user message of its own;
+    # in the simulator's counting (4 characters a token).
+    cached_tokens: int = 0
+    uncached_tokens: int = 20
+    sustainable_per_second: float | None = None  # what the upstream's limits allow, steady
+    min_in_flight: int | None = None  # a target on the calls in flight at once
+
+
+# The token scenarios: the shapes issue 11 names, each against a simulator whose token
+# buckets are a minute deep and that answers at a realistic latency.
+TOKEN_MODEL_PREFIX = "claude-bench-tokens"
+TOKEN_SCENARIOS = {
+    "output-bound": TokenShape(
+        title="Output-bound: 6,000 output tokens a minute, max_tokens 200, 100 written, "
+        "5 s answers",
+        jobs=180,
+        latency=5.0,
+        max_tokens=200,
+        output_tokens=100,
+        input_tpm=None,
+        output_tpm=6000,
+        sustainable_per_second=6000 / 100 / 60,
+    ),
+    "large-calls": TokenShape(
+        title="Large calls: 80,000 output tokens and 4,000 requests a minute, max_tokens "
+        "4,096, 1,000 written, 10 s answers",
+        jobs=60,
+        latency=10.0,
+        max_tokens=4096,
+        output_tokens=1000,
+        input_tpm=None,
+        output_tpm=80_000,
+        min_in_flight=18,
+    ),
+    "input-cached": TokenShape(
+        title="Input-bound, 80% of each prompt read from the cache: 24,000 input tokens a "
+        "minute, prompts of 1,250 tokens (1,000 cached), 5 s answers",
+        jobs=200,
+        latency=5.0,
+        max_tokens=64,
+        output_tokens=20,
+        input_tpm=24_000,
+        output_tpm=None,
+        cached_tokens=1000,
+        uncached_tokens=250,
+        sustainable_per_second=24_000 / 250 / 60,
+    ),
+}
+TOKEN_RPM = 4000
+TOKEN_WARMUP_SECONDS = 60  # "after the first minute": the bucket's first fill is spent
+TARGET_TOKEN_SHARE = 0.95
+TARGET_TOKEN_429_SHARE = 0.001
 
 TARGET_STEADY_SHARE = 0.95
 TARGET_STEADY_429_SHARE = 0.001
@@ -135,7 +210,17 @@ max_concurrency = 10000
 burst_seconds = {burst_seconds}
 """
 
-    return entry(STEADY_MODEL, rpm) + entry(f"{TWICE_MODEL_PREFIX}-*", too_high)
+    tokens = "".join(
+        f"""
+[models."{TOKEN_MODEL_PREFIX}-{name}"]
+rpm = {TOKEN_RPM}
+input_tpm = {shape.input_tpm or '"unlimited"'}
+output_tpm = {shape.output_tpm or '"unlimited"'}
+max_concurrency = 400
+"""
+        for name, shape in TOKEN_SCENARIOS.items()
+    )
+    return entry(STEADY_MODEL, rpm) + entry(f"{TWICE_MODEL_PREFIX}-*", too_high) + tokens
 
 
 # Phase 2: every meter on, far above a few thousand calls a second, so that each call does
@@ -271,8 +356,11 @@ class Scenario:
     name: str
     model: str
     configured_rpm: int
-    upstream_rpm: int
+    upstream_rpm: int | None
     headers: bool
+    # Token scenarios (TOKEN_SCENARIOS): the simulator's token limits (as deep as Anthropic's
+    # buckets, a minute), its latency, and the jobs' shape. None: a request scenario.
+    tokens: TokenShape | None = None
 
 
 @dataclass
@@ -310,7 +398,53 @@ class LoadResult:
 
 def job_body(index: int, scenario: Scenario) -> bytes:
     prompt = f"[{scenario.name} {index}] Summarize the plot of Hamlet in one sentence."
-    return json.dumps({"prompt": prompt, "model": scenario.model}).encode()
+    shape = scenario.tokens
+    if shape is None:
+        return json.dumps({"prompt": prompt, "model": scenario.model}).encode()
+    prompt = f"{prompt} [[sim:output={shape.output_tokens}]] "
+    prompt += "x" * max(0, 4 * shape.uncached_tokens - len(prompt))
+    request: dict[str, object] = {
+        "model": scenario.model,
+        "max_tokens": shape.max_tokens,
+        "messages": [{"role": "user", "content": prompt}],
+    }
+    if shape.cached_tokens:
+        handbook = ("The house style guide, read before every answer. " * 400)[
+            : 4 * shape.cached_tokens
+        ]
+        request["system"] = [
+            {"type": "text", "text": handbook, "cache_control": {"type": "ephemeral"}}
+        ]
+    return json.dumps({"request": request}).encode()
+
+
+def scenario_jobs(args: argparse.Namespace, scenario: Scenario) -> int:
+    return scenario.tokens.jobs if scenario.tokens else args.jobs
+
+
+def configure_upstream(simulator: Simulator, args: argparse.Namespace, scenario: Scenario) -> None:
+    """Every setting a run depends on, so that nothing of the run before carries over."""
+    shape = scenario.tokens
+    simulator.configure(
+        rpm=scenario.upstream_rpm,
+        burst_seconds=UPSTREAM_BURST_SECONDS,
+        token_burst_seconds=UPSTREAM_TOKEN_BURST_SECONDS,
+        input_tpm=shape.input_tpm if shape else None,
+        output_tpm=shape.output_tpm if shape else None,
+        ratelimit_headers=scenario.headers,
+        latency=shape.latency if shape else args.latency,
+    )
+    simulator.reset()
+
+
+def expected_seconds(args: argparse.Namespace, scenario: Scenario) -> float:
+    """How long the run should take at the upstream's limits."""
+    jobs = scenario_jobs(args, scenario)
+    shape = scenario.tokens
+    if shape is None:
+        return jobs / (float(scenario.upstream_rpm or 60) / 60)
+    rate = shape.sustainable_per_second or jobs / 60
+    return shape.latency + jobs / rate
 
 
 def run_load(
@@ -324,27 +458,21 @@ def run_load(
     observer: Limiter,
 ) -> LoadResult:
     key_id, key = create_api_key(database.url, f"bench-{scenario.name}")
-    simulator.configure(
-        rpm=scenario.upstream_rpm,
-        burst_seconds=UPSTREAM_BURST_SECONDS,
-        ratelimit_headers=scenario.headers,
-        latency=args.latency,
-    )
-    simulator.reset()
-    bodies = [job_body(i, scenario) for i in range(args.jobs)]
+    configure_upstream(simulator, args, scenario)
+    jobs = scenario_jobs(args, scenario)
+    bodies = [job_body(i, scenario) for i in range(jobs)]
     errors_before = len(task_errors(workers))
-    upstream_rate = scenario.upstream_rpm / 60
-    # Three times what the upstream's rate needs, plus a minute: a stuck run still ends.
-    timeout = 60.0 + 3.0 * args.jobs / upstream_rate
+    # Three times what the upstream's limits need, plus a minute: a stuck run still ends.
+    timeout = 60.0 + 3.0 * expected_seconds(args, scenario)
     log(
-        f"{scenario.name}: {args.jobs} jobs, promptq at {scenario.configured_rpm} rpm, upstream "
+        f"{scenario.name}: {jobs} jobs, promptq at {scenario.configured_rpm} rpm, upstream "
         f"at {scenario.upstream_rpm} rpm, headers {'on' if scenario.headers else 'off'}; "
         f"timeout {timeout:.0f} s"
     )
     box: list[Submitted] = []
     submitter = threading.Thread(
         target=lambda: box.append(
-            submit_jobs(api_url, key, bodies, args.clients, 60.0 + args.jobs / 10.0)
+            submit_jobs(api_url, key, bodies, args.clients, 60.0 + jobs / 10.0)
         ),
         name="submitter",
         daemon=True,
@@ -374,21 +502,21 @@ def run_load(
         if box and not submitted_logged:
             done = box[0]
             log(
-                f"{scenario.name}: submitted {done.accepted}/{args.jobs} in {done.seconds:.1f} s "
+                f"{scenario.name}: submitted {done.accepted}/{jobs} in {done.seconds:.1f} s "
                 f"({done.accepted / done.seconds:.0f} jobs/s)"
             )
             submitted_logged = True
         if time.monotonic() - last_report >= 10:
             log(
-                f"{scenario.name}: {finished}/{args.jobs} finished, {state['waiting']} waiting, "
+                f"{scenario.name}: {finished}/{jobs} finished, {state['waiting']} waiting, "
                 f"factor {state['factor']}"
             )
             last_report = time.monotonic()
-        if finished >= args.jobs:
+        if finished >= jobs:
             break
         if not submitter.is_alive() and box and finished >= box[0].accepted:
             break  # some submissions failed; every accepted job is done
-    timed_out = finished < args.jobs and time.monotonic() >= deadline
+    timed_out = finished < jobs and time.monotonic() >= deadline
     seconds = time.monotonic() - began
     submitter.join(timeout=40)
     if not box:
@@ -688,7 +816,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="measure 3: promptq's rpm as a multiple of the upstream's (default 2)",
     )
     parser.add_argument("--skip-twice", action="store_true")
+    parser.add_argument(
+        "--skip-tokens", action="store_true", help="do not run the token scenarios (about 6 min)"
+    )
+    parser.add_argument(
+        "--tokens",
+        default=",".join(TOKEN_SCENARIOS),
+        help=f"token scenarios to run, comma-separated (default: {','.join(TOKEN_SCENARIOS)})",
+    )
     args = parser.parse_args(argv)
+    unknown = set(filter(None, args.tokens.split(","))) - set(TOKEN_SCENARIOS)
+    if unknown:
+        parser.error(f"unknown token scenario(s): {', '.join(sorted(unknown))}")
     require_at_least_one(
         parser, args, ("rpm", "jobs", "workers", "concurrency", "clients", "cost_calls")
     )
@@ -709,6 +848,7 @@ class Results:
     steady: LoadResult | None = None
     cost: CostReport | None = None
     twice: list[LoadResult] = field(default_factory=list)
+    tokens: list[LoadResult] = field(default_factory=list)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -716,7 +856,7 @@ def main(argv: list[str] | None = None) -> int:
     began = time.monotonic()
     results = Results()
     connections: tuple[int, int] | None = None
-    load_runs = not (args.skip_steady and args.skip_twice)
+    load_runs = not (args.skip_steady and args.skip_twice and args.skip_tokens)
     with bench_run(args, DEFAULT_REDIS_URL, logs=args.logs) as (stack, setup):
         connections = postgres_connections(setup.database.url)
         if not args.skip_cost:
@@ -727,7 +867,7 @@ def main(argv: list[str] | None = None) -> int:
     total = time.monotonic() - began
     print_report(args, setup, connections, results, total)
     log(f"total run time {total:.0f} s")
-    runs = [r for r in (results.steady, *results.twice) if r is not None]
+    runs = [r for r in (results.steady, *results.twice, *results.tokens) if r is not None]
     ok = all(r.succeeded == r.submitted.requested for r in runs)
     return 0 if ok else 1
 
@@ -774,6 +914,17 @@ def run_loads(
             name = f"twice-{'headers' if headers else 'no-headers'}"
             model = f"{TWICE_MODEL_PREFIX}-{'headers' if headers else 'no-headers'}"
             results.twice.append(run(Scenario(name, model, too_high_rpm(args), args.rpm, headers)))
+    if not args.skip_tokens:
+        for name in filter(None, args.tokens.split(",")):
+            scenario = Scenario(
+                f"tokens-{name}",
+                f"{TOKEN_MODEL_PREFIX}-{name}",
+                TOKEN_RPM,
+                TOKEN_RPM,
+                True,
+                tokens=TOKEN_SCENARIOS[name],
+            )
+            results.tokens.append(run(scenario))
 
 
 def print_report(
@@ -859,7 +1010,95 @@ def print_report(
                 "",
             ]
             out += failures_table(result.failures)
+    for result in results.tokens:
+        out += token_report(result)
     print_markdown(out)
+
+
+def token_report(result: LoadResult) -> list[str]:
+    """A token scenario: the rate after the first minute (the bucket's first fill spent)
+    against what the upstream's limits sustain, 429s, and the calls in flight at once."""
+    shape = result.scenario.tokens
+    assert shape is not None
+    starts = [at for at, _ in result.attempts]
+    first = starts[0] if starts else 0.0
+    last = starts[-1] if starts else 0.0
+    from_, to = first + TOKEN_WARMUP_SECONDS, last
+    throttled = result.upstream_by_status.get("429", 0)
+    calls = result.upstream_calls
+    jobs = result.submitted.requested
+    rows = [
+        [
+            "Succeeded / submitted",
+            f"{result.succeeded} / {jobs}",
+            "all",
+            met(result.succeeded == jobs),
+        ],
+        [
+            "429s / upstream calls",
+            f"{throttled} / {calls} = {pct(throttled, calls, 2)}",
+            f"≤ {TARGET_TOKEN_429_SHARE:.1%}" if shape.min_in_flight is None else "none",
+            met(
+                throttled <= TARGET_TOKEN_429_SHARE * calls
+                if shape.min_in_flight is None
+                else throttled == 0
+            ),
+        ],
+    ]
+    if shape.sustainable_per_second is not None:
+        rate = shape.sustainable_per_second
+        if to - from_ >= 10:
+            ok = sum(1 for at, status in result.attempts if status == 200 and from_ <= at < to)
+            achieved = ok / (to - from_)
+            rows.append(
+                [
+                    f"Calls answered 200 per second after the first minute ({to - from_:.0f} s)",
+                    f"{achieved:.3f}/s = {pct(achieved, rate)} of {rate:.3g}/s",
+                    f"≥ {TARGET_TOKEN_SHARE:.0%}",
+                    met(achieved >= TARGET_TOKEN_SHARE * rate),
+                ]
+            )
+        else:
+            rows.append(["Rate after the first minute", "run too short to tell", "", ""])
+    rows.append(
+        [
+            "Most calls in flight at the upstream at once",
+            str(result.max_in_flight),
+            f"≥ {shape.min_in_flight}" if shape.min_in_flight else "",
+            met(result.max_in_flight >= shape.min_in_flight) if shape.min_in_flight else "",
+        ]
+    )
+    span = last - first
+    rows.append(
+        [
+            "Whole run, first call to last",
+            f"{len(starts)} calls in {span:.0f} s = {len(starts) / span:.2f}/s" if span else "-",
+            "",
+            "",
+        ]
+    )
+    notes = [
+        f"{jobs} jobs submitted at once; promptq's limits file gives the same token limits "
+        f"(token meters a minute deep, the default), {TOKEN_RPM:,} rpm and max_concurrency 400; "
+        f"the simulator's token buckets are {UPSTREAM_TOKEN_BURST_SECONDS:g} s deep and it "
+        f"sends anthropic-ratelimit-* headers. Run {result.seconds:.0f} s.",
+        f"Upstream answers: {describe_statuses(result.upstream_by_status)}.",
+    ]
+    if result.by_status.keys() - {"succeeded"}:
+        notes.append(f"Jobs by status: {dict(sorted(result.by_status.items()))}.")
+    if result.errors:
+        notes.append(f"{len(result.errors)} tasks raised in the workers.")
+    if result.timed_out:
+        notes.append(f"Timed out after {result.seconds:.0f} s with jobs unfinished.")
+    return [
+        f"### Tokens: {shape.title}",
+        "",
+        markdown_table(["Measure", "Result", "Target", ""], rows),
+        "",
+        " ".join(notes),
+        "",
+        *failures_table(result.failures),
+    ]
 
 
 def _times(factor: float) -> str:

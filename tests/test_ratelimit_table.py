@@ -378,3 +378,13 @@ def test_a_file_that_is_not_utf8_is_refused(tmp_path):
 
 def test_limits_error_is_a_value_error():
     assert issubclass(LimitsError, ValueError)
+
+
+def test_the_readmes_limits_example_is_a_valid_file():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("\n## Rate limits\n", 1)[1]
+    example = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    entry = LimitTable.from_toml(example, source="README").limits_for("claude-x")
+    assert (entry.rpm, entry.token_burst_seconds, entry.count_cache_reads) == (50, 60.0, False)
