@@ -77,6 +77,11 @@ class Settings(BaseSettings):
     sweep_interval_seconds: float = Field(default=10.0, gt=0)
     # A queued job older than this with no progress is published again by the sweeper.
     republish_after_seconds: int = Field(default=30, ge=1)
+    # Webhook deliveries have threads of their own in each worker process, apart from the
+    # jobs' threads, and one key's deliveries may hold only a few of them: a key whose
+    # receivers never answer waits on its own share, never on anyone's jobs or webhooks.
+    webhook_concurrency: int = Field(default=16, ge=1, le=1000)
+    webhook_max_in_flight_per_key: int = Field(default=4, ge=1, le=1000)
 
     # Client side (`promptq submit`, `promptq jobs ls`)
     api_url: str = "http://127.0.0.1:8000"

@@ -19,6 +19,9 @@ from promptq.config import Settings, get_settings
 # Redis inverts AMQP's convention: 0 is served first.
 MESSAGE_PRIORITY = {"high": 0, "normal": 3, "low": 6}
 QUEUE = "promptq"
+# Webhook deliveries travel apart from jobs: a flood of them never stands in front of jobs
+# in the broker. `promptq worker` consumes both queues by default.
+WEBHOOK_QUEUE = "promptq-webhooks"
 
 
 class BrokerNotConfigured(RuntimeError):

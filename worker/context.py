@@ -17,6 +17,7 @@ from promptq.ratelimit.limiter import Grant, Limiter
 from promptq.ratelimit.table import LimitTable
 from promptq.upstream import UpstreamClient
 from promptq.webhooks import WebhookSender
+from worker.deliveries import DeliveryPool
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class WorkerContext:
     leases: LeaseKeeper
     runner: JobRunner
     webhooks: WebhookSender
+    deliveries: DeliveryPool
 
 
 @lru_cache(maxsize=1)
@@ -72,4 +74,7 @@ def worker_context() -> WorkerContext:
         leases=leases,
         runner=runner,
         webhooks=WebhookSender(allow_private=settings.webhook_allow_private),
+        deliveries=DeliveryPool(
+            settings.webhook_concurrency, settings.webhook_max_in_flight_per_key
+        ),
     )

@@ -1,4 +1,6 @@
-"""Threads that live as long as a worker process: the rate-limit dispatcher."""
+"""Threads that live as long as a worker process: the rate-limit dispatcher, and the
+webhook delivery pool, which finishes the deliveries it is sending before the process
+exits."""
 
 from __future__ import annotations
 
@@ -28,3 +30,4 @@ def _stop(**_: Any) -> None:
     from worker.context import worker_context
 
     worker_context().leases.stop()
+    worker_context().deliveries.shutdown()

@@ -8,7 +8,7 @@ import redis
 from celery import Celery
 
 from promptq.ratelimit.limiter import Grant
-from worker.app import MESSAGE_PRIORITY, QUEUE
+from worker.app import MESSAGE_PRIORITY, QUEUE, WEBHOOK_QUEUE
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def publish_delivery(app: Celery, delivery_id: str, countdown: float | None = No
     app.send_task(
         DELIVER_WEBHOOK_TASK,
         args=[delivery_id],
-        priority=MESSAGE_PRIORITY["high"],
+        queue=WEBHOOK_QUEUE,
         countdown=countdown if countdown and countdown > 0 else None,
     )
 

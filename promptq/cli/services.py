@@ -59,7 +59,12 @@ def api(host: str, port: int, workers: int) -> None:
 
 @click.command()
 @click.option("--concurrency", type=int, help="Upstream calls in flight at once (threads).")
-@click.option("--queues", default="promptq", show_default=True, help="Comma-separated queues.")
+@click.option(
+    "--queues",
+    default="promptq,promptq-webhooks",
+    show_default=True,
+    help="Comma-separated queues: promptq (jobs) and promptq-webhooks (deliveries).",
+)
 @click.option("--hostname", help="Celery node name (default: promptq@HOST).")
 def worker(concurrency: int | None, queues: str, hostname: str | None) -> None:
     """Run a Celery worker that executes jobs."""

@@ -124,6 +124,24 @@ def redeliver(session: Session, job: Job) -> WebhookDelivery | None:
     return again
 
 
+def key_of(session: Session, delivery_id: str) -> str | None:
+    """The key a delivery belongs to (its sender's share of the delivery threads)."""
+    return session.scalar(
+        select(WebhookDelivery.api_key_id).where(WebhookDelivery.id == delivery_id)
+    )
+
+
+def postpone(session: Session, delivery_id: str, seconds: float) -> None:
+    """Put a pending delivery that found no room to be sent at the back of the due ones,
+    without counting an attempt: the sweeper publishes it again once due."""
+    session.execute(
+        update(WebhookDelivery)
+        .where(WebhookDelivery.id == delivery_id, WebhookDelivery.status == DeliveryStatus.PENDING)
+        .values(next_attempt_at=utcnow() + timedelta(seconds=seconds))
+        .execution_options(synchronize_session=False)
+    )
+
+
 def take(session: Session, delivery_id: str) -> PreparedDelivery | None:
     """Claim a due delivery for one attempt (a compare-and-set, so a duplicate message
     sends nothing) and sign it; None when it is not pending or not due."""

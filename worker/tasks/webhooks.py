@@ -1,4 +1,8 @@
-"""Sending one webhook delivery: the Celery edge of promptq.webhooks.deliveries."""
+"""Sending one webhook delivery: the Celery edge of promptq.webhooks.deliveries.
+
+The task claims the delivery and hands the sending to the worker's delivery pool (its own
+threads, a few per key), so a slow receiver never holds a Celery thread.
+"""
 
 from __future__ import annotations
 
@@ -6,28 +10,51 @@ from promptq.db import session_scope
 from promptq.logging import log_context
 from promptq.types import utcnow
 from promptq.webhooks import deliveries
+from promptq.webhooks.deliveries import PreparedDelivery
 from worker.app import app
 from worker.context import worker_context
 from worker.publish import publish_delivery
 from worker.tasks.base import RETRY_TRANSIENT, promptq_task
 
+# How long a delivery that found no room waits before the sweeper publishes it again.
+NO_ROOM_POSTPONE_SECONDS = 2.0
+
 
 @promptq_task("deliver_webhook", **RETRY_TRANSIENT)
 def deliver_webhook(delivery_id: str) -> str:
     with log_context(delivery_id=delivery_id, task="promptq.deliver_webhook"):
-        return _deliver(delivery_id)
+        return _hand_over(delivery_id)
 
 
-def _deliver(delivery_id: str) -> str:
+def _hand_over(delivery_id: str) -> str:
     ctx = worker_context()
     with session_scope(ctx.settings.database_url) as session:
-        prepared = deliveries.take(session, delivery_id)
+        key_id = deliveries.key_of(session, delivery_id)
+        if key_id is None:
+            return "nothing to do"
+        if not ctx.deliveries.try_reserve(key_id):
+            # Behind the other due deliveries, so that a key with thousands of them waiting
+            # cannot keep others' out of the sweeper's passes; it publishes this one again.
+            deliveries.postpone(session, delivery_id, NO_ROOM_POSTPONE_SECONDS)
+            return "no room: postponed"
+        try:
+            prepared = deliveries.take(session, delivery_id)
+        except BaseException:
+            ctx.deliveries.release(key_id)
+            raise
     if prepared is None:
+        ctx.deliveries.release(key_id)
         return "nothing to do"
-    started_at = utcnow()
-    result = ctx.webhooks.post(prepared.url, prepared.body, prepared.headers)
-    with session_scope(ctx.settings.database_url) as session:
-        delay = deliveries.record(session, prepared, result, started_at)
-    if delay is not None:
-        publish_delivery(app, delivery_id, countdown=delay)
-    return f"{result.status_code or result.error}; retry in {delay}s" if delay else "settled"
+    ctx.deliveries.submit(key_id, lambda: _send(prepared))
+    return "sending"
+
+
+def _send(prepared: PreparedDelivery) -> None:
+    ctx = worker_context()
+    with log_context(delivery_id=prepared.id, task="promptq.deliver_webhook"):
+        started_at = utcnow()
+        result = ctx.webhooks.post(prepared.url, prepared.body, prepared.headers)
+        with session_scope(ctx.settings.database_url) as session:
+            delay = deliveries.record(session, prepared, result, started_at)
+        if delay is not None:
+            publish_delivery(app, prepared.id, countdown=delay)
