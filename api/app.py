@@ -6,13 +6,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import redis
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
+from api.auth import forget_key, hear_revocations
 from api.body_limit import BodySizeLimit
 from api.broker import BrokerCheck
 from api.errors import install_error_handlers
 from api.finished import FinishedJobs
+from api.open_requests import OpenRequests
 from api.publisher import BrokerPublisher, Publisher
 from api.routes import (
     batches,
@@ -28,6 +31,7 @@ from api.routes import (
 from api.routes.batches import BATCHES_PATH
 from promptq.config import Settings, get_settings
 from promptq.jobs.schemas import JobCreate
+from promptq.ratelimit.quota import RateQuota
 
 
 def create_app(settings: Settings | None = None, publish: Publisher | None = None) -> FastAPI:
@@ -40,12 +44,22 @@ def create_app(settings: Settings | None = None, publish: Publisher | None = Non
         lifespan=_lifespan,
     )
     app.state.settings = settings
-    app.state.finished = FinishedJobs(settings.redis_url) if settings.redis_url else None
+    app.state.finished = (
+        FinishedJobs(settings.redis_url, on_revoked=forget_key, on_hearing=hear_revocations)
+        if settings.redis_url
+        else None
+    )
     broker = BrokerPublisher.for_settings(settings)
     app.state.celery = broker.app
     app.state.publish = publish or broker.job
     app.state.deliver = broker.delivery
     app.state.broker = BrokerCheck(settings.redis_url) if settings.redis_url else None
+    app.state.quotas = (
+        RateQuota(redis.Redis.from_url(settings.redis_url)) if settings.redis_url else None
+    )
+    app.state.open_requests = OpenRequests(
+        settings.key_max_open_requests, settings.max_open_requests
+    )
     app.state.publish_batch = broker.batch
     app.add_middleware(
         BodySizeLimit,

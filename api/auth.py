@@ -1,8 +1,9 @@
 """Who is calling: the API key presented, checked against its stored hash.
 
 Every request needs its key, so a key found once is kept for a few seconds: this saves a
-database round trip per request at intake rates of hundreds per second. The price is that
-a revoked key keeps working on an API process for at most KEY_CACHE_SECONDS.
+database round trip per request at intake rates of hundreds per second. A revocation is
+announced over Redis and the key is dropped at once (api.finished hears it); while that
+subscription is down, a revocation could go unheard, so the cache is not used then.
 """
 
 from __future__ import annotations
@@ -28,6 +29,23 @@ KEY_CACHE_SECONDS = 5.0
 
 _cache: TTLCache[str, ApiKey] = TTLCache(maxsize=10_000, ttl=KEY_CACHE_SECONDS)
 _lock = threading.Lock()
+_hearing_revocations = False
+
+
+def hear_revocations(hearing: bool) -> None:
+    """Whether this process now hears revocations; the cache is used only while it does."""
+    global _hearing_revocations
+    with _lock:
+        _hearing_revocations = hearing
+        if not hearing:
+            _cache.clear()
+
+
+def forget_key(key_id: str) -> None:
+    """Drop a revoked key from the cache: its next request goes to the database."""
+    with _lock:
+        for plain in [plain for plain, key in _cache.items() if key.id == key_id]:
+            _cache.pop(plain, None)
 
 
 def presented_key(request: Request) -> str | None:
@@ -65,8 +83,9 @@ def _require(plain: str | None) -> str:
 
 def cached_caller(plain: str | None) -> ApiKey | None:
     """The key behind `plain` if it was seen lately; None when the database must say."""
+    plain = _require(plain)
     with _lock:
-        return _cache.get(_require(plain))
+        return _cache.get(plain) if _hearing_revocations else None
 
 
 def caller(session: Session, plain: str | None) -> ApiKey:
@@ -80,7 +99,8 @@ def caller(session: Session, plain: str | None) -> ApiKey:
         # Detached, so it outlives this request's session; only its columns are read.
         session.expunge(key)
         with _lock:
-            _cache[plain] = key
+            if _hearing_revocations:
+                _cache[plain] = key
     return key
 
 

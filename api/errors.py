@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import redis
@@ -15,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from promptq.budgets import BudgetExceeded
 from promptq.db import TRANSIENT_DATABASE_ERRORS
 from promptq.jobs.errors import InvalidJob, JobConflict, JobError, JobNotFound
+from promptq.quotas import QuotaExceeded
 from promptq.validation import describe_validation_errors
 
 STATUS_BY_ERROR: dict[type[JobError], int] = {
@@ -22,6 +24,7 @@ STATUS_BY_ERROR: dict[type[JobError], int] = {
     BudgetExceeded: 402,
     JobNotFound: 404,
     JobConflict: 409,
+    QuotaExceeded: 429,
 }
 TYPE_BY_STATUS = {
     400: "invalid_request_error",
@@ -114,7 +117,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(JobError)
     async def _job_error(request: Request, exc: JobError) -> JSONResponse:
         status = STATUS_BY_ERROR.get(type(exc), 400)
-        return error_response(status, str(exc), exc.error_type, request=request)
+        headers = None
+        if isinstance(exc, QuotaExceeded):
+            headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_seconds)))}
+        return error_response(status, str(exc), exc.error_type, headers, request=request)
 
     @app.exception_handler(RequestValidationError)
     async def _request_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -1,5 +1,6 @@
-"""The API's ear for finished jobs: one Redis subscription per process, and the requests
-held open on a job (POST /v1/messages, ?wait=N) woken when theirs ends.
+"""The API's ear: one Redis subscription per process, for finished jobs (the requests held
+open on a job, POST /v1/messages and ?wait=N, are woken when theirs ends) and for revoked
+keys (the process forgets them at once, not after its key cache's few seconds).
 
 Waiters still read the job from the database, which stays the only truth; the wake-up only
 saves them from polling it every fraction of a second. While the subscription is down
@@ -13,12 +14,13 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import redis
 import redis.asyncio
 
 from promptq.jobs.finished import CHANNEL
+from promptq.keys.channels import REVOKED_CHANNEL
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +56,17 @@ class Watch:
 
 
 class FinishedJobs:
-    def __init__(self, redis_url: str) -> None:
+    def __init__(
+        self,
+        redis_url: str,
+        on_revoked: Callable[[str], None] = lambda _key_id: None,
+        on_hearing: Callable[[bool], None] = lambda _hearing: None,
+    ) -> None:
+        """`on_revoked(key_id)` for every key revoked; `on_hearing(bool)` when the
+        subscription comes up or goes down (a revocation may be missed while it is down)."""
         self.redis_url = redis_url
+        self.on_revoked = on_revoked
+        self.on_hearing = on_hearing
         self.subscribed = False
         self._watches: dict[str, set[Watch]] = defaultdict(set)
         self._task: asyncio.Task[None] | None = None
@@ -89,15 +100,21 @@ class FinishedJobs:
             client = redis.asyncio.Redis.from_url(self.redis_url)
             try:
                 async with client.pubsub() as pubsub:
-                    await pubsub.subscribe(CHANNEL)
+                    await pubsub.subscribe(CHANNEL, REVOKED_CHANNEL)
                     self.subscribed = True
+                    self.on_hearing(True)
                     async for message in pubsub.listen():
-                        if message.get("type") == "message":
+                        if message.get("type") != "message":
+                            continue
+                        if message["channel"] == REVOKED_CHANNEL.encode():
+                            self.on_revoked(message["data"].decode())
+                        else:
                             self._wake(message["data"].decode())
             except (redis.RedisError, OSError):
-                log.warning("lost the finished-jobs subscription; waiters poll until it is back")
+                log.warning("lost the Redis subscription; waiters poll until it is back")
             finally:
                 self.subscribed = False
+                self.on_hearing(False)
                 await client.aclose()
             await asyncio.sleep(RECONNECT_SECONDS)
 

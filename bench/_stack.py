@@ -686,6 +686,11 @@ def stack_env(
             "PROMPTQ_REDIS_URL": setup.redis.url,
             "PROMPTQ_UPSTREAM_API_KEY": UPSTREAM_KEY,
             "PROMPTQ_LIMITS_FILE": str(limits_file),
+            # A benchmark is one key sending as fast as the machine takes it: the per-key
+            # quotas that keep tenants apart would measure themselves instead.
+            "PROMPTQ_KEY_MAX_REQUESTS_PER_SECOND": "100000",
+            "PROMPTQ_KEY_MAX_OPEN_REQUESTS": "10000",
+            "PROMPTQ_MAX_OPEN_REQUESTS": "10000",
             **(more or {}),
         }
     )

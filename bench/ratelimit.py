@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import contextlib
+import dataclasses
 import json
 import sys
 import threading
@@ -132,6 +133,10 @@ class TokenShape:
     uncached_tokens: int = 20
     sustainable_per_second: float | None = None  # what the upstream's limits allow, steady
     min_in_flight: int | None = None  # a target on the calls in flight at once
+    # The baseline, in the same run: as many jobs of the same shape through token meters of
+    # half a second (BASELINE_TOKEN_BURST_SECONDS, the limiter before its meters were as
+    # deep as the upstream's buckets). Few, since they go one or two at a time.
+    baseline_jobs: int = 8
 
 
 # The token scenarios: the shapes issue 11 names, each against a simulator whose token
@@ -175,6 +180,7 @@ TOKEN_SCENARIOS = {
     ),
 }
 TOKEN_RPM = 4000
+BASELINE_TOKEN_BURST_SECONDS = 0.5
 TOKEN_WARMUP_SECONDS = 60  # "after the first minute": the bucket's first fill is spent
 TARGET_TOKEN_SHARE = 0.95
 TARGET_TOKEN_429_SHARE = 0.001
@@ -212,13 +218,17 @@ burst_seconds = {burst_seconds}
 
     tokens = "".join(
         f"""
-[models."{TOKEN_MODEL_PREFIX}-{name}"]
+[models."{TOKEN_MODEL_PREFIX}-{name}{suffix}"]
 rpm = {TOKEN_RPM}
 input_tpm = {shape.input_tpm or '"unlimited"'}
 output_tpm = {shape.output_tpm or '"unlimited"'}
 max_concurrency = 400
-"""
+{extra}"""
         for name, shape in TOKEN_SCENARIOS.items()
+        for suffix, extra in (
+            ("", ""),
+            ("-baseline", f"token_burst_seconds = {BASELINE_TOKEN_BURST_SECONDS}\n"),
+        )
     )
     return entry(STEADY_MODEL, rpm) + entry(f"{TWICE_MODEL_PREFIX}-*", too_high) + tokens
 
@@ -315,7 +325,7 @@ def run_cost(args: argparse.Namespace, redis_url: str) -> CostReport:
         if not leftover.empty:
             raise RuntimeError("the queue was not empty after dispatching every job")
         for model in (direct_model, queue_model):
-            client.delete(*Limiter.keys(model)[:4])
+            client.delete(*Limiter.keys(model)[:4], Limiter.keys(model)[5])
             client.srem(MODELS_WAITING, model)
     finally:
         client.close()
@@ -849,6 +859,8 @@ class Results:
     cost: CostReport | None = None
     twice: list[LoadResult] = field(default_factory=list)
     tokens: list[LoadResult] = field(default_factory=list)
+    # The baseline of each token run, by the token run's scenario name.
+    baselines: dict[str, LoadResult] = field(default_factory=dict)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -925,6 +937,16 @@ def run_loads(
                 tokens=TOKEN_SCENARIOS[name],
             )
             results.tokens.append(run(scenario))
+            shape = TOKEN_SCENARIOS[name]
+            baseline = Scenario(
+                f"tokens-{name}-baseline",
+                f"{TOKEN_MODEL_PREFIX}-{name}-baseline",
+                TOKEN_RPM,
+                TOKEN_RPM,
+                True,
+                tokens=dataclasses.replace(shape, jobs=shape.baseline_jobs),
+            )
+            results.baselines[scenario.name] = run(baseline)
 
 
 def print_report(
@@ -947,7 +969,8 @@ def print_report(
         f"simulated upstream answers in {args.latency:g} s and enforces its rpm as a token "
         f"bucket of {UPSTREAM_BURST_SECONDS:g} s of its rate. Each load run submits "
         f"{args.jobs} jobs from {args.clients} clients as fast as the API takes them; "
-        f'input and output token limits "unlimited", max_concurrency 10000. '
+        f'in runs 1 and 3, input and output token limits "unlimited" and max_concurrency '
+        f"10000 (the token runs say their own). "
         f"Total run time {total_seconds:.0f} s.",
         "",
     ]
@@ -1011,13 +1034,22 @@ def print_report(
             ]
             out += failures_table(result.failures)
     for result in results.tokens:
-        out += token_report(result)
+        out += token_report(result, results.baselines.get(result.scenario.name))
     print_markdown(out)
 
 
-def token_report(result: LoadResult) -> list[str]:
+def call_rate(result: LoadResult) -> float:
+    """Calls answered 200 per second, first call sent to last answer."""
+    starts = [at for at, status in result.attempts if status == 200]
+    shape = result.scenario.tokens
+    span = (starts[-1] - starts[0] + (shape.latency if shape else 0)) if starts else 0.0
+    return len(starts) / span if span > 0 else 0.0
+
+
+def token_report(result: LoadResult, baseline: LoadResult | None) -> list[str]:
     """A token scenario: the rate after the first minute (the bucket's first fill spent)
-    against what the upstream's limits sustain, 429s, and the calls in flight at once."""
+    against what the upstream's limits sustain, 429s, the calls in flight at once, and the
+    same shape through half-second token meters (the baseline, this run)."""
     shape = result.scenario.tokens
     assert shape is not None
     starts = [at for at, _ in result.attempts]
@@ -1077,6 +1109,26 @@ def token_report(result: LoadResult) -> list[str]:
             "",
         ]
     )
+    if baseline is not None:
+        ours, theirs = call_rate(result), call_rate(baseline)
+        rows.append(
+            [
+                f"Baseline: {baseline.submitted.requested} jobs through token meters of "
+                f"{BASELINE_TOKEN_BURST_SECONDS:g} s (the limiter before)",
+                f"{baseline.max_in_flight} in flight at most, {theirs:.3f} calls/s "
+                f"({baseline.upstream_by_status.get('429', 0)} x 429)",
+                "",
+                "",
+            ]
+        )
+        rows.append(
+            [
+                "Calls per second, first call to last answer: this run / baseline",
+                f"{ours:.3f} / {theirs:.3f} = {ours / theirs:.1f}x" if theirs else "-",
+                "",
+                "",
+            ]
+        )
     notes = [
         f"{jobs} jobs submitted at once; promptq's limits file gives the same token limits "
         f"(token meters a minute deep, the default), {TOKEN_RPM:,} rpm and max_concurrency 400; "

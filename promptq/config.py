@@ -77,6 +77,19 @@ class Settings(BaseSettings):
     sweep_interval_seconds: float = Field(default=10.0, gt=0)
     # A queued job older than this with no progress is published again by the sweeper.
     republish_after_seconds: int = Field(default=30, ge=1)
+    # Per-key quotas (the README's Security section): what one client key may make or hold,
+    # so that no key can harm the others. Far above what one tenant needs in ordinary use.
+    key_max_unfinished_jobs: int = Field(default=200_000, ge=1)
+    key_max_subscriptions: int = Field(default=25, ge=1)
+    key_max_templates: int = Field(default=100, ge=1)
+    key_max_requests_per_second: float = Field(default=100.0, gt=0)
+    key_max_redeliveries_per_minute: int = Field(default=10, ge=1)
+    # Requests held open on a job (?wait, /v1/messages) per API process: one key's, all.
+    key_max_open_requests: int = Field(default=50, ge=1)
+    max_open_requests: int = Field(default=1000, ge=1)
+    # Jobs one client key may have waiting at high priority for a model's rate; its next
+    # ones wait as normal, so that no key starves the others by sending everything "high".
+    key_max_high_priority_waiting: int = Field(default=5, ge=1, le=100_000)
     # Webhook deliveries have threads of their own in each worker process, apart from the
     # jobs' threads, and one key's deliveries may hold only a few of them: a key whose
     # receivers never answer waits on its own share, never on anyone's jobs or webhooks.

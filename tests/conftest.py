@@ -140,6 +140,8 @@ def test_env(
         "PROMPTQ_LIMITS_FILE": str(limits_file),
         # The tests' webhook receivers listen on 127.0.0.1.
         "PROMPTQ_WEBHOOK_ALLOW_PRIVATE": "true",
+        # Tests send jobs of one key as fast as they can; the quota's own tests set it low.
+        "PROMPTQ_KEY_MAX_REQUESTS_PER_SECOND": "10000",
     }
     saved = {name: os.environ.get(name) for name in env}
     os.environ.update(env)

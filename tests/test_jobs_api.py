@@ -70,12 +70,14 @@ def test_basic_auth_with_the_key_as_user_or_password_works(
     assert response.status_code == 200
 
 
-def test_revoked_key_is_refused(client: Any, api_key: str, database_url: str) -> None:
-    from promptq.keys.service import revoke_key
+def test_revoked_key_is_refused(
+    client: Any, api_key: str, database_url: str, settings: Any
+) -> None:
+    from promptq.keys.revocation import revoke
 
     with session_scope(database_url) as session:
         key_id = authenticate(session, api_key).id  # type: ignore[union-attr]
-        revoke_key(session, key_id)
+        revoke(session, settings, key_id)
     assert client.get("/v1/jobs", headers=auth(api_key)).status_code == 401
 
 

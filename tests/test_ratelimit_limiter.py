@@ -412,3 +412,56 @@ def test_key_rpm_reserves_spread_out_start_times(make_limiter: MakeLimiter) -> N
     bursty = [limiter.reserve_for_key("key_c", rpm=60, burst_seconds=2) for _ in range(4)]
     assert bursty == pytest.approx([0, 0, 1, 2], abs=0.05)  # two at once, then one a second
     assert limiter.reserve_for_key("key_b", rpm=60) == 0  # keys do not share
+
+
+def dispatch_all(limiter: Limiter, grant: Grant) -> list[tuple[str, str]]:
+    """Settle `grant`, then let the queue's jobs through one at a time: their order."""
+    order = []
+    while True:
+        limiter.settle(grant, Usage(output_tokens=1))
+        offer = limiter.dispatch(MODEL)
+        if offer.empty:
+            return order
+        assert offer.job_id is not None and offer.grant is not None and offer.priority
+        order.append((offer.job_id, offer.priority))
+        grant = offer.grant
+
+
+def test_client_keys_take_turns_within_a_priority(make_limiter: MakeLimiter) -> None:
+    limiter = make_limiter(max_concurrency=1)
+    holder = limiter.acquire("running", MODEL, request(), "normal", client_key="key_a").grant
+    assert holder is not None
+    for i in range(20):
+        limiter.acquire(f"a-{i:02}", MODEL, request(), "normal", client_key="key_a")
+    for i in range(3):
+        limiter.acquire(f"b-{i}", MODEL, request(), "normal", client_key="key_b")
+    order = [job for job, _ in dispatch_all(limiter, holder)]
+    # Key B came after key A's twenty, yet is not served after them: the keys alternate.
+    assert {"b-0", "b-1", "b-2"} <= set(order[:6])
+    # Each key's own jobs keep their order.
+    assert [j for j in order if j.startswith("a-")] == [f"a-{i:02}" for i in range(20)]
+    assert [j for j in order if j.startswith("b-")] == ["b-0", "b-1", "b-2"]
+
+
+def test_one_keys_high_priority_jobs_past_its_share_wait_as_normal(
+    make_limiter: MakeLimiter,
+) -> None:
+    limiter = make_limiter(max_concurrency=1)
+    limiter.high_waiting_per_key = 3
+    holder = limiter.acquire("running", MODEL, request(), "normal", client_key="key_a").grant
+    assert holder is not None
+    for i in range(10):
+        limiter.acquire(f"a-{i}", MODEL, request(), "high", client_key="key_a")
+    for i in range(2):
+        limiter.acquire(f"b-{i}", MODEL, request(), "normal", client_key="key_b")
+    order = dispatch_all(limiter, holder)
+    # Three of key A's "high" jobs go first; its other seven take turns with key B's.
+    assert order[:3] == [("a-0", "high"), ("a-1", "high"), ("a-2", "high")]
+    assert {"b-0", "b-1"} <= {job for job, _ in order[3:7]}
+    assert {priority for job, priority in order[3:] if job.startswith("a-")} == {"normal"}
+    # With its high jobs gone, the key has its share again.
+    holder = limiter.acquire("running-2", MODEL, request(), "normal", client_key="key_c").grant
+    assert holder is not None
+    for i in range(2):
+        limiter.acquire(f"again-{i}", MODEL, request(), "high", client_key="key_a")
+    assert dispatch_all(limiter, holder) == [("again-0", "high"), ("again-1", "high")]

@@ -61,6 +61,11 @@ input_tpm = "unlimited"
 output_tpm = 8000
 max_concurrency = 100
 
+[models."claude-fair-*"]
+rpm = 240
+max_concurrency = 100
+burst_seconds = 0.25
+{UNLIMITED}
 [models."claude-adapt-*"]
 rpm = 240
 max_concurrency = 100
@@ -325,3 +330,28 @@ def test_a_key_rpm_spreads_its_jobs(rl_client: Any, make_key: Any) -> None:
 
     moments = [datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp() for s in starts]
     assert moments[2] - moments[0] >= 1.7  # one a second
+
+
+def test_a_key_flooding_high_priority_jobs_cannot_starve_another(
+    rl_client: Any, make_key: Any, rl_env: dict[str, str]
+) -> None:
+    # Key A sends 160 jobs marked high at a model held to 4 a second (40 s of work); key B
+    # then sends 5 normal ones. B waits behind only A's few high jobs, then takes turns.
+    flood, patient = make_key("flood"), make_key("patient")
+    for i in range(160):
+        submit(rl_client, flood, "claude-fair-1", f"flood {i} {uuid.uuid4()}", priority="high")
+    started = time.monotonic()
+    mine = [submit(rl_client, patient, "claude-fair-1", f"patient {i}") for i in range(5)]
+    jobs = wait_all(rl_client, patient, mine, timeout=30)
+    elapsed = time.monotonic() - started
+    assert all(job["status"] == "succeeded" for job in jobs)
+    # Five high of A's, then A and B alternate: about 15 calls at 4 a second.
+    assert elapsed < 10, elapsed
+    subprocess.run(
+        [sys.executable, "-m", "promptq", "keys", "revoke", "flood"],
+        env={**os.environ, **rl_env},
+        cwd=REPO,
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )

@@ -42,6 +42,7 @@ def worker_context() -> WorkerContext:
         client,
         LimitTable.load(settings.limits_file),
         slot_lease_seconds=settings.slot_lease_seconds,
+        high_waiting_per_key=settings.key_max_high_priority_waiting,
     )
     leases = LeaseKeeper(settings, limiter)
     upstream = UpstreamClient(

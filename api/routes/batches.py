@@ -14,6 +14,7 @@ from api.bodies import parse_json_body
 from api.broker import require_broker
 from api.deps import ApiKeyDep, SessionDep, SettingsDep
 from api.errors import ApiError
+from api.routes.jobs import check_intake_rate
 from promptq.batches import service
 from promptq.batches.schemas import parse_batch_requests
 from promptq.config import Settings
@@ -43,6 +44,7 @@ def _accept_batch(request: Request, settings: Settings, key: ApiKey, raw: bytes)
     requests = parse_batch_requests(data)
     beta = anthropic_beta(request.headers.get("anthropic-beta"))
     require_broker(request.app.state.broker, "batch")
+    check_intake_rate(request, settings, key)
     with closing(get_sessionmaker(settings.database_url)()) as session:
         view, ended = service.create_batch(session, settings, key, requests, beta)
         session.commit()

@@ -25,6 +25,7 @@ from promptq.jobs import service
 from promptq.jobs.presenter import job_to_api
 from promptq.jobs.schemas import MAX_JSON_DEPTH, JobCreate, anthropic_beta, json_depth
 from promptq.models import ApiKey, JobStatus
+from promptq.quotas import QuotaExceeded
 from promptq.webhooks import deliveries
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -60,6 +61,27 @@ async def read_job_create(request: Request) -> JobCreate:
         raise ApiError(422, describe_validation_errors(list(exc.errors()))) from exc
 
 
+# Seconds of a key's intake rate it may spend at once (a client's burst after a pause).
+INTAKE_BURST_SECONDS = 2.0
+
+
+def check_intake_rate(request: Request, settings: Settings, key: ApiKey) -> None:
+    """One of the key's intake requests a second (PROMPTQ_KEY_MAX_REQUESTS_PER_SECOND),
+    shared by every API process; a 429 when they are spent."""
+    quotas = request.app.state.quotas
+    if quotas is None:
+        return
+    per_second = settings.key_max_requests_per_second
+    wait = quotas.take("intake", key.id, per_second * 60, INTAKE_BURST_SECONDS)
+    if wait > 0:
+        raise QuotaExceeded(
+            f"this API key sends more than {per_second:g} jobs a second "
+            "(PROMPTQ_KEY_MAX_REQUESTS_PER_SECOND); slow down, or send many prompts at once "
+            "as a Message Batch (POST /v1/messages/batches)",
+            wait,
+        )
+
+
 def accept_job(
     request: Request,
     settings: Settings,
@@ -71,6 +93,7 @@ def accept_job(
     hundreds of times a second. An anthropic-beta header goes with the job to the upstream."""
     beta = anthropic_beta(request.headers.get("anthropic-beta"))
     require_broker(request.app.state.broker, "job")
+    check_intake_rate(request, settings, key)
     with closing(get_sessionmaker(settings.database_url)()) as session:
         try:
             outcome = service.create_job(session, settings, key, payload, idempotency_header, beta)
@@ -111,9 +134,15 @@ async def create_job(
 ) -> JSONResponse:
     key = await request_caller(request, settings.database_url)
     payload = await read_job_create(request)
-    body = await run_in_threadpool(accept_job, request, settings, key, payload, idempotency_key)
-    if wait and not JobStatus(body["status"]).is_final:
-        body = await wait_for_final(request, settings.database_url, key, body["id"], wait)
+    if not wait:
+        body = await run_in_threadpool(accept_job, request, settings, key, payload, idempotency_key)
+    else:
+        with request.app.state.open_requests.hold(key.id):
+            body = await run_in_threadpool(
+                accept_job, request, settings, key, payload, idempotency_key
+            )
+            if not JobStatus(body["status"]).is_final:
+                body = await wait_for_final(request, settings.database_url, key, body["id"], wait)
     status = 200 if JobStatus(body["status"]).is_final else 202
     return JSONResponse(body, status_code=status, headers={"Location": f"/v1/jobs/{body['id']}"})
 
@@ -177,8 +206,20 @@ def job_deliveries(job_id: str, session: SessionDep, key: ApiKeyDep) -> dict[str
 
 
 @router.post("/{job_id}/redeliver", status_code=202, summary="Send a job's webhook again")
-def redeliver(job_id: str, request: Request, session: SessionDep, key: ApiKeyDep) -> dict[str, Any]:
+def redeliver(
+    job_id: str, request: Request, session: SessionDep, settings: SettingsDep, key: ApiKeyDep
+) -> dict[str, Any]:
     job = service.get_job(session, key, job_id)
+    quotas = request.app.state.quotas
+    per_minute = settings.key_max_redeliveries_per_minute
+    # The whole minute's worth may go at once: a receiver back from an outage.
+    wait = quotas.take("redeliver", key.id, per_minute, 60.0) if quotas else 0.0
+    if wait > 0:
+        raise QuotaExceeded(
+            f"this API key asks for more than {per_minute} redeliveries a minute "
+            "(PROMPTQ_KEY_MAX_REDELIVERIES_PER_MINUTE); wait, or check the receiver",
+            wait,
+        )
     delivery = deliveries.redeliver(session, job)
     if delivery is None:
         raise ApiError(

@@ -59,8 +59,9 @@ async def create_message(request: Request, settings: SettingsDep) -> Response:
     key = await request_caller(request, settings.database_url)
     params, stream = await read_messages_request(request)
     payload = JobCreate(request=params, priority=Priority.HIGH)
-    body = await run_in_threadpool(accept_job, request, settings, key, payload, None)
-    job = await _await_job(request, settings, key, body)
+    with request.app.state.open_requests.hold(key.id):
+        body = await run_in_threadpool(accept_job, request, settings, key, payload, None)
+        job = await _await_job(request, settings, key, body)
     headers = {"request-id": job["id"], "x-promptq-job-id": job["id"]}
     if job["status"] == JobStatus.SUCCEEDED and stream:
         return StreamingResponse(

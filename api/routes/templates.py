@@ -13,15 +13,16 @@ from api.bodies import parse_json_body
 from api.deps import ApiKeyDep, SessionDep, SettingsDep
 from api.errors import ApiError
 from api.routes.jobs import FORM_TYPES, accept_job
-from promptq import templates
+from promptq import quotas, templates
 
 router = APIRouter(prefix="/v1/templates", tags=["templates"])
 
 
 @router.post("", status_code=201, summary="Create a prompt template")
 def create_template(
-    body: templates.TemplateCreate, session: SessionDep, key: ApiKeyDep
+    body: templates.TemplateCreate, session: SessionDep, settings: SettingsDep, key: ApiKeyDep
 ) -> JSONResponse:
+    quotas.check_templates(session, settings, key.id)
     try:
         template = templates.create(session, key, body)
         session.commit()

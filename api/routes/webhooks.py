@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import ApiKeyDep, SessionDep, SettingsDep
 from api.errors import ApiError
+from promptq import quotas
 from promptq.webhooks import subscriptions
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
@@ -27,6 +28,7 @@ class SubscriptionCreate(BaseModel):
 def subscribe(
     body: SubscriptionCreate, session: SessionDep, settings: SettingsDep, key: ApiKeyDep
 ) -> JSONResponse:
+    quotas.check_subscriptions(session, settings, key.id)
     try:
         subscription = subscriptions.subscribe(
             session, key, body.url, body.events, allow_private=settings.webhook_allow_private

@@ -98,6 +98,13 @@ class BatchRepository:
             query = query.where(Job.id > after_id)
         return list(self.session.scalars(query.order_by(Job.id).limit(limit)))
 
+    def unfinished_of_key(self, api_key_id: str) -> list[str]:
+        query = select(MessageBatch.id).where(
+            MessageBatch.api_key_id == api_key_id,
+            MessageBatch.processing_status != BatchStatus.ENDED,
+        )
+        return list(self.session.scalars(query))
+
     def end_runnable(self, batch_id: str, values: dict[str, Any]) -> int:
         """Finish every request of the batch that has not started (cancel, expiry)."""
         statement = (

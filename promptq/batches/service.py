@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from promptq import quotas
 from promptq.batches.presenter import Counts, batch_to_api, result_line
 from promptq.batches.repository import EXPIRED_ERROR, BatchRepository
 from promptq.batches.schemas import BatchRequest
@@ -49,6 +50,7 @@ def create_batch(
     """The batch and one job per request; the deliveries to send when it ended at once
     (every request invalid)."""
     check_budget(session, key)
+    quotas.check_unfinished_jobs(session, settings, key.id, adding=len(requests))
     now = utcnow()
     batch = MessageBatch(
         id=new_id("msgbatch"),

@@ -12,7 +12,7 @@ from promptq.config import get_settings
 from promptq.db import session_scope
 from promptq.jobs.presenter import isoformat
 from promptq.keys.repository import ApiKeyRepository
-from promptq.keys.service import ApiKeyError, create_key, revoke_key
+from promptq.keys.service import ApiKeyError, create_key
 from promptq.pricing import format_usd
 
 
@@ -104,10 +104,35 @@ def list_keys(as_json: bool) -> None:
 @keys.command("revoke")
 @click.argument("key_id_or_name")
 def revoke(key_id_or_name: str) -> None:
-    """Revoke a key by id or name; requests with it are refused from now on."""
+    """Revoke a key by id or name: requests with it are refused from now on, its jobs not
+    yet started and its batches are canceled, its webhooks stop."""
+    import redis
+
+    from promptq.keys.revocation import announce_revocation
+    from promptq.keys.revocation import revoke as revoke_key
+
+    settings = get_settings()
     try:
-        with session_scope(get_settings().database_url) as session:
-            record = revoke_key(session, key_id_or_name)
+        with session_scope(settings.database_url) as session:
+            done = revoke_key(session, settings, key_id_or_name)
+            key_id, name = done.key.id, done.key.name
     except ApiKeyError as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(f"revoked {record.id} ({record.name})")
+    click.echo(
+        f"revoked {key_id} ({name}): {done.jobs_canceled} jobs not yet started canceled, "
+        f"{done.batches_canceled} batches canceled, {done.subscriptions_disabled} webhook "
+        f"subscriptions disabled, {done.deliveries_stopped} webhook deliveries stopped"
+    )
+    told = False
+    if settings.redis_url:
+        client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3)
+        try:
+            told = announce_revocation(client, key_id)
+        finally:
+            client.close()
+    if not told:
+        click.echo(
+            "could not reach Redis (PROMPTQ_REDIS_URL): API processes refuse the key once "
+            "their cache of checked keys forgets it, within 5 seconds",
+            err=True,
+        )

@@ -42,6 +42,9 @@ class RunnableJob:
     # The key's monthly budget: only a key with one reserves money when its jobs start.
     key_monthly_budget_usd: Decimal | None = None
     anthropic_beta: str | None = None
+    # The key was revoked: the job must not start (revocation cancels it; this catches a
+    # job that slipped past, such as one submitted in the moment of the revocation).
+    key_revoked: bool = False
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,28 @@ def runnable_job(session: Session, job_id: str) -> RunnableJob | None:
         due_in=max(0.0, due_in),
         key_monthly_budget_usd=key.monthly_budget_usd,
         anthropic_beta=job.anthropic_beta,
+        key_revoked=key.revoked_at is not None,
+    )
+
+
+KEY_REVOKED_ERROR = "key_revoked"
+
+
+def revoked_key_values(now: datetime) -> dict[str, Any]:
+    """A job canceled because its key was revoked before it started."""
+    return {
+        "status": JobStatus.CANCELED,
+        "finished_at": now,
+        "updated_at": now,
+        "next_attempt_at": None,
+        "error_type": KEY_REVOKED_ERROR,
+        "error_message": "the API key that submitted this job was revoked before it ran",
+    }
+
+
+def cancel_for_revoked_key(session: Session, job_id: str) -> bool:
+    return JobRepository(session).transition(
+        job_id, RUNNABLE_STATUSES, revoked_key_values(utcnow())
     )
 
 

@@ -96,6 +96,16 @@ class JobRepository:
         )
         return self.session.execute(statement).rowcount == 1  # type: ignore[attr-defined]
 
+    def end_runnable_of_key(self, api_key_id: str, values: dict[str, Any]) -> int:
+        """Finish every job of the key that has not started (its revocation)."""
+        statement = (
+            update(Job)
+            .where(Job.api_key_id == api_key_id, Job.status.in_(RUNNABLE_STATUSES))
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+        return self.session.execute(statement).rowcount  # type: ignore[attr-defined]
+
     def add_attempt(self, attempt: Attempt) -> None:
         self.session.add(attempt)
 

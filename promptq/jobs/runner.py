@@ -20,6 +20,7 @@ from promptq.config import Settings
 from promptq.db import TRANSIENT_DATABASE_ERRORS, session_scope
 from promptq.jobs.execution import (
     RunnableJob,
+    cancel_for_revoked_key,
     claim_job,
     mark_waiting,
     record_attempt,
@@ -63,6 +64,12 @@ class JobRunner:
         if job is None:
             self._give_back(grant)
             return "nothing to do"
+        if job.key_revoked:
+            self._give_back(grant)
+            with session_scope(self.settings.database_url) as session:
+                cancel_for_revoked_key(session, job.id)
+            self.announce(job.id)
+            return "key revoked"
         if job.due_in > 0:
             # Delivered early (a duplicate, or clocks apart): come back when it is due.
             self._give_back(grant)
@@ -83,7 +90,9 @@ class JobRunner:
                     mark_waiting(session, job.id, KEY_RPM, utcnow() + timedelta(seconds=delay))
                 self.publish(job.id, job.priority, delay, None)
                 return None
-        decision = self.limiter.acquire(job.id, job.model, job.request, job.priority)
+        decision = self.limiter.acquire(
+            job.id, job.model, job.request, job.priority, client_key=job.api_key_id
+        )
         if decision.grant is None:
             with session_scope(self.settings.database_url) as session:
                 mark_waiting(session, job.id, decision.waiting_for or "queue")

@@ -10,6 +10,7 @@ from datetime import timedelta
 
 from sqlalchemy.orm import Session
 
+from promptq import quotas
 from promptq.budgets import check_budget
 from promptq.config import Settings
 from promptq.ids import new_id
@@ -84,6 +85,7 @@ def create_job(
             return CreatedJob(job=earlier, created=False)
 
     check_budget(session, key)
+    quotas.check_unfinished_jobs(session, settings, key.id)
     if payload.target_url is not None:
         try:
             check_url(payload.target_url, allow_private=settings.webhook_allow_private)

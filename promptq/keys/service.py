@@ -14,7 +14,6 @@ from sqlalchemy.orm import Session
 from promptq.ids import new_id
 from promptq.keys.repository import ApiKeyRepository
 from promptq.models import ApiKey
-from promptq.types import utcnow
 
 KEY_PREFIX = "pq_"
 WEBHOOK_SECRET_PREFIX = "whsec_"
@@ -86,13 +85,11 @@ def authenticate(session: Session, plain: str) -> ApiKey | None:
     return record
 
 
-def revoke_key(session: Session, ident: str) -> ApiKey:
+def find_key(session: Session, ident: str) -> ApiKey:
+    """The one key with this id or name."""
     matches = ApiKeyRepository(session).by_id_or_name(ident)
     if not matches:
         raise ApiKeyError(f"no key with id or name {ident!r}; `promptq keys list` shows them")
     if len(matches) > 1:
-        raise ApiKeyError(f"several keys are named {ident!r}; revoke by id instead")
-    record = matches[0]
-    if record.revoked_at is None:
-        record.revoked_at = utcnow()
-    return record
+        raise ApiKeyError(f"several keys are named {ident!r}; name it by id instead")
+    return matches[0]

@@ -29,6 +29,7 @@ from promptq.ratelimit.table import LimitTable, ModelLimits
 from promptq.usage import Usage
 
 PRIORITY_RANK = {"high": 0, "normal": 1, "low": 2}
+DEFAULT_HIGH_WAITING_PER_KEY = 5
 RANK_PRIORITY = {rank: name for name, rank in PRIORITY_RANK.items()}
 MODELS_WAITING = "promptq:rl:waiting-models"
 
@@ -114,10 +115,14 @@ class Limiter:
         table: LimitTable,
         slot_lease_seconds: float = 30.0,
         adaptive: Adaptive | None = None,
+        high_waiting_per_key: int = DEFAULT_HIGH_WAITING_PER_KEY,
     ) -> None:
         self.client = client
         self.table = table
         self.slot_lease_ms = slot_lease_seconds * 1000
+        # How many jobs one client key may have waiting at high priority for a model; its
+        # next ones wait as normal, so that no key can starve the others with "high".
+        self.high_waiting_per_key = high_waiting_per_key
         self.adaptive = adaptive or Adaptive()
         self._acquire = _script(client, "acquire")
         self._settle = _script(client, "settle")
@@ -136,6 +141,7 @@ class Limiter:
             f"{base}:waiting",
             f"{base}:costs",
             MODELS_WAITING,
+            f"{base}:fair",
         ]
 
     @staticmethod
@@ -155,9 +161,15 @@ class Limiter:
         ]
 
     def acquire(
-        self, job_id: str, model: str, request: Mapping[str, Any], priority: str
+        self,
+        job_id: str,
+        model: str,
+        request: Mapping[str, Any],
+        priority: str,
+        client_key: str = "",
     ) -> Decision:
-        """Budget for a job that just arrived, or its place in the model's queue."""
+        """Budget for a job that just arrived, or its place in the model's queue: behind
+        the jobs waiting at its priority, taking turns with other client keys' jobs."""
         limits = self.table.limits_for(model)
         input_tokens = estimate_input_tokens(request)
         output_tokens = output_reservation(request)
@@ -177,6 +189,8 @@ class Limiter:
                 *self._limit_args(limits),
                 grant_id,
                 _token_meter_ms(limits),
+                client_key,
+                self.high_waiting_per_key,
                 *(p.tokens for p in prefixes),
             ],
         )
@@ -203,6 +217,8 @@ class Limiter:
                 *self._limit_args(limits),
                 grant_id,
                 _token_meter_ms(limits),
+                "",
+                self.high_waiting_per_key,
             ],
         )
         verdict = _text(reply[0])
@@ -345,7 +361,7 @@ class Limiter:
 
     def snapshot(self, model: str) -> dict[str, Any]:
         """The bucket as `promptq limits` shows it."""
-        state_key, inflight, waiting, _, _ = self.keys(model)
+        state_key, inflight, waiting, *_ = self.keys(model)
         state = {_text(k): float(v) for k, v in self.client.hgetall(state_key).items()}
         seconds, micros = self.client.time()
         now = seconds * 1000 + micros / 1000

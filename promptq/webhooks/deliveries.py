@@ -124,6 +124,20 @@ def redeliver(session: Session, job: Job) -> WebhookDelivery | None:
     return again
 
 
+def stop_pending_of_key(session: Session, api_key_id: str) -> int:
+    """End every delivery of the key still to be sent (its revocation): they fail."""
+    statement = (
+        update(WebhookDelivery)
+        .where(
+            WebhookDelivery.api_key_id == api_key_id,
+            WebhookDelivery.status == DeliveryStatus.PENDING,
+        )
+        .values(status=DeliveryStatus.FAILED, finished_at=utcnow(), next_attempt_at=None)
+        .execution_options(synchronize_session=False)
+    )
+    return session.execute(statement).rowcount  # type: ignore[attr-defined]
+
+
 def key_of(session: Session, delivery_id: str) -> str | None:
     """The key a delivery belongs to (its sender's share of the delivery threads)."""
     return session.scalar(
@@ -163,6 +177,10 @@ def take(session: Session, delivery_id: str) -> PreparedDelivery | None:
     assert delivery is not None
     key = session.get(ApiKey, delivery.api_key_id)
     assert key is not None
+    if key.revoked_at is not None:
+        # Made after the revocation (a job already at the upstream then ended): not sent.
+        delivery.status, delivery.finished_at = DeliveryStatus.FAILED, now
+        return None
     body = delivery.body.encode()
     headers = {
         "content-type": "application/json",

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from promptq.ids import new_id
@@ -122,6 +122,19 @@ def disable(session: Session, subscription_id: str, reason: str) -> None:
     if subscription is not None and subscription.disabled_at is None:
         subscription.disabled_at = utcnow()
         subscription.disabled_reason = reason
+
+
+def disable_all_of_key(session: Session, api_key_id: str, reason: str) -> int:
+    statement = (
+        update(WebhookSubscription)
+        .where(
+            WebhookSubscription.api_key_id == api_key_id,
+            WebhookSubscription.disabled_at.is_(None),
+        )
+        .values(disabled_at=utcnow(), disabled_reason=reason)
+        .execution_options(synchronize_session=False)
+    )
+    return session.execute(statement).rowcount  # type: ignore[attr-defined]
 
 
 def to_api(subscription: WebhookSubscription) -> dict[str, Any]:

@@ -1,59 +1,87 @@
 -- Admit one upstream call, or say why not and for how long.
 -- KEYS: 1 state hash, 2 in-flight zset, 3 waiting zset, 4 waiting costs hash, 5 models set,
---       6.. the markers of the prompt's cacheable prefixes, longest first (direct mode)
+--       6 fair-queue hash, 7.. the markers of the prompt's cacheable prefixes, longest
+--       first (direct mode)
 -- ARGV: 1 mode ("direct": a job arriving; "head": the first waiting job), 2 model,
 --       3 job id, 4 input cost, 5 output cost, 6 priority rank (direct mode),
 --       7 rpm, 8 input tpm, 9 output tpm (0: unlimited), 10 max concurrency (0: unlimited),
 --       11 request burst ms, 12 slot lease ms, 13 recovery ms, 14 probe per ms, 15 grant id,
---       16 token burst ms, 17.. the estimated tokens of each prefix in KEYS 6..
+--       16 token burst ms, 17 client key id, 18 most high-priority jobs one client key may
+--       have waiting (past it, its next ones wait as normal), 19.. the estimated tokens of
+--       each prefix in KEYS 7..
 -- Returns {"granted", job, rank, input cost, output cost} | {"queued", reason, wait ms} | {"denied", reason, wait ms}
 --         | {"empty"}
 local state, inflight, waiting, costs, models = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local fair = KEYS[6]
 local mode, model = ARGV[1], ARGV[2]
 local job, input_cost, output_cost, rank = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 local limits = {req = tonumber(ARGV[7]), inp = tonumber(ARGV[8]), out = tonumber(ARGV[9])}
 local max_concurrency, burst = tonumber(ARGV[10]), tonumber(ARGV[11])
 local lease, recovery, probe = tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14])
 local grant, token_burst = ARGV[15], tonumber(ARGV[16])
+local client_key, high_cap = ARGV[17], tonumber(ARGV[18])
 local now = now_ms()
 
 -- A prefix the upstream has in its cache (seen cached by an earlier call, within the cache's
 -- lifetime) will be read from it, and cache reads do not count as input: only the rest of
 -- the prompt is charged. The longest known prefix wins, as at the upstream.
 if mode == 'direct' then
-  for i = 6, #KEYS do
+  for i = 7, #KEYS do
     if redis.call('EXISTS', KEYS[i]) == 1 then
-      input_cost = math.max(1, input_cost - tonumber(ARGV[i + 11]))
+      input_cost = math.max(1, input_cost - tonumber(ARGV[i + 12]))
       break
     end
   end
 end
 
 local function enqueue(reason, wait)
-  -- Scores order the queue: priority rank first, then arrival. NX keeps a job's place when
-  -- its message is delivered again.
-  redis.call('ZADD', waiting, 'NX', tonumber(rank) * 1e13 + now, job)
-  redis.call('HSET', costs, job, input_cost .. ':' .. output_cost)
+  if redis.call('ZSCORE', waiting, job) then
+    -- Its message came again: it keeps its place.
+    return {'queued', reason, string.format('%.0f', wait)}
+  end
+  -- Fair queuing across client keys: within a priority, each key's jobs take turns (start-
+  -- time fair queuing). A job's virtual time is one past the later of its key's last one
+  -- and the priority's clock (the virtual time of the job last dispatched), so a key that
+  -- queued 600 jobs does not stand in front of one that queues 5 later. And a key may have
+  -- only `high_cap` jobs waiting at high priority; past that they wait as normal ones.
+  rank = tonumber(rank)
+  if rank == 0 then
+    if num(redis.call('HGET', fair, 'h:' .. client_key), 0) >= high_cap then
+      rank = 1
+    else
+      redis.call('HINCRBY', fair, 'h:' .. client_key, 1)
+    end
+  end
+  local clock = num(redis.call('HGET', fair, 'v:' .. rank), 0)
+  local last = num(redis.call('HGET', fair, 'k:' .. rank .. ':' .. client_key), 0)
+  local vtime = math.max(clock, last) + 1
+  redis.call('HSET', fair, 'k:' .. rank .. ':' .. client_key, vtime)
+  -- Scores order the queue: priority rank first, then virtual time.
+  redis.call('ZADD', waiting, rank * 1e13 + vtime, job)
+  redis.call('HSET', costs, job, input_cost .. ':' .. output_cost .. ':' .. client_key)
   redis.call('SADD', models, model)
+  redis.call('PEXPIRE', fair, 86400000)
   return {'queued', reason, string.format('%.0f', wait)}
 end
 
+local head, head_score = nil, nil
 if mode == 'direct' then
   -- Jobs already waiting go first: a newcomer queues behind them, whatever the budget.
   if redis.call('ZCARD', waiting) > 0 then return enqueue('queue', 0) end
 else
-  local head = redis.call('ZRANGE', waiting, 0, 0, 'WITHSCORES')
+  head = redis.call('ZRANGE', waiting, 0, 0, 'WITHSCORES')
   if #head == 0 then
     redis.call('SREM', models, model)
     return {'empty'}
   end
-  job = head[1]
+  job, head_score = head[1], head[2]
   rank = tostring(math.floor(tonumber(head[2]) / 1e13))
   local cost = redis.call('HGET', costs, job)
   if cost then
-    local sep = string.find(cost, ':', 1, true)
-    input_cost = tonumber(string.sub(cost, 1, sep - 1))
-    output_cost = tonumber(string.sub(cost, sep + 1))
+    local parts = {}
+    for part in string.gmatch(cost, '[^:]+') do parts[#parts + 1] = part end
+    input_cost, output_cost = tonumber(parts[1]), tonumber(parts[2])
+    client_key = parts[3] or ''
   end
 end
 
@@ -104,6 +132,15 @@ redis.call('ZADD', inflight, now + lease, grant)
 if mode == 'head' then
   redis.call('ZREM', waiting, job)
   redis.call('HDEL', costs, job)
+  -- The priority's clock moves to the job dispatched; its key has one high job fewer waiting.
+  local score = tonumber(redis.call('HGET', fair, 'v:' .. rank) or 0)
+  local vtime = tonumber(head_score) - tonumber(rank) * 1e13
+  if vtime > score then redis.call('HSET', fair, 'v:' .. rank, vtime) end
+  if rank == '0' and client_key ~= '' then
+    if redis.call('HINCRBY', fair, 'h:' .. client_key, -1) <= 0 then
+      redis.call('HDEL', fair, 'h:' .. client_key)
+    end
+  end
 end
 redis.call('PEXPIRE', state, 86400000)
 return {'granted', job, rank, tostring(input_cost), tostring(output_cost)}

@@ -1,0 +1,74 @@
+"""Revoking a client key ends everything it set going, in the transaction that revokes it:
+its jobs not yet started are canceled, its unfinished batches are canceled (`canceling`,
+then `ended` once their running requests finish), its webhook subscriptions are disabled and
+its deliveries still to be sent are stopped. Calls already at the upstream finish: they are
+paid for. After the commit, every API process is told to forget the key at once
+(`announce_revocation`), and a worker refuses to start any job of a revoked key.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import redis
+from sqlalchemy.orm import Session
+
+from promptq.batches.repository import BatchRepository
+from promptq.batches.service import end_if_finished
+from promptq.config import Settings
+from promptq.jobs.execution import revoked_key_values
+from promptq.jobs.repository import JobRepository
+from promptq.keys.channels import REVOKED_CHANNEL
+from promptq.keys.service import find_key
+from promptq.models import ApiKey, BatchStatus
+from promptq.types import utcnow
+from promptq.webhooks import deliveries, subscriptions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Revocation:
+    key: ApiKey
+    jobs_canceled: int
+    batches_canceled: int
+    subscriptions_disabled: int
+    deliveries_stopped: int
+
+
+def revoke(session: Session, settings: Settings, ident: str) -> Revocation:
+    """Revoke the key named by id or name, and end what it set going. Revoking a key again
+    ends whatever was left (a job submitted in the moment before)."""
+    key = find_key(session, ident)
+    now = utcnow()
+    if key.revoked_at is None:
+        key.revoked_at = now
+    session.flush()
+    jobs = JobRepository(session).end_runnable_of_key(key.id, revoked_key_values(now))
+    # First, so that the batches ended below announce their end to nobody.
+    disabled = subscriptions.disable_all_of_key(
+        session, key.id, f"the API key was revoked on {now.date().isoformat()}"
+    )
+    batches = BatchRepository(session)
+    unfinished = batches.unfinished_of_key(key.id)
+    for batch_id in unfinished:
+        batch = batches.lock(batch_id)
+        if batch is not None and batch.processing_status == BatchStatus.IN_PROGRESS:
+            batch.processing_status = BatchStatus.CANCELING
+            batch.cancel_initiated_at = now
+        session.flush()
+        end_if_finished(session, settings, batch_id)
+    stopped = deliveries.stop_pending_of_key(session, key.id)
+    return Revocation(key, jobs, len(unfinished), disabled, stopped)
+
+
+def announce_revocation(client: redis.Redis, key_id: str) -> bool:
+    """Tell every API process to forget the key now; False when Redis could not be told
+    (API processes then forget it within their key cache's few seconds)."""
+    try:
+        client.publish(REVOKED_CHANNEL, key_id)
+    except redis.RedisError:
+        log.warning("could not announce the revocation of key %s", key_id)
+        return False
+    return True

@@ -1,0 +1,209 @@
+"""Per-key quotas: what one key may make or hold. Each refusal is a 429 (a 503 for the
+process-wide cap) with Retry-After and a message naming the quota's setting; nothing is
+made by a refused request.
+
+An in-process API on a Redis database of its own with no worker, so jobs stay unfinished
+for as long as a test needs, and quotas set low per test.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import requests
+from helpers import auth, running_api
+
+from promptq.config import Settings
+from promptq.db import session_scope
+from promptq.models import Job
+from promptq.webhooks import deliveries
+
+MakeClient = Callable[..., Any]
+
+
+@pytest.fixture
+def quiet_env(test_env: dict[str, str]) -> Iterator[dict[str, str]]:
+    env = {**test_env, "PROMPTQ_REDIS_URL": test_env["PROMPTQ_REDIS_URL"].rsplit("/", 1)[0] + "/9"}
+    redis.Redis.from_url(env["PROMPTQ_REDIS_URL"]).flushdb()
+    yield env
+
+
+@pytest.fixture
+def make_client(quiet_env: dict[str, str]) -> Iterator[MakeClient]:
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    opened: list[Any] = []
+
+    def make(**quotas: Any) -> Any:
+        settings = Settings(
+            database_url=quiet_env["PROMPTQ_DATABASE_URL"],
+            redis_url=quiet_env["PROMPTQ_REDIS_URL"],
+            **quotas,
+        )
+        client = TestClient(create_app(settings))
+        opened.append(client.__enter__())
+        return client
+
+    yield make
+    for client in opened:
+        client.__exit__(None, None, None)
+
+
+def refused(response: Any, status: int, setting: str) -> None:
+    assert response.status_code == status, response.text
+    assert int(response.headers["retry-after"]) >= 1
+    assert setting in response.json()["error"]["message"]
+
+
+def test_unfinished_jobs_per_key(make_client: MakeClient, make_key: Any) -> None:
+    client = make_client(key_max_unfinished_jobs=3)
+    key, other = make_key("busy"), make_key("other")
+    for i in range(3):
+        assert (
+            client.post("/v1/jobs", json={"prompt": f"q {i}"}, headers=auth(key)).status_code == 202
+        )
+    refused(
+        client.post("/v1/jobs", json={"prompt": "one more"}, headers=auth(key)),
+        429,
+        "PROMPTQ_KEY_MAX_UNFINISHED_JOBS",
+    )
+    # A batch counts each of its requests; another key is not affected.
+    batch = {
+        "requests": [
+            {
+                "custom_id": f"r{i}",
+                "params": {
+                    "model": "claude-sonnet-4-6",
+                    "max_tokens": 5,
+                    "messages": [{"role": "user", "content": "hi"}],
+                },
+            }
+            for i in range(4)
+        ]
+    }
+    refused(
+        client.post("/v1/messages/batches", json=batch, headers=auth(other)),
+        429,
+        "PROMPTQ_KEY_MAX_UNFINISHED_JOBS",
+    )
+    assert client.post("/v1/jobs", json={"prompt": "mine"}, headers=auth(other)).status_code == 202
+    assert len(client.get("/v1/jobs", headers=auth(key)).json()["data"]) == 3
+
+
+def test_subscriptions_and_templates_per_key(make_client: MakeClient, make_key: Any) -> None:
+    client = make_client(key_max_subscriptions=2, key_max_templates=1)
+    key = make_key("collector")
+    for i in range(2):
+        hook = {"url": f"http://127.0.0.1:9/hook/{i}"}
+        assert client.post("/v1/webhooks", json=hook, headers=auth(key)).status_code == 201
+    refused(
+        client.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/x"}, headers=auth(key)),
+        429,
+        "PROMPTQ_KEY_MAX_SUBSCRIPTIONS",
+    )
+    template = {"name": "t1", "prompt": "Hello {{ name }}"}
+    assert client.post("/v1/templates", json=template, headers=auth(key)).status_code == 201
+    refused(
+        client.post("/v1/templates", json={**template, "name": "t2"}, headers=auth(key)),
+        429,
+        "PROMPTQ_KEY_MAX_TEMPLATES",
+    )
+
+
+def test_intake_requests_per_second_per_key(make_client: MakeClient, make_key: Any) -> None:
+    client = make_client(key_max_requests_per_second=2)
+    key, other = make_key("hasty"), make_key("calm")
+    statuses = [
+        client.post("/v1/jobs", json={"prompt": f"fast {i}"}, headers=auth(key)).status_code
+        for i in range(8)
+    ]
+    # Two a second, two seconds of it at once: four go, then the key must slow down.
+    assert statuses[:4] == [202] * 4 and 429 in statuses[4:]
+    refused(
+        client.post("/v1/jobs", json={"prompt": "again"}, headers=auth(key)),
+        429,
+        "PROMPTQ_KEY_MAX_REQUESTS_PER_SECOND",
+    )
+    # The SDK's path answers in Anthropic's shape, which the SDK retries after Retry-After.
+    message = client.post(
+        "/v1/messages",
+        json={
+            "model": "claude-sonnet-4-6",
+            "max_tokens": 5,
+            "messages": [{"role": "user", "content": "x"}],
+        },
+        headers=auth(key),
+    )
+    assert message.status_code == 429
+    assert message.json()["type"] == "error"
+    assert message.json()["error"]["type"] == "rate_limit_error"
+    assert client.post("/v1/jobs", json={"prompt": "mine"}, headers=auth(other)).status_code == 202
+
+
+def test_redeliveries_per_minute_per_key(
+    make_client: MakeClient, make_key: Any, quiet_env: dict[str, str]
+) -> None:
+    client = make_client(key_max_redeliveries_per_minute=1)
+    key = make_key("redeliverer")
+    job_id = client.post(
+        "/v1/jobs",
+        json={"prompt": "done", "webhook_url": "http://127.0.0.1:9/hook"},
+        headers=auth(key),
+    ).json()["id"]
+    with session_scope(quiet_env["PROMPTQ_DATABASE_URL"]) as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.status = "succeeded"
+        deliveries.job_event(session, job)
+    assert client.post(f"/v1/jobs/{job_id}/redeliver", headers=auth(key)).status_code == 202
+    refused(
+        client.post(f"/v1/jobs/{job_id}/redeliver", headers=auth(key)),
+        429,
+        "PROMPTQ_KEY_MAX_REDELIVERIES_PER_MINUTE",
+    )
+
+
+def test_requests_held_open_per_key_and_per_process(
+    quiet_env: dict[str, str], tmp_path: Path, make_key: Any
+) -> None:
+    env = {**quiet_env, "PROMPTQ_KEY_MAX_OPEN_REQUESTS": "1", "PROMPTQ_MAX_OPEN_REQUESTS": "2"}
+    first, second, third = make_key("waiter-1"), make_key("waiter-2"), make_key("waiter-3")
+    with running_api(env, tmp_path / "api.log") as url:
+
+        def hold(key: str) -> None:
+            # No worker: the job stays queued and the request is held for its 3 seconds.
+            requests.post(
+                f"{url}/v1/jobs?wait=3", json={"prompt": "wait"}, headers=auth(key), timeout=10
+            )
+
+        holders = [threading.Thread(target=hold, args=(k,)) for k in (first, second)]
+        for thread in holders:
+            thread.start()
+        time.sleep(1.0)
+        same_key = requests.post(
+            f"{url}/v1/jobs?wait=3", json={"prompt": "again"}, headers=auth(first), timeout=10
+        )
+        full = requests.post(
+            f"{url}/v1/jobs?wait=3", json={"prompt": "third"}, headers=auth(third), timeout=10
+        )
+        # Without ?wait a key is never refused for this.
+        quick = requests.post(
+            f"{url}/v1/jobs", json={"prompt": "no wait"}, headers=auth(first), timeout=10
+        )
+        for thread in holders:
+            thread.join()
+        after = requests.post(
+            f"{url}/v1/jobs?wait=1", json={"prompt": "later"}, headers=auth(first), timeout=10
+        )
+    refused(same_key, 429, "PROMPTQ_KEY_MAX_OPEN_REQUESTS")
+    refused(full, 503, "PROMPTQ_MAX_OPEN_REQUESTS")
+    assert quick.status_code == 202
+    assert after.status_code == 202  # held again once the others let go
