@@ -29,7 +29,7 @@ MakeClient = Callable[..., Any]
 
 @pytest.fixture
 def quiet_env(test_env: dict[str, str]) -> Iterator[dict[str, str]]:
-    env = {**test_env, "PROMPTQ_REDIS_URL": test_env["PROMPTQ_REDIS_URL"].rsplit("/", 1)[0] + "/9"}
+    env = {**test_env, "PROMPTQ_REDIS_URL": test_env["PROMPTQ_REDIS_URL"].rsplit("/", 1)[0] + "/0"}
     redis.Redis.from_url(env["PROMPTQ_REDIS_URL"]).flushdb()
     yield env
 
