@@ -14,6 +14,7 @@ from sqlalchemy import exc as sqlalchemy_errors
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from promptq.budgets import BudgetExceeded
+from promptq.budgets.priceable import NotPriceable
 from promptq.db import TRANSIENT_DATABASE_ERRORS
 from promptq.jobs.errors import InvalidJob, JobConflict, JobError, JobNotFound
 from promptq.quotas import QuotaExceeded
@@ -22,6 +23,7 @@ from promptq.validation import describe_validation_errors
 STATUS_BY_ERROR: dict[type[JobError], int] = {
     InvalidJob: 400,
     BudgetExceeded: 402,
+    NotPriceable: 403,
     JobNotFound: 404,
     JobConflict: 409,
     QuotaExceeded: 429,

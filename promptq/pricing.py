@@ -31,9 +31,10 @@ from decimal import (
     InvalidOperation,
     Overflow,
 )
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any
 
+from promptq.config import Settings
 from promptq.patterns import longest_match
 from promptq.tablefile import check_entry_shape, read_table_file
 from promptq.usage import Usage
@@ -394,6 +395,17 @@ _BUILTIN_PRICES: dict[str, tuple[str, str, str, str, str]] = {
 }
 # fmt: on
 _BUILTIN_COLUMNS = ("input", "cache_write", "cache_write_1h", "cache_read", "output")
+
+
+def settings_prices(settings: Settings) -> PriceTable:
+    """The price table of PROMPTQ_PRICING_FILE (or the built-ins), read once per process:
+    what intake checks a request against. Workers load theirs once at start, the same way."""
+    return _cached_prices(str(settings.pricing_file) if settings.pricing_file else None)
+
+
+@lru_cache(maxsize=8)
+def _cached_prices(path: str | None) -> PriceTable:
+    return PriceTable.load(path)
 
 
 @cache

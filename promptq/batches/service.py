@@ -19,10 +19,12 @@ from promptq.batches.presenter import Counts, batch_to_api, result_line
 from promptq.batches.repository import EXPIRED_ERROR, BatchRepository
 from promptq.batches.schemas import BatchRequest
 from promptq.budgets import check_budget
+from promptq.budgets.priceable import check_priceable
 from promptq.config import Settings
 from promptq.ids import new_id
 from promptq.jobs.errors import InvalidJob, JobNotFound
 from promptq.models import ApiKey, BatchStatus, JobStatus, MessageBatch, Priority
+from promptq.pricing import settings_prices
 from promptq.types import utcnow
 from promptq.webhooks import deliveries
 
@@ -51,6 +53,11 @@ def create_batch(
     (every request invalid)."""
     check_budget(session, key)
     quotas.check_unfinished_jobs(session, settings, key.id, adding=len(requests))
+    prices = settings_prices(settings)
+    for request in requests:
+        if request.error is None:
+            where = f"requests[custom_id={request.custom_id}]"
+            check_priceable(key, request.params, prices, anthropic_beta, where)
     now = utcnow()
     batch = MessageBatch(
         id=new_id("msgbatch"),

@@ -115,7 +115,7 @@ class JobRunner:
             self._give_back(grant)
             self.announce(job.id)
             self.deliver(refused.deliveries)
-            log.info("job %s not started: %s", job.id, refused.message)
+            log.info("job %s: %s", job.id, refused.message)
             return "budget exceeded"
         with self.leases.holding(job.id, grant):
             result = self.upstream.create_message(claimed.request, beta=claimed.anthropic_beta)

@@ -12,12 +12,14 @@ from sqlalchemy.orm import Session
 
 from promptq import quotas
 from promptq.budgets import check_budget
+from promptq.budgets.priceable import check_priceable
 from promptq.config import Settings
 from promptq.ids import new_id
 from promptq.jobs.errors import InvalidJob, JobConflict, JobNotFound
 from promptq.jobs.repository import JobRepository
 from promptq.jobs.schemas import JobCreate
 from promptq.models import RUNNABLE_STATUSES, ApiKey, Job, JobStatus
+from promptq.pricing import settings_prices
 from promptq.types import utcnow
 from promptq.webhooks import UnsafeTarget, check_url
 
@@ -92,13 +94,15 @@ def create_job(
         except UnsafeTarget as exc:
             raise InvalidJob(str(exc)) from None
     params = payload.messages_request(settings.default_model, settings.default_max_tokens)
+    request = params.to_upstream()
+    check_priceable(key, request, settings_prices(settings), anthropic_beta)
     job = Job(
         id=new_id("job"),
         api_key_id=key.id,
         status=JobStatus.QUEUED,
         model=params.model,
         priority=payload.priority,
-        request=params.to_upstream(),
+        request=request,
         metadata_=payload.metadata,
         webhook_url=payload.target_url,
         idempotency_key=idempotency_key,
