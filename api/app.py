@@ -10,7 +10,7 @@ import redis
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
-from api.auth import forget_key, hear_revocations
+from api.auth import forget_key, hear_key_changes
 from api.body_limit import BodySizeLimit
 from api.broker import BrokerCheck
 from api.errors import install_error_handlers
@@ -45,7 +45,7 @@ def create_app(settings: Settings | None = None, publish: Publisher | None = Non
     )
     app.state.settings = settings
     app.state.finished = (
-        FinishedJobs(settings.redis_url, on_revoked=forget_key, on_hearing=hear_revocations)
+        FinishedJobs(settings.redis_url, on_key_changed=forget_key, on_hearing=hear_key_changes)
         if settings.redis_url
         else None
     )

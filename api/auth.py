@@ -1,9 +1,9 @@
 """Who is calling: the API key presented, checked against its stored hash.
 
 Every request needs its key, so a key found once is kept for a few seconds: this saves a
-database round trip per request at intake rates of hundreds per second. A revocation is
-announced over Redis and the key is dropped at once (api.finished hears it); while that
-subscription is down, a revocation could go unheard, so the cache is not used then.
+database round trip per request at intake rates of hundreds per second. A revocation or an
+update is announced over Redis and the key is dropped at once (api.finished hears it); while
+that subscription is down, one could go unheard, so the cache is not used then.
 """
 
 from __future__ import annotations
@@ -29,20 +29,21 @@ KEY_CACHE_SECONDS = 5.0
 
 _cache: TTLCache[str, ApiKey] = TTLCache(maxsize=10_000, ttl=KEY_CACHE_SECONDS)
 _lock = threading.Lock()
-_hearing_revocations = False
+_hearing_changes = False
 
 
-def hear_revocations(hearing: bool) -> None:
-    """Whether this process now hears revocations; the cache is used only while it does."""
-    global _hearing_revocations
+def hear_key_changes(hearing: bool) -> None:
+    """Whether this process now hears of revoked and updated keys; the cache is used only
+    while it does."""
+    global _hearing_changes
     with _lock:
-        _hearing_revocations = hearing
+        _hearing_changes = hearing
         if not hearing:
             _cache.clear()
 
 
 def forget_key(key_id: str) -> None:
-    """Drop a revoked key from the cache: its next request goes to the database."""
+    """Drop a revoked or updated key from the cache: its next request reads it anew."""
     with _lock:
         for plain in [plain for plain, key in _cache.items() if key.id == key_id]:
             _cache.pop(plain, None)
@@ -85,7 +86,7 @@ def cached_caller(plain: str | None) -> ApiKey | None:
     """The key behind `plain` if it was seen lately; None when the database must say."""
     plain = _require(plain)
     with _lock:
-        return _cache.get(plain) if _hearing_revocations else None
+        return _cache.get(plain) if _hearing_changes else None
 
 
 def caller(session: Session, plain: str | None) -> ApiKey:
@@ -99,7 +100,7 @@ def caller(session: Session, plain: str | None) -> ApiKey:
         # Detached, so it outlives this request's session; only its columns are read.
         session.expunge(key)
         with _lock:
-            if _hearing_revocations:
+            if _hearing_changes:
                 _cache[plain] = key
     return key
 

@@ -17,6 +17,7 @@ from promptq.budgets import BudgetExceeded
 from promptq.budgets.priceable import NotPriceable
 from promptq.db import TRANSIENT_DATABASE_ERRORS
 from promptq.jobs.errors import InvalidJob, JobConflict, JobError, JobNotFound
+from promptq.keys.policy import ModelNotAllowed
 from promptq.quotas import QuotaExceeded
 from promptq.validation import describe_validation_errors
 
@@ -24,6 +25,7 @@ STATUS_BY_ERROR: dict[type[JobError], int] = {
     InvalidJob: 400,
     BudgetExceeded: 402,
     NotPriceable: 403,
+    ModelNotAllowed: 403,
     JobNotFound: 404,
     JobConflict: 409,
     QuotaExceeded: 429,

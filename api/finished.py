@@ -1,6 +1,6 @@
 """The API's ear: one Redis subscription per process, for finished jobs (the requests held
 open on a job, POST /v1/messages and ?wait=N, are woken when theirs ends) and for revoked
-keys (the process forgets them at once, not after its key cache's few seconds).
+or changed keys (the process forgets them at once, not after its key cache's few seconds).
 
 Waiters still read the job from the database, which stays the only truth; the wake-up only
 saves them from polling it every fraction of a second. While the subscription is down
@@ -20,7 +20,7 @@ import redis
 import redis.asyncio
 
 from promptq.jobs.finished import CHANNEL
-from promptq.keys.channels import REVOKED_CHANNEL
+from promptq.keys.channels import KEY_CHANGED_CHANNEL
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +59,13 @@ class FinishedJobs:
     def __init__(
         self,
         redis_url: str,
-        on_revoked: Callable[[str], None] = lambda _key_id: None,
+        on_key_changed: Callable[[str], None] = lambda _key_id: None,
         on_hearing: Callable[[bool], None] = lambda _hearing: None,
     ) -> None:
-        """`on_revoked(key_id)` for every key revoked; `on_hearing(bool)` when the
-        subscription comes up or goes down (a revocation may be missed while it is down)."""
+        """`on_key_changed(key_id)` for every key revoked or updated; `on_hearing(bool)`
+        when the subscription comes up or goes down (a change may be missed while down)."""
         self.redis_url = redis_url
-        self.on_revoked = on_revoked
+        self.on_key_changed = on_key_changed
         self.on_hearing = on_hearing
         self.subscribed = False
         self._watches: dict[str, set[Watch]] = defaultdict(set)
@@ -100,14 +100,14 @@ class FinishedJobs:
             client = redis.asyncio.Redis.from_url(self.redis_url)
             try:
                 async with client.pubsub() as pubsub:
-                    await pubsub.subscribe(CHANNEL, REVOKED_CHANNEL)
+                    await pubsub.subscribe(CHANNEL, KEY_CHANGED_CHANNEL)
                     self.subscribed = True
                     self.on_hearing(True)
                     async for message in pubsub.listen():
                         if message.get("type") != "message":
                             continue
-                        if message["channel"] == REVOKED_CHANNEL.encode():
-                            self.on_revoked(message["data"].decode())
+                        if message["channel"] == KEY_CHANGED_CHANNEL.encode():
+                            self.on_key_changed(message["data"].decode())
                         else:
                             self._wake(message["data"].decode())
             except (redis.RedisError, OSError):

@@ -18,18 +18,20 @@ RETRY_AFTER_SECONDS = "5"
 class OpenRequests:
     # Used from the event loop only, so plain counters need no lock.
     def __init__(self, per_key: int, total: int) -> None:
-        self.per_key = per_key
+        self.per_key = per_key  # the server default; a key may have its own
         self.total = total
         self._by_key: Counter[str] = Counter()
 
     @contextmanager
-    def hold(self, key_id: str) -> Iterator[None]:
-        if self._by_key[key_id] >= self.per_key:
+    def hold(self, key_id: str, per_key: float | None = None) -> Iterator[None]:
+        most = self.per_key if per_key is None else per_key
+        if self._by_key[key_id] >= most:
             raise ApiError(
                 429,
-                f"this API key holds {self.per_key} requests open on this promptq process "
-                "already (PROMPTQ_KEY_MAX_OPEN_REQUESTS): wait for one to finish, or submit "
-                "without waiting and poll GET /v1/jobs/ID or take a webhook",
+                f"this API key holds {most:g} requests open on this promptq process "
+                "already (PROMPTQ_KEY_MAX_OPEN_REQUESTS, or the key's own quota): wait for "
+                "one to finish, or submit without waiting and poll GET /v1/jobs/ID or take a "
+                "webhook",
                 "rate_limit_error",
                 headers={"Retry-After": RETRY_AFTER_SECONDS},
             )

@@ -56,6 +56,10 @@ class ApiKey(Base):
     monthly_budget_usd: Mapped[Decimal | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None]
+    # The model patterns this key may use (shell-style, as in the limits file); None: all.
+    models: Mapped[list[str] | None] = mapped_column(JSON)
+    # Per-key overrides of the quota settings, by name (promptq.keys.policy.QUOTAS).
+    quotas: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class Job(Base):

@@ -1,8 +1,9 @@
 """Per-key quotas: what one client key may make or hold, so that no key can harm the others.
 
 Each quota has a setting (PROMPTQ_KEY_MAX_...) and a server default that a single tenant
-never meets in ordinary use. Counted quotas (unfinished jobs, subscriptions, templates)
-are checked against the database where the thing is made, through indexes that hold the
+never meets in ordinary use; an operator may give one key its own (`promptq keys update KEY
+--quota NAME=VALUE`, promptq.keys.policy). Counted quotas (unfinished jobs, subscriptions,
+templates) are checked against the database where the thing is made, through indexes that hold the
 key's own rows; rates (intake requests a second, redeliveries a minute) are kept in Redis
 by `promptq.ratelimit.quota`, shared by every API process. A refusal is a 429 with
 Retry-After that says which quota, its setting and what to do.
@@ -15,7 +16,15 @@ from sqlalchemy.orm import Session
 
 from promptq.config import Settings
 from promptq.jobs.errors import JobError
-from promptq.models import RUNNABLE_STATUSES, Job, JobStatus, PromptTemplate, WebhookSubscription
+from promptq.keys.policy import quota
+from promptq.models import (
+    RUNNABLE_STATUSES,
+    ApiKey,
+    Job,
+    JobStatus,
+    PromptTemplate,
+    WebhookSubscription,
+)
 
 UNFINISHED_STATUSES = (*RUNNABLE_STATUSES, JobStatus.RUNNING)
 # A count quota frees up as jobs finish or things are deleted: worth trying again in a while.
@@ -33,32 +42,32 @@ class QuotaExceeded(JobError):
 
 
 def check_unfinished_jobs(
-    session: Session, settings: Settings, api_key_id: str, adding: int = 1
+    session: Session, settings: Settings, key: ApiKey, adding: int = 1
 ) -> None:
     """Room for `adding` more jobs (a batch's requests count one each). The count stops at
     the quota, so it costs at most the quota's rows of the key's index, never history."""
-    quota = settings.key_max_unfinished_jobs
+    most = int(quota(key, settings, "unfinished_jobs"))
     limited = (
         select(Job.id)
-        .where(Job.api_key_id == api_key_id, Job.status.in_(UNFINISHED_STATUSES))
-        .limit(quota + 1)
+        .where(Job.api_key_id == key.id, Job.status.in_(UNFINISHED_STATUSES))
+        .limit(most + 1)
         .subquery()
     )
     unfinished = session.scalar(select(func.count()).select_from(limited)) or 0
-    if unfinished + adding > quota:
+    if unfinished + adding > most:
         raise QuotaExceeded(
             f"this API key has {unfinished:,} jobs not yet finished and may have at most "
-            f"{quota:,} (PROMPTQ_KEY_MAX_UNFINISHED_JOBS)"
+            f"{most:,} (PROMPTQ_KEY_MAX_UNFINISHED_JOBS, or the key's own quota)"
             + (f"; this request would add {adding:,}" if adding > 1 else "")
             + ": wait for some to finish, or cancel some",
             COUNT_RETRY_AFTER_SECONDS,
         )
 
 
-def check_subscriptions(session: Session, settings: Settings, api_key_id: str) -> None:
-    quota = settings.key_max_subscriptions
-    count = session.scalar(select(func.count()).where(WebhookSubscription.api_key_id == api_key_id))
-    if (count or 0) >= quota:
+def check_subscriptions(session: Session, settings: Settings, key: ApiKey) -> None:
+    most = quota(key, settings, "subscriptions")
+    count = session.scalar(select(func.count()).where(WebhookSubscription.api_key_id == key.id))
+    if (count or 0) >= most:
         raise QuotaExceeded(
             f"this API key has {count} webhook subscriptions, the most it may have "
             f"(PROMPTQ_KEY_MAX_SUBSCRIPTIONS): delete one (DELETE /v1/webhooks/ID) first",
@@ -66,10 +75,10 @@ def check_subscriptions(session: Session, settings: Settings, api_key_id: str) -
         )
 
 
-def check_templates(session: Session, settings: Settings, api_key_id: str) -> None:
-    quota = settings.key_max_templates
-    count = session.scalar(select(func.count()).where(PromptTemplate.api_key_id == api_key_id))
-    if (count or 0) >= quota:
+def check_templates(session: Session, settings: Settings, key: ApiKey) -> None:
+    most = quota(key, settings, "templates")
+    count = session.scalar(select(func.count()).where(PromptTemplate.api_key_id == key.id))
+    if (count or 0) >= most:
         raise QuotaExceeded(
             f"this API key has {count} templates, the most it may have "
             f"(PROMPTQ_KEY_MAX_TEMPLATES): delete one (DELETE /v1/templates/NAME) first",

@@ -16,9 +16,14 @@ from promptq.config import Settings
 EXAMPLES_PER_OPERATION = 30
 
 
-def test_no_request_gets_a_server_error(settings: Settings, api_key: str) -> None:
+def test_no_request_gets_a_server_error(settings: Settings, api_key: str, make_key: Any) -> None:
+    from decimal import Decimal
+
     from api.app import create_app
 
+    # A second key, as a hostile tenant would hold one: with a budget (so every request
+    # goes through the budget's checks too) and quotas it reaches at once.
+    hostile = make_key("hostile", monthly_budget_usd=Decimal("0.000001"))
     schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(settings))
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 6
@@ -34,7 +39,7 @@ def test_no_request_gets_a_server_error(settings: Settings, api_key: str) -> Non
             wait = (case.query or {}).get("wait")
             if isinstance(wait, int) and wait > 1:
                 case.query["wait"] = 1  # no worker runs here: a valid wait just runs out
-            for headers in ({"x-api-key": api_key}, {}):
+            for headers in ({"x-api-key": api_key}, {"x-api-key": hostile}, {}):
                 response = case.call(headers=headers)
                 assert response.status_code < 500, (
                     case.method,

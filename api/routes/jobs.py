@@ -24,6 +24,7 @@ from promptq.db import get_sessionmaker, session_scope
 from promptq.jobs import service
 from promptq.jobs.presenter import job_to_api
 from promptq.jobs.schemas import MAX_JSON_DEPTH, JobCreate, anthropic_beta, json_depth
+from promptq.keys.policy import quota
 from promptq.models import ApiKey, JobStatus
 from promptq.quotas import QuotaExceeded
 from promptq.webhooks import deliveries
@@ -71,7 +72,7 @@ def check_intake_rate(request: Request, settings: Settings, key: ApiKey) -> None
     quotas = request.app.state.quotas
     if quotas is None:
         return
-    per_second = settings.key_max_requests_per_second
+    per_second = quota(key, settings, "requests_per_second")
     wait = quotas.take("intake", key.id, per_second * 60, INTAKE_BURST_SECONDS)
     if wait > 0:
         raise QuotaExceeded(
@@ -137,7 +138,7 @@ async def create_job(
     if not wait:
         body = await run_in_threadpool(accept_job, request, settings, key, payload, idempotency_key)
     else:
-        with request.app.state.open_requests.hold(key.id):
+        with request.app.state.open_requests.hold(key.id, quota(key, settings, "open_requests")):
             body = await run_in_threadpool(
                 accept_job, request, settings, key, payload, idempotency_key
             )
@@ -211,7 +212,7 @@ def redeliver(
 ) -> dict[str, Any]:
     job = service.get_job(session, key, job_id)
     quotas = request.app.state.quotas
-    per_minute = settings.key_max_redeliveries_per_minute
+    per_minute = quota(key, settings, "redeliveries_per_minute")
     # The whole minute's worth may go at once: a receiver back from an outage.
     wait = quotas.take("redeliver", key.id, per_minute, 60.0) if quotas else 0.0
     if wait > 0:

@@ -26,6 +26,7 @@ from promptq.db import session_scope
 from promptq.jobs import service
 from promptq.jobs.errors import JobConflict
 from promptq.jobs.schemas import JobCreate, MessagesRequest
+from promptq.keys.policy import quota
 from promptq.models import ApiKey, JobStatus, Priority
 from promptq.upstream.anthropic_errors import anthropic_error
 from promptq.upstream.message_events import message_events
@@ -59,7 +60,7 @@ async def create_message(request: Request, settings: SettingsDep) -> Response:
     key = await request_caller(request, settings.database_url)
     params, stream = await read_messages_request(request)
     payload = JobCreate(request=params, priority=Priority.HIGH)
-    with request.app.state.open_requests.hold(key.id):
+    with request.app.state.open_requests.hold(key.id, quota(key, settings, "open_requests")):
         body = await run_in_threadpool(accept_job, request, settings, key, payload, None)
         job = await _await_job(request, settings, key, body)
     headers = {"request-id": job["id"], "x-promptq-job-id": job["id"]}

@@ -22,7 +22,7 @@ router = APIRouter(prefix="/v1/templates", tags=["templates"])
 def create_template(
     body: templates.TemplateCreate, session: SessionDep, settings: SettingsDep, key: ApiKeyDep
 ) -> JSONResponse:
-    quotas.check_templates(session, settings, key.id)
+    quotas.check_templates(session, settings, key)
     try:
         template = templates.create(session, key, body)
         session.commit()

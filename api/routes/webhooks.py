@@ -28,7 +28,7 @@ class SubscriptionCreate(BaseModel):
 def subscribe(
     body: SubscriptionCreate, session: SessionDep, settings: SettingsDep, key: ApiKeyDep
 ) -> JSONResponse:
-    quotas.check_subscriptions(session, settings, key.id)
+    quotas.check_subscriptions(session, settings, key)
     try:
         subscription = subscriptions.subscribe(
             session, key, body.url, body.events, allow_private=settings.webhook_allow_private

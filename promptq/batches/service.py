@@ -23,6 +23,7 @@ from promptq.budgets.priceable import check_priceable
 from promptq.config import Settings
 from promptq.ids import new_id
 from promptq.jobs.errors import InvalidJob, JobNotFound
+from promptq.keys.policy import check_model
 from promptq.models import ApiKey, BatchStatus, JobStatus, MessageBatch, Priority
 from promptq.pricing import settings_prices
 from promptq.types import utcnow
@@ -52,11 +53,12 @@ def create_batch(
     """The batch and one job per request; the deliveries to send when it ended at once
     (every request invalid)."""
     check_budget(session, key)
-    quotas.check_unfinished_jobs(session, settings, key.id, adding=len(requests))
+    quotas.check_unfinished_jobs(session, settings, key, adding=len(requests))
     prices = settings_prices(settings)
     for request in requests:
         if request.error is None:
             where = f"requests[custom_id={request.custom_id}]"
+            check_model(key, request.model, where)
             check_priceable(key, request.params, prices, anthropic_beta, where)
     now = utcnow()
     batch = MessageBatch(

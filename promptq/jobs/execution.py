@@ -45,6 +45,8 @@ class RunnableJob:
     # The key was revoked: the job must not start (revocation cancels it; this catches a
     # job that slipped past, such as one submitted in the moment of the revocation).
     key_revoked: bool = False
+    # The key's own cap on its jobs waiting at high priority (None: the server's).
+    key_high_priority_waiting: int | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,7 @@ def runnable_job(session: Session, job_id: str) -> RunnableJob | None:
         key_monthly_budget_usd=key.monthly_budget_usd,
         anthropic_beta=job.anthropic_beta,
         key_revoked=key.revoked_at is not None,
+        key_high_priority_waiting=(key.quotas or {}).get("high_priority_waiting"),
     )
 
 

@@ -91,7 +91,12 @@ class JobRunner:
                 self.publish(job.id, job.priority, delay, None)
                 return None
         decision = self.limiter.acquire(
-            job.id, job.model, job.request, job.priority, client_key=job.api_key_id
+            job.id,
+            job.model,
+            job.request,
+            job.priority,
+            client_key=job.api_key_id,
+            high_waiting=job.key_high_priority_waiting,
         )
         if decision.grant is None:
             with session_scope(self.settings.database_url) as session:

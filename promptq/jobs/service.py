@@ -18,6 +18,7 @@ from promptq.ids import new_id
 from promptq.jobs.errors import InvalidJob, JobConflict, JobNotFound
 from promptq.jobs.repository import JobRepository
 from promptq.jobs.schemas import JobCreate
+from promptq.keys.policy import check_model
 from promptq.models import RUNNABLE_STATUSES, ApiKey, Job, JobStatus
 from promptq.pricing import settings_prices
 from promptq.types import utcnow
@@ -87,7 +88,7 @@ def create_job(
             return CreatedJob(job=earlier, created=False)
 
     check_budget(session, key)
-    quotas.check_unfinished_jobs(session, settings, key.id)
+    quotas.check_unfinished_jobs(session, settings, key)
     if payload.target_url is not None:
         try:
             check_url(payload.target_url, allow_private=settings.webhook_allow_private)
@@ -95,6 +96,7 @@ def create_job(
             raise InvalidJob(str(exc)) from None
     params = payload.messages_request(settings.default_model, settings.default_max_tokens)
     request = params.to_upstream()
+    check_model(key, params.model)
     check_priceable(key, request, settings_prices(settings), anthropic_beta)
     job = Job(
         id=new_id("job"),

@@ -1,4 +1,23 @@
-"""Redis channels that carry word of keys between processes."""
+"""Word of changed keys between processes, over Redis pub/sub: a key revoked or updated is
+dropped at once from every API process's cache of checked keys."""
 
-# The key ids revoked; API processes drop them from their cache of checked keys.
-REVOKED_CHANNEL = "promptq:keys:revoked"
+from __future__ import annotations
+
+import logging
+
+import redis
+
+log = logging.getLogger(__name__)
+
+KEY_CHANGED_CHANNEL = "promptq:keys:changed"
+
+
+def announce_key_change(client: redis.Redis, key_id: str) -> bool:
+    """Tell every API process to forget the key now; False when Redis could not be told
+    (API processes then forget it within their key cache's few seconds)."""
+    try:
+        client.publish(KEY_CHANGED_CHANNEL, key_id)
+    except redis.RedisError:
+        log.warning("could not announce the change of key %s", key_id)
+        return False
+    return True

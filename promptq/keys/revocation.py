@@ -3,15 +3,14 @@ its jobs not yet started are canceled, its unfinished batches are canceled (`can
 then `ended` once their running requests finish), its webhook subscriptions are disabled and
 its deliveries still to be sent are stopped. Calls already at the upstream finish: they are
 paid for. After the commit, every API process is told to forget the key at once
-(`announce_revocation`), and a worker refuses to start any job of a revoked key.
+(`promptq.keys.channels.announce_key_change`), and a worker refuses to start any job of a
+revoked key.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
-import redis
 from sqlalchemy.orm import Session
 
 from promptq.batches.repository import BatchRepository
@@ -19,13 +18,10 @@ from promptq.batches.service import end_if_finished
 from promptq.config import Settings
 from promptq.jobs.execution import revoked_key_values
 from promptq.jobs.repository import JobRepository
-from promptq.keys.channels import REVOKED_CHANNEL
 from promptq.keys.service import find_key
 from promptq.models import ApiKey, BatchStatus
 from promptq.types import utcnow
 from promptq.webhooks import deliveries, subscriptions
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -61,14 +57,3 @@ def revoke(session: Session, settings: Settings, ident: str) -> Revocation:
         end_if_finished(session, settings, batch_id)
     stopped = deliveries.stop_pending_of_key(session, key.id)
     return Revocation(key, jobs, len(unfinished), disabled, stopped)
-
-
-def announce_revocation(client: redis.Redis, key_id: str) -> bool:
-    """Tell every API process to forget the key now; False when Redis could not be told
-    (API processes then forget it within their key cache's few seconds)."""
-    try:
-        client.publish(REVOKED_CHANNEL, key_id)
-    except redis.RedisError:
-        log.warning("could not announce the revocation of key %s", key_id)
-        return False
-    return True

@@ -8,6 +8,7 @@ import hashlib
 import secrets
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -35,7 +36,12 @@ def hash_key(plain: str) -> str:
 
 
 def create_key(
-    session: Session, name: str, rpm: int | None = None, monthly_budget_usd: Decimal | None = None
+    session: Session,
+    name: str,
+    rpm: int | None = None,
+    monthly_budget_usd: Decimal | None = None,
+    models: list[str] | None = None,
+    quotas: dict[str, float | int] | None = None,
 ) -> CreatedKey:
     name = name.strip()
     if not name:
@@ -55,6 +61,8 @@ def create_key(
         webhook_secret=webhook_secret,
         rpm=rpm,
         monthly_budget_usd=monthly_budget_usd,
+        models=models,
+        quotas=quotas or None,
     )
     ApiKeyRepository(session).add(record)
     return CreatedKey(record=record, key=plain, webhook_secret=webhook_secret)
@@ -83,6 +91,45 @@ def authenticate(session: Session, plain: str) -> ApiKey | None:
     if record is None or record.revoked_at is not None:
         return None
     return record
+
+
+# "Leave as it is", for update_key's arguments (None means "remove").
+UNCHANGED: Any = object()
+
+
+def update_key(
+    session: Session,
+    ident: str,
+    rpm: Any = UNCHANGED,
+    monthly_budget_usd: Any = UNCHANGED,
+    models: Any = UNCHANGED,
+    quotas: dict[str, float | int | None] | None = None,
+) -> ApiKey:
+    """Change what a key may do; each argument left UNCHANGED stays, None removes it. In
+    `quotas`, a value sets the key's own quota and None gives it the server's again."""
+    key = find_key(session, ident)
+    if key.revoked_at is not None:
+        raise ApiKeyError(f"key {key.id} ({key.name}) is revoked; create a new one instead")
+    if rpm is not UNCHANGED:
+        if rpm is not None and rpm < 1:
+            raise ApiKeyError("--rpm must be a positive number of requests per minute")
+        key.rpm = rpm
+    if monthly_budget_usd is not UNCHANGED:
+        if monthly_budget_usd is not None:
+            check_budget_amount(monthly_budget_usd)
+        key.monthly_budget_usd = monthly_budget_usd
+    if models is not UNCHANGED:
+        key.models = models
+    if quotas:
+        merged = dict(key.quotas or {})
+        for name, value in quotas.items():
+            if value is None:
+                merged.pop(name, None)
+            else:
+                merged[name] = value
+        key.quotas = merged or None
+    session.flush()
+    return key
 
 
 def find_key(session: Session, ident: str) -> ApiKey:

@@ -167,6 +167,7 @@ class Limiter:
         request: Mapping[str, Any],
         priority: str,
         client_key: str = "",
+        high_waiting: int | None = None,
     ) -> Decision:
         """Budget for a job that just arrived, or its place in the model's queue: behind
         the jobs waiting at its priority, taking turns with other client keys' jobs."""
@@ -190,7 +191,7 @@ class Limiter:
                 grant_id,
                 _token_meter_ms(limits),
                 client_key,
-                self.high_waiting_per_key,
+                self.high_waiting_per_key if high_waiting is None else high_waiting,
                 *(p.tokens for p in prefixes),
             ],
         )
