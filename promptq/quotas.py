@@ -65,22 +65,30 @@ def check_unfinished_jobs(
 
 
 def check_subscriptions(session: Session, settings: Settings, key: ApiKey) -> None:
-    most = quota(key, settings, "subscriptions")
-    count = session.scalar(select(func.count()).where(WebhookSubscription.api_key_id == key.id))
-    if (count or 0) >= most:
-        raise QuotaExceeded(
-            f"this API key has {count} webhook subscriptions, the most it may have "
-            f"(PROMPTQ_KEY_MAX_SUBSCRIPTIONS): delete one (DELETE /v1/webhooks/ID) first",
-            COUNT_RETRY_AFTER_SECONDS,
-        )
+    _check_count(
+        session.scalar(select(func.count()).where(WebhookSubscription.api_key_id == key.id)),
+        quota(key, settings, "subscriptions"),
+        "webhook subscriptions",
+        "PROMPTQ_KEY_MAX_SUBSCRIPTIONS",
+        "DELETE /v1/webhooks/ID",
+    )
 
 
 def check_templates(session: Session, settings: Settings, key: ApiKey) -> None:
-    most = quota(key, settings, "templates")
-    count = session.scalar(select(func.count()).where(PromptTemplate.api_key_id == key.id))
+    _check_count(
+        session.scalar(select(func.count()).where(PromptTemplate.api_key_id == key.id)),
+        quota(key, settings, "templates"),
+        "templates",
+        "PROMPTQ_KEY_MAX_TEMPLATES",
+        "DELETE /v1/templates/NAME",
+    )
+
+
+def _check_count(count: int | None, most: float, things: str, setting: str, delete: str) -> None:
+    """Room for one more of a key's things that it deletes itself."""
     if (count or 0) >= most:
         raise QuotaExceeded(
-            f"this API key has {count} templates, the most it may have "
-            f"(PROMPTQ_KEY_MAX_TEMPLATES): delete one (DELETE /v1/templates/NAME) first",
+            f"this API key has {count} {things}, the most it may have ({setting}, or the "
+            f"key's own quota): delete one ({delete}) first",
             COUNT_RETRY_AFTER_SECONDS,
         )

@@ -212,3 +212,37 @@ def api_server(test_env: dict[str, str], worker_process: Any, tmp_path: Path) ->
     """A real `promptq api` process next to the test session's worker."""
     with running_api(test_env, tmp_path / "api.log") as url:
         yield url
+
+
+@pytest.fixture
+def quiet_env(test_env: dict[str, str]) -> dict[str, str]:
+    """The test environment on a Redis database no worker of the session consumes (flushed
+    first): jobs submitted there stay queued for as long as a test needs."""
+    env = {**test_env, "PROMPTQ_REDIS_URL": test_env["PROMPTQ_REDIS_URL"].rsplit("/", 1)[0] + "/0"}
+    redis.Redis.from_url(env["PROMPTQ_REDIS_URL"]).flushdb()
+    return env
+
+
+@pytest.fixture
+def quiet_api(quiet_env: dict[str, str]) -> Iterator[Any]:
+    """Makes in-process APIs on the quiet Redis, with settings given as keyword arguments
+    (quotas set low, say); each is closed after the test."""
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    opened: list[Any] = []
+
+    def make(**overrides: Any) -> Any:
+        settings = Settings(
+            database_url=quiet_env["PROMPTQ_DATABASE_URL"],
+            redis_url=quiet_env["PROMPTQ_REDIS_URL"],
+            **overrides,
+        )
+        client = TestClient(create_app(settings))
+        opened.append(client.__enter__())
+        return client
+
+    yield make
+    for client in opened:
+        client.__exit__(None, None, None)

@@ -5,27 +5,17 @@ send them all."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
 import pytest
 from helpers import auth
 
-from promptq.config import Settings
-
 
 @pytest.fixture
-def client(test_env: dict[str, str]) -> Iterator[Any]:
-    from fastapi.testclient import TestClient
-
-    from api.app import create_app
-
-    # A Redis database of its own: no worker runs what these tests accept.
-    redis_url = test_env["PROMPTQ_REDIS_URL"].rsplit("/", 1)[0] + "/0"
-    settings = Settings(database_url=test_env["PROMPTQ_DATABASE_URL"], redis_url=redis_url)
-    with TestClient(create_app(settings)) as test_client:
-        yield test_client
+def client(quiet_api: Any) -> Any:
+    # No worker runs what these tests accept.
+    return quiet_api()
 
 
 def request(model: str = "claude-sonnet-4-6", **extra: Any) -> dict[str, Any]:

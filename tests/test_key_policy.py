@@ -9,34 +9,15 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import redis
 from helpers import REPO, auth
 
-from promptq.config import Settings
-
 
 @pytest.fixture
-def quiet_env(test_env: dict[str, str]) -> Iterator[dict[str, str]]:
-    env = {**test_env, "PROMPTQ_REDIS_URL": test_env["PROMPTQ_REDIS_URL"].rsplit("/", 1)[0] + "/0"}
-    redis.Redis.from_url(env["PROMPTQ_REDIS_URL"]).flushdb()
-    yield env
-
-
-@pytest.fixture
-def client(quiet_env: dict[str, str]) -> Iterator[Any]:
-    from fastapi.testclient import TestClient
-
-    from api.app import create_app
-
-    settings = Settings(
-        database_url=quiet_env["PROMPTQ_DATABASE_URL"], redis_url=quiet_env["PROMPTQ_REDIS_URL"]
-    )
-    with TestClient(create_app(settings)) as test_client:
-        yield test_client
+def client(quiet_api: Any) -> Any:
+    return quiet_api()
 
 
 def keys(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -10,51 +10,18 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
-import redis
 import requests
 from helpers import auth, running_api
 
-from promptq.config import Settings
 from promptq.db import session_scope
 from promptq.models import Job
 from promptq.webhooks import deliveries
 
 MakeClient = Callable[..., Any]
-
-
-@pytest.fixture
-def quiet_env(test_env: dict[str, str]) -> Iterator[dict[str, str]]:
-    env = {**test_env, "PROMPTQ_REDIS_URL": test_env["PROMPTQ_REDIS_URL"].rsplit("/", 1)[0] + "/0"}
-    redis.Redis.from_url(env["PROMPTQ_REDIS_URL"]).flushdb()
-    yield env
-
-
-@pytest.fixture
-def make_client(quiet_env: dict[str, str]) -> Iterator[MakeClient]:
-    from fastapi.testclient import TestClient
-
-    from api.app import create_app
-
-    opened: list[Any] = []
-
-    def make(**quotas: Any) -> Any:
-        settings = Settings(
-            database_url=quiet_env["PROMPTQ_DATABASE_URL"],
-            redis_url=quiet_env["PROMPTQ_REDIS_URL"],
-            **quotas,
-        )
-        client = TestClient(create_app(settings))
-        opened.append(client.__enter__())
-        return client
-
-    yield make
-    for client in opened:
-        client.__exit__(None, None, None)
 
 
 def refused(response: Any, status: int, setting: str) -> None:
@@ -63,8 +30,8 @@ def refused(response: Any, status: int, setting: str) -> None:
     assert setting in response.json()["error"]["message"]
 
 
-def test_unfinished_jobs_per_key(make_client: MakeClient, make_key: Any) -> None:
-    client = make_client(key_max_unfinished_jobs=3)
+def test_unfinished_jobs_per_key(quiet_api: MakeClient, make_key: Any) -> None:
+    client = quiet_api(key_max_unfinished_jobs=3)
     key, other = make_key("busy"), make_key("other")
     for i in range(3):
         assert (
@@ -98,8 +65,8 @@ def test_unfinished_jobs_per_key(make_client: MakeClient, make_key: Any) -> None
     assert len(client.get("/v1/jobs", headers=auth(key)).json()["data"]) == 3
 
 
-def test_subscriptions_and_templates_per_key(make_client: MakeClient, make_key: Any) -> None:
-    client = make_client(key_max_subscriptions=2, key_max_templates=1)
+def test_subscriptions_and_templates_per_key(quiet_api: MakeClient, make_key: Any) -> None:
+    client = quiet_api(key_max_subscriptions=2, key_max_templates=1)
     key = make_key("collector")
     for i in range(2):
         hook = {"url": f"http://127.0.0.1:9/hook/{i}"}
@@ -118,8 +85,8 @@ def test_subscriptions_and_templates_per_key(make_client: MakeClient, make_key: 
     )
 
 
-def test_intake_requests_per_second_per_key(make_client: MakeClient, make_key: Any) -> None:
-    client = make_client(key_max_requests_per_second=2)
+def test_intake_requests_per_second_per_key(quiet_api: MakeClient, make_key: Any) -> None:
+    client = quiet_api(key_max_requests_per_second=2)
     key, other = make_key("hasty"), make_key("calm")
     statuses = [
         client.post("/v1/jobs", json={"prompt": f"fast {i}"}, headers=auth(key)).status_code
@@ -149,9 +116,9 @@ def test_intake_requests_per_second_per_key(make_client: MakeClient, make_key: A
 
 
 def test_redeliveries_per_minute_per_key(
-    make_client: MakeClient, make_key: Any, quiet_env: dict[str, str]
+    quiet_api: MakeClient, make_key: Any, quiet_env: dict[str, str]
 ) -> None:
-    client = make_client(key_max_redeliveries_per_minute=1)
+    client = quiet_api(key_max_redeliveries_per_minute=1)
     key = make_key("redeliverer")
     job_id = client.post(
         "/v1/jobs",

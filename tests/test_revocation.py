@@ -13,13 +13,10 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-import pytest
-import redis
 import requests
 from helpers import REPO, auth, running_api, start_worker, stop_worker
 
@@ -29,13 +26,6 @@ from promptq.keys.service import authenticate
 from promptq.models import ApiKey, Job, MessageBatch, WebhookDelivery, WebhookSubscription
 from promptq.simulator import Simulator
 from promptq.webhooks import deliveries
-
-
-@pytest.fixture
-def quiet_env(test_env: dict[str, str]) -> Iterator[dict[str, str]]:
-    env = {**test_env, "PROMPTQ_REDIS_URL": test_env["PROMPTQ_REDIS_URL"].rsplit("/", 1)[0] + "/12"}
-    redis.Redis.from_url(env["PROMPTQ_REDIS_URL"]).flushdb()
-    yield env
 
 
 def revoke_with_cli(env: dict[str, str], ident: str) -> subprocess.CompletedProcess[str]:
