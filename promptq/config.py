@@ -5,9 +5,11 @@ Read from `PROMPTQ_*` environment variables and a `.env` file in the working dir
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -110,6 +112,31 @@ class Settings(BaseSettings):
     @property
     def uses_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+    def missing_upstream_key(self) -> str | None:
+        """Why a worker or an API with these settings would only ever get 401s from the
+        upstream, or None. Without a key the upstream refuses every call, so every job would
+        fail; only an upstream on this machine (the simulator, a local proxy that adds the
+        key itself) may be reached without one."""
+        if self.upstream_key is not None or is_loopback_url(self.upstream_url):
+            return None
+        return (
+            f"no upstream key is set, so every call to {self.upstream_url}/v1/messages would "
+            "be refused (401): set PROMPTQ_UPSTREAM_API_KEY (or COMETAPI_KEY) to the key of "
+            "that upstream, or point PROMPTQ_UPSTREAM_URL at a simulator on this machine "
+            "(`promptq simulate-upstream`)"
+        )
+
+
+def is_loopback_url(url: str) -> bool:
+    """Whether the URL's host is this machine: localhost, or a loopback address."""
+    host = (urlsplit(url).hostname or "").rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @lru_cache

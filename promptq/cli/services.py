@@ -12,8 +12,10 @@ from promptq.config import Settings, get_settings
 from promptq.logging import configure_logging, logging_config
 
 
-def preflight(settings: Settings) -> None:
-    """Refuse to start on a broken limits or price file, saying what is wrong in it."""
+def preflight(settings: Settings, *, needs_upstream_key: bool = True) -> None:
+    """Refuse to start on a broken limits or price file, saying what is wrong in it, or
+    without an upstream key that every job would need (`promptq up` runs its simulator
+    then, so it does not ask)."""
     from promptq.pricing import PriceTable, PricingError
     from promptq.ratelimit.table import LimitsError, LimitTable
 
@@ -22,6 +24,9 @@ def preflight(settings: Settings) -> None:
         PriceTable.load(settings.pricing_file)
     except (LimitsError, PricingError) as exc:
         raise click.ClickException(str(exc)) from exc
+    missing_key = settings.missing_upstream_key() if needs_upstream_key else None
+    if missing_key is not None:
+        raise click.ClickException(missing_key)
 
 
 @click.command()

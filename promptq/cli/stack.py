@@ -67,7 +67,8 @@ def up(port: int, flower_port: int, concurrency: int | None) -> None:
     from promptq.cli.services import preflight
 
     settings = get_settings()
-    preflight(settings)
+    # Without a key, up runs against its own simulator instead of refusing.
+    preflight(settings, needs_upstream_key=False)
     env = dict(os.environ)
     # One terminal shows every process's log: text reads better there than JSON lines.
     env.setdefault("PROMPTQ_LOG_FORMAT", "text")
