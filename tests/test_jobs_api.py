@@ -16,6 +16,7 @@ from promptq.db import session_scope
 from promptq.jobs import service
 from promptq.jobs.schemas import JobCreate
 from promptq.keys.service import authenticate
+from promptq.models import Job
 
 ONE_MESSAGE = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}
 
@@ -304,6 +305,62 @@ def test_status_filter(client: Any, api_key: str, database_url: str, settings: A
     assert bad.status_code == 400
     assert "status" in bad.json()["error"]["message"]
     assert client.get("/v1/jobs", params={"limit": 0}, headers=auth(api_key)).status_code == 422
+
+
+def test_order_finished_lists_the_latest_finished_first_with_its_own_cursor(
+    client: Any, api_key: str, database_url: str, settings: Any
+) -> None:
+    """What a polling trigger reads: a slow job that finishes after many newer ones is on
+    the first page of order=finished, though it is on the last page of the default order."""
+    slow = _queued_job(database_url, settings, api_key, "slow")
+    quick = [_queued_job(database_url, settings, api_key, f"quick {i}") for i in range(4)]
+    _queued_job(database_url, settings, api_key, "never finishes")
+    for job_id in [*quick, slow]:  # cancel: finished_at now, in this order
+        assert client.post(f"/v1/jobs/{job_id}/cancel", headers=auth(api_key)).status_code == 200
+    # Two jobs finished in the same microsecond: the id decides, on either side of a page.
+    with session_scope(database_url) as session:
+        last, before_last = session.get(Job, quick[3]), session.get(Job, quick[2])
+        assert last is not None and before_last is not None
+        before_last.finished_at = last.finished_at
+
+    by_creation = client.get(
+        "/v1/jobs", params={"status": "canceled", "limit": 3}, headers=auth(api_key)
+    ).json()
+    assert slow not in [job["id"] for job in by_creation["data"]]
+
+    seen: list[str] = []
+    params: dict[str, Any] = {"status": "canceled", "limit": 2, "order": "finished"}
+    while True:
+        page = client.get("/v1/jobs", params=params, headers=auth(api_key)).json()
+        seen += [job["id"] for job in page["data"]]
+        if not page["has_more"]:
+            assert page["next_cursor"] is None
+            break
+        assert page["next_cursor"].startswith("fin_")
+        params["after"] = page["next_cursor"]
+    assert seen == [slow, quick[3], quick[2], quick[1], quick[0]]
+    # Without a status, the unfinished job is left out: it has no place in this order.
+    everything = client.get(
+        "/v1/jobs", params={"order": "finished", "limit": 100}, headers=auth(api_key)
+    ).json()
+    assert [job["id"] for job in everything["data"]] == seen
+
+
+@pytest.mark.parametrize(
+    ("params", "words"),
+    [
+        ({"order": "finished", "after": "job_01ABC"}, "not a cursor of order=finished"),
+        ({"order": "finished", "after": "fin_!!"}, "not a cursor of order=finished"),
+        ({"after": "fin_MjAyNnxqb2I"}, "send order=finished too"),
+        ({"order": "newest"}, "order: must be one of created, finished"),
+    ],
+)
+def test_a_wrong_order_or_cursor_says_what_to_send(
+    client: Any, api_key: str, params: dict[str, str], words: str
+) -> None:
+    response = client.get("/v1/jobs", params=params, headers=auth(api_key))
+    assert response.status_code in (400, 422)
+    assert words in response.json()["error"]["message"]
 
 
 def _queued_job(database_url: str, settings: Any, key: str, prompt: str) -> str:
