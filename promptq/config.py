@@ -80,6 +80,13 @@ class Settings(BaseSettings):
     # A queued job older than this with no progress is published again by the sweeper.
     republish_after_seconds: int = Field(default=30, ge=1)
 
+    # The address clients and webhook receivers reach promptq at (https://promptq.example.com,
+    # behind a reverse proxy): every URL promptq hands out is built on it, in webhooks, where
+    # there is no request to take an address from, and in answers, where the address the
+    # API saw may be a proxy's internal one. Unset: answers use the address the client
+    # called and webhooks fall back to api_url.
+    public_url: str | None = None
+
     # Client side (`promptq submit`, `promptq jobs ls`)
     api_url: str = "http://127.0.0.1:8000"
     api_key: SecretStr | None = None
@@ -90,9 +97,11 @@ class Settings(BaseSettings):
     # The least severe level those processes log (a Python level name).
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
 
-    @field_validator("upstream_url", "api_url")
+    @field_validator("upstream_url", "api_url", "public_url")
     @classmethod
-    def _strip_trailing_slash(cls, value: str) -> str:
+    def _strip_trailing_slash(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         if not value.startswith(("http://", "https://")):
             raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
         return value.rstrip("/")
@@ -108,6 +117,11 @@ class Settings(BaseSettings):
     @property
     def upstream_key(self) -> str | None:
         return self.upstream_api_key.get_secret_value() if self.upstream_api_key else None
+
+    @property
+    def webhook_base_url(self) -> str:
+        """Where URLs inside webhooks point: there is no request to take an address from."""
+        return self.public_url or self.api_url
 
     @property
     def uses_sqlite(self) -> bool:
