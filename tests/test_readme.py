@@ -132,15 +132,16 @@ class Context:
     def post_job(self, **body: Any) -> Any:
         return self.client.post("/v1/jobs", json={"prompt": "x", **body}, headers=auth(self.key))
 
-    def queued_job(self) -> str:
+    def queued_job(self, idempotency_key: str | None = None) -> str:
         """A job committed but never published: it stays queued whatever workers run."""
         from promptq.jobs import service
         from promptq.jobs.schemas import JobCreate
 
+        payload = JobCreate(prompt="queued", idempotency_key=idempotency_key)
         with session_scope(self.database_url) as session:
             record = authenticate(session, self.key)
             assert record is not None
-            job = service.create_job(session, self.settings, record, JobCreate(prompt="queued"))
+            job = service.create_job(session, self.settings, record, payload)
             return job.job.id
 
     def finished_job_with_webhook(self) -> str:
@@ -194,11 +195,13 @@ def _idempotent_twice(c: Context) -> Any:
 
 
 def _finished_again(c: Context) -> Any:
-    """A retried request whose job has already run: 200, the job as it ended."""
-    headers = {**auth(c.key), "Idempotency-Key": str(uuid.uuid4())}
-    job = c.client.post("/v1/jobs", json={"prompt": "again"}, headers=headers).json()
-    c.client.post(f"/v1/jobs/{job['id']}/cancel", headers=auth(c.key))
-    return c.client.post("/v1/jobs", json={"prompt": "again"}, headers=headers)
+    """A retried request whose job has already ended: 200, the job as it ended. The job is
+    never published, so no worker can start it before it is canceled."""
+    key = str(uuid.uuid4())
+    job = c.queued_job(idempotency_key=key)
+    assert c.client.post(f"/v1/jobs/{job}/cancel", headers=auth(c.key)).status_code == 200
+    headers = {**auth(c.key), "Idempotency-Key": key}
+    return c.client.post("/v1/jobs", json={"prompt": "queued"}, headers=headers)
 
 
 def _cancel_finished(c: Context) -> Any:
@@ -415,3 +418,65 @@ def test_query_parameters_and_idempotency_headers_follow_the_rule(
     # The Anthropic paths answer 400 for a query they refuse, as Anthropic does.
     batches = client.get("/v1/messages/batches?limit=0", headers=auth(api_key))
     assert batches.status_code == 400 and batches.json()["type"] == "error"
+
+
+# ---------------------------------------------------------------------------------------
+# The job object example and the command table
+
+
+def test_the_job_example_is_priced_as_promptq_prices_its_model() -> None:
+    import json
+
+    from promptq.pricing import PriceTable
+
+    text = README.read_text()
+    start = text.index("The job object:\n\n```json\n") + len("The job object:\n\n```json\n")
+    example = json.loads(text[start : text.index("```", start)])
+    prices = PriceTable.load(None).prices_for(example["model"])
+    assert prices is not None and example["prices"]["pattern"] == prices.pattern
+    usage, cost = example["usage"], example["cost"]
+    per_token = Decimal(1_000_000)
+    assert Decimal(cost["input"]) == usage["input_tokens"] * prices.input / per_token
+    assert Decimal(cost["output"]) == usage["output_tokens"] * prices.output / per_token
+    assert Decimal(cost["total"]) == Decimal(cost["input"]) + Decimal(cost["output"])
+
+
+def command_table() -> dict[str, set[str]]:
+    """`promptq ...` command -> the options its README row names."""
+    text = README.read_text()
+    section = text[text.index("## Command line") : text.index("## Configuration")]
+    found: dict[str, set[str]] = {}
+    for line in section.splitlines():
+        if not line.startswith("| `promptq"):
+            continue
+        for usage in re.findall(r"`(promptq [^`]+)`", split_cells(line)[0]):
+            words = usage.split()[1:]
+            name = " ".join(w for w in words[:2] if re.fullmatch(r"[a-z][a-z-]*", w))
+            if name.split()[0] not in {"keys", "db", "jobs"}:
+                name = name.split()[0]
+            found.setdefault(name, set()).update(re.findall(r"--[a-z][a-z-]*", usage))
+    return found
+
+
+def test_the_command_table_names_every_option_each_command_has() -> None:
+    import click
+
+    from promptq.cli.main import cli
+
+    table = command_table()
+    assert {"up", "api", "worker", "beat", "flower"} <= set(table)
+    for name, documented in table.items():
+        command: Any = cli
+        for word in name.split():
+            assert isinstance(command, click.Group)
+            command = command.commands[word]
+        options = {
+            opt
+            for param in command.params
+            if isinstance(param, click.Option)
+            for opt in param.opts + param.secondary_opts
+            if opt.startswith("--") and opt != "--help"
+        }
+        assert documented <= options, (name, documented - options)
+        if name != "simulate-upstream":  # its row names the main ones, then "..."
+            assert options <= documented, f"promptq {name}: {options - documented} not in README"
