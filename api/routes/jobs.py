@@ -190,7 +190,9 @@ def redeliver(job_id: str, request: Request, session: SessionDep, key: ApiKeyDep
     if delivery is None:
         raise ApiError(
             409,
-            f"job {job.id} has sent no webhook yet (it has no webhook_url, or has not finished)",
+            f"job {job.id} has sent no webhook of its own yet (it has no webhook_url, or has "
+            "not finished); redeliver sends only that one again, while deliveries to "
+            "subscriptions are retried on their own schedule",
         )
     session.commit()
     request.app.state.deliver(delivery.id)
