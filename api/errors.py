@@ -106,6 +106,14 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _database_error(request: Request, exc: sqlalchemy_errors.DBAPIError) -> JSONResponse:
         if isinstance(exc, TRANSIENT_DATABASE_ERRORS) or exc.connection_invalidated:
             return dependency_unavailable("the database", request)
+        if isinstance(exc, sqlalchemy_errors.DataError) and "NUL" in str(exc.orig):
+            # PostgreSQL text holds no NUL character: an id or cursor with one (`%00`) is
+            # the client's mistake, not a server error.
+            message = (
+                "the request holds a NUL character (\\x00), which no id, name or text in "
+                "promptq may contain; remove it"
+            )
+            return error_response(refusal_status(request.url.path), message, request=request)
         raise exc
 
     @app.exception_handler(sqlalchemy_errors.TimeoutError)

@@ -363,6 +363,31 @@ def test_a_wrong_order_or_cursor_says_what_to_send(
     assert words in response.json()["error"]["message"]
 
 
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/jobs?after=%00",
+        "/v1/jobs?order=finished&after=fin_"
+        + base64.urlsafe_b64encode(b"2026-01-01T00:00:00+00:00|\x00").decode(),
+        "/v1/jobs/%00",
+        "/v1/webhooks/%00",
+        "/v1/templates/%00",
+        "/v1/messages/batches?after_id=%00",
+    ],
+)
+def test_a_nul_character_in_an_id_is_the_clients_mistake(
+    client: Any, api_key: str, database_url: str, path: str
+) -> None:
+    """PostgreSQL's text holds no NUL: the database refuses the lookup, and the client hears
+    why (a 4xx by the refusal rule), not a 500. SQLite finds nothing (an empty page, a 404)."""
+    response = client.get(path, headers=auth(api_key))
+    if database_url.startswith("postgresql"):
+        assert response.status_code == (400 if "/v1/messages" in path else 422), response.text
+        assert "NUL character" in response.json()["error"]["message"]
+    else:
+        assert response.status_code in (200, 404), response.text
+
+
 def _queued_job(database_url: str, settings: Any, key: str, prompt: str) -> str:
     """A job committed but never published, so it stays queued whatever workers run."""
     with session_scope(database_url) as session:
