@@ -480,3 +480,18 @@ def test_the_command_table_names_every_option_each_command_has() -> None:
         assert documented <= options, (name, documented - options)
         if name != "simulate-upstream":  # its row names the main ones, then "..."
             assert options <= documented, f"promptq {name}: {options - documented} not in README"
+
+
+def test_every_v1_endpoint_of_the_table_wants_a_key(client: Any) -> None:
+    """The rule's `401`: no key, whatever else the request holds."""
+    checked = 0
+    for row in ROWS:
+        for endpoint in row.endpoints:
+            for method, path, _ in expand(endpoint):
+                if method is None or not path.startswith("/v1/"):
+                    continue
+                response = client.request(method, path.replace("{}", "x"), json={})
+                assert response.status_code == 401, (endpoint, response.text)
+                assert response.json()["error"]["type"] == "authentication_error"
+                checked += 1
+    assert checked >= 15
