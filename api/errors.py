@@ -17,12 +17,13 @@ from promptq.budgets import BudgetExceeded
 from promptq.budgets.priceable import NotPriceable
 from promptq.db import TRANSIENT_DATABASE_ERRORS
 from promptq.jobs.errors import InvalidJob, JobConflict, JobError, JobNotFound
+from promptq.jobs.schemas import MAX_JSON_DEPTH, json_depth
 from promptq.keys.policy import ModelNotAllowed
 from promptq.quotas import QuotaExceeded
 from promptq.validation import describe_validation_errors
 
 STATUS_BY_ERROR: dict[type[JobError], int] = {
-    InvalidJob: 400,
+    InvalidJob: 422,
     BudgetExceeded: 402,
     NotPriceable: 403,
     ModelNotAllowed: 403,
@@ -61,6 +62,14 @@ class ApiError(Exception):
 
 
 ANTHROPIC_PATHS = "/v1/messages"
+
+
+def refusal_status(path: str) -> int:
+    """The status of a request that was read but is refused for what it asks (a field, a
+    query parameter, a header): promptq's own API answers 422, the Anthropic-compatible
+    paths 400, as Anthropic does and as its SDKs expect. A body that cannot be read as
+    JSON at all is a 400 on both."""
+    return 400 if path.startswith(ANTHROPIC_PATHS) else 422
 
 
 def error_body(status: int, message: str, error_type: str | None, path: str = "") -> dict[str, Any]:
@@ -104,6 +113,14 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _database_error(request: Request, exc: sqlalchemy_errors.DBAPIError) -> JSONResponse:
         if isinstance(exc, TRANSIENT_DATABASE_ERRORS) or exc.connection_invalidated:
             return dependency_unavailable("the database", request)
+        if isinstance(exc, sqlalchemy_errors.DataError) and "NUL" in str(exc.orig):
+            # PostgreSQL text holds no NUL character: an id or cursor with one (`%00`) is
+            # the client's mistake, not a server error.
+            message = (
+                "the request holds a NUL character (\\x00), which no id, name or text in "
+                "promptq may contain; remove it"
+            )
+            return error_response(refusal_status(request.url.path), message, request=request)
         raise exc
 
     @app.exception_handler(sqlalchemy_errors.TimeoutError)
@@ -120,7 +137,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(JobError)
     async def _job_error(request: Request, exc: JobError) -> JSONResponse:
-        status = STATUS_BY_ERROR.get(type(exc), 400)
+        status = STATUS_BY_ERROR.get(type(exc), 422)
+        if status == 422:
+            status = refusal_status(request.url.path)
         headers = None
         if isinstance(exc, QuotaExceeded):
             headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_seconds)))}
@@ -128,12 +147,17 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _request_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message = describe_validation_errors(list(exc.errors()), drop_prefix=("body", "query"))
-        return error_response(422, message, request=request)
+        errors = list(exc.errors())
+        unreadable = unreadable_body(errors, exc.body)
+        if unreadable is not None:
+            return error_response(400, unreadable, request=request)
+        message = describe_validation_errors(errors, drop_prefix=("body", "query"))
+        return error_response(refusal_status(request.url.path), message, request=request)
 
     @app.exception_handler(ValidationError)
     async def _model_invalid(request: Request, exc: ValidationError) -> JSONResponse:
-        return error_response(422, describe_validation_errors(list(exc.errors())), request=request)
+        message = describe_validation_errors(list(exc.errors()))
+        return error_response(refusal_status(request.url.path), message, request=request)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -144,3 +168,17 @@ def install_error_handlers(app: FastAPI) -> None:
             message = "method not allowed on this endpoint; see /docs for the API"
         headers = getattr(exc, "headers", None)
         return error_response(exc.status_code, message, headers=headers, request=request)
+
+
+def unreadable_body(errors: list[Any], body: Any) -> str | None:
+    """What a route that FastAPI parses saw when the body was not JSON at all (not valid
+    JSON, nested too deep, or no body), said as the routes that parse their own body say
+    it; None when the body was JSON and only its fields are refused."""
+    if body is not None and json_depth(body) > MAX_JSON_DEPTH:
+        return f"body nests deeper than {MAX_JSON_DEPTH} levels"
+    for error in errors:
+        if error.get("type") == "json_invalid":
+            return f"body is not valid JSON: {error.get('ctx', {}).get('error', 'parse error')}"
+        if error.get("type") == "missing" and tuple(error.get("loc", ())) == ("body",):
+            return "empty body: send a JSON object"
+    return None

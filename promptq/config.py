@@ -5,9 +5,11 @@ Read from `PROMPTQ_*` environment variables and a `.env` file in the working dir
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -96,6 +98,13 @@ class Settings(BaseSettings):
     webhook_concurrency: int = Field(default=16, ge=1, le=1000)
     webhook_max_in_flight_per_key: int = Field(default=4, ge=1, le=1000)
 
+    # The address clients and webhook receivers reach promptq at (https://promptq.example.com,
+    # behind a reverse proxy): every URL promptq hands out is built on it, in webhooks, where
+    # there is no request to take an address from, and in answers, where the address the
+    # API saw may be a proxy's internal one. Unset: answers use the address the client
+    # called and webhooks fall back to api_url.
+    public_url: str | None = None
+
     # Client side (`promptq submit`, `promptq jobs ls`)
     api_url: str = "http://127.0.0.1:8000"
     api_key: SecretStr | None = None
@@ -106,9 +115,11 @@ class Settings(BaseSettings):
     # The least severe level those processes log (a Python level name).
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
 
-    @field_validator("upstream_url", "api_url")
+    @field_validator("upstream_url", "api_url", "public_url")
     @classmethod
-    def _strip_trailing_slash(cls, value: str) -> str:
+    def _strip_trailing_slash(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         if not value.startswith(("http://", "https://")):
             raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
         return value.rstrip("/")
@@ -126,8 +137,38 @@ class Settings(BaseSettings):
         return self.upstream_api_key.get_secret_value() if self.upstream_api_key else None
 
     @property
+    def webhook_base_url(self) -> str:
+        """Where URLs inside webhooks point: there is no request to take an address from."""
+        return self.public_url or self.api_url
+
+    @property
     def uses_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+    def missing_upstream_key(self) -> str | None:
+        """Why a worker or an API with these settings would only ever get 401s from the
+        upstream, or None. Without a key the upstream refuses every call, so every job would
+        fail; only an upstream on this machine (the simulator, a local proxy that adds the
+        key itself) may be reached without one."""
+        if self.upstream_key is not None or is_loopback_url(self.upstream_url):
+            return None
+        return (
+            f"no upstream key is set, so every call to {self.upstream_url}/v1/messages would "
+            "be refused (401): set PROMPTQ_UPSTREAM_API_KEY (or COMETAPI_KEY) to the key of "
+            "that upstream, or point PROMPTQ_UPSTREAM_URL at a simulator on this machine "
+            "(`promptq simulate-upstream`)"
+        )
+
+
+def is_loopback_url(url: str) -> bool:
+    """Whether the URL's host is this machine: localhost, or a loopback address."""
+    host = (urlsplit(url).hostname or "").rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @lru_cache

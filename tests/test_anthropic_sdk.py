@@ -3,6 +3,7 @@ messages, error mapping, and the whole Message Batches lifecycle."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -311,6 +312,46 @@ def test_batch_ended_is_a_signed_webhook_event(
         assert event["type"] == "batch.ended" and event["data"]["id"] == batch.id
         assert event["data"]["request_counts"]["succeeded"] == 1
         requests.delete(f"{api_url}/v1/webhooks/{hook['id']}", headers=auth(key), timeout=10)
+    finally:
+        receiver.server.shutdown()
+
+
+def test_every_url_handed_out_is_built_on_the_public_url(
+    test_env: dict[str, str], worker_process: Any, make_key: Any, tmp_path: Path
+) -> None:
+    """Behind a proxy, receivers and clients must get promptq's public address: in the
+    batch.ended webhook (no request to take it from) and in the API's own answers."""
+    public = "https://promptq.example.com"
+    env = {**test_env, "PROMPTQ_PUBLIC_URL": public}
+    key = make_key("public-url")
+    receiver = Receiver()
+    try:
+        with running_api(env, tmp_path / "api.log") as url:
+            requests.post(
+                f"{url}/v1/webhooks",
+                json={"url": receiver.url, "events": ["batch.ended"]},
+                headers=auth(key),
+                timeout=10,
+            ).raise_for_status()
+            # One request that can never run: the batch ends at creation, in the API process.
+            never = {
+                "model": MODEL,
+                "max_tokens": 0,
+                "messages": [{"role": "user", "content": "x"}],
+            }
+            created = requests.post(
+                f"{url}/v1/messages/batches",
+                json={"requests": [{"custom_id": "never", "params": never}]},
+                headers=auth(key),
+                timeout=10,
+            ).json()
+            results_url = f"{public}/v1/messages/batches/{created['id']}/results"
+            assert created["processing_status"] == "ended"
+            assert created["results_url"] == results_url
+            receiver.wait_for(1)
+        _, body, _ = receiver.requests[0]
+        event = json.loads(body)
+        assert event["type"] == "batch.ended" and event["data"]["results_url"] == results_url
     finally:
         receiver.server.shutdown()
 

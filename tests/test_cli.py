@@ -227,7 +227,10 @@ def test_api_says_which_limits_are_in_force_when_no_file_gives_them(tmp_path: Pa
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        env = clean_env(PROMPTQ_DATABASE_URL=f"sqlite:///{tmp_path / 'x.db'}")
+        env = clean_env(
+            PROMPTQ_DATABASE_URL=f"sqlite:///{tmp_path / 'x.db'}",
+            PROMPTQ_UPSTREAM_API_KEY="sk-x",
+        )
         result = promptq("api", f"--port={port}", env=env, cwd=tmp_path, check=False)
     [line] = [line for line in result.stderr.splitlines() if "built-in limits" in line]
     assert "Anthropic's first usage tier" in line and "50 requests" in line
@@ -279,3 +282,66 @@ def test_limits_from_upstream_says_when_the_upstream_reports_none(tmp_path: Path
     assert result.returncode == 1 and result.stdout == ""
     assert "reports no limits" in result.stderr and "PROMPTQ_LIMITS_FILE" in result.stderr
     assert refused.returncode == 1 and "PROMPTQ_UPSTREAM_URL" in refused.stderr
+
+
+@pytest.mark.parametrize("command", [["worker"], ["api"]])
+@pytest.mark.parametrize("url", [None, "https://api.cometapi.com", "http://10.0.0.5:8100"])
+def test_worker_and_api_refuse_to_start_without_an_upstream_key(
+    tmp_path: Path, command: list[str], url: str | None
+) -> None:
+    extra = {
+        "PROMPTQ_REDIS_URL": "redis://127.0.0.1:1/0",
+        "PROMPTQ_DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}",
+    }
+    if url is not None:
+        extra["PROMPTQ_UPSTREAM_URL"] = url
+    result = promptq(*command, env=clean_env(**extra), cwd=tmp_path, check=False)
+    assert result.returncode != 0
+    # It names what to set, and the upstream it would have called in vain.
+    assert "PROMPTQ_UPSTREAM_API_KEY" in result.stderr and "COMETAPI_KEY" in result.stderr
+    assert (url or "https://api.cometapi.com") in result.stderr
+
+
+def test_the_api_starts_without_a_key_when_the_upstream_is_on_this_machine(
+    tmp_path: Path, redis_url: str
+) -> None:
+    port = free_port()
+    env = clean_env(
+        PROMPTQ_REDIS_URL=redis_url,
+        PROMPTQ_DATABASE_URL=f"sqlite:///{tmp_path / 'x.db'}",
+        PROMPTQ_UPSTREAM_URL="http://127.0.0.1:8100",
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "promptq", "api", f"--port={port}"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}", process)
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+@pytest.mark.parametrize(
+    ("url", "local"),
+    [
+        ("http://127.0.0.1:8100", True),
+        ("http://127.0.0.2", True),
+        ("http://localhost:8100", True),
+        ("http://[::1]:8100", True),
+        ("https://api.cometapi.com", False),
+        ("http://10.0.0.5:8100", False),
+        ("http://127.0.0.1.example.com", False),
+    ],
+)
+def test_which_upstreams_need_no_key(url: str, local: bool) -> None:
+    from promptq.config import Settings
+
+    # Explicit keys: the session's own test environment sets one.
+    without_key = Settings(upstream_url=url, upstream_api_key=None)
+    assert (without_key.missing_upstream_key() is None) == local
+    with_key = Settings(upstream_url=url, upstream_api_key="sk-x")
+    assert with_key.missing_upstream_key() is None

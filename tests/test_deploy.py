@@ -744,3 +744,34 @@ def test_the_cli_help_runs_for_every_command_used() -> None:
             timeout=60,
         )
         assert result.returncode == 0, (command, result.stderr)
+
+
+# ---------------------------------------------------------------------------- shutdown
+
+
+def test_every_worker_gets_longer_to_stop_than_its_longest_call() -> None:
+    """A worker's warm shutdown finishes its calls in flight; one cut off by the kill is
+    paid for twice. Each deployment's grace period outlasts the upstream timeout."""
+    from promptq.config import Settings
+
+    timeout = Settings.model_fields["upstream_timeout_seconds"].default
+    assert dict((n, v) for n, v, _ in env_example())["PROMPTQ_UPSTREAM_TIMEOUT_SECONDS"] == (
+        f"{timeout:g}"
+    )
+    grace = services()["worker"]["stop_grace_period"]
+    assert grace.endswith("m") and int(grace[:-1]) * 60 > timeout
+    worker = deployment_running("worker")["spec"]["template"]["spec"]
+    assert worker["terminationGracePeriodSeconds"] > timeout
+    stop = unit("promptq-worker@.service")["Service"]["TimeoutStopSec"]
+    assert int(stop) > timeout
+
+
+def test_compose_postgres_takes_the_connections_of_scaled_workers() -> None:
+    """The API, beat and `--scale worker=4` at pool + overflow connections each, with room."""
+    from promptq.config import Settings
+
+    fields = Settings.model_fields
+    per_process = fields["database_pool_size"].default + fields["database_max_overflow"].default
+    command = services()["postgres"]["command"]
+    limit = int(next(a.split("=")[1] for a in command if a.startswith("max_connections=")))
+    assert limit >= (2 + 4) * per_process * 2

@@ -254,6 +254,8 @@ def test_the_node_receiver() -> None:
 @needs_node
 def test_the_zapier_platform_app_code_parses(tmp_path: Path) -> None:
     [code] = re.findall(r"```js\n(.*?)```", (DOCS / "zapier.md").read_text(), re.DOTALL)
+    # Its polling reads the most recently finished first, as the no-code trigger does.
+    assert 'order: "finished"' in code
     (tmp_path / "index.js").write_text(code)
     subprocess.run([str(NODE), "--check", str(tmp_path / "index.js")], check=True, timeout=30)
 
@@ -409,6 +411,10 @@ def test_the_zapier_guide_notes_hold(client: Any, api_key: str, settings: Any) -
     assert empty["error"]["message"].startswith("max_tokens: Input should be a valid integer")
     typo = client.post("/v1/jobs", data={"promt": "x"}, headers=auth(api_key)).json()
     assert "promt: Extra inputs are not permitted" in typo["error"]["message"]
+    # The one exception the guide names: an empty `system` means no system prompt.
+    assert "an empty `system` row means no system prompt" in guide
+    no_system = client.post("/v1/jobs", data={"prompt": "x", "system": ""}, headers=auth(api_key))
+    assert no_system.status_code == 202 and "system" not in no_system.json()["request"]
     # JSON text as metadata works in a form, not in a JSON body.
     as_json = client.post(
         "/v1/jobs", json={"prompt": "x", "metadata": '{"row": 17}'}, headers=auth(api_key)
@@ -444,9 +450,16 @@ def test_a_rest_hook_subscription_reaches_the_node_receiver(
 
     job = client.post("/v1/jobs", data={"prompt": "For the REST hook"}, headers=auth(key)).json()
     assert "job.succeeded" in node_receiver.wait_for(job["id"])
-    # The polling trigger's request lists it, newest first.
+    # The polling trigger's request, as the guide writes it, lists it first.
     assert wait_for_status(client, key, job["id"], {"succeeded"})
-    listed = client.get("/v1/jobs?status=succeeded&limit=3", headers=auth(key)).json()
+    [poll] = {
+        word.removeprefix("$PROMPTQ_API_URL")
+        for words in shell_blocks("zapier.md")
+        for word in words
+        if word.startswith("$PROMPTQ_API_URL/v1/jobs?status=succeeded")
+    }
+    assert "order=finished" in poll
+    listed = client.get(poll, headers=auth(key)).json()
     assert listed["data"][0]["id"] == job["id"]
     assert all(j["status"] == "succeeded" for j in listed["data"])
 

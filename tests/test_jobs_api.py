@@ -16,6 +16,7 @@ from promptq.db import session_scope
 from promptq.jobs import service
 from promptq.jobs.schemas import JobCreate
 from promptq.keys.service import authenticate
+from promptq.models import Job
 
 ONE_MESSAGE = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}
 
@@ -303,9 +304,90 @@ def test_status_filter(client: Any, api_key: str, database_url: str, settings: A
     page = client.get("/v1/jobs", params={"status": "canceled"}, headers=auth(api_key)).json()
     assert [job["id"] for job in page["data"]] == [queued]
     bad = client.get("/v1/jobs", params={"status": "done"}, headers=auth(api_key))
-    assert bad.status_code == 400
+    assert bad.status_code == 422
     assert "status" in bad.json()["error"]["message"]
     assert client.get("/v1/jobs", params={"limit": 0}, headers=auth(api_key)).status_code == 422
+
+
+def test_order_finished_lists_the_latest_finished_first_with_its_own_cursor(
+    client: Any, api_key: str, database_url: str, settings: Any
+) -> None:
+    """What a polling trigger reads: a slow job that finishes after many newer ones is on
+    the first page of order=finished, though it is on the last page of the default order."""
+    slow = _queued_job(database_url, settings, api_key, "slow")
+    quick = [_queued_job(database_url, settings, api_key, f"quick {i}") for i in range(4)]
+    _queued_job(database_url, settings, api_key, "never finishes")
+    for job_id in [*quick, slow]:  # cancel: finished_at now, in this order
+        assert client.post(f"/v1/jobs/{job_id}/cancel", headers=auth(api_key)).status_code == 200
+    # Two jobs finished in the same microsecond: the id decides, on either side of a page.
+    with session_scope(database_url) as session:
+        last, before_last = session.get(Job, quick[3]), session.get(Job, quick[2])
+        assert last is not None and before_last is not None
+        before_last.finished_at = last.finished_at
+
+    by_creation = client.get(
+        "/v1/jobs", params={"status": "canceled", "limit": 3}, headers=auth(api_key)
+    ).json()
+    assert slow not in [job["id"] for job in by_creation["data"]]
+
+    seen: list[str] = []
+    params: dict[str, Any] = {"status": "canceled", "limit": 2, "order": "finished"}
+    while True:
+        page = client.get("/v1/jobs", params=params, headers=auth(api_key)).json()
+        seen += [job["id"] for job in page["data"]]
+        if not page["has_more"]:
+            assert page["next_cursor"] is None
+            break
+        assert page["next_cursor"].startswith("fin_")
+        params["after"] = page["next_cursor"]
+    assert seen == [slow, quick[3], quick[2], quick[1], quick[0]]
+    # Without a status, the unfinished job is left out: it has no place in this order.
+    everything = client.get(
+        "/v1/jobs", params={"order": "finished", "limit": 100}, headers=auth(api_key)
+    ).json()
+    assert [job["id"] for job in everything["data"]] == seen
+
+
+@pytest.mark.parametrize(
+    ("params", "words"),
+    [
+        ({"order": "finished", "after": "job_01ABC"}, "not a cursor of order=finished"),
+        ({"order": "finished", "after": "fin_!!"}, "not a cursor of order=finished"),
+        ({"after": "fin_MjAyNnxqb2I"}, "send order=finished too"),
+        ({"order": "newest"}, "order: must be one of created, finished"),
+    ],
+)
+def test_a_wrong_order_or_cursor_says_what_to_send(
+    client: Any, api_key: str, params: dict[str, str], words: str
+) -> None:
+    response = client.get("/v1/jobs", params=params, headers=auth(api_key))
+    assert response.status_code == 422
+    assert words in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/jobs?after=%00",
+        "/v1/jobs?order=finished&after=fin_"
+        + base64.urlsafe_b64encode(b"2026-01-01T00:00:00+00:00|\x00").decode(),
+        "/v1/jobs/%00",
+        "/v1/webhooks/%00",
+        "/v1/templates/%00",
+        "/v1/messages/batches?after_id=%00",
+    ],
+)
+def test_a_nul_character_in_an_id_is_the_clients_mistake(
+    client: Any, api_key: str, database_url: str, path: str
+) -> None:
+    """PostgreSQL's text holds no NUL: the database refuses the lookup, and the client hears
+    why (a 4xx by the refusal rule), not a 500. SQLite finds nothing (an empty page, a 404)."""
+    response = client.get(path, headers=auth(api_key))
+    if database_url.startswith("postgresql"):
+        assert response.status_code == (400 if "/v1/messages" in path else 422), response.text
+        assert "NUL character" in response.json()["error"]["message"]
+    else:
+        assert response.status_code in (200, 404), response.text
 
 
 def _queued_job(database_url: str, settings: Any, key: str, prompt: str) -> str:
@@ -391,6 +473,6 @@ def test_a_webhook_to_a_private_address_is_refused_at_intake(
         response = client.post(
             "/v1/jobs", json={"prompt": "x", "callback_url": url}, headers=auth(api_key)
         )
-    assert response.status_code == 400
+    assert response.status_code == 422
     message = response.json()["error"]["message"]
     assert "webhook_url" in message and "PROMPTQ_WEBHOOK_ALLOW_PRIVATE" in message

@@ -27,7 +27,10 @@ router = APIRouter(prefix=BATCHES_PATH, tags=["anthropic"])
 
 
 def _base_url(request: Request) -> str:
-    return str(request.base_url)
+    """PROMPTQ_PUBLIC_URL when set (behind a proxy the address the API saw may be an
+    internal one), else the address the client called."""
+    settings: Settings = request.app.state.settings
+    return settings.public_url or str(request.base_url)
 
 
 @router.post("", summary="Create a Message Batch")

@@ -173,7 +173,7 @@ def get_job(job_id: str, session: SessionDep, key: ApiKeyDep) -> dict[str, Any]:
     return job_to_api(service.get_job(session, key, job_id))
 
 
-@router.get("", summary="List jobs, newest first")
+@router.get("", summary="List jobs, newest first (or most recently finished first)")
 def list_jobs(
     session: SessionDep,
     key: ApiKeyDep,
@@ -184,12 +184,19 @@ def list_jobs(
         str | None,
         Query(description="a message batch's id: only its requests; `none`: no batch requests"),
     ] = None,
+    order: Annotated[
+        str,
+        Query(
+            description="`created` (newest first) or `finished` (finished jobs only, the most "
+            "recently finished first: what a polling trigger wants)"
+        ),
+    ] = "created",
 ) -> dict[str, Any]:
-    jobs, has_more = service.list_jobs(session, key, status, limit, after, batch)
+    page = service.list_jobs(session, key, status, limit, after, batch, order)
     return {
-        "data": [job_to_api(job) for job in jobs],
-        "has_more": has_more,
-        "next_cursor": jobs[-1].id if has_more and jobs else None,
+        "data": [job_to_api(job) for job in page.jobs],
+        "has_more": page.has_more,
+        "next_cursor": page.next_cursor,
     }
 
 
@@ -225,7 +232,9 @@ def redeliver(
     if delivery is None:
         raise ApiError(
             409,
-            f"job {job.id} has sent no webhook yet (it has no webhook_url, or has not finished)",
+            f"job {job.id} has sent no webhook of its own yet (it has no webhook_url, or has "
+            "not finished); redeliver sends only that one again, while deliveries to "
+            "subscriptions are retried on their own schedule",
         )
     session.commit()
     request.app.state.deliver(delivery.id)

@@ -197,7 +197,7 @@ def end_if_finished(session: Session, settings: Settings, batch_id: str) -> list
     batch.ended_at = utcnow()
     session.flush()
     counts = repository.status_counts([batch_id]).get(batch_id, {})
-    body = batch_to_api(batch, counts, settings.api_url)
+    body = batch_to_api(batch, counts, settings.webhook_base_url)
     return deliveries.batch_event(session, batch.api_key_id, body)
 
 

@@ -12,9 +12,13 @@ from promptq.config import Settings, get_settings
 from promptq.logging import configure_logging, logging_config
 
 
-def preflight(settings: Settings, announce_limits: bool = True) -> None:
-    """Refuse to start on a broken limits or price file, saying what is wrong in it; say
-    which limits are in force when no file gives the account's own (`announce_limits`)."""
+def preflight(
+    settings: Settings, *, needs_upstream_key: bool = True, announce_limits: bool = True
+) -> None:
+    """Refuse to start on a broken limits or price file, saying what is wrong in it, or
+    without an upstream key that every job would need (`promptq up` runs its simulator
+    then, so it does not ask); say which limits are in force when no file gives the
+    account's own (`announce_limits`)."""
     from promptq.cli.limits import HOW_TO_CONFIGURE
     from promptq.pricing import PriceTable, PricingError
     from promptq.ratelimit.table import LimitsError, LimitTable, describe_builtin_limits
@@ -24,6 +28,9 @@ def preflight(settings: Settings, announce_limits: bool = True) -> None:
         PriceTable.load(settings.pricing_file)
     except (LimitsError, PricingError) as exc:
         raise click.ClickException(str(exc)) from exc
+    missing_key = settings.missing_upstream_key() if needs_upstream_key else None
+    if missing_key is not None:
+        raise click.ClickException(missing_key)
     if settings.limits_file is None and announce_limits:
         # Most accounts allow more than the built-ins: running on them unawares leaves most
         # of the account unused, so say it once, where the operator looks.

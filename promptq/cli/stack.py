@@ -67,8 +67,9 @@ def up(port: int, flower_port: int, concurrency: int | None) -> None:
     from promptq.cli.services import preflight
 
     settings = get_settings()
-    # Its API and worker say which limits are in force as they start.
-    preflight(settings, announce_limits=False)
+    # Without a key, up runs against its own simulator instead of refusing; its API and
+    # worker say which limits are in force as they start.
+    preflight(settings, needs_upstream_key=False, announce_limits=False)
     env = dict(os.environ)
     # One terminal shows every process's log: text reads better there than JSON lines.
     env.setdefault("PROMPTQ_LOG_FORMAT", "text")

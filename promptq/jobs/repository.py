@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from promptq.models import RUNNABLE_STATUSES, ApiKey, Attempt, Job, JobStatus
@@ -63,6 +63,35 @@ class JobRepository:
         if before_id is not None:
             query = query.where(Job.id < before_id)
         return self.session.scalars(query.order_by(Job.id.desc()).limit(limit)).all()
+
+    def list_finished_for_key(
+        self,
+        api_key_id: str,
+        status: str | None,
+        limit: int,
+        before: tuple[datetime, str] | None,
+        batch: str | None = None,
+    ) -> Sequence[Job]:
+        """Finished jobs, the most recently finished first; `before` is the (finished_at,
+        id) of the previous page's last job. The id breaks ties between jobs that finished
+        in the same microsecond, so no job is skipped or listed twice across pages."""
+        query = select(Job).where(Job.api_key_id == api_key_id, Job.finished_at.is_not(None))
+        if status is not None:
+            query = query.where(Job.status == status)
+        if batch == NO_BATCH:
+            query = query.where(Job.batch_id.is_(None))
+        elif batch is not None:
+            query = query.where(Job.batch_id == batch)
+        if before is not None:
+            finished_at, job_id = before
+            query = query.where(
+                or_(
+                    Job.finished_at < finished_at,
+                    and_(Job.finished_at == finished_at, Job.id < job_id),
+                )
+            )
+        order = (Job.finished_at.desc(), Job.id.desc())
+        return self.session.scalars(query.order_by(*order).limit(limit)).all()
 
     def claim(self, job_id: str, now: datetime, lease_until: datetime) -> bool:
         """Compare-and-set a runnable, due job to running. Only one caller ever wins, which

@@ -158,7 +158,9 @@ class JobCreate(BaseModel):
             "max_tokens": self.max_tokens or default_max_tokens,
             "messages": [{"role": "user", "content": self.prompt}],
         }
-        if self.system is not None:
+        # An empty `system` (a Zapier row mapped from an empty field) means no system prompt,
+        # not a blank one sent upstream.
+        if self.system:
             params["system"] = self.system
         if self.temperature is not None:
             params["temperature"] = self.temperature

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.orm import Session
 
@@ -125,6 +126,17 @@ def get_job(session: Session, key: ApiKey, job_id: str) -> Job:
     return job
 
 
+ORDERS = ("created", "finished")
+FINISHED_CURSOR = "fin_"
+
+
+@dataclass(frozen=True)
+class JobPage:
+    jobs: Sequence[Job]
+    has_more: bool
+    next_cursor: str | None
+
+
 def list_jobs(
     session: Session,
     key: ApiKey,
@@ -132,15 +144,60 @@ def list_jobs(
     limit: int,
     after: str | None,
     batch: str | None = None,
-) -> tuple[Sequence[Job], bool]:
-    """A page of jobs, newest first, and whether more follow. `after` is the cursor: the
-    last id of the previous page. `batch`: a batch's id for its requests only, `none` to
-    leave batch requests out (a polling trigger wants one event per job it started)."""
+    order: str = "created",
+) -> JobPage:
+    """A page of jobs and the cursor of the next. `order=created` (the default): newest
+    first, the cursor being the last id of the page. `order=finished`: finished jobs only,
+    the most recently finished first, so a poller reading the first page sees a slow job
+    when it finishes, however many jobs were created after it; its cursor carries the
+    finish time too. `batch`: a batch's id for its requests only, `none` to leave batch
+    requests out (a polling trigger wants one event per job it started)."""
     if status is not None and status not in {s.value for s in JobStatus}:
         allowed = ", ".join(s.value for s in JobStatus)
         raise InvalidJob(f"status: must be one of {allowed}")
-    rows = JobRepository(session).list_for_key(key.id, status, limit + 1, after, batch)
-    return rows[:limit], len(rows) > limit
+    if order not in ORDERS:
+        raise InvalidJob(f"order: must be one of {', '.join(ORDERS)}, not {order!r}")
+    repository = JobRepository(session)
+    if order == "finished":
+        before = None if after is None else _read_finished_cursor(after)
+        rows = repository.list_finished_for_key(key.id, status, limit + 1, before, batch)
+    else:
+        if after is not None and after.startswith(FINISHED_CURSOR):
+            raise InvalidJob("after: this cursor is from order=finished; send order=finished too")
+        rows = repository.list_for_key(key.id, status, limit + 1, after, batch)
+    jobs, has_more = rows[:limit], len(rows) > limit
+    cursor = None
+    if has_more and jobs:
+        last = jobs[-1]
+        cursor = _finished_cursor(last) if order == "finished" else last.id
+    return JobPage(jobs=jobs, has_more=has_more, next_cursor=cursor)
+
+
+def _finished_cursor(job: Job) -> str:
+    assert job.finished_at is not None  # only finished jobs are listed in this order
+    position = f"{job.finished_at.astimezone(UTC).isoformat()}|{job.id}"
+    return FINISHED_CURSOR + base64.urlsafe_b64encode(position.encode()).decode().rstrip("=")
+
+
+def _read_finished_cursor(cursor: str) -> tuple[datetime, str]:
+    """The (finished_at, id) a cursor of order=finished names; InvalidJob for anything
+    else (a job id from the default order, say)."""
+    problem = InvalidJob(
+        "after: not a cursor of order=finished; pass the next_cursor of the previous page "
+        "of the same order, or leave it out for the first page"
+    )
+    if not cursor.startswith(FINISHED_CURSOR):
+        raise problem
+    encoded = cursor.removeprefix(FINISHED_CURSOR)
+    try:
+        decoded = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
+        stamp, job_id = decoded.split("|", 1)
+        finished_at = datetime.fromisoformat(stamp)
+    except ValueError:
+        raise problem from None
+    if finished_at.tzinfo is None or not job_id:
+        raise problem
+    return finished_at, job_id
 
 
 def cancel_job(session: Session, key: ApiKey, job_id: str) -> Job:
