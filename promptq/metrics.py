@@ -218,9 +218,10 @@ def read_limiter_state(client: redis.Redis, models: Iterable[str]) -> list[Limit
         return []
     with client.pipeline(transaction=False) as pipe:
         for model in names:
-            state, inflight, waiting, *_ = Limiter.keys(model)
+            state, inflight, _, costs, *_ = Limiter.keys(model)
             pipe.hget(state, "paused_until")
-            pipe.zcard(waiting)
+            # Every waiting job has its cost noted (only each key's first stands in line).
+            pipe.hlen(costs)
             # A slot's score is its lease's expiry: one past it belongs to a worker that
             # died, and no longer counts.
             pipe.zcount(inflight, now_ms, "+inf")

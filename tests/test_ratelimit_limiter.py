@@ -465,3 +465,21 @@ def test_one_keys_high_priority_jobs_past_its_share_wait_as_normal(
     for i in range(2):
         limiter.acquire(f"again-{i}", MODEL, request(), "high", client_key="key_a")
     assert dispatch_all(limiter, holder) == [("again-0", "high"), ("again-1", "high")]
+
+
+def test_a_keys_jobs_go_in_the_order_they_were_made_whatever_order_they_arrive(
+    make_limiter: MakeLimiter,
+) -> None:
+    # Job ids sort by creation; the messages of three jobs reach the limiter out of order
+    # (several worker threads), yet they run in the order they were made.
+    limiter = make_limiter(max_concurrency=1)
+    holder = limiter.acquire("job-0", MODEL, request(), "low", client_key="key_a").grant
+    assert holder is not None
+    for job_id in ("job-3", "job-1", "job-2"):
+        limiter.acquire(job_id, MODEL, request(), "low", client_key="key_a")
+    assert limiter.snapshot(MODEL)["waiting"] == 3
+    assert limiter.queued([("job-1", MODEL), ("job-3", MODEL), ("job-9", MODEL)]) == {
+        "job-1",
+        "job-3",
+    }
+    assert [job for job, _ in dispatch_all(limiter, holder)] == ["job-1", "job-2", "job-3"]

@@ -235,11 +235,10 @@ class Limiter:
         """Which of these (job id, model) pairs wait in their model's queue."""
         with self.client.pipeline(transaction=False) as pipe:
             for job_id, model in jobs:
-                pipe.zscore(self.keys(model)[2], job_id)
-            scores = pipe.execute()
-        return {
-            job_id for (job_id, _), score in zip(jobs, scores, strict=True) if score is not None
-        }
+                # Every waiting job has its cost noted, whether or not it is its key's first.
+                pipe.hexists(self.keys(model)[3], job_id)
+            present = pipe.execute()
+        return {job_id for (job_id, _), there in zip(jobs, present, strict=True) if there}
 
     def waiting_models(self) -> list[str]:
         return sorted(_text(m) for m in self.client.smembers(MODELS_WAITING))
@@ -362,7 +361,7 @@ class Limiter:
 
     def snapshot(self, model: str) -> dict[str, Any]:
         """The bucket as `promptq limits` shows it."""
-        state_key, inflight, waiting, *_ = self.keys(model)
+        state_key, inflight, _, costs, *_ = self.keys(model)
         state = {_text(k): float(v) for k, v in self.client.hgetall(state_key).items()}
         seconds, micros = self.client.time()
         now = seconds * 1000 + micros / 1000
@@ -378,7 +377,7 @@ class Limiter:
                 if f"cap:{dim}" in state and state.get(f"capu:{dim}", 0) > now
             },
             "in_flight": self.client.zcount(inflight, now, "+inf"),
-            "waiting": self.client.zcard(waiting),
+            "waiting": self.client.hlen(costs),
             "ahead_seconds": {
                 dim: round(max(0.0, (state[f"tat:{dim}"] - now) / 1000), 3)
                 for dim in ("req", "inp", "out")

@@ -34,16 +34,29 @@ if mode == 'direct' then
   end
 end
 
+-- Fair queuing across client keys (start-time fair queuing, one unit per job): each key's
+-- waiting jobs of a priority form a queue of their own, in the order the jobs were made (job
+-- ids sort by creation), and only each key's first job stands in the model's queue, scored
+-- by priority rank, then virtual time. A key's next job gets the virtual time one past its
+-- previous one's, and a key arriving gets one past the priority's clock (the virtual time
+-- of the job last dispatched), so a key that queued 600 jobs does not stand in front of one
+-- that queues 5 later: they take turns. A key may have only `high_cap` jobs waiting at high
+-- priority; past that they wait as normal ones. Sub-queue names share the model's hash tag.
+local function key_queue(r, k) return waiting .. ':' .. r .. ':' .. k end
+
+local function stand_in_line(r, k, first)
+  local clock = num(redis.call('HGET', fair, 'v:' .. r), 0)
+  local last = num(redis.call('HGET', fair, 'k:' .. r .. ':' .. k), 0)
+  local vtime = math.max(clock, last) + 1
+  redis.call('HSET', fair, 'k:' .. r .. ':' .. k, vtime)
+  redis.call('ZADD', waiting, r * 1e13 + vtime, first)
+end
+
 local function enqueue(reason, wait)
-  if redis.call('ZSCORE', waiting, job) then
+  if redis.call('HEXISTS', costs, job) == 1 then
     -- Its message came again: it keeps its place.
     return {'queued', reason, string.format('%.0f', wait)}
   end
-  -- Fair queuing across client keys: within a priority, each key's jobs take turns (start-
-  -- time fair queuing). A job's virtual time is one past the later of its key's last one
-  -- and the priority's clock (the virtual time of the job last dispatched), so a key that
-  -- queued 600 jobs does not stand in front of one that queues 5 later. And a key may have
-  -- only `high_cap` jobs waiting at high priority; past that they wait as normal ones.
   rank = tonumber(rank)
   if rank == 0 then
     if num(redis.call('HGET', fair, 'h:' .. client_key), 0) >= high_cap then
@@ -52,22 +65,30 @@ local function enqueue(reason, wait)
       redis.call('HINCRBY', fair, 'h:' .. client_key, 1)
     end
   end
-  local clock = num(redis.call('HGET', fair, 'v:' .. rank), 0)
-  local last = num(redis.call('HGET', fair, 'k:' .. rank .. ':' .. client_key), 0)
-  local vtime = math.max(clock, last) + 1
-  redis.call('HSET', fair, 'k:' .. rank .. ':' .. client_key, vtime)
-  -- Scores order the queue: priority rank first, then virtual time.
-  redis.call('ZADD', waiting, rank * 1e13 + vtime, job)
-  redis.call('HSET', costs, job, input_cost .. ':' .. output_cost .. ':' .. client_key)
+  redis.call('HSET', costs, job, input_cost .. ':' .. output_cost .. ':' .. rank .. ':' .. client_key)
+  local queue = key_queue(rank, client_key)
+  redis.call('ZADD', queue, 0, job)
+  local first = redis.call('ZRANGE', queue, 0, 1)
+  if first[1] == job then
+    if first[2] then
+      -- Made before the key's job in line (its message was slower): it takes that place.
+      local score = redis.call('ZSCORE', waiting, first[2])
+      redis.call('ZREM', waiting, first[2])
+      redis.call('ZADD', waiting, score, job)
+    else
+      stand_in_line(rank, client_key, job)
+    end
+  end
   redis.call('SADD', models, model)
   redis.call('PEXPIRE', fair, 86400000)
+  redis.call('PEXPIRE', queue, 86400000)
   return {'queued', reason, string.format('%.0f', wait)}
 end
 
 local head, head_score = nil, nil
 if mode == 'direct' then
   -- Jobs already waiting go first: a newcomer queues behind them, whatever the budget.
-  if redis.call('ZCARD', waiting) > 0 then return enqueue('queue', 0) end
+  if redis.call('HLEN', costs) > 0 then return enqueue('queue', 0) end
 else
   head = redis.call('ZRANGE', waiting, 0, 0, 'WITHSCORES')
   if #head == 0 then
@@ -81,7 +102,7 @@ else
     local parts = {}
     for part in string.gmatch(cost, '[^:]+') do parts[#parts + 1] = part end
     input_cost, output_cost = tonumber(parts[1]), tonumber(parts[2])
-    client_key = parts[3] or ''
+    client_key = parts[4] or ''
   end
 end
 
@@ -132,11 +153,16 @@ redis.call('ZADD', inflight, now + lease, grant)
 if mode == 'head' then
   redis.call('ZREM', waiting, job)
   redis.call('HDEL', costs, job)
-  -- The priority's clock moves to the job dispatched; its key has one high job fewer waiting.
-  local score = tonumber(redis.call('HGET', fair, 'v:' .. rank) or 0)
-  local vtime = tonumber(head_score) - tonumber(rank) * 1e13
-  if vtime > score then redis.call('HSET', fair, 'v:' .. rank, vtime) end
-  if rank == '0' and client_key ~= '' then
+  -- The priority's clock moves to the job dispatched, and its key's next job stands in line.
+  local r = tonumber(rank)
+  local clock = num(redis.call('HGET', fair, 'v:' .. r), 0)
+  local vtime = tonumber(head_score) - r * 1e13
+  if vtime > clock then redis.call('HSET', fair, 'v:' .. r, vtime) end
+  local queue = key_queue(r, client_key)
+  redis.call('ZREM', queue, job)
+  local next_job = redis.call('ZRANGE', queue, 0, 0)[1]
+  if next_job then stand_in_line(r, client_key, next_job) end
+  if r == 0 and client_key ~= '' then
     if redis.call('HINCRBY', fair, 'h:' .. client_key, -1) <= 0 then
       redis.call('HDEL', fair, 'h:' .. client_key)
     end
