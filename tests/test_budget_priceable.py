@@ -89,3 +89,23 @@ def test_a_batch_names_the_request_promptq_cannot_price(client: Any, make_key: A
         "mystery-model-2",
     )
     assert client.get("/v1/messages/batches", headers=auth(budgeted)).json()["data"] == []
+
+
+def test_a_job_that_could_cost_more_than_is_left_is_refused_at_intake(
+    client: Any, make_key: Any
+) -> None:
+    # $0.01 left: Sonnet's output is $15 a million tokens, so 4,096 tokens could cost $0.061.
+    budgeted = make_key("nearly-spent", monthly_budget_usd=Decimal("0.01"))
+    big = {"request": {**request(), "max_tokens": 4096}}
+    refused = client.post("/v1/jobs", json=big, headers=auth(budgeted))
+    assert refused.status_code == 402, refused.text
+    message = refused.json()["error"]["message"]
+    assert "could cost up to" in message and "lower max_tokens" in message
+    assert (
+        client.post("/v1/jobs", json={"request": request()}, headers=auth(budgeted)).status_code
+        == 202
+    )
+    batch = {"requests": [{"custom_id": "big", "params": big["request"]}]}
+    assert (
+        client.post("/v1/messages/batches", json=batch, headers=auth(budgeted)).status_code == 402
+    )

@@ -139,7 +139,8 @@ def test_a_spent_budget_refuses_new_jobs_with_402(
     plain = make_key("spent", monthly_budget_usd=Decimal("0.01"))
     key = key_id_of(database_url, plain)
     # Created while under budget; a retry of it later must still get it, not a 402.
-    body = {"prompt": unique("[[sim:400]] early job"), "idempotency_key": "early"}
+    # Small jobs: a job that could cost more than the budget has left is refused at intake.
+    body = {"prompt": unique("[[sim:400]] early job"), "idempotency_key": "early", "max_tokens": 16}
     early = client.post("/v1/jobs", json=body, headers=auth(plain))
     assert early.status_code == 202, early.text
     wait_for_status(client, plain, early.json()["id"], FINAL)
@@ -177,7 +178,8 @@ def test_only_this_months_spend_counts(
     key = key_id_of(database_url, plain)
     last_month = month_start(utcnow()) - timedelta(microseconds=1)
     add_job(database_url, key, last_month, cost=("5", "5", "0", "0"))
-    response = client.post("/v1/jobs", json={"prompt": unique("new month")}, headers=auth(plain))
+    small = {"prompt": unique("new month"), "max_tokens": 16}
+    response = client.post("/v1/jobs", json=small, headers=auth(plain))
     assert response.status_code == 202, response.text
     wait_for_status(client, plain, response.json()["id"], FINAL)
 
@@ -194,10 +196,11 @@ def test_reservations_of_running_jobs_count_at_intake(
         # A reservation left behind by a job that has ended is never counted.
         BudgetRepository(session).reserve(ended, key, Decimal("1"))
     assert committed(database_url, key).reserved == Decimal("0.006")
-    assert client.post("/v1/jobs", json={"prompt": "x"}, headers=auth(plain)).status_code == 202
+    small = {"prompt": "x", "max_tokens": 16}
+    assert client.post("/v1/jobs", json=small, headers=auth(plain)).status_code == 202
     with session_scope(database_url) as session:
         BudgetRepository(session).reserve(running, key, Decimal("0.01"))
-    response = client.post("/v1/jobs", json={"prompt": "x"}, headers=auth(plain))
+    response = client.post("/v1/jobs", json=small, headers=auth(plain))
     assert response.status_code == 402
     assert "0.01 USD reserved for jobs in flight" in response.json()["error"]["message"]
     with session_scope(database_url) as session:

@@ -18,7 +18,7 @@ from promptq import quotas
 from promptq.batches.presenter import Counts, batch_to_api, result_line
 from promptq.batches.repository import EXPIRED_ERROR, BatchRepository
 from promptq.batches.schemas import BatchRequest
-from promptq.budgets import check_budget
+from promptq.budgets import check_budget, max_cost
 from promptq.budgets.priceable import check_priceable
 from promptq.config import Settings
 from promptq.ids import new_id
@@ -52,14 +52,19 @@ def create_batch(
 ) -> tuple[BatchView, list[str]]:
     """The batch and one job per request; the deliveries to send when it ended at once
     (every request invalid)."""
-    check_budget(session, key)
     quotas.check_unfinished_jobs(session, settings, key, adding=len(requests))
     prices = settings_prices(settings)
+    dearest = None
     for request in requests:
         if request.error is None:
             where = f"requests[custom_id={request.custom_id}]"
             check_model(key, request.model, where)
             check_priceable(key, request.params, prices, anthropic_beta, where)
+            if key.monthly_budget_usd is not None:
+                cost = max_cost(request.params, request.model, prices)
+                dearest = cost if dearest is None else max(dearest, cost)
+    # Each request is reserved on its own when it starts: none may be beyond the budget.
+    check_budget(session, key, cost=dearest)
     now = utcnow()
     batch = MessageBatch(
         id=new_id("msgbatch"),

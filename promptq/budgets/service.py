@@ -93,9 +93,13 @@ def budget_state(
     return BudgetState(budget, spent, reserved, next_month_start(now))
 
 
-def check_budget(session: Session, key: ApiKey, now: datetime | None = None) -> None:
-    """Refuse a new job of `key` once its budget is reached (spend plus reservations); call
-    it on every path that creates jobs. One query for a key with a budget, none without."""
+def check_budget(
+    session: Session, key: ApiKey, now: datetime | None = None, cost: Decimal | None = None
+) -> None:
+    """Refuse a new job of `key` once its budget is reached (spend plus reservations), or,
+    given `cost` (the most the job could cost, `max_cost`), when that cannot fit what is
+    left: refused at intake rather than accepted and failed when a worker claims it. Call it
+    on every path that creates jobs. One query for a key with a budget, none without."""
     budget = key.monthly_budget_usd
     if budget is None:
         return
@@ -105,6 +109,15 @@ def check_budget(session: Session, key: ApiKey, now: datetime | None = None) -> 
             f"API key {key.name!r} has reached its monthly budget: {state.describe()}. "
             f"New jobs are refused until the budget resets at {state.resets} (the first day "
             "of next month, UTC).",
+            state,
+        )
+    if cost is not None and not state.fits(cost):
+        raise BudgetExceeded(
+            f"this job could cost up to {format_usd(cost)} USD (its input estimate and "
+            f"max_tokens at the model's prices), and API key {key.name!r} has "
+            f"{format_usd(state.remaining)} USD left ({state.describe()}); lower max_tokens, "
+            f"or wait for the budget to reset at {state.resets} (the first day of next "
+            "month, UTC)",
             state,
         )
 

@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy.orm import Session
 
 from promptq import quotas
-from promptq.budgets import check_budget
+from promptq.budgets import check_budget, max_cost
 from promptq.budgets.priceable import check_priceable
 from promptq.config import Settings
 from promptq.ids import new_id
@@ -88,8 +88,6 @@ def create_job(
         if earlier is not None:
             return CreatedJob(job=earlier, created=False)
 
-    check_budget(session, key)
-    quotas.check_unfinished_jobs(session, settings, key)
     if payload.target_url is not None:
         try:
             check_url(payload.target_url, allow_private=settings.webhook_allow_private)
@@ -98,7 +96,11 @@ def create_job(
     params = payload.messages_request(settings.default_model, settings.default_max_tokens)
     request = params.to_upstream()
     check_model(key, params.model)
-    check_priceable(key, request, settings_prices(settings), anthropic_beta)
+    prices = settings_prices(settings)
+    check_priceable(key, request, prices, anthropic_beta)
+    cost = max_cost(request, params.model, prices) if key.monthly_budget_usd else None
+    check_budget(session, key, cost=cost)
+    quotas.check_unfinished_jobs(session, settings, key)
     job = Job(
         id=new_id("job"),
         api_key_id=key.id,
