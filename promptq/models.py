@@ -283,6 +283,22 @@ class BudgetReservation(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
-# A key's spend in a period (its budget's month, a usage report) sums cost_total over its
-# jobs finished in that period; with cost_total in the index it is read from the index alone.
+class SpendLedger(Base):
+    """A key's recorded spend in one calendar month (UTC), in picodollars: the sum of the
+    cost_total of its jobs that finished in that month, kept as the costs are recorded (in
+    the same transaction), so that a budget check reads one row instead of summing the
+    month's jobs. It outlives the jobs: retention deletes jobs, never money."""
+
+    __tablename__ = "spend_ledger"
+
+    api_key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), primary_key=True)
+    # "YYYY-MM": the month of the jobs' finished_at, in UTC.
+    month: Mapped[str] = mapped_column(String(7), primary_key=True)
+    spent: Mapped[Decimal]
+    # How many jobs with a recorded cost the month's spend adds up.
+    jobs: Mapped[int] = mapped_column(Integer, default=0)
+
+
+# A key's spend in a period (a usage report) sums cost_total over its jobs finished in that
+# period; with cost_total in the index it is read from the index alone.
 Index("ix_jobs_key_finished", Job.api_key_id, Job.finished_at, Job.cost_total)

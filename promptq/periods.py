@@ -29,6 +29,11 @@ def month_start(moment: datetime) -> datetime:
     return datetime(moment.year, moment.month, 1, tzinfo=UTC)
 
 
+def month_key(moment: datetime) -> str:
+    """The month of a moment, in UTC, as the ledgers key it: "YYYY-MM"."""
+    return month_start(moment).strftime("%Y-%m")
+
+
 def next_month_start(moment: datetime) -> datetime:
     start = month_start(moment)
     if start.month == 12:

@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from promptq import budgets
 from promptq.config import Settings
 from promptq.jobs.endings import end_events
 from promptq.jobs.repository import JobRepository
@@ -196,7 +197,14 @@ def record_attempt(
         # First loaded in this session after the update above, so already current.
         job = repository.get(claimed.id)
         assert job is not None
-        return AttemptVerdict(verdict.status, deliveries=tuple(end_events(session, settings, job)))
+        sent = tuple(end_events(session, settings, job))
+        cost = values.get("cost_total")
+        if cost is not None:
+            # In this transaction, after the compare-and-set above won: the ledger holds the
+            # cost exactly when the job does. Last, so that the ledger row's lock (shared by
+            # every job of the key this month) is held only until the commit that follows.
+            budgets.record_spend(session, job.api_key_id, now, cost)
+        return AttemptVerdict(verdict.status, deliveries=sent)
     return verdict
 
 
