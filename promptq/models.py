@@ -7,7 +7,18 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    ColumnElement,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    literal_column,
+    text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from promptq.types import Money, UTCDateTime, utcnow
@@ -33,6 +44,10 @@ class JobStatus(StrEnum):
 FINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED})
 # A job in one of these may be claimed by a worker (once its next_attempt_at has come).
 RUNNABLE_STATUSES = (JobStatus.QUEUED, JobStatus.RETRYING)
+# The work in flight: what the partial indexes of active jobs hold. Finished jobs, however
+# many are kept, are in none of them, so every query through them costs what is in flight.
+ACTIVE_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.RETRYING)
+ACTIVE_JOBS_WHERE = "status IN ('queued', 'running', 'retrying')"
 
 
 class Priority(StrEnum):
@@ -63,9 +78,32 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_key_id", "api_key_id", "id"),
         Index("ix_jobs_key_status_id", "api_key_id", "status", "id"),
-        Index("ix_jobs_status_next_attempt", "status", "next_attempt_at"),
         UniqueConstraint("api_key_id", "idempotency_key", name="uq_jobs_key_idempotency"),
         Index("ix_jobs_batch_status", "batch_id", "status"),
+        # Partial: only active jobs. The sweeper's passes walk this one in id order.
+        Index(
+            "ix_jobs_active",
+            "id",
+            postgresql_where=text(ACTIVE_JOBS_WHERE),
+            sqlite_where=text(ACTIVE_JOBS_WHERE),
+        ),
+        # Partial: the /metrics gauges (count and oldest by model and status), index only.
+        Index(
+            "ix_jobs_active_model",
+            "model",
+            "status",
+            "created_at",
+            postgresql_where=text(ACTIVE_JOBS_WHERE),
+            sqlite_where=text(ACTIVE_JOBS_WHERE),
+        ),
+        # Partial: the dashboard's latest failures, newest first.
+        Index(
+            "ix_jobs_failed_finished",
+            "finished_at",
+            "id",
+            postgresql_where=text("status = 'failed'"),
+            sqlite_where=text("status = 'failed'"),
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -130,6 +168,19 @@ class Job(Base):
     )
 
 
+def is_active_job() -> ColumnElement[bool]:
+    """ACTIVE_JOBS_WHERE as a query term, with its statuses as constants: a query that
+    includes it reads the partial indexes of active jobs (SQLite uses a partial index only
+    for a query that repeats its WHERE term; PostgreSQL must see constants, not bound
+    parameters, to prove a query implies it)."""
+    return Job.status.in_([literal_column(f"'{status.value}'") for status in ACTIVE_STATUSES])
+
+
+def has_status(*statuses: JobStatus) -> ColumnElement[bool]:
+    """`status IN (...)` with constants, for the same reason as is_active_job."""
+    return Job.status.in_([literal_column(f"'{JobStatus(status).value}'") for status in statuses])
+
+
 class BatchStatus(StrEnum):
     """Anthropic's processing_status of a Message Batch."""
 
@@ -139,8 +190,10 @@ class BatchStatus(StrEnum):
 
 
 class MessageBatch(Base):
-    """A Message Batch: its requests are ordinary jobs carrying its id; its counts are
-    computed from them, so there is one truth."""
+    """A Message Batch: its requests are ordinary jobs carrying its id. Its request counts
+    are counters on this row, moved in the transaction that ends each request (a request
+    ends once, by a compare-and-set), so that reading a batch's progress, and deciding
+    that its last request has ended, never counts its requests."""
 
     __tablename__ = "message_batches"
     __table_args__ = (
@@ -158,6 +211,12 @@ class MessageBatch(Base):
     ended_at: Mapped[datetime | None]
     # A deleted batch is hidden, not erased: its jobs' costs stay on the books.
     deleted_at: Mapped[datetime | None]
+    # Anthropic's request_counts: requests not yet ended, and the ended ones by result.
+    processing_count: Mapped[int] = mapped_column(Integer, default=0)
+    succeeded_count: Mapped[int] = mapped_column(Integer, default=0)
+    errored_count: Mapped[int] = mapped_column(Integer, default=0)
+    canceled_count: Mapped[int] = mapped_column(Integer, default=0)
+    expired_count: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class Attempt(Base):
@@ -207,7 +266,18 @@ class WebhookDelivery(Base):
     """One event sent to one URL, however many attempts it takes."""
 
     __tablename__ = "webhook_deliveries"
-    __table_args__ = (Index("ix_deliveries_status_next", "status", "next_attempt_at"),)
+    __table_args__ = (
+        # Partial: only deliveries still to send, in the order they fall due.
+        Index(
+            "ix_deliveries_pending_next",
+            "next_attempt_at",
+            postgresql_where=text("status = 'pending'"),
+            sqlite_where=text("status = 'pending'"),
+        ),
+        # Deleting a subscription sets its deliveries' subscription_id to NULL: without
+        # this, every unsubscribe reads every delivery ever made.
+        Index("ix_deliveries_subscription", "subscription_id"),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     # The webhook-id header: the same on every attempt and redelivery of one event, so a

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from promptq.batches.service import end_if_finished
+from promptq.batches.service import request_ended
 from promptq.config import Settings
 from promptq.models import Job
 from promptq.webhooks import deliveries
@@ -16,5 +16,5 @@ def end_events(session: Session, settings: Settings, job: Job) -> list[str]:
     """The deliveries the end created, to send once the transaction has committed."""
     sent = deliveries.job_event(session, job)
     if job.batch_id is not None:
-        sent += end_if_finished(session, settings, job.batch_id)
+        sent += request_ended(session, settings, job)
     return sent

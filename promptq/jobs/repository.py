@@ -9,7 +9,15 @@ from typing import Any
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
-from promptq.models import RUNNABLE_STATUSES, ApiKey, Attempt, Job, JobStatus
+from promptq.models import (
+    RUNNABLE_STATUSES,
+    ApiKey,
+    Attempt,
+    Job,
+    JobStatus,
+    has_status,
+    is_active_job,
+)
 
 NO_BATCH = "none"
 
@@ -110,7 +118,8 @@ class JobRepository:
         query = (
             select(Job)
             .where(
-                Job.status.in_(RUNNABLE_STATUSES),
+                is_active_job(),
+                has_status(*RUNNABLE_STATUSES),
                 or_(
                     Job.next_attempt_at <= now,
                     Job.next_attempt_at.is_(None) & (Job.updated_at < stale_before),
@@ -124,7 +133,7 @@ class JobRepository:
     def expired_leases(self, now: datetime, limit: int) -> Sequence[Job]:
         query = (
             select(Job)
-            .where(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)
+            .where(is_active_job(), has_status(JobStatus.RUNNING), Job.lease_expires_at < now)
             .order_by(Job.id)
             .limit(limit)
         )

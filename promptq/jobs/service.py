@@ -150,6 +150,11 @@ def cancel_job(session: Session, key: ApiKey, job_id: str) -> Job:
         },
     )
     session.refresh(job)
+    if canceled and job.batch_id is not None:
+        # Imported here: promptq.batches.service imports this package's errors.
+        from promptq.batches.service import count_ended
+
+        count_ended(session, job.batch_id, "canceled")
     if not canceled:
         if job.status == JobStatus.RUNNING:
             raise JobConflict(

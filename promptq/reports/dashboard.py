@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from promptq.models import ApiKey, Job, JobStatus
+from promptq.models import ApiKey, Job, JobStatus, has_status
 from promptq.periods import Period, current_month, isoformat_z
 from promptq.reports.service import UsageReport, UsageRow, cost_parts, usage_report
 from promptq.types import utcnow
@@ -58,8 +58,8 @@ def recent_failures(
             Job.upstream_status,
         )
         .join(ApiKey, ApiKey.id == Job.api_key_id)
-        .where(Job.status == JobStatus.FAILED)
-        .order_by(Job.finished_at.desc().nulls_last(), Job.id.desc())
+        .where(has_status(JobStatus.FAILED), Job.finished_at.is_not(None))
+        .order_by(Job.finished_at.desc(), Job.id.desc())
         .limit(limit)
     )
     if api_key_id is not None:

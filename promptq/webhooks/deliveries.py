@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import literal_column, or_, select, update
 from sqlalchemy.orm import Session
 
 from promptq.ids import new_id
@@ -205,7 +205,9 @@ def due(session: Session, now: datetime, limit: int = 1000) -> Sequence[str]:
     query = (
         select(WebhookDelivery.id)
         .where(
-            WebhookDelivery.status == DeliveryStatus.PENDING, WebhookDelivery.next_attempt_at <= now
+            # A constant, as the partial index's WHERE says it (see models.is_active_job).
+            WebhookDelivery.status == literal_column("'pending'"),
+            WebhookDelivery.next_attempt_at <= now,
         )
         .order_by(WebhookDelivery.next_attempt_at)
         .limit(limit)
