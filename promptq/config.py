@@ -78,6 +78,10 @@ class Settings(BaseSettings):
     # A queued job older than this with no progress is published again by the sweeper.
     republish_after_seconds: int = Field(default=30, ge=1)
 
+    # /metrics: how many distinct model names get a label of their own (the first seen);
+    # the rest are summed under `other`, so clients cannot grow the label set without end.
+    metrics_max_models: int = Field(default=50, ge=1, le=10000)
+
     # Client side (`promptq submit`, `promptq jobs ls`)
     api_url: str = "http://127.0.0.1:8000"
     api_key: SecretStr | None = None

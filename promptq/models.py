@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     ColumnElement,
     ForeignKey,
     Index,
@@ -177,8 +178,12 @@ def is_active_job() -> ColumnElement[bool]:
 
 
 def has_status(*statuses: JobStatus) -> ColumnElement[bool]:
-    """`status IN (...)` with constants, for the same reason as is_active_job."""
-    return Job.status.in_([literal_column(f"'{JobStatus(status).value}'") for status in statuses])
+    """`status IN (...)`, or `status = ...` for one, with constants, for the same reason as
+    is_active_job (ix_jobs_failed_finished is WHERE status = 'failed')."""
+    values: list[ColumnElement[Any]] = [
+        literal_column(f"'{JobStatus(status).value}'") for status in statuses
+    ]
+    return Job.status == values[0] if len(values) == 1 else Job.status.in_(values)
 
 
 class BatchStatus(StrEnum):
@@ -367,6 +372,80 @@ class SpendLedger(Base):
     spent: Mapped[Decimal]
     # How many jobs with a recorded cost the month's spend adds up.
     jobs: Mapped[int] = mapped_column(Integer, default=0)
+
+
+# Upper bounds of the upstream latency histogram, in milliseconds; /metrics shows them in
+# seconds. A model answers in well under a second to several minutes, up to the 600 s timeout.
+LATENCY_BUCKETS_MS = (100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000, 300000, 600000)
+
+
+class UsageHourly(Base):
+    """What the jobs that ended in one hour (UTC) came to, per key, model, final status and
+    whether a cost was recorded: written in the transaction that ends each job, so that
+    reports and /metrics add up hours, never jobs, and keep their figures after the jobs
+    are deleted by retention. Kept forever."""
+
+    __tablename__ = "usage_hourly"
+    # A key's own report reads its hours only.
+    __table_args__ = (Index("ix_usage_hourly_key_hour", "api_key_id", "hour"),)
+
+    hour: Mapped[datetime] = mapped_column(primary_key=True)
+    api_key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), primary_key=True)
+    model: Mapped[str] = mapped_column(String(200), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), primary_key=True)
+    # Whether these jobs have a recorded cost (usage reports count only those).
+    priced: Mapped[bool] = mapped_column(primary_key=True)
+    jobs: Mapped[int] = mapped_column(Integer)
+    input_tokens: Mapped[int] = mapped_column(BigInteger)
+    output_tokens: Mapped[int] = mapped_column(BigInteger)
+    cache_creation_input_tokens: Mapped[int] = mapped_column(BigInteger)
+    cache_read_input_tokens: Mapped[int] = mapped_column(BigInteger)
+    cost_total: Mapped[Decimal]
+    cost_input: Mapped[Decimal]
+    cost_output: Mapped[Decimal]
+    cost_cache_write: Mapped[Decimal]
+    cost_cache_read: Mapped[Decimal]
+
+
+class AttemptHourly(Base):
+    """The upstream calls recorded in one hour, per key, model, outcome and HTTP status, with
+    their latency histogram (le_N: calls at most LATENCY_BUCKETS_MS[N] long, so cumulative
+    and additive across rows). Written in the transaction that records each call."""
+
+    __tablename__ = "attempt_hourly"
+
+    hour: Mapped[datetime] = mapped_column(primary_key=True)
+    api_key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), primary_key=True)
+    model: Mapped[str] = mapped_column(String(200), primary_key=True)
+    outcome: Mapped[str] = mapped_column(String(16), primary_key=True)
+    # The HTTP status as text, "none" when no answer came.
+    status_code: Mapped[str] = mapped_column(String(8), primary_key=True)
+    attempts: Mapped[int] = mapped_column(Integer)
+    latency_ms_sum: Mapped[int] = mapped_column(BigInteger)
+    le_0: Mapped[int] = mapped_column(Integer)
+    le_1: Mapped[int] = mapped_column(Integer)
+    le_2: Mapped[int] = mapped_column(Integer)
+    le_3: Mapped[int] = mapped_column(Integer)
+    le_4: Mapped[int] = mapped_column(Integer)
+    le_5: Mapped[int] = mapped_column(Integer)
+    le_6: Mapped[int] = mapped_column(Integer)
+    le_7: Mapped[int] = mapped_column(Integer)
+    le_8: Mapped[int] = mapped_column(Integer)
+    le_9: Mapped[int] = mapped_column(Integer)
+    le_10: Mapped[int] = mapped_column(Integer)
+    le_11: Mapped[int] = mapped_column(Integer)
+
+
+class WebhookHourly(Base):
+    """Webhook figures of one hour: attempts by outcome (kind "attempt") and deliveries
+    settled by status (kind "delivery"). Written with each attempt's record."""
+
+    __tablename__ = "webhook_hourly"
+
+    hour: Mapped[datetime] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    name: Mapped[str] = mapped_column(String(16), primary_key=True)
+    count: Mapped[int] = mapped_column(Integer)
 
 
 # A key's spend in a period (a usage report) sums cost_total over its jobs finished in that

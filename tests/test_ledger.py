@@ -1,7 +1,8 @@
-"""The spend ledger: a key's spend per UTC month, kept as costs are recorded, equal to the
-sum of its jobs' recorded costs to the picodollar whatever happened on the way (retries,
-failures, cancels, batch requests, a budget refusal, a database outage in the middle of
-recording). Real worker process, real databases, the simulator over HTTP."""
+"""The spend ledger (a key's spend per UTC month) and the hourly rollups, kept as the work is
+recorded, equal to the sums of the jobs and attempts themselves, to the picodollar, whatever
+happened on the way (retries, failures, cancels, batch requests, a budget refusal, a
+database outage in the middle of recording). Real worker process, real databases, the
+simulator over HTTP."""
 
 from __future__ import annotations
 
@@ -26,11 +27,12 @@ from promptq.jobs.leases import LeaseKeeper
 from promptq.jobs.runner import JobRunner
 from promptq.jobs.schemas import JobCreate
 from promptq.keys.service import authenticate
-from promptq.models import Job, SpendLedger
+from promptq.models import LATENCY_BUCKETS_MS, Attempt, AttemptHourly, Job, SpendLedger, UsageHourly
 from promptq.periods import month_key
 from promptq.pricing import PriceTable
 from promptq.ratelimit.limiter import Limiter
 from promptq.ratelimit.table import LimitTable
+from promptq.rollups import floor_hour
 from promptq.types import picodollars_to_usd
 from promptq.upstream import UpstreamClient
 
@@ -62,6 +64,102 @@ def recorded_costs(database_url: str, api_key_id: str) -> dict[str, tuple[Decima
             spent, jobs = totals.get(month, (Decimal(0), 0))
             totals[month] = (spent + picodollars_to_usd(int(cost)), jobs + 1)
         return totals
+
+
+def usage_rollups(database_url: str, api_key_id: str) -> dict[tuple[Any, ...], tuple[int, ...]]:
+    """The key's usage_hourly rows: (hour, model, status, priced) -> (jobs, tokens, costs)."""
+    with session_scope(database_url) as session:
+        rows = session.scalars(select(UsageHourly).where(UsageHourly.api_key_id == api_key_id))
+        return {
+            (row.hour, row.model, row.status, row.priced): (
+                row.jobs,
+                row.input_tokens,
+                row.output_tokens,
+                row.cache_creation_input_tokens,
+                row.cache_read_input_tokens,
+                *(
+                    _pico(value)
+                    for value in (
+                        row.cost_total,
+                        row.cost_input,
+                        row.cost_output,
+                        row.cost_cache_write,
+                        row.cost_cache_read,
+                    )
+                ),
+            )
+            for row in rows
+        }
+
+
+def usage_from_jobs(database_url: str, api_key_id: str) -> dict[tuple[Any, ...], tuple[int, ...]]:
+    """The same, summed from the key's ended jobs."""
+    totals: dict[tuple[Any, ...], list[int]] = {}
+    with session_scope(database_url) as session:
+        for job in session.scalars(select(Job).where(Job.api_key_id == api_key_id)):
+            if job.status not in FINAL or job.finished_at is None:
+                continue
+            key = (floor_hour(job.finished_at), job.model, job.status, job.cost_total is not None)
+            row = totals.setdefault(key, [0] * 10)
+            values = (
+                1,
+                job.input_tokens or 0,
+                job.output_tokens or 0,
+                job.cache_creation_input_tokens or 0,
+                job.cache_read_input_tokens or 0,
+                *(
+                    _pico(value or Decimal(0))
+                    for value in (
+                        job.cost_total,
+                        job.cost_input,
+                        job.cost_output,
+                        job.cost_cache_write,
+                        job.cost_cache_read,
+                    )
+                ),
+            )
+            totals[key] = [a + b for a, b in zip(row, values, strict=True)]
+    return {key: tuple(value) for key, value in totals.items()}
+
+
+def attempt_rollups(database_url: str, api_key_id: str) -> dict[tuple[Any, ...], tuple[int, ...]]:
+    with session_scope(database_url) as session:
+        rows = session.scalars(select(AttemptHourly).where(AttemptHourly.api_key_id == api_key_id))
+        return {
+            (row.hour, row.model, row.outcome, row.status_code): (
+                row.attempts,
+                row.latency_ms_sum,
+                *(getattr(row, f"le_{i}") for i in range(len(LATENCY_BUCKETS_MS))),
+            )
+            for row in rows
+        }
+
+
+def attempts_from_rows(
+    database_url: str, api_key_id: str
+) -> dict[tuple[Any, ...], tuple[int, ...]]:
+    totals: dict[tuple[Any, ...], list[int]] = {}
+    with session_scope(database_url) as session:
+        query = (
+            select(Attempt, Job.model)
+            .join(Job, Job.id == Attempt.job_id)
+            .where(Job.api_key_id == api_key_id)
+        )
+        for attempt, model in session.execute(query):
+            code = str(attempt.status_code) if attempt.status_code is not None else "none"
+            key = (floor_hour(attempt.finished_at), model, attempt.outcome, code)
+            row = totals.setdefault(key, [0] * (2 + len(LATENCY_BUCKETS_MS)))
+            values = (
+                1,
+                attempt.latency_ms,
+                *(int(attempt.latency_ms <= bound) for bound in LATENCY_BUCKETS_MS),
+            )
+            totals[key] = [a + b for a, b in zip(row, values, strict=True)]
+    return {key: tuple(value) for key, value in totals.items()}
+
+
+def _pico(value: Decimal) -> int:
+    return int(value * 10**12)
 
 
 def queued_job(database_url: str, settings: Any, plain: str, prompt: str, **extra: Any) -> str:
@@ -153,6 +251,18 @@ def test_the_ledger_equals_the_recorded_costs_after_a_mixed_run(
     with session_scope(database_url) as session:
         assert budgets.budget_state(session, key, Decimal(100)).spent == ledger[month][0]
 
+    # The rollups hold every ended job and every call exactly once, as the rows do.
+    poor_id = key_id_of(database_url, poor)
+    for key_id in (key, poor_id):
+        assert usage_rollups(database_url, key_id) == usage_from_jobs(database_url, key_id)
+        assert attempt_rollups(database_url, key_id) == attempts_from_rows(database_url, key_id)
+    statuses = {status for (_, _, status, _) in usage_rollups(database_url, key)}
+    assert statuses == {"succeeded", "failed", "canceled"}
+    # And the usage report, read from them, is the jobs' own sums.
+    report = client.get("/v1/usage", headers=auth(plain)).json()
+    assert report["total"]["jobs"] == 5
+    assert Decimal(report["total"]["cost"]["total"]) == ledger[month][0]
+
 
 def _parse(text: str) -> Any:
     from datetime import datetime
@@ -232,5 +342,8 @@ def test_a_database_outage_while_recording_neither_loses_nor_doubles_the_cost(
         )
     assert total == 1
     assert ledger_of(database_url, key) == {month: (cost, 1)} == recorded_costs(database_url, key)
+    assert usage_rollups(database_url, key) == usage_from_jobs(database_url, key)
+    assert attempt_rollups(database_url, key) == attempts_from_rows(database_url, key)
+    assert sum(row[0] for row in attempt_rollups(database_url, key).values()) == 1
     # Recorded again from the answer kept in memory, not asked for twice.
     assert simulator.stats()["calls_by_prompt"][prompt[:60]] == 1

@@ -121,15 +121,17 @@ class BatchRepository:
             query = query.where(Job.id > after_id)
         return list(self.session.scalars(query.order_by(Job.id).limit(limit)))
 
-    def end_runnable(self, batch_id: str, values: dict[str, Any]) -> int:
-        """Finish every request of the batch that has not started (cancel, expiry)."""
+    def end_runnable(self, batch_id: str, values: dict[str, Any]) -> list[tuple[str, str]]:
+        """Finish every request of the batch that has not started (cancel, expiry); the
+        (api key id, model) of each request so ended, for the rollups."""
         statement = (
             update(Job)
             .where(Job.batch_id == batch_id, Job.status.in_(RUNNABLE_STATUSES))
             .values(**values)
+            .returning(Job.api_key_id, Job.model)
             .execution_options(synchronize_session=False)
         )
-        return self.session.execute(statement).rowcount  # type: ignore[attr-defined]
+        return [(row[0], row[1]) for row in self.session.execute(statement)]
 
     def results_page(self, batch_id: str, after_id: str | None, limit: int) -> Sequence[Any]:
         query = select(*RESULT_COLUMNS).where(Job.batch_id == batch_id)

@@ -22,6 +22,7 @@ from promptq.config import Settings
 from promptq.ids import new_id
 from promptq.jobs.errors import InvalidJob, JobNotFound
 from promptq.models import ApiKey, BatchStatus, Job, JobStatus, MessageBatch, Priority
+from promptq.rollups import EndedJob, jobs_ended
 from promptq.types import utcnow
 from promptq.webhooks import deliveries
 
@@ -69,6 +70,14 @@ def create_batch(
     batch.processing_count = len(jobs) - errored
     batch.errored_count = errored
     BatchRepository(session).add(batch, jobs)
+    jobs_ended(
+        session,
+        [
+            EndedJob(key.id, row["model"], row["status"], now)
+            for row in jobs
+            if row["status"] == JobStatus.FAILED
+        ],
+    )
     ended = end_if_finished(session, settings, batch.id)
     return BatchView(batch), ended
 
@@ -151,7 +160,8 @@ def cancel_batch(
                 "error_message": "the batch was canceled before this request ran",
             },
         )
-        repository.count_ended(batch_id, {"canceled": canceled})
+        repository.count_ended(batch_id, {"canceled": len(canceled)})
+        _rollup(session, canceled, now)
         batch = repository.lock(batch_id)
         assert batch is not None
         if batch.processing_status == BatchStatus.IN_PROGRESS:
@@ -203,6 +213,13 @@ def count_ended(session: Session, batch_id: str, outcome: str, count: int = 1) -
     BatchRepository(session).count_ended(batch_id, {outcome: count})
 
 
+def _rollup(session: Session, canceled: list[tuple[str, str]], at: Any) -> None:
+    """Requests ended unstarted (a cancel, an expiry) are canceled jobs in the rollups."""
+    jobs_ended(
+        session, [EndedJob(key_id, model, JobStatus.CANCELED, at) for key_id, model in canceled]
+    )
+
+
 def expire_and_close(session: Session, settings: Settings, limit: int = 100) -> list[str]:
     """The sweeper's part: requests of batches past their 24 hours expire, and batches
     whose requests have all finished are ended if that was missed. Deliveries to send."""
@@ -221,7 +238,8 @@ def expire_and_close(session: Session, settings: Settings, limit: int = 100) -> 
                 "error_message": "the batch expired (24 hours) before this request ran",
             },
         )
-        repository.count_ended(batch_id, {"expired": expired})
+        repository.count_ended(batch_id, {"expired": len(expired)})
+        _rollup(session, expired, now)
         sent += end_if_finished(session, settings, batch_id)
     for batch_id in repository.finished_but_open(limit):
         sent += end_if_finished(session, settings, batch_id)

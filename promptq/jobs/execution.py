@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from promptq import budgets
+from promptq import budgets, rollups
 from promptq.config import Settings
 from promptq.jobs.endings import end_events
 from promptq.jobs.repository import JobRepository
@@ -48,6 +48,7 @@ class RunnableJob:
 @dataclass(frozen=True)
 class ClaimedJob:
     id: str
+    api_key_id: str
     model: str
     request: dict[str, Any]
     priority: str
@@ -98,6 +99,7 @@ def claim_job(session: Session, settings: Settings, job: RunnableJob) -> Claimed
         return None
     return ClaimedJob(
         id=job.id,
+        api_key_id=job.api_key_id,
         model=job.model,
         request=job.request,
         priority=job.priority,
@@ -193,17 +195,29 @@ def record_attempt(
         settle_from.append(JobStatus.RETRYING)
     if not repository.transition(claimed.id, settle_from, values):
         return AttemptVerdict(JobStatus.RUNNING)
+    sent: tuple[str, ...] = ()
     if verdict.status.is_final:
         # First loaded in this session after the update above, so already current.
         job = repository.get(claimed.id)
         assert job is not None
         sent = tuple(end_events(session, settings, job))
-        cost = values.get("cost_total")
-        if cost is not None:
-            # In this transaction, after the compare-and-set above won: the ledger holds the
-            # cost exactly when the job does. Last, so that the ledger row's lock (shared by
-            # every job of the key this month) is held only until the commit that follows.
-            budgets.record_spend(session, job.api_key_id, now, cost)
+    # The rollups and the ledger in this transaction, after the compare-and-set above won:
+    # they hold the call and the cost exactly when the job does. Last, and always in this
+    # order (usage, attempts, ledger), so that their rows' locks, shared by the key's other
+    # jobs, last only until the commit that follows and are never taken in opposite orders.
+    rollups.attempt_recorded(
+        session,
+        claimed.api_key_id,
+        claimed.model,
+        now,
+        result.outcome,
+        result.status_code,
+        result.latency_ms,
+    )
+    cost = values.get("cost_total")
+    if verdict.status.is_final and cost is not None:
+        budgets.record_spend(session, claimed.api_key_id, now, cost)
+    if verdict.status.is_final:
         return AttemptVerdict(verdict.status, deliveries=sent)
     return verdict
 

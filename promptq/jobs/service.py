@@ -17,6 +17,7 @@ from promptq.jobs.errors import InvalidJob, JobConflict, JobNotFound
 from promptq.jobs.repository import JobRepository
 from promptq.jobs.schemas import JobCreate
 from promptq.models import RUNNABLE_STATUSES, ApiKey, Job, JobStatus
+from promptq.rollups import job_ended
 from promptq.types import utcnow
 from promptq.webhooks import UnsafeTarget, check_url
 
@@ -155,6 +156,8 @@ def cancel_job(session: Session, key: ApiKey, job_id: str) -> Job:
         from promptq.batches.service import count_ended
 
         count_ended(session, job.batch_id, "canceled")
+    if canceled:
+        job_ended(session, job)
     if not canceled:
         if job.status == JobStatus.RUNNING:
             raise JobConflict(

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from promptq.ids import new_id
 from promptq.jobs.presenter import isoformat, job_to_api
 from promptq.models import ApiKey, DeliveryStatus, Job, WebhookAttempt, WebhookDelivery
+from promptq.rollups import webhook_attempt_recorded
 from promptq.types import utcnow
 from promptq.webhooks import subscriptions
 from promptq.webhooks.sender import DeliveryResult
@@ -198,7 +199,17 @@ def record(
         if job is not None:
             job.webhook_status = delivery.status
             job.webhook_attempts = delivery.attempts
+    settled = delivery.status if delivery.status != DeliveryStatus.PENDING else None
+    webhook_attempt_recorded(session, now, attempt_outcome(result), settled)
     return delay
+
+
+def attempt_outcome(result: DeliveryResult) -> str:
+    """`succeeded`: a 2xx in time; `http_error`: any other answer; `no_response`: none came
+    (refused, timed out, blocked as a private address)."""
+    if result.status_code is None:
+        return "no_response"
+    return "succeeded" if result.succeeded else "http_error"
 
 
 def due(session: Session, now: datetime, limit: int = 1000) -> Sequence[str]:
