@@ -75,6 +75,8 @@ class Settings(BaseSettings):
     # How long a rate-limit concurrency slot outlives a worker that stopped renewing it.
     slot_lease_seconds: int = Field(default=30, ge=3)
     sweep_interval_seconds: float = Field(default=10.0, gt=0)
+    # The longest one sweeper pass walks the stale jobs; the next pass goes on from there.
+    sweep_budget_seconds: float = Field(default=5.0, gt=0)
     # A queued job older than this with no progress is published again by the sweeper.
     republish_after_seconds: int = Field(default=30, ge=1)
 

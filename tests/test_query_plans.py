@@ -239,6 +239,9 @@ def _run_hot_paths(url: str, plain: str, settings: Any) -> None:
         reclaim_expired(session, own)
     with session_scope(url) as session:
         stale_runnable_jobs(session, own)
+        # A pass resumed from a cursor, and its wrap-around to the beginning.
+        stale_runnable_jobs(session, own, after_id=job_id)
+        stale_runnable_jobs(session, own, up_to_id=job_id)
         batches.expire_and_close(session, own)
         deliveries.due(session, utcnow())
     with session_scope(url) as session:

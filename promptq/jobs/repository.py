@@ -111,10 +111,19 @@ class JobRepository:
         query = select(Attempt).where(Attempt.job_id == job_id).order_by(Attempt.number)
         return self.session.scalars(query).all()
 
-    def due_for_publish(self, now: datetime, stale_before: datetime, limit: int) -> Sequence[Job]:
+    def due_for_publish(
+        self,
+        now: datetime,
+        stale_before: datetime,
+        limit: int,
+        after_id: str | None = None,
+        up_to_id: str | None = None,
+    ) -> Sequence[Job]:
         """Runnable jobs that are due (parked until a time now past), or were last touched
         before `stale_before`: their broker message may be lost (a wiped Redis, a dead
-        worker's prefetch), or was never sent (a wait too long for a broker countdown)."""
+        worker's prefetch), or was never sent (a wait too long for a broker countdown).
+        A page in id order within (after_id, up_to_id], walked through the partial index of
+        active jobs."""
         query = (
             select(Job)
             .where(
@@ -128,6 +137,10 @@ class JobRepository:
             .order_by(Job.id)
             .limit(limit)
         )
+        if after_id is not None:
+            query = query.where(Job.id > after_id)
+        if up_to_id is not None:
+            query = query.where(Job.id <= up_to_id)
         return self.session.scalars(query).all()
 
     def expired_leases(self, now: datetime, limit: int) -> Sequence[Job]:
