@@ -80,6 +80,12 @@ class Settings(BaseSettings):
     # A queued job older than this with no progress is published again by the sweeper.
     republish_after_seconds: int = Field(default=30, ge=1)
 
+    # Retention: finished jobs are deleted this many days after they ended (0: never).
+    # Money and figures stay in the spend ledger and the hourly rollups forever.
+    retention_days: int = Field(default=30, ge=0, le=36500)
+    # How long one run of the beat's prune may last; the next run goes on.
+    prune_budget_seconds: float = Field(default=60.0, gt=0)
+
     # /metrics: how many distinct model names get a label of their own (the first seen);
     # the rest are summed under `other`, so clients cannot grow the label set without end.
     metrics_max_models: int = Field(default=50, ge=1, le=10000)

@@ -92,6 +92,27 @@ def database_url(
         drop()
 
 
+@pytest.fixture
+def fresh_database_url(
+    database_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """A migrated, empty database of the same kind as `database_url`, for a test that must
+    see every row of a table (the shared one holds other tests' rows)."""
+    from promptq.db import get_engine
+    from promptq.migrate import upgrade
+
+    drop = None
+    if database_url.startswith("sqlite"):
+        url = f"sqlite:///{tmp_path_factory.mktemp('fresh') / 'promptq.db'}"
+    else:
+        url, drop = _create_postgres_database(os.environ["PROMPTQ_TEST_DATABASE_URL"])
+    upgrade(url)
+    yield url
+    get_engine(url).dispose()
+    if drop is not None:
+        drop()
+
+
 @pytest.fixture(scope="session")
 def simulator() -> Iterator[Simulator]:
     with Simulator() as server:

@@ -1,5 +1,5 @@
 """Every hot path (intake, claim, record, delivery claim, batch progress, unsubscribe), every
-sweeper pass and every reader of figures (/metrics, usage reports, the dashboard) reads
+sweeper pass, a prune and every reader of figures (/metrics, usage reports, the dashboard) reads
 through an index that follows the work in flight, or the rollups, never a scan of the
 history: against a database holding 200,000 finished jobs (with as many attempts and
 webhook deliveries), each statement those paths really run is EXPLAINed (EXPLAIN QUERY PLAN
@@ -264,6 +264,13 @@ def _run_hot_paths(url: str, plain: str, settings: Any) -> None:
                 usage_report(session, group_by, current_month(), scope)  # type: ignore[arg-type]
         build_dashboard(session, key.id)
         build_dashboard(session, None)
+    # Retention: a page of a dry run, and a page of a real prune (a day's retention makes
+    # half the history old enough).
+    from promptq import retention
+
+    daily = own.model_copy(update={"retention_days": 1})
+    assert retention.prune(daily, dry_run=True, budget_seconds=0).jobs > 0
+    assert retention.prune(daily, budget_seconds=0).jobs > 0
 
 
 def _reads(statement: str) -> bool:

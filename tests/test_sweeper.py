@@ -3,38 +3,15 @@ so no due job waits behind a page of older ones, and a time budget per pass."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
-import pytest
-from conftest import _create_postgres_database
-
-from promptq.db import get_engine, session_scope
+from promptq.db import session_scope
 from promptq.ids import new_id
 from promptq.jobs.sweeping import Candidate, walk_stale
 from promptq.keys.service import create_key
 from promptq.models import Job, JobStatus
 from promptq.types import utcnow
-
-
-@pytest.fixture
-def fresh_url(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A database of its own: the walk sees every stale job in it, and the shared one has
-    other tests' jobs."""
-    from promptq.migrate import upgrade
-
-    drop = None
-    if database_url.startswith("sqlite"):
-        url = f"sqlite:///{tmp_path_factory.mktemp('sweeper') / 'promptq.db'}"
-    else:
-        url, drop = _create_postgres_database(os.environ["PROMPTQ_TEST_DATABASE_URL"])
-    upgrade(url)
-    yield url
-    get_engine(url).dispose()
-    if drop is not None:
-        drop()
 
 
 def _stale_jobs(url: str, count: int) -> list[str]:
@@ -61,10 +38,10 @@ def _stale_jobs(url: str, count: int) -> list[str]:
 
 
 def test_passes_go_on_where_the_last_one_stopped_and_wrap_around(
-    fresh_url: str, settings: Any
+    fresh_database_url: str, settings: Any
 ) -> None:
-    ids = _stale_jobs(fresh_url, 25)
-    own = settings.model_copy(update={"database_url": fresh_url})
+    ids = _stale_jobs(fresh_database_url, 25)
+    own = settings.model_copy(update={"database_url": fresh_database_url})
     passes: list[list[str]] = []
 
     def one_pass(start: str | None) -> str | None:
@@ -89,9 +66,9 @@ def test_passes_go_on_where_the_last_one_stopped_and_wrap_around(
     assert set(passes[0] + passes[1] + passes[2]) == set(ids)
 
 
-def test_with_time_enough_a_pass_walks_everything(fresh_url: str, settings: Any) -> None:
-    ids = _stale_jobs(fresh_url, 25)
-    own = settings.model_copy(update={"database_url": fresh_url})
+def test_with_time_enough_a_pass_walks_everything(fresh_database_url: str, settings: Any) -> None:
+    ids = _stale_jobs(fresh_database_url, 25)
+    own = settings.model_copy(update={"database_url": fresh_database_url})
     seen: list[str] = []
     start = ids[12]
     cursor = walk_stale(

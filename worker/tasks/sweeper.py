@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
+from promptq import retention
 from promptq.batches.service import expire_and_close
 from promptq.db import session_scope
 from promptq.jobs.sweeping import Candidate, reclaim_expired, walk_stale
@@ -82,3 +83,14 @@ def sweep() -> dict[str, int]:
             len(due),
         )
     return {"reclaimed": len(reclaimed.runnable), "republished": len(lost), "deliveries": len(due)}
+
+
+@promptq_task("prune")
+def prune() -> dict[str, int]:
+    """Retention (promptq.retention): finished jobs past PROMPTQ_RETENTION_DAYS leave, for at
+    most prune_budget_seconds per run."""
+    ctx = worker_context()
+    report = retention.prune(ctx.settings, budget_seconds=ctx.settings.prune_budget_seconds)
+    if report.rows:
+        log.info("prune: %s", report.describe())
+    return {"jobs": report.jobs, "attempts": report.attempts, "deliveries": report.deliveries}
