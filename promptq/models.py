@@ -49,6 +49,10 @@ RUNNABLE_STATUSES = (JobStatus.QUEUED, JobStatus.RETRYING)
 # many are kept, are in none of them, so every query through them costs what is in flight.
 ACTIVE_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.RETRYING)
 ACTIVE_JOBS_WHERE = "status IN ('queued', 'running', 'retrying')"
+# Ended jobs whose end is not yet in the ledger and rollups: only those of the previous
+# release (or ended by its processes during an upgrade), until the backfill has run.
+ENDED_STATUSES = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
+UNACCOUNTED_JOBS_WHERE = "accounted = 0 AND status IN ('succeeded', 'failed', 'canceled')"
 
 
 class Priority(StrEnum):
@@ -96,6 +100,13 @@ class Job(Base):
             "created_at",
             postgresql_where=text(ACTIVE_JOBS_WHERE),
             sqlite_where=text(ACTIVE_JOBS_WHERE),
+        ),
+        # Partial: ended jobs not yet in the ledger and rollups (empty once backfilled).
+        Index(
+            "ix_jobs_unaccounted",
+            "id",
+            postgresql_where=text(UNACCOUNTED_JOBS_WHERE),
+            sqlite_where=text(UNACCOUNTED_JOBS_WHERE),
         ),
         # Partial: the dashboard's latest failures, newest first.
         Index(
@@ -163,6 +174,10 @@ class Job(Base):
     # The client's anthropic-beta header, sent with every upstream call of the job: beta
     # features (and the parameters only they accept) work through promptq as they do direct.
     anthropic_beta: Mapped[str | None] = mapped_column(String(500))
+    # 1 once the job's end is in the spend ledger, the usage rollup and its batch's counts:
+    # set by the transaction that ends it (or by promptq.rollups.backfill for jobs ended
+    # before those existed), so that each end is counted exactly once.
+    accounted: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     attempt_records: Mapped[list[Attempt]] = relationship(
         back_populates="job", order_by="Attempt.number", lazy="raise"
@@ -175,6 +190,11 @@ def is_active_job() -> ColumnElement[bool]:
     for a query that repeats its WHERE term; PostgreSQL must see constants, not bound
     parameters, to prove a query implies it)."""
     return Job.status.in_([literal_column(f"'{status.value}'") for status in ACTIVE_STATUSES])
+
+
+def is_unaccounted_job() -> ColumnElement[bool]:
+    """UNACCOUNTED_JOBS_WHERE as a query term (see is_active_job)."""
+    return (Job.accounted == literal_column("0")) & has_status(*ENDED_STATUSES)
 
 
 def has_status(*statuses: JobStatus) -> ColumnElement[bool]:
@@ -240,6 +260,8 @@ class Attempt(Base):
     upstream_request_id: Mapped[str | None] = mapped_column(String(200))
     error_type: Mapped[str | None] = mapped_column(String(100))
     error_message: Mapped[str | None] = mapped_column(Text)
+    # 1 once the call is in the attempt rollup (see Job.accounted).
+    accounted: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     job: Mapped[Job] = relationship(back_populates="attempt_records")
 

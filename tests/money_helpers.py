@@ -53,6 +53,7 @@ def add_job(
         cost_cache_write=parts[2] if parts else None,
         cost_cache_read=parts[3] if parts else None,
         cost_total=sum(parts, Decimal(0)) if parts else None,
+        accounted=1 if finished_at is not None and JobStatus(status).is_final else 0,
     )
     with session_scope(database_url) as session:
         session.add(job)

@@ -72,18 +72,18 @@ def _seed_sql(dialect: str) -> list[str]:
             max_attempts, created_at, updated_at, started_at, finished_at, input_tokens,
             output_tokens, cache_creation_input_tokens, cache_read_input_tokens, cost_input,
             cost_output, cost_cache_write, cost_cache_read, cost_total, webhook_attempts,
-            webhook_url)
+            webhook_url, accounted)
         SELECT {job_id}, :key,
             CASE WHEN x % 10 = 0 THEN 'failed' ELSE 'succeeded' END,
             :model, 'normal', {request}, 1, 4, {moment}, {moment}, {moment}, {moment},
             100, 200, 0, 0, 300000000, 3000000000, 0, 0, 3300000000, 1,
-            'https://example.com/hook'
+            'https://example.com/hook', 1
         FROM ({series}) AS s
         """,
         """
         INSERT INTO attempts (job_id, number, started_at, finished_at, latency_ms, outcome,
-            status_code)
-        SELECT id, 1, started_at, finished_at, 1200, 'succeeded', 200 FROM jobs
+            status_code, accounted)
+        SELECT id, 1, started_at, finished_at, 1200, 'succeeded', 200, 1 FROM jobs
         """,
         """
         INSERT INTO webhook_deliveries (id, event_id, job_id, api_key_id, url, event_type,

@@ -71,6 +71,7 @@ def add(
             cost_input=Decimal("0.000030") if ended else None,
             cost_output=Decimal("0.000300") if ended else None,
             batch_id=batch_id,
+            accounted=1 if ended else 0,
         )
         session.add(job)
         session.flush()

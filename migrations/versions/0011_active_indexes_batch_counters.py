@@ -3,7 +3,7 @@
 Partial indexes of active jobs (queued, running, retrying) replace the index on every job's
 status; pending deliveries get a partial index of their own, and deliveries one on
 subscription_id (an unsubscribe sets it to NULL). Batches count their requests in columns,
-filled here from their jobs.
+filled by `promptq db upgrade` (promptq.rollups.backfill).
 
 Revision ID: 0011
 Revises: 0010
@@ -22,55 +22,66 @@ depends_on = None
 
 ACTIVE = "status IN ('queued', 'running', 'retrying')"
 COUNTERS = (
-    ("processing_count", "status NOT IN ('succeeded', 'failed', 'canceled')"),
-    ("succeeded_count", "status = 'succeeded'"),
-    ("errored_count", "status = 'failed'"),
-    (
-        "canceled_count",
-        "status = 'canceled' AND (error_type IS NULL OR error_type != 'expired_error')",
-    ),
-    ("expired_count", "status = 'canceled' AND error_type = 'expired_error'"),
+    "processing_count",
+    "succeeded_count",
+    "errored_count",
+    "canceled_count",
+    "expired_count",
 )
 
 
-def _partial(name: str, table: str, columns: list[str], where: str) -> None:
-    op.create_index(
-        name,
-        table,
-        columns,
-        postgresql_where=sa.text(where),
-        sqlite_where=sa.text(where),
+def _partial(name: str, table: str, columns: list[str], where: str | None = None) -> None:
+    """On PostgreSQL built CONCURRENTLY (outside the migration's transaction), so writers
+    of a large table are not held up while it builds."""
+    options = (
+        {}
+        if where is None
+        else {
+            "postgresql_where": sa.text(where),
+            "sqlite_where": sa.text(where),
+        }
     )
+    if op.get_bind().dialect.name == "postgresql":
+        with op.get_context().autocommit_block():
+            op.create_index(name, table, columns, postgresql_concurrently=True, **options)
+    else:
+        op.create_index(name, table, columns, **options)
+
+
+def _drop(name: str, table: str) -> None:
+    if op.get_bind().dialect.name == "postgresql":
+        with op.get_context().autocommit_block():
+            op.drop_index(name, table_name=table, postgresql_concurrently=True)
+    else:
+        op.drop_index(name, table_name=table)
 
 
 def upgrade() -> None:
     _partial("ix_jobs_active", "jobs", ["id"], ACTIVE)
     _partial("ix_jobs_active_model", "jobs", ["model", "status", "created_at"], ACTIVE)
     _partial("ix_jobs_failed_finished", "jobs", ["finished_at", "id"], "status = 'failed'")
-    op.drop_index("ix_jobs_status_next_attempt", table_name="jobs")
+    _drop("ix_jobs_status_next_attempt", "jobs")
     _partial(
         "ix_deliveries_pending_next",
         "webhook_deliveries",
         ["next_attempt_at"],
         "status = 'pending'",
     )
-    op.drop_index("ix_deliveries_status_next", table_name="webhook_deliveries")
-    op.create_index("ix_deliveries_subscription", "webhook_deliveries", ["subscription_id"])
+    _drop("ix_deliveries_status_next", "webhook_deliveries")
+    _partial("ix_deliveries_subscription", "webhook_deliveries", ["subscription_id"])
 
     with op.batch_alter_table("message_batches") as batch_op:
-        for column, _ in COUNTERS:
+        for column in COUNTERS:
             batch_op.add_column(sa.Column(column, sa.Integer(), nullable=False, server_default="0"))
-    # Each batch's counts from its requests, through ix_jobs_batch_status.
-    for column, where in COUNTERS:
-        op.execute(
-            f"UPDATE message_batches SET {column} = (SELECT COUNT(*) FROM jobs "
-            f"WHERE jobs.batch_id = message_batches.id AND {where})"
-        )
+    # Every request starts as processing; each ended one moves to its outcome as its end
+    # is accounted for, by the code that ends it or by `promptq db upgrade`'s backfill for
+    # the requests ended before (promptq.rollups.backfill), exactly once either way.
+    op.execute("UPDATE message_batches SET processing_count = request_count")
 
 
 def downgrade() -> None:
     with op.batch_alter_table("message_batches") as batch_op:
-        for column, _ in COUNTERS:
+        for column in COUNTERS:
             batch_op.drop_column(column)
     op.drop_index("ix_deliveries_subscription", table_name="webhook_deliveries")
     op.create_index(

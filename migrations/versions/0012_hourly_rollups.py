@@ -1,4 +1,4 @@
-"""hourly rollups of jobs, upstream calls and webhook attempts, filled from the history
+"""hourly rollups of jobs, upstream calls and webhook attempts
 
 Revision ID: 0012
 Revises: 0011
@@ -79,34 +79,9 @@ def upgrade() -> None:
 
 
 def backfill() -> None:
-    """The history so far, one grouped INSERT ... SELECT per rollup. They read the tables
-    without blocking their writers (no lock beyond a plain read's)."""
-    sums = ", ".join(f"COALESCE(SUM({name}), 0)" for name in (*TOKENS, *COSTS))
-    op.execute(
-        f"""
-        INSERT INTO usage_hourly (hour, api_key_id, model, status, priced, jobs,
-            {", ".join(TOKENS)}, {", ".join(COSTS)})
-        SELECT {_hour("finished_at")}, api_key_id, model, status, cost_total IS NOT NULL,
-            COUNT(*), {sums}
-        FROM jobs
-        WHERE status IN ('succeeded', 'failed', 'canceled') AND finished_at IS NOT NULL
-        GROUP BY 1, 2, 3, 4, 5
-        """
-    )
-    buckets = ", ".join(
-        f"SUM(CASE WHEN a.latency_ms <= {bound} THEN 1 ELSE 0 END)" for bound in LATENCY_BUCKETS_MS
-    )
-    op.execute(
-        f"""
-        INSERT INTO attempt_hourly (hour, api_key_id, model, outcome, status_code, attempts,
-            latency_ms_sum, {", ".join(f"le_{i}" for i in range(len(LATENCY_BUCKETS_MS)))})
-        SELECT {_hour("a.finished_at")}, j.api_key_id, j.model, a.outcome,
-            COALESCE(CAST(a.status_code AS VARCHAR(8)), 'none'), COUNT(*), SUM(a.latency_ms),
-            {buckets}
-        FROM attempts a JOIN jobs j ON j.id = a.job_id
-        GROUP BY 1, 2, 3, 4, 5
-        """
-    )
+    """Webhook figures so far, one grouped INSERT ... SELECT each (they read the tables
+    without blocking their writers). The jobs' and calls' rollups are filled by `promptq db
+    upgrade` in batches (promptq.rollups.backfill), with the ledger, exactly once."""
     op.execute(
         f"""
         INSERT INTO webhook_hourly (hour, kind, name, count)

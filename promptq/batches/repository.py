@@ -127,7 +127,8 @@ class BatchRepository:
         statement = (
             update(Job)
             .where(Job.batch_id == batch_id, Job.status.in_(RUNNABLE_STATUSES))
-            .values(**values)
+            # The caller counts them, in this transaction.
+            .values(**values, accounted=1)
             .returning(Job.api_key_id, Job.model)
             .execution_options(synchronize_session=False)
         )

@@ -106,11 +106,14 @@ def _job_row(
         "batch_id": batch_id,
         "custom_id": request.custom_id,
         "anthropic_beta": anthropic_beta,
+        "accounted": 0,
     }
     if request.error is not None:
         row.update(
             status=JobStatus.FAILED,
             finished_at=now,
+            # Counted at creation, with the batch's errored count and the rollups.
+            accounted=1,
             error_type="invalid_request_error",
             error_message=request.error,
             upstream_status=400,

@@ -7,10 +7,10 @@ from collections.abc import Sequence
 from decimal import Decimal
 
 from sqlalchemy import BigInteger, delete, func, select, type_coerce
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from promptq.models import ApiKey, BudgetReservation, Job, JobStatus, SpendLedger
+from promptq.rollups.repository import RollupRepository
 from promptq.types import picodollars_to_usd
 
 
@@ -58,22 +58,11 @@ class BudgetRepository:
         month's first cost. One upsert: two workers recording costs of one key at once both
         land (the second waits on the first's row lock, for the rest of a short transaction,
         then adds to its result)."""
-        insert = (
-            postgresql.insert
-            if self.session.get_bind().dialect.name == "postgresql"
-            else sqlite.insert
+        RollupRepository(self.session).add(
+            SpendLedger,
+            {"api_key_id": api_key_id, "month": month},
+            {"spent": amount, "jobs": jobs},
         )
-        statement = insert(SpendLedger).values(
-            api_key_id=api_key_id, month=month, spent=amount, jobs=jobs
-        )
-        statement = statement.on_conflict_do_update(
-            index_elements=[SpendLedger.api_key_id, SpendLedger.month],
-            set_={
-                "spent": SpendLedger.spent + statement.excluded.spent,
-                "jobs": SpendLedger.jobs + statement.excluded.jobs,
-            },
-        )
-        self.session.execute(statement)
 
     def reserve(self, job_id: str, api_key_id: str, amount: Decimal) -> None:
         # A row from an earlier attempt that no path deleted would collide with this one.

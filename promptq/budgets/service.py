@@ -195,6 +195,8 @@ def _fail(session: Session, settings: Settings, claimed: ClaimedJob, message: st
         {
             "status": JobStatus.FAILED,
             "finished_at": now,
+            # Counted by end_events, in this transaction.
+            "accounted": 1,
             "updated_at": now,
             "lease_expires_at": None,
             "error_type": BUDGET_EXCEEDED,

@@ -179,9 +179,10 @@ def db_upgrade(revision: str) -> None:
     from promptq.migrate import upgrade
 
     settings = get_settings()
-    upgrade(settings.database_url, revision)
+    backfilled = upgrade(settings.database_url, revision)
     click.echo(f"database at {revision}")
-    if revision == "head":
+    if backfilled is not None:
+        click.echo(backfilled.describe())
         _say_what_retention_deletes(settings)
 
 

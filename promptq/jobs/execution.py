@@ -160,6 +160,8 @@ def record_attempt(
             upstream_request_id=result.request_id,
             error_type=result.error_type,
             error_message=result.error_message,
+            # Its rollup is written in this transaction, below.
+            accounted=1,
         )
     )
     common: dict[str, Any] = {
@@ -170,7 +172,13 @@ def record_attempt(
     if result.outcome is Outcome.SUCCEEDED:
         assert result.message is not None
         verdict = AttemptVerdict(JobStatus.SUCCEEDED)
-        values = {**common, **_success_values(claimed, result.message, prices), "finished_at": now}
+        values = {
+            **common,
+            **_success_values(claimed, result.message, prices),
+            "finished_at": now,
+            # Its end is counted in this transaction (end_events, the ledger below).
+            "accounted": 1,
+        }
     elif result.outcome is Outcome.TRANSIENT and claimed.attempt < settings.max_attempts:
         retry_in = backoff_seconds(claimed.attempt, settings, result.retry_after)
         verdict = AttemptVerdict(JobStatus.RETRYING, retry_in=retry_in)
@@ -182,7 +190,13 @@ def record_attempt(
         }
     else:
         verdict = AttemptVerdict(JobStatus.FAILED)
-        values = {**common, **_error_values(result), "status": JobStatus.FAILED, "finished_at": now}
+        values = {
+            **common,
+            **_error_values(result),
+            "status": JobStatus.FAILED,
+            "finished_at": now,
+            "accounted": 1,
+        }
         if result.outcome is Outcome.TRANSIENT:
             values["error_message"] = (
                 f"gave up after {claimed.attempt} attempts; last error: {result.error_message}"

@@ -146,6 +146,8 @@ def cancel_job(session: Session, key: ApiKey, job_id: str) -> Job:
         {
             "status": JobStatus.CANCELED,
             "finished_at": now,
+            # Counted below, in this transaction.
+            "accounted": 1,
             "updated_at": now,
             "next_attempt_at": None,
         },

@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -36,7 +37,7 @@ def reclaim_expired(session: Session, settings: Settings) -> Reclaimed:
     reclaimed = Reclaimed()
     for job in repository.expired_leases(now, SWEEP_BATCH):
         last = job.attempts >= job.max_attempts
-        values = {
+        values: dict[str, Any] = {
             "status": JobStatus.FAILED if last else JobStatus.RETRYING,
             "lease_expires_at": None,
             "next_attempt_at": None,
@@ -48,7 +49,8 @@ def reclaim_expired(session: Session, settings: Settings) -> Reclaimed:
             ),
         }
         if last:
-            values["finished_at"] = now
+            # Counted by end_events, in this transaction.
+            values.update(finished_at=now, accounted=1)
         if not repository.transition(job.id, [JobStatus.RUNNING], values):
             continue
         # The dead worker's budget reservation goes with its claim.

@@ -3,7 +3,9 @@ as the work is recorded, so that reports and /metrics add up hours instead of ro
 
 from promptq.rollups.service import (
     EndedJob,
+    RecordedAttempt,
     attempt_recorded,
+    attempts_recorded,
     floor_hour,
     job_ended,
     jobs_ended,
@@ -12,7 +14,9 @@ from promptq.rollups.service import (
 
 __all__ = [
     "EndedJob",
+    "RecordedAttempt",
     "attempt_recorded",
+    "attempts_recorded",
     "floor_hour",
     "job_ended",
     "jobs_ended",

@@ -42,6 +42,13 @@ TOKEN_COLUMNS = (
     "cache_read_input_tokens",
 )
 COST_COLUMNS = ("cost_total", "cost_input", "cost_output", "cost_cache_write", "cost_cache_read")
+USAGE_KEYS = ("hour", "api_key_id", "model", "status", "priced")
+ATTEMPT_KEYS = ("hour", "api_key_id", "model", "outcome", "status_code")
+ATTEMPT_COUNTS = (
+    "attempts",
+    "latency_ms_sum",
+    *(f"le_{index}" for index in range(len(LATENCY_BUCKETS_MS))),
+)
 
 
 def floor_hour(moment: datetime) -> datetime:
@@ -100,26 +107,38 @@ def jobs_ended(session: Session, ended: Iterable[EndedJob]) -> None:
     for job in ended:
         hour = floor_hour(job.finished_at)
         groups[(hour, job.api_key_id, job.model, job.status, job.costs is not None)].append(job)
-    repository = RollupRepository(session)
+    rows = []
     for (hour, api_key_id, model, status, priced), jobs in sorted(groups.items()):
-        increments: dict[str, int | Decimal] = {"jobs": len(jobs)}
+        row: dict[str, object] = {
+            "hour": hour,
+            "api_key_id": api_key_id,
+            "model": model,
+            "status": status,
+            "priced": priced,
+            "jobs": len(jobs),
+        }
         for index, column in enumerate(TOKEN_COLUMNS):
-            increments[column] = sum(job.tokens[index] for job in jobs)
+            row[column] = sum(job.tokens[index] for job in jobs)
         for index, column in enumerate(COST_COLUMNS):
-            increments[column] = sum(
+            row[column] = sum(
                 (job.costs[index] for job in jobs if job.costs is not None), Decimal(0)
             )
-        repository.add(
-            UsageHourly,
-            {
-                "hour": hour,
-                "api_key_id": api_key_id,
-                "model": model,
-                "status": status,
-                "priced": priced,
-            },
-            increments,
-        )
+        rows.append(row)
+    RollupRepository(session).add_many(
+        UsageHourly, USAGE_KEYS, ("jobs", *TOKEN_COLUMNS, *COST_COLUMNS), rows
+    )
+
+
+@dataclass(frozen=True)
+class RecordedAttempt:
+    """What one upstream call adds to its hour."""
+
+    api_key_id: str
+    model: str
+    finished_at: datetime
+    outcome: str
+    status_code: int | None
+    latency_ms: int
 
 
 def attempt_recorded(
@@ -132,20 +151,34 @@ def attempt_recorded(
     latency_ms: int,
 ) -> None:
     """Add one upstream call to its hour's row."""
-    increments: dict[str, int] = {"attempts": 1, "latency_ms_sum": latency_ms}
-    for index, bound in enumerate(LATENCY_BUCKETS_MS):
-        increments[f"le_{index}"] = 1 if latency_ms <= bound else 0
-    RollupRepository(session).add(
-        AttemptHourly,
-        {
-            "hour": floor_hour(finished_at),
+    attempts_recorded(
+        session,
+        [RecordedAttempt(api_key_id, model, finished_at, outcome, status_code, latency_ms)],
+    )
+
+
+def attempts_recorded(session: Session, recorded: Iterable[RecordedAttempt]) -> None:
+    """Add upstream calls to their hours' rows, one upsert per row, in key order."""
+    groups: dict[tuple[datetime, str, str, str, str], list[RecordedAttempt]] = defaultdict(list)
+    for attempt in recorded:
+        code = str(attempt.status_code) if attempt.status_code is not None else "none"
+        key = (floor_hour(attempt.finished_at), attempt.api_key_id, attempt.model, attempt.outcome)
+        groups[(*key, code)].append(attempt)
+    rows = []
+    for (hour, api_key_id, model, outcome, code), attempts in sorted(groups.items()):
+        row: dict[str, object] = {
+            "hour": hour,
             "api_key_id": api_key_id,
             "model": model,
             "outcome": outcome,
-            "status_code": str(status_code) if status_code is not None else "none",
-        },
-        increments,
-    )
+            "status_code": code,
+            "attempts": len(attempts),
+            "latency_ms_sum": sum(a.latency_ms for a in attempts),
+        }
+        for index, bound in enumerate(LATENCY_BUCKETS_MS):
+            row[f"le_{index}"] = sum(1 for a in attempts if a.latency_ms <= bound)
+        rows.append(row)
+    RollupRepository(session).add_many(AttemptHourly, ATTEMPT_KEYS, ATTEMPT_COUNTS, rows)
 
 
 def webhook_attempt_recorded(

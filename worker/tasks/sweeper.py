@@ -11,6 +11,7 @@ from promptq import retention
 from promptq.batches.service import expire_and_close
 from promptq.db import session_scope
 from promptq.jobs.sweeping import Candidate, reclaim_expired, walk_stale
+from promptq.rollups.backfill import backfill
 from promptq.types import utcnow
 from promptq.webhooks import deliveries
 from worker.app import app
@@ -32,6 +33,9 @@ def sweep() -> dict[str, int]:
     url = ctx.settings.database_url
     with session_scope(url) as session:
         reclaimed = reclaim_expired(session, ctx.settings)
+    # Ends recorded by processes of the previous release while an upgrade rolls out (an
+    # empty partial index once they are gone: nothing to read).
+    backfill(url, budget_seconds=1.0)
     # A job is accounted for while it waits in its model's rate-limit queue, or while its
     # message's marker lives and the broker still holds messages it may be among. With the
     # broker's queue empty, a due job nobody claimed lost its message whatever its marker
