@@ -30,6 +30,7 @@ from promptq.models import (
     WebhookAttempt,
     WebhookDelivery,
 )
+from promptq.rollups.backfill import backfill
 from promptq.types import utcnow
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,11 +49,14 @@ def add(
     status: str,
     finished: datetime | None,
     batch_id: str | None = None,
+    accounted: bool = True,
 ) -> str:
     """A job as the workers leave it: an attempt, a webhook delivery with its attempt, and,
     when it ended, its cost in the rollups and the ledger."""
     job_id = made_at("job", created)
     ended = finished is not None and JobStatus(status).is_final
+    # Not accounted: ended by the previous release, not yet in the ledger and rollups.
+    counted = ended and accounted
     with session_scope(url) as session:
         job = Job(
             id=job_id,
@@ -71,7 +75,7 @@ def add(
             cost_input=Decimal("0.000030") if ended else None,
             cost_output=Decimal("0.000300") if ended else None,
             batch_id=batch_id,
-            accounted=1 if ended else 0,
+            accounted=1 if counted else 0,
         )
         session.add(job)
         session.flush()
@@ -108,7 +112,7 @@ def add(
                 delivery_id=delivery, number=1, started_at=created, latency_ms=5, status_code=200
             )
         )
-        if ended and finished is not None:
+        if counted and finished is not None:
             rollups.job_ended(session, job)
             budgets.record_spend(session, key, finished, Decimal("0.000330"))
     return job_id
@@ -170,6 +174,9 @@ def test_prune_deletes_only_what_the_policy_lets_go_and_resumes(
     gone += [add(url, key, old, "succeeded", old, batch_id=old_batch) for _ in range(2)]
     kept_batch = batch(url, key, recent)
     kept += [add(url, key, old, "succeeded", old, batch_id=kept_batch) for _ in range(2)]
+    # Ended by the previous release and not yet backfilled: kept until its money is counted.
+    unaccounted = add(url, key, old, "succeeded", old, accounted=False)
+    kept.append(unaccounted)
     before, figures = counts(url), money(url)
     assert retention.eligible_jobs(own) == 8  # outside batches
 
@@ -201,8 +208,13 @@ def test_prune_deletes_only_what_the_policy_lets_go_and_resumes(
     assert not left & set(gone)
     # Money and figures stay, to the picodollar.
     assert money(url) == figures
-    # Nothing left to delete.
+    # Nothing left to delete, until the backfill has counted the last one's money.
     assert retention.prune(own).jobs == 0
+    assert backfill(url).jobs == 1
+    assert money(url) != figures
+    assert retention.prune(own).jobs == 1
+    with session_scope(url) as session:
+        assert session.get(Job, unaccounted) is None
 
 
 def promptq_db(url: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:

@@ -207,18 +207,19 @@ def record_attempt(
     settle_from = [JobStatus.RUNNING]
     if verdict.status is JobStatus.SUCCEEDED:
         settle_from.append(JobStatus.RETRYING)
-    if not repository.transition(claimed.id, settle_from, values):
-        return AttemptVerdict(JobStatus.RUNNING)
+    settled = repository.transition(claimed.id, settle_from, values)
     sent: tuple[str, ...] = ()
-    if verdict.status.is_final:
+    if settled and verdict.status.is_final:
         # First loaded in this session after the update above, so already current.
         job = repository.get(claimed.id)
         assert job is not None
         sent = tuple(end_events(session, settings, job))
-    # The rollups and the ledger in this transaction, after the compare-and-set above won:
-    # they hold the call and the cost exactly when the job does. Last, and always in this
-    # order (usage, attempts, ledger), so that their rows' locks, shared by the key's other
-    # jobs, last only until the commit that follows and are never taken in opposite orders.
+    # The rollups and the ledger in this transaction: the call is counted with its attempt
+    # row (written whether or not the job was still ours), the cost only when the compare-
+    # and-set above won, exactly when the job holds it. Last, and always in this order
+    # (job, batch, usage, attempts, ledger), so that their rows' locks, shared by the key's
+    # other jobs, last only until the commit that follows and are never taken in opposite
+    # orders.
     rollups.attempt_recorded(
         session,
         claimed.api_key_id,
@@ -229,8 +230,10 @@ def record_attempt(
         result.latency_ms,
     )
     cost = values.get("cost_total")
-    if verdict.status.is_final and cost is not None:
+    if settled and verdict.status.is_final and cost is not None:
         budgets.record_spend(session, claimed.api_key_id, now, cost)
+    if not settled:
+        return AttemptVerdict(JobStatus.RUNNING)
     if verdict.status.is_final:
         return AttemptVerdict(verdict.status, deliveries=sent)
     return verdict

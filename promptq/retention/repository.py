@@ -36,6 +36,9 @@ class RetentionRepository:
             Job.id < below_id,
             has_status(*FINAL_STATUSES),
             Job.finished_at < cutoff,
+            # Only once its end is in the ledger and the rollups (a job of the previous
+            # release waits for the backfill): money never leaves with the job.
+            Job.accounted == 1,
         )
         if batch_id is None:
             # A batch's requests go with their batch, so its results stay readable as long
@@ -72,7 +75,10 @@ class RetentionRepository:
         moment ago can never take an unfinished job with it (an ended job never starts
         again)."""
         still_old = select(Job.id).where(
-            Job.id.in_(job_ids), has_status(*FINAL_STATUSES), Job.finished_at < cutoff
+            Job.id.in_(job_ids),
+            has_status(*FINAL_STATUSES),
+            Job.finished_at < cutoff,
+            Job.accounted == 1,
         )
         deliveries = select(WebhookDelivery.id).where(WebhookDelivery.job_id.in_(still_old))
         self._delete(delete(WebhookAttempt).where(WebhookAttempt.delivery_id.in_(deliveries)))
@@ -83,7 +89,10 @@ class RetentionRepository:
         self._delete(delete(BudgetReservation).where(BudgetReservation.job_id.in_(still_old)))
         jobs = self._delete(
             delete(Job).where(
-                Job.id.in_(job_ids), has_status(*FINAL_STATUSES), Job.finished_at < cutoff
+                Job.id.in_(job_ids),
+                has_status(*FINAL_STATUSES),
+                Job.finished_at < cutoff,
+                Job.accounted == 1,
             )
         )
         return jobs, attempts, delivered
