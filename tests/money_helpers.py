@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from decimal import Decimal
 
+from promptq import budgets, rollups
 from promptq.db import session_scope
 from promptq.ids import new_id
 from promptq.keys.service import authenticate
@@ -52,7 +53,13 @@ def add_job(
         cost_cache_write=parts[2] if parts else None,
         cost_cache_read=parts[3] if parts else None,
         cost_total=sum(parts, Decimal(0)) if parts else None,
+        accounted=1 if finished_at is not None and JobStatus(status).is_final else 0,
     )
     with session_scope(database_url) as session:
         session.add(job)
+        # As a worker's recording does, in the same transaction as the job's end.
+        if finished_at is not None and JobStatus(status).is_final:
+            rollups.job_ended(session, job)
+        if job.cost_total is not None and finished_at is not None:
+            budgets.record_spend(session, api_key_id, finished_at, job.cost_total)
     return job.id

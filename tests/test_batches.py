@@ -95,6 +95,10 @@ def test_requests_not_finished_in_24_hours_expire_and_the_batch_ends(
         # One request finished before the batch's time ran out.
         first = session.query(Job).filter_by(batch_id=batch_id, custom_id="r0").one()
         first.status, first.finished_at, first.result = JobStatus.SUCCEEDED, utcnow(), {"x": 1}
+        session.flush()
+        # As a worker's recording does, in the same transaction: the batch counts it.
+        assert service.request_ended(session, settings, first) == []
+        session.refresh(batch)
         batch.expires_at = utcnow() - timedelta(seconds=1)
     with session_scope(database_url) as session:
         service.expire_and_close(session, settings)

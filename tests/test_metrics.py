@@ -249,3 +249,47 @@ def _scrape_with(settings: Settings) -> Any:
 
     with TestClient(create_app(settings)) as test_client:
         return test_client.get("/metrics")
+
+
+def _collect(database_url: str, max_models: int) -> Exposition:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from promptq.metrics import PromptqCollector
+
+    registry = CollectorRegistry()
+    registry.register(PromptqCollector(database_url, None, max_models=max_models))
+    return Exposition(generate_latest(registry).decode())
+
+
+def test_model_labels_are_bounded_and_the_rest_fold_into_other(
+    client: Any, api_key: str, database_url: str, worker_process: Any
+) -> None:
+    """A client may name any model: past max_models distinct names, the later ones are
+    summed under `other`, and no figure is lost on the way."""
+    tag = uuid.uuid4().hex[:8]
+    submitted = []
+    for index in range(3):
+        body = {"prompt": unique("many models"), "model": f"claude-sonnet-4-5-fold-{tag}-{index}"}
+        response = client.post("/v1/jobs", json=body, headers=auth(api_key))
+        assert response.status_code == 202, response.text
+        submitted.append(response.json()["id"])
+    for job_id in submitted:
+        wait_for_status(client, api_key, job_id, FINAL, timeout=30)
+
+    wide, narrow = _collect(database_url, 10_000), _collect(database_url, 2)
+    wide_models = {s.labels["model"] for s in wide.find("promptq_jobs_created_total")}
+    narrow_models = {s.labels["model"] for s in narrow.find("promptq_jobs_created_total")}
+    assert len(wide_models) >= 3 and "other" not in wide_models
+    # Two names keep their labels, every other model is summed under `other`.
+    assert len(narrow_models) == 3 and "other" in narrow_models
+    assert narrow_models - {"other"} < wide_models
+    for name in (
+        "promptq_jobs_created_total",
+        "promptq_tokens_total",
+        "promptq_cost_usd_total",
+        "promptq_upstream_attempts_total",
+        "promptq_upstream_latency_seconds_count",
+    ):
+        assert sum(s.value for s in narrow.find(name)) == pytest.approx(
+            sum(s.value for s in wide.find(name))
+        ), name

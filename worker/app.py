@@ -28,6 +28,9 @@ class BrokerNotConfigured(RuntimeError):
     pass
 
 
+PRUNE_INTERVAL_SECONDS = 3600.0
+
+
 def create_celery(settings: Settings) -> Celery:
     if not settings.redis_url:
         raise BrokerNotConfigured(
@@ -63,6 +66,13 @@ def create_celery(settings: Settings) -> Celery:
                 "task": "promptq.sweep",
                 "schedule": settings.sweep_interval_seconds,
                 "options": {"expires": settings.sweep_interval_seconds},
+            },
+            # Retention: each run deletes for at most prune_budget_seconds, then the next
+            # goes on. Does nothing with PROMPTQ_RETENTION_DAYS=0.
+            "prune": {
+                "task": "promptq.prune",
+                "schedule": PRUNE_INTERVAL_SECONDS,
+                "options": {"expires": PRUNE_INTERVAL_SECONDS},
             },
         },
         timezone="UTC",

@@ -56,7 +56,7 @@ def _registry(app: FastAPI, settings: Settings) -> CollectorRegistry:
 
 def _collector(app: FastAPI, settings: Settings) -> PromptqCollector:
     if not settings.redis_url:
-        return PromptqCollector(settings.database_url, None)
+        return PromptqCollector(settings.database_url, None, max_models=settings.metrics_max_models)
     from worker.publish import broker_backlog
 
     client = redis.Redis.from_url(
@@ -67,5 +67,8 @@ def _collector(app: FastAPI, settings: Settings) -> PromptqCollector:
     # broker_backlog reads the queue names from the publishing Celery app's configuration.
     celery_app = app.state.celery
     return PromptqCollector(
-        settings.database_url, client, broker_backlog=lambda: broker_backlog(celery_app)
+        settings.database_url,
+        client,
+        broker_backlog=lambda: broker_backlog(celery_app),
+        max_models=settings.metrics_max_models,
     )

@@ -5,40 +5,32 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from promptq.batches.repository import EXPIRED_ERROR
+from promptq.batches.repository import EXPIRED_ERROR, OUTCOME_COLUMNS
 from promptq.jobs.presenter import isoformat
 from promptq.models import BatchStatus, JobStatus, MessageBatch
 from promptq.upstream.anthropic_errors import anthropic_error
 
-Counts = dict[tuple[str, bool], int]
 
-
-def request_counts(counts: Counts) -> dict[str, int]:
-    """Anthropic's request_counts: processing, succeeded, errored, canceled, expired."""
-    result = {"processing": 0, "succeeded": 0, "errored": 0, "canceled": 0, "expired": 0}
-    for (status, expired), count in counts.items():
-        if status == JobStatus.SUCCEEDED:
-            result["succeeded"] += count
-        elif status == JobStatus.FAILED:
-            result["errored"] += count
-        elif status == JobStatus.CANCELED:
-            result["expired" if expired else "canceled"] += count
-        else:
-            result["processing"] += count
-    return result
+def request_counts(batch: MessageBatch) -> dict[str, int]:
+    """Anthropic's request_counts: processing, succeeded, errored, canceled, expired, from
+    the batch's own counters."""
+    return {
+        "processing": batch.processing_count,
+        **{outcome: getattr(batch, column) for outcome, column in OUTCOME_COLUMNS.items()},
+    }
 
 
 def results_path(batch_id: str) -> str:
     return f"/v1/messages/batches/{batch_id}/results"
 
 
-def batch_to_api(batch: MessageBatch, counts: Counts, base_url: str) -> dict[str, Any]:
+def batch_to_api(batch: MessageBatch, base_url: str) -> dict[str, Any]:
     ended = batch.processing_status == BatchStatus.ENDED
     return {
         "id": batch.id,
         "type": "message_batch",
         "processing_status": batch.processing_status,
-        "request_counts": request_counts(counts),
+        "request_counts": request_counts(batch),
         "ended_at": isoformat(batch.ended_at),
         "created_at": isoformat(batch.created_at),
         "expires_at": isoformat(batch.expires_at),

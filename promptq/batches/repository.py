@@ -2,18 +2,38 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import exists, func, insert, select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
-from promptq.models import FINAL_STATUSES, RUNNABLE_STATUSES, BatchStatus, Job, MessageBatch
+from promptq.models import RUNNABLE_STATUSES, BatchStatus, Job, JobStatus, MessageBatch
 
 # A batch request that expired before it ran is a canceled job with this error type.
 EXPIRED_ERROR = "expired_error"
+# How an ended request counts in Anthropic's request_counts, and the batch's column for it.
+OUTCOME_COLUMNS = {
+    "succeeded": "succeeded_count",
+    "errored": "errored_count",
+    "canceled": "canceled_count",
+    "expired": "expired_count",
+}
+OPEN_BATCH_STATUSES = (BatchStatus.IN_PROGRESS, BatchStatus.CANCELING)
+
+
+def outcome_of(status: str, error_type: str | None) -> str:
+    """The request_counts entry of a request that ended with this status."""
+    if status == JobStatus.SUCCEEDED:
+        return "succeeded"
+    if status == JobStatus.FAILED:
+        return "errored"
+    if status == JobStatus.CANCELED:
+        return "expired" if error_type == EXPIRED_ERROR else "canceled"
+    raise ValueError(f"a request with status {status!r} has not ended")
+
+
 RESULT_COLUMNS = (
     Job.id,
     Job.custom_id,
@@ -50,7 +70,14 @@ class BatchRepository:
         """The batch row, locked until commit (PostgreSQL): whoever ends a batch checks its
         unfinished requests under this lock, so two workers finishing its last two requests
         at once cannot both miss the end."""
-        query = select(MessageBatch).where(MessageBatch.id == batch_id).with_for_update()
+        query = (
+            select(MessageBatch)
+            .where(MessageBatch.id == batch_id)
+            .with_for_update()
+            # The counters may have moved in this transaction by an UPDATE the loaded
+            # object did not see.
+            .execution_options(populate_existing=True)
+        )
         return self.session.scalars(query).first()
 
     def page_for_key(
@@ -70,27 +97,23 @@ class BatchRepository:
             query = query.where(MessageBatch.id < after_id)
         return self.session.scalars(query.order_by(MessageBatch.id.desc()).limit(limit)).all()
 
-    def status_counts(self, batch_ids: Iterable[str]) -> dict[str, dict[tuple[str, bool], int]]:
-        """Per batch: (job status, expired?) -> number of its requests."""
-        ids = list(batch_ids)
-        counts: dict[str, dict[tuple[str, bool], int]] = defaultdict(dict)
-        if not ids:
-            return counts
-        expired = Job.error_type == EXPIRED_ERROR
-        query = (
-            select(Job.batch_id, Job.status, expired, func.count())
-            .where(Job.batch_id.in_(ids))
-            .group_by(Job.batch_id, Job.status, expired)
+    def count_ended(self, batch_id: str, outcomes: Mapping[str, int]) -> None:
+        """Move ended requests from processing to their outcomes' counters. One UPDATE,
+        relative to the row's current values, so workers ending requests of one batch at
+        once each add theirs (the row lock orders them)."""
+        ended = sum(outcomes.values())
+        if ended == 0:
+            return
+        values: dict[str, Any] = {"processing_count": MessageBatch.processing_count - ended}
+        for outcome, count in outcomes.items():
+            column = OUTCOME_COLUMNS[outcome]
+            values[column] = getattr(MessageBatch, column) + count
+        self.session.execute(
+            update(MessageBatch)
+            .where(MessageBatch.id == batch_id)
+            .values(**values)
+            .execution_options(synchronize_session=False)
         )
-        for batch_id, status, is_expired, count in self.session.execute(query):
-            counts[str(batch_id)][(status, bool(is_expired))] = count
-        return counts
-
-    def has_unfinished(self, batch_id: str) -> bool:
-        query = select(
-            exists().where(Job.batch_id == batch_id, Job.status.not_in(list(FINAL_STATUSES)))
-        )
-        return bool(self.session.scalar(query))
 
     def job_ids_to_publish(self, batch_id: str, after_id: str | None, limit: int) -> list[str]:
         query = select(Job.id).where(Job.batch_id == batch_id, Job.status.in_(RUNNABLE_STATUSES))
@@ -105,15 +128,18 @@ class BatchRepository:
         )
         return list(self.session.scalars(query))
 
-    def end_runnable(self, batch_id: str, values: dict[str, Any]) -> int:
-        """Finish every request of the batch that has not started (cancel, expiry)."""
+    def end_runnable(self, batch_id: str, values: dict[str, Any]) -> list[tuple[str, str]]:
+        """Finish every request of the batch that has not started (cancel, expiry); the
+        (api key id, model) of each request so ended, for the rollups."""
         statement = (
             update(Job)
             .where(Job.batch_id == batch_id, Job.status.in_(RUNNABLE_STATUSES))
-            .values(**values)
+            # The caller counts them, in this transaction.
+            .values(**values, accounted=1)
+            .returning(Job.api_key_id, Job.model)
             .execution_options(synchronize_session=False)
         )
-        return self.session.execute(statement).rowcount  # type: ignore[attr-defined]
+        return [(row[0], row[1]) for row in self.session.execute(statement)]
 
     def results_page(self, batch_id: str, after_id: str | None, limit: int) -> Sequence[Any]:
         query = select(*RESULT_COLUMNS).where(Job.batch_id == batch_id)
@@ -133,14 +159,15 @@ class BatchRepository:
         return self.session.scalars(query).all()
 
     def finished_but_open(self, limit: int) -> Sequence[str]:
-        """Batches not marked ended whose requests have all finished: the safety net for an
-        end that was missed (a process killed at the wrong moment)."""
-        unfinished = exists().where(
-            Job.batch_id == MessageBatch.id, Job.status.not_in(list(FINAL_STATUSES))
-        )
+        """Batches not marked ended whose requests have all ended: the safety net for an
+        end that was missed (a process killed at the wrong moment, a request canceled on
+        its own)."""
         query = (
             select(MessageBatch.id)
-            .where(MessageBatch.processing_status != BatchStatus.ENDED, ~unfinished)
+            .where(
+                MessageBatch.processing_status.in_(OPEN_BATCH_STATUSES),
+                MessageBatch.processing_count <= 0,
+            )
             .limit(limit)
         )
         return self.session.scalars(query).all()

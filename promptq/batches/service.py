@@ -15,8 +15,8 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from promptq import quotas
-from promptq.batches.presenter import Counts, batch_to_api, result_line
-from promptq.batches.repository import EXPIRED_ERROR, BatchRepository
+from promptq.batches.presenter import batch_to_api, result_line
+from promptq.batches.repository import EXPIRED_ERROR, BatchRepository, outcome_of
 from promptq.batches.schemas import BatchRequest
 from promptq.budgets import check_budget, max_cost
 from promptq.budgets.priceable import check_priceable
@@ -24,8 +24,9 @@ from promptq.config import Settings
 from promptq.ids import new_id
 from promptq.jobs.errors import InvalidJob, JobNotFound
 from promptq.keys.policy import check_model
-from promptq.models import ApiKey, BatchStatus, JobStatus, MessageBatch, Priority
+from promptq.models import ApiKey, BatchStatus, Job, JobStatus, MessageBatch, Priority
 from promptq.pricing import settings_prices
+from promptq.rollups import EndedJob, jobs_ended
 from promptq.types import utcnow
 from promptq.webhooks import deliveries
 
@@ -37,10 +38,9 @@ RESULTS_PAGE = 1000
 @dataclass(frozen=True)
 class BatchView:
     batch: MessageBatch
-    counts: Counts
 
     def to_api(self, base_url: str) -> dict[str, Any]:
-        return batch_to_api(self.batch, self.counts, base_url)
+        return batch_to_api(self.batch, base_url)
 
 
 def create_batch(
@@ -81,12 +81,21 @@ def create_batch(
         _job_row(job_id, batch.id, key.id, request, settings, now, anthropic_beta)
         for job_id, request in zip(job_ids, requests, strict=True)
     ]
+    # Invalid requests are errored from the start; the others are processing.
+    errored = sum(1 for row in jobs if row["status"] == JobStatus.FAILED)
+    batch.processing_count = len(jobs) - errored
+    batch.errored_count = errored
     BatchRepository(session).add(batch, jobs)
-    counts: Counts = {}
-    for row in jobs:
-        counts[(row["status"], False)] = counts.get((row["status"], False), 0) + 1
+    jobs_ended(
+        session,
+        [
+            EndedJob(key.id, row["model"], row["status"], now)
+            for row in jobs
+            if row["status"] == JobStatus.FAILED
+        ],
+    )
     ended = end_if_finished(session, settings, batch.id)
-    return BatchView(batch, counts), ended
+    return BatchView(batch), ended
 
 
 def _job_row(
@@ -113,11 +122,14 @@ def _job_row(
         "batch_id": batch_id,
         "custom_id": request.custom_id,
         "anthropic_beta": anthropic_beta,
+        "accounted": 0,
     }
     if request.error is not None:
         row.update(
             status=JobStatus.FAILED,
             finished_at=now,
+            # Counted at creation, with the batch's errored count and the rollups.
+            accounted=1,
             error_type="invalid_request_error",
             error_message=request.error,
             upstream_status=400,
@@ -130,7 +142,7 @@ def get_batch(session: Session, key: ApiKey, batch_id: str) -> BatchView:
     batch = repository.get_for_key(batch_id, key.id)
     if batch is None:
         raise JobNotFound(f"no message batch {batch_id!r} for this API key")
-    return BatchView(batch, repository.status_counts([batch.id]).get(batch.id, {}))
+    return BatchView(batch)
 
 
 def list_batches(
@@ -144,8 +156,7 @@ def list_batches(
     if has_more:
         # Paging back (before_id) keeps the newest-first order: the extra row is the newest.
         rows = rows[1:] if before_id is not None else rows[:limit]
-    counts = repository.status_counts(batch.id for batch in rows)
-    return [BatchView(batch, counts.get(batch.id, {})) for batch in rows], has_more
+    return [BatchView(batch) for batch in rows], has_more
 
 
 def cancel_batch(
@@ -156,7 +167,8 @@ def cancel_batch(
     view = get_batch(session, key, batch_id)
     if view.batch.processing_status == BatchStatus.IN_PROGRESS:
         now = utcnow()
-        BatchRepository(session).end_runnable(
+        repository = BatchRepository(session)
+        canceled = repository.end_runnable(
             batch_id,
             {
                 "status": JobStatus.CANCELED,
@@ -167,7 +179,9 @@ def cancel_batch(
                 "error_message": "the batch was canceled before this request ran",
             },
         )
-        batch = BatchRepository(session).lock(batch_id)
+        repository.count_ended(batch_id, {"canceled": len(canceled)})
+        _rollup(session, canceled, now)
+        batch = repository.lock(batch_id)
         assert batch is not None
         if batch.processing_status == BatchStatus.IN_PROGRESS:
             batch.processing_status = BatchStatus.CANCELING
@@ -196,14 +210,33 @@ def end_if_finished(session: Session, settings: Settings, batch_id: str) -> list
     batch = repository.lock(batch_id)
     if batch is None or batch.processing_status == BatchStatus.ENDED:
         return []
-    if repository.has_unfinished(batch_id):
+    if batch.processing_count > 0:
         return []
     batch.processing_status = BatchStatus.ENDED
     batch.ended_at = utcnow()
     session.flush()
-    counts = repository.status_counts([batch_id]).get(batch_id, {})
-    body = batch_to_api(batch, counts, settings.webhook_base_url)
+    body = batch_to_api(batch, settings.webhook_base_url)
     return deliveries.batch_event(session, batch.api_key_id, body)
+
+
+def request_ended(session: Session, settings: Settings, job: Job) -> list[str]:
+    """Count a batch request that has just ended (its compare-and-set to a final status
+    won, in this transaction) and end the batch if it was the last; the deliveries of
+    that end, to send."""
+    assert job.batch_id is not None
+    count_ended(session, job.batch_id, outcome_of(job.status, job.error_type))
+    return end_if_finished(session, settings, job.batch_id)
+
+
+def count_ended(session: Session, batch_id: str, outcome: str, count: int = 1) -> None:
+    BatchRepository(session).count_ended(batch_id, {outcome: count})
+
+
+def _rollup(session: Session, canceled: list[tuple[str, str]], at: Any) -> None:
+    """Requests ended unstarted (a cancel, an expiry) are canceled jobs in the rollups."""
+    jobs_ended(
+        session, [EndedJob(key_id, model, JobStatus.CANCELED, at) for key_id, model in canceled]
+    )
 
 
 def expire_and_close(session: Session, settings: Settings, limit: int = 100) -> list[str]:
@@ -213,7 +246,7 @@ def expire_and_close(session: Session, settings: Settings, limit: int = 100) -> 
     now = utcnow()
     sent: list[str] = []
     for batch_id in repository.expired(now, limit):
-        repository.end_runnable(
+        expired = repository.end_runnable(
             batch_id,
             {
                 "status": JobStatus.CANCELED,
@@ -224,6 +257,8 @@ def expire_and_close(session: Session, settings: Settings, limit: int = 100) -> 
                 "error_message": "the batch expired (24 hours) before this request ran",
             },
         )
+        repository.count_ended(batch_id, {"expired": len(expired)})
+        _rollup(session, expired, now)
         sent += end_if_finished(session, settings, batch_id)
     for batch_id in repository.finished_but_open(limit):
         sent += end_if_finished(session, settings, batch_id)

@@ -8,6 +8,7 @@ from promptq.budgets.service import (
     budget_state,
     check_budget,
     max_cost,
+    record_spend,
     release,
     reserve,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "budget_state",
     "check_budget",
     "max_cost",
+    "record_spend",
     "release",
     "reserve",
 ]

@@ -1,15 +1,16 @@
-"""All queries on budgets: a key's committed money, and the reservations of running jobs."""
+"""All queries on budgets: a key's committed money (its month's ledger row, and the
+reservations of its running jobs), and the ledger's increments."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
 from decimal import Decimal
 
 from sqlalchemy import BigInteger, delete, func, select, type_coerce
 from sqlalchemy.orm import Session
 
-from promptq.models import ApiKey, BudgetReservation, Job, JobStatus
+from promptq.models import ApiKey, BudgetReservation, Job, JobStatus, SpendLedger
+from promptq.rollups.repository import RollupRepository
 from promptq.types import picodollars_to_usd
 
 
@@ -26,21 +27,19 @@ class BudgetRepository:
         query = select(ApiKey).where(ApiKey.id == api_key_id).with_for_update(key_share=True)
         return self.session.scalars(query).first()
 
-    def committed(self, api_key_id: str, since: datetime) -> tuple[Decimal, Decimal]:
-        """(spent, reserved) in USD: the recorded costs of the key's jobs finished since
-        `since`, and the reservations of its running jobs.
+    def committed(self, api_key_id: str, month: str) -> tuple[Decimal, Decimal]:
+        """(spent, reserved) in USD: the key's ledger row for `month` (the recorded costs
+        of its jobs finished in it), and the reservations of its running jobs.
 
+        O(1) in the history: one primary-key lookup, and a sum over the reservations of
+        the key's running jobs (as many as it has in flight), never over its finished jobs.
         One statement, hence one snapshot: a job being recorded deletes its reservation and
-        writes its cost in one transaction, and two statements under READ COMMITTED could
-        see the reservation gone but not yet the cost. Summed as integer picodollars, exact.
+        adds its cost to the ledger in one transaction, and two statements under READ
+        COMMITTED could see the reservation gone but not yet the cost. Integer picodollars.
         """
         spent = (
-            select(func.coalesce(func.sum(type_coerce(Job.cost_total, BigInteger)), 0))
-            .where(
-                Job.api_key_id == api_key_id,
-                Job.finished_at >= since,
-                Job.cost_total.is_not(None),
-            )
+            select(func.coalesce(func.sum(type_coerce(SpendLedger.spent, BigInteger)), 0))
+            .where(SpendLedger.api_key_id == api_key_id, SpendLedger.month == month)
             .scalar_subquery()
         )
         # Only running jobs hold money: a reservation left behind by any path that ended a
@@ -53,6 +52,17 @@ class BudgetRepository:
         )
         row = self.session.execute(select(spent, reserved)).one()
         return picodollars_to_usd(int(row[0])), picodollars_to_usd(int(row[1]))
+
+    def add_spend(self, api_key_id: str, month: str, amount: Decimal, jobs: int = 1) -> None:
+        """Add a recorded cost to the key's ledger row of `month`, creating the row on the
+        month's first cost. One upsert: two workers recording costs of one key at once both
+        land (the second waits on the first's row lock, for the rest of a short transaction,
+        then adds to its result)."""
+        RollupRepository(self.session).add(
+            SpendLedger,
+            {"api_key_id": api_key_id, "month": month},
+            {"spent": amount, "jobs": jobs},
+        )
 
     def reserve(self, job_id: str, api_key_id: str, amount: Decimal) -> None:
         # A row from an earlier attempt that no path deleted would collide with this one.

@@ -2,12 +2,15 @@
 of every job, so that jobs running at once cannot together overshoot the budget.
 
 A key's month is the calendar month in UTC. What counts against the budget is its spend
-(the recorded costs of its jobs finished this month) plus what is reserved for its running
-jobs: each job reserves the most it could cost when a worker claims it, in the same
+(the recorded costs of its jobs finished this month, read from the spend ledger, one row per
+key and month written in the transaction that records each cost) plus what is reserved for
+its running jobs: each job reserves the most it could cost when a worker claims it, in the same
 transaction as the claim, and releases it when its attempt is recorded, in the same
 transaction as its cost. The check and the reservation are one decision per key at a time
 (the key's row is locked on PostgreSQL; SQLite has a single writer), so however many
 workers start jobs at once, they overshoot by no more than what the price estimate misses.
+The decision reads one ledger row and the key's running reservations, so the key's lock is
+held for that and the reservation's insert, whatever the key's history.
 
 Keys without a budget cost nothing here: every entry point returns before any query.
 """
@@ -27,7 +30,7 @@ from promptq.config import Settings
 from promptq.jobs.errors import JobError
 from promptq.jobs.repository import JobRepository
 from promptq.models import ApiKey, Job, JobStatus
-from promptq.periods import isoformat_z, month_start, next_month_start
+from promptq.periods import isoformat_z, month_key, next_month_start
 from promptq.pricing import PriceTable, cost_of, format_usd
 from promptq.ratelimit.estimate import estimate_input_tokens, output_reservation
 from promptq.types import utcnow
@@ -89,8 +92,16 @@ def budget_state(
     session: Session, api_key_id: str, budget: Decimal, now: datetime | None = None
 ) -> BudgetState:
     now = now or utcnow()
-    spent, reserved = BudgetRepository(session).committed(api_key_id, month_start(now))
+    spent, reserved = BudgetRepository(session).committed(api_key_id, month_key(now))
     return BudgetState(budget, spent, reserved, next_month_start(now))
+
+
+def record_spend(session: Session, api_key_id: str, finished_at: datetime, cost: Decimal) -> None:
+    """Book a job's recorded cost in its key's ledger, for the month it finished in. Call it
+    in the transaction that writes the job's cost_total, and only when that write happened
+    (a compare-and-set that won), so that the ledger holds each cost exactly once: a crash
+    before the commit loses both, a retry after it finds the job already settled."""
+    BudgetRepository(session).add_spend(api_key_id, month_key(finished_at), cost)
 
 
 def check_budget(
@@ -197,6 +208,8 @@ def _fail(session: Session, settings: Settings, claimed: ClaimedJob, message: st
         {
             "status": JobStatus.FAILED,
             "finished_at": now,
+            # Counted by end_events, in this transaction.
+            "accounted": 1,
             "updated_at": now,
             "lease_expires_at": None,
             "error_type": BUDGET_EXCEEDED,

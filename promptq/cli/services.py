@@ -202,8 +202,40 @@ def db_upgrade(revision: str) -> None:
     from promptq.migrate import upgrade
 
     settings = get_settings()
-    upgrade(settings.database_url, revision)
+    backfilled = upgrade(settings.database_url, revision)
     click.echo(f"database at {revision}")
+    if backfilled is not None:
+        click.echo(backfilled.describe())
+        _say_what_retention_deletes(settings)
+
+
+def _say_what_retention_deletes(settings: Settings) -> None:
+    """Before the first prune runs, say what it will delete and how to keep it: an existing
+    deployment learns of the policy from its upgrade, not from missing jobs."""
+    from promptq.retention import eligible_jobs
+
+    if settings.retention_days == 0:
+        click.echo("retention: off (PROMPTQ_RETENTION_DAYS=0); every job is kept")
+        return
+    count = eligible_jobs(settings)
+    click.echo(
+        f"retention: finished jobs are kept {settings.retention_days} days "
+        f"(PROMPTQ_RETENTION_DAYS); {count} stored jobs ended before that and will be deleted "
+        "by the next prune (`promptq beat` runs one every hour; `promptq db prune --dry-run` "
+        "shows what it would delete). Spend and usage figures are kept forever. To keep "
+        "every job, set PROMPTQ_RETENTION_DAYS=0 before starting `promptq beat`."
+    )
+
+
+@db.command("prune")
+@click.option("--dry-run", is_flag=True, help="Count what would be deleted; delete nothing.")
+def db_prune(dry_run: bool) -> None:
+    """Delete finished jobs older than PROMPTQ_RETENTION_DAYS, in small batches."""
+    from promptq.retention import prune
+
+    settings = get_settings()
+    report = prune(settings, dry_run=dry_run)
+    click.echo(report.describe())
 
 
 @click.command("simulate-upstream")

@@ -1,14 +1,15 @@
 """What a job's end sets off, wherever it ends (its attempt recorded, the sweeper taking it
 back for good, its budget refusing it): its webhook deliveries and, for a batch's request
-that was the batch's last, the batch's end."""
+that was the batch's last, the batch's end; and its hour's usage rollup."""
 
 from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from promptq.batches.service import end_if_finished
+from promptq.batches.service import request_ended
 from promptq.config import Settings
 from promptq.models import Job
+from promptq.rollups import job_ended
 from promptq.webhooks import deliveries
 
 
@@ -16,5 +17,6 @@ def end_events(session: Session, settings: Settings, job: Job) -> list[str]:
     """The deliveries the end created, to send once the transaction has committed."""
     sent = deliveries.job_event(session, job)
     if job.batch_id is not None:
-        sent += end_if_finished(session, settings, job.batch_id)
+        sent += request_ended(session, settings, job)
+    job_ended(session, job)
     return sent

@@ -15,10 +15,11 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from promptq import budgets, rollups
 from promptq.config import Settings
 from promptq.jobs.endings import end_events
 from promptq.jobs.repository import JobRepository
-from promptq.models import RUNNABLE_STATUSES, Attempt, JobStatus
+from promptq.models import RUNNABLE_STATUSES, Attempt, Job, JobStatus
 from promptq.pricing import PriceTable, cost_of
 from promptq.types import utcnow
 from promptq.upstream import Outcome, UpstreamResult
@@ -52,6 +53,7 @@ class RunnableJob:
 @dataclass(frozen=True)
 class ClaimedJob:
     id: str
+    api_key_id: str
     model: str
     request: dict[str, Any]
     priority: str
@@ -112,9 +114,20 @@ def revoked_key_values(now: datetime) -> dict[str, Any]:
 
 
 def cancel_for_revoked_key(session: Session, job_id: str) -> bool:
-    return JobRepository(session).transition(
-        job_id, RUNNABLE_STATUSES, revoked_key_values(utcnow())
-    )
+    """Cancel a job of a revoked key that slipped past the revocation, counted as every
+    job's end is (its hour's rollup, its batch's counts)."""
+    values = {**revoked_key_values(utcnow()), "accounted": 1}
+    if not JobRepository(session).transition(job_id, RUNNABLE_STATUSES, values):
+        return False
+    job = session.get(Job, job_id, populate_existing=True)
+    assert job is not None
+    rollups.job_ended(session, job)
+    if job.batch_id is not None:
+        # Imported here: promptq.batches.service imports this module's package.
+        from promptq.batches.service import count_ended
+
+        count_ended(session, job.batch_id, "canceled")
+    return True
 
 
 def claim_job(session: Session, settings: Settings, job: RunnableJob) -> ClaimedJob | None:
@@ -125,6 +138,7 @@ def claim_job(session: Session, settings: Settings, job: RunnableJob) -> Claimed
         return None
     return ClaimedJob(
         id=job.id,
+        api_key_id=job.api_key_id,
         model=job.model,
         request=job.request,
         priority=job.priority,
@@ -185,6 +199,8 @@ def record_attempt(
             upstream_request_id=result.request_id,
             error_type=result.error_type,
             error_message=result.error_message,
+            # Its rollup is written in this transaction, below.
+            accounted=1,
         )
     )
     common: dict[str, Any] = {
@@ -195,7 +211,13 @@ def record_attempt(
     if result.outcome is Outcome.SUCCEEDED:
         assert result.message is not None
         verdict = AttemptVerdict(JobStatus.SUCCEEDED)
-        values = {**common, **_success_values(claimed, result.message, prices), "finished_at": now}
+        values = {
+            **common,
+            **_success_values(claimed, result.message, prices),
+            "finished_at": now,
+            # Its end is counted in this transaction (end_events, the ledger below).
+            "accounted": 1,
+        }
     elif result.outcome is Outcome.TRANSIENT and claimed.attempt < settings.max_attempts:
         retry_in = backoff_seconds(claimed.attempt, settings, result.retry_after)
         verdict = AttemptVerdict(JobStatus.RETRYING, retry_in=retry_in)
@@ -207,7 +229,13 @@ def record_attempt(
         }
     else:
         verdict = AttemptVerdict(JobStatus.FAILED)
-        values = {**common, **_error_values(result), "status": JobStatus.FAILED, "finished_at": now}
+        values = {
+            **common,
+            **_error_values(result),
+            "status": JobStatus.FAILED,
+            "finished_at": now,
+            "accounted": 1,
+        }
         if result.outcome is Outcome.TRANSIENT:
             values["error_message"] = (
                 f"gave up after {claimed.attempt} attempts; last error: {result.error_message}"
@@ -218,13 +246,35 @@ def record_attempt(
     settle_from = [JobStatus.RUNNING]
     if verdict.status is JobStatus.SUCCEEDED:
         settle_from.append(JobStatus.RETRYING)
-    if not repository.transition(claimed.id, settle_from, values):
-        return AttemptVerdict(JobStatus.RUNNING)
-    if verdict.status.is_final:
+    settled = repository.transition(claimed.id, settle_from, values)
+    sent: tuple[str, ...] = ()
+    if settled and verdict.status.is_final:
         # First loaded in this session after the update above, so already current.
         job = repository.get(claimed.id)
         assert job is not None
-        return AttemptVerdict(verdict.status, deliveries=tuple(end_events(session, settings, job)))
+        sent = tuple(end_events(session, settings, job))
+    # The rollups and the ledger in this transaction: the call is counted with its attempt
+    # row (written whether or not the job was still ours), the cost only when the compare-
+    # and-set above won, exactly when the job holds it. Last, and always in this order
+    # (job, batch, usage, attempts, ledger), so that their rows' locks, shared by the key's
+    # other jobs, last only until the commit that follows and are never taken in opposite
+    # orders.
+    rollups.attempt_recorded(
+        session,
+        claimed.api_key_id,
+        claimed.model,
+        now,
+        result.outcome,
+        result.status_code,
+        result.latency_ms,
+    )
+    cost = values.get("cost_total")
+    if settled and verdict.status.is_final and cost is not None:
+        budgets.record_spend(session, claimed.api_key_id, now, cost)
+    if not settled:
+        return AttemptVerdict(JobStatus.RUNNING)
+    if verdict.status.is_final:
+        return AttemptVerdict(verdict.status, deliveries=sent)
     return verdict
 
 

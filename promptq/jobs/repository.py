@@ -9,7 +9,15 @@ from typing import Any
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
-from promptq.models import RUNNABLE_STATUSES, ApiKey, Attempt, Job, JobStatus
+from promptq.models import (
+    RUNNABLE_STATUSES,
+    ApiKey,
+    Attempt,
+    Job,
+    JobStatus,
+    has_status,
+    is_active_job,
+)
 
 NO_BATCH = "none"
 
@@ -125,15 +133,20 @@ class JobRepository:
         )
         return self.session.execute(statement).rowcount == 1  # type: ignore[attr-defined]
 
-    def end_runnable_of_key(self, api_key_id: str, values: dict[str, Any]) -> int:
-        """Finish every job of the key that has not started (its revocation)."""
+    def end_runnable_of_key(
+        self, api_key_id: str, values: dict[str, Any]
+    ) -> list[tuple[str, str | None]]:
+        """Finish every job of the key that has not started (its revocation); the (model,
+        batch id) of each job so ended, for the rollups and the batches' counts."""
         statement = (
             update(Job)
             .where(Job.api_key_id == api_key_id, Job.status.in_(RUNNABLE_STATUSES))
-            .values(**values)
+            # The caller counts them, in this transaction.
+            .values(**values, accounted=1)
+            .returning(Job.model, Job.batch_id)
             .execution_options(synchronize_session=False)
         )
-        return self.session.execute(statement).rowcount  # type: ignore[attr-defined]
+        return [(row[0], row[1]) for row in self.session.execute(statement)]
 
     def add_attempt(self, attempt: Attempt) -> None:
         self.session.add(attempt)
@@ -142,14 +155,24 @@ class JobRepository:
         query = select(Attempt).where(Attempt.job_id == job_id).order_by(Attempt.number)
         return self.session.scalars(query).all()
 
-    def due_for_publish(self, now: datetime, stale_before: datetime, limit: int) -> Sequence[Job]:
+    def due_for_publish(
+        self,
+        now: datetime,
+        stale_before: datetime,
+        limit: int,
+        after_id: str | None = None,
+        up_to_id: str | None = None,
+    ) -> Sequence[Job]:
         """Runnable jobs that are due (parked until a time now past), or were last touched
         before `stale_before`: their broker message may be lost (a wiped Redis, a dead
-        worker's prefetch), or was never sent (a wait too long for a broker countdown)."""
+        worker's prefetch), or was never sent (a wait too long for a broker countdown).
+        A page in id order within (after_id, up_to_id], walked through the partial index of
+        active jobs."""
         query = (
             select(Job)
             .where(
-                Job.status.in_(RUNNABLE_STATUSES),
+                is_active_job(),
+                has_status(*RUNNABLE_STATUSES),
                 or_(
                     Job.next_attempt_at <= now,
                     Job.next_attempt_at.is_(None) & (Job.updated_at < stale_before),
@@ -158,12 +181,16 @@ class JobRepository:
             .order_by(Job.id)
             .limit(limit)
         )
+        if after_id is not None:
+            query = query.where(Job.id > after_id)
+        if up_to_id is not None:
+            query = query.where(Job.id <= up_to_id)
         return self.session.scalars(query).all()
 
     def expired_leases(self, now: datetime, limit: int) -> Sequence[Job]:
         query = (
             select(Job)
-            .where(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)
+            .where(is_active_job(), has_status(JobStatus.RUNNING), Job.lease_expires_at < now)
             .order_by(Job.id)
             .limit(limit)
         )

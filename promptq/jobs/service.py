@@ -22,6 +22,7 @@ from promptq.jobs.schemas import JobCreate
 from promptq.keys.policy import check_model
 from promptq.models import RUNNABLE_STATUSES, ApiKey, Job, JobStatus
 from promptq.pricing import settings_prices
+from promptq.rollups import job_ended
 from promptq.types import utcnow
 from promptq.webhooks import UnsafeTarget, check_url
 
@@ -212,11 +213,20 @@ def cancel_job(session: Session, key: ApiKey, job_id: str) -> Job:
         {
             "status": JobStatus.CANCELED,
             "finished_at": now,
+            # Counted below, in this transaction.
+            "accounted": 1,
             "updated_at": now,
             "next_attempt_at": None,
         },
     )
     session.refresh(job)
+    if canceled and job.batch_id is not None:
+        # Imported here: promptq.batches.service imports this package's errors.
+        from promptq.batches.service import count_ended
+
+        count_ended(session, job.batch_id, "canceled")
+    if canceled:
+        job_ended(session, job)
     if not canceled:
         if job.status == JobStatus.RUNNING:
             raise JobConflict(

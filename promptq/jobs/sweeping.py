@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy.orm import Session
 
 from promptq import budgets
 from promptq.config import Settings
+from promptq.db import session_scope
 from promptq.jobs.endings import end_events
 from promptq.jobs.repository import JobRepository
 from promptq.models import JobStatus
@@ -33,7 +37,7 @@ def reclaim_expired(session: Session, settings: Settings) -> Reclaimed:
     reclaimed = Reclaimed()
     for job in repository.expired_leases(now, SWEEP_BATCH):
         last = job.attempts >= job.max_attempts
-        values = {
+        values: dict[str, Any] = {
             "status": JobStatus.FAILED if last else JobStatus.RETRYING,
             "lease_expires_at": None,
             "next_attempt_at": None,
@@ -45,7 +49,8 @@ def reclaim_expired(session: Session, settings: Settings) -> Reclaimed:
             ),
         }
         if last:
-            values["finished_at"] = now
+            # Counted by end_events, in this transaction.
+            values.update(finished_at=now, accounted=1)
         if not repository.transition(job.id, [JobStatus.RUNNING], values):
             continue
         # The dead worker's budget reservation goes with its claim.
@@ -65,10 +70,50 @@ class Candidate:
     model: str
 
 
-def stale_runnable_jobs(session: Session, settings: Settings) -> list[Candidate]:
+def stale_runnable_jobs(
+    session: Session,
+    settings: Settings,
+    after_id: str | None = None,
+    up_to_id: str | None = None,
+    limit: int = SWEEP_BATCH,
+) -> list[Candidate]:
     """Runnable jobs that are due and may have no message: due ones parked in the database
-    (a long backoff, a key's rpm), and ones left unclaimed for a while."""
+    (a long backoff, a key's rpm), and ones left unclaimed for a while. A page in id order
+    within (after_id, up_to_id]."""
     now = utcnow()
     stale_before = now - timedelta(seconds=settings.republish_after_seconds)
-    jobs = JobRepository(session).due_for_publish(now, stale_before, SWEEP_BATCH)
+    jobs = JobRepository(session).due_for_publish(now, stale_before, limit, after_id, up_to_id)
     return [Candidate(job.id, job.priority, job.model) for job in jobs]
+
+
+def walk_stale(
+    settings: Settings,
+    start: str | None,
+    handle: Callable[[list[Candidate]], None],
+    budget_seconds: float,
+    page: int = SWEEP_BATCH,
+) -> str | None:
+    """One sweeper pass over the stale runnable jobs: pages in id order from `start` (the
+    cursor the previous pass left) to the end, then from the beginning up to `start`, each
+    page handed to `handle` and read in a short transaction of its own, until everything
+    was seen or `budget_seconds` ran out. The cursor for the next pass: None when the walk
+    went all the way round.
+
+    Why a cursor: a job stays stale while its message is believed to be in the broker, so
+    a pass that always read the first page (ORDER BY id LIMIT) could spend every pass on the
+    same thousand old jobs while a due one behind them never got its turn."""
+    deadline = time.monotonic() + budget_seconds
+    ranges = [(start, None)] + ([(None, start)] if start is not None else [])
+    for lower, upper in ranges:
+        cursor = lower
+        while True:
+            with session_scope(settings.database_url) as session:
+                candidates = stale_runnable_jobs(session, settings, cursor, upper, page)
+            if candidates:
+                handle(candidates)
+            if len(candidates) < page:
+                break
+            cursor = candidates[-1].id
+            if time.monotonic() >= deadline:
+                return cursor
+    return None

@@ -9,6 +9,7 @@ revoked key.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
@@ -19,7 +20,8 @@ from promptq.config import Settings
 from promptq.jobs.execution import revoked_key_values
 from promptq.jobs.repository import JobRepository
 from promptq.keys.service import find_key
-from promptq.models import ApiKey, BatchStatus
+from promptq.models import ApiKey, BatchStatus, JobStatus
+from promptq.rollups import EndedJob, jobs_ended
 from promptq.types import utcnow
 from promptq.webhooks import deliveries, subscriptions
 
@@ -41,12 +43,16 @@ def revoke(session: Session, settings: Settings, ident: str) -> Revocation:
     if key.revoked_at is None:
         key.revoked_at = now
     session.flush()
-    jobs = JobRepository(session).end_runnable_of_key(key.id, revoked_key_values(now))
+    ended = JobRepository(session).end_runnable_of_key(key.id, revoked_key_values(now))
+    # Counted as they end, as every job's end is: the hour's rollup and its batch's counts.
+    jobs_ended(session, [EndedJob(key.id, model, JobStatus.CANCELED, now) for model, _ in ended])
+    batches = BatchRepository(session)
+    for batch_id, count in Counter(b for _, b in ended if b is not None).items():
+        batches.count_ended(batch_id, {"canceled": count})
     # First, so that the batches ended below announce their end to nobody.
     disabled = subscriptions.disable_all_of_key(
         session, key.id, f"the API key was revoked on {now.date().isoformat()}"
     )
-    batches = BatchRepository(session)
     unfinished = batches.unfinished_of_key(key.id)
     for batch_id in unfinished:
         batch = batches.lock(batch_id)
@@ -56,4 +62,4 @@ def revoke(session: Session, settings: Settings, ident: str) -> Revocation:
         session.flush()
         end_if_finished(session, settings, batch_id)
     stopped = deliveries.stop_pending_of_key(session, key.id)
-    return Revocation(key, jobs, len(unfinished), disabled, stopped)
+    return Revocation(key, len(ended), len(unfinished), disabled, stopped)

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from promptq.models import ApiKey, Job, JobStatus
+from promptq.models import ApiKey, Job, JobStatus, UsageHourly, has_status, is_active_job
 from promptq.periods import Period, current_month, isoformat_z
 from promptq.reports.service import UsageReport, UsageRow, cost_parts, usage_report
 from promptq.types import utcnow
@@ -33,13 +33,18 @@ class Failure:
 
 
 def status_counts(session: Session, api_key_id: str | None) -> dict[str, int]:
-    """Every status, in lifecycle order, with its count of jobs (zero included)."""
-    query = select(Job.status, func.count()).group_by(Job.status)
+    """Every status, in lifecycle order, with its count of jobs (zero included): the jobs
+    in flight counted through the partial index of active jobs, the ended ones added up
+    from the hourly rollups (so they stay counted after retention deletes the jobs)."""
+    active = select(Job.status, func.count()).where(is_active_job()).group_by(Job.status)
+    ended = select(UsageHourly.status, func.sum(UsageHourly.jobs)).group_by(UsageHourly.status)
     if api_key_id is not None:
-        query = query.where(Job.api_key_id == api_key_id)
+        active = active.where(Job.api_key_id == api_key_id)
+        ended = ended.where(UsageHourly.api_key_id == api_key_id)
     counts = {status.value: 0 for status in JobStatus}
-    for status, count in session.execute(query):
-        counts[status] = int(count)
+    for query in (active, ended):
+        for status, count in session.execute(query):
+            counts[status] += int(count or 0)
     return counts
 
 
@@ -58,8 +63,8 @@ def recent_failures(
             Job.upstream_status,
         )
         .join(ApiKey, ApiKey.id == Job.api_key_id)
-        .where(Job.status == JobStatus.FAILED)
-        .order_by(Job.finished_at.desc().nulls_last(), Job.id.desc())
+        .where(has_status(JobStatus.FAILED), Job.finished_at.is_not(None))
+        .order_by(Job.finished_at.desc(), Job.id.desc())
         .limit(limit)
     )
     if api_key_id is not None:

@@ -1,4 +1,5 @@
-"""All queries of the usage report: sums over the jobs with a recorded cost, grouped."""
+"""All queries of the usage report: sums over the hourly rollups of the jobs with a recorded
+cost, grouped."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from promptq.models import ApiKey, Job
+from promptq.models import ApiKey, UsageHourly
 
 GroupBy = Literal["model", "key", "day"]
 GROUP_BYS: tuple[GroupBy, ...] = ("model", "key", "day")
@@ -68,35 +69,39 @@ class UsageRepository:
     def sums(
         self, group_by: GroupBy, start: datetime, end: datetime, api_key_id: str | None
     ) -> list[UsageSums]:
-        """Sums per group over the jobs with a recorded cost finished in [start, end)."""
+        """Sums per group over the hourly rollups of jobs with a recorded cost, for the hours
+        that start in [start, end): a report reads hours, never jobs, and keeps its figures
+        after retention has deleted the jobs. The current hour's row is as exact as the
+        others, being written in the transaction that records each cost."""
         keys: Sequence[Any]
         if group_by == "model":
-            keys = [Job.model]
+            keys = [UsageHourly.model]
         elif group_by == "key":
-            keys = [Job.api_key_id, ApiKey.name]
+            keys = [UsageHourly.api_key_id, ApiKey.name]
         else:
-            keys = [day_of(Job.finished_at, self.session.get_bind().dialect.name).label("day")]
+            dialect = self.session.get_bind().dialect.name
+            keys = [day_of(UsageHourly.hour, dialect).label("day")]
         query: Select[Any] = select(
             *keys,
-            func.count(),
-            _sum(Job.input_tokens),
-            _sum(Job.output_tokens),
-            _sum(Job.cache_creation_input_tokens),
-            _sum(Job.cache_read_input_tokens),
-            _sum(Job.cost_total),
-            _sum(Job.cost_input),
-            _sum(Job.cost_output),
-            _sum(Job.cost_cache_write),
-            _sum(Job.cost_cache_read),
+            _sum(UsageHourly.jobs),
+            _sum(UsageHourly.input_tokens),
+            _sum(UsageHourly.output_tokens),
+            _sum(UsageHourly.cache_creation_input_tokens),
+            _sum(UsageHourly.cache_read_input_tokens),
+            _sum(UsageHourly.cost_total),
+            _sum(UsageHourly.cost_input),
+            _sum(UsageHourly.cost_output),
+            _sum(UsageHourly.cost_cache_write),
+            _sum(UsageHourly.cost_cache_read),
         ).where(
-            Job.cost_total.is_not(None),
-            Job.finished_at >= start,
-            Job.finished_at < end,
+            UsageHourly.priced.is_(True),
+            UsageHourly.hour >= start,
+            UsageHourly.hour < end,
         )
         if group_by == "key":
-            query = query.join(ApiKey, ApiKey.id == Job.api_key_id)
+            query = query.join(ApiKey, ApiKey.id == UsageHourly.api_key_id)
         if api_key_id is not None:
-            query = query.where(Job.api_key_id == api_key_id)
+            query = query.where(UsageHourly.api_key_id == api_key_id)
         query = query.group_by(*keys).order_by(*reversed(keys) if group_by == "key" else keys)
         width = len(keys)
         return [

@@ -10,12 +10,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import literal_column, or_, select, update
 from sqlalchemy.orm import Session
 
 from promptq.ids import new_id
 from promptq.jobs.presenter import isoformat, job_to_api
 from promptq.models import ApiKey, DeliveryStatus, Job, WebhookAttempt, WebhookDelivery
+from promptq.rollups import webhook_attempt_recorded
 from promptq.types import utcnow
 from promptq.webhooks import subscriptions
 from promptq.webhooks.sender import DeliveryResult
@@ -234,14 +235,26 @@ def record(
         if job is not None:
             job.webhook_status = delivery.status
             job.webhook_attempts = delivery.attempts
+    settled = delivery.status if delivery.status != DeliveryStatus.PENDING else None
+    webhook_attempt_recorded(session, now, attempt_outcome(result), settled)
     return delay
+
+
+def attempt_outcome(result: DeliveryResult) -> str:
+    """`succeeded`: a 2xx in time; `http_error`: any other answer; `no_response`: none came
+    (refused, timed out, blocked as a private address)."""
+    if result.status_code is None:
+        return "no_response"
+    return "succeeded" if result.succeeded else "http_error"
 
 
 def due(session: Session, now: datetime, limit: int = 1000) -> Sequence[str]:
     query = (
         select(WebhookDelivery.id)
         .where(
-            WebhookDelivery.status == DeliveryStatus.PENDING, WebhookDelivery.next_attempt_at <= now
+            # A constant, as the partial index's WHERE says it (see models.is_active_job).
+            WebhookDelivery.status == literal_column("'pending'"),
+            WebhookDelivery.next_attempt_at <= now,
         )
         .order_by(WebhookDelivery.next_attempt_at)
         .limit(limit)

@@ -1,0 +1,194 @@
+"""Writing the hourly rollups, in the transaction that records the work.
+
+Why in the recording transaction rather than by a beat task reading past a watermark: the
+increment commits with the row it counts or not at all, so a crash between the two cannot
+lose or double count anything, and the current hour is exact the moment a job ends. A
+watermark over jobs would need an order in which rows become visible, and neither ids (made
+at intake) nor finished_at (set before a commit that may land later than a newer one's)
+give one: a job committed late behind the watermark would be skipped for good, and closing
+the gap means re-reading a window of recent rows on every pass. The price here is one more
+upsert per job end and per upstream call, on a row shared by one key's jobs of one model in
+that hour; it is written last in its transaction, so its lock lasts until that commit.
+
+Every path that ends a job calls job_ended or jobs_ended once, after its compare-and-set to
+a final status won: promptq.jobs.endings.end_events (a recorded attempt, a budget refusal, a
+worker lost for good), a job's cancel, a batch's cancel and expiry, and the requests of a
+batch that were invalid from the start.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+
+from sqlalchemy.orm import Session
+
+from promptq.models import (
+    LATENCY_BUCKETS_MS,
+    AttemptHourly,
+    Job,
+    UsageHourly,
+    WebhookHourly,
+)
+from promptq.rollups.repository import RollupRepository
+
+TOKEN_COLUMNS = (
+    "input_tokens",
+    "output_tokens",
+    "cache_creation_input_tokens",
+    "cache_read_input_tokens",
+)
+COST_COLUMNS = ("cost_total", "cost_input", "cost_output", "cost_cache_write", "cost_cache_read")
+USAGE_KEYS = ("hour", "api_key_id", "model", "status", "priced")
+ATTEMPT_KEYS = ("hour", "api_key_id", "model", "outcome", "status_code")
+ATTEMPT_COUNTS = (
+    "attempts",
+    "latency_ms_sum",
+    *(f"le_{index}" for index in range(len(LATENCY_BUCKETS_MS))),
+)
+
+
+def floor_hour(moment: datetime) -> datetime:
+    return moment.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+
+
+@dataclass(frozen=True)
+class EndedJob:
+    """What a job's end adds to its hour."""
+
+    api_key_id: str
+    model: str
+    status: str
+    finished_at: datetime
+    tokens: tuple[int, int, int, int] = (0, 0, 0, 0)
+    # None: no cost was recorded (a failure, a cancel, a model without a price).
+    costs: tuple[Decimal, Decimal, Decimal, Decimal, Decimal] | None = None
+
+    @classmethod
+    def of(cls, job: Job) -> EndedJob:
+        assert job.finished_at is not None, f"job {job.id} has not ended"
+        costs = None
+        if job.cost_total is not None:
+            costs = (
+                job.cost_total,
+                job.cost_input or Decimal(0),
+                job.cost_output or Decimal(0),
+                job.cost_cache_write or Decimal(0),
+                job.cost_cache_read or Decimal(0),
+            )
+        return cls(
+            api_key_id=job.api_key_id,
+            model=job.model,
+            status=job.status,
+            finished_at=job.finished_at,
+            tokens=(
+                job.input_tokens or 0,
+                job.output_tokens or 0,
+                job.cache_creation_input_tokens or 0,
+                job.cache_read_input_tokens or 0,
+            ),
+            costs=costs,
+        )
+
+
+def job_ended(session: Session, job: Job) -> None:
+    jobs_ended(session, [EndedJob.of(job)])
+
+
+def jobs_ended(session: Session, ended: Iterable[EndedJob]) -> None:
+    """Add ended jobs to their hours' rows: one upsert per (hour, key, model, status,
+    priced), however many jobs share it (a batch's cancel ends thousands at once). Rows
+    are written in key order, so two transactions never take the same rows' locks in
+    opposite orders."""
+    groups: dict[tuple[datetime, str, str, str, bool], list[EndedJob]] = defaultdict(list)
+    for job in ended:
+        hour = floor_hour(job.finished_at)
+        groups[(hour, job.api_key_id, job.model, job.status, job.costs is not None)].append(job)
+    rows = []
+    for (hour, api_key_id, model, status, priced), jobs in sorted(groups.items()):
+        row: dict[str, object] = {
+            "hour": hour,
+            "api_key_id": api_key_id,
+            "model": model,
+            "status": status,
+            "priced": priced,
+            "jobs": len(jobs),
+        }
+        for index, column in enumerate(TOKEN_COLUMNS):
+            row[column] = sum(job.tokens[index] for job in jobs)
+        for index, column in enumerate(COST_COLUMNS):
+            row[column] = sum(
+                (job.costs[index] for job in jobs if job.costs is not None), Decimal(0)
+            )
+        rows.append(row)
+    RollupRepository(session).add_many(
+        UsageHourly, USAGE_KEYS, ("jobs", *TOKEN_COLUMNS, *COST_COLUMNS), rows
+    )
+
+
+@dataclass(frozen=True)
+class RecordedAttempt:
+    """What one upstream call adds to its hour."""
+
+    api_key_id: str
+    model: str
+    finished_at: datetime
+    outcome: str
+    status_code: int | None
+    latency_ms: int
+
+
+def attempt_recorded(
+    session: Session,
+    api_key_id: str,
+    model: str,
+    finished_at: datetime,
+    outcome: str,
+    status_code: int | None,
+    latency_ms: int,
+) -> None:
+    """Add one upstream call to its hour's row."""
+    attempts_recorded(
+        session,
+        [RecordedAttempt(api_key_id, model, finished_at, outcome, status_code, latency_ms)],
+    )
+
+
+def attempts_recorded(session: Session, recorded: Iterable[RecordedAttempt]) -> None:
+    """Add upstream calls to their hours' rows, one upsert per row, in key order."""
+    groups: dict[tuple[datetime, str, str, str, str], list[RecordedAttempt]] = defaultdict(list)
+    for attempt in recorded:
+        code = str(attempt.status_code) if attempt.status_code is not None else "none"
+        key = (floor_hour(attempt.finished_at), attempt.api_key_id, attempt.model, attempt.outcome)
+        groups[(*key, code)].append(attempt)
+    rows = []
+    for (hour, api_key_id, model, outcome, code), attempts in sorted(groups.items()):
+        row: dict[str, object] = {
+            "hour": hour,
+            "api_key_id": api_key_id,
+            "model": model,
+            "outcome": outcome,
+            "status_code": code,
+            "attempts": len(attempts),
+            "latency_ms_sum": sum(a.latency_ms for a in attempts),
+        }
+        for index, bound in enumerate(LATENCY_BUCKETS_MS):
+            row[f"le_{index}"] = sum(1 for a in attempts if a.latency_ms <= bound)
+        rows.append(row)
+    RollupRepository(session).add_many(AttemptHourly, ATTEMPT_KEYS, ATTEMPT_COUNTS, rows)
+
+
+def webhook_attempt_recorded(
+    session: Session, at: datetime, outcome: str, settled_as: str | None
+) -> None:
+    """One webhook attempt by outcome, and the delivery's settling when it settled."""
+    repository = RollupRepository(session)
+    hour = floor_hour(at)
+    repository.add(WebhookHourly, {"hour": hour, "kind": "attempt", "name": outcome}, {"count": 1})
+    if settled_as is not None:
+        repository.add(
+            WebhookHourly, {"hour": hour, "kind": "delivery", "name": settled_as}, {"count": 1}
+        )
