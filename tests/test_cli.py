@@ -30,7 +30,11 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def promptq(
-    *args: str, env: dict[str, str], cwd: Path | None = None, check: bool = True
+    *args: str,
+    env: dict[str, str],
+    cwd: Path | None = None,
+    check: bool = True,
+    timeout: float = 60,
 ) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
         [sys.executable, "-m", "promptq", *args],
@@ -38,7 +42,7 @@ def promptq(
         cwd=cwd or REPO,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout,
     )
     if check:
         assert result.returncode == 0, result.stderr
