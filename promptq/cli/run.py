@@ -75,17 +75,25 @@ class Api:
             session = self._local.session = requests.Session()
         return session
 
-    @retry(
-        retry=retry_if_exception_type(Transient),
-        wait=wait_exponential(multiplier=0.5, max=30) + wait_random(0, 1),
-        stop=stop_after_attempt(12),
-        reraise=True,
-    )
     def call(
         self, method: str, path: str, headers: dict[str, str] | None = None, **kwargs: Any
     ) -> tuple[int, Any]:
-        """(status, JSON body); retries what is worth retrying, raises ClickException for
-        what no row can get past (no API, a wrong key)."""
+        """(status, JSON body); retries what is worth retrying for about two minutes, then
+        raises ClickException, as for what no row can get past (no API, a wrong key)."""
+        try:
+            return self._call(method, path, headers, **kwargs)
+        except Transient as exc:
+            raise click.ClickException(f"{exc}; gave up after retrying") from None
+
+    @retry(
+        retry=retry_if_exception_type(Transient),
+        wait=wait_exponential(multiplier=0.5, max=30) + wait_random(0, 1),
+        stop=stop_after_attempt(9),
+        reraise=True,
+    )
+    def _call(
+        self, method: str, path: str, headers: dict[str, str] | None, **kwargs: Any
+    ) -> tuple[int, Any]:
         try:
             response = self._session().request(
                 method,
