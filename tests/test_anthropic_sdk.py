@@ -87,6 +87,27 @@ def test_messages_create_answers_the_upstream_message_and_records_a_job(
     assert job["cost"]["total"] is not None and float(job["cost"]["total"]) > 0
 
 
+def test_models_list_retrieve_and_count_tokens_work_through_promptq(
+    sdk: anthropic.Anthropic,
+) -> None:
+    from promptq.simulator.catalog import MODELS
+
+    # The SDK follows the pages itself (`has_more`, `last_id`, `after_id`).
+    listed = [model.id for model in sdk.models.list(limit=2)]
+    assert listed == [model["id"] for model in MODELS]
+    model = sdk.models.retrieve(MODEL)
+    assert model.type == "model" and model.id == MODEL and model.display_name
+    with pytest.raises(anthropic.NotFoundError):
+        sdk.models.retrieve("claude-nothing-1")
+
+    counted = sdk.messages.count_tokens(
+        model=MODEL, messages=[{"role": "user", "content": "count me " * 10}]
+    )
+    assert counted.input_tokens == 23  # the simulator's 4 characters a token
+    with pytest.raises(anthropic.BadRequestError):
+        sdk.messages.count_tokens(model=MODEL, messages=[])
+
+
 def test_a_stream_carries_the_same_message_as_anthropics_events(
     sdk: anthropic.Anthropic, api_url: str, key: str
 ) -> None:

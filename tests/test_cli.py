@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from decimal import Decimal
 from pathlib import Path
@@ -30,7 +32,11 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def promptq(
-    *args: str, env: dict[str, str], cwd: Path | None = None, check: bool = True
+    *args: str,
+    env: dict[str, str],
+    cwd: Path | None = None,
+    check: bool = True,
+    timeout: float = 60,
 ) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
         [sys.executable, "-m", "promptq", *args],
@@ -38,7 +44,7 @@ def promptq(
         cwd=cwd or REPO,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout,
     )
     if check:
         assert result.returncode == 0, result.stderr
@@ -125,7 +131,7 @@ def test_submit_wait_and_jobs_ls(api_server: str, api_key: str) -> None:
     assert no_key.returncode != 0 and "PROMPTQ_API_KEY" in no_key.stderr
 
 
-def test_up_runs_the_whole_stack_and_stops_cleanly(tmp_path: Path) -> None:
+def test_up_runs_the_whole_stack_calmly_and_stops_cleanly(tmp_path: Path) -> None:
     port, flower_port = free_port(), free_port()
     process = subprocess.Popen(
         [
@@ -144,19 +150,36 @@ def test_up_runs_the_whole_stack_and_stops_cleanly(tmp_path: Path) -> None:
         text=True,
         start_new_session=True,
     )
+    lines: queue.Queue[str] = queue.Queue()
+
+    def read() -> None:
+        for line in process.stdout:  # type: ignore[union-attr]
+            lines.put(line)
+        lines.put("")  # the end
+
+    threading.Thread(target=read, daemon=True).start()
+    seen: list[str] = []
+
+    def read_until(text: str, timeout: float = 60) -> str:
+        deadline = time.monotonic() + timeout
+        while not any(text in line for line in seen):
+            assert time.monotonic() < deadline, f"no {text!r} in:\n{''.join(seen)}"
+            try:
+                seen.append(lines.get(timeout=1))
+            except queue.Empty:
+                assert process.poll() is None, "".join(seen)
+        return "".join(seen)
+
+    url = f"http://127.0.0.1:{port}"
     try:
-        first_line = process.stdout.readline()  # type: ignore[union-attr]
-        assert "simulator" in first_line
-        lines = [first_line]
-        while not any("PROMPTQ_WEBHOOK_SECRET=" in line for line in lines):
-            lines.append(process.stdout.readline())  # type: ignore[union-attr]
-            assert len(lines) < 200, "".join(lines)
-        output = "".join(lines)
+        output = read_until("PROMPTQ_WEBHOOK_SECRET=")
+        assert "simulator" in seen[0]
+        # The banner comes once the API is ready: its addresses work as soon as they show.
+        assert requests.get(f"{url}/readyz", timeout=5).status_code == 200
         key = output.split("PROMPTQ_API_KEY=")[1].split()[0]
         assert output.split("PROMPTQ_WEBHOOK_SECRET=")[1].startswith("whsec_")
         flower_login = output.split("(login ")[1].split(")")[0]
-        url = f"http://127.0.0.1:{port}"
-        wait_for_http(url, process)
+        assert ".promptq/logs/" in output
 
         job = requests.post(
             f"{url}/v1/jobs?wait=30",
@@ -166,6 +189,18 @@ def test_up_runs_the_whole_stack_and_stops_cleanly(tmp_path: Path) -> None:
         ).json()
         assert job["status"] == "succeeded", job
         assert Decimal(job["cost"]["total"]) > 0
+        failing = requests.post(
+            f"{url}/v1/jobs?wait=30",
+            json={"prompt": "refused [[sim:400]]"},
+            headers={"x-api-key": key},
+            timeout=40,
+        ).json()
+        # promptq's own short lines: each finished job, with its cost or its error.
+        output = read_until(failing["id"])
+        [done] = [line for line in seen if job["id"] in line]
+        assert "succeeded" in done and f"${job['cost']['total']}" in done
+        [refused] = [line for line in seen if failing["id"] in line]
+        assert "failed" in refused and "upstream 400" in refused
 
         flower = f"http://127.0.0.1:{flower_port}"
         assert requests.get(f"{flower}/api/tasks", timeout=5).status_code == 401
@@ -185,10 +220,50 @@ def test_up_runs_the_whole_stack_and_stops_cleanly(tmp_path: Path) -> None:
         assert "up and running" not in shown and key not in shown
     finally:
         os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
-        code = process.wait(timeout=40)
+        # Everything stops within 10 s (what still runs after 8 s is killed).
+        code = process.wait(timeout=15)
     assert code == 0
     leftover = subprocess.run(["pgrep", "-g", str(process.pid)], capture_output=True)
     assert leftover.stdout == b""
+    # The parts' whole logs are in their files, not in the terminal.
+    logs = tmp_path / ".promptq" / "logs"
+    assert "Uvicorn running" in (logs / "api.log").read_text()
+    assert "promptq.run_job" in (logs / "worker.log").read_text()
+    assert (logs / "beat.log").stat().st_size and (logs / "flower.log").stat().st_size
+    terminal = "".join(seen) + "".join(iter(lambda: lines.get(timeout=5), ""))
+    assert "Uvicorn running" not in terminal and "celery" not in terminal.lower()
+
+
+def test_up_verbose_shows_every_parts_log(tmp_path: Path) -> None:
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "promptq",
+            "up",
+            f"--port={free_port()}",
+            f"--flower-port={free_port()}",
+            "--verbose",
+        ],
+        env=clean_env(),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    lines = []
+    try:
+        for line in process.stdout:  # type: ignore[union-attr]
+            lines.append(line)
+            if "PROMPTQ_WEBHOOK_SECRET=" in line:
+                break
+    finally:
+        os.killpg(process.pid, signal.SIGINT)
+        process.wait(timeout=15)
+    output = "".join(lines)
+    assert "Uvicorn running" in output  # the API's own log, before the banner
+    assert not (tmp_path / ".promptq" / "logs").exists()
 
 
 @pytest.mark.parametrize("command", [["worker"], ["api"], ["up"]])

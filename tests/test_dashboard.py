@@ -240,6 +240,46 @@ def test_errors_and_model_names_are_escaped(client: Any, make_key: Any, database
     assert island(html)["spend_by_model"]["models"][0]["model"] == evil_model
 
 
+def test_the_last_day_per_hour_and_the_limiter_per_model(
+    client: Any, database_url: str, make_key: Any, redis_url: str
+) -> None:
+    import redis
+
+    from promptq.ratelimit.limiter import Limiter
+
+    key = make_key("hours")
+    key_id = key_id_of(database_url, key)
+    model = f"claude-sonnet-4-5-hours-{uuid.uuid4().hex[:6]}"
+    now = utcnow()
+    for took, status in ((2, "succeeded"), (4, "succeeded"), (30, "failed")):
+        job_id = add_job(database_url, key_id, now, status=status, model=model)
+        with session_scope(database_url) as session:
+            job = session.get(Job, job_id)
+            assert job is not None
+            job.created_at = now - timedelta(seconds=took)
+    # Three hours ago, and two days ago (outside the day shown).
+    add_job(database_url, key_id, now - timedelta(hours=3), model=model)
+    add_job(database_url, key_id, now - timedelta(days=2), model=model)
+    # A job of this model waiting in the rate limiter's queue.
+    _, _, waiting, *_ = Limiter.keys(model)
+    redis.Redis.from_url(redis_url).zadd(waiting, {"job_waiting_for_the_test": 1})
+
+    data = island(page(client, key))
+    hours = data["hours"]
+    assert len(hours) == 24
+    assert hours[-1]["hour"] == now.strftime("%Y-%m-%dT%H:00:00Z")
+    assert (hours[-1]["succeeded"], hours[-1]["failed"]) == (2, 1)
+    assert (hours[-1]["p50_seconds"], hours[-1]["p95_seconds"]) == (4.0, 30.0)
+    assert hours[-4]["succeeded"] == 1
+    assert sum(h["succeeded"] + h["failed"] for h in hours) == 4
+    assert hours[0]["p50_seconds"] is None
+    [state] = [row for row in data["limiter"] if row["model"] == model]
+    assert state == {"model": model, "in_flight": 0, "waiting": 1, "paused_seconds": 0}
+    html = page(client, key)
+    assert 'id="chart-hours"' in html and 'id="chart-latency"' in html
+    assert f"<td>{model}</td><td>0</td><td>1</td><td>no</td>" in html
+
+
 # --- In a real browser -------------------------------------------------------------------
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -339,7 +379,7 @@ def test_the_charts_draw_in_headless_chromium(browser: Any, api_server: str, mak
     browser.find_element(By.NAME, "credential").send_keys(key)
     browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
     WebDriverWait(browser, 20).until(
-        lambda d: len(d.find_elements(By.CSS_SELECTOR, "[id^=chart-][data-rendered]")) == 3
+        lambda d: len(d.find_elements(By.CSS_SELECTOR, "[id^=chart-][data-rendered]")) == 5
     )
     assert browser.current_url == f"{api_server}/dashboard"
 
@@ -358,6 +398,20 @@ def test_the_charts_draw_in_headless_chromium(browser: Any, api_server: str, mak
     assert browser.execute_script(COUNT_COLOR, model_canvas, 0x2F, 0x9E, 0x5B) > 100
     day_canvas = days.find_element(By.TAG_NAME, "canvas")
     assert browser.execute_script(COUNT_COLOR, day_canvas, 0x3F, 0x6F, 0xD8) > 20
+    # The last day, per hour: the four jobs in the current hour, the failed one in red.
+    hours = browser.find_element(By.ID, "chart-hours")
+    latency = browser.find_element(By.ID, "chart-latency")
+    assert hours.get_attribute("data-rendered") == "24 points"
+    assert latency.get_attribute("data-rendered") == "24 points"
+    hour_canvas = hours.find_element(By.TAG_NAME, "canvas")
+    assert browser.execute_script(COUNT_COLOR, hour_canvas, 0x3F, 0x6F, 0xD8) > 20
+    assert browser.execute_script(COUNT_COLOR, hour_canvas, 0xD6, 0x45, 0x45) > 5
+    latency_canvas = latency.find_element(By.TAG_NAME, "canvas")
+    # One hour with jobs: its median and 95th percentile as dots.
+    assert browser.execute_script(COUNT_COLOR, latency_canvas, 0x3F, 0x6F, 0xD8) > 10
+    assert browser.execute_script(COUNT_COLOR, latency_canvas, 0xE0, 0xA0, 0x30) > 10
+    limiter = browser.find_element(By.ID, "limiter").text
+    assert SONNET in limiter and HAIKU in limiter
     parts = statuses.find_elements(By.CSS_SELECTOR, ".status-part")
     assert [part.get_attribute("title").split(":")[0] for part in parts] == ["succeeded", "failed"]
     assert all(part.size["width"] > 0 for part in parts)

@@ -134,6 +134,73 @@ def test_the_n8n_wait_node_resumes_on_a_post_and_the_branches_read_the_event(
 
 
 # ---------------------------------------------------------------------------------------
+# n8n's AI nodes: a Basic LLM Chain on an Anthropic Chat Model whose credential is promptq
+
+AI_CREDENTIAL = "promptq (Anthropic API)"
+# What the Anthropic Chat Model 1.3 of n8n 2.8.4 sent promptq for this workflow, recorded
+# from a real run (LangChain's ChatAnthropic under the node).
+N8N_ANTHROPIC_HEADERS = {"anthropic-version": "2023-06-01"}
+
+
+@pytest.fixture(scope="module")
+def ai_workflow() -> dict[str, Any]:
+    return dict(json.loads((DOCS / "n8n-ai-workflow.json").read_text()))
+
+
+def test_the_ai_workflow_is_trigger_chain_and_an_anthropic_model_on_promptq(
+    ai_workflow: dict[str, Any],
+) -> None:
+    names = [n["name"] for n in ai_workflow["nodes"]]
+    assert len(names) == len(set(names)) == len({n["id"] for n in ai_workflow["nodes"]})
+    trigger = node_named(ai_workflow, "n8n-nodes-base.manualTrigger")
+    chain = node_named(ai_workflow, "@n8n/n8n-nodes-langchain.chainLlm")
+    model = node_named(ai_workflow, "@n8n/n8n-nodes-langchain.lmChatAnthropic")
+    assert next_nodes(ai_workflow, trigger["name"]) == [chain["name"]]
+    [link] = ai_workflow["connections"][model["name"]]["ai_languageModel"][0]
+    assert link == {"node": chain["name"], "type": "ai_languageModel", "index": 0}
+
+    assert chain["parameters"]["promptType"] == "define" and chain["parameters"]["text"]
+    assert model["typeVersion"] == 1.3  # the model is a resource locator: list or id
+    assert model["parameters"]["model"]["__rl"] is True
+    assert model["credentials"]["anthropicApi"]["name"] == AI_CREDENTIAL
+    guide = (DOCS / "n8n.md").read_text()
+    assert f"Name it `{AI_CREDENTIAL}`" in guide and "n8n-ai-workflow.json" in guide
+
+
+def test_the_ai_workflows_model_is_listed_priced_and_answered_by_promptq(
+    ai_workflow: dict[str, Any], client: Any, worker_process: Any, api_key: str
+) -> None:
+    from promptq.pricing import PriceTable
+
+    model = node_named(ai_workflow, "@n8n/n8n-nodes-langchain.lmChatAnthropic")
+    model_id = model["parameters"]["model"]["value"]
+    assert PriceTable.load(None).prices_for(model_id) is not None
+
+    # The model picker: GET {Base URL}/v1/models with the credential's x-api-key, no paging;
+    # it shows display_name and sorts by created_at.
+    listed = client.get("/v1/models", headers={"x-api-key": api_key, **N8N_ANTHROPIC_HEADERS})
+    assert listed.status_code == 200
+    models = listed.json()["data"]
+    assert model_id in {m["id"] for m in models}
+    for entry in models:
+        assert entry["display_name"] and datetime.fromisoformat(entry["created_at"])
+
+    # The chain's call, as the node sent it.
+    chain = node_named(ai_workflow, "@n8n/n8n-nodes-langchain.chainLlm")
+    body = {
+        "model": model_id,
+        "max_tokens": model["parameters"]["options"]["maxTokensToSample"],
+        "messages": [{"role": "user", "content": chain["parameters"]["text"]}],
+        "thinking": {"type": "disabled"},
+    }
+    answer = client.post(
+        "/v1/messages", json=body, headers={"x-api-key": api_key, **N8N_ANTHROPIC_HEADERS}
+    )
+    assert answer.status_code == 200, answer.text
+    assert chain["parameters"]["text"] in answer.json()["content"][0]["text"]
+
+
+# ---------------------------------------------------------------------------------------
 # The webhook receivers
 
 

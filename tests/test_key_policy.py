@@ -53,6 +53,9 @@ def test_a_key_may_use_only_the_models_it_is_allowed(
         keys(quiet_env, "create", "haiku-only", "--models", "claude-haiku-*", "--json").stdout
     )
     key = created["key"]
+    # Model pickers (n8n's) list only what the key may use.
+    listed = client.get("/v1/models?limit=100", headers=auth(key)).json()["data"]
+    assert listed and all(model["id"].startswith("claude-haiku-") for model in listed)
     refused = client.post("/v1/jobs", json=job("claude-sonnet-4-6"), headers=auth(key))
     assert refused.status_code == 403
     message = refused.json()["error"]["message"]

@@ -132,12 +132,12 @@ class Context:
     def post_job(self, **body: Any) -> Any:
         return self.client.post("/v1/jobs", json={"prompt": "x", **body}, headers=auth(self.key))
 
-    def queued_job(self, idempotency_key: str | None = None) -> str:
+    def queued_job(self, idempotency_key: str | None = None, max_tokens: int | None = None) -> str:
         """A job committed but never published: it stays queued whatever workers run."""
         from promptq.jobs import service
         from promptq.jobs.schemas import JobCreate
 
-        payload = JobCreate(prompt="queued", idempotency_key=idempotency_key)
+        payload = JobCreate(prompt="queued", max_tokens=max_tokens, idempotency_key=idempotency_key)
         with session_scope(self.database_url) as session:
             record = authenticate(session, self.key)
             assert record is not None
@@ -157,7 +157,8 @@ class Context:
         """A key whose running job holds a reservation as large as its budget."""
         plain = self.make_key("broke", monthly_budget_usd=Decimal("0.01"))
         self.key, key = plain, self.key
-        running = self.queued_job()
+        # Small, so that it fits the budget at intake; its reservation then fills the budget.
+        running = self.queued_job(max_tokens=16)
         self.key = key
         with session_scope(self.database_url) as session:
             job = session.get(Job, running)
@@ -290,6 +291,17 @@ SCENARIOS: dict[str, dict[int, Request]] = {
     "POST /v1/messages": {
         200: _messages,
         400: lambda c: _messages(c, max_tokens=0),
+    },
+    "GET /v1/models?limit=&after_id=&before_id=": {
+        200: lambda c: c.client.get("/v1/models?limit=2", headers=auth(c.key)),
+        404: lambda c: c.client.get("/v1/models/no-such-model", headers=auth(c.key)),
+    },
+    "POST /v1/messages/count_tokens": {
+        200: lambda c: c.client.post(
+            "/v1/messages/count_tokens",
+            json={"model": "claude-sonnet-4-6", "messages": [{"role": "user", "content": "hi"}]},
+            headers=auth(c.key),
+        ),
     },
     "GET /healthz": {
         200: lambda c: c.client.get("/healthz"),

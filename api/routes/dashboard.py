@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any
 
+import redis
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, PackageLoader, select_autoescape
@@ -23,8 +25,9 @@ from api.auth import key_or_admin, presented_key
 from api.deps import SessionDep, SettingsDep
 from api.errors import ApiError
 from promptq.config import Settings
+from promptq.metrics import LimiterState, read_limiter_state
 from promptq.models import ApiKey
-from promptq.reports.dashboard import build_dashboard
+from promptq.reports.dashboard import LimiterReader, build_dashboard
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 COOKIE = "promptq_dashboard"
@@ -32,6 +35,8 @@ COOKIE_PATH = "/dashboard"
 COOKIE_MAX_AGE = 12 * 3600  # a working day; signing in again is one paste
 # Longer than any key or sensible token: refused before it is hashed or compared.
 MAX_CREDENTIAL = 1024
+# The page must render promptly when Redis is away; its limiter table says so instead.
+REDIS_TIMEOUT_SECONDS = 2.0
 SECURITY_HEADERS = {
     # The page holds a key's private data: never cached, never framed, nothing but its own
     # scripts and styles (the chart data is a JSON island, not a script).
@@ -52,6 +57,28 @@ templates = Environment(
     trim_blocks=True,
     lstrip_blocks=True,
 )
+
+
+def _limiter_reader(request: Request, settings: Settings) -> LimiterReader | None:
+    """The rate limiter's state from Redis; the page shows it as unavailable rather than
+    failing when Redis does not answer."""
+    if not settings.redis_url:
+        return None
+    client: redis.Redis | None = getattr(request.app.state, "dashboard_redis", None)
+    if client is None:
+        client = request.app.state.dashboard_redis = redis.Redis.from_url(
+            settings.redis_url,
+            socket_timeout=REDIS_TIMEOUT_SECONDS,
+            socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
+        )
+
+    def read(models: Iterable[str]) -> list[LimiterState] | None:
+        try:
+            return read_limiter_state(client, models)
+        except redis.RedisError:
+            return None
+
+    return read
 
 
 def _render(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
@@ -100,7 +127,9 @@ def dashboard(request: Request, session: SessionDep, settings: SettingsDep) -> R
         )
         response.delete_cookie(COOKIE, path=COOKIE_PATH)
         return response
-    board = build_dashboard(session, key.id if key is not None else None)
+    board = build_dashboard(
+        session, key.id if key is not None else None, limiter=_limiter_reader(request, settings)
+    )
     return _render(request, "dashboard.html", board=board, data=board.chart_data(), key=key)
 
 

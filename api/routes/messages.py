@@ -25,10 +25,11 @@ from promptq.config import Settings
 from promptq.db import session_scope
 from promptq.jobs import service
 from promptq.jobs.errors import JobConflict
-from promptq.jobs.schemas import JobCreate, MessagesRequest
+from promptq.jobs.schemas import JobCreate, MessagesRequest, anthropic_beta
 from promptq.keys.policy import quota
 from promptq.models import ApiKey, JobStatus, Priority
 from promptq.upstream.anthropic_errors import anthropic_error
+from promptq.upstream.count_tokens import count_tokens
 from promptq.upstream.message_events import message_events
 from promptq.validation import describe_validation_errors
 
@@ -83,6 +84,19 @@ async def create_message(request: Request, settings: SettingsDep) -> Response:
         "overloaded_error",
         headers=headers,
     )
+
+
+@router.post("/v1/messages/count_tokens", summary="Count a prompt's tokens (not a job)")
+async def count_message_tokens(request: Request, settings: SettingsDep) -> JSONResponse:
+    await request_caller(request, settings.database_url)
+    raw = await request.body()
+    if not isinstance(parse_json_body(raw) if raw.strip() else None, dict):
+        raise ApiError(400, "body: must be a JSON object of Messages API parameters")
+    beta = request.headers.get("anthropic-beta")
+    status, body = await run_in_threadpool(
+        count_tokens, request.app.state.upstream, raw, anthropic_beta(beta)
+    )
+    return JSONResponse(body, status_code=status)
 
 
 async def _await_job(

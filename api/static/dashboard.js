@@ -8,6 +8,8 @@
   var data = JSON.parse(document.getElementById("dashboard-data").textContent);
   var HEIGHT = 210;
   var ACCENT = "#3f6fd8";
+  var RED = "#d64545";
+  var AMBER = "#e0a030";
   var PALETTE = ["#3f6fd8", "#2f9e5b", "#e0a030", "#8e5bd6", "#d64545", "#2aa3b8", "#5b6475"];
   var charts = [];
 
@@ -47,13 +49,15 @@
     return text.length > fits ? text.slice(0, fits - 1) + "\u2026" : text;
   }
 
+  // `ys`: one series of values, or a list of them.
   function chart(el, options, xs, ys) {
     options.width = el.clientWidth;
     options.height = HEIGHT;
     options.legend = { show: false };
     options.cursor = { points: { show: false }, drag: { x: false, y: false } };
     options.hooks.draw = [function () { markRendered(el, xs.length); }];
-    charts.push([el, new uPlot(options, [xs, ys], el)]);
+    var series = Array.isArray(ys[0]) ? ys : [ys];
+    charts.push([el, new uPlot(options, [xs].concat(series), el)]);
   }
 
   // One bar split by status, each part as wide as its share of all jobs: readable whatever
@@ -148,9 +152,83 @@
     }, xs, rows.map(function (r) { return Number(r.cost); }));
   }
 
+  function hourStamps() {
+    return data.hours.map(function (h) { return Date.parse(h.hour) / 1000; });
+  }
+
+  function hourLabel(h) { return h.hour.slice(11, 16) + " UTC"; }
+
+  var UTC = function (ts) { return uPlot.tzDate(new Date(ts * 1e3), "Etc/UTC"); };
+
+  // Finished jobs per hour: the whole bar is every job, its red foot the failed ones.
+  function drawHours() {
+    var el = document.getElementById("chart-hours");
+    var hours = data.hours;
+    var half = 1800;
+    var bars = uPlot.paths.bars({ size: [0.7, 30], radius: 0.1 });
+    chart(el, {
+      tzDate: UTC,
+      scales: {
+        x: { time: true, range: function (u, min, max) { return [min - half, max + half]; } },
+        y: { range: zeroBased },
+      },
+      axes: [
+        { values: "{HH}:{mm}", size: 32, grid: { show: false } },
+        { size: 50, grid: { stroke: "#eef0f4" } },
+      ],
+      series: [
+        {},
+        { label: "finished", fill: ACCENT, stroke: ACCENT, points: { show: false }, paths: bars },
+        { label: "failed", fill: RED, stroke: RED, points: { show: false }, paths: bars },
+      ],
+      hooks: {
+        setCursor: [readout("readout-hours", function (i) {
+          var h = hours[i];
+          return hourLabel(h) + ": " + (h.succeeded + h.failed).toLocaleString() + " finished, " +
+            h.succeeded.toLocaleString() + " succeeded, " + h.failed.toLocaleString() + " failed or canceled";
+        })],
+      },
+    }, hourStamps(), [
+      hours.map(function (h) { return h.succeeded + h.failed; }),
+      hours.map(function (h) { return h.failed; }),
+    ]);
+  }
+
+  function drawLatency() {
+    var el = document.getElementById("chart-latency");
+    var hours = data.hours;
+    chart(el, {
+      tzDate: UTC,
+      scales: { x: { time: true }, y: { range: zeroBased } },
+      axes: [
+        { values: "{HH}:{mm}", size: 32, grid: { show: false } },
+        { size: 50, grid: { stroke: "#eef0f4" }, values: function (u, splits) {
+          return splits.map(function (v) { return v + " s"; });
+        } },
+      ],
+      series: [
+        {},
+        { label: "p50", stroke: ACCENT, width: 2, points: { show: true, size: 8, fill: ACCENT }, spanGaps: false },
+        { label: "p95", stroke: AMBER, width: 2, points: { show: true, size: 8, fill: AMBER }, spanGaps: false },
+      ],
+      hooks: {
+        setCursor: [readout("readout-latency", function (i) {
+          var h = hours[i];
+          return h.p50_seconds == null ? hourLabel(h) + ": no job finished" :
+            hourLabel(h) + ": median " + h.p50_seconds + " s, 95th percentile " + h.p95_seconds + " s";
+        })],
+      },
+    }, hourStamps(), [
+      hours.map(function (h) { return h.p50_seconds; }),
+      hours.map(function (h) { return h.p95_seconds; }),
+    ]);
+  }
+
   drawStatuses();
   drawDays();
   drawModels();
+  drawHours();
+  drawLatency();
 
   var pending = 0;
   window.addEventListener("resize", function () {

@@ -6,7 +6,7 @@ import logging
 
 import click
 
-from promptq.cli import client, keys, limits, services, stack, usage
+from promptq.cli import client, keys, limits, run, services, stack, usage
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -27,6 +27,7 @@ for command in services.commands:
 cli.add_command(keys.keys)
 cli.add_command(limits.limits)
 cli.add_command(usage.usage)
+cli.add_command(run.run)
 for command in client.commands:
     cli.add_command(command)
 

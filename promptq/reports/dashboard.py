@@ -5,20 +5,32 @@ the picodollar. Everything is scoped to one key, or to every key when `api_key_i
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
+from ulid import ULID
 
+from promptq.metrics import LimiterState
 from promptq.models import ApiKey, Job, JobStatus, UsageHourly, has_status, is_active_job
 from promptq.periods import Period, current_month, isoformat_z
+from promptq.reports.repository import FinishedJob, recent_finished
 from promptq.reports.service import UsageReport, UsageRow, cost_parts, usage_report
 from promptq.types import utcnow
 
 SPEND_DAYS = 30
 FAILURES_SHOWN = 20
+HOURS = 24
+# A job finished within the last day was created at most this long before (a batch request
+# expires 24 hours after its batch was made): the id range that bounds the rows read.
+CREATED_LOOKBACK = timedelta(hours=48)
+# The hourly figures come from at most this many of the latest jobs: a page render must not
+# read a day of a busy deployment whole.
+MAX_HOURLY_JOBS = 50_000
 
 
 @dataclass(frozen=True)
@@ -80,6 +92,71 @@ def last_days(now: datetime, days: int = SPEND_DAYS) -> Period:
 
 
 @dataclass(frozen=True)
+class Hour:
+    """One hour of the last day: the jobs that finished in it, and how long they took from
+    submission to result (seconds; None without a finished job)."""
+
+    start: datetime
+    succeeded: int
+    failed: int  # failed or canceled
+    p50_seconds: float | None
+    p95_seconds: float | None
+
+    def to_api(self) -> dict[str, Any]:
+        return {
+            "hour": isoformat_z(self.start),
+            "succeeded": self.succeeded,
+            "failed": self.failed,
+            "p50_seconds": self.p50_seconds,
+            "p95_seconds": self.p95_seconds,
+        }
+
+
+def last_hours(jobs: Iterable[FinishedJob], now: datetime, hours: int = HOURS) -> list[Hour]:
+    """`hours` whole UTC hours up to and including the current one, empty ones included."""
+    now = now.astimezone(UTC)
+    first = now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=hours - 1)
+    buckets: list[list[FinishedJob]] = [[] for _ in range(hours)]
+    for job in jobs:
+        index = math.floor((_utc(job.finished_at) - first).total_seconds() / 3600)
+        if 0 <= index < hours:
+            buckets[index].append(job)
+    result = []
+    for index, bucket in enumerate(buckets):
+        took = sorted((_utc(j.finished_at) - _utc(j.created_at)).total_seconds() for j in bucket)
+        succeeded = sum(job.status == JobStatus.SUCCEEDED for job in bucket)
+        result.append(
+            Hour(
+                first + timedelta(hours=index),
+                succeeded,
+                len(bucket) - succeeded,
+                _percentile(took, 0.50),
+                _percentile(took, 0.95),
+            )
+        )
+    return result
+
+
+def _utc(moment: datetime) -> datetime:
+    # SQLite gives naive datetimes back; promptq stores UTC.
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _percentile(ordered: list[float], share: float) -> float | None:
+    """Nearest rank: a duration some job really took, never an interpolated one."""
+    if not ordered:
+        return None
+    return round(ordered[max(0, math.ceil(share * len(ordered)) - 1)], 3)
+
+
+def first_id_since(moment: datetime, prefix: str = "job") -> str:
+    """The smallest id a job created at `moment` or later can have: a ULID is its creation
+    time in milliseconds, then randomness."""
+    millis = int(moment.timestamp() * 1000)
+    return f"{prefix}_{ULID.from_bytes(millis.to_bytes(6, 'big') + bytes(10))}"
+
+
+@dataclass(frozen=True)
 class Dashboard:
     rendered_at: datetime
     api_key_id: str | None
@@ -87,6 +164,9 @@ class Dashboard:
     by_day: UsageReport
     by_model: UsageReport
     failures: list[Failure]
+    hours: list[Hour]
+    # The rate limiter's state per model, None when Redis did not answer.
+    limiter: list[LimiterState] | None
 
     def spend_by_day(self) -> list[dict[str, Any]]:
         """One entry per day of the period, days without spend as zero, so a chart of it
@@ -116,6 +196,18 @@ class Dashboard:
                 "days": self.spend_by_day(),
                 **_totals(self.by_day),
             },
+            "hours": [hour.to_api() for hour in self.hours],
+            "limiter": None
+            if self.limiter is None
+            else [
+                {
+                    "model": state.model,
+                    "in_flight": state.in_flight,
+                    "waiting": state.waiting,
+                    "paused_seconds": round(state.paused_seconds, 1),
+                }
+                for state in self.limiter
+            ],
             "spend_by_model": {
                 "from": isoformat_z(self.by_model.period.start),
                 "to": isoformat_z(self.by_model.period.end),
@@ -137,10 +229,25 @@ def _totals(report: UsageReport) -> dict[str, Any]:
     return {"jobs": total.jobs, "cost": cost_parts(total)["total"]}
 
 
+LimiterReader = Callable[[Iterable[str]], list[LimiterState] | None]
+
+
 def build_dashboard(
-    session: Session, api_key_id: str | None, now: datetime | None = None
+    session: Session,
+    api_key_id: str | None,
+    now: datetime | None = None,
+    limiter: LimiterReader | None = None,
 ) -> Dashboard:
+    """`limiter` reads the rate limiter's state for some models (and those with jobs
+    waiting); the limits are the account's, so every signed-in key sees them."""
     now = now or utcnow()
+    recent = recent_finished(
+        session,
+        api_key_id,
+        first_id_since(now - CREATED_LOOKBACK),
+        now - timedelta(hours=HOURS),
+        MAX_HOURLY_JOBS,
+    )
     return Dashboard(
         rendered_at=now,
         api_key_id=api_key_id,
@@ -148,4 +255,6 @@ def build_dashboard(
         by_day=usage_report(session, "day", last_days(now), api_key_id),
         by_model=usage_report(session, "model", current_month(now), api_key_id),
         failures=recent_failures(session, api_key_id),
+        hours=last_hours(recent, now),
+        limiter=limiter(sorted({job.model for job in recent})) if limiter else None,
     )

@@ -20,7 +20,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from promptq.models import ApiKey, UsageHourly
+from promptq.models import ApiKey, Job, UsageHourly
 
 GroupBy = Literal["model", "key", "day"]
 GROUP_BYS: tuple[GroupBy, ...] = ("model", "key", "day")
@@ -111,3 +111,36 @@ class UsageRepository:
             )
             for row in self.session.execute(query)
         ]
+
+
+@dataclass(frozen=True)
+class FinishedJob:
+    model: str
+    status: str
+    created_at: datetime
+    finished_at: datetime
+
+
+def recent_finished(
+    session: Session,
+    api_key_id: str | None,
+    created_from_id: str,
+    finished_after: datetime,
+    limit: int,
+) -> list[FinishedJob]:
+    """Jobs finished after `finished_after`, newest first, read through the id range from
+    `created_from_id` (ids sort by creation time), so the rows read follow the recent work,
+    not the whole history."""
+    query = (
+        select(Job.model, Job.status, Job.created_at, Job.finished_at)
+        .where(Job.id >= created_from_id, Job.finished_at >= finished_after)
+        .order_by(Job.id.desc())
+        .limit(limit)
+    )
+    if api_key_id is not None:
+        query = query.where(Job.api_key_id == api_key_id)
+    return [
+        FinishedJob(model, status, created_at, finished_at)
+        for model, status, created_at, finished_at in session.execute(query)
+        if finished_at is not None  # the WHERE clause already says so; mypy cannot see it
+    ]

@@ -42,6 +42,8 @@ class SimulatorConfig:
     # Send anthropic-ratelimit-* headers when limits are set (CometAPI may not pass them on;
     # switching them off tests a client that must find the limit from 429s alone).
     ratelimit_headers: bool = True
+    # Serve GET /v1/models, as Anthropic does; off, it is a 404, as at a proxy without it.
+    list_models: bool = True
 
     def __post_init__(self) -> None:
         # Checked here so that `replace()` (the /_sim/config patch) is validated too.

@@ -11,7 +11,7 @@ import socketserver
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from promptq.simulator.answers import Answer, _json_answer, anthropic_error
 from promptq.simulator.config import MAX_BODY_BYTES, SimulatorConfig
@@ -24,6 +24,7 @@ log = logging.getLogger(__package__)  # "promptq.simulator", as when it was one 
 # a connection, send a malformed body) that frameworks hide, and one thread per request makes
 # simulated latency free: a sleeping call holds its own thread, never the others.
 
+MODELS_PREFIX = "/v1/models/"
 _REASONS = {524: "A Timeout Occurred", 529: "Overloaded"}
 
 
@@ -53,19 +54,29 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("simulator %s " + format, self.client_address[0], *args)
 
     def do_GET(self) -> None:
-        path = urlsplit(self.path).path
+        url = urlsplit(self.path)
+        path, upstream = url.path, self.server.upstream
         if path == "/_sim/stats":
-            self._send(_json_answer(200, self.server.upstream.stats.snapshot()))
+            self._send(_json_answer(200, upstream.stats.snapshot()))
+        elif path == "/v1/models":
+            self._send(upstream.models(self._lowered_headers(), parse_qs(url.query)))
+        elif path.startswith(MODELS_PREFIX) and len(path) > len(MODELS_PREFIX):
+            model_id = unquote(path[len(MODELS_PREFIX) :])
+            self._send(upstream.model(self._lowered_headers(), model_id))
         else:
             self._not_found()
+
+    def _lowered_headers(self) -> dict[str, str]:
+        return {k.lower(): v for k, v in self.headers.items()}
 
     def do_POST(self) -> None:
         path = urlsplit(self.path).path
         raw = self._read_body()
         upstream = self.server.upstream
         if path == "/v1/messages":
-            headers = {k.lower(): v for k, v in self.headers.items()}
-            self._send(upstream.handle(headers, raw))
+            self._send(upstream.handle(self._lowered_headers(), raw))
+        elif path == "/v1/messages/count_tokens":
+            self._send(upstream.count_tokens(self._lowered_headers(), raw))
         elif path == "/_sim/reset":
             upstream.reset()
             self._send(_json_answer(200, {"reset": True}))

@@ -28,6 +28,8 @@ class Stats:
             # enforcement of a per-minute limit sees.
             self.by_second: Counter[int] = Counter()
             self.max_in_flight = self.in_flight
+            # Calls of the other endpoints (models, count_tokens), which `calls` leaves out.
+            self.by_endpoint: Counter[str] = Counter()
 
     def enter(self) -> None:
         with self._lock:
@@ -41,6 +43,10 @@ class Stats:
             self.in_flight -= 1
             self.by_status["dropped" if answer.drop else str(answer.status)] += 1
             self.succeeded += answer.succeeded
+
+    def side_call(self, endpoint: str) -> None:
+        with self._lock:
+            self.by_endpoint[endpoint] += 1
 
     def prompt(self, text: str, beta: str | None = None) -> None:
         with self._lock:
@@ -56,6 +62,7 @@ class Stats:
                 "by_status": dict(self.by_status),
                 "calls_by_prompt": dict(self.by_prompt),
                 "beta_by_prompt": dict(self.beta_by_prompt),
+                "calls_by_endpoint": dict(self.by_endpoint),
                 "in_flight": self.in_flight,
                 "max_in_flight": self.max_in_flight,
                 "calls_by_second": {str(second): n for second, n in sorted(self.by_second.items())},

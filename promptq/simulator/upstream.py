@@ -10,9 +10,10 @@ import secrets
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
+from promptq.simulator import catalog
 from promptq.simulator.answers import Answer, ApiError, _json_answer, anthropic_error
 from promptq.simulator.config import _PROBABILITIES, SimulatorConfig
 from promptq.simulator.directives import Directives, parse_directives
@@ -38,6 +39,30 @@ def _api_key(headers: Mapping[str, str]) -> str:
         return key
     scheme, _, token = headers.get("authorization", "").partition(" ")
     return token.strip() if scheme.lower() == "bearer" else ""
+
+
+def _authenticate(config: SimulatorConfig, headers: Mapping[str, str]) -> None:
+    key = _api_key(headers)
+    if not key:
+        raise ApiError(401, "authentication_error", "x-api-key header is required")
+    if config.api_key is not None and not secrets.compare_digest(key, config.api_key):
+        raise ApiError(401, "authentication_error", "invalid x-api-key")
+
+
+def _json_body(config: SimulatorConfig, headers: Mapping[str, str], raw: bytes | None) -> Any:
+    if raw is None:
+        raise ApiError(413, "request_too_large", _ANTHROPIC_FAULTS["413"][2])
+    _authenticate(config, headers)
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise _invalid(f"request body is not valid JSON: {error}") from None
+
+
+def _require_model_list(config: SimulatorConfig) -> None:
+    if not config.list_models:
+        # As an Anthropic-compatible proxy without the endpoint answers.
+        raise ApiError(404, "not_found_error", "The requested resource could not be found.")
 
 
 class Upstream:
@@ -76,6 +101,45 @@ class Upstream:
         self.stats.leave(answer)
         return answer
 
+    def side_call(
+        self, endpoint: str, headers: Mapping[str, str], call: Callable[[SimulatorConfig], Any]
+    ) -> Answer:
+        """A call of an endpoint other than /v1/messages: authenticated like it, counted
+        apart (`calls_by_endpoint`), and never rate limited or faulted."""
+        request_id = "req_" + secrets.token_hex(12)
+        self.stats.side_call(endpoint)
+        with self._lock:
+            config = self.config
+        try:
+            _authenticate(config, headers)
+            answer = _json_answer(200, call(config))
+        except ApiError as error:
+            answer = anthropic_error(error.status, error.error_type, error.message, request_id)
+        answer.headers["request-id"] = request_id
+        return answer
+
+    def models(self, headers: Mapping[str, str], query: dict[str, list[str]]) -> Answer:
+        def page(config: SimulatorConfig) -> dict[str, Any]:
+            _require_model_list(config)
+            return catalog.list_page(query)
+
+        return self.side_call("models", headers, page)
+
+    def model(self, headers: Mapping[str, str], model_id: str) -> Answer:
+        def found(config: SimulatorConfig) -> dict[str, str]:
+            _require_model_list(config)
+            return catalog.get_model(model_id)
+
+        return self.side_call("models", headers, found)
+
+    def count_tokens(self, headers: Mapping[str, str], raw: bytes | None) -> Answer:
+        def count(config: SimulatorConfig) -> dict[str, int]:
+            body = validate_request(_json_body(config, headers, raw), counting=True)
+            # What the same prompt is charged as input by /v1/messages, cache or not.
+            return {"input_tokens": max(1, tokens(sum(s.chars for s in prompt_segments(body))))}
+
+        return self.side_call("count_tokens", headers, count)
+
     def _draw(self, config: SimulatorConfig) -> tuple[str | None, float]:
         with self._lock:
             jitter = self._rng.uniform(0, config.latency_jitter) if config.latency_jitter else 0.0
@@ -99,18 +163,7 @@ class Upstream:
     def _handle(self, request_id: str, headers: Mapping[str, str], raw: bytes | None) -> Answer:
         with self._lock:
             config, limiter = self.config, self.limiter
-        if raw is None:
-            raise ApiError(413, "request_too_large", _ANTHROPIC_FAULTS["413"][2])
-        key = _api_key(headers)
-        if not key:
-            raise ApiError(401, "authentication_error", "x-api-key header is required")
-        if config.api_key is not None and not secrets.compare_digest(key, config.api_key):
-            raise ApiError(401, "authentication_error", "invalid x-api-key")
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as error:
-            raise _invalid(f"request body is not valid JSON: {error}") from None
-        body = validate_request(body)
+        body = validate_request(_json_body(config, headers, raw))
         prompt = last_user_text(body["messages"])
         self.stats.prompt(prompt, headers.get("anthropic-beta"))
         directives = parse_directives(prompt)

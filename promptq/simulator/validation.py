@@ -29,6 +29,21 @@ _TOP_LEVEL_FIELDS = frozenset(
 )
 
 
+# POST /v1/messages/count_tokens takes the prompt's parameters, none of the sampling ones.
+_COUNT_TOKENS_FIELDS = frozenset(
+    {
+        "model",
+        "messages",
+        "system",
+        "tools",
+        "tool_choice",
+        "thinking",
+        "mcp_servers",
+        "context_management",
+    }
+)
+
+
 def _invalid(message: str) -> ApiError:
     return ApiError(400, "invalid_request_error", message)
 
@@ -82,7 +97,7 @@ def _check_messages(messages: Any) -> None:
             )
 
 
-def _check_thinking(body: dict[str, Any]) -> None:
+def _check_thinking(body: dict[str, Any], counting: bool = False) -> None:
     thinking = body.get("thinking")
     if thinking is None:
         return
@@ -97,28 +112,34 @@ def _check_thinking(body: dict[str, Any]) -> None:
         raise _invalid(
             "thinking.enabled.budget_tokens: Input should be greater than or equal to 1024"
         )
-    if budget >= body["max_tokens"]:
+    if not counting and budget >= body["max_tokens"]:
         raise _invalid("`max_tokens` must be greater than `thinking.budget_tokens`.")
     if "temperature" in body and body["temperature"] != 1:
         raise _invalid("`temperature` may only be set to 1 when thinking is enabled.")
 
 
-def validate_request(body: Any) -> dict[str, Any]:
-    if not isinstance(body, dict):
-        raise _invalid("request body: Input should be a valid dictionary")
-    extra = sorted(set(body) - _TOP_LEVEL_FIELDS)
-    if extra:
-        raise _invalid(f"{extra[0]}: Extra inputs are not permitted")
-    if "model" not in body:
-        raise _invalid("model: Field required")
-    if not isinstance(body["model"], str):
-        raise _invalid("model: Input should be a valid string")
+def _check_max_tokens(body: dict[str, Any]) -> None:
     if "max_tokens" not in body:
         raise _invalid("max_tokens: Field required")
     if not _is_int(body["max_tokens"]):
         raise _invalid("max_tokens: Input should be a valid integer")
     if body["max_tokens"] < 1:
         raise _invalid("max_tokens: Input should be greater than or equal to 1")
+
+
+def validate_request(body: Any, *, counting: bool = False) -> dict[str, Any]:
+    """A Messages request, or with `counting` a count_tokens one (no max_tokens)."""
+    if not isinstance(body, dict):
+        raise _invalid("request body: Input should be a valid dictionary")
+    extra = sorted(set(body) - (_COUNT_TOKENS_FIELDS if counting else _TOP_LEVEL_FIELDS))
+    if extra:
+        raise _invalid(f"{extra[0]}: Extra inputs are not permitted")
+    if "model" not in body:
+        raise _invalid("model: Field required")
+    if not isinstance(body["model"], str):
+        raise _invalid("model: Input should be a valid string")
+    if not counting:
+        _check_max_tokens(body)
     _check_messages(body.get("messages"))
     system = body.get("system")
     if system is not None:
@@ -139,7 +160,7 @@ def validate_request(body: Any) -> dict[str, Any]:
         raise _invalid("stop_sequences: Input should be a valid list of strings")
     if body.get("stream"):
         raise _invalid("stream: the simulator answers whole messages only, not streams")
-    _check_thinking(body)
+    _check_thinking(body, counting)
     if not body["model"].startswith("claude-"):
         raise ApiError(404, "not_found_error", f"model: {body['model']}")
     return body

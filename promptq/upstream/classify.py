@@ -59,7 +59,7 @@ def _squash(raw: bytes, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _describe(body: bytes, content_type: str) -> str:
+def describe_body(body: bytes, content_type: str) -> str:
     """What a body that is not the JSON we wanted looks like, for a person reading the error."""
     if not body.strip():
         return "an empty body"
@@ -117,7 +117,7 @@ def classify_response(
     payload = _load(body)
     answered = f"upstream answered {status_code}"
     if payload is _NOT_JSON:
-        shown = _describe(body, lowered.get("content-type", ""))
+        shown = describe_body(body, lowered.get("content-type", ""))
     else:
         shown = f"JSON that is neither a message nor an error ({_squash(body)})"
 

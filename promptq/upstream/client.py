@@ -5,18 +5,33 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import requests
 from requests.adapters import HTTPAdapter
 
-from promptq.upstream.classify import classify_response
-from promptq.upstream.result import Outcome, UpstreamResult
+from promptq.upstream.classify import classify_response, describe_body
+from promptq.upstream.result import REDACTED, Outcome, UpstreamResult
 
 ANTHROPIC_VERSION = "2023-06-01"
 # Calls per thread are sequential; a few spare connections cover a redirect-free reconnect.
 POOL_MAXSIZE = 4
+# Listing models and counting tokens are quick at the upstream; a client waits on them.
+SIDE_CALL_TIMEOUT_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """What one call of a side endpoint came to."""
+
+    status_code: int | None  # None when no HTTP answer came
+    headers: dict[str, str]
+    payload: Any  # the JSON body, None when it was not JSON (or there was none)
+    # Why there is no JSON answer, for a person to read after "the upstream at URL".
+    problem: str | None
 
 
 def _user_agent() -> str:
@@ -98,6 +113,49 @@ class UpstreamClient:
     def create_message(self, params: dict[str, Any], beta: str | None = None) -> UpstreamResult:
         """One call; `beta`: the anthropic-beta header the job's client sent."""
         return self._call(params, beta).redacted(self._api_key)
+
+    def exchange(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str | int] | None = None,
+        body: bytes | None = None,
+        beta: str | None = None,
+        timeout: float = SIDE_CALL_TIMEOUT_SECONDS,
+    ) -> Exchange:
+        """One call of another endpoint (`/v1/models`, `/v1/messages/count_tokens`): no
+        retries, never a raise; the key is cut out of whatever text comes back."""
+        headers = {**self._headers, "anthropic-beta": beta} if beta else self._headers
+        try:
+            response = self._session().request(
+                method,
+                f"{self.base_url}{path}",
+                params=params,
+                data=body,
+                headers=headers,
+                timeout=(self.connect_timeout, min(timeout, self.timeout)),
+                allow_redirects=False,
+            )
+            content = response.content
+        except requests.exceptions.RequestException as error:
+            cause = self._redact(str(_root_cause(error)))
+            return Exchange(None, {}, None, f"gave no answer ({cause})")
+        # Some gateways echo the key they refused; it must not reach promptq's client.
+        text = self._redact(content.decode("utf-8", "replace"))
+        try:
+            payload = json.loads(text) if text.strip() else None
+        except ValueError:
+            payload = None
+        headers = {name.lower(): value for name, value in response.headers.items()}
+        if payload is None:
+            shown = describe_body(content, response.headers.get("content-type", ""))
+            described = f"answered {response.status_code} with {shown}"
+            return Exchange(response.status_code, headers, None, described)
+        return Exchange(response.status_code, headers, payload, None)
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._api_key, REDACTED) if self._api_key else text
 
     def _call(self, params: dict[str, Any], beta: str | None = None) -> UpstreamResult:
         started = time.monotonic()
