@@ -48,6 +48,11 @@ class Settings(BaseSettings):
 
     # Intake
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    # Templates (POST /v1/templates): a template's source, the time one render may take
+    # (it runs in a child process that is killed then) and the prompt it may make.
+    template_max_source_bytes: int = Field(default=100_000, ge=1024)
+    template_max_ms: int = Field(default=1000, ge=10)
+    template_max_bytes: int = Field(default=1024 * 1024, ge=1024)
     # A Message Batch create may be larger: Anthropic's limit is 256 MB.
     max_batch_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
     # How long POST /v1/messages waits for its job to start before giving up with a 529

@@ -20,10 +20,10 @@ router = APIRouter(prefix="/v1/templates", tags=["templates"])
 
 @router.post("", status_code=201, summary="Create a prompt template")
 def create_template(
-    body: templates.TemplateCreate, session: SessionDep, key: ApiKeyDep
+    body: templates.TemplateCreate, session: SessionDep, settings: SettingsDep, key: ApiKeyDep
 ) -> JSONResponse:
     try:
-        template = templates.create(session, key, body)
+        template = templates.create(session, settings, key, body)
         session.commit()
     except templates.TemplateError as exc:
         raise ApiError(422, str(exc)) from None
@@ -64,7 +64,8 @@ async def template_job(
     payload = await _payload(request)
     template = await run_in_threadpool(_found, session, key, name)
     try:
-        job = templates.job_from(template, payload)
+        # In the thread pool: a render blocks for up to PROMPTQ_TEMPLATE_MAX_MS.
+        job = await run_in_threadpool(templates.job_from, settings, template, payload)
     except templates.TemplateError as exc:
         raise ApiError(422, str(exc)) from None
     body = await run_in_threadpool(accept_job, request, settings, key, job, idempotency_key)
