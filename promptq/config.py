@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     pricing_file: Path | None = None
     webhook_allow_private: bool = False
     flower_basic_auth: SecretStr | None = None
+    # Unset: /metrics answers anyone who can reach it. Set: a scrape sends it as a bearer token.
+    metrics_token: SecretStr | None = None
 
     # Intake
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
@@ -53,8 +55,11 @@ class Settings(BaseSettings):
     template_max_source_bytes: int = Field(default=100_000, ge=1024)
     template_max_ms: int = Field(default=1000, ge=10)
     template_max_bytes: int = Field(default=1024 * 1024, ge=1024)
-    # A Message Batch create may be larger: Anthropic's limit is 256 MB.
-    max_batch_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+    # A Message Batch create may be larger, though not Anthropic's 256 MB: parsing and
+    # storing a batch takes about 12 MiB of API memory per MB of batch (README, Security),
+    # and deploy/'s API pod has 512 MiB. Split larger batches, or raise the limit and the
+    # memory together.
+    max_batch_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     # How long POST /v1/messages waits for its job to start before giving up with a 529
     # (the SDK then retries); a job already running is always waited for.
     messages_wait_seconds: float = Field(default=600.0, gt=0)

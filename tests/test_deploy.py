@@ -744,3 +744,12 @@ def test_the_cli_help_runs_for_every_command_used() -> None:
             timeout=60,
         )
         assert result.returncode == 0, (command, result.stderr)
+
+
+def test_compose_publishes_no_port_to_the_world_by_default() -> None:
+    """/metrics and the API answer on the API's port: loopback unless the operator says
+    otherwise (API_ADDRESS), like Flower's."""
+    for name, service in services().items():
+        for port in service.get("ports", []):
+            published = re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(port))
+            assert published.startswith("127.0.0.1:"), f"{name} publishes {port} to the world"
