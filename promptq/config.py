@@ -7,10 +7,13 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from promptq.webhooks.ssrf import WebhookAllow
 
 DEFAULT_UPSTREAM_URL = "https://api.cometapi.com"
 
@@ -44,6 +47,9 @@ class Settings(BaseSettings):
     limits_file: Path | None = None
     pricing_file: Path | None = None
     webhook_allow_private: bool = False
+    # Host names, addresses and CIDR networks webhooks may reach beside public addresses,
+    # separated by commas: one internal receiver without opening every private address.
+    webhook_allow: str = ""
     flower_basic_auth: SecretStr | None = None
     # Unset: /metrics answers anyone who can reach it. Set: a scrape sends it as a bearer token.
     metrics_token: SecretStr | None = None
@@ -112,6 +118,20 @@ class Settings(BaseSettings):
         if not isinstance(value, str):
             return value
         return value.upper() if info.field_name == "log_level" else value.lower()
+
+    @field_validator("webhook_allow")
+    @classmethod
+    def _webhook_allow_parses(cls, value: str) -> str:
+        from promptq.webhooks.ssrf import WebhookAllow
+
+        WebhookAllow.parse(value)  # a ValueError names the entry
+        return value
+
+    @property
+    def webhook_allow_list(self) -> WebhookAllow:
+        from promptq.webhooks.ssrf import WebhookAllow
+
+        return WebhookAllow.parse(self.webhook_allow)
 
     @property
     def upstream_key(self) -> str | None:

@@ -71,5 +71,7 @@ def worker_context() -> WorkerContext:
         limiter=limiter,
         leases=leases,
         runner=runner,
-        webhooks=WebhookSender(allow_private=settings.webhook_allow_private),
+        webhooks=WebhookSender(
+            allow_private=settings.webhook_allow_private, allow=settings.webhook_allow_list
+        ),
     )
