@@ -13,6 +13,7 @@ from fastapi.staticfiles import StaticFiles
 from api.auth_first import AuthenticateFirst
 from api.body_limit import BodySizeLimit
 from api.broker import BrokerCheck
+from api.control_chars import RefuseControlCharacters
 from api.errors import install_error_handlers
 from api.finished import FinishedJobs
 from api.publisher import BrokerPublisher, Publisher
@@ -60,6 +61,7 @@ def create_app(settings: Settings | None = None, publish: Publisher | None = Non
     )
     # Added last, so it runs first: a stranger's request is refused on its headers.
     app.add_middleware(AuthenticateFirst, database_url=settings.database_url)
+    app.add_middleware(RefuseControlCharacters)
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(metrics.router)

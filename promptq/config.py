@@ -142,6 +142,67 @@ class Settings(BaseSettings):
         return self.database_url.startswith("sqlite")
 
 
+# An admin token is a bearer credential for every key's data: as long as a generated one
+# (`openssl rand -hex 16` makes 32 characters). A Flower password is typed, but `promptq up`
+# makes 16 characters, and Flower can stop workers.
+ADMIN_TOKEN_MIN_LENGTH = 32
+FLOWER_PASSWORD_MIN_LENGTH = 16
+# Words of the examples and placeholders a copied file may still hold.
+_PLACEHOLDERS = ("replaceme", "changeme", "placeholder", "example", "yourtoken", "yourpassword")
+_LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+
+
+def _looks_like_placeholder(secret: str) -> bool:
+    letters = "".join(c for c in secret.lower() if c.isalnum())
+    return not letters or any(word in letters for word in _PLACEHOLDERS)
+
+
+def admin_token_problem(settings: Settings) -> str | None:
+    """Why `promptq api` must not start with this PROMPTQ_ADMIN_TOKEN, or None (unset is
+    fine: the admin endpoints then answer no one)."""
+    if settings.admin_token is None:
+        return None
+    token = settings.admin_token.get_secret_value()
+    if _looks_like_placeholder(token):
+        return "PROMPTQ_ADMIN_TOKEN is a placeholder; set a random one: openssl rand -hex 32"
+    if len(token) < ADMIN_TOKEN_MIN_LENGTH:
+        return (
+            f"PROMPTQ_ADMIN_TOKEN has {len(token)} characters, fewer than "
+            f"{ADMIN_TOKEN_MIN_LENGTH}; set a random one: openssl rand -hex 32"
+        )
+    return None
+
+
+def flower_password_problem(credentials: str) -> str | None:
+    """Why Flower must not start with this `user:password`, or None."""
+    password = credentials.partition(":")[2]
+    if _looks_like_placeholder(password):
+        return (
+            "PROMPTQ_FLOWER_BASIC_AUTH's password is a placeholder; set a random one, e.g. "
+            "admin:$(openssl rand -hex 12)"
+        )
+    if len(password) < FLOWER_PASSWORD_MIN_LENGTH:
+        return (
+            f"PROMPTQ_FLOWER_BASIC_AUTH's password has {len(password)} characters, fewer than "
+            f"{FLOWER_PASSWORD_MIN_LENGTH}; set a random one, e.g. admin:$(openssl rand -hex 12)"
+        )
+    return None
+
+
+def upstream_warning(settings: Settings) -> str | None:
+    """A warning when the upstream key would cross a network in clear text."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(settings.upstream_url)
+    host = (parts.hostname or "").lower()
+    if parts.scheme != "http" or host in _LOOPBACK_HOSTS or host.startswith("127."):
+        return None
+    return (
+        f"PROMPTQ_UPSTREAM_URL is plain http to {host}, which is not this machine: the "
+        "upstream key and every prompt cross the network unencrypted; use https://"
+    )
+
+
 @lru_cache
 def get_settings() -> Settings:
     return Settings()

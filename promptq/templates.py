@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -15,7 +15,7 @@ from promptq import template_sandbox
 from promptq.config import Settings
 from promptq.ids import new_id
 from promptq.jobs.presenter import isoformat
-from promptq.jobs.schemas import JobCreate
+from promptq.jobs.schemas import JobCreate, ModelName
 from promptq.models import ApiKey, PromptTemplate
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -28,14 +28,21 @@ class TemplateNotFound(LookupError):
     pass
 
 
+def _no_nul(text: str) -> str:
+    # A template may hold any text but NUL, which PostgreSQL cannot store.
+    if "\x00" in text:
+        raise ValueError("holds a NUL character (U+0000), which a template cannot store")
+    return text
+
+
 class TemplateCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=100)
     # The size that matters is PROMPTQ_TEMPLATE_MAX_SOURCE_BYTES, checked by `create`.
-    prompt: str = Field(min_length=1)
-    system: str | None = None
-    model: str | None = Field(default=None, min_length=1, max_length=200)
+    prompt: Annotated[str, AfterValidator(_no_nul)] = Field(min_length=1)
+    system: Annotated[str, AfterValidator(_no_nul)] | None = None
+    model: ModelName | None = None
     max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     temperature: float | None = Field(default=None, ge=0, le=1)
     webhook_url: str | None = Field(default=None, max_length=2048)

@@ -8,7 +8,13 @@ from typing import Any
 
 import click
 
-from promptq.config import Settings, get_settings
+from promptq.config import (
+    Settings,
+    admin_token_problem,
+    flower_password_problem,
+    get_settings,
+    upstream_warning,
+)
 from promptq.logging import configure_logging, logging_config
 
 
@@ -24,6 +30,10 @@ def preflight(settings: Settings, announce_limits: bool = True) -> None:
         PriceTable.load(settings.pricing_file)
     except (LimitsError, PricingError) as exc:
         raise click.ClickException(str(exc)) from exc
+    warning = upstream_warning(settings)
+    if warning is not None:
+        configure_logging(settings)
+        logging.getLogger("promptq.upstream").warning(warning)
     if settings.limits_file is None and announce_limits:
         # Most accounts allow more than the built-ins: running on them unawares leaves most
         # of the account unused, so say it once, where the operator looks.
@@ -35,6 +45,12 @@ def preflight(settings: Settings, announce_limits: bool = True) -> None:
         )
 
 
+def refuse_weak_admin_token(settings: Settings) -> None:
+    problem = admin_token_problem(settings)
+    if problem is not None:
+        raise click.ClickException(problem)
+
+
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
@@ -44,6 +60,7 @@ def api(host: str, port: int, workers: int) -> None:
     import uvicorn
 
     settings = get_settings()
+    refuse_weak_admin_token(settings)
     preflight(settings)
     # uvicorn applies this in each of its processes, in place of its own coloured format.
     uvicorn.run(
@@ -136,6 +153,9 @@ def flower(port: int, address: str) -> None:
             "PROMPTQ_FLOWER_BASIC_AUTH=admin:$(openssl rand -hex 12), so Flower is not open "
             "to everyone who can reach its port"
         )
+    problem = flower_password_problem(credentials)
+    if problem is not None:
+        raise click.ClickException(problem)
     app.start(["flower", f"--port={port}", f"--address={address}", f"--basic-auth={credentials}"])
 
 

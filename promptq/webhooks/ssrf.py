@@ -254,6 +254,8 @@ def check_url(url: str, allow_private: bool = False, allow: WebhookAllow = NO_AL
 
     Credentials in the URL are allowed (they become Basic auth) but never appear in a message.
     """
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in url):
+        raise UnsafeTarget("webhook_url holds a control character; percent-encode it")
     try:
         # urllib3's parser, because it is the one requests sends with: a second parser
         # could read another host out of the same string ("http://a.com\\@127.0.0.1/").
