@@ -5,6 +5,7 @@ Read from `PROMPTQ_*` environment variables and a `.env` file in the working dir
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -51,6 +52,13 @@ class Settings(BaseSettings):
     # separated by commas: one internal receiver without opening every private address.
     webhook_allow: str = ""
     flower_basic_auth: SecretStr | None = None
+    # Addresses and CIDR networks of the reverse proxies in front of the API, comma-separated:
+    # their X-Forwarded-Proto and X-Forwarded-For are believed (the dashboard's cookie and
+    # its sign-in limit). Nothing by default.
+    trusted_proxies: str = ""
+    # Failed dashboard sign-ins allowed per client address in a window, then a 429 until it ends.
+    dashboard_max_failed_sign_ins: int = Field(default=10, ge=1)
+    dashboard_sign_in_window_seconds: int = Field(default=900, ge=1)
     # Unset: /metrics answers anyone who can reach it. Set: a scrape sends it as a bearer token.
     metrics_token: SecretStr | None = None
 
@@ -127,6 +135,16 @@ class Settings(BaseSettings):
         WebhookAllow.parse(value)  # a ValueError names the entry
         return value
 
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies_parse(cls, value: str) -> str:
+        _networks(value)  # a ValueError names the entry
+        return value
+
+    @property
+    def trusted_proxy_networks(self) -> tuple[IPNetwork, ...]:
+        return _networks(self.trusted_proxies)
+
     @property
     def webhook_allow_list(self) -> WebhookAllow:
         from promptq.webhooks.ssrf import WebhookAllow
@@ -140,6 +158,19 @@ class Settings(BaseSettings):
     @property
     def uses_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _networks(text: str) -> tuple[IPNetwork, ...]:
+    networks = []
+    for entry in text.replace(",", " ").split():
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            raise ValueError(f"{entry!r} is not an address or a CIDR network") from None
+    return tuple(networks)
 
 
 # An admin token is a bearer credential for every key's data: as long as a generated one
