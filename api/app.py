@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -11,8 +12,10 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from api.auth import forget_key, hear_key_changes
+from api.auth_first import AuthenticateFirst
 from api.body_limit import BodySizeLimit
 from api.broker import BrokerCheck
+from api.control_chars import RefuseControlCharacters
 from api.errors import install_error_handlers
 from api.finished import FinishedJobs
 from api.open_requests import OpenRequests
@@ -77,11 +80,18 @@ def create_app(settings: Settings | None = None, publish: Publisher | None = Non
         PriceTable.load(settings.pricing_file),
         LimitTable.load(settings.limits_file),
     )
+    # One batch create at a time per process: parsing holds about 12 MiB of memory per MB
+    # of batch (README, Security), so two at once could pass the pod's memory limit; the
+    # others wait with their bodies unread.
+    app.state.batch_intake = asyncio.Semaphore(1)
     app.add_middleware(
         BodySizeLimit,
         max_bytes=settings.max_body_bytes,
         limits_by_path={BATCHES_PATH: (settings.max_batch_bytes, "PROMPTQ_MAX_BATCH_BYTES")},
     )
+    # Added last, so it runs first: a stranger's request is refused on its headers.
+    app.add_middleware(AuthenticateFirst, database_url=settings.database_url)
+    app.add_middleware(RefuseControlCharacters)
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(metrics.router)

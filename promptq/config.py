@@ -8,11 +8,14 @@ from __future__ import annotations
 import ipaddress
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from promptq.webhooks.ssrf import WebhookAllow
 
 DEFAULT_UPSTREAM_URL = "https://api.cometapi.com"
 
@@ -46,12 +49,32 @@ class Settings(BaseSettings):
     limits_file: Path | None = None
     pricing_file: Path | None = None
     webhook_allow_private: bool = False
+    # Host names, addresses and CIDR networks webhooks may reach beside public addresses,
+    # separated by commas: one internal receiver without opening every private address.
+    webhook_allow: str = ""
     flower_basic_auth: SecretStr | None = None
+    # Addresses and CIDR networks of the reverse proxies in front of the API, comma-separated:
+    # their X-Forwarded-Proto and X-Forwarded-For are believed (the dashboard's cookie and
+    # its sign-in limit). Nothing by default.
+    trusted_proxies: str = ""
+    # Failed dashboard sign-ins allowed per client address in a window, then a 429 until it ends.
+    dashboard_max_failed_sign_ins: int = Field(default=10, ge=1)
+    dashboard_sign_in_window_seconds: int = Field(default=900, ge=1)
+    # Unset: /metrics answers anyone who can reach it. Set: a scrape sends it as a bearer token.
+    metrics_token: SecretStr | None = None
 
     # Intake
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
-    # A Message Batch create may be larger: Anthropic's limit is 256 MB.
-    max_batch_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+    # Templates (POST /v1/templates): a template's source, the time one render may take
+    # (it runs in a child process that is killed then) and the prompt it may make.
+    template_max_source_bytes: int = Field(default=100_000, ge=1024)
+    template_max_ms: int = Field(default=1000, ge=10)
+    template_max_bytes: int = Field(default=1024 * 1024, ge=1024)
+    # A Message Batch create may be larger, though not Anthropic's 256 MB: parsing and
+    # storing a batch takes about 12 MiB of API memory per MB of batch (README, Security),
+    # and deploy/'s API pod has 512 MiB. Split larger batches, or raise the limit and the
+    # memory together.
+    max_batch_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     # How long POST /v1/messages waits for its job to start before giving up with a 529
     # (the SDK then retries); a job already running is always waited for.
     messages_wait_seconds: float = Field(default=600.0, gt=0)
@@ -144,6 +167,30 @@ class Settings(BaseSettings):
             return value
         return value.upper() if info.field_name == "log_level" else value.lower()
 
+    @field_validator("webhook_allow")
+    @classmethod
+    def _webhook_allow_parses(cls, value: str) -> str:
+        from promptq.webhooks.ssrf import WebhookAllow
+
+        WebhookAllow.parse(value)  # a ValueError names the entry
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies_parse(cls, value: str) -> str:
+        _networks(value)  # a ValueError names the entry
+        return value
+
+    @property
+    def trusted_proxy_networks(self) -> tuple[IPNetwork, ...]:
+        return _networks(self.trusted_proxies)
+
+    @property
+    def webhook_allow_list(self) -> WebhookAllow:
+        from promptq.webhooks.ssrf import WebhookAllow
+
+        return WebhookAllow.parse(self.webhook_allow)
+
     @property
     def upstream_key(self) -> str | None:
         return self.upstream_api_key.get_secret_value() if self.upstream_api_key else None
@@ -181,6 +228,80 @@ def is_loopback_url(url: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _networks(text: str) -> tuple[IPNetwork, ...]:
+    networks = []
+    for entry in text.replace(",", " ").split():
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            raise ValueError(f"{entry!r} is not an address or a CIDR network") from None
+    return tuple(networks)
+
+
+# An admin token is a bearer credential for every key's data: as long as a generated one
+# (`openssl rand -hex 16` makes 32 characters). A Flower password is typed, but `promptq up`
+# makes 16 characters, and Flower can stop workers.
+ADMIN_TOKEN_MIN_LENGTH = 32
+FLOWER_PASSWORD_MIN_LENGTH = 16
+# Words of the examples and placeholders a copied file may still hold.
+_PLACEHOLDERS = ("replaceme", "changeme", "placeholder", "example", "yourtoken", "yourpassword")
+_LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+
+
+def _looks_like_placeholder(secret: str) -> bool:
+    letters = "".join(c for c in secret.lower() if c.isalnum())
+    return not letters or any(word in letters for word in _PLACEHOLDERS)
+
+
+def admin_token_problem(settings: Settings) -> str | None:
+    """Why `promptq api` must not start with this PROMPTQ_ADMIN_TOKEN, or None (unset is
+    fine: the admin endpoints then answer no one)."""
+    if settings.admin_token is None:
+        return None
+    token = settings.admin_token.get_secret_value()
+    if _looks_like_placeholder(token):
+        return "PROMPTQ_ADMIN_TOKEN is a placeholder; set a random one: openssl rand -hex 32"
+    if len(token) < ADMIN_TOKEN_MIN_LENGTH:
+        return (
+            f"PROMPTQ_ADMIN_TOKEN has {len(token)} characters, fewer than "
+            f"{ADMIN_TOKEN_MIN_LENGTH}; set a random one: openssl rand -hex 32"
+        )
+    return None
+
+
+def flower_password_problem(credentials: str) -> str | None:
+    """Why Flower must not start with this `user:password`, or None."""
+    password = credentials.partition(":")[2]
+    if _looks_like_placeholder(password):
+        return (
+            "PROMPTQ_FLOWER_BASIC_AUTH's password is a placeholder; set a random one, e.g. "
+            "admin:$(openssl rand -hex 12)"
+        )
+    if len(password) < FLOWER_PASSWORD_MIN_LENGTH:
+        return (
+            f"PROMPTQ_FLOWER_BASIC_AUTH's password has {len(password)} characters, fewer than "
+            f"{FLOWER_PASSWORD_MIN_LENGTH}; set a random one, e.g. admin:$(openssl rand -hex 12)"
+        )
+    return None
+
+
+def upstream_warning(settings: Settings) -> str | None:
+    """A warning when the upstream key would cross a network in clear text."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(settings.upstream_url)
+    host = (parts.hostname or "").lower()
+    if parts.scheme != "http" or host in _LOOPBACK_HOSTS or host.startswith("127."):
+        return None
+    return (
+        f"PROMPTQ_UPSTREAM_URL is plain http to {host}, which is not this machine: the "
+        "upstream key and every prompt cross the network unencrypted; use https://"
+    )
 
 
 @lru_cache

@@ -13,6 +13,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from promptq.config import get_settings
 
+# A statement's parameters are prompts, results and webhook URLs: an error that is logged
+# or shown names the statement, never them.
+HIDE_PARAMETERS = True
+
 # What a database that is restarting, unreachable or (SQLite) locked raises: worth waiting
 # out, unlike a failed constraint or a bug.
 TRANSIENT_DATABASE_ERRORS = (sqlalchemy_errors.OperationalError, sqlalchemy_errors.InterfaceError)
@@ -34,12 +38,17 @@ def _configure_sqlite(engine: Engine) -> None:
 @lru_cache(maxsize=8)
 def get_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        engine = create_engine(
+            url,
+            connect_args={"timeout": 30, "check_same_thread": False},
+            hide_parameters=HIDE_PARAMETERS,
+        )
         _configure_sqlite(engine)
         return engine
     settings = get_settings()
     return create_engine(
         url,
+        hide_parameters=HIDE_PARAMETERS,
         pool_size=settings.database_pool_size,
         max_overflow=settings.database_max_overflow,
         pool_pre_ping=True,

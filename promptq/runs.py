@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from promptq import templates
+from promptq.config import get_settings
 from promptq.jobs.schemas import JobCreate
 from promptq.models import PromptTemplate
 from promptq.validation import describe_validation_errors
@@ -54,7 +55,7 @@ class RunSpec:
     @classmethod
     def inline(cls, prompt: str, model: str | None, max_tokens: int | None) -> RunSpec:
         try:
-            templates.check_syntax(prompt)
+            templates.check_syntax(get_settings(), prompt)
         except templates.TemplateError as exc:
             raise RunFileError(f"--prompt: {exc}") from None
         template = PromptTemplate(
@@ -127,7 +128,9 @@ def failed_result(error: str) -> dict[str, Any]:
 
 def _render(spec: RunSpec, row: Row) -> tuple[JobCreate | None, str | None]:
     try:
-        return templates.job_from(spec.template, row.values, MISSING_HINT), None
+        return templates.job_from_here(
+            get_settings(), spec.template, row.values, MISSING_HINT
+        ), None
     except templates.TemplateError as exc:
         return None, f"line {row.line}: {exc}"
     except ValidationError as exc:

@@ -5,54 +5,79 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
-from jinja2 import StrictUndefined, TemplateSyntaxError, UndefinedError
-from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from promptq import template_sandbox
+from promptq.config import Settings
 from promptq.ids import new_id
 from promptq.jobs.presenter import isoformat
-from promptq.jobs.schemas import JobCreate
+from promptq.jobs.schemas import JobCreate, ModelName
 from promptq.models import ApiKey, PromptTemplate
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
-# The sandbox refuses attribute access that leads to Python internals; StrictUndefined
-# makes a missing variable an error rather than an empty string in the prompt.
-_ENVIRONMENT = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
-
-
-class TemplateError(ValueError):
-    """A template, or the payload given to it, that cannot make a prompt."""
+# Compiled and rendered in a child process with time, memory and output limits
+# (promptq.template_sandbox); its error is this module's.
+TemplateError = template_sandbox.TemplateError
 
 
 class TemplateNotFound(LookupError):
     pass
 
 
+def _no_nul(text: str) -> str:
+    # A template may hold any text but NUL, which PostgreSQL cannot store.
+    if "\x00" in text:
+        raise ValueError("holds a NUL character (U+0000), which a template cannot store")
+    return text
+
+
 class TemplateCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=100)
-    prompt: str = Field(min_length=1, max_length=200_000)
-    system: str | None = Field(default=None, max_length=200_000)
-    model: str | None = Field(default=None, min_length=1, max_length=200)
+    # The size that matters is PROMPTQ_TEMPLATE_MAX_SOURCE_BYTES, checked by `create`.
+    prompt: Annotated[str, AfterValidator(_no_nul)] = Field(min_length=1)
+    system: Annotated[str, AfterValidator(_no_nul)] | None = None
+    model: ModelName | None = None
     max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     temperature: float | None = Field(default=None, ge=0, le=1)
     webhook_url: str | None = Field(default=None, max_length=2048)
 
 
-def create(session: Session, key: ApiKey, data: TemplateCreate) -> PromptTemplate:
+def limits(settings: Settings) -> template_sandbox.Limits:
+    return template_sandbox.Limits(
+        max_ms=settings.template_max_ms, max_bytes=settings.template_max_bytes
+    )
+
+
+def _sources(template: TemplateCreate | PromptTemplate) -> dict[str, str]:
+    return {
+        field: text
+        for field in ("prompt", "system")
+        if (text := getattr(template, field)) is not None
+    }
+
+
+def create(
+    session: Session, settings: Settings, key: ApiKey, data: TemplateCreate
+) -> PromptTemplate:
     if not NAME.match(data.name):
         raise TemplateError(
             "name: letters, digits, '.', '_' and '-' only, starting with a letter or digit"
         )
-    for field in ("prompt", "system"):
-        text = getattr(data, field)
-        if text is not None:
-            check_syntax(text, field)
+    sources = _sources(data)
+    for field, text in sources.items():
+        size = len(text.encode())
+        if size > settings.template_max_source_bytes:
+            raise TemplateError(
+                f"{field}: {size} bytes; a template may have at most "
+                f"{settings.template_max_source_bytes} (PROMPTQ_TEMPLATE_MAX_SOURCE_BYTES)"
+            )
+    template_sandbox.check(sources, limits(settings))
     template = PromptTemplate(id=new_id("tpl"), api_key_id=key.id, **data.model_dump())
     session.add(template)
     session.flush()
@@ -79,24 +104,22 @@ def delete(session: Session, key: ApiKey, name: str) -> None:
     session.flush()
 
 
-def check_syntax(text: str, field: str = "prompt") -> None:
-    """TemplateError naming the line when `text` is not a template."""
-    try:
-        _ENVIRONMENT.from_string(text)
-    except TemplateSyntaxError as exc:
-        raise TemplateError(f"{field}: line {exc.lineno}: {exc.message}") from None
-
-
-def job_from(
-    template: PromptTemplate, payload: Any, missing_hint: str = "post JSON that has it"
-) -> JobCreate:
+def job_from(settings: Settings, template: PromptTemplate, payload: Any) -> JobCreate:
     """The job a posted payload makes: its top-level keys are the variables, and the whole
-    of it is `input`. `missing_hint` says what to do about a missing variable."""
+    of it is `input`. Blocks for up to PROMPTQ_TEMPLATE_MAX_MS: never call it on the event
+    loop."""
     variables = dict(payload) if isinstance(payload, dict) else {}
     variables["input"] = payload
-    fields: dict[str, Any] = {"prompt": _render(template, "prompt", variables, missing_hint)}
-    if template.system is not None:
-        fields["system"] = _render(template, "system", variables, missing_hint)
+    try:
+        fields: dict[str, Any] = dict(
+            template_sandbox.render(_sources(template), variables, limits(settings))
+        )
+    except TemplateError as exc:
+        raise TemplateError(f"template {template.name!r}: {exc}") from None
+    return _with_settings_of(template, fields)
+
+
+def _with_settings_of(template: PromptTemplate, fields: dict[str, Any]) -> JobCreate:
     for name in ("model", "max_tokens", "temperature", "webhook_url"):
         value = getattr(template, name)
         if value is not None:
@@ -104,17 +127,27 @@ def job_from(
     return JobCreate.model_validate(fields)
 
 
-def _render(
-    template: PromptTemplate, field: str, variables: dict[str, Any], missing_hint: str
-) -> str:
+def check_syntax(settings: Settings, text: str, field: str = "prompt") -> None:
+    """TemplateError naming the line when `text` is not a template (the command line's check
+    of an inline --prompt, in this process)."""
+    template_sandbox.check_here({field: text}, limits(settings))
+
+
+def job_from_here(
+    settings: Settings, template: PromptTemplate, payload: Any, missing_hint: str
+) -> JobCreate:
+    """job_from, rendered in this process: for `promptq run` (template_sandbox.render_here)."""
+    variables = dict(payload) if isinstance(payload, dict) else {}
+    variables["input"] = payload
     try:
-        return _ENVIRONMENT.from_string(getattr(template, field)).render(variables)
-    except UndefinedError as exc:
-        raise TemplateError(
-            f"template {template.name!r} ({field}): {exc.message}; {missing_hint}"
-        ) from None
-    except SecurityError as exc:
-        raise TemplateError(f"template {template.name!r} ({field}): refused: {exc}") from None
+        fields: dict[str, Any] = dict(
+            template_sandbox.render_here(
+                _sources(template), variables, limits(settings), missing_hint
+            )
+        )
+    except TemplateError as exc:
+        raise TemplateError(f"template {template.name!r}: {exc}") from None
+    return _with_settings_of(template, fields)
 
 
 def to_api(template: PromptTemplate) -> dict[str, Any]:

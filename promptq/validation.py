@@ -2,7 +2,33 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
+
+from pydantic import AfterValidator
+
+# C0 controls and DEL. PostgreSQL refuses a NUL in text outright (an error at the database,
+# so a 500, rather than a 422), and no id, name or model holds any of them.
+CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def control_character_problem(value: str) -> str | None:
+    """What is wrong with `value` if it holds a control character, else None."""
+    found = CONTROL_CHARACTER.search(value)
+    if found is None:
+        return None
+    return f"holds a control character (U+{ord(found.group()):04X}); ids and names never do"
+
+
+def _no_control_characters(value: str) -> str:
+    problem = control_character_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+# For a pydantic field: `Annotated[str, NO_CONTROL_CHARACTERS]`.
+NO_CONTROL_CHARACTERS = AfterValidator(_no_control_characters)
 
 
 def describe_validation_errors(errors: list[Any], drop_prefix: tuple[str, ...] = ()) -> str:

@@ -67,9 +67,27 @@ def add_failure(database_url: str, key_id: str, message: str, model: str = SONNE
     return job_id
 
 
+@pytest.fixture
+def local_client(settings: Any) -> Iterator[Any]:
+    """A browser on the API's own machine, over plain http to loopback: the one case whose
+    cookie is not Secure. Its address's failed sign-ins start from none."""
+    import redis
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api.dashboard_sessions import FAILED_PREFIX
+
+    redis.Redis.from_url(settings.redis_url).delete(FAILED_PREFIX + "127.0.0.1")
+    with TestClient(
+        create_app(settings), base_url="http://127.0.0.1:8000", client=("127.0.0.1", 50000)
+    ) as test_client:
+        yield test_client
+
+
 def test_sign_in_sets_a_strict_httponly_cookie_and_never_echoes_the_credential(
-    client: Any, api_key: str
+    local_client: Any, api_key: str
 ) -> None:
+    client = local_client
     form = client.get("/dashboard")
     assert form.status_code == 200
     assert 'action="/dashboard/sign-in"' in form.text and 'name="credential"' in form.text
@@ -77,7 +95,7 @@ def test_sign_in_sets_a_strict_httponly_cookie_and_never_echoes_the_credential(
 
     for wrong in ("pq_not-a-real-key", "hunter2", ""):
         refused = client.post("/dashboard/sign-in", data={"credential": wrong})
-        assert refused.status_code == 401
+        assert refused.status_code == 401, refused.text
         assert "not a valid API key or admin token" in refused.text
         assert 'name="credential"' in refused.text
         assert "set-cookie" not in refused.headers
@@ -93,7 +111,7 @@ def test_sign_in_sets_a_strict_httponly_cookie_and_never_echoes_the_credential(
     assert cookie.startswith("promptq_dashboard=")
     for attribute in ("HttpOnly", "SameSite=strict", "Path=/dashboard"):
         assert attribute in cookie
-    assert "Secure" not in cookie  # plain http here; see the https case below
+    assert "Secure" not in cookie  # plain http to loopback; see the cases below
 
     board = client.get("/dashboard")  # the cookie alone
     assert board.status_code == 200
@@ -108,11 +126,59 @@ def test_sign_in_sets_a_strict_httponly_cookie_and_never_echoes_the_credential(
     assert "Max-Age=0" in signed_out.headers["set-cookie"]
     assert 'name="credential"' in client.get("/dashboard").text
 
-    # A cookie that no longer holds a valid credential: the form, 401, and the cookie goes.
+    # A cookie that holds no live session: the form, 401, and the cookie goes.
     client.cookies.set("promptq_dashboard", "garbage!", path="/dashboard")
     stale = client.get("/dashboard")
     assert stale.status_code == 401 and 'name="credential"' in stale.text
     assert "Max-Age=0" in stale.headers["set-cookie"]
+
+
+def session_cookie(client: Any, credential: str, **headers: str) -> str:
+    signed_in = client.post(
+        "/dashboard/sign-in",
+        data={"credential": credential},
+        headers=headers,
+        follow_redirects=False,
+    )
+    assert signed_in.status_code == 303, signed_in.text
+    return str(signed_in.cookies["promptq_dashboard"])
+
+
+def test_the_cookie_is_a_random_session_id_not_the_credential(
+    local_client: Any, api_key: str
+) -> None:
+    import base64
+
+    first = session_cookie(local_client, api_key)
+    second = session_cookie(local_client, api_key)
+    assert first != second and len(first) >= 40
+    for cookie in (first, second):
+        assert api_key not in cookie
+        assert api_key.encode() not in base64.urlsafe_b64decode(cookie + "=" * (-len(cookie) % 4))
+
+
+def test_signing_out_ends_the_session_for_every_copy_of_the_cookie(
+    local_client: Any, api_key: str
+) -> None:
+    cookie = session_cookie(local_client, api_key)
+    assert local_client.get("/dashboard").status_code == 200
+    assert local_client.post("/dashboard/sign-out", follow_redirects=False).status_code == 303
+    # A copy taken before signing out (another tab, a stolen cookie) is worth nothing.
+    local_client.cookies.set("promptq_dashboard", cookie, path="/dashboard")
+    again = local_client.get("/dashboard")
+    assert again.status_code == 401 and 'name="credential"' in again.text
+
+
+def test_a_revoked_keys_session_ends(
+    local_client: Any, api_key: str, database_url: str, settings: Any
+) -> None:
+    from promptq.keys.revocation import revoke
+
+    session_cookie(local_client, api_key)
+    assert local_client.get("/dashboard").status_code == 200
+    with session_scope(database_url) as session:
+        revoke(session, settings, key_id_of(database_url, api_key))
+    assert local_client.get("/dashboard").status_code == 401
 
 
 def test_the_cookie_is_secure_over_https(settings: Any, api_key: str) -> None:
@@ -126,6 +192,95 @@ def test_the_cookie_is_secure_over_https(settings: Any, api_key: str) -> None:
         )
     assert response.status_code == 303
     assert "Secure" in response.headers["set-cookie"]
+
+
+@pytest.mark.parametrize(
+    ("base_url", "peer", "trusted", "headers", "secure"),
+    [
+        # Plain http to another host: a proxy's or a LAN's; the cookie must not travel bare.
+        ("http://promptq.example.com", "203.0.113.9", "", {}, True),
+        ("http://testserver", "127.0.0.1", "", {}, True),
+        # A TLS proxy on this machine that rewrote Host to loopback but says it forwarded.
+        ("http://127.0.0.1:8000", "127.0.0.1", "", {"X-Forwarded-Proto": "https"}, True),
+        ("http://127.0.0.1:8000", "127.0.0.1", "", {"X-Forwarded-For": "203.0.113.9"}, True),
+        # A configured proxy is believed, both ways.
+        ("http://127.0.0.1:8000", "10.0.0.2", "10.0.0.0/24", {"X-Forwarded-Proto": "https"}, True),
+        ("http://127.0.0.1:8000", "127.0.0.1", "127.0.0.1", {"X-Forwarded-Proto": "http"}, False),
+        # The one plain case: a browser on this machine.
+        ("http://localhost:8000", "127.0.0.1", "", {}, False),
+        ("http://[::1]:8000", "::1", "", {}, False),
+    ],
+)
+def test_the_cookie_is_secure_unless_plain_http_on_loopback(
+    settings: Any,
+    api_key: str,
+    base_url: str,
+    peer: str,
+    trusted: str,
+    headers: dict[str, str],
+    secure: bool,
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    configured = settings.model_copy(update={"trusted_proxies": trusted})
+    with TestClient(create_app(configured), base_url=base_url, client=(peer, 50000)) as client:
+        response = client.post(
+            "/dashboard/sign-in",
+            data={"credential": api_key},
+            headers=headers,
+            follow_redirects=False,
+        )
+    assert response.status_code == 303, response.text
+    assert ("Secure" in response.headers["set-cookie"]) == secure
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Origin": "https://evil.example"},
+        {"Origin": "null"},
+        {"Sec-Fetch-Site": "cross-site"},
+        {"Sec-Fetch-Site": "same-site", "Origin": "http://127.0.0.1:8000"},
+    ],
+)
+def test_sign_in_and_sign_out_refuse_cross_site_posts(
+    local_client: Any, api_key: str, headers: dict[str, str]
+) -> None:
+    refused = local_client.post("/dashboard/sign-in", data={"credential": api_key}, headers=headers)
+    assert refused.status_code == 403 and "another site" in refused.text
+    assert "set-cookie" not in refused.headers
+    session_cookie(
+        local_client, api_key, Origin="http://127.0.0.1:8000", **{"Sec-Fetch-Site": "same-origin"}
+    )
+    out = local_client.post("/dashboard/sign-out", headers=headers, follow_redirects=False)
+    assert out.status_code == 403
+    assert local_client.get("/dashboard").status_code == 200  # still signed in
+
+
+def test_failed_sign_ins_are_limited_per_address(settings: Any, api_key: str) -> None:
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    configured = settings.model_copy(update={"dashboard_max_failed_sign_ins": 3})
+    address = f"198.51.100.{uuid.uuid4().int % 250 + 1}"
+    with TestClient(create_app(configured), client=(address, 1)) as client:
+        import redis
+
+        from api.dashboard_sessions import FAILED_PREFIX
+
+        redis.Redis.from_url(settings.redis_url).delete(FAILED_PREFIX + address)
+        for _ in range(3):
+            wrong = client.post("/dashboard/sign-in", data={"credential": "pq_guess"})
+            assert wrong.status_code == 401
+        blocked = client.post("/dashboard/sign-in", data={"credential": api_key})
+        assert blocked.status_code == 429 and "set-cookie" not in blocked.headers
+        assert 0 < int(blocked.headers["retry-after"]) <= 900
+    with TestClient(create_app(configured), client=("198.51.100.251", 1)) as other:
+        # Another address is not held back by this one's failures.
+        assert session_cookie(other, api_key)
 
 
 def test_headers_work_as_for_the_api(admin_client: Any, api_key: str) -> None:
@@ -260,9 +415,10 @@ def test_the_last_day_per_hour_and_the_limiter_per_model(
     # Three hours ago, and two days ago (outside the day shown).
     add_job(database_url, key_id, now - timedelta(hours=3), model=model)
     add_job(database_url, key_id, now - timedelta(days=2), model=model)
-    # A job of this model waiting in the rate limiter's queue.
-    _, _, waiting, *_ = Limiter.keys(model)
-    redis.Redis.from_url(redis_url).zadd(waiting, {"job_waiting_for_the_test": 1})
+    # A job of this model waiting in the rate limiter's queue (every waiting job has its
+    # cost noted there).
+    costs = Limiter.keys(model)[3]
+    redis.Redis.from_url(redis_url).hset(costs, "job_waiting_for_the_test", "1:1:1:key_x")
 
     data = island(page(client, key))
     hours = data["hours"]

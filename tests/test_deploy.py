@@ -461,7 +461,8 @@ def deployment_running(role: str) -> dict[str, Any]:
 def test_kustomization_lists_every_manifest() -> None:
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     manifests = {p.name for p in K8S.glob("*.y*ml")} - {"kustomization.yaml"}
-    assert sorted(kustomization["resources"]) == sorted(manifests)
+    examples = {name for name in manifests if name.endswith(".example.yaml")}
+    assert sorted(kustomization["resources"]) == sorted(manifests - examples)
     # Manifests without a namespace, so that `apply -n` puts them anywhere.
     assert "namespace" not in kustomization
     assert all("namespace" not in d["metadata"] for d in k8s_documents())
@@ -518,6 +519,17 @@ def test_k8s_containers_reference_existing_config_and_secrets() -> None:
                         referenced.add(ref)
                         assert source[ref_key]["key"] in keys[ref], (name, variable["name"])
             assert referenced <= set(keys), (name, referenced - set(keys))
+
+
+def test_kustomization_applies_no_placeholder() -> None:
+    """`kubectl apply -k` must not create a Secret of REPLACE-ME values that `promptq api`
+    would then start with: the Secret is made out of band, as the comment says."""
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    for name in kustomization["resources"]:
+        assert "REPLACE-ME" not in (K8S / name).read_text(), name
+    assert (
+        "kubectl create secret generic promptq-secrets" in (K8S / "kustomization.yaml").read_text()
+    )
 
 
 def test_k8s_secret_values_are_marked_placeholders() -> None:
@@ -601,7 +613,8 @@ def test_kustomize_renders() -> None:
     )
     assert result.returncode == 0, result.stderr
     kinds = sorted(d["kind"] for d in yaml.safe_load_all(result.stdout) if d)
-    assert kinds == sorted(d["kind"] for d in k8s_documents())
+    # The Secret is created out of band (secret.example.yaml shows its keys).
+    assert kinds == sorted(d["kind"] for d in k8s_documents() if d["kind"] != "Secret")
 
 
 # ---------------------------------------------------------------------------- systemd
@@ -775,3 +788,12 @@ def test_compose_postgres_takes_the_connections_of_scaled_workers() -> None:
     command = services()["postgres"]["command"]
     limit = int(next(a.split("=")[1] for a in command if a.startswith("max_connections=")))
     assert limit >= (2 + 4) * per_process * 2
+
+
+def test_compose_publishes_no_port_to_the_world_by_default() -> None:
+    """/metrics and the API answer on the API's port: loopback unless the operator says
+    otherwise (API_ADDRESS), like Flower's."""
+    for name, service in services().items():
+        for port in service.get("ports", []):
+            published = re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(port))
+            assert published.startswith("127.0.0.1:"), f"{name} publishes {port} to the world"

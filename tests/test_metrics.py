@@ -293,3 +293,21 @@ def test_model_labels_are_bounded_and_the_rest_fold_into_other(
         assert sum(s.value for s in narrow.find(name)) == pytest.approx(
             sum(s.value for s in wide.find(name))
         ), name
+
+
+def test_a_metrics_token_is_required_once_set(settings: Settings) -> None:
+    from fastapi.testclient import TestClient
+    from pydantic import SecretStr
+
+    from api.app import create_app
+
+    token = "metrics-" + "x" * 40
+    configured = settings.model_copy(update={"metrics_token": SecretStr(token)})
+    with TestClient(create_app(configured)) as client:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"x-api-key": "nope"}):
+            refused = client.get("/metrics", headers=headers)
+            assert refused.status_code == 401
+            assert "PROMPTQ_METRICS_TOKEN" in refused.json()["error"]["message"]
+            assert refused.headers["www-authenticate"] == "Bearer"
+        scraped = client.get("/metrics", headers={"Authorization": f"Bearer {token}"})
+        assert scraped.status_code == 200 and "promptq_" in scraped.text

@@ -58,7 +58,7 @@ def test_a_missing_column_and_a_template_error_fail_their_row_only(tmp_path: Pat
     assert "line 2:" in rows[1].error and "'word' is undefined" in rows[1].error
     assert "add that column" in rows[1].error
     assert rows[2].error.startswith("line 3: not JSON")
-    assert rows[3].error.startswith("line 4: template error: TypeError")
+    assert rows[3].error.startswith("line 4: template") and "TypeError" in rows[3].error
     assert rows[4].error == "line 5: a JSON object per line, please"
 
 

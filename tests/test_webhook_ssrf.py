@@ -11,6 +11,7 @@ import pytest
 
 from promptq.webhooks import UnsafeTarget, check_url, is_unsafe_address
 from promptq.webhooks.sender import _sort_addresses
+from promptq.webhooks.ssrf import WebhookAllow
 
 HINT = "PROMPTQ_WEBHOOK_ALLOW_PRIVATE=true"
 
@@ -139,24 +140,50 @@ def test_unsafe_targets_are_refused_naming_why(url: str, word: str) -> None:
     message = str(caught.value)
     assert word in message
     assert message.startswith("webhook_url ")
-    assert HINT in message
+    # No setting lets a link-local or metadata address through, so none is suggested.
+    assert ("never" if word in ("metadata", "link-local") else HINT) in message
     assert "s3cret" not in message
 
 
-@pytest.mark.parametrize(("url", "word"), [(u, w) for u, w in REFUSED_URLS if w != "metadata"])
+ALWAYS_REFUSED = ("metadata", "link-local")
+
+
+@pytest.mark.parametrize(
+    ("url", "word"), [(u, w) for u, w in REFUSED_URLS if w not in ALWAYS_REFUSED]
+)
 def test_allow_private_lets_every_private_address_through(url: str, word: str) -> None:
     check_url(url, allow_private=True)
 
 
+EVERYTHING_ALLOWED = WebhookAllow.parse("0.0.0.0/0, ::/0, localhost")
+
+
 @pytest.mark.parametrize(
     "url",
-    [u for u, w in REFUSED_URLS if w == "metadata"]
-    + ["http://[::ffff:169.254.169.254]/", "http://[::ffff:a9fe:a9fe]/"],
+    [u for u, w in REFUSED_URLS if w in ALWAYS_REFUSED]
+    + [
+        "http://[::ffff:169.254.169.254]/",
+        "http://[::ffff:a9fe:a9fe]/",
+        "http://169.254.0.1/",
+        "http://169.254.255.254:8080/",
+        "http://[fe80::2]/",
+        "http://[febf:ffff::1]/",
+        "http://[fd00:ec2::1]/",
+        "http://[fd00:ec2:ffff::1]/",
+        "http://[64:ff9b::169.254.1.1]/",
+    ],
 )
-def test_metadata_addresses_are_refused_even_when_private_ones_are_allowed(url: str) -> None:
-    with pytest.raises(UnsafeTarget) as caught:
-        check_url(url, allow_private=True)
-    assert "metadata" in str(caught.value) and "never" in str(caught.value)
+def test_link_local_and_metadata_addresses_are_refused_in_every_mode(url: str) -> None:
+    for options in (
+        {"allow_private": True},
+        {"allow": EVERYTHING_ALLOWED},
+        {"allow": WebhookAllow.parse("169.254.0.0/16, fe80::/10, fd00::/8")},
+    ):
+        with pytest.raises(UnsafeTarget) as caught:
+            check_url(url, **options)  # type: ignore[arg-type]
+        message = str(caught.value)
+        assert "metadata" in message or "link-local" in message, message
+        assert "never" in message
 
 
 def test_the_message_shows_what_a_spelling_means() -> None:
@@ -164,7 +191,8 @@ def test_the_message_shows_what_a_spelling_means() -> None:
         check_url("http://0x7f.1/")
     assert str(caught.value) == (
         "webhook_url points at a loopback address (0x7f.1 = 127.0.0.1); "
-        "promptq refuses private targets unless PROMPTQ_WEBHOOK_ALLOW_PRIVATE=true"
+        "promptq refuses private targets unless PROMPTQ_WEBHOOK_ALLOW_PRIVATE=true, "
+        "or the host or its network is in PROMPTQ_WEBHOOK_ALLOW"
     )
 
 
@@ -303,9 +331,63 @@ def test_a_name_with_only_private_addresses_keeps_none() -> None:
     assert "private" in refused[1]
 
 
-def test_allow_private_keeps_every_address_but_metadata() -> None:
-    answers = [addrinfo(a) for a in ("127.0.0.1", "::1", "169.254.169.254", "::ffff:a9fe:a9fe")]
+def test_allow_private_keeps_every_address_but_metadata_and_link_local() -> None:
+    answers = [
+        addrinfo(a)
+        for a in ("127.0.0.1", "::1", "169.254.169.254", "::ffff:a9fe:a9fe", "169.254.3.3")
+    ]
     allowed, refused = _sort_addresses(answers, allow_private=True)
     assert allowed == answers[:2]
     assert refused[0] == "169.254.169.254 is a cloud metadata address"
     assert "IPv4-mapped" in refused[1]
+    assert refused[2] == "169.254.3.3 is a link-local address"
+
+
+# ---------------------------------------------------------------- PROMPTQ_WEBHOOK_ALLOW
+
+
+N8N = WebhookAllow.parse("n8n.corp, 10.1.2.0/24,fd12::/16")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://n8n.corp:5678/webhook/x",
+        "http://N8N.corp./hook",
+        "http://10.1.2.3/",
+        "http://[fd12::5]/",
+    ],
+)
+def test_the_allow_list_lets_its_hosts_and_networks_through(url: str) -> None:
+    check_url(url, allow=N8N)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://10.1.3.1/",
+        "http://127.0.0.1/",
+        "http://redis/",
+        "http://[fd13::1]/",
+    ],
+)
+def test_the_allow_list_lets_nothing_else_through(url: str) -> None:
+    with pytest.raises(UnsafeTarget) as caught:
+        check_url(url, allow=N8N)
+    assert "PROMPTQ_WEBHOOK_ALLOW" in str(caught.value)
+
+
+def test_an_allowed_name_may_resolve_to_a_private_address_but_never_a_link_local_one() -> None:
+    """The sender checks the address it connects to: a name on the list may be private,
+    another name resolving to the same address may not."""
+    answers = [addrinfo(a) for a in ("10.9.9.9", "169.254.169.254", "fe80::1")]
+    allowed, refused = _sort_addresses(answers, False, N8N, "n8n.corp")
+    assert allowed == answers[:1] and len(refused) == 2
+    allowed, refused = _sort_addresses(answers, False, N8N, "other.corp")
+    assert allowed == []
+
+
+@pytest.mark.parametrize("text", ["10.0.0.0/33", "not a host!", "http://x.com"])
+def test_a_bad_allow_list_is_refused_naming_the_entry(text: str) -> None:
+    with pytest.raises(ValueError, match="neither"):
+        WebhookAllow.parse(text)

@@ -39,6 +39,12 @@ def create_celery(settings: Settings) -> Celery:
         )
     app = Celery("promptq", broker=settings.redis_url, include=["worker.tasks"])
     app.conf.update(
+        # Said here rather than left to Celery's defaults: a broker message is only ever
+        # JSON, so nothing that reaches Redis can make a worker unpickle it.
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        event_serializer="json",
         task_ignore_result=True,
         result_backend=None,
         task_default_queue=QUEUE,

@@ -74,7 +74,9 @@ def worker_context() -> WorkerContext:
         limiter=limiter,
         leases=leases,
         runner=runner,
-        webhooks=WebhookSender(allow_private=settings.webhook_allow_private),
+        webhooks=WebhookSender(
+            allow_private=settings.webhook_allow_private, allow=settings.webhook_allow_list
+        ),
         deliveries=DeliveryPool(
             settings.webhook_concurrency, settings.webhook_max_in_flight_per_key
         ),

@@ -36,8 +36,10 @@ def _base_url(request: Request) -> str:
 @router.post("", summary="Create a Message Batch")
 async def create_batch(request: Request, settings: SettingsDep) -> JSONResponse:
     key = await request_caller(request, settings.database_url)
-    raw = await request.body()
-    body = await run_in_threadpool(_accept_batch, request, settings, key, raw)
+    async with request.app.state.batch_intake:
+        raw = await request.body()
+        body = await run_in_threadpool(_accept_batch, request, settings, key, raw)
+        del raw
     return JSONResponse(body)
 
 

@@ -1,16 +1,17 @@
 """/dashboard: a server-rendered page of jobs by status, recent failures and spend.
 
-A browser navigating to a page cannot send an Authorization header, so the page also takes
-its credential (an API key, or PROMPTQ_ADMIN_TOKEN) from a cookie that its sign-in form
-sets: HttpOnly so no script reads it, SameSite=Strict so no other site's page or form sends
-it, and scoped to /dashboard so it never authenticates the JSON API. The headers the API
-takes work too, for curl. A key sees its own jobs and spend; the admin token everyone's.
+A browser navigating to a page cannot send an Authorization header, so its sign-in form
+(an API key, or PROMPTQ_ADMIN_TOKEN) starts a server-side session (api.dashboard_sessions)
+whose random id goes in a cookie: HttpOnly so no script reads it, SameSite=Strict so no
+other site's page or form sends it, Secure unless the page is plain http on loopback, and
+scoped to /dashboard so it never authenticates the JSON API. Signing out ends the session.
+Sign-in and sign-out refuse cross-site posts, and failed sign-ins are limited per client
+address. The headers the API takes work too, for curl. A key sees its own jobs and spend;
+the admin token everyone's.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any
@@ -22,6 +23,13 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from sqlalchemy.orm import Session
 
 from api.auth import key_or_admin, presented_key
+from api.dashboard_sessions import (
+    DashboardSessions,
+    Who,
+    client_address,
+    cookie_secure,
+    cross_site_problem,
+)
 from api.deps import SessionDep, SettingsDep
 from api.errors import ApiError
 from promptq.config import Settings
@@ -47,7 +55,9 @@ SECURITY_HEADERS = {
     ),
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    # Nothing leaves for other sites; same-origin posts keep a real Origin (under
+    # no-referrer a browser sends "Origin: null", which sign-in could not tell from a forgery).
+    "Referrer-Policy": "same-origin",
 }
 
 router = APIRouter(prefix="/dashboard", tags=["dashboard"], include_in_schema=False)
@@ -91,16 +101,28 @@ def _sign_in_form(request: Request, status: int = 200, message: str | None = Non
     return _render(request, "sign-in.html", status, message=message)
 
 
-def _encode(credential: str) -> str:
-    # Cookie values may not hold every character an admin token might: base64url does.
-    return base64.urlsafe_b64encode(credential.encode()).decode().rstrip("=")
+def _sessions(request: Request, settings: Settings) -> DashboardSessions:
+    sessions: DashboardSessions | None = getattr(request.app.state, "dashboard_sessions", None)
+    if sessions is None:
+        if not settings.redis_url:
+            raise ApiError(
+                503, "dashboard sign-in keeps its sessions in Redis: set PROMPTQ_REDIS_URL"
+            )
+        sessions = DashboardSessions(settings.redis_url, settings)
+        request.app.state.dashboard_sessions = sessions
+    return sessions
 
 
-def _decode(value: str) -> str | None:
-    try:
-        return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).decode()
-    except (binascii.Error, UnicodeDecodeError):
+def _session_key(session: Session, sessions: DashboardSessions, session_id: str) -> Who | None:
+    """Whom the cookie's session is for, if it is live and its key is still active."""
+    who = sessions.find(session_id)
+    if who is None or who.key_id is None:
+        return who
+    key = session.get(ApiKey, who.key_id)
+    if key is None or key.revoked_at is not None:
+        sessions.end(session_id)
         return None
+    return who
 
 
 def _who(session: Session, settings: Settings, credential: str | None) -> ApiKey | None:
@@ -115,18 +137,25 @@ def _who(session: Session, settings: Settings, credential: str | None) -> ApiKey
 def dashboard(request: Request, session: SessionDep, settings: SettingsDep) -> Response:
     credential = presented_key(request)
     cookie = request.cookies.get(COOKIE)
-    if credential is None and cookie is not None:
-        credential = _decode(cookie) or ""
-    if credential is None:
+    key: ApiKey | None
+    if credential is not None:
+        try:
+            key = _who(session, settings, credential)
+        except ApiError:
+            return _sign_in_form(request, 401, "That credential is not valid (a revoked key?).")
+    elif cookie is not None:
+        who = _session_key(session, _sessions(request, settings), cookie)
+        if who is None:
+            response = _sign_in_form(
+                request,
+                401,
+                "Your session has ended (signed out, expired or revoked). Sign in again.",
+            )
+            response.delete_cookie(COOKIE, path=COOKIE_PATH)
+            return response
+        key = session.get(ApiKey, who.key_id) if who.key_id is not None else None
+    else:
         return _sign_in_form(request)
-    try:
-        key = _who(session, settings, credential)
-    except ApiError:
-        response = _sign_in_form(
-            request, 401, "That credential is not valid (a revoked key?). Sign in again."
-        )
-        response.delete_cookie(COOKIE, path=COOKIE_PATH)
-        return response
     board = build_dashboard(
         session, key.id if key is not None else None, limiter=_limiter_reader(request, settings)
     )
@@ -141,9 +170,24 @@ def sign_in(
     credential: Annotated[str, Form()] = "",
 ) -> Response:
     credential = credential.strip()
+    refused = _cross_site(request)
+    if refused is not None:
+        return refused
+    sessions = _sessions(request, settings)
+    address = client_address(request, settings)
+    wait = sessions.blocked_for(address)
+    if wait is not None:
+        response = _sign_in_form(
+            request,
+            429,
+            f"Too many failed sign-ins from your address; try again in {wait} seconds.",
+        )
+        response.headers["Retry-After"] = str(wait)
+        return response
     try:
-        _who(session, settings, credential)
+        key = _who(session, settings, credential)
     except ApiError:
+        sessions.failed(address)
         # Never echoed back: the form comes back empty, whatever was pasted.
         return _sign_in_form(
             request,
@@ -151,13 +195,14 @@ def sign_in(
             "That is not a valid API key or admin token. Paste a key (pq_...) made by "
             "promptq keys create, or the server's PROMPTQ_ADMIN_TOKEN.",
         )
+    session_id = sessions.start(Who(key.id if key is not None else None), COOKIE_MAX_AGE)
     response = RedirectResponse(f"{request.scope.get('root_path', '')}/dashboard", 303)
     response.set_cookie(
         COOKIE,
-        _encode(credential),
+        session_id,
         max_age=COOKIE_MAX_AGE,
         path=COOKIE_PATH,
-        secure=request.url.scheme == "https",
+        secure=cookie_secure(request, settings),
         httponly=True,
         samesite="strict",
     )
@@ -165,7 +210,22 @@ def sign_in(
 
 
 @router.post("/sign-out")
-def sign_out(request: Request) -> Response:
+def sign_out(request: Request, settings: SettingsDep) -> Response:
+    refused = _cross_site(request)
+    if refused is not None:
+        return refused
+    cookie = request.cookies.get(COOKIE)
+    if cookie is not None:
+        _sessions(request, settings).end(cookie)
     response = RedirectResponse(f"{request.scope.get('root_path', '')}/dashboard", 303)
     response.delete_cookie(COOKIE, path=COOKIE_PATH, httponly=True, samesite="strict")
     return response
+
+
+def _cross_site(request: Request) -> Response | None:
+    problem = cross_site_problem(request)
+    if problem is None:
+        return None
+    return _sign_in_form(
+        request, 403, f"Refused: this form was posted from another site ({problem})."
+    )

@@ -1,13 +1,16 @@
 """GET /metrics: the whole deployment's figures in Prometheus's text format.
 
-No authentication, as is the Prometheus convention (scrapers are configured with a URL,
-and the endpoint is kept off the public network by where it listens or by the proxy in
-front). That is safe because nothing here is secret or per client: counts, tokens, costs
-and latencies by model and status, never a key, a URL or a prompt.
+No authentication by default, as is the Prometheus convention (scrapers are configured
+with a URL, and the endpoint is kept off the public network by where it listens or by the
+proxy in front). Nothing here is per client (counts, tokens, costs and latencies by model
+and status, never a key, a URL or a prompt), but spend and traffic are the operator's
+business: with PROMPTQ_METRICS_TOKEN set, a scrape must send it as a bearer token
+(Prometheus's `authorization: {credentials: ...}`).
 """
 
 from __future__ import annotations
 
+import hmac
 import threading
 
 import redis
@@ -15,7 +18,9 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from api.auth import presented_key
 from api.deps import SettingsDep
+from api.errors import ApiError
 from promptq.config import Settings
 from promptq.metrics import PromptqCollector
 
@@ -33,9 +38,23 @@ _build_lock = threading.Lock()
     responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},
 )
 def metrics(request: Request, settings: SettingsDep) -> Response:
+    _require_token(settings, presented_key(request))
     # Errors are the app's: a database or Redis outage becomes the usual 503.
     body = generate_latest(_registry(request.app, settings))
     return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+def _require_token(settings: Settings, presented: str | None) -> None:
+    if settings.metrics_token is None:
+        return
+    token = settings.metrics_token.get_secret_value()
+    # Constant time, so how long a wrong guess takes tells nothing of the token.
+    if presented is None or not hmac.compare_digest(presented.encode(), token.encode()):
+        raise ApiError(
+            401,
+            "/metrics needs `Authorization: Bearer <PROMPTQ_METRICS_TOKEN>` on this server",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
 
 def _registry(app: FastAPI, settings: Settings) -> CollectorRegistry:

@@ -24,7 +24,7 @@ def create_template(
 ) -> JSONResponse:
     quotas.check_templates(session, settings, key)
     try:
-        template = templates.create(session, key, body)
+        template = templates.create(session, settings, key, body)
         session.commit()
     except templates.TemplateError as exc:
         raise ApiError(422, str(exc)) from None
@@ -65,7 +65,8 @@ async def template_job(
     payload = await _payload(request)
     template = await run_in_threadpool(_found, session, key, name)
     try:
-        job = templates.job_from(template, payload)
+        # In the thread pool: a render blocks for up to PROMPTQ_TEMPLATE_MAX_MS.
+        job = await run_in_threadpool(templates.job_from, settings, template, payload)
     except templates.TemplateError as exc:
         raise ApiError(422, str(exc)) from None
     body = await run_in_threadpool(accept_job, request, settings, key, job, idempotency_key)

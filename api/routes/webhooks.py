@@ -31,7 +31,12 @@ def subscribe(
     quotas.check_subscriptions(session, settings, key)
     try:
         subscription = subscriptions.subscribe(
-            session, key, body.url, body.events, allow_private=settings.webhook_allow_private
+            session,
+            key,
+            body.url,
+            body.events,
+            allow_private=settings.webhook_allow_private,
+            allow=settings.webhook_allow_list,
         )
     except subscriptions.SubscriptionError as exc:
         raise ApiError(422, str(exc)) from None

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from promptq.jobs.errors import InvalidJob
 from promptq.jobs.schemas import MessagesRequest
-from promptq.validation import describe_validation_errors
+from promptq.validation import control_character_problem, describe_validation_errors
 
 MAX_BATCH_REQUESTS = 100_000
 MAX_BATCH_BYTES = 256 * 1024 * 1024
@@ -70,6 +70,8 @@ def parse_batch_requests(body: Any) -> list[BatchRequest]:
 
 def _parse_params(custom_id: str, params: dict[str, Any]) -> BatchRequest:
     model = params.get("model") if isinstance(params.get("model"), str) else None
+    if model is not None and control_character_problem(model):
+        model = None  # stored with the request's error, so it must be one PostgreSQL takes
     if params.get("stream"):
         return BatchRequest(custom_id, params, model or "", "stream: batch requests cannot stream")
     try:

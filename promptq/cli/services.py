@@ -8,7 +8,13 @@ from typing import Any
 
 import click
 
-from promptq.config import Settings, get_settings
+from promptq.config import (
+    Settings,
+    admin_token_problem,
+    flower_password_problem,
+    get_settings,
+    upstream_warning,
+)
 from promptq.logging import configure_logging, logging_config
 
 
@@ -31,6 +37,10 @@ def preflight(
     missing_key = settings.missing_upstream_key() if needs_upstream_key else None
     if missing_key is not None:
         raise click.ClickException(missing_key)
+    warning = upstream_warning(settings)
+    if warning is not None:
+        configure_logging(settings)
+        logging.getLogger("promptq.upstream").warning(warning)
     if settings.limits_file is None and announce_limits:
         # Most accounts allow more than the built-ins: running on them unawares leaves most
         # of the account unused, so say it once, where the operator looks.
@@ -42,6 +52,12 @@ def preflight(
         )
 
 
+def refuse_weak_admin_token(settings: Settings) -> None:
+    problem = admin_token_problem(settings)
+    if problem is not None:
+        raise click.ClickException(problem)
+
+
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
@@ -51,6 +67,7 @@ def api(host: str, port: int, workers: int) -> None:
     import uvicorn
 
     settings = get_settings()
+    refuse_weak_admin_token(settings)
     preflight(settings)
     # uvicorn applies this in each of its processes, in place of its own coloured format.
     uvicorn.run(
@@ -148,6 +165,9 @@ def flower(port: int, address: str) -> None:
             "PROMPTQ_FLOWER_BASIC_AUTH=admin:$(openssl rand -hex 12), so Flower is not open "
             "to everyone who can reach its port"
         )
+    problem = flower_password_problem(credentials)
+    if problem is not None:
+        raise click.ClickException(problem)
     app.start(["flower", f"--port={port}", f"--address={address}", f"--basic-auth={credentials}"])
 
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from promptq.config import get_settings
+from promptq.config import flower_password_problem, get_settings
 
 if TYPE_CHECKING:
     from promptq.keys.service import CreatedKey
@@ -74,9 +74,14 @@ def ensure_local_key(database_url: str) -> CreatedKey | None:
 )
 def up(port: int, flower_port: int, concurrency: int | None, verbose: bool) -> None:
     """Run everything on this machine: migrations, API, worker, beat and Flower."""
-    from promptq.cli.services import preflight
+    from promptq.cli.services import preflight, refuse_weak_admin_token
 
     settings = get_settings()
+    refuse_weak_admin_token(settings)
+    if settings.flower_basic_auth is not None:
+        problem = flower_password_problem(settings.flower_basic_auth.get_secret_value())
+        if problem is not None:
+            raise click.ClickException(problem)
     # Without a key, up runs against its own simulator instead of refusing; its API and
     # worker say which limits are in force as they start.
     preflight(settings, needs_upstream_key=False, announce_limits=False)

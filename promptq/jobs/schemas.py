@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 
 from promptq.jobs.errors import InvalidJob
 from promptq.models import Priority
+from promptq.validation import NO_CONTROL_CHARACTERS
 
 # Bounds on what one job may carry, each refused with a message naming it.
 MAX_JSON_DEPTH = 64
@@ -22,7 +23,11 @@ MAX_METADATA_KEYS = 50
 MAX_METADATA_BYTES = 16 * 1024
 MAX_MESSAGES = 10_000
 
-ModelName = Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True)]
+ModelName = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=200, strip_whitespace=True),
+    NO_CONTROL_CHARACTERS,
+]
 # Anthropic's documented minimum for extended thinking.
 MIN_THINKING_BUDGET = 1024
 
@@ -108,7 +113,10 @@ class JobCreate(BaseModel):
     callback_url: Annotated[str, StringConstraints(max_length=2048)] | None = None
     metadata: dict[str, Any] | None = None
     priority: Priority = Priority.NORMAL
-    idempotency_key: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = None
+    idempotency_key: (
+        Annotated[str, StringConstraints(min_length=1, max_length=255), NO_CONTROL_CHARACTERS]
+        | None
+    ) = None
 
     @model_validator(mode="after")
     def _one_form(self) -> JobCreate:

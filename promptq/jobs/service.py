@@ -91,7 +91,11 @@ def create_job(
 
     if payload.target_url is not None:
         try:
-            check_url(payload.target_url, allow_private=settings.webhook_allow_private)
+            check_url(
+                payload.target_url,
+                allow_private=settings.webhook_allow_private,
+                allow=settings.webhook_allow_list,
+            )
         except UnsafeTarget as exc:
             raise InvalidJob(str(exc)) from None
     params = payload.messages_request(settings.default_model, settings.default_max_tokens)

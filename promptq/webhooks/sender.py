@@ -31,7 +31,14 @@ from urllib3.util import parse_url
 from urllib3.util.connection import allowed_gai_family
 
 from promptq.upstream.classify import parse_retry_after
-from promptq.webhooks.ssrf import UnsafeTarget, check_url, refusal_hint, refusal_reason
+from promptq.webhooks.ssrf import (
+    NO_ALLOW,
+    UnsafeTarget,
+    WebhookAllow,
+    check_url,
+    refusal_hint,
+    refusal_reason,
+)
 
 DEFAULT_TIMEOUT_SECONDS = 15.0
 EXCERPT_BYTES = 1024
@@ -94,14 +101,17 @@ class _Deadline:
 
 
 def _sort_addresses(
-    infos: Sequence[_AddrInfo], allow_private: bool
+    infos: Sequence[_AddrInfo],
+    allow_private: bool,
+    allow: WebhookAllow = NO_ALLOW,
+    host: str | None = None,
 ) -> tuple[list[_AddrInfo], list[str]]:
     """getaddrinfo's answers split into those we may connect to and, described, the refused."""
     allowed: list[_AddrInfo] = []
     refused: list[str] = []
     for info in infos:
         ip = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
-        reason = refusal_reason(ip, allow_private)
+        reason = refusal_reason(ip, allow_private, allow, host)
         if reason is None:
             allowed.append(info)
         elif (described := f"{ip} is {reason}") not in refused:
@@ -113,6 +123,7 @@ def _sort_addresses(
 class _ConnectPolicy:
     allow_private: bool
     deadline: _Deadline
+    allow: WebhookAllow = NO_ALLOW
 
     def connect(self, conn: HTTPConnection) -> socket.socket:
         """What urllib3's own `_new_conn` does, with the address check between resolving and
@@ -123,7 +134,7 @@ class _ConnectPolicy:
             infos = socket.getaddrinfo(host, conn.port, allowed_gai_family(), socket.SOCK_STREAM)
         except socket.gaierror as error:
             raise NameResolutionError(conn.host, conn, error) from error
-        allowed, refused = _sort_addresses(infos, self.allow_private)
+        allowed, refused = _sort_addresses(infos, self.allow_private, self.allow, conn.host)
         if not allowed:
             raise UnsafeTarget(
                 f"refused to connect to {conn.host}: {', '.join(refused)}; "
@@ -255,10 +266,12 @@ class WebhookSender:
         self,
         allow_private: bool = False,
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
+        allow: WebhookAllow = NO_ALLOW,
         excerpt_bytes: int = EXCERPT_BYTES,
         ca_bundle: str | None = None,
     ) -> None:
         self.allow_private = allow_private  # PROMPTQ_WEBHOOK_ALLOW_PRIVATE
+        self.allow = allow  # PROMPTQ_WEBHOOK_ALLOW
         self.timeout = timeout
         self.excerpt_bytes = excerpt_bytes
         self._verify: bool | str = ca_bundle or True  # a private CA's bundle, else certifi's
@@ -279,7 +292,7 @@ class WebhookSender:
             merged = CaseInsensitiveDict({**self._headers})
             merged.update(headers)
             request = requests.Request("POST", url, data=body, headers=merged).prepare()
-            adapter = _GuardedAdapter(_ConnectPolicy(self.allow_private, deadline))
+            adapter = _GuardedAdapter(_ConnectPolicy(self.allow_private, deadline, self.allow))
             remaining = deadline.remaining()
             response = adapter.send(
                 request, stream=True, timeout=(remaining, remaining), verify=self._verify

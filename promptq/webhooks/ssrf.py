@@ -9,7 +9,9 @@ sender, which checks the address it actually connects to (see `sender.py`).
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
+from dataclasses import dataclass, field
 from typing import Final
 
 from urllib3.exceptions import LocationParseError
@@ -18,13 +20,60 @@ from urllib3.util import parse_url
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 ALLOW_PRIVATE_HINT: Final = (
-    "promptq refuses private targets unless PROMPTQ_WEBHOOK_ALLOW_PRIVATE=true"
+    "promptq refuses private targets unless PROMPTQ_WEBHOOK_ALLOW_PRIVATE=true, or the host "
+    "or its network is in PROMPTQ_WEBHOOK_ALLOW"
 )
-METADATA_HINT: Final = "promptq never sends webhooks to cloud metadata addresses"
+METADATA_HINT: Final = (
+    "promptq never sends webhooks to cloud metadata or link-local addresses, whatever "
+    "PROMPTQ_WEBHOOK_ALLOW_PRIVATE and PROMPTQ_WEBHOOK_ALLOW say"
+)
 
 
 def refusal_hint(allow_private: bool) -> str:
     return METADATA_HINT if allow_private else ALLOW_PRIVATE_HINT
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+_HOST_NAME: Final = re.compile(r"^(?=.{1,253}$)[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_-]{1,63})*$")
+
+
+@dataclass(frozen=True)
+class WebhookAllow:
+    """PROMPTQ_WEBHOOK_ALLOW: host names and networks an operator lets webhooks reach beside
+    public addresses (one internal n8n, say), finer than PROMPTQ_WEBHOOK_ALLOW_PRIVATE.
+    Link-local and metadata addresses stay refused even here."""
+
+    hosts: frozenset[str] = field(default_factory=frozenset)
+    networks: tuple[IPNetwork, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> WebhookAllow:
+        """Entries separated by commas or spaces: a host name (exact, any case), an
+        address, or a network in CIDR form. ValueError names an entry that is none."""
+        hosts: set[str] = set()
+        networks: list[IPNetwork] = []
+        for entry in re.split(r"[,\s]+", text.strip()):
+            if not entry:
+                continue
+            try:
+                networks.append(ipaddress.ip_network(entry.strip("[]"), strict=False))
+                continue
+            except ValueError:
+                pass
+            name = entry.lower().rstrip(".")
+            if not _HOST_NAME.match(name):
+                raise ValueError(f"{entry!r} is neither a host name nor an address or CIDR")
+            hosts.add(name)
+        return cls(frozenset(hosts), tuple(networks))
+
+    def admits_host(self, host: str) -> bool:
+        return host.lower().rstrip(".") in self.hosts
+
+    def admits(self, ip: IPAddress) -> bool:
+        return any(ip.version == net.version and ip in net for net in self.networks)
+
+
+NO_ALLOW: Final = WebhookAllow()
 
 
 LOOPBACK = "a loopback address"
@@ -43,6 +92,19 @@ _METADATA_ADDRESSES: Final = frozenset(
         "fd00:ec2::254",  # AWS IMDS over IPv6
         "100.100.100.200",  # Alibaba Cloud
         "168.63.129.16",  # Azure wire server
+    )
+)
+
+# Refused in every mode: whatever sits on the link (a metadata service, a hypervisor's
+# agent) is the machine's, never a webhook receiver. fd00:ec2::/32 is AWS's IPv6 range for
+# its instance services, inside the unique-local range otherwise allowed with
+# PROMPTQ_WEBHOOK_ALLOW_PRIVATE.
+_ALWAYS_REFUSED: Final = tuple(
+    (ipaddress.ip_network(net), reason)
+    for net, reason in (
+        ("169.254.0.0/16", LINK_LOCAL),
+        ("fe80::/10", LINK_LOCAL),
+        ("fd00:ec2::/32", "a cloud metadata (fd00:ec2::/32) address"),
     )
 )
 
@@ -123,18 +185,34 @@ def is_unsafe_address(ip: IPAddress) -> str | None:
     return None
 
 
-def refusal_reason(ip: IPAddress, allow_private: bool) -> str | None:
-    """Why promptq will not connect to `ip` under the setting, or None. Cloud metadata
-    addresses are refused even with PROMPTQ_WEBHOOK_ALLOW_PRIVATE: a local setup never needs
-    them, and they are what an attacker aims a webhook at first (the machine's credentials)."""
-    if not allow_private:
-        return is_unsafe_address(ip)
+def refusal_reason(
+    ip: IPAddress, allow_private: bool, allow: WebhookAllow = NO_ALLOW, host: str | None = None
+) -> str | None:
+    """Why promptq will not connect to `ip` (reached by the name `host`, if any) under the
+    settings, or None. Cloud metadata and link-local addresses are refused even with
+    PROMPTQ_WEBHOOK_ALLOW_PRIVATE or PROMPTQ_WEBHOOK_ALLOW: a local setup never needs them,
+    and they are what an attacker aims a webhook at first (the machine's credentials)."""
     if isinstance(ip, ipaddress.IPv6Address):
         ip = ipaddress.IPv6Address(int(ip))
-        embedded = _embedded_ipv4(ip)
-        if embedded is not None and embedded[0] in _METADATA_ADDRESSES:
-            return f"{METADATA} ({embedded[0]}) in {embedded[1]} IPv6 form"
-    return METADATA if ip in _METADATA_ADDRESSES else None
+    always = _always_refused(ip)
+    if always is not None:
+        return always
+    if allow_private or allow.admits(ip) or (host is not None and allow.admits_host(host)):
+        return None
+    return is_unsafe_address(ip)
+
+
+def _always_refused(ip: IPAddress) -> str | None:
+    if ip in _METADATA_ADDRESSES:
+        return METADATA
+    if isinstance(ip, ipaddress.IPv6Address) and (embedded := _embedded_ipv4(ip)) is not None:
+        inner, form = embedded
+        reason = _always_refused(inner)
+        return f"{reason} ({inner}) in {form} IPv6 form" if reason else None
+    for network, reason in _ALWAYS_REFUSED:
+        if ip.version == network.version and ip in network:
+            return reason
+    return None
 
 
 def _embedded_ipv4(ip: ipaddress.IPv6Address) -> tuple[ipaddress.IPv4Address, str] | None:
@@ -169,13 +247,15 @@ def _parse_ip_literal(host: str) -> IPAddress | None:
         return None
 
 
-def check_url(url: str, allow_private: bool = False) -> None:
+def check_url(url: str, allow_private: bool = False, allow: WebhookAllow = NO_ALLOW) -> None:
     """Refuse a webhook URL at intake: not http(s), no host, or a host that is an unsafe
     address literal or a well-known local name. No DNS: names are checked again, on the
     address connected to, when the webhook is sent.
 
     Credentials in the URL are allowed (they become Basic auth) but never appear in a message.
     """
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in url):
+        raise UnsafeTarget("webhook_url holds a control character; percent-encode it")
     try:
         # urllib3's parser, because it is the one requests sends with: a second parser
         # could read another host out of the same string ("http://a.com\\@127.0.0.1/").
@@ -196,13 +276,13 @@ def check_url(url: str, allow_private: bool = False) -> None:
         raise UnsafeTarget("webhook_url has no host")
     ip = _parse_ip_literal(bare)
     if ip is not None:
-        reason = refusal_reason(ip, allow_private)
+        reason = refusal_reason(ip, allow_private, allow)
         if reason is not None:
             spelled = host if host.strip("[]") == str(ip) else f"{host} = {ip}"
-            hint = refusal_hint(allow_private)
+            hint = refusal_hint(allow_private or _always_refused(ip) is not None)
             raise UnsafeTarget(f"webhook_url points at {reason} ({spelled}); {hint}")
         return
-    if allow_private:
+    if allow_private or allow.admits_host(bare):
         return
     reason = _local_name_reason(bare)
     if reason is not None:

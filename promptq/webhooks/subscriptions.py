@@ -15,7 +15,7 @@ from promptq.jobs.presenter import isoformat
 from promptq.models import ApiKey, WebhookSubscription
 from promptq.types import utcnow
 from promptq.webhooks.sender import DeliveryResult
-from promptq.webhooks.ssrf import UnsafeTarget, check_url
+from promptq.webhooks.ssrf import NO_ALLOW, UnsafeTarget, WebhookAllow, check_url
 
 EVENTS = ("job.succeeded", "job.failed", "batch.ended")
 
@@ -29,12 +29,17 @@ class SubscriptionNotFound(LookupError):
 
 
 def subscribe(
-    session: Session, key: ApiKey, url: Any, events: Any, allow_private: bool
+    session: Session,
+    key: ApiKey,
+    url: Any,
+    events: Any,
+    allow_private: bool,
+    allow: WebhookAllow = NO_ALLOW,
 ) -> WebhookSubscription:
     if not isinstance(url, str) or not url:
         raise SubscriptionError("url: give the http(s) URL that should receive the events")
     try:
-        check_url(url, allow_private=allow_private)
+        check_url(url, allow_private=allow_private, allow=allow)
     except UnsafeTarget as exc:
         raise SubscriptionError(str(exc).replace("webhook_url", "url", 1)) from None
     if events is None:
