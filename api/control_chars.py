@@ -1,4 +1,5 @@
-"""Control characters in a request's path or query are a 422 before any route runs.
+"""Control characters in a request's path or query are refused before any route runs (a
+422, or a 400 on the Anthropic-compatible paths: the refusal rule of api.errors).
 
 Ids, names, cursors and statuses never hold one, and PostgreSQL refuses a NUL in text
 outright: `GET /v1/jobs/job_%00` would otherwise reach the database and come back a 500.
@@ -11,7 +12,7 @@ from urllib.parse import unquote_to_bytes
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api.errors import error_body
+from api.errors import error_body, refusal_status
 from promptq.validation import CONTROL_CHARACTER
 
 
@@ -39,11 +40,12 @@ def _where(scope: Scope) -> str | None:
 
 async def _refuse(send: Send, path: str, where: str) -> None:
     message = f"{where} holds a control character (such as %00); ids, names and parameters never do"
-    body = json.dumps(error_body(422, message, None, path)).encode()
+    status = refusal_status(path)
+    body = json.dumps(error_body(status, message, None, path)).encode()
     await send(
         {
             "type": "http.response.start",
-            "status": 422,
+            "status": status,
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),

@@ -146,3 +146,11 @@ class Receiver:
         while len(self.requests) < count and time.monotonic() < deadline:
             time.sleep(0.05)
         assert len(self.requests) >= count, f"{len(self.requests)} deliveries, not {count}"
+
+
+def default_sigint() -> None:
+    """For a child that a test stops with SIGINT, as Ctrl-C does: a test run started in the
+    background of a non-interactive shell inherits SIGINT ignored, and so would the child."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

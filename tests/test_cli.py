@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from helpers import wait_for_http
+from helpers import default_sigint, wait_for_http
 from sqlalchemy import create_engine, inspect
 
 from promptq.cli.stack import free_port
@@ -149,6 +149,7 @@ def test_up_runs_the_whole_stack_calmly_and_stops_cleanly(tmp_path: Path) -> Non
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        preexec_fn=default_sigint,
     )
     lines: queue.Queue[str] = queue.Queue()
 
@@ -251,6 +252,7 @@ def test_up_verbose_shows_every_parts_log(tmp_path: Path) -> None:
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        preexec_fn=default_sigint,
     )
     lines = []
     try:

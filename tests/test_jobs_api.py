@@ -380,11 +380,17 @@ def test_a_wrong_order_or_cursor_says_what_to_send(
 def test_a_nul_character_in_an_id_is_the_clients_mistake(
     client: Any, api_key: str, database_url: str, path: str
 ) -> None:
-    """PostgreSQL's text holds no NUL: the database refuses the lookup, and the client hears
-    why (a 4xx by the refusal rule), not a 500. SQLite finds nothing (an empty page, a 404)."""
+    """PostgreSQL's text holds no NUL, and a NUL is never in an id: the client hears why (a
+    4xx by the refusal rule), not a 500. One in the path or query is refused before any
+    route runs, on either database; one hidden in a cursor reaches PostgreSQL, which
+    refuses the lookup (SQLite finds nothing: an empty page)."""
     response = client.get(path, headers=auth(api_key))
-    if database_url.startswith("postgresql"):
-        assert response.status_code == (400 if "/v1/messages" in path else 422), response.text
+    refusal = 400 if "/v1/messages" in path else 422
+    if "%00" in path:
+        assert response.status_code == refusal, response.text
+        assert "control character" in response.json()["error"]["message"]
+    elif database_url.startswith("postgresql"):
+        assert response.status_code == refusal, response.text
         assert "NUL character" in response.json()["error"]["message"]
     else:
         assert response.status_code in (200, 404), response.text

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import requests
-from helpers import auth
+from helpers import auth, default_sigint
 from test_cli import clean_env, promptq
 
 from promptq.runs import RunFileError, RunSpec, read_rows
@@ -185,6 +185,7 @@ def test_a_stored_template_and_ctrl_c_leave_the_run_going(
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=default_sigint,
     )
     first = process.stderr.readline()  # type: ignore[union-attr]
     assert first.startswith("run_"), first  # the rows are sent; now it watches
