@@ -47,7 +47,7 @@ from _stack import (
 )
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/9"
-ADMIN_TOKEN = "pq-admin-history-bench"
+ADMIN_TOKEN = "pq-admin-history-bench-0123456789abcdef"
 CHUNK = 100_000
 DAYS = 90
 MODELS = ("claude-sonnet-4-5", "claude-haiku-4-5", "claude-opus-4-1", "claude-sonnet-4-6")
@@ -71,7 +71,8 @@ def fill(engine: Any, budgeted: str, others: list[str], jobs: int) -> None:
     model_case = "CASE n % 4 " + " ".join(f"WHEN {i} THEN '{m}'" for i, m in enumerate(MODELS))
     model_case += " END"
     # Ended over the past DAYS, oldest first; ids older than any made now.
-    moment = f"now() - ((:total - n) * interval '{DAYS * 86400} seconds' / :total)"
+    # (The fraction first: (total - n) times 90 days overflows an interval at 10 million.)
+    moment = f"now() - interval '{DAYS * 86400} seconds' * ((:total - n)::float8 / :total)"
     job_sql = f"""
         INSERT INTO jobs (id, api_key_id, status, model, priority, request, attempts,
             max_attempts, created_at, updated_at, started_at, finished_at, input_tokens,
@@ -201,22 +202,8 @@ def get(url: str, token: str, **params: Any) -> Callable[[], None]:
     return call
 
 
-def measure(api: str, plain: str, engine: Any, settings: Any, args: argparse.Namespace) -> dict:
-    """Every figure of one side (before or after), in seconds."""
-    figures: dict[str, float] = {}
-    auth = {"Authorization": f"Bearer {plain}"}
-    intake = []
-    ids = []
-    for index in range(args.intake):
-        body = {"prompt": f"intake {index} {time.time()}", "max_tokens": 16}
-        started = time.perf_counter()
-        response = requests.post(f"{api}/v1/jobs", json=body, headers=auth, timeout=60)
-        intake.append(time.perf_counter() - started)
-        response.raise_for_status()
-        ids.append(response.json()["id"])
-    figures["intake p50"] = statistics.median(intake)
-    figures["intake p99"] = percentile(intake, 99)
-    # 100 jobs end to end: submitted at once, until the last one has ended.
+def end_to_end(api: str, auth: dict[str, str], engine: Any) -> float:
+    """Seconds from the first of 100 submissions until the last of those jobs has ended."""
     started = time.perf_counter()
     batch = []
     for index in range(100):
@@ -234,11 +221,32 @@ def measure(api: str, plain: str, engine: Any, settings: Any, args: argparse.Nam
                 {"ids": batch},
             ).scalar_one()
         if left == 0:
-            break
+            return time.perf_counter() - started
         if time.perf_counter() - started > 300:
             raise RuntimeError(f"{left} of the 100 jobs never ended")
         time.sleep(0.02)
-    figures["100 jobs end to end"] = time.perf_counter() - started
+
+
+def measure(api: str, plain: str, engine: Any, settings: Any, args: argparse.Namespace) -> dict:
+    """Every figure of one side (before or after), in seconds."""
+    figures: dict[str, float] = {}
+    auth = {"Authorization": f"Bearer {plain}"}
+    intake = []
+    ids = []
+    for index in range(args.intake):
+        body = {"prompt": f"intake {index} {time.time()}", "max_tokens": 16}
+        started = time.perf_counter()
+        response = requests.post(f"{api}/v1/jobs", json=body, headers=auth, timeout=60)
+        intake.append(time.perf_counter() - started)
+        response.raise_for_status()
+        ids.append(response.json()["id"])
+    figures["intake p50"] = statistics.median(intake)
+    figures["intake p99"] = percentile(intake, 99)
+    # 100 jobs end to end, submitted at once, until the last one has ended: the median of
+    # three rounds, since one round moves by a second with what else the box is doing.
+    figures["100 jobs end to end"] = statistics.median(
+        end_to_end(api, auth, engine) for _ in range(args.rounds)
+    )
     figures["job read"] = statistics.median(timed(get(f"{api}/v1/jobs/{ids[-1]}", plain), 30))
     figures["list page"] = statistics.median(timed(get(f"{api}/v1/jobs", plain, limit=20), 30))
     scrapes = timed(lambda: requests.get(f"{api}/metrics", timeout=120).raise_for_status(), 6)
@@ -296,6 +304,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=10_000_000, help="jobs stored (10000000)")
     parser.add_argument("--intake", type=int, default=200, help="intake requests timed (200)")
+    parser.add_argument("--rounds", type=int, default=3, help="end-to-end rounds, median taken (3)")
     parser.add_argument(
         "--prune-seconds", type=float, default=30.0, help="how long the prune runs (30)"
     )
