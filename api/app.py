@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import redis
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
@@ -39,6 +38,7 @@ from promptq.jobs.schemas import JobCreate
 from promptq.pricing import PriceTable
 from promptq.ratelimit.quota import RateQuota
 from promptq.ratelimit.table import LimitTable
+from promptq.redis_roles import redis_client
 from promptq.upstream import UpstreamClient
 
 
@@ -52,19 +52,19 @@ def create_app(settings: Settings | None = None, publish: Publisher | None = Non
         lifespan=_lifespan,
     )
     app.state.settings = settings
+    events_url = settings.redis_url_for("events")
     app.state.finished = (
-        FinishedJobs(settings.redis_url, on_key_changed=forget_key, on_hearing=hear_key_changes)
-        if settings.redis_url
+        FinishedJobs(events_url, on_key_changed=forget_key, on_hearing=hear_key_changes)
+        if events_url
         else None
     )
     broker = BrokerPublisher.for_settings(settings)
     app.state.celery = broker.app
     app.state.publish = publish or broker.job
     app.state.deliver = broker.delivery
-    app.state.broker = BrokerCheck(settings.redis_url) if settings.redis_url else None
-    app.state.quotas = (
-        RateQuota(redis.Redis.from_url(settings.redis_url)) if settings.redis_url else None
-    )
+    broker_url, limiter_url = settings.redis_url_for("broker"), settings.redis_url_for("limiter")
+    app.state.broker = BrokerCheck(broker_url) if broker_url else None
+    app.state.quotas = RateQuota(redis_client(limiter_url)) if limiter_url else None
     app.state.open_requests = OpenRequests(
         settings.key_max_open_requests, settings.max_open_requests
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 import ipaddress
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, get_args
 from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator
@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from promptq.webhooks.ssrf import WebhookAllow
 
 DEFAULT_UPSTREAM_URL = "https://api.cometapi.com"
+# The parts of promptq that may each have a Redis of their own (promptq.redis_roles).
+RedisRole = Literal["broker", "limiter", "events"]
 
 
 class Settings(BaseSettings):
@@ -40,6 +42,13 @@ class Settings(BaseSettings):
     # Unset means "no shared Redis": `promptq up` then starts a private one and passes its
     # URL to the processes it runs. Every other process needs it set.
     redis_url: str | None = None
+    # Redis by role (promptq.redis_roles says what each holds), each PROMPTQ_REDIS_URL
+    # unless set: Celery's broker, its events and the publish markers; the rate limiter's
+    # and quotas' keys; the pub/sub of finished jobs and changed keys. Any of the four may
+    # be a Sentinel group: sentinel://host:26379,host2:26379/mymaster/0.
+    broker_url: str | None = None
+    limiter_redis_url: str | None = None
+    events_redis_url: str | None = None
     upstream_url: str = DEFAULT_UPSTREAM_URL
     upstream_api_key: SecretStr | None = Field(
         default=None,
@@ -159,6 +168,15 @@ class Settings(BaseSettings):
             raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
         return value.rstrip("/")
 
+    @field_validator("redis_url", "broker_url", "limiter_redis_url", "events_redis_url")
+    @classmethod
+    def _redis_url_parses(cls, value: str | None) -> str | None:
+        if value is not None:
+            from promptq.redis_roles import check_url
+
+            check_url(value)  # a ValueError says what is wrong
+        return value
+
     @field_validator("log_format", "log_level", mode="before")
     @classmethod
     def _any_case(cls, value: object, info: ValidationInfo) -> object:
@@ -199,6 +217,20 @@ class Settings(BaseSettings):
     def webhook_base_url(self) -> str:
         """Where URLs inside webhooks point: there is no request to take an address from."""
         return self.public_url or self.api_url
+
+    def redis_url_for(self, role: RedisRole) -> str | None:
+        """The Redis serving `role` ("broker", "limiter" or "events"): its own setting, else
+        PROMPTQ_REDIS_URL; None when neither is set. Read at each call, so a copy of the
+        settings with another redis_url moves every role that has no URL of its own."""
+        own = {
+            "broker": self.broker_url,
+            "limiter": self.limiter_redis_url,
+            "events": self.events_redis_url,
+        }[role]
+        return own or self.redis_url
+
+    def redis_urls(self) -> dict[RedisRole, str | None]:
+        return {role: self.redis_url_for(role) for role in get_args(RedisRole)}
 
     @property
     def uses_sqlite(self) -> bool:

@@ -6,8 +6,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-import redis
-
 from promptq.config import Settings, get_settings
 from promptq.jobs.finished import announce
 from promptq.jobs.leases import LeaseKeeper
@@ -15,6 +13,7 @@ from promptq.jobs.runner import JobRunner
 from promptq.pricing import PriceTable
 from promptq.ratelimit.limiter import Grant, Limiter
 from promptq.ratelimit.table import LimitTable
+from promptq.redis_roles import client_for
 from promptq.upstream import UpstreamClient
 from promptq.webhooks import WebhookSender
 from worker.deliveries import DeliveryPool
@@ -36,10 +35,9 @@ def worker_context() -> WorkerContext:
     from worker.publish import publish_delivery, publish_job
 
     settings = get_settings()
-    assert settings.redis_url is not None  # create_celery refused to start without it
-    client = redis.Redis.from_url(settings.redis_url)
+    events = client_for(settings, "events")
     limiter = Limiter(
-        client,
+        client_for(settings, "limiter"),
         LimitTable.load(settings.limits_file),
         slot_lease_seconds=settings.slot_lease_seconds,
         high_waiting_per_key=settings.key_max_high_priority_waiting,
@@ -67,7 +65,7 @@ def worker_context() -> WorkerContext:
         leases,
         publish,
         deliver,
-        announce=lambda job_id: announce(client, job_id),
+        announce=lambda job_id: announce(events, job_id),
     )
     return WorkerContext(
         settings=settings,

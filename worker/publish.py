@@ -8,6 +8,7 @@ import redis
 from celery import Celery
 
 from promptq.ratelimit.limiter import Grant
+from promptq.redis_roles import redis_client
 from worker.app import MESSAGE_PRIORITY, QUEUE, WEBHOOK_QUEUE
 
 log = logging.getLogger(__name__)
@@ -110,9 +111,11 @@ _clients: dict[str, redis.Redis] = {}
 
 
 def _marker_client(app: Celery) -> redis.Redis:
-    url = app.conf.broker_url
+    """The broker's Redis: the markers say what the broker holds, so they live and die
+    with its data (promptq.redis_roles)."""
+    url = app.conf.promptq_broker_redis_url
     if url not in _clients:
-        _clients[url] = redis.Redis.from_url(url)
+        _clients[url] = redis_client(url)
     return _clients[url]
 
 

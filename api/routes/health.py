@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import redis
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from api.deps import SettingsDep
+from promptq.config import Settings
 from promptq.db import get_engine
+from promptq.redis_roles import redis_client
 
 router = APIRouter(tags=["health"])
 
@@ -29,19 +30,30 @@ def readyz(settings: SettingsDep) -> JSONResponse:
         checks["database"] = "ok"
     except Exception as exc:
         checks["database"] = f"unavailable: {type(exc).__name__}"
-    try:
-        if not settings.redis_url:
-            raise RuntimeError("PROMPTQ_REDIS_URL is not set")
-        client = redis.Redis.from_url(
-            settings.redis_url, socket_timeout=2, socket_connect_timeout=2
-        )
-        client.ping()
-        client.close()
-        checks["redis"] = "ok"
-    except Exception as exc:
-        checks["redis"] = f"unavailable: {type(exc).__name__}"
+    checks["redis"] = _redis_check(settings)
     ready = all(value == "ok" for value in checks.values())
     return JSONResponse(
         {"status": "ok" if ready else "unavailable", "checks": checks},
         status_code=200 if ready else 503,
     )
+
+
+def _redis_check(settings: Settings) -> str:
+    """ "ok" when the Redis of every role answers (one ping per distinct server), else what
+    failed and for which roles."""
+    by_url: dict[str | None, list[str]] = {}
+    for role, url in settings.redis_urls().items():
+        by_url.setdefault(url, []).append(role)
+    for url, roles in by_url.items():
+        try:
+            if not url:
+                raise RuntimeError("PROMPTQ_REDIS_URL is not set")
+            client = redis_client(url, socket_timeout=2, socket_connect_timeout=2)
+            try:
+                client.ping()
+            finally:
+                client.close()
+        except Exception as exc:
+            which = "" if len(by_url) == 1 else f" ({', '.join(roles)})"
+            return f"unavailable: {type(exc).__name__}{which}"
+    return "ok"

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hmac
 import threading
 
-import redis
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -23,6 +22,7 @@ from api.deps import SettingsDep
 from api.errors import ApiError
 from promptq.config import Settings
 from promptq.metrics import PromptqCollector
+from promptq.redis_roles import redis_client
 
 router = APIRouter(tags=["health"])
 
@@ -74,12 +74,15 @@ def _registry(app: FastAPI, settings: Settings) -> CollectorRegistry:
 
 
 def _collector(app: FastAPI, settings: Settings) -> PromptqCollector:
-    if not settings.redis_url:
+    limiter_url = settings.redis_url_for("limiter")
+    if not limiter_url:
         return PromptqCollector(settings.database_url, None, max_models=settings.metrics_max_models)
     from worker.publish import broker_backlog
 
-    client = redis.Redis.from_url(
-        settings.redis_url,
+    # The limiter's state from its Redis; the broker's backlog from the broker's, through
+    # the Celery app that knows where that is.
+    client = redis_client(
+        limiter_url,
         socket_timeout=REDIS_TIMEOUT_SECONDS,
         socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
     )
