@@ -43,6 +43,8 @@ def worker_context() -> WorkerContext:
         high_waiting_per_key=settings.key_max_high_priority_waiting,
     )
     leases = LeaseKeeper(settings, limiter)
+    # After Redis lost the limiter's state, its in-flight slots come back from the database.
+    limiter.running_calls = leases.running_calls
     upstream = UpstreamClient(
         settings.upstream_url,
         settings.upstream_key,
