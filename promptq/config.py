@@ -39,6 +39,11 @@ class Settings(BaseSettings):
     # (pool + overflow) under the server's max_connections.
     database_pool_size: int = Field(default=5, ge=1)
     database_max_overflow: int = Field(default=15, ge=0)
+    # What stands between promptq and PostgreSQL: `pgbouncer` (transaction pooling) turns
+    # psycopg's prepared statements off, since the next transaction may run on another
+    # server connection that never saw them. Said, not guessed from the URL: a pooler
+    # answers as the server it fronts, on any port.
+    database_pooler: Literal["none", "pgbouncer"] = "none"
     # Unset means "no shared Redis": `promptq up` then starts a private one and passes its
     # URL to the processes it runs. Every other process needs it set.
     redis_url: str | None = None
