@@ -60,10 +60,11 @@ def get_engine(url: str) -> Engine:
 def pooler_connect_args(url: str, pooler: str) -> dict[str, Any]:
     """Behind PgBouncer in transaction pooling, each transaction may run on another server
     connection. psycopg 3 prepares a statement on the server once it has run a few times
-    on one connection, and would then name a prepared statement that the next server
-    connection never saw ("prepared statement _pg3_0 does not exist"): with a pooler it
-    prepares nothing. (psycopg2 never prepares.) Everything else promptq does holds inside
-    a transaction: SET LOCAL, row locks, no session state, no LISTEN."""
+    on one connection, and would then meet server connections that never saw it, or hold
+    another client's of the same name ("prepared statement _pg3_0 does not exist", or
+    "already exists"): with a pooler it prepares nothing. (psycopg2 never prepares.)
+    Everything else promptq does holds inside a transaction: SET LOCAL, row locks, no
+    session state, no LISTEN."""
     if pooler == "pgbouncer" and make_url(url).get_driver_name() == "psycopg":
         return {"prepare_threshold": None}
     return {}

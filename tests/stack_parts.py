@@ -23,6 +23,21 @@ def prompts(n: int, label: str) -> list[str]:
     return [f"{uuid.uuid4().hex[:12]} {label} {i}" for i in range(n)]
 
 
+def own_database(env: dict[str, str], database_url: str) -> dict[str, str]:
+    """`env` on a database of the test's own (`fresh_database_url`): the session's holds
+    other tests' unfinished jobs, which this stack's sweeper would publish again and its
+    workers run against its simulator, blurring what the test measures."""
+    return {**env, "PROMPTQ_DATABASE_URL": database_url}
+
+
+def new_key(database_url: str, name: str) -> str:
+    from promptq.db import session_scope
+    from promptq.keys.service import create_key
+
+    with session_scope(database_url) as session:
+        return create_key(session, name).key
+
+
 class Stack:
     def __init__(self, env: dict[str, str], logs: Path, simulator: Simulator, key: str) -> None:
         self.env = {**env, "PROMPTQ_UPSTREAM_URL": simulator.url}

@@ -24,11 +24,10 @@ import pytest
 from redis_servers import RedisServer, wait_until
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL, make_url
-from stack_parts import Stack, prompts
+from stack_parts import Stack, new_key, prompts
 
 from promptq.cli.stack import free_port
-from promptq.db import get_engine, session_scope
-from promptq.keys.service import create_key
+from promptq.db import get_engine
 from promptq.simulator import Simulator
 
 REPO = Path(__file__).resolve().parent.parent
@@ -182,8 +181,7 @@ def test_the_stack_runs_through_pgbouncer_on_20_server_connections(
             timeout=90,
         )
         assert migrated.returncode == 0, migrated.stderr
-        with session_scope(direct) as session:
-            key = create_key(session, "pooled").key
+        key = new_key(direct, "pooled")
         get_engine(direct).dispose()  # PostgreSQL then sees PgBouncer's connections only
         figures = _run(env, tmp_path / "logs", key, pooler, server_url, name)
     finally:

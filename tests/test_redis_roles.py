@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from redis_servers import RedisServer
-from stack_parts import Stack, prompts
+from stack_parts import Stack, new_key, own_database, prompts
 
 from promptq.config import Settings
 from promptq.jobs.finished import CHANNEL
@@ -84,9 +84,9 @@ def run_jobs(env: dict[str, str], logs: Path, key: str, count: int) -> tuple[Sta
     return stack, ids
 
 
-def role_env(test_env: dict[str, str], **urls: str) -> dict[str, str]:
+def role_env(test_env: dict[str, str], database_url: str, **urls: str) -> dict[str, str]:
     return {
-        **test_env,
+        **own_database(test_env, database_url),
         "PROMPTQ_SWEEP_INTERVAL_SECONDS": "1",
         **{f"PROMPTQ_{name.upper()}": url for name, url in urls.items()},
     }
@@ -98,12 +98,16 @@ def flush(*servers: RedisServer) -> None:
 
 
 def test_three_servers_each_hold_their_role_alone(
-    servers: dict[str, RedisServer], test_env: dict[str, str], tmp_path: Path, make_key: Any
+    servers: dict[str, RedisServer],
+    test_env: dict[str, str],
+    tmp_path: Path,
+    fresh_database_url: str,
 ) -> None:
     broker, limiter, events = servers["a"], servers["b"], servers["c"]
     flush(broker, limiter, events)
     env = role_env(
         test_env,
+        fresh_database_url,
         redis_url=NOWHERE,
         broker_url=broker.url(),
         limiter_redis_url=limiter.url(),
@@ -111,10 +115,10 @@ def test_three_servers_each_hold_their_role_alone(
     )
     listeners = {name: Listener(server) for name, server in servers.items()}
     try:
-        _, ids = run_jobs(env, tmp_path, make_key("roles"), 30)
+        _, ids = run_jobs(env, tmp_path, new_key(fresh_database_url, "roles"), 30)
         # The CLI announces a changed key on the events' server.
         name = f"revoked-{uuid.uuid4().hex[:8]}"
-        make_key(name)
+        new_key(fresh_database_url, name)
         done = subprocess.run(
             [sys.executable, "-m", "promptq", "keys", "revoke", name],
             env={**os.environ, **env},
@@ -151,12 +155,15 @@ def test_three_servers_each_hold_their_role_alone(
 
 
 def test_two_servers_the_broker_apart(
-    servers: dict[str, RedisServer], test_env: dict[str, str], tmp_path: Path, make_key: Any
+    servers: dict[str, RedisServer],
+    test_env: dict[str, str],
+    tmp_path: Path,
+    fresh_database_url: str,
 ) -> None:
     broker, rest = servers["a"], servers["b"]
     flush(broker, rest)
-    env = role_env(test_env, redis_url=rest.url(3), broker_url=broker.url(2))
-    run_jobs(env, tmp_path, make_key("two"), 20)
+    env = role_env(test_env, fresh_database_url, redis_url=rest.url(3), broker_url=broker.url(2))
+    run_jobs(env, tmp_path, new_key(fresh_database_url, "two"), 20)
     broker_keys = {k.decode() for k in broker.client(2).keys("*")}
     rest_keys = {k.decode() for k in rest.client(3).keys("*")}
     assert any(k.startswith("promptq:published:") for k in broker_keys)

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import requests
 from redis_servers import RedisServer, SentinelGroup, wait_until
-from stack_parts import Stack, prompts
+from stack_parts import Stack, new_key, own_database, prompts
 
 from promptq.redis_roles import redis_client
 from promptq.simulator import Simulator
@@ -44,12 +44,12 @@ def group(tmp_path: Path) -> Iterator[SentinelGroup]:
 
 
 def test_a_failover_in_the_middle_of_500_jobs_loses_and_doubles_nothing(
-    group: SentinelGroup, test_env: dict[str, str], tmp_path: Path, make_key: Any
+    group: SentinelGroup, test_env: dict[str, str], tmp_path: Path, fresh_database_url: str
 ) -> None:
     limits = tmp_path / "limits.toml"
     limits.write_text(LIMITS)
     env = {
-        **test_env,
+        **own_database(test_env, fresh_database_url),
         # The broker and events on database 0 of the group, the limiter on database 1.
         "PROMPTQ_REDIS_URL": group.url(0),
         "PROMPTQ_LIMITER_REDIS_URL": group.url(1),
@@ -63,7 +63,7 @@ def test_a_failover_in_the_middle_of_500_jobs_loses_and_doubles_nothing(
     logs.mkdir()
     with Simulator() as simulator:
         simulator.configure(latency=0.3, latency_jitter=0.3)
-        stack = Stack(env, logs, simulator, make_key("failover"))
+        stack = Stack(env, logs, simulator, new_key(fresh_database_url, "failover"))
         try:
             stack.start_api()
             stack.start_api()
@@ -147,7 +147,7 @@ RESTART_MODEL = "claude-restart-1"
 
 
 def test_a_limiter_redis_restarted_empty_rebuilds_its_slots_from_the_running_jobs(
-    test_env: dict[str, str], tmp_path: Path, make_key: Any
+    test_env: dict[str, str], tmp_path: Path, fresh_database_url: str
 ) -> None:
     """The worst case for the limiter: its Redis comes back empty (no replica, no disk)
     with calls in flight. Their slots come back from the running jobs in the database
@@ -161,7 +161,7 @@ def test_a_limiter_redis_restarted_empty_rebuilds_its_slots_from_the_running_job
     )
     broker, limiter = RedisServer(tmp_path, "broker"), RedisServer(tmp_path, "limiter")
     env = {
-        **test_env,
+        **own_database(test_env, fresh_database_url),
         "PROMPTQ_REDIS_URL": broker.url(),
         "PROMPTQ_LIMITER_REDIS_URL": limiter.url(),
         "PROMPTQ_LIMITS_FILE": str(limits),
@@ -180,7 +180,7 @@ def test_a_limiter_redis_restarted_empty_rebuilds_its_slots_from_the_running_job
         with Simulator() as simulator:
             # Calls long enough to be still in flight when Redis is back.
             simulator.configure(latency=4.0)
-            stack = Stack(env, logs, simulator, make_key("restart"))
+            stack = Stack(env, logs, simulator, new_key(fresh_database_url, "restart"))
             try:
                 stack.start_api()
                 stack.start_worker(concurrency=16)

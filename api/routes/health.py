@@ -39,8 +39,8 @@ def readyz(settings: SettingsDep) -> JSONResponse:
 
 
 def _redis_check(settings: Settings) -> str:
-    """ "ok" when the Redis of every role answers (one ping per distinct server), else what
-    failed and for which roles."""
+    """Whether the Redis of every role answers, one ping per distinct server: "ok", else
+    what failed and, where the roles are split, for which roles."""
     by_url: dict[str | None, list[str]] = {}
     for role, url in settings.redis_urls().items():
         by_url.setdefault(url, []).append(role)
