@@ -24,7 +24,6 @@ from api.routes.jobs import accept_job, read_job
 from promptq.config import Settings
 from promptq.db import session_scope
 from promptq.jobs import service
-from promptq.jobs.errors import JobConflict
 from promptq.jobs.schemas import JobCreate, MessagesRequest, anthropic_beta
 from promptq.keys.policy import quota
 from promptq.models import ApiKey, JobStatus, Priority
@@ -125,9 +124,6 @@ async def _await_job(
 
 
 def _cancel_unless_running(database_url: str, key: ApiKey, job_id: str) -> dict[str, Any]:
-    try:
-        with session_scope(database_url) as session:
-            service.cancel_job(session, key, job_id)
-    except JobConflict:
-        pass  # running or finished: its answer is on its way
+    with session_scope(database_url) as session:
+        service.cancel_unless_started(session, key, job_id)
     return read_job(database_url, key, job_id)

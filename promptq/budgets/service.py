@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 
 from promptq.budgets.repository import BudgetRepository
 from promptq.config import Settings
-from promptq.jobs.errors import JobError
+from promptq.errors import PaymentRequired
 from promptq.jobs.repository import JobRepository
 from promptq.models import ApiKey, Job, JobStatus
 from promptq.periods import isoformat_z, month_key, next_month_start
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 BUDGET_EXCEEDED = "budget_exceeded_error"
 
 
-class BudgetExceeded(JobError):
+class BudgetExceeded(PaymentRequired):
     """A key's monthly budget is spent; the API answers 402."""
 
     error_type = BUDGET_EXCEEDED

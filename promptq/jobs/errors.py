@@ -1,24 +1,18 @@
-"""Errors the job service raises; the API maps each to a status code."""
+"""Errors the job service raises, each on the branch of promptq.errors that answers it."""
 
 from __future__ import annotations
 
-
-class JobError(Exception):
-    """Base: the message says what was wrong and what to do."""
-
-    error_type = "invalid_request_error"
+from promptq.errors import Conflict, InvalidRequest, NotFound
 
 
-class JobNotFound(JobError):
-    error_type = "not_found_error"
+class JobNotFound(NotFound):
+    pass
 
 
-class JobConflict(JobError):
+class JobConflict(Conflict):
     """The request contradicts the job's state or an earlier request (cancel too late,
     an idempotency key reused with another body)."""
 
-    error_type = "conflict_error"
 
-
-class InvalidJob(JobError):
-    error_type = "invalid_request_error"
+class InvalidJob(InvalidRequest):
+    pass

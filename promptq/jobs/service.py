@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 from collections.abc import Sequence
@@ -239,3 +240,10 @@ def cancel_job(session: Session, key: ApiKey, job_id: str) -> Job:
         if job.status != JobStatus.CANCELED:
             raise JobConflict(f"job {job.id} has already {job.status}; nothing to cancel")
     return job
+
+
+def cancel_unless_started(session: Session, key: ApiKey, job_id: str) -> None:
+    """Cancel a job its caller stopped waiting for, unless it is running or finished: then
+    its answer is on its way, and there is nothing to refuse."""
+    with contextlib.suppress(JobConflict):
+        cancel_job(session, key, job_id)

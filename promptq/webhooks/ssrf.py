@@ -17,6 +17,8 @@ from typing import Final
 from urllib3.exceptions import LocationParseError
 from urllib3.util import parse_url
 
+from promptq.errors import InvalidRequest
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 ALLOW_PRIVATE_HINT: Final = (
@@ -154,7 +156,7 @@ _LOCAL_SUFFIXES: Final = (
 )
 
 
-class UnsafeTarget(ValueError):
+class UnsafeTarget(InvalidRequest, ValueError):
     """A webhook target promptq will not call; the message says why and never holds the
     URL's credentials."""
 
