@@ -15,6 +15,7 @@ from celery import Celery
 from celery.signals import setup_logging
 
 from promptq.config import Settings, get_settings
+from worker import task_names
 
 # Redis inverts AMQP's convention: 0 is served first.
 MESSAGE_PRIORITY = {"high": 0, "normal": 3, "low": 6}
@@ -69,14 +70,14 @@ def create_celery(settings: Settings) -> Celery:
         },
         beat_schedule={
             "sweep": {
-                "task": "promptq.sweep",
+                "task": task_names.SWEEP,
                 "schedule": settings.sweep_interval_seconds,
                 "options": {"expires": settings.sweep_interval_seconds},
             },
             # Retention: each run deletes for at most prune_budget_seconds, then the next
             # goes on. Does nothing with PROMPTQ_RETENTION_DAYS=0.
             "prune": {
-                "task": "promptq.prune",
+                "task": task_names.PRUNE,
                 "schedule": PRUNE_INTERVAL_SECONDS,
                 "options": {"expires": PRUNE_INTERVAL_SECONDS},
             },

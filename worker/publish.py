@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import redis
 from celery import Celery
 
 from promptq.ratelimit.limiter import Grant
+from worker import task_names
 from worker.app import MESSAGE_PRIORITY, QUEUE, WEBHOOK_QUEUE
 
 log = logging.getLogger(__name__)
 
-RUN_JOB_TASK = "promptq.run_job"
 # Never wait in the broker longer than this: a longer wait is the job's next_attempt_at,
 # and the sweeper publishes it when it is due (the Redis broker redelivers unacknowledged
 # delayed messages after its visibility timeout, again and again).
@@ -22,15 +23,12 @@ MAX_COUNTDOWN_SECONDS = 60.0
 PUBLISHED_MARKER_TTL_SECONDS = 600
 
 
-DELIVER_WEBHOOK_TASK = "promptq.deliver_webhook"
-
-
 def publish_delivery(app: Celery, delivery_id: str, countdown: float | None = None) -> None:
     """Publish a webhook delivery's id; a wait past the countdown limit is the sweeper's."""
     if countdown is not None and countdown > MAX_COUNTDOWN_SECONDS:
         return
     app.send_task(
-        DELIVER_WEBHOOK_TASK,
+        task_names.DELIVER_WEBHOOK,
         args=[delivery_id],
         queue=WEBHOOK_QUEUE,
         countdown=countdown if countdown and countdown > 0 else None,
@@ -53,7 +51,7 @@ def publish_job(
         clear_published(app, job_id)
         return  # left to the sweeper, which publishes it once due
     app.send_task(
-        RUN_JOB_TASK,
+        task_names.RUN_JOB,
         args=[job_id, grant.to_message()] if grant else [job_id],
         priority=MESSAGE_PRIORITY.get(priority, MESSAGE_PRIORITY["normal"]),
         countdown=countdown if countdown and countdown > 0 else None,
@@ -66,7 +64,7 @@ def publish_jobs(app: Celery, job_ids: list[str], priority: str) -> None:
     with app.producer_or_acquire() as producer:
         for job_id in job_ids:
             app.send_task(
-                RUN_JOB_TASK,
+                task_names.RUN_JOB,
                 args=[job_id],
                 priority=MESSAGE_PRIORITY.get(priority, MESSAGE_PRIORITY["normal"]),
                 producer=producer,
@@ -74,13 +72,10 @@ def publish_jobs(app: Celery, job_ids: list[str], priority: str) -> None:
     mark_published(app, job_ids)
 
 
-FEED_BATCH_TASK = "promptq.feed_batch"
-
-
 def publish_batch(app: Celery, batch_id: str) -> None:
     """One message for a whole batch: a worker publishes its requests' jobs (off the API's
     request path, so creating 10,000 requests answers in a second or two)."""
-    app.send_task(FEED_BATCH_TASK, args=[batch_id], priority=MESSAGE_PRIORITY["high"])
+    app.send_task(task_names.FEED_BATCH, args=[batch_id], priority=MESSAGE_PRIORITY["high"])
 
 
 def mark_published(app: Celery, job_ids: list[str]) -> None:
@@ -126,3 +121,20 @@ def broker_backlog(app: Celery) -> int:
         for name in names:
             pipe.llen(name)
         return sum(pipe.execute())
+
+
+class CeleryBroker:
+    """The sweeper's view of the broker (promptq.jobs.sweeping.Broker): the Celery app's
+    Redis lists and the publish markers beside them."""
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+
+    def has_backlog(self) -> bool:
+        return broker_backlog(self.app) > 0
+
+    def unpublished(self, job_ids: Sequence[str]) -> list[str]:
+        return unpublished(self.app, list(job_ids))
+
+    def publish_job(self, job_id: str, priority: str) -> None:
+        publish_job(self.app, job_id, priority)

@@ -5,15 +5,16 @@ from __future__ import annotations
 from promptq.batches.service import job_ids_to_publish
 from promptq.db import session_scope
 from promptq.models import Priority
+from worker import task_names
 from worker.app import app
 from worker.context import worker_context
 from worker.publish import publish_jobs
-from worker.tasks.base import RETRY_TRANSIENT, promptq_task
+from worker.tasks.base import promptq_task
 
 FEED_PAGE = 500
 
 
-@promptq_task("feed_batch", **RETRY_TRANSIENT)
+@promptq_task(task_names.FEED_BATCH)
 def feed_batch(batch_id: str) -> int:
     """Publish every runnable request of the batch, a page at a time. Running twice only
     publishes duplicates, which their claim makes harmless; dying halfway loses nothing,

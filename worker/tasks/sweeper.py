@@ -10,13 +10,14 @@ from datetime import timedelta
 from promptq import retention
 from promptq.batches.service import expire_and_close
 from promptq.db import session_scope
-from promptq.jobs.sweeping import Candidate, reclaim_expired, walk_stale
+from promptq.jobs.sweeping import reclaim_expired, republish_stale
 from promptq.rollups.backfill import backfill
 from promptq.types import utcnow
 from promptq.webhooks import deliveries
+from worker import task_names
 from worker.app import app
 from worker.context import worker_context
-from worker.publish import broker_backlog, publish_delivery, publish_job, unpublished
+from worker.publish import CeleryBroker, publish_delivery, publish_job
 from worker.tasks.base import promptq_task
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,8 @@ log = logging.getLogger(__name__)
 CURSOR_KEY = "promptq:sweep:cursor"
 
 
-@promptq_task("sweep")
+# Periodic: a pass that fails is retried by the next one, from where the last one stopped.
+@promptq_task(task_names.SWEEP, retry_transient=False)
 def sweep() -> dict[str, int]:
     ctx = worker_context()
     url = ctx.settings.database_url
@@ -36,37 +38,19 @@ def sweep() -> dict[str, int]:
     # Ends recorded by processes of the previous release while an upgrade rolls out (an
     # empty partial index once they are gone: nothing to read).
     backfill(url, budget_seconds=1.0)
-    # A job is accounted for while it waits in its model's rate-limit queue, or while its
-    # message's marker lives and the broker still holds messages it may be among. With the
-    # broker's queue empty, a due job nobody claimed lost its message whatever its marker
-    # says (a worker killed between taking a message and recording it); publishing it again
-    # is safe, since a job runs only for the delivery that claims it.
-    backlog = broker_backlog(app) > 0
-    lost: list[Candidate] = []
-
-    def republish(candidates: list[Candidate]) -> None:
-        if backlog:
-            without_marker = set(unpublished(app, [c.id for c in candidates]))
-        else:
-            without_marker = {c.id for c in candidates}
-        queued = ctx.limiter.queued([(c.id, c.model) for c in candidates if c.id in without_marker])
-        for candidate in candidates:
-            if candidate.id in without_marker and candidate.id not in queued:
-                publish_job(app, candidate.id, candidate.priority)
-                lost.append(candidate)
-
     client = ctx.limiter.client
     start = client.get(CURSOR_KEY)
-    cursor = walk_stale(
+    stale = republish_stale(
         ctx.settings,
+        CeleryBroker(app),
+        ctx.limiter,
         start.decode() if isinstance(start, bytes) else start,
-        republish,
         budget_seconds=ctx.settings.sweep_budget_seconds,
     )
-    if cursor is None:
+    if stale.cursor is None:
         client.delete(CURSOR_KEY)
     else:
-        client.set(CURSOR_KEY, cursor)
+        client.set(CURSOR_KEY, stale.cursor)
     for job_id, priority in reclaimed.runnable:
         publish_job(app, job_id, priority)
     # Batches: requests past the 24 hours expire, and a batch whose last request ended
@@ -79,17 +63,21 @@ def sweep() -> dict[str, int]:
         due = deliveries.due(session, utcnow() - timedelta(seconds=2))
     for delivery_id in [*reclaimed.deliveries, *batch_deliveries, *due]:
         publish_delivery(app, delivery_id)
-    if reclaimed.runnable or lost or due:
+    if reclaimed.runnable or stale.republished or due:
         log.info(
             "sweep: %d jobs taken back from dead workers, %d re-published, %d deliveries sent",
             len(reclaimed.runnable),
-            len(lost),
+            len(stale.republished),
             len(due),
         )
-    return {"reclaimed": len(reclaimed.runnable), "republished": len(lost), "deliveries": len(due)}
+    return {
+        "reclaimed": len(reclaimed.runnable),
+        "republished": len(stale.republished),
+        "deliveries": len(due),
+    }
 
 
-@promptq_task("prune")
+@promptq_task(task_names.PRUNE, retry_transient=False)
 def prune() -> dict[str, int]:
     """Retention (promptq.retention): finished jobs past PROMPTQ_RETENTION_DAYS leave, for at
     most prune_budget_seconds per run."""
