@@ -268,3 +268,25 @@ def test_a_message_lost_with_its_marker_alive_is_published_again(
     assert broker_backlog(app) == 0
     assert sweep()["republished"] >= 1
     assert wait_for_status(client, api_key, job_id, FINAL)["status"] == "succeeded"
+
+
+def test_one_sweeper_pass_at_a_time(
+    client: Any, api_key: str, database_url: str, settings: Any
+) -> None:
+    import time
+
+    from worker.context import worker_context
+    from worker.tasks.sweeper import SWEEP_LOCK_KEY, sweep
+
+    job_id = _unpublished_job(database_url, settings, api_key, unique("swept once"))
+    time.sleep(settings.republish_after_seconds + 0.5)
+    # Another pass is running (beat's tick came while a pass that ran out of its budget
+    # sent the next one): this one leaves everything to it.
+    running = worker_context().limiter.client.lock(SWEEP_LOCK_KEY, timeout=30)
+    assert running.acquire(blocking=False)
+    try:
+        assert sweep() == {"reclaimed": 0, "republished": 0, "deliveries": 0}
+    finally:
+        running.release()
+    assert sweep()["republished"] >= 1
+    assert wait_for_status(client, api_key, job_id, FINAL)["status"] == "succeeded"

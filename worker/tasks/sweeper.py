@@ -4,19 +4,31 @@ for at most sweep_budget_seconds, from where the last pass stopped."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+
+from redis.exceptions import LockError
 
 from promptq import retention
 from promptq.batches.service import expire_and_close
+from promptq.config import Settings
 from promptq.db import session_scope
 from promptq.jobs.sweeping import Candidate, reclaim_expired, walk_stale
 from promptq.rollups.backfill import backfill
 from promptq.types import utcnow
 from promptq.webhooks import deliveries
 from worker.app import app
-from worker.context import worker_context
-from worker.publish import broker_backlog, publish_delivery, publish_job, unpublished
+from worker.context import WorkerContext, worker_context
+from worker.publish import (
+    broker_backlog,
+    publish_delivery,
+    publish_job,
+    publish_jobs,
+    unpublished,
+)
 from worker.tasks.base import promptq_task
 
 log = logging.getLogger(__name__)
@@ -25,11 +37,30 @@ log = logging.getLogger(__name__)
 # Where the next pass over stale jobs starts: shared by every worker that runs a sweep. Only
 # a hint: lost (a wiped Redis), the next pass starts from the first job.
 CURSOR_KEY = "promptq:sweep:cursor"
+# Held while a pass runs (see sweep).
+SWEEP_LOCK_KEY = "promptq:sweep:running"
+# Messages published at once by a pass, and how many in each producer's slice.
+PUBLISHERS = 4
+PUBLISH_SLICE = 250
 
 
 @promptq_task("sweep")
 def sweep() -> dict[str, int]:
     ctx = worker_context()
+    # One pass at a time: a pass that ran out of its budget sends the next one at once, and
+    # beat's tick may come meanwhile; two passes from one cursor would publish twice.
+    lock = ctx.limiter.client.lock(SWEEP_LOCK_KEY, timeout=_lock_seconds(ctx.settings))
+    if not lock.acquire(blocking=False):
+        return {"reclaimed": 0, "republished": 0, "deliveries": 0}
+    try:
+        with ThreadPoolExecutor(PUBLISHERS, thread_name_prefix="sweep-publish") as publishers:
+            return _sweep_pass(ctx, publishers)
+    finally:
+        with contextlib.suppress(LockError):  # expired: a later pass owns it now
+            lock.release()
+
+
+def _sweep_pass(ctx: WorkerContext, publishers: ThreadPoolExecutor) -> dict[str, int]:
     url = ctx.settings.database_url
     with session_scope(url) as session:
         reclaimed = reclaim_expired(session, ctx.settings)
@@ -50,10 +81,17 @@ def sweep() -> dict[str, int]:
         else:
             without_marker = {c.id for c in candidates}
         queued = ctx.limiter.queued([(c.id, c.model) for c in candidates if c.id in without_marker])
-        for candidate in candidates:
-            if candidate.id in without_marker and candidate.id not in queued:
-                publish_job(app, candidate.id, candidate.priority)
-                lost.append(candidate)
+        page_lost = [c for c in candidates if c.id in without_marker and c.id not in queued]
+        # After a wiped Redis every queued job is lost at once, and each message is a round
+        # trip to Redis: a page goes out in slices through several producer connections at
+        # once, each slice's markers in one pipeline.
+        futures = [
+            publishers.submit(publish_jobs, app, ids, priority)
+            for priority, ids in _slices(page_lost)
+        ]
+        for future in futures:
+            future.result()
+        lost.extend(page_lost)
 
     client = ctx.limiter.client
     start = client.get(CURSOR_KEY)
@@ -67,6 +105,12 @@ def sweep() -> dict[str, int]:
         client.delete(CURSOR_KEY)
     else:
         client.set(CURSOR_KEY, cursor)
+        if lost:
+            # More lost jobs than one budget publishes (a wiped Redis): the next pass goes
+            # on now, not at beat's next tick, so they drain at full speed in bounded
+            # passes. A walk that found only jobs still in the broker (a long backlog)
+            # waits for the tick.
+            sweep.apply_async(expires=ctx.settings.sweep_interval_seconds)
     for job_id, priority in reclaimed.runnable:
         publish_job(app, job_id, priority)
     # Batches: requests past the 24 hours expire, and a batch whose last request ended
@@ -87,6 +131,24 @@ def sweep() -> dict[str, int]:
             len(due),
         )
     return {"reclaimed": len(reclaimed.runnable), "republished": len(lost), "deliveries": len(due)}
+
+
+def _slices(candidates: list[Candidate]) -> list[tuple[str, list[str]]]:
+    """(priority, ids) groups of at most PUBLISH_SLICE ids each."""
+    by_priority: dict[str, list[str]] = defaultdict(list)
+    for candidate in candidates:
+        by_priority[candidate.priority].append(candidate.id)
+    return [
+        (priority, ids[start : start + PUBLISH_SLICE])
+        for priority, ids in by_priority.items()
+        for start in range(0, len(ids), PUBLISH_SLICE)
+    ]
+
+
+def _lock_seconds(settings: Settings) -> int:
+    """Longer than a pass can take (its walk's budget plus the short steps around it), so
+    the lock outlives a pass only when its worker died, and then not for long."""
+    return int(settings.sweep_budget_seconds * 2 + 30)
 
 
 @promptq_task("prune")
