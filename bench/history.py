@@ -276,10 +276,10 @@ def warm_up(api: str, plain: str) -> None:
 def sweep_pass(settings: Any) -> None:
     """What promptq.sweep does in the database (the Redis side is the same either way)."""
     from promptq.batches.service import expire_and_close
+    from promptq.clock import utcnow
     from promptq.db import session_scope
     from promptq.jobs.sweeping import reclaim_expired, walk_stale
     from promptq.rollups.backfill import backfill
-    from promptq.types import utcnow
     from promptq.webhooks import deliveries
 
     with session_scope(settings.database_url) as session:

@@ -240,8 +240,8 @@ def main() -> None:
         os.environ["PROMPTQ_DATABASE_URL"] = database_url
         os.environ["PROMPTQ_REDIS_URL"] = redis_url
         os.environ.pop("PROMPTQ_ADMIN_TOKEN", None)
+        from promptq.clock import utcnow
         from promptq.migrate import upgrade
-        from promptq.types import utcnow
 
         upgrade(database_url)
         fill(database_url, utcnow())

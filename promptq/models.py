@@ -22,7 +22,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from promptq.types import Money, UTCDateTime, utcnow
+from promptq.clock import utcnow
+from promptq.types import Money, UTCDateTime
 
 
 class Base(DeclarativeBase):

@@ -23,6 +23,7 @@ from sqlalchemy import event, select
 
 from promptq import budgets
 from promptq.budgets.repository import BudgetRepository
+from promptq.clock import utcnow
 from promptq.db import get_engine, session_scope
 from promptq.jobs import service
 from promptq.jobs.execution import claim_job, runnable_job
@@ -32,7 +33,6 @@ from promptq.keys.service import authenticate
 from promptq.models import ApiKey, BudgetReservation, Job
 from promptq.periods import month_start, next_month_start
 from promptq.pricing import PriceTable, format_usd
-from promptq.types import utcnow
 
 REPO = Path(__file__).resolve().parent.parent
 SONNET = "claude-sonnet-4-5-20250929"

@@ -20,9 +20,9 @@ from helpers import auth
 from money_helpers import add_job, key_id_of
 from pydantic import SecretStr
 
+from promptq.clock import utcnow
 from promptq.db import session_scope
 from promptq.models import Job
-from promptq.types import utcnow
 
 ADMIN_TOKEN = "admin-" + uuid.uuid4().hex
 SONNET = "claude-sonnet-4-5-20250929"

@@ -231,8 +231,8 @@ def test_the_sweeper_publishes_lost_jobs_and_reclaims_dead_claims(
     import time
     from datetime import timedelta
 
+    from promptq.clock import utcnow
     from promptq.models import Job
-    from promptq.types import utcnow
     from worker.tasks.sweeper import sweep
 
     lost = _unpublished_job(database_url, settings, api_key, unique("lost message"))

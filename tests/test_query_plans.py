@@ -25,6 +25,7 @@ from sqlalchemy import event, text
 from promptq import budgets
 from promptq.batches import service as batches
 from promptq.batches.schemas import parse_batch_requests
+from promptq.clock import utcnow
 from promptq.db import get_engine, session_scope
 from promptq.jobs import service as jobs
 from promptq.jobs.execution import claim_job, record_attempt, runnable_job
@@ -33,7 +34,6 @@ from promptq.jobs.sweeping import reclaim_expired, stale_runnable_jobs
 from promptq.keys.service import authenticate, create_key
 from promptq.models import Job, MessageBatch
 from promptq.pricing import PriceTable
-from promptq.types import utcnow
 from promptq.upstream import Outcome, UpstreamResult
 from promptq.webhooks import deliveries, subscriptions
 

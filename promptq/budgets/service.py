@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.orm import Session
 
 from promptq.budgets.repository import BudgetRepository
+from promptq.clock import utcnow
 from promptq.config import Settings
 from promptq.jobs.errors import JobError
 from promptq.jobs.repository import JobRepository
@@ -33,7 +34,6 @@ from promptq.models import ApiKey, Job, JobStatus
 from promptq.periods import isoformat_z, month_key, next_month_start
 from promptq.pricing import PriceTable, cost_of, format_usd
 from promptq.ratelimit.estimate import estimate_input_tokens, output_reservation
-from promptq.types import utcnow
 from promptq.usage import Usage
 
 if TYPE_CHECKING:

@@ -16,12 +16,12 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from promptq import budgets, rollups
+from promptq.clock import utcnow
 from promptq.config import Settings
 from promptq.jobs.endings import end_events
 from promptq.jobs.repository import JobRepository
 from promptq.models import RUNNABLE_STATUSES, Attempt, Job, JobStatus
 from promptq.pricing import PriceTable, cost_of
-from promptq.types import utcnow
 from promptq.upstream import Outcome, UpstreamResult
 from promptq.usage import Usage
 

@@ -16,6 +16,7 @@ from datetime import timedelta
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from promptq import budgets
+from promptq.clock import utcnow
 from promptq.config import Settings
 from promptq.db import TRANSIENT_DATABASE_ERRORS, session_scope
 from promptq.jobs.execution import (
@@ -29,7 +30,6 @@ from promptq.jobs.execution import (
 from promptq.jobs.leases import LeaseKeeper
 from promptq.pricing import PriceTable
 from promptq.ratelimit.limiter import Grant, Limiter
-from promptq.types import utcnow
 from promptq.upstream import UpstreamClient
 from promptq.usage import Usage
 

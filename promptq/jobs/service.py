@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from promptq import quotas
 from promptq.budgets import check_budget, max_cost
 from promptq.budgets.priceable import check_priceable
+from promptq.clock import utcnow
 from promptq.config import Settings
 from promptq.ids import new_id
 from promptq.jobs.errors import InvalidJob, JobConflict, JobNotFound
@@ -23,7 +24,6 @@ from promptq.keys.policy import check_model
 from promptq.models import RUNNABLE_STATUSES, ApiKey, Job, JobStatus
 from promptq.pricing import settings_prices
 from promptq.rollups import job_ended
-from promptq.types import utcnow
 from promptq.webhooks import UnsafeTarget, check_url
 
 IDEMPOTENCY_WINDOW = timedelta(hours=24)

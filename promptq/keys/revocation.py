@@ -16,13 +16,13 @@ from sqlalchemy.orm import Session
 
 from promptq.batches.repository import BatchRepository
 from promptq.batches.service import end_if_finished
+from promptq.clock import utcnow
 from promptq.config import Settings
 from promptq.jobs.execution import revoked_key_values
 from promptq.jobs.repository import JobRepository
 from promptq.keys.service import find_key
 from promptq.models import ApiKey, BatchStatus, JobStatus
 from promptq.rollups import EndedJob, jobs_ended
-from promptq.types import utcnow
 from promptq.webhooks import deliveries, subscriptions
 
 

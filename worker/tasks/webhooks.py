@@ -6,9 +6,9 @@ threads, a few per key), so a slow receiver never holds a Celery thread.
 
 from __future__ import annotations
 
+from promptq.clock import utcnow
 from promptq.db import session_scope
 from promptq.logging import log_context
-from promptq.types import utcnow
 from promptq.webhooks import deliveries
 from promptq.webhooks.deliveries import PreparedDelivery
 from worker.app import app
