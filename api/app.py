@@ -35,7 +35,7 @@ from api.routes import (
 from api.routes.batches import BATCHES_PATH
 from promptq.catalog import ModelCatalog
 from promptq.config import Settings, get_settings
-from promptq.jobs.schemas import JobCreate
+from promptq.jobspec.schemas import JobCreate
 from promptq.pricing import PriceTable
 from promptq.ratelimit.quota import RateQuota
 from promptq.ratelimit.table import LimitTable

@@ -16,7 +16,7 @@ from promptq.batches.schemas import MAX_BATCH_REQUESTS, parse_batch_requests
 from promptq.clock import utcnow
 from promptq.config import Settings
 from promptq.db import get_sessionmaker, session_scope
-from promptq.jobs.errors import InvalidJob
+from promptq.jobspec.errors import InvalidJob
 from promptq.keys.service import authenticate
 from promptq.models import BatchStatus, Job, JobStatus, MessageBatch
 

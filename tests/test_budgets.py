@@ -27,8 +27,8 @@ from promptq.clock import utcnow
 from promptq.db import get_engine, session_scope
 from promptq.jobs import service
 from promptq.jobs.execution import claim_job, runnable_job
-from promptq.jobs.schemas import JobCreate
 from promptq.jobs.sweeping import reclaim_expired
+from promptq.jobspec.schemas import JobCreate
 from promptq.keys.service import authenticate
 from promptq.models import ApiKey, BudgetReservation, Job
 from promptq.periods import month_start, next_month_start

@@ -13,7 +13,7 @@ from helpers import auth, wait_for_status
 from promptq.db import session_scope
 from promptq.jobs import service
 from promptq.jobs.repository import JobRepository
-from promptq.jobs.schemas import JobCreate
+from promptq.jobspec.schemas import JobCreate
 from promptq.keys.service import authenticate
 from promptq.pricing import PriceTable, cost_of
 from promptq.usage import Usage

@@ -14,7 +14,7 @@ from helpers import auth
 
 from promptq.db import session_scope
 from promptq.jobs import service
-from promptq.jobs.schemas import JobCreate
+from promptq.jobspec.schemas import JobCreate
 from promptq.keys.service import authenticate
 from promptq.models import Job
 

@@ -29,8 +29,8 @@ from promptq.clock import utcnow
 from promptq.db import get_engine, session_scope
 from promptq.jobs import service as jobs
 from promptq.jobs.execution import claim_job, record_attempt, runnable_job
-from promptq.jobs.schemas import JobCreate
 from promptq.jobs.sweeping import reclaim_expired, stale_runnable_jobs
+from promptq.jobspec.schemas import JobCreate
 from promptq.keys.service import authenticate, create_key
 from promptq.models import Job, MessageBatch
 from promptq.pricing import PriceTable

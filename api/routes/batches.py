@@ -19,7 +19,7 @@ from promptq.batches import service
 from promptq.batches.schemas import parse_batch_requests
 from promptq.config import Settings
 from promptq.db import get_sessionmaker
-from promptq.jobs.schemas import anthropic_beta
+from promptq.jobspec.schemas import anthropic_beta
 from promptq.models import ApiKey, BatchStatus
 
 BATCHES_PATH = "/v1/messages/batches"

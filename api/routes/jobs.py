@@ -22,8 +22,8 @@ from api.finished import watching
 from promptq.config import Settings
 from promptq.db import get_sessionmaker, session_scope
 from promptq.jobs import service
-from promptq.jobs.presenter import job_to_api
-from promptq.jobs.schemas import MAX_JSON_DEPTH, JobCreate, anthropic_beta, json_depth
+from promptq.jobspec.presenter import job_to_api
+from promptq.jobspec.schemas import MAX_JSON_DEPTH, JobCreate, anthropic_beta, json_depth
 from promptq.keys.policy import quota
 from promptq.models import ApiKey, JobStatus
 from promptq.quotas import QuotaExceeded

@@ -24,8 +24,8 @@ from api.routes.jobs import accept_job, read_job
 from promptq.config import Settings
 from promptq.db import session_scope
 from promptq.jobs import service
-from promptq.jobs.errors import JobConflict
-from promptq.jobs.schemas import JobCreate, MessagesRequest, anthropic_beta
+from promptq.jobspec.errors import JobConflict
+from promptq.jobspec.schemas import JobCreate, MessagesRequest, anthropic_beta
 from promptq.keys.policy import quota
 from promptq.models import ApiKey, JobStatus, Priority
 from promptq.upstream.anthropic_errors import anthropic_error

@@ -13,8 +13,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from promptq.jobs.errors import InvalidJob
-from promptq.jobs.schemas import MessagesRequest
+from promptq.jobspec.errors import InvalidJob
+from promptq.jobspec.schemas import MessagesRequest
 from promptq.validation import control_character_problem, describe_validation_errors
 
 MAX_BATCH_REQUESTS = 100_000

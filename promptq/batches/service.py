@@ -23,7 +23,7 @@ from promptq.budgets.priceable import check_priceable
 from promptq.clock import utcnow
 from promptq.config import Settings
 from promptq.ids import new_id
-from promptq.jobs.errors import InvalidJob, JobNotFound
+from promptq.jobspec.errors import InvalidJob, JobNotFound
 from promptq.keys.policy import check_model
 from promptq.models import ApiKey, BatchStatus, Job, JobStatus, MessageBatch, Priority
 from promptq.pricing import settings_prices

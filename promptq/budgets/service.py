@@ -28,8 +28,8 @@ from sqlalchemy.orm import Session
 from promptq.budgets.repository import BudgetRepository
 from promptq.clock import utcnow
 from promptq.config import Settings
-from promptq.jobs.errors import JobError
 from promptq.jobs.repository import JobRepository
+from promptq.jobspec.errors import JobError
 from promptq.models import ApiKey, Job, JobStatus
 from promptq.periods import isoformat_z, month_key, next_month_start
 from promptq.pricing import PriceTable, cost_of, format_usd

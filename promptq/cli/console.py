@@ -23,8 +23,8 @@ import redis
 
 from promptq.db import session_scope
 from promptq.jobs.finished import CHANNEL
-from promptq.jobs.presenter import job_to_api
 from promptq.jobs.repository import JobRepository
+from promptq.jobspec.presenter import job_to_api
 
 # A burst (a batch, `promptq run`) would scroll the terminal away: past a few lines per
 # interval, the rest of it is one summary line.

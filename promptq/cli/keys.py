@@ -10,7 +10,7 @@ import click
 
 from promptq.config import Settings, get_settings
 from promptq.db import session_scope
-from promptq.jobs.presenter import isoformat
+from promptq.jobspec.presenter import isoformat
 from promptq.keys.policy import QUOTAS, PolicyError, parse_models, parse_quota
 from promptq.keys.repository import ApiKeyRepository
 from promptq.keys.service import ApiKeyError, create_key, update_key

@@ -17,9 +17,9 @@ from promptq.budgets.priceable import check_priceable
 from promptq.clock import utcnow
 from promptq.config import Settings
 from promptq.ids import new_id
-from promptq.jobs.errors import InvalidJob, JobConflict, JobNotFound
 from promptq.jobs.repository import JobRepository
-from promptq.jobs.schemas import JobCreate
+from promptq.jobspec.errors import InvalidJob, JobConflict, JobNotFound
+from promptq.jobspec.schemas import JobCreate
 from promptq.keys.policy import check_model
 from promptq.models import RUNNABLE_STATUSES, ApiKey, Job, JobStatus
 from promptq.pricing import settings_prices

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from promptq.clock import utcnow
 from promptq.ids import new_id
-from promptq.jobs.presenter import isoformat, job_to_api
+from promptq.jobspec.presenter import isoformat, job_to_api
 from promptq.models import ApiKey, DeliveryStatus, Job, WebhookAttempt, WebhookDelivery
 from promptq.rollups import webhook_attempt_recorded
 from promptq.webhooks import subscriptions

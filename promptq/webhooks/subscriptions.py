@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from promptq.clock import utcnow
 from promptq.ids import new_id
-from promptq.jobs.presenter import isoformat
+from promptq.jobspec.presenter import isoformat
 from promptq.models import ApiKey, WebhookSubscription
 from promptq.webhooks.sender import DeliveryResult
 from promptq.webhooks.ssrf import NO_ALLOW, UnsafeTarget, WebhookAllow, check_url
