@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy.orm import Session
 
 from promptq import quotas
+from promptq.batches.service import count_ended
 from promptq.budgets import check_budget, max_cost
 from promptq.budgets.priceable import check_priceable
 from promptq.clock import utcnow
@@ -225,9 +226,6 @@ def cancel_job(session: Session, key: ApiKey, job_id: str) -> Job:
     )
     session.refresh(job)
     if canceled and job.batch_id is not None:
-        # Imported here: promptq.batches.service imports this package's errors.
-        from promptq.batches.service import count_ended
-
         count_ended(session, job.batch_id, "canceled")
     if canceled:
         job_ended(session, job)
