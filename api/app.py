@@ -17,7 +17,7 @@ from api.body_limit import BodySizeLimit
 from api.broker import BrokerCheck
 from api.control_chars import RefuseControlCharacters
 from api.errors import install_error_handlers
-from api.finished import FinishedJobs
+from api.listener import FinishedJobs
 from api.open_requests import OpenRequests
 from api.publisher import BrokerPublisher, Publisher
 from api.routes import (

@@ -278,8 +278,8 @@ def sweep_pass(settings: Any) -> None:
     from promptq.batches.service import expire_and_close
     from promptq.clock import utcnow
     from promptq.db import session_scope
+    from promptq.jobs.backfill import backfill
     from promptq.jobs.sweeping import reclaim_expired, walk_stale
-    from promptq.rollups.backfill import backfill
     from promptq.webhooks import deliveries
 
     with session_scope(settings.database_url) as session:

@@ -248,7 +248,7 @@ def main() -> None:
         fill_limiter(redis_url)
         screenshot(serve(database_url, redis_url), args.out, f"{scratch}/chromium")
         # The API's thread still listens for finished jobs; its Redis going is no news.
-        logging.getLogger("api.finished").setLevel(logging.CRITICAL)
+        logging.getLogger("api.listener").setLevel(logging.CRITICAL)
         redis_server.shutdown()
     print(f"wrote {args.out}")
 

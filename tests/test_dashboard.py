@@ -172,7 +172,7 @@ def test_signing_out_ends_the_session_for_every_copy_of_the_cookie(
 def test_a_revoked_keys_session_ends(
     local_client: Any, api_key: str, database_url: str, settings: Any
 ) -> None:
-    from promptq.keys.revocation import revoke
+    from promptq.jobs.revocation import revoke
 
     session_cookie(local_client, api_key)
     assert local_client.get("/dashboard").status_code == 200

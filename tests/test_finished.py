@@ -7,8 +7,8 @@ import asyncio
 
 import redis
 
-from api.finished import FinishedJobs, watching
-from promptq.jobs.finished import announce
+from api.listener import FinishedJobs, watching
+from promptq.jobs.announcements import announce
 
 
 def test_an_announced_job_wakes_its_waiters_and_no_others(redis_url: str) -> None:

@@ -9,7 +9,7 @@ from functools import lru_cache
 import redis
 
 from promptq.config import Settings, get_settings
-from promptq.jobs.finished import announce
+from promptq.jobs.announcements import announce
 from promptq.jobs.leases import LeaseKeeper
 from promptq.jobs.runner import JobRunner
 from promptq.pricing import PriceTable

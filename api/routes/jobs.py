@@ -18,7 +18,7 @@ from api.bodies import TOO_DEEP, parse_json_body
 from api.broker import require_broker
 from api.deps import ApiKeyDep, SessionDep, SettingsDep
 from api.errors import ApiError, describe_validation_errors
-from api.finished import watching
+from api.listener import watching
 from promptq.config import Settings
 from promptq.db import get_sessionmaker, session_scope
 from promptq.jobs import service
@@ -152,7 +152,7 @@ async def wait_for_final(
     request: Request, database_url: str, key: ApiKey, job_id: str, seconds: float
 ) -> dict[str, Any]:
     """The job once it is final, or as it is when time runs out. Woken by the worker's
-    word that it finished (api.finished), and looking at the database now and then."""
+    word that it finished (api.listener), and looking at the database now and then."""
     deadline = time.monotonic() + seconds
     with watching(request.app.state.finished, job_id) as watch:
         while True:

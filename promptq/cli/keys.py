@@ -211,7 +211,7 @@ def list_keys(as_json: bool) -> None:
 def revoke(key_id_or_name: str) -> None:
     """Revoke a key by id or name: requests with it are refused from now on, its jobs not
     yet started and its batches are canceled, its webhooks stop."""
-    from promptq.keys.revocation import revoke as revoke_key
+    from promptq.jobs.revocation import revoke as revoke_key
 
     settings = get_settings()
     try:

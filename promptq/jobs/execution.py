@@ -19,7 +19,7 @@ from promptq import budgets, rollups
 from promptq.batches.service import count_ended
 from promptq.clock import utcnow
 from promptq.config import Settings
-from promptq.jobs.endings import end_events
+from promptq.jobs.end_effects import end_events
 from promptq.jobs.repository import JobRepository
 from promptq.models import RUNNABLE_STATUSES, Attempt, Job, JobStatus
 from promptq.pricing import PriceTable, cost_of

@@ -14,7 +14,7 @@ from promptq import budgets
 from promptq.clock import utcnow
 from promptq.config import Settings
 from promptq.db import session_scope
-from promptq.jobs.endings import end_events
+from promptq.jobs.end_effects import end_events
 from promptq.jobs.repository import JobRepository
 from promptq.models import JobStatus
 

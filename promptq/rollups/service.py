@@ -11,7 +11,7 @@ upsert per job end and per upstream call, on a row shared by one key's jobs of o
 that hour; it is written last in its transaction, so its lock lasts until that commit.
 
 Every path that ends a job calls job_ended or jobs_ended once, after its compare-and-set to
-a final status won: promptq.jobs.endings.end_events (a recorded attempt, a budget refusal, a
+a final status won: promptq.jobs.end_effects.end_events (a recorded attempt, a budget refusal, a
 worker lost for good), a job's cancel, a batch's cancel and expiry, and the requests of a
 batch that were invalid from the start.
 """

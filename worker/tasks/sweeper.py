@@ -11,8 +11,8 @@ from promptq import retention
 from promptq.batches.service import expire_and_close
 from promptq.clock import utcnow
 from promptq.db import session_scope
+from promptq.jobs.backfill import backfill
 from promptq.jobs.sweeping import Candidate, reclaim_expired, walk_stale
-from promptq.rollups.backfill import backfill
 from promptq.webhooks import deliveries
 from worker.app import app
 from worker.context import worker_context

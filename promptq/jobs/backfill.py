@@ -10,6 +10,10 @@ them, and in one short transaction per page sets the flag (an UPDATE that only s
 holds a lock on more than the page's rows, so writers go on meanwhile, and an interrupted
 run resumes. `promptq db upgrade` runs it to the end; every sweeper pass runs it briefly, for
 what processes of the previous release end until they are all restarted.
+
+In promptq.jobs, beside the code that accounts for an end as it happens (end_effects,
+execution): it writes the ledger (budgets), the rollups and the batch counts, so it sits
+above all three.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 import redis
 import redis.asyncio
 
-from promptq.jobs.finished import CHANNEL
+from promptq.jobs.announcements import CHANNEL
 from promptq.keys.channels import KEY_CHANGED_CHANNEL
 
 log = logging.getLogger(__name__)

@@ -5,6 +5,9 @@ its deliveries still to be sent are stopped. Calls already at the upstream finis
 paid for. After the commit, every API process is told to forget the key at once
 (`promptq.keys.channels.announce_key_change`), and a worker refuses to start any job of a
 revoked key.
+
+In promptq.jobs rather than promptq.keys: it ends jobs, batches and deliveries, so it sits
+above them, while the keys themselves (promptq.keys) sit below everything that checks one.
 """
 
 from __future__ import annotations
