@@ -194,8 +194,8 @@ def _unpublished_job(database_url: str, settings: Any, key: str, prompt: str) ->
 def test_a_canceled_job_never_reaches_the_upstream(
     client: Any, api_key: str, database_url: str, settings: Any, simulator: Any
 ) -> None:
+    from promptq.broker.publish import publish_job
     from worker.app import app
-    from worker.publish import publish_job
 
     prompt = unique("never asked")
     job_id = _unpublished_job(database_url, settings, api_key, prompt)
@@ -212,8 +212,8 @@ def test_a_canceled_job_never_reaches_the_upstream(
 def test_a_job_delivered_many_times_runs_once(
     client: Any, api_key: str, database_url: str, settings: Any, simulator: Any
 ) -> None:
+    from promptq.broker.publish import publish_job
     from worker.app import app
-    from worker.publish import publish_job
 
     prompt = unique("once only [[sim:latency=0.5]]")
     job_id = _unpublished_job(database_url, settings, api_key, prompt)
@@ -256,8 +256,8 @@ def test_a_message_lost_with_its_marker_alive_is_published_again(
 ) -> None:
     import time
 
+    from promptq.broker.publish import broker_backlog, mark_published
     from worker.app import app
-    from worker.publish import broker_backlog, mark_published
     from worker.tasks.sweeper import sweep
 
     # As when a worker is killed between taking a message off the queue and recording it:

@@ -76,7 +76,7 @@ def _registry(app: FastAPI, settings: Settings) -> CollectorRegistry:
 def _collector(app: FastAPI, settings: Settings) -> PromptqCollector:
     if not settings.redis_url:
         return PromptqCollector(settings.database_url, None, max_models=settings.metrics_max_models)
-    from worker.publish import broker_backlog
+    from promptq.broker.publish import broker_backlog
 
     client = redis.Redis.from_url(
         settings.redis_url,

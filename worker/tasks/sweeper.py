@@ -9,6 +9,7 @@ from datetime import timedelta
 
 from promptq import retention
 from promptq.batches.service import expire_and_close
+from promptq.broker.publish import broker_backlog, publish_delivery, publish_job, unpublished
 from promptq.clock import utcnow
 from promptq.db import session_scope
 from promptq.jobs.backfill import backfill
@@ -16,7 +17,6 @@ from promptq.jobs.sweeping import Candidate, reclaim_expired, walk_stale
 from promptq.webhooks import deliveries
 from worker.app import app
 from worker.context import worker_context
-from worker.publish import broker_backlog, publish_delivery, publish_job, unpublished
 from worker.tasks.base import promptq_task
 
 log = logging.getLogger(__name__)
