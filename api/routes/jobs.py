@@ -18,7 +18,6 @@ from api.bodies import TOO_DEEP, parse_json_body
 from api.broker import require_broker
 from api.deps import ApiKeyDep, SessionDep, SettingsDep
 from api.errors import ApiError, describe_validation_errors
-from api.listener import watching
 from promptq.config import Settings
 from promptq.db import get_sessionmaker, session_scope
 from promptq.jobs import service
@@ -70,8 +69,6 @@ def check_intake_rate(request: Request, settings: Settings, key: ApiKey) -> None
     """One of the key's intake requests a second (PROMPTQ_KEY_MAX_REQUESTS_PER_SECOND),
     shared by every API process; a 429 when they are spent."""
     quotas = request.app.state.quotas
-    if quotas is None:
-        return
     per_second = quota(key, settings, "requests_per_second")
     wait = quotas.take("intake", key.id, per_second * 60, INTAKE_BURST_SECONDS)
     if wait > 0:
@@ -154,7 +151,7 @@ async def wait_for_final(
     """The job once it is final, or as it is when time runs out. Woken by the worker's
     word that it finished (api.listener), and looking at the database now and then."""
     deadline = time.monotonic() + seconds
-    with watching(request.app.state.finished, job_id) as watch:
+    with request.app.state.finished.watching(job_id) as watch:
         while True:
             body = await run_in_threadpool(read_job, database_url, key, job_id)
             left = deadline - time.monotonic()
@@ -221,7 +218,7 @@ def redeliver(
     quotas = request.app.state.quotas
     per_minute = quota(key, settings, "redeliveries_per_minute")
     # The whole minute's worth may go at once: a receiver back from an outage.
-    wait = quotas.take("redeliver", key.id, per_minute, 60.0) if quotas else 0.0
+    wait = quotas.take("redeliver", key.id, per_minute, 60.0)
     if wait > 0:
         raise QuotaExceeded(
             f"this API key asks for more than {per_minute} redeliveries a minute "

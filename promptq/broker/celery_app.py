@@ -32,13 +32,18 @@ class BrokerNotConfigured(RuntimeError):
 PRUNE_INTERVAL_SECONDS = 3600.0
 
 
-def create_celery(settings: Settings) -> Celery:
+def broker_url(settings: Settings) -> str:
+    """PROMPTQ_REDIS_URL, without which neither the API nor a worker starts."""
     if not settings.redis_url:
         raise BrokerNotConfigured(
             "PROMPTQ_REDIS_URL is not set: point it at the shared Redis "
             "(e.g. redis://127.0.0.1:6379/0), or run `promptq up`, which starts a private one"
         )
-    app = Celery("promptq", broker=settings.redis_url, include=["worker.tasks"])
+    return settings.redis_url
+
+
+def create_celery(settings: Settings) -> Celery:
+    app = Celery("promptq", broker=broker_url(settings), include=["worker.tasks"])
     app.conf.update(
         # Said here rather than left to Celery's defaults: a broker message is only ever
         # JSON, so nothing that reaches Redis can make a worker unpickle it.
