@@ -18,7 +18,6 @@ from promptq.jobspec.schemas import MessagesRequest
 from promptq.validation import control_character_problem, describe_validation_errors
 
 MAX_BATCH_REQUESTS = 100_000
-MAX_BATCH_BYTES = 256 * 1024 * 1024
 CUSTOM_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 
 
