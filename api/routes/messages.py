@@ -19,7 +19,7 @@ from api.auth import request_caller
 from api.bodies import parse_json_body
 from api.deps import SettingsDep
 from api.errors import ApiError
-from api.routes.jobs import accept_job, read_job
+from api.intake import accept_job, read_job
 from promptq.config import Settings
 from promptq.db import session_scope
 from promptq.jobs import service
