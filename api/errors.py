@@ -16,8 +16,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from promptq.budgets import BudgetExceeded
 from promptq.budgets.priceable import NotPriceable
 from promptq.db import TRANSIENT_DATABASE_ERRORS
-from promptq.jobs.errors import InvalidJob, JobConflict, JobError, JobNotFound
-from promptq.jobs.schemas import MAX_JSON_DEPTH, json_depth
+from promptq.jobspec.errors import InvalidJob, JobConflict, JobError, JobNotFound
+from promptq.jobspec.schemas import MAX_JSON_DEPTH, json_depth
 from promptq.keys.policy import ModelNotAllowed
 from promptq.quotas import QuotaExceeded
 from promptq.validation import describe_validation_errors

@@ -42,9 +42,6 @@ from _stack import (
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/9"
 CHUNK = 50_000
 POLL_SECONDS = 1.0
-# worker.publish.published_marker's keys (importing worker/ here would build a Celery app
-# from this process's environment).
-MARKER_PREFIX = "promptq:published:"
 
 
 def store_queued_jobs(engine: Engine, key_id: str, jobs: int) -> None:
@@ -77,6 +74,8 @@ def store_queued_jobs(engine: Engine, key_id: str, jobs: int) -> None:
 
 def uncovered(engine: Engine, client: redis.Redis) -> int:
     """Jobs still queued whose publish marker is missing: nothing in Redis would run them."""
+    from promptq.broker.publish import published_marker
+
     with engine.connect() as connection:
         ids = connection.execute(text("SELECT id FROM jobs WHERE status = 'queued'")).scalars()
         ids = list(ids)
@@ -85,7 +84,7 @@ def uncovered(engine: Engine, client: redis.Redis) -> int:
         chunk = ids[start : start + 10_000]
         with client.pipeline(transaction=False) as pipe:
             for job_id in chunk:
-                pipe.exists(f"{MARKER_PREFIX}{job_id}")
+                pipe.exists(published_marker(job_id))
             missing += sum(1 for found in pipe.execute() if not found)
     return missing
 

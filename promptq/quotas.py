@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from promptq.config import Settings
-from promptq.jobs.errors import JobError
+from promptq.jobspec.errors import JobError
 from promptq.keys.policy import quota
 from promptq.models import (
     RUNNABLE_STATUSES,

@@ -14,8 +14,8 @@ from sqlalchemy.orm import Session
 from promptq import template_sandbox
 from promptq.config import Settings
 from promptq.ids import new_id
-from promptq.jobs.presenter import isoformat
-from promptq.jobs.schemas import JobCreate, ModelName
+from promptq.jobspec.presenter import isoformat
+from promptq.jobspec.schemas import JobCreate, ModelName
 from promptq.models import ApiKey, PromptTemplate
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from promptq.jobs.errors import JobError
+from promptq.jobspec.errors import JobError
 from promptq.models import ApiKey
 from promptq.pricing import PriceTable
 

@@ -11,12 +11,12 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from promptq import budgets
+from promptq.clock import utcnow
 from promptq.config import Settings
 from promptq.db import session_scope
-from promptq.jobs.endings import end_events
+from promptq.jobs.end_effects import end_events
 from promptq.jobs.repository import JobRepository
 from promptq.models import JobStatus
-from promptq.types import utcnow
 
 SWEEP_BATCH = 1000
 

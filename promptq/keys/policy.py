@@ -10,7 +10,7 @@ import math
 from collections.abc import Mapping
 
 from promptq.config import Settings
-from promptq.jobs.errors import JobError
+from promptq.jobspec.errors import JobError
 from promptq.models import ApiKey
 from promptq.patterns import longest_match
 

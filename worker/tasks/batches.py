@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from promptq.batches.service import job_ids_to_publish
+from promptq.broker.publish import publish_jobs
 from promptq.db import session_scope
 from promptq.models import Priority
 from worker.app import app
 from worker.context import worker_context
-from worker.publish import publish_jobs
 from worker.tasks.base import RETRY_TRANSIENT, promptq_task
 
 FEED_PAGE = 500

@@ -14,21 +14,21 @@ from redis.exceptions import LockError
 
 from promptq import retention
 from promptq.batches.service import expire_and_close
-from promptq.config import Settings
-from promptq.db import session_scope
-from promptq.jobs.sweeping import Candidate, reclaim_expired, walk_stale
-from promptq.rollups.backfill import backfill
-from promptq.types import utcnow
-from promptq.webhooks import deliveries
-from worker.app import app
-from worker.context import WorkerContext, worker_context
-from worker.publish import (
+from promptq.broker.publish import (
     broker_backlog,
     publish_delivery,
     publish_job,
     publish_jobs,
     unpublished,
 )
+from promptq.clock import utcnow
+from promptq.config import Settings
+from promptq.db import session_scope
+from promptq.jobs.backfill import backfill
+from promptq.jobs.sweeping import Candidate, reclaim_expired, walk_stale
+from promptq.webhooks import deliveries
+from worker.app import app
+from worker.context import WorkerContext, worker_context
 from worker.tasks.base import promptq_task
 
 log = logging.getLogger(__name__)

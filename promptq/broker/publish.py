@@ -7,8 +7,8 @@ import logging
 import redis
 from celery import Celery
 
+from promptq.broker.celery_app import MESSAGE_PRIORITY, QUEUE, WEBHOOK_QUEUE
 from promptq.ratelimit.limiter import Grant
-from worker.app import MESSAGE_PRIORITY, QUEUE, WEBHOOK_QUEUE
 
 log = logging.getLogger(__name__)
 
