@@ -17,7 +17,7 @@ from api.body_limit import BodySizeLimit
 from api.broker import BrokerCheck
 from api.control_chars import RefuseControlCharacters
 from api.errors import install_error_handlers
-from api.finished import FinishedJobs
+from api.listener import FinishedJobs
 from api.open_requests import OpenRequests
 from api.publisher import BrokerPublisher, Publisher
 from api.routes import (
@@ -33,9 +33,10 @@ from api.routes import (
     webhooks,
 )
 from api.routes.batches import BATCHES_PATH
+from promptq.broker.celery_app import broker_url
 from promptq.catalog import ModelCatalog
 from promptq.config import Settings, get_settings
-from promptq.jobs.schemas import JobCreate
+from promptq.jobspec.schemas import JobCreate
 from promptq.pricing import PriceTable
 from promptq.ratelimit.quota import RateQuota
 from promptq.ratelimit.table import LimitTable
@@ -44,6 +45,8 @@ from promptq.upstream import UpstreamClient
 
 def create_app(settings: Settings | None = None, publish: Publisher | None = None) -> FastAPI:
     settings = settings or get_settings()
+    # Refused here without PROMPTQ_REDIS_URL: everything below may count on Redis.
+    redis_url = broker_url(settings)
     app = FastAPI(
         title="promptq",
         version="0.1.0",
@@ -52,19 +55,15 @@ def create_app(settings: Settings | None = None, publish: Publisher | None = Non
         lifespan=_lifespan,
     )
     app.state.settings = settings
-    app.state.finished = (
-        FinishedJobs(settings.redis_url, on_key_changed=forget_key, on_hearing=hear_key_changes)
-        if settings.redis_url
-        else None
+    app.state.finished = FinishedJobs(
+        redis_url, on_key_changed=forget_key, on_hearing=hear_key_changes
     )
     broker = BrokerPublisher.for_settings(settings)
     app.state.celery = broker.app
     app.state.publish = publish or broker.job
     app.state.deliver = broker.delivery
-    app.state.broker = BrokerCheck(settings.redis_url) if settings.redis_url else None
-    app.state.quotas = (
-        RateQuota(redis.Redis.from_url(settings.redis_url)) if settings.redis_url else None
-    )
+    app.state.broker = BrokerCheck(redis_url)
+    app.state.quotas = RateQuota(redis.Redis.from_url(redis_url))
     app.state.open_requests = OpenRequests(
         settings.key_max_open_requests, settings.max_open_requests
     )
@@ -110,12 +109,10 @@ def create_app(settings: Settings | None = None, publish: Publisher | None = Non
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    finished: FinishedJobs | None = app.state.finished
-    if finished is not None:
-        finished.start()
+    finished: FinishedJobs = app.state.finished
+    finished.start()
     yield
-    if finished is not None:
-        await finished.stop()
+    await finished.stop()
 
 
 def _document_manual_bodies(app: FastAPI) -> None:

@@ -35,9 +35,9 @@ class BrokerCheck:
         return self._answers
 
 
-def require_broker(check: BrokerCheck | None, what: str) -> None:
+def require_broker(check: BrokerCheck, what: str) -> None:
     """A 503 before anything is stored when the broker is away (`what`: "job", "batch")."""
-    if check is not None and not check.answers():
+    if not check.answers():
         raise Unavailable(
             f"the broker (Redis) is not answering, so the {what} was not accepted; retry in a "
             "few seconds"

@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from promptq.db import TRANSIENT_DATABASE_ERRORS
 from promptq.errors import InvalidRequest, PromptqError, Unavailable
-from promptq.jobs.schemas import MAX_JSON_DEPTH, json_depth
+from promptq.jobspec.schemas import MAX_JSON_DEPTH, json_depth
 from promptq.validation import describe_validation_errors
 
 TYPE_BY_STATUS = {

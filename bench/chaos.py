@@ -98,7 +98,7 @@ REQUEST_TIMEOUT_SECONDS = 10.0
 # How long past the submission window the clients go on resending a job before giving up.
 SUBMIT_GRACE_SECONDS = 120.0
 POLL_SECONDS = 0.5
-# Must match worker/publish.py: while it lives, the sweeper takes a job's message for alive.
+# Must match promptq/broker/publish.py: while it lives, the sweeper takes a job's message for alive.
 PUBLISHED_MARKER = "promptq:published:{}"
 SWEEP_LINE = re.compile(r"sweep: (\d+) jobs taken back from dead workers, (\d+) re-published")
 

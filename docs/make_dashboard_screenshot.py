@@ -240,15 +240,15 @@ def main() -> None:
         os.environ["PROMPTQ_DATABASE_URL"] = database_url
         os.environ["PROMPTQ_REDIS_URL"] = redis_url
         os.environ.pop("PROMPTQ_ADMIN_TOKEN", None)
+        from promptq.clock import utcnow
         from promptq.migrate import upgrade
-        from promptq.types import utcnow
 
         upgrade(database_url)
         fill(database_url, utcnow())
         fill_limiter(redis_url)
         screenshot(serve(database_url, redis_url), args.out, f"{scratch}/chromium")
         # The API's thread still listens for finished jobs; its Redis going is no news.
-        logging.getLogger("api.finished").setLevel(logging.CRITICAL)
+        logging.getLogger("api.listener").setLevel(logging.CRITICAL)
         redis_server.shutdown()
     print(f"wrote {args.out}")
 

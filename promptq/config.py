@@ -8,14 +8,13 @@ from __future__ import annotations
 import ipaddress
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-if TYPE_CHECKING:
-    from promptq.webhooks.ssrf import WebhookAllow
+from promptq.webhook_allow import IPNetwork, WebhookAllow
 
 DEFAULT_UPSTREAM_URL = "https://api.cometapi.com"
 
@@ -170,8 +169,6 @@ class Settings(BaseSettings):
     @field_validator("webhook_allow")
     @classmethod
     def _webhook_allow_parses(cls, value: str) -> str:
-        from promptq.webhooks.ssrf import WebhookAllow
-
         WebhookAllow.parse(value)  # a ValueError names the entry
         return value
 
@@ -187,8 +184,6 @@ class Settings(BaseSettings):
 
     @property
     def webhook_allow_list(self) -> WebhookAllow:
-        from promptq.webhooks.ssrf import WebhookAllow
-
         return WebhookAllow.parse(self.webhook_allow)
 
     @property
@@ -228,9 +223,6 @@ def is_loopback_url(url: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def _networks(text: str) -> tuple[IPNetwork, ...]:

@@ -47,6 +47,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import BigInteger, func, literal_column, select, text, type_coerce
 from sqlalchemy.orm import Session
 
+from promptq.clock import utcnow
 from promptq.db import get_sessionmaker
 from promptq.models import (
     LATENCY_BUCKETS_MS,
@@ -62,7 +63,7 @@ from promptq.models import (
 )
 from promptq.ratelimit.limiter import MODELS_WAITING, Limiter
 from promptq.rollups import floor_hour
-from promptq.types import picodollars_to_usd, utcnow
+from promptq.types import picodollars_to_usd
 
 # Upper bounds of the upstream latency histogram, in seconds (the rollups count them in ms).
 LATENCY_BUCKETS_SECONDS: tuple[float, ...] = tuple(ms / 1000 for ms in LATENCY_BUCKETS_MS)

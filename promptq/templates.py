@@ -16,8 +16,8 @@ from promptq import template_sandbox
 from promptq.config import Settings
 from promptq.errors import Conflict, NotFound
 from promptq.ids import new_id
-from promptq.jobs.presenter import isoformat
-from promptq.jobs.schemas import JobCreate, ModelName
+from promptq.jobspec.presenter import isoformat
+from promptq.jobspec.schemas import JobCreate, ModelName
 from promptq.models import ApiKey, PromptTemplate
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")

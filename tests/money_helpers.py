@@ -6,11 +6,11 @@ from datetime import datetime
 from decimal import Decimal
 
 from promptq import budgets, rollups
+from promptq.clock import utcnow
 from promptq.db import session_scope
 from promptq.ids import new_id
 from promptq.keys.service import authenticate
 from promptq.models import Job, JobStatus
-from promptq.types import utcnow
 
 
 def key_id_of(database_url: str, plain: str) -> str:

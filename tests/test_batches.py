@@ -13,12 +13,12 @@ from helpers import auth
 
 from promptq.batches import service
 from promptq.batches.schemas import MAX_BATCH_REQUESTS, parse_batch_requests
+from promptq.clock import utcnow
 from promptq.config import Settings
 from promptq.db import get_sessionmaker, session_scope
-from promptq.jobs.errors import InvalidJob
+from promptq.jobspec.errors import InvalidJob
 from promptq.keys.service import authenticate
 from promptq.models import BatchStatus, Job, JobStatus, MessageBatch
-from promptq.types import utcnow
 
 
 def params(prompt: str = "hi", **extra: Any) -> dict[str, Any]:

@@ -23,16 +23,16 @@ from sqlalchemy import event, select
 
 from promptq import budgets
 from promptq.budgets.repository import BudgetRepository
+from promptq.clock import utcnow
 from promptq.db import get_engine, session_scope
 from promptq.jobs import service
-from promptq.jobs.execution import claim_job, runnable_job
-from promptq.jobs.schemas import JobCreate
+from promptq.jobs.execution import Refusal, claim_job, reserve_budget, runnable_job
 from promptq.jobs.sweeping import reclaim_expired
+from promptq.jobspec.schemas import JobCreate
 from promptq.keys.service import authenticate
 from promptq.models import ApiKey, BudgetReservation, Job
 from promptq.periods import month_start, next_month_start
 from promptq.pricing import PriceTable, format_usd
-from promptq.types import utcnow
 
 REPO = Path(__file__).resolve().parent.parent
 SONNET = "claude-sonnet-4-5-20250929"
@@ -259,14 +259,14 @@ def test_the_maximum_cost_is_the_estimate_at_the_prices_charged(settings: Any) -
     assert budgets.max_cost(request, "claude-unpriced-model", PRICES) == 0
 
 
-def _start(settings: Any, database_url: str) -> Callable[[Any], budgets.Refusal | None]:
+def _start(settings: Any, database_url: str) -> Callable[[Any], Refusal | None]:
     """What a worker does to start a job, up to the upstream call: claim, then reserve."""
 
-    def start(job: Any) -> budgets.Refusal | None:
+    def start(job: Any) -> Refusal | None:
         with session_scope(database_url) as session:
             claimed = claim_job(session, settings, job)
             assert claimed is not None
-            return budgets.reserve(session, settings, PRICES, job.api_key_id, claimed)
+            return reserve_budget(session, settings, PRICES, claimed)
 
     return start
 
@@ -305,7 +305,7 @@ def test_reservations_are_decided_one_at_a_time(
     barrier = threading.Barrier(len(jobs))
     start = _start(settings, database_url)
 
-    def at_once(job: Any) -> budgets.Refusal | None:
+    def at_once(job: Any) -> Refusal | None:
         barrier.wait()
         return start(job)
 

@@ -62,7 +62,7 @@ def test_flower_refuses_to_start_with_a_weak_password(credentials: str, says: st
 
 def test_celery_is_pinned_to_json(settings: Settings) -> None:
     """Said in promptq's configuration, not left to Celery's defaults of the day."""
-    from worker.app import create_celery
+    from promptq.broker.celery_app import create_celery
 
     conf = create_celery(settings).conf
     for name in ("task_serializer", "result_serializer", "event_serializer"):

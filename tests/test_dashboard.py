@@ -20,9 +20,9 @@ from helpers import auth
 from money_helpers import add_job, key_id_of
 from pydantic import SecretStr
 
+from promptq.clock import utcnow
 from promptq.db import session_scope
 from promptq.models import Job
-from promptq.types import utcnow
 
 ADMIN_TOKEN = "admin-" + uuid.uuid4().hex
 SONNET = "claude-sonnet-4-5-20250929"
@@ -172,7 +172,7 @@ def test_signing_out_ends_the_session_for_every_copy_of_the_cookie(
 def test_a_revoked_keys_session_ends(
     local_client: Any, api_key: str, database_url: str, settings: Any
 ) -> None:
-    from promptq.keys.revocation import revoke
+    from promptq.jobs.revocation import revoke
 
     session_cookie(local_client, api_key)
     assert local_client.get("/dashboard").status_code == 200

@@ -27,7 +27,7 @@ import pytest
 from helpers import auth, wait_for_status
 from standardwebhooks.webhooks import Webhook
 
-from promptq.jobs.schemas import JobCreate
+from promptq.jobspec.schemas import JobCreate
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 EXAMPLES = DOCS / "examples"

@@ -13,7 +13,7 @@ from helpers import auth, wait_for_status
 from promptq.db import session_scope
 from promptq.jobs import service
 from promptq.jobs.repository import JobRepository
-from promptq.jobs.schemas import JobCreate
+from promptq.jobspec.schemas import JobCreate
 from promptq.keys.service import authenticate
 from promptq.pricing import PriceTable, cost_of
 from promptq.usage import Usage
@@ -194,8 +194,8 @@ def _unpublished_job(database_url: str, settings: Any, key: str, prompt: str) ->
 def test_a_canceled_job_never_reaches_the_upstream(
     client: Any, api_key: str, database_url: str, settings: Any, simulator: Any
 ) -> None:
+    from promptq.broker.publish import publish_job
     from worker.app import app
-    from worker.publish import publish_job
 
     prompt = unique("never asked")
     job_id = _unpublished_job(database_url, settings, api_key, prompt)
@@ -212,8 +212,8 @@ def test_a_canceled_job_never_reaches_the_upstream(
 def test_a_job_delivered_many_times_runs_once(
     client: Any, api_key: str, database_url: str, settings: Any, simulator: Any
 ) -> None:
+    from promptq.broker.publish import publish_job
     from worker.app import app
-    from worker.publish import publish_job
 
     prompt = unique("once only [[sim:latency=0.5]]")
     job_id = _unpublished_job(database_url, settings, api_key, prompt)
@@ -231,8 +231,8 @@ def test_the_sweeper_publishes_lost_jobs_and_reclaims_dead_claims(
     import time
     from datetime import timedelta
 
+    from promptq.clock import utcnow
     from promptq.models import Job
-    from promptq.types import utcnow
     from worker.tasks.sweeper import sweep
 
     lost = _unpublished_job(database_url, settings, api_key, unique("lost message"))
@@ -256,8 +256,8 @@ def test_a_message_lost_with_its_marker_alive_is_published_again(
 ) -> None:
     import time
 
+    from promptq.broker.publish import broker_backlog, mark_published
     from worker.app import app
-    from worker.publish import broker_backlog, mark_published
     from worker.tasks.sweeper import sweep
 
     # As when a worker is killed between taking a message off the queue and recording it:
@@ -266,5 +266,27 @@ def test_a_message_lost_with_its_marker_alive_is_published_again(
     mark_published(app, [job_id])
     time.sleep(settings.republish_after_seconds + 0.5)
     assert broker_backlog(app) == 0
+    assert sweep()["republished"] >= 1
+    assert wait_for_status(client, api_key, job_id, FINAL)["status"] == "succeeded"
+
+
+def test_one_sweeper_pass_at_a_time(
+    client: Any, api_key: str, database_url: str, settings: Any
+) -> None:
+    import time
+
+    from worker.context import worker_context
+    from worker.tasks.sweeper import SWEEP_LOCK_KEY, sweep
+
+    job_id = _unpublished_job(database_url, settings, api_key, unique("swept once"))
+    time.sleep(settings.republish_after_seconds + 0.5)
+    # Another pass is running (beat's tick came while a pass that ran out of its budget
+    # sent the next one): this one leaves everything to it.
+    running = worker_context().limiter.client.lock(SWEEP_LOCK_KEY, timeout=30)
+    assert running.acquire(blocking=False)
+    try:
+        assert sweep() == {"reclaimed": 0, "republished": 0, "deliveries": 0}
+    finally:
+        running.release()
     assert sweep()["republished"] >= 1
     assert wait_for_status(client, api_key, job_id, FINAL)["status"] == "succeeded"

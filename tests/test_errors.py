@@ -27,7 +27,7 @@ from promptq.budgets.priceable import NotPriceable
 from promptq.budgets.service import BudgetState
 from promptq.catalog import UnknownModel
 from promptq.errors import PromptqError
-from promptq.jobs.errors import InvalidJob, JobConflict, JobNotFound
+from promptq.jobspec.errors import InvalidJob, JobConflict, JobNotFound
 from promptq.keys.policy import ModelNotAllowed
 from promptq.periods import PeriodError
 from promptq.quotas import QuotaExceeded

@@ -7,8 +7,8 @@ import asyncio
 
 import redis
 
-from api.finished import FinishedJobs, watching
-from promptq.jobs.finished import announce
+from api.listener import FinishedJobs
+from promptq.jobs.announcements import announce
 
 
 def test_an_announced_job_wakes_its_waiters_and_no_others(redis_url: str) -> None:
@@ -35,9 +35,11 @@ def test_an_announced_job_wakes_its_waiters_and_no_others(redis_url: str) -> Non
     assert asyncio.run(scenario()) == (True, True, False)
 
 
-def test_without_redis_a_watch_is_plain_polling() -> None:
+def test_without_its_subscription_a_watch_is_plain_polling() -> None:
+    # Never started, as while Redis is away: nothing wakes the watch, and its pause is the
+    # short polling interval's.
     async def scenario() -> bool:
-        with watching(None, "job_x") as watch:
+        with FinishedJobs("redis://127.0.0.1:1/0").watching("job_x") as watch:
             return await watch.pause(0.05)
 
     assert asyncio.run(scenario()) is False

@@ -10,9 +10,9 @@ from typing import Any
 import requests
 from sqlalchemy import func, select
 
+from promptq.clock import utcnow
 from promptq.db import session_scope
 from promptq.models import Job
-from promptq.types import utcnow
 
 
 def jobs_with_key(database_url: str, idempotency_key: str) -> int:

@@ -14,7 +14,7 @@ from helpers import auth
 
 from promptq.db import session_scope
 from promptq.jobs import service
-from promptq.jobs.schemas import JobCreate
+from promptq.jobspec.schemas import JobCreate
 from promptq.keys.service import authenticate
 from promptq.models import Job
 
@@ -74,7 +74,7 @@ def test_basic_auth_with_the_key_as_user_or_password_works(
 def test_revoked_key_is_refused(
     client: Any, api_key: str, database_url: str, settings: Any
 ) -> None:
-    from promptq.keys.revocation import revoke
+    from promptq.jobs.revocation import revoke
 
     with session_scope(database_url) as session:
         key_id = authenticate(session, api_key).id  # type: ignore[union-attr]

@@ -25,7 +25,7 @@ from promptq.db import get_engine, session_scope
 from promptq.jobs import service
 from promptq.jobs.leases import LeaseKeeper
 from promptq.jobs.runner import JobRunner
-from promptq.jobs.schemas import JobCreate
+from promptq.jobspec.schemas import JobCreate
 from promptq.keys.service import authenticate
 from promptq.models import LATENCY_BUCKETS_MS, Attempt, AttemptHourly, Job, SpendLedger, UsageHourly
 from promptq.periods import month_key

@@ -25,15 +25,15 @@ from sqlalchemy import event, text
 from promptq import budgets
 from promptq.batches import service as batches
 from promptq.batches.schemas import parse_batch_requests
+from promptq.clock import utcnow
 from promptq.db import get_engine, session_scope
 from promptq.jobs import service as jobs
-from promptq.jobs.execution import claim_job, record_attempt, runnable_job
-from promptq.jobs.schemas import JobCreate
+from promptq.jobs.execution import claim_job, record_attempt, reserve_budget, runnable_job
 from promptq.jobs.sweeping import reclaim_expired, stale_runnable_jobs
+from promptq.jobspec.schemas import JobCreate
 from promptq.keys.service import authenticate, create_key
 from promptq.models import Job, MessageBatch
 from promptq.pricing import PriceTable
-from promptq.types import utcnow
 from promptq.upstream import Outcome, UpstreamResult
 from promptq.webhooks import deliveries, subscriptions
 
@@ -164,7 +164,7 @@ def _run_hot_paths(url: str, plain: str, settings: Any) -> None:
         assert runnable is not None
         claimed = claim_job(session, own, runnable)
         assert claimed is not None
-        assert budgets.reserve(session, own, prices, key.id, claimed) is None
+        assert reserve_budget(session, own, prices, claimed) is None
     answer = {
         "id": "msg_1",
         "type": "message",

@@ -135,7 +135,7 @@ class Context:
     def queued_job(self, idempotency_key: str | None = None, max_tokens: int | None = None) -> str:
         """A job committed but never published: it stays queued whatever workers run."""
         from promptq.jobs import service
-        from promptq.jobs.schemas import JobCreate
+        from promptq.jobspec.schemas import JobCreate
 
         payload = JobCreate(prompt="queued", max_tokens=max_tokens, idempotency_key=idempotency_key)
         with session_scope(self.database_url) as session:

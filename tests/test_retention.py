@@ -17,7 +17,9 @@ from sqlalchemy import func, select
 from ulid import ULID
 
 from promptq import budgets, retention, rollups
+from promptq.clock import utcnow
 from promptq.db import session_scope
+from promptq.jobs.backfill import backfill
 from promptq.keys.service import create_key
 from promptq.models import (
     Attempt,
@@ -30,8 +32,6 @@ from promptq.models import (
     WebhookAttempt,
     WebhookDelivery,
 )
-from promptq.rollups.backfill import backfill
-from promptq.types import utcnow
 
 REPO = Path(__file__).resolve().parent.parent
 SONNET = "claude-sonnet-4-5-20250929"

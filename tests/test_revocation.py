@@ -135,10 +135,10 @@ def test_revocation_ends_what_the_key_set_going(
 
     # The canceled jobs' messages are still in the broker: a worker now running them, and a
     # job that slipped into the queue after the revocation, never reach the upstream.
-    from promptq.jobs.schemas import JobCreate
+    from promptq.broker.celery_app import create_celery
+    from promptq.broker.publish import publish_job
     from promptq.jobs.service import create_job
-    from worker.app import create_celery
-    from worker.publish import publish_job
+    from promptq.jobspec.schemas import JobCreate
 
     with session_scope(quiet_env["PROMPTQ_DATABASE_URL"]) as session:
         revoked = session.get(ApiKey, key_id)

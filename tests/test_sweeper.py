@@ -6,12 +6,12 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+from promptq.clock import utcnow
 from promptq.db import session_scope
 from promptq.ids import new_id
 from promptq.jobs.sweeping import Candidate, walk_stale
 from promptq.keys.service import create_key
 from promptq.models import Job, JobStatus
-from promptq.types import utcnow
 
 
 def _stale_jobs(url: str, count: int) -> list[str]:

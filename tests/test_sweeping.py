@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from promptq.jobs.sweeping import Candidate, republish_lost
+from promptq.jobs.sweeping import Candidate, StalePass, republish_lost
 
 
 class MemoryBroker:
@@ -22,8 +22,8 @@ class MemoryBroker:
     def unpublished(self, job_ids: Sequence[str]) -> list[str]:
         return [job_id for job_id in job_ids if job_id not in self.marked]
 
-    def publish_job(self, job_id: str, priority: str) -> None:
-        self.published.append((job_id, priority))
+    def publish_jobs(self, jobs: Sequence[Candidate]) -> None:
+        self.published += [(job.id, job.priority) for job in jobs]
 
 
 class MemoryQueue:
@@ -63,3 +63,9 @@ def test_nothing_lost_publishes_nothing() -> None:
     assert republish_lost(ALL, broker, MemoryQueue({WAITING.id}), backlog=True) == []
     assert republish_lost([], broker, MemoryQueue(set()), backlog=False) == []
     assert broker.published == []
+
+
+def test_a_pass_that_ran_out_of_budget_with_jobs_lost_goes_on_at_once() -> None:
+    assert StalePass([UNMARKED], cursor=UNMARKED.id).drain_now
+    assert not StalePass([], cursor=MARKED.id).drain_now  # a long backlog: wait for the tick
+    assert not StalePass([UNMARKED], cursor=None).drain_now  # went all the way round

@@ -63,7 +63,7 @@ def test_a_task_logs_with_its_name_and_the_ids_it_was_given(
 
 def test_task_names_are_written_once(test_env: dict[str, str]) -> None:
     import worker.tasks  # noqa: F401  (registers every task)
-    from worker import task_names
+    from promptq.broker import task_names
     from worker.app import app
 
     names = {value for name, value in vars(task_names).items() if name.isupper() and "." in value}
@@ -75,7 +75,7 @@ def test_task_names_are_written_once(test_env: dict[str, str]) -> None:
 
 
 def test_outages_are_retried_except_by_periodic_tasks(test_env: dict[str, str]) -> None:
-    from worker import task_names
+    from promptq.broker import task_names
     from worker.app import app
     from worker.tasks.base import TRANSIENT_ERRORS
 

@@ -21,6 +21,7 @@ from conftest import _create_postgres_database
 from sqlalchemy import BigInteger, func, select, text, type_coerce
 
 from promptq.db import get_engine, session_scope
+from promptq.jobs.backfill import backfill
 from promptq.migrate import upgrade
 from promptq.models import (
     LATENCY_BUCKETS_MS,
@@ -33,7 +34,6 @@ from promptq.models import (
 )
 from promptq.periods import month_key
 from promptq.rollups import floor_hour
-from promptq.rollups.backfill import backfill
 
 REPO = Path(__file__).resolve().parent.parent
 JOBS = 100_000

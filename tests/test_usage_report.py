@@ -25,10 +25,10 @@ from helpers import auth, wait_for_status
 from money_helpers import add_job, key_id_of
 from pydantic import SecretStr
 
+from promptq.clock import utcnow
 from promptq.db import session_scope
 from promptq.models import Job
 from promptq.periods import month_start, next_month_start
-from promptq.types import utcnow
 
 REPO = Path(__file__).resolve().parent.parent
 ADMIN_TOKEN = "pq-admin-" + uuid.uuid4().hex

@@ -8,8 +8,9 @@ from functools import lru_cache
 
 import redis
 
+from promptq.broker.publish import publish_delivery, publish_job
 from promptq.config import Settings, get_settings
-from promptq.jobs.finished import announce
+from promptq.jobs.announcements import announce
 from promptq.jobs.leases import LeaseKeeper
 from promptq.jobs.runner import JobRunner
 from promptq.pricing import PriceTable
@@ -33,7 +34,6 @@ class WorkerContext:
 @lru_cache(maxsize=1)
 def worker_context() -> WorkerContext:
     from worker.app import app
-    from worker.publish import publish_delivery, publish_job
 
     settings = get_settings()
     assert settings.redis_url is not None  # create_celery refused to start without it

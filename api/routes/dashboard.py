@@ -32,6 +32,7 @@ from api.dashboard_sessions import (
 )
 from api.deps import SessionDep, SettingsDep
 from api.errors import ApiError
+from promptq.broker.celery_app import broker_url
 from promptq.config import Settings
 from promptq.metrics import LimiterState, read_limiter_state
 from promptq.models import ApiKey
@@ -69,15 +70,13 @@ templates = Environment(
 )
 
 
-def _limiter_reader(request: Request, settings: Settings) -> LimiterReader | None:
+def _limiter_reader(request: Request, settings: Settings) -> LimiterReader:
     """The rate limiter's state from Redis; the page shows it as unavailable rather than
     failing when Redis does not answer."""
-    if not settings.redis_url:
-        return None
     client: redis.Redis | None = getattr(request.app.state, "dashboard_redis", None)
     if client is None:
         client = request.app.state.dashboard_redis = redis.Redis.from_url(
-            settings.redis_url,
+            broker_url(settings),
             socket_timeout=REDIS_TIMEOUT_SECONDS,
             socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
         )
@@ -104,11 +103,7 @@ def _sign_in_form(request: Request, status: int = 200, message: str | None = Non
 def _sessions(request: Request, settings: Settings) -> DashboardSessions:
     sessions: DashboardSessions | None = getattr(request.app.state, "dashboard_sessions", None)
     if sessions is None:
-        if not settings.redis_url:
-            raise ApiError(
-                503, "dashboard sign-in keeps its sessions in Redis: set PROMPTQ_REDIS_URL"
-            )
-        sessions = DashboardSessions(settings.redis_url, settings)
+        sessions = DashboardSessions(broker_url(settings), settings)
         request.app.state.dashboard_sessions = sessions
     return sessions
 

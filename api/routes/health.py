@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from api.deps import SettingsDep
+from promptq.broker.celery_app import broker_url
 from promptq.db import get_engine
 
 router = APIRouter(tags=["health"])
@@ -30,10 +31,8 @@ def readyz(settings: SettingsDep) -> JSONResponse:
     except Exception as exc:
         checks["database"] = f"unavailable: {type(exc).__name__}"
     try:
-        if not settings.redis_url:
-            raise RuntimeError("PROMPTQ_REDIS_URL is not set")
         client = redis.Redis.from_url(
-            settings.redis_url, socket_timeout=2, socket_connect_timeout=2
+            broker_url(settings), socket_timeout=2, socket_connect_timeout=2
         )
         client.ping()
         client.close()

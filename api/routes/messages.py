@@ -19,12 +19,11 @@ from api.auth import request_caller
 from api.bodies import parse_json_body
 from api.deps import SettingsDep
 from api.errors import ApiError
-from api.finished import watching
-from api.routes.jobs import accept_job, read_job
+from api.intake import accept_job, read_job
 from promptq.config import Settings
 from promptq.db import session_scope
 from promptq.jobs import service
-from promptq.jobs.schemas import JobCreate, MessagesRequest, anthropic_beta
+from promptq.jobspec.schemas import JobCreate, MessagesRequest, anthropic_beta
 from promptq.keys.policy import quota
 from promptq.models import ApiKey, JobStatus, Priority
 from promptq.upstream.anthropic_errors import anthropic_error
@@ -104,7 +103,7 @@ async def _await_job(
     """Wait until the job is final. Past the wait, or when the client has gone, a job that
     has not started is canceled, so that it never costs anything."""
     deadline = time.monotonic() + settings.messages_wait_seconds
-    with watching(request.app.state.finished, job["id"]) as watch:
+    with request.app.state.finished.watching(job["id"]) as watch:
         while not JobStatus(job["status"]).is_final:
             gone = await request.is_disconnected()
             if gone or time.monotonic() >= deadline:

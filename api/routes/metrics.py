@@ -21,6 +21,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from api.auth import presented_key
 from api.deps import SettingsDep
 from api.errors import ApiError
+from promptq.broker.celery_app import broker_url
+from promptq.broker.publish import broker_backlog
 from promptq.config import Settings
 from promptq.metrics import PromptqCollector
 
@@ -74,12 +76,8 @@ def _registry(app: FastAPI, settings: Settings) -> CollectorRegistry:
 
 
 def _collector(app: FastAPI, settings: Settings) -> PromptqCollector:
-    if not settings.redis_url:
-        return PromptqCollector(settings.database_url, None, max_models=settings.metrics_max_models)
-    from worker.publish import broker_backlog
-
     client = redis.Redis.from_url(
-        settings.redis_url,
+        broker_url(settings),
         socket_timeout=REDIS_TIMEOUT_SECONDS,
         socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
     )

@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.bodies import parse_json_body
 from api.deps import ApiKeyDep, SessionDep, SettingsDep
-from api.routes.jobs import FORM_TYPES, accept_job
+from api.intake import FORM_TYPES, accept_job
 from promptq import quotas, templates
 
 router = APIRouter(prefix="/v1/templates", tags=["templates"])

@@ -20,15 +20,15 @@ from promptq.batches.repository import EXPIRED_ERROR, BatchRepository, outcome_o
 from promptq.batches.schemas import BatchRequest
 from promptq.budgets import check_budget, max_cost
 from promptq.budgets.priceable import check_priceable
+from promptq.clock import utcnow
 from promptq.config import Settings
 from promptq.errors import NotFound
 from promptq.ids import new_id
-from promptq.jobs.errors import InvalidJob
+from promptq.jobspec.errors import InvalidJob
 from promptq.keys.policy import check_model
 from promptq.models import ApiKey, BatchStatus, Job, JobStatus, MessageBatch, Priority
 from promptq.pricing import settings_prices
 from promptq.rollups import EndedJob, jobs_ended
-from promptq.types import utcnow
 from promptq.webhooks import deliveries
 
 # Anthropic's: a batch's requests not finished within 24 hours expire.

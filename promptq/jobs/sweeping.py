@@ -2,8 +2,8 @@
 
 The sweeper's decisions live here; what it needs to know about the broker and the
 rate-limit queues comes through two small protocols (`Broker`, `RateLimitQueue`), so the
-decisions can be read, and tested, apart from Celery and Redis (worker.publish.CeleryBroker
-and promptq.ratelimit.limiter.Limiter are the real ones)."""
+decisions can be read, and tested, apart from Celery and Redis (the real ones are
+worker.tasks.sweeper.CeleryBroker and promptq.ratelimit.limiter.Limiter)."""
 
 from __future__ import annotations
 
@@ -16,12 +16,12 @@ from typing import Any, Protocol
 from sqlalchemy.orm import Session
 
 from promptq import budgets
+from promptq.clock import utcnow
 from promptq.config import Settings
 from promptq.db import session_scope
-from promptq.jobs.endings import end_events
+from promptq.jobs.end_effects import end_events
 from promptq.jobs.repository import JobRepository
 from promptq.models import JobStatus
-from promptq.types import utcnow
 
 SWEEP_BATCH = 1000
 
@@ -136,8 +136,8 @@ class Broker(Protocol):
         publish marker)."""
         ...
 
-    def publish_job(self, job_id: str, priority: str) -> None:
-        """Put the job's id on the broker (again)."""
+    def publish_jobs(self, jobs: Sequence[Candidate]) -> None:
+        """Put these jobs' ids on the broker (again), each at its priority."""
         ...
 
 
@@ -163,8 +163,8 @@ def republish_lost(
     without_marker = set(broker.unpublished(ids)) if backlog else set(ids)
     queued = waiting.queued([(c.id, c.model) for c in candidates if c.id in without_marker])
     lost = [c for c in candidates if c.id in without_marker and c.id not in queued]
-    for candidate in lost:
-        broker.publish_job(candidate.id, candidate.priority)
+    if lost:
+        broker.publish_jobs(lost)
     return lost
 
 
@@ -174,6 +174,14 @@ class StalePass:
     republished: list[Candidate]
     # Where the next pass starts; None when this one went all the way round.
     cursor: str | None
+
+    @property
+    def drain_now(self) -> bool:
+        """Whether the next pass should go on now rather than at beat's next tick: more
+        lost jobs than one budget publishes (a wiped Redis), so that they drain at full
+        speed in bounded passes. A walk that found only jobs still in the broker (a long
+        backlog) waits for the tick."""
+        return self.cursor is not None and bool(self.republished)
 
 
 def republish_stale(

@@ -10,11 +10,11 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from promptq.clock import utcnow
 from promptq.errors import InvalidRequest, NotFound
 from promptq.ids import new_id
-from promptq.jobs.presenter import isoformat
+from promptq.jobspec.presenter import isoformat
 from promptq.models import ApiKey, WebhookSubscription
-from promptq.types import utcnow
 from promptq.webhooks.sender import DeliveryResult
 from promptq.webhooks.ssrf import NO_ALLOW, UnsafeTarget, WebhookAllow, check_url
 

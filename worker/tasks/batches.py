@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from promptq.batches.service import job_ids_to_publish
+from promptq.broker import task_names
+from promptq.broker.publish import publish_jobs
 from promptq.db import session_scope
 from promptq.models import Priority
-from worker import task_names
 from worker.app import app
 from worker.context import worker_context
-from worker.publish import publish_jobs
 from worker.tasks.base import promptq_task
 
 FEED_PAGE = 500

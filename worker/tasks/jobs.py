@@ -8,11 +8,11 @@ from typing import Any
 import redis
 from celery import Task
 
+from promptq.broker import task_names
+from promptq.broker.publish import clear_published
 from promptq.ratelimit.limiter import Grant
-from worker import task_names
 from worker.app import app
 from worker.context import worker_context
-from worker.publish import clear_published
 from worker.tasks.base import promptq_task
 
 

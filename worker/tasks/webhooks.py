@@ -6,15 +6,15 @@ threads, a few per key), so a slow receiver never holds a Celery thread.
 
 from __future__ import annotations
 
+from promptq.broker import task_names
+from promptq.broker.publish import publish_delivery
+from promptq.clock import utcnow
 from promptq.db import session_scope
 from promptq.logging import log_context
-from promptq.types import utcnow
 from promptq.webhooks import deliveries
 from promptq.webhooks.deliveries import PreparedDelivery
-from worker import task_names
 from worker.app import app
 from worker.context import worker_context
-from worker.publish import publish_delivery
 from worker.tasks.base import promptq_task
 
 # How long a delivery that found no room waits before the sweeper publishes it again.

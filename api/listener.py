@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 import redis
 import redis.asyncio
 
-from promptq.jobs.finished import CHANNEL
+from promptq.jobs.announcements import CHANNEL
 from promptq.keys.channels import KEY_CHANGED_CHANNEL
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ STOP_SECONDS = 2.0
 class Watch:
     """One waiter's view of one job."""
 
-    def __init__(self, listener: FinishedJobs | None) -> None:
+    def __init__(self, listener: FinishedJobs) -> None:
         self.event = asyncio.Event()
         self.listener = listener
         self.looked_at = time.monotonic()
@@ -45,7 +45,7 @@ class Watch:
         """Wait up to `seconds`, less if the job is announced finished or the database is
         due a look meanwhile; whether the caller should look at it now (the wake-up came,
         or the polling interval has passed since its last look)."""
-        subscribed = self.listener is not None and self.listener.subscribed
+        subscribed = self.listener.subscribed
         interval = POLL_SUBSCRIBED_SECONDS if subscribed else POLL_UNSUBSCRIBED_SECONDS
         until_due = interval - (time.monotonic() - self.looked_at)
         with contextlib.suppress(TimeoutError):
@@ -130,13 +130,3 @@ class FinishedJobs:
     def _wake(self, job_id: str) -> None:
         for watch in self._watches.get(job_id, ()):
             watch.event.set()
-
-
-@contextlib.contextmanager
-def watching(listener: FinishedJobs | None, job_id: str) -> Iterator[Watch]:
-    """A watch on `job_id`; without a listener (no Redis), one that is never woken."""
-    if listener is None:
-        yield Watch(None)
-        return
-    with listener.watching(job_id) as watch:
-        yield watch

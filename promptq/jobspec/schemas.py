@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from promptq.jobs.errors import InvalidJob
+from promptq.jobspec.errors import InvalidJob
 from promptq.models import Priority
 from promptq.validation import NO_CONTROL_CHARACTERS
 

@@ -10,6 +10,10 @@ them, and in one short transaction per page sets the flag (an UPDATE that only s
 holds a lock on more than the page's rows, so writers go on meanwhile, and an interrupted
 run resumes. `promptq db upgrade` runs it to the end; every sweeper pass runs it briefly, for
 what processes of the previous release end until they are all restarted.
+
+In promptq.jobs, beside the code that accounts for an end as it happens (end_effects,
+execution): it writes the ledger (budgets), the rollups and the batch counts, so it sits
+above all three.
 """
 
 from __future__ import annotations
@@ -115,25 +119,11 @@ def _page(session: Session, after: str | None, page: int) -> tuple[str | None, i
     for row in sorted(claimed, key=lambda r: r.id):
         # An ended job always has finished_at; updated_at is the best guess if one has not.
         finished = row.finished_at or row.updated_at
-        costs = None
         if row.cost_total is not None:
-            costs = (
-                row.cost_total,
-                row.cost_input or Decimal(0),
-                row.cost_output or Decimal(0),
-                row.cost_cache_write or Decimal(0),
-                row.cost_cache_read or Decimal(0),
-            )
             key = (row.api_key_id, month_key(finished))
             amount, count = spend.get(key, (Decimal(0), 0))
             spend[key] = (amount + row.cost_total, count + 1)
-        tokens = (
-            row.input_tokens or 0,
-            row.output_tokens or 0,
-            row.cache_creation_input_tokens or 0,
-            row.cache_read_input_tokens or 0,
-        )
-        ended.append(EndedJob(row.api_key_id, row.model, row.status, finished, tokens, costs))
+        ended.append(EndedJob.of_columns(row, finished))
         if row.batch_id is not None:
             batches[row.batch_id][outcome_of(row.status, row.error_type)] += 1
         owners[row.id] = (row.api_key_id, row.model)

@@ -5,6 +5,9 @@ its deliveries still to be sent are stopped. Calls already at the upstream finis
 paid for. After the commit, every API process is told to forget the key at once
 (`promptq.keys.channels.announce_key_change`), and a worker refuses to start any job of a
 revoked key.
+
+In promptq.jobs rather than promptq.keys: it ends jobs, batches and deliveries, so it sits
+above them, while the keys themselves (promptq.keys) sit below everything that checks one.
 """
 
 from __future__ import annotations
@@ -16,13 +19,13 @@ from sqlalchemy.orm import Session
 
 from promptq.batches.repository import BatchRepository
 from promptq.batches.service import end_if_finished
+from promptq.clock import utcnow
 from promptq.config import Settings
 from promptq.jobs.execution import revoked_key_values
 from promptq.jobs.repository import JobRepository
 from promptq.keys.service import find_key
 from promptq.models import ApiKey, BatchStatus, JobStatus
 from promptq.rollups import EndedJob, jobs_ended
-from promptq.types import utcnow
 from promptq.webhooks import deliveries, subscriptions
 
 

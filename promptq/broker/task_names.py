@@ -1,5 +1,6 @@
 """Every task's name, written once: `promptq_task` registers each task under its name,
-worker.publish sends messages to it and the beat schedule runs it by it.
+promptq.broker.publish sends messages to it and the beat schedule (promptq.broker.celery_app)
+runs it by it.
 
 The names are stable: a message in the broker names its task, so renaming one would strand
 the messages a release before it published (and Flower shows them)."""

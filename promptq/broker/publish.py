@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 
 import redis
 from celery import Celery
 
+from promptq.broker import task_names
+from promptq.broker.celery_app import MESSAGE_PRIORITY, QUEUE, WEBHOOK_QUEUE
 from promptq.ratelimit.limiter import Grant
-from worker import task_names
-from worker.app import MESSAGE_PRIORITY, QUEUE, WEBHOOK_QUEUE
 
 log = logging.getLogger(__name__)
 
@@ -121,20 +120,3 @@ def broker_backlog(app: Celery) -> int:
         for name in names:
             pipe.llen(name)
         return sum(pipe.execute())
-
-
-class CeleryBroker:
-    """The sweeper's view of the broker (promptq.jobs.sweeping.Broker): the Celery app's
-    Redis lists and the publish markers beside them."""
-
-    def __init__(self, app: Celery) -> None:
-        self.app = app
-
-    def has_backlog(self) -> bool:
-        return broker_backlog(self.app) > 0
-
-    def unpublished(self, job_ids: Sequence[str]) -> list[str]:
-        return unpublished(self.app, list(job_ids))
-
-    def publish_job(self, job_id: str, priority: str) -> None:
-        publish_job(self.app, job_id, priority)
