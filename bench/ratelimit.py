@@ -97,7 +97,7 @@ from _stack import (
     write_limits_file,
 )
 
-from promptq.ratelimit.limiter import MODELS_WAITING, Limiter
+from promptq.ratelimit.limiter import MODELS_WAITING, RedisLimiter
 from promptq.ratelimit.table import LimitTable
 from promptq.usage import Usage
 
@@ -266,9 +266,9 @@ def run_cost(args: argparse.Namespace, redis_url: str) -> CostReport:
     behind others), dispatch (the queue's head granted), settle."""
     client = redis.Redis.from_url(redis_url)
     try:
-        generous = Limiter(client, LimitTable.from_toml(COST_LIMITS))
+        generous = RedisLimiter(client, LimitTable.from_toml(COST_LIMITS))
         # The same bucket with one concurrency slot: every job after the first queues.
-        gate = Limiter(
+        gate = RedisLimiter(
             client,
             LimitTable.from_toml(
                 COST_LIMITS.replace("max_concurrency = 10000", "max_concurrency = 1")
@@ -325,7 +325,7 @@ def run_cost(args: argparse.Namespace, redis_url: str) -> CostReport:
         if not leftover.empty:
             raise RuntimeError("the queue was not empty after dispatching every job")
         for model in (direct_model, queue_model):
-            client.delete(*Limiter.keys(model)[:4], Limiter.keys(model)[5])
+            client.delete(*RedisLimiter.keys(model)[:4], RedisLimiter.keys(model)[5])
             client.srem(MODELS_WAITING, model)
     finally:
         client.close()
@@ -465,7 +465,7 @@ def run_load(
     api_url: str,
     workers: list[Child],
     simulator: Simulator,
-    observer: Limiter,
+    observer: RedisLimiter,
 ) -> LoadResult:
     key_id, key = create_api_key(database.url, f"bench-{scenario.name}")
     configure_upstream(simulator, args, scenario)
@@ -914,7 +914,7 @@ def run_loads(
     engine = bench_engine(stack, database.url)
     client = redis.Redis.from_url(setup.redis.url)
     stack.callback(client.close)
-    observer = Limiter(client, LimitTable.load(limits_path))
+    observer = RedisLimiter(client, LimitTable.load(limits_path))
 
     def run(scenario: Scenario) -> LoadResult:
         return run_load(args, scenario, engine, database, api_url, workers, simulator, observer)

@@ -400,7 +400,7 @@ def test_the_last_day_per_hour_and_the_limiter_per_model(
 ) -> None:
     import redis
 
-    from promptq.ratelimit.limiter import Limiter
+    from promptq.ratelimit.limiter import RedisLimiter
 
     key = make_key("hours")
     key_id = key_id_of(database_url, key)
@@ -417,7 +417,7 @@ def test_the_last_day_per_hour_and_the_limiter_per_model(
     add_job(database_url, key_id, now - timedelta(days=2), model=model)
     # A job of this model waiting in the rate limiter's queue (every waiting job has its
     # cost noted there).
-    costs = Limiter.keys(model)[3]
+    costs = RedisLimiter.keys(model)[3]
     redis.Redis.from_url(redis_url).hset(costs, "job_waiting_for_the_test", "1:1:1:key_x")
 
     data = island(page(client, key))

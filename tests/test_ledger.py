@@ -30,7 +30,7 @@ from promptq.keys.service import authenticate
 from promptq.models import LATENCY_BUCKETS_MS, Attempt, AttemptHourly, Job, SpendLedger, UsageHourly
 from promptq.periods import month_key
 from promptq.pricing import PriceTable
-from promptq.ratelimit.limiter import Limiter
+from promptq.ratelimit.limiter import RedisLimiter
 from promptq.ratelimit.table import LimitTable
 from promptq.rollups import floor_hour
 from promptq.types import picodollars_to_usd
@@ -299,7 +299,7 @@ def test_a_database_outage_while_recording_neither_loses_nor_doubles_the_cost(
         .render_as_string(hide_password=False)
     )
     own = settings.model_copy(update={"database_url": proxied})
-    limiter = Limiter(
+    limiter = RedisLimiter(
         redis.Redis.from_url(settings.redis_url), LimitTable.load(settings.limits_file)
     )
     leases = LeaseKeeper(own, limiter)

@@ -13,13 +13,14 @@ from typing import Any
 import pytest
 import redis
 
-from promptq.ratelimit.limiter import Adaptive, Grant, Limiter
+from promptq.ratelimit.limiter import Adaptive, RedisLimiter
+from promptq.ratelimit.protocol import Grant
 from promptq.ratelimit.table import LimitTable
 from promptq.usage import Usage
 
 MODEL = "claude-test-1"
 
-MakeLimiter = Callable[..., Limiter]
+MakeLimiter = Callable[..., RedisLimiter]
 
 
 @pytest.fixture
@@ -35,7 +36,7 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
 def make_limiter(redis_client: redis.Redis) -> MakeLimiter:
     def make(
         slot_lease_seconds: float = 30.0, adaptive: Adaptive | None = None, **limits: Any
-    ) -> Limiter:
+    ) -> RedisLimiter:
         fields = {
             "rpm": "unlimited",
             "input_tpm": "unlimited",
@@ -45,7 +46,7 @@ def make_limiter(redis_client: redis.Redis) -> MakeLimiter:
         }
         body = "\n".join(f"{name} = {json.dumps(value)}" for name, value in fields.items())
         table = LimitTable.from_toml(f'[models."claude-test-*"]\n{body}\n')
-        return Limiter(
+        return RedisLimiter(
             redis_client, table, slot_lease_seconds=slot_lease_seconds, adaptive=adaptive
         )
 
@@ -60,7 +61,7 @@ def request(max_tokens: int = 10, text: str = "hello") -> dict[str, Any]:
     }
 
 
-def drain(limiter: Limiter, seconds: float) -> list[tuple[float, Grant]]:
+def drain(limiter: RedisLimiter, seconds: float) -> list[tuple[float, Grant]]:
     """Run a dispatcher loop for a while; the (monotonic time, grant) of every grant."""
     granted: list[tuple[float, Grant]] = []
     deadline = time.monotonic() + seconds
@@ -297,7 +298,7 @@ def cached_request(text: str = "hello", ttl: str | None = None) -> dict[str, Any
 
 
 def input_tat(client: redis.Redis) -> float:
-    return float(client.hget(Limiter.keys(MODEL)[0], "tat:inp") or 0)
+    return float(client.hget(RedisLimiter.keys(MODEL)[0], "tat:inp") or 0)
 
 
 def test_cache_reads_leave_the_input_meter_untouched(
@@ -414,7 +415,7 @@ def test_key_rpm_reserves_spread_out_start_times(make_limiter: MakeLimiter) -> N
     assert limiter.reserve_for_key("key_b", rpm=60) == 0  # keys do not share
 
 
-def dispatch_all(limiter: Limiter, grant: Grant) -> list[tuple[str, str]]:
+def dispatch_all(limiter: RedisLimiter, grant: Grant) -> list[tuple[str, str]]:
     """Settle `grant`, then let the queue's jobs through one at a time: their order."""
     order = []
     while True:

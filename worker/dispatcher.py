@@ -13,7 +13,7 @@ import threading
 
 from celery import Celery
 
-from promptq.ratelimit.limiter import Limiter
+from promptq.ratelimit.protocol import Limiter
 from worker.publish import publish_job
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ import logging
 import redis
 from celery import Celery
 
-from promptq.ratelimit.limiter import Grant
+from promptq.ratelimit.protocol import Grant
 from worker.app import MESSAGE_PRIORITY, QUEUE, WEBHOOK_QUEUE
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from datetime import timedelta
 from promptq.config import Settings
 from promptq.db import session_scope
 from promptq.jobs.repository import JobRepository
-from promptq.ratelimit.limiter import Grant, Limiter
+from promptq.ratelimit.protocol import Grant, Limiter
 from promptq.types import utcnow
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ import redis
 from celery import Task
 
 from promptq.logging import log_context
-from promptq.ratelimit.limiter import Grant
+from promptq.ratelimit.protocol import Grant
 from worker.app import app
 from worker.context import worker_context
 from worker.publish import clear_published
