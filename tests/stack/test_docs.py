@@ -29,7 +29,7 @@ from standardwebhooks.webhooks import Webhook
 
 from promptq.jobs.schemas import JobCreate
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 EXAMPLES = DOCS / "examples"
 NODE = shutil.which("node")
 needs_node = pytest.mark.skipif(NODE is None, reason="`node` is not on PATH")

@@ -18,7 +18,7 @@ from sqlalchemy.exc import DBAPIError
 from promptq.config import Settings, upstream_warning
 from promptq.db import get_sessionmaker
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 STRONG = "t" + "0123456789abcdef" * 2
 
 

@@ -30,7 +30,7 @@ from pydantic import AliasChoices, SecretStr
 from promptq.cli.main import cli
 from promptq.config import Settings
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
 SYSTEMD = DEPLOY / "systemd"

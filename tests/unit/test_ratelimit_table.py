@@ -383,7 +383,7 @@ def test_limits_error_is_a_value_error():
 def test_the_readmes_limits_example_is_a_valid_file():
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = readme.split("\n## Rate limits\n", 1)[1]
     example = section.split("```toml\n", 1)[1].split("```", 1)[0]
     entry = LimitTable.from_toml(example, source="README").limits_for("claude-x")

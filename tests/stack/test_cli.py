@@ -20,7 +20,7 @@ from sqlalchemy import create_engine, inspect
 
 from promptq.cli.stack import free_port
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def clean_env(**extra: str) -> dict[str, str]:

@@ -34,7 +34,7 @@ from promptq.periods import month_start, next_month_start
 from promptq.pricing import PriceTable, format_usd
 from promptq.types import utcnow
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SONNET = "claude-sonnet-4-5-20250929"
 PRICES = PriceTable.load(None)
 PICO = Decimal("1e-12")

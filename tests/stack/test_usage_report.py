@@ -30,7 +30,7 @@ from promptq.models import Job
 from promptq.periods import month_start, next_month_start
 from promptq.types import utcnow
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 ADMIN_TOKEN = "pq-admin-" + uuid.uuid4().hex
 SONNET = "claude-sonnet-4-5-20250929"
 HAIKU = "claude-haiku-4-5-20251001"

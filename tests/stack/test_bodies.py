@@ -14,7 +14,7 @@ from helpers import running_api
 
 from promptq.config import Settings
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 # API memory per MB of batch while it is parsed and stored (README, Security), measured with
 # requests of about 250 bytes each; larger requests cost less per MB.
 BATCH_MIB_PER_MB = 12

@@ -22,7 +22,7 @@ from promptq.db import session_scope
 from promptq.keys.service import authenticate
 from promptq.models import Job, JobStatus
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 @dataclass(frozen=True)

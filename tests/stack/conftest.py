@@ -25,7 +25,7 @@ from sqlalchemy.engine import make_url
 from promptq.config import Settings, get_settings
 from promptq.simulator import Simulator
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TEST_UPSTREAM_KEY = "sk-test-upstream-secret-0123456789"
 
 

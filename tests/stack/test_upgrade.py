@@ -35,7 +35,7 @@ from promptq.periods import month_key
 from promptq.rollups import floor_hour
 from promptq.rollups.backfill import backfill
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 JOBS = 100_000
 BASE = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 MODELS = ("claude-sonnet-4-5", "claude-haiku-4-5", "claude-opus-4-1", "claude-sonnet-4-6")

@@ -33,7 +33,7 @@ from promptq.models import (
 from promptq.rollups.backfill import backfill
 from promptq.types import utcnow
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SONNET = "claude-sonnet-4-5-20250929"
 
 
