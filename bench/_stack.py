@@ -36,28 +36,13 @@ from sqlalchemy import Connection, Engine, create_engine, text
 from sqlalchemy.engine import make_url
 
 from promptq.cli.stack import free_port
+from promptq.testing import GENEROUS_LIMITS
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_POSTGRES_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
 # Any non-empty key: the simulator accepts every key unless told one, and the worker
 # refuses to call an upstream without one.
 UPSTREAM_KEY = "sk-bench-upstream-0123456789"
-FINAL_STATUSES = ("succeeded", "failed", "canceled")
-
-
-# Rate limits far above any benchmark's load (the largest the limit table accepts), so that
-# the limiter does all its bookkeeping, as in production, but never makes a job wait: the
-# benchmarks measure promptq, not CometAPI's default account limits (50 rpm, 20 in flight).
-GENEROUS_LIMITS = "".join(
-    f"""
-[models."{pattern}"]
-rpm = 1000000
-input_tpm = 100000000
-output_tpm = 100000000
-max_concurrency = 10000
-"""
-    for pattern in ("*", "claude-*")
-)
 
 
 def write_limits_file(workdir: Path, text: str = GENEROUS_LIMITS) -> Path:

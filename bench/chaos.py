@@ -62,7 +62,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _report import markdown_table, met, print_markdown, report_start
 from _stack import (
-    FINAL_STATUSES,
     REPO,
     Child,
     HttpClient,
@@ -83,6 +82,8 @@ from _stack import (
     task_errors,
     write_limits_file,
 )
+
+from promptq.testing import FINAL
 
 MODEL = "claude-sonnet-4-6"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/12"
@@ -621,7 +622,7 @@ def finish_disruptions(outcome: Outcome) -> None:
         if not event.at:
             continue
         rows = [outcome.jobs.get(job_id) for job_id in event.pending]
-        unfinished = [r for r in rows if r is None or r.status not in FINAL_STATUSES]
+        unfinished = [r for r in rows if r is None or r.status not in FINAL]
         event.still_unfinished = len(unfinished)
         if unfinished:
             event.jobs_done = None
@@ -729,7 +730,7 @@ def run(args: argparse.Namespace, exit_stack: contextlib.ExitStack, setup: Setup
     finished = 0
     exited: set[str] = set()
     while time.time() < deadline:
-        finished = count_jobs(engine, key_id, FINAL_STATUSES)
+        finished = count_jobs(engine, key_id, FINAL)
         if finished >= accepted:
             outcome.waited_until_all_final = True
             break
@@ -752,7 +753,7 @@ def run(args: argparse.Namespace, exit_stack: contextlib.ExitStack, setup: Setup
     outcome.calls = {
         i: int(by_prompt.get(prompt_for(outcome.run_id, i)[:60], 0)) for i in range(args.jobs)
     }
-    unfinished = [r.id for r in outcome.jobs.values() if r.status not in FINAL_STATUSES]
+    unfinished = [r.id for r in outcome.jobs.values() if r.status not in FINAL]
     for job_id, ttl in marker_ttls(redis_url, unfinished).items():
         outcome.jobs[job_id].marker_ttl = ttl
     whereabouts = message_whereabouts(

@@ -72,7 +72,6 @@ from _report import (
     report_start,
 )
 from _stack import (
-    FINAL_STATUSES,
     Child,
     DatabaseInfo,
     Setup,
@@ -99,6 +98,7 @@ from _stack import (
 
 from promptq.ratelimit.limiter import MODELS_WAITING, RedisLimiter
 from promptq.ratelimit.table import LimitTable
+from promptq.testing import FINAL
 from promptq.usage import Usage
 
 if TYPE_CHECKING:
@@ -508,7 +508,7 @@ def run_load(
                 waiting=int(state["waiting"]),
             )
         )
-        finished = count_jobs(engine, key_id, FINAL_STATUSES)
+        finished = count_jobs(engine, key_id, FINAL)
         if box and not submitted_logged:
             done = box[0]
             log(

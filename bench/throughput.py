@@ -47,7 +47,6 @@ from _report import (
     report_start,
 )
 from _stack import (
-    FINAL_STATUSES,
     Child,
     DatabaseInfo,
     HttpClient,
@@ -69,6 +68,8 @@ from _stack import (
     start_worker,
     write_limits_file,
 )
+
+from promptq.testing import FINAL
 
 MODEL = "claude-sonnet-4-6"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/14"
@@ -436,7 +437,7 @@ def run_end_to_end(
         time.sleep(POLL_SECONDS)
         worker.check_alive()
         # One indexed count per half second (ix_jobs_key_status_id): negligible load.
-        finished = count_jobs(engine, key_id, FINAL_STATUSES)
+        finished = count_jobs(engine, key_id, FINAL)
         if time.monotonic() - last_report >= 5:
             log(f"end-to-end: {finished}/{count} finished")
             last_report = time.monotonic()

@@ -24,8 +24,8 @@ from sqlalchemy.engine import make_url
 
 from promptq.config import Settings, get_settings
 from promptq.simulator import Simulator
+from promptq.testing import GENEROUS_LIMITS
 
-REPO = Path(__file__).resolve().parents[2]
 TEST_UPSTREAM_KEY = "sk-test-upstream-secret-0123456789"
 
 
@@ -117,20 +117,6 @@ def fresh_database_url(
 def simulator() -> Iterator[Simulator]:
     with Simulator() as server:
         yield server
-
-
-# Limits far above what the tests send, so only the rate-limit tests (which set their own)
-# ever wait for budget.
-GENEROUS_LIMITS = "".join(
-    f"""
-[models."{pattern}"]
-rpm = 1000000
-input_tpm = 100000000
-output_tpm = 100000000
-max_concurrency = 10000
-"""
-    for pattern in ("*", "claude-*")
-)
 
 
 @pytest.fixture(scope="session")

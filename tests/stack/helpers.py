@@ -21,6 +21,11 @@ def auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
+def unique(text: str) -> str:
+    """A prompt no other test sends: the simulator counts calls and keys faults by prompt."""
+    return f"{uuid.uuid4().hex[:8]} {text}"
+
+
 def wait_for_status(
     client: Any, key: str, job_id: str, statuses: set[str], timeout: float = 20
 ) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from promptq.db import session_scope
 from promptq.ids import new_id
 from promptq.keys.service import authenticate
 from promptq.models import Job, JobStatus
+from promptq.testing import SONNET
 from promptq.types import utcnow
 
 
@@ -25,7 +26,7 @@ def add_job(
     api_key_id: str,
     finished_at: datetime | None,
     *,
-    model: str = "claude-sonnet-4-5-20250929",
+    model: str = SONNET,
     status: str = JobStatus.SUCCEEDED,
     tokens: tuple[int, int, int, int] = (0, 0, 0, 0),
     cost: tuple[str, str, str, str] | None = None,

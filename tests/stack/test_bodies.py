@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from helpers import running_api
+from helpers import REPO, running_api
 
 from promptq.config import Settings
 
-REPO = Path(__file__).resolve().parents[2]
 # API memory per MB of batch while it is parsed and stored (README, Security), measured with
 # requests of about 250 bytes each; larger requests cost less per MB.
 BATCH_MIB_PER_MB = 12

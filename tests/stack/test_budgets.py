@@ -13,11 +13,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import requests
-from helpers import auth, wait_for_status
+from helpers import REPO, auth, unique, wait_for_status
 from money_helpers import add_job, key_id_of
 from sqlalchemy import event, select
 
@@ -32,17 +31,11 @@ from promptq.keys.service import authenticate
 from promptq.models import ApiKey, BudgetReservation, Job
 from promptq.periods import month_start, next_month_start
 from promptq.pricing import PriceTable, format_usd
+from promptq.testing import FINAL, SONNET
 from promptq.types import utcnow
 
-REPO = Path(__file__).resolve().parents[2]
-SONNET = "claude-sonnet-4-5-20250929"
 PRICES = PriceTable.load(None)
 PICO = Decimal("1e-12")
-FINAL = {"succeeded", "failed", "canceled"}
-
-
-def unique(text: str) -> str:
-    return f"{uuid.uuid4().hex[:8]} {text}"
 
 
 def upstream_calls(simulator: Any, prompt: str) -> int:

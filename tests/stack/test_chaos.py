@@ -26,8 +26,7 @@ from helpers import start_process, start_worker, stop_worker, wait_for_http
 
 from promptq.cli.stack import free_port
 from promptq.simulator import Simulator
-
-FINAL = {"succeeded", "failed", "canceled"}
+from promptq.testing import FINAL
 
 
 class Stack:

@@ -15,12 +15,10 @@ from pathlib import Path
 
 import pytest
 import requests
-from helpers import default_sigint, wait_for_http
+from helpers import REPO, default_sigint, wait_for_http
 from sqlalchemy import create_engine, inspect
 
 from promptq.cli.stack import free_port
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def clean_env(**extra: str) -> dict[str, str]:

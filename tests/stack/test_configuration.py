@@ -11,14 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import auth
+from helpers import REPO, auth
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
 from promptq.config import Settings, upstream_warning
 from promptq.db import get_sessionmaker
 
-REPO = Path(__file__).resolve().parents[2]
 STRONG = "t" + "0123456789abcdef" * 2
 
 

@@ -22,11 +22,10 @@ from pydantic import SecretStr
 
 from promptq.db import session_scope
 from promptq.models import Job
+from promptq.testing import HAIKU, SONNET
 from promptq.types import utcnow
 
 ADMIN_TOKEN = "admin-" + uuid.uuid4().hex
-SONNET = "claude-sonnet-4-5-20250929"
-HAIKU = "claude-haiku-4-5-20251001"
 ISLAND = re.compile(r'<script type="application/json" id="dashboard-data">(.*?)</script>', re.S)
 
 

@@ -20,8 +20,7 @@ from sqlalchemy.engine import make_url
 from promptq.config import Settings
 from promptq.db import session_scope
 from promptq.models import Job
-
-FINAL = {"succeeded", "failed", "canceled"}
+from promptq.testing import FINAL
 
 
 def through(proxy: CuttableProxy, url: str) -> str:

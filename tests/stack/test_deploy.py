@@ -25,12 +25,12 @@ from typing import Any
 import click
 import pytest
 import yaml
+from helpers import REPO
 from pydantic import AliasChoices, SecretStr
 
 from promptq.cli.main import cli
 from promptq.config import Settings
 
-REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
 SYSTEMD = DEPLOY / "systemd"

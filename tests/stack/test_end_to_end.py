@@ -3,12 +3,11 @@ database. Faults come from per-prompt simulator directives, so tests don't inter
 
 from __future__ import annotations
 
-import uuid
 from decimal import Decimal
 from typing import Any
 
 import pytest
-from helpers import auth, wait_for_status
+from helpers import auth, unique, wait_for_status
 
 from promptq.db import session_scope
 from promptq.jobs import service
@@ -16,18 +15,13 @@ from promptq.jobs.repository import JobRepository
 from promptq.jobs.schemas import JobCreate
 from promptq.keys.service import authenticate
 from promptq.pricing import PriceTable, cost_of
+from promptq.testing import FINAL
 from promptq.usage import Usage
-
-FINAL = {"succeeded", "failed", "canceled"}
 
 
 @pytest.fixture(autouse=True)
 def _worker(worker_process: Any) -> None:
     """Every test here needs the worker process running."""
-
-
-def unique(text: str) -> str:
-    return f"{uuid.uuid4().hex[:8]} {text}"
 
 
 def calls_for(simulator: Any, prompt: str) -> int:

@@ -7,14 +7,13 @@ simulator over HTTP."""
 from __future__ import annotations
 
 import threading
-import uuid
 from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
 import pytest
 import redis
-from helpers import auth, wait_for_status
+from helpers import auth, unique, wait_for_status
 from money_helpers import key_id_of
 from netcut import CuttableProxy
 from sqlalchemy import BigInteger, event, func, select, type_coerce
@@ -33,16 +32,11 @@ from promptq.pricing import PriceTable
 from promptq.ratelimit.limiter import RedisLimiter
 from promptq.ratelimit.table import LimitTable
 from promptq.rollups import floor_hour
+from promptq.testing import FINAL, SONNET
 from promptq.types import picodollars_to_usd
 from promptq.upstream import UpstreamClient
 
-SONNET = "claude-sonnet-4-5-20250929"
 PRICES = PriceTable.load(None)
-FINAL = {"succeeded", "failed", "canceled"}
-
-
-def unique(text: str) -> str:
-    return f"{uuid.uuid4().hex[:8]} {text}"
 
 
 def ledger_of(database_url: str, api_key_id: str) -> dict[str, tuple[Decimal, int]]:

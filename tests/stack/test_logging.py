@@ -30,6 +30,7 @@ from promptq.logging import (
     log_context,
     settings_secrets,
 )
+from promptq.testing import FINAL
 
 # The unit tests' upstream key; the process tests check the session's own (test_env).
 UPSTREAM_KEY = "sk-unit-test-upstream-secret-9876543210"
@@ -39,7 +40,6 @@ WEBHOOK_SECRET = "whsec_" + "A" * 30 + "=="
 BEARER = "Bearer some.opaque-token_123"
 SECRETS = (UPSTREAM_KEY, ADMIN_TOKEN, CLIENT_KEY, WEBHOOK_SECRET, "some.opaque-token_123")
 TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
-FINAL = {"succeeded", "failed", "canceled"}
 
 
 @pytest.fixture

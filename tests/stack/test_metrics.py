@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from helpers import auth, wait_for_status
+from helpers import auth, unique, wait_for_status
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
@@ -26,8 +26,8 @@ from promptq.config import Settings
 from promptq.db import session_scope
 from promptq.jobs.repository import JobRepository
 from promptq.metrics import LATENCY_BUCKETS_SECONDS
+from promptq.testing import FINAL
 
-FINAL = {"succeeded", "failed", "canceled"}
 TOKEN_FIELDS = {
     "input": "input_tokens",
     "output": "output_tokens",
@@ -98,10 +98,6 @@ def hooks() -> Iterator[tuple[Hook, Hook]]:
     yield ok, gone
     ok.server.shutdown()
     gone.server.shutdown()
-
-
-def unique(text: str) -> str:
-    return f"{uuid.uuid4().hex[:8]} {text}"
 
 
 def wait_for_deliveries(client: Any, key: str, job_id: str, timeout: float = 20) -> None:

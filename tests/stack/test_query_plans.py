@@ -33,12 +33,12 @@ from promptq.jobs.sweeping import reclaim_expired, stale_runnable_jobs
 from promptq.keys.service import authenticate, create_key
 from promptq.models import Job, MessageBatch
 from promptq.pricing import PriceTable
+from promptq.testing import SONNET
 from promptq.types import utcnow
 from promptq.upstream import Outcome, UpstreamResult
 from promptq.webhooks import deliveries, subscriptions
 
 FINISHED_JOBS = 200_000
-SONNET = "claude-sonnet-4-5-20250929"
 HISTORY_TABLES = ("jobs", "attempts", "webhook_deliveries")
 # Partial indexes hold only the work in flight: walking one whole is walking that work.
 PARTIAL_INDEXES = {

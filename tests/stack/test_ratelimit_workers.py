@@ -27,8 +27,8 @@ from promptq.config import Settings
 from promptq.db import session_scope
 from promptq.jobs.repository import JobRepository
 from promptq.simulator import Simulator
+from promptq.testing import FINAL
 
-FINAL = {"succeeded", "failed", "canceled"}
 UNLIMITED = """
 input_tpm = "unlimited"
 output_tpm = "unlimited"

@@ -10,9 +10,9 @@ import subprocess
 import sys
 from datetime import datetime, timedelta
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
+from helpers import REPO
 from sqlalchemy import func, select
 from ulid import ULID
 
@@ -31,10 +31,8 @@ from promptq.models import (
     WebhookDelivery,
 )
 from promptq.rollups.backfill import backfill
+from promptq.testing import SONNET
 from promptq.types import utcnow
-
-REPO = Path(__file__).resolve().parents[2]
-SONNET = "claude-sonnet-4-5-20250929"
 
 
 def made_at(prefix: str, moment: datetime) -> str:

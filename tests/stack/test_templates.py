@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from helpers import auth, wait_for_status
 
-FINAL = {"succeeded", "failed", "canceled"}
+from promptq.testing import FINAL
 
 
 def make_template(client: Any, key: str, **fields: Any) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from conftest import _create_postgres_database
+from helpers import REPO
 from sqlalchemy import BigInteger, func, select, text, type_coerce
 
 from promptq.db import get_engine, session_scope
@@ -35,7 +36,6 @@ from promptq.periods import month_key
 from promptq.rollups import floor_hour
 from promptq.rollups.backfill import backfill
 
-REPO = Path(__file__).resolve().parents[2]
 JOBS = 100_000
 BASE = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 MODELS = ("claude-sonnet-4-5", "claude-haiku-4-5", "claude-opus-4-1", "claude-sonnet-4-6")

@@ -17,23 +17,20 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import auth, wait_for_status
+from helpers import REPO, auth, wait_for_status
 from money_helpers import add_job, key_id_of
 from pydantic import SecretStr
 
 from promptq.db import session_scope
 from promptq.models import Job
 from promptq.periods import month_start, next_month_start
+from promptq.testing import HAIKU, SONNET
 from promptq.types import utcnow
 
-REPO = Path(__file__).resolve().parents[2]
 ADMIN_TOKEN = "pq-admin-" + uuid.uuid4().hex
-SONNET = "claude-sonnet-4-5-20250929"
-HAIKU = "claude-haiku-4-5-20251001"
 
 
 def at(text: str) -> datetime:

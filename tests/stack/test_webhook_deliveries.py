@@ -18,10 +18,9 @@ from standardwebhooks.webhooks import Webhook
 
 from promptq.db import session_scope
 from promptq.keys.service import create_key
+from promptq.testing import FINAL
 from promptq.webhooks.deliveries import RETRY_SCHEDULE, next_delay
 from promptq.webhooks.sender import DeliveryResult
-
-FINAL = {"succeeded", "failed", "canceled"}
 
 
 @pytest.fixture
