@@ -300,8 +300,8 @@ class Stack:
 
     @staticmethod
     def kill(child: Child) -> None:
-        child.process.send_signal(signal.SIGKILL)
-        child.process.wait(timeout=10)
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=10)
 
     def running(self) -> list[Child]:
         return [c for c in [self.api, self.beat, *self.workers] if c is not None]
@@ -378,7 +378,7 @@ def disrupt(
     event.pending_by_status = dict(Counter(status for _, status in pending))
     if event.kind == "worker":
         victim = rng.choice(stack.workers)
-        event.target = f"{victim.name} (pid {victim.process.pid})"
+        event.target = f"{victim.name} (pid {victim.pid})"
         event.in_flight = int(simulator.stats()["in_flight"])
         event.at = time.time()
         stack.kill(victim)
@@ -389,7 +389,7 @@ def disrupt(
     elif event.kind == "api":
         assert stack.api is not None
         victim = stack.api
-        event.target = f"{victim.name} (pid {victim.process.pid}), port {stack.port}"
+        event.target = f"{victim.name} (pid {victim.pid}), port {stack.port}"
         event.in_flight = int(simulator.stats()["in_flight"])
         event.at = time.time()
         stack.kill(victim)
@@ -657,11 +657,11 @@ def run(args: argparse.Namespace, exit_stack: contextlib.ExitStack, setup: Setup
     )
     stack = Stack(exit_stack, env, workdir, args.concurrency)
     api = stack.start_api()
-    log(f"API at {stack.api_url} (pid {api.process.pid})")
+    log(f"API at {stack.api_url} (pid {api.pid})")
     stack.start_beat()
     for _ in range(args.workers):
         worker = stack.start_worker()
-        log(f"{worker.name} ready (pid {worker.process.pid})")
+        log(f"{worker.name} ready (pid {worker.pid})")
     simulator.start()
 
     disruptions = plan(args, rng)
@@ -738,11 +738,9 @@ def run(args: argparse.Namespace, exit_stack: contextlib.ExitStack, setup: Setup
             log(f"waiting: {finished}/{accepted} jobs finished")
             last_report = time.monotonic()
         for child in stack.running():
-            if child.process.poll() is not None and child.name not in exited:
+            if child.poll() is not None and child.name not in exited:
                 exited.add(child.name)
-                outcome.notes.append(
-                    f"{child.name} exited unexpectedly (code {child.process.returncode})"
-                )
+                outcome.notes.append(f"{child.name} exited unexpectedly (code {child.returncode})")
         time.sleep(POLL_SECONDS)
     outcome.seconds = time.monotonic() - began
     log(f"{finished}/{accepted} jobs finished after {outcome.seconds:.0f} s")

@@ -902,11 +902,11 @@ def run_loads(
     stack.callback(simulator.stop)
     env = stack_env(setup, limits_path, {"PROMPTQ_UPSTREAM_URL": simulator.url})
     api, api_url = start_api(stack, env, workdir)
-    log(f"API at {api_url} (pid {api.process.pid})")
+    log(f"API at {api_url} (pid {api.pid})")
     workers = []
     for i in range(args.workers):
         workers.append(start_worker(stack, env, workdir, args.concurrency, name=f"worker-{i + 1}"))
-        log(f"worker {i + 1} of {args.workers} ready (pid {workers[-1].process.pid})")
+        log(f"worker {i + 1} of {args.workers} ready (pid {workers[-1].pid})")
     if not args.no_beat:
         start_beat(stack, env, workdir)
         log("beat started")

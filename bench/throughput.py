@@ -56,6 +56,7 @@ from _stack import (
     bench_run,
     broker_messages,
     count_jobs,
+    cpu_seconds,
     create_api_key,
     epoch,
     failed_jobs,
@@ -254,7 +255,7 @@ class CpuMeter:
         return found
 
     def _ours(self) -> dict[str, float]:
-        ours = {name: child.cpu_seconds() for name, child in self.children.items()}
+        ours = {name: cpu_seconds(child) for name, child in self.children.items()}
         ours["benchmark process (clients, simulator)"] = time.process_time()
         return ours
 
@@ -546,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
         env = stack_env(setup, write_limits_file(setup.workdir))
         if not (args.skip_intake and args.skip_e2e):
             api, api_url = start_api(stack, env, setup.workdir)
-            log(f"API at {api_url} (pid {api.process.pid})")
+            log(f"API at {api_url} (pid {api.pid})")
             if not args.skip_intake:
                 intake = run_intake(args, stack, api_url, api, setup.database, setup.redis.url)
             if not args.skip_e2e:

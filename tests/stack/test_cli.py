@@ -15,43 +15,15 @@ from pathlib import Path
 
 import pytest
 import requests
-from helpers import REPO, default_sigint, wait_for_http
+from helpers import clean_env, default_sigint, run_promptq, wait_for_http
 from sqlalchemy import create_engine, inspect
 
-from promptq.cli.stack import free_port
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """This machine's environment without any promptq setting, plus `extra`."""
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith("PROMPTQ_") and k != "COMETAPI_KEY"
-    }
-    return {**env, **extra}
-
-
-def promptq(
-    *args: str,
-    env: dict[str, str],
-    cwd: Path | None = None,
-    check: bool = True,
-    timeout: float = 60,
-) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [sys.executable, "-m", "promptq", *args],
-        env=env,
-        cwd=cwd or REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if check:
-        assert result.returncode == 0, result.stderr
-    return result
+from promptq.supervisor import free_port
 
 
 def test_db_upgrade_creates_the_schema(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'fresh.db'}"
-    result = promptq("db", "upgrade", env=clean_env(PROMPTQ_DATABASE_URL=url))
+    result = run_promptq("db", "upgrade", env=clean_env(PROMPTQ_DATABASE_URL=url))
     assert "head" in result.stdout
     tables = set(inspect(create_engine(url)).get_table_names())
     assert {"api_keys", "jobs", "attempts", "alembic_version"} <= tables
@@ -59,22 +31,22 @@ def test_db_upgrade_creates_the_schema(tmp_path: Path) -> None:
 
 def test_db_check_says_whether_the_schema_is_this_releases(tmp_path: Path) -> None:
     env = clean_env(PROMPTQ_DATABASE_URL=f"sqlite:///{tmp_path / 'fresh.db'}")
-    before = promptq("db", "check", env=env, check=False)
+    before = run_promptq("db", "check", env=env, check=False)
     assert before.returncode == 1
     assert "no revision" in before.stderr and "promptq db upgrade" in before.stderr
-    promptq("db", "upgrade", env=env)
-    after = promptq("db", "check", env=env)
+    run_promptq("db", "upgrade", env=env)
+    after = run_promptq("db", "check", env=env)
     assert after.stdout.startswith("database at ")
 
     away = clean_env(PROMPTQ_DATABASE_URL="postgresql+psycopg://postgres@127.0.0.1:1/none")
-    unreachable = promptq("db", "check", "--wait", "1", env=away, check=False)
+    unreachable = run_promptq("db", "check", "--wait", "1", env=away, check=False)
     assert unreachable.returncode == 1 and "does not answer" in unreachable.stderr
 
 
 def test_keys_create_list_revoke(database_url: str, test_env: dict[str, str]) -> None:
     env = clean_env(PROMPTQ_DATABASE_URL=database_url)
     created = json.loads(
-        promptq(
+        run_promptq(
             "keys",
             "create",
             "zapier",
@@ -89,43 +61,43 @@ def test_keys_create_list_revoke(database_url: str, test_env: dict[str, str]) ->
     assert set(created) == {"id", "name", "key", "webhook_secret"}
     assert created["key"].startswith("pq_") and created["webhook_secret"].startswith("whsec_")
 
-    plain = promptq("keys", "create", "n8n", env=env).stdout.splitlines()
+    plain = run_promptq("keys", "create", "n8n", env=env).stdout.splitlines()
     assert plain[1].startswith("pq_") and plain[2].startswith("whsec_")
 
-    listed = promptq("keys", "list", "--json", env=env).stdout
+    listed = run_promptq("keys", "list", "--json", env=env).stdout
     assert created["key"] not in listed and created["webhook_secret"] not in listed
     row = next(r for r in json.loads(listed) if r["id"] == created["id"])
     assert row["rpm"] == 30 and row["monthly_budget_usd"] == "12.5"
     assert row["revoked_at"] is None
-    assert "zapier" in promptq("keys", "list", env=env).stdout
+    assert "zapier" in run_promptq("keys", "list", env=env).stdout
 
-    assert "revoked" in promptq("keys", "revoke", created["id"], env=env).stdout
+    assert "revoked" in run_promptq("keys", "revoke", created["id"], env=env).stdout
     row = next(
         r
-        for r in json.loads(promptq("keys", "list", "--json", env=env).stdout)
+        for r in json.loads(run_promptq("keys", "list", "--json", env=env).stdout)
         if r["id"] == created["id"]
     )
     assert row["revoked_at"] is not None
 
-    missing = promptq("keys", "revoke", "nobody", env=env, check=False)
+    missing = run_promptq("keys", "revoke", "nobody", env=env, check=False)
     assert missing.returncode != 0 and "no key" in missing.stderr
-    bad = promptq("keys", "create", "x", "--monthly-budget", "lots", env=env, check=False)
+    bad = run_promptq("keys", "create", "x", "--monthly-budget", "lots", env=env, check=False)
     assert bad.returncode != 0 and "US dollars" in bad.stderr
 
 
 def test_submit_wait_and_jobs_ls(api_server: str, api_key: str) -> None:
     env = clean_env(PROMPTQ_API_URL=api_server, PROMPTQ_API_KEY=api_key)
-    result = promptq("submit", "Say hello to the CLI", "--wait", env=env)
+    result = run_promptq("submit", "Say hello to the CLI", "--wait", env=env)
     assert "Say hello to the CLI" in result.stdout  # the simulator echoes the prompt
     assert "$" in result.stderr  # the cost line
-    job_id = promptq("submit", "no wait", env=env).stdout.strip()
+    job_id = run_promptq("submit", "no wait", env=env).stdout.strip()
     assert job_id.startswith("job_")
-    listing = promptq("jobs", "ls", "--json", env=env).stdout
+    listing = run_promptq("jobs", "ls", "--json", env=env).stdout
     assert job_id in {job["id"] for job in json.loads(listing)}
 
-    failed = promptq("submit", "x [[sim:400]]", "--wait", env=env, check=False)
+    failed = run_promptq("submit", "x [[sim:400]]", "--wait", env=env, check=False)
     assert failed.returncode != 0 and "failed" in failed.stderr
-    no_key = promptq("submit", "x", env=clean_env(PROMPTQ_API_URL=api_server), check=False)
+    no_key = run_promptq("submit", "x", env=clean_env(PROMPTQ_API_URL=api_server), check=False)
     assert no_key.returncode != 0 and "PROMPTQ_API_KEY" in no_key.stderr
 
 
@@ -277,7 +249,7 @@ def test_a_broken_limits_file_stops_start_up_with_its_reason(
         PROMPTQ_REDIS_URL="redis://127.0.0.1:1/0",
         PROMPTQ_DATABASE_URL=f"sqlite:///{tmp_path / 'x.db'}",
     )
-    result = promptq(*command, env=env, cwd=tmp_path, check=False)
+    result = run_promptq(*command, env=env, cwd=tmp_path, check=False)
     assert result.returncode != 0
     assert "limits.toml" in result.stderr and "rpm" in result.stderr
 
@@ -289,7 +261,7 @@ def test_flower_refuses_to_start_without_basic_auth(
     extra = {"PROMPTQ_REDIS_URL": "redis://127.0.0.1:1/0"}
     if credentials is not None:
         extra["PROMPTQ_FLOWER_BASIC_AUTH"] = credentials
-    result = promptq("flower", env=clean_env(**extra), cwd=tmp_path, check=False)
+    result = run_promptq("flower", env=clean_env(**extra), cwd=tmp_path, check=False)
     assert result.returncode != 0
     assert "PROMPTQ_FLOWER_BASIC_AUTH" in result.stderr
 
@@ -306,19 +278,19 @@ def test_api_says_which_limits_are_in_force_when_no_file_gives_them(tmp_path: Pa
             PROMPTQ_DATABASE_URL=f"sqlite:///{tmp_path / 'x.db'}",
             PROMPTQ_UPSTREAM_API_KEY="sk-x",
         )
-        result = promptq("api", f"--port={port}", env=env, cwd=tmp_path, check=False)
+        result = run_promptq("api", f"--port={port}", env=env, cwd=tmp_path, check=False)
     [line] = [line for line in result.stderr.splitlines() if "built-in limits" in line]
     assert "Anthropic's first usage tier" in line and "50 requests" in line
     assert "PROMPTQ_LIMITS_FILE" in line and "promptq limits --from-upstream" in line
 
 
 def test_limits_names_the_builtins_and_how_to_give_the_accounts_own(tmp_path: Path) -> None:
-    result = promptq("limits", env=clean_env(), cwd=tmp_path)
+    result = run_promptq("limits", env=clean_env(), cwd=tmp_path)
     assert "Anthropic's first usage tier" in result.stdout
     assert "PROMPTQ_LIMITS_FILE" in result.stdout and "--from-upstream" in result.stdout
     limits = tmp_path / "limits.toml"
     limits.write_text('[models."claude-*"]\nrpm = 4000\n')
-    configured = promptq("limits", env=clean_env(PROMPTQ_LIMITS_FILE=str(limits)), cwd=tmp_path)
+    configured = run_promptq("limits", env=clean_env(PROMPTQ_LIMITS_FILE=str(limits)), cwd=tmp_path)
     assert str(limits) in configured.stdout and "first usage tier" not in configured.stdout
 
 
@@ -329,7 +301,7 @@ def test_limits_from_upstream_prints_the_limits_it_reports(tmp_path: Path) -> No
     config = SimulatorConfig(rpm=4000, input_tpm=2_000_000, output_tpm=400_000, api_key="sk-x")
     with Simulator(config) as sim:
         env = clean_env(PROMPTQ_UPSTREAM_URL=sim.url, PROMPTQ_UPSTREAM_API_KEY="sk-x")
-        result = promptq(
+        result = run_promptq(
             "limits", "--from-upstream", "--model", "claude-opus-4-7", env=env, cwd=tmp_path
         )
         assert sim.stats()["calls"] == 1  # one minimal call
@@ -346,8 +318,8 @@ def test_limits_from_upstream_says_when_the_upstream_reports_none(tmp_path: Path
 
     with Simulator() as sim:  # no limits: no anthropic-ratelimit-* headers, like CometAPI
         env = clean_env(PROMPTQ_UPSTREAM_URL=sim.url, PROMPTQ_UPSTREAM_API_KEY="sk-x")
-        result = promptq("limits", "--from-upstream", env=env, cwd=tmp_path, check=False)
-        refused = promptq(
+        result = run_promptq("limits", "--from-upstream", env=env, cwd=tmp_path, check=False)
+        refused = run_promptq(
             "limits",
             "--from-upstream",
             env={**env, "PROMPTQ_UPSTREAM_URL": "http://127.0.0.1:1"},
@@ -370,7 +342,7 @@ def test_worker_and_api_refuse_to_start_without_an_upstream_key(
     }
     if url is not None:
         extra["PROMPTQ_UPSTREAM_URL"] = url
-    result = promptq(*command, env=clean_env(**extra), cwd=tmp_path, check=False)
+    result = run_promptq(*command, env=clean_env(**extra), cwd=tmp_path, check=False)
     assert result.returncode != 0
     # It names what to set, and the upstream it would have called in vain.
     assert "PROMPTQ_UPSTREAM_API_KEY" in result.stderr and "COMETAPI_KEY" in result.stderr

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import REPO, auth
+from helpers import auth, run_promptq
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
@@ -23,14 +23,8 @@ STRONG = "t" + "0123456789abcdef" * 2
 
 def start(args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
     """`promptq ARGS`, which must exit by itself (refuse) rather than serve."""
-    return subprocess.run(
-        [sys.executable, "-m", "promptq", *args],
-        env={**os.environ, "PROMPTQ_REDIS_URL": "redis://127.0.0.1:1/0", **env},
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    redis_away = {"PROMPTQ_REDIS_URL": "redis://127.0.0.1:1/0"}
+    return run_promptq(*args, env={**os.environ, **redis_away, **env}, check=False)
 
 
 @pytest.mark.parametrize(

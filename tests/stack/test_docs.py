@@ -335,7 +335,7 @@ class Receiver:
     """One of docs/examples/ run as its own process, as the guide runs it."""
 
     def __init__(self, command: list[str], secret: str) -> None:
-        from promptq.cli.stack import free_port
+        from promptq.supervisor import free_port
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/promptq"

@@ -7,12 +7,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from typing import Any
 
 import pytest
-from helpers import REPO, auth
+from helpers import auth, run_promptq
 
 
 @pytest.fixture
@@ -21,17 +20,7 @@ def client(quiet_api: Any) -> Any:
 
 
 def keys(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [sys.executable, "-m", "promptq", "keys", *args],
-        env={**os.environ, **env},
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    if check:
-        assert result.returncode == 0, result.stderr
-    return result
+    return run_promptq("keys", *args, env={**os.environ, **env}, check=check)
 
 
 def job(model: str) -> dict[str, Any]:

@@ -216,7 +216,7 @@ def test_count_tokens_is_the_upstreams_answer_and_not_a_job(
 
 
 def test_count_tokens_says_when_the_upstream_cannot_count(settings: Settings, api_key: str) -> None:
-    from promptq.cli.stack import free_port
+    from promptq.supervisor import free_port
 
     local = settings.model_copy(update={"upstream_url": f"http://127.0.0.1:{free_port()}"})
     with TestClient(create_app(local)) as client:

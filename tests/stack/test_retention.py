@@ -5,14 +5,12 @@ real `promptq db` commands."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from helpers import REPO
+from helpers import clean_env, run_promptq
 from sqlalchemy import func, select
 from ulid import ULID
 
@@ -216,17 +214,7 @@ def test_prune_deletes_only_what_the_policy_lets_go_and_resumes(
 
 
 def promptq_db(url: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTQ_")}
-    result = subprocess.run(
-        [sys.executable, "-m", "promptq", "db", *args],
-        env={**clean, "PROMPTQ_DATABASE_URL": url, **env},
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    return result
+    return run_promptq("db", *args, env=clean_env(PROMPTQ_DATABASE_URL=url, **env), timeout=120)
 
 
 def test_upgrade_says_what_retention_will_delete_and_prune_dry_run_deletes_nothing(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 import uuid
 from contextlib import ExitStack
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
-from helpers import REPO, auth, running_api, start_worker, stop_worker
+from helpers import auth, run_promptq, running_api, start_worker, stop_worker
 
 from promptq.config import Settings
 from promptq.db import session_scope
@@ -29,16 +28,7 @@ from promptq.webhooks import deliveries
 
 
 def revoke_with_cli(env: dict[str, str], ident: str) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [sys.executable, "-m", "promptq", "keys", "revoke", ident],
-        env={**os.environ, **env},
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    return result
+    return run_promptq("keys", "revoke", ident, env={**os.environ, **env})
 
 
 def test_every_api_process_refuses_a_revoked_key_within_a_second(

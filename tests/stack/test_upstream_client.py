@@ -4,7 +4,6 @@ simulator, and as a pure function of status, headers and body."""
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import uuid
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ from typing import Any
 import pytest
 
 from promptq.simulator import Simulator, SimulatorConfig
+from promptq.supervisor import free_port
 from promptq.upstream import (
     Outcome,
     UpstreamClient,
@@ -48,12 +48,6 @@ def params(prompt: str, **extra: Any) -> dict[str, Any]:
         "messages": [{"role": "user", "content": f"{prompt} ({uuid.uuid4().hex[:8]})"}],
         **extra,
     }
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def assert_no_key(result: UpstreamResult) -> None:

@@ -10,9 +10,7 @@ import csv
 import io
 import itertools
 import json
-import os
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -20,7 +18,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from helpers import REPO, auth, wait_for_status
+from helpers import auth, clean_env, run_promptq, wait_for_status
 from money_helpers import add_job, key_id_of
 from pydantic import SecretStr
 
@@ -358,18 +356,7 @@ def test_real_jobs_add_up_exactly(
 
 
 def run_cli(*args: str, database_url: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTQ_")}
-    env["PROMPTQ_DATABASE_URL"] = database_url
-    result = subprocess.run(
-        [sys.executable, "-m", "promptq", "usage", *args],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    return result
+    return run_promptq("usage", *args, env=clean_env(PROMPTQ_DATABASE_URL=database_url))
 
 
 def test_the_cli_prints_an_aligned_table_with_a_total(
