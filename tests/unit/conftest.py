@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,19 @@ from promptq.pricing import PriceTable
 from promptq.ratelimit.memory import MemoryLimiter
 from promptq.ratelimit.table import LimitTable
 from promptq.testing import GENEROUS_LIMITS, SONNET
+
+
+@pytest.fixture(autouse=True)
+def _nothing_leaves_this_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The room's rule, kept by every test: a socket connecting or a process starting is a
+    test that belongs in tests/stack."""
+
+    def refuse(*_: object, **__: object) -> None:
+        raise AssertionError("tests/unit opens no connection and starts no process")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
 
 
 @pytest.fixture(autouse=True)

@@ -229,22 +229,6 @@ def test_a_key_over_its_own_rpm_has_its_next_job_put_off(
     assert harness.upstream.calls == 1
 
 
-def test_a_429_pauses_the_model_for_the_jobs_that_follow(
-    harness: Harness, make_job: MakeJob, job_of: JobOf
-) -> None:
-    throttled = make_job("[[sim:429 x1]] Say hello.")
-
-    assert harness.runner.run(throttled) == "retrying"
-    # The simulator's 429 says retry-after: 1; no retry comes sooner.
-    [retry] = harness.published
-    assert retry.countdown is not None and retry.countdown >= 1
-
-    next_job = make_job("Another one.")
-    assert harness.runner.run(next_job) == "waiting"
-    assert job_of(next_job).waiting_for == "upstream_backoff"
-    assert harness.upstream.calls == 1
-
-
 def test_a_second_delivery_of_a_finished_job_gives_its_grant_back(
     harness: Harness, make_job: MakeJob
 ) -> None:
@@ -325,3 +309,19 @@ def test_a_job_with_a_webhook_leaves_its_delivery_to_send(
         assert [(d.url, d.status, d.event_type) for d in deliveries] == [
             ("https://hooks.example.com/promptq", "pending", "job.succeeded")
         ]
+
+
+def test_a_429_pauses_the_model_for_the_jobs_that_follow(
+    harness: Harness, make_job: MakeJob, job_of: JobOf
+) -> None:
+    throttled = make_job("[[sim:429 x1]] Say hello.")
+
+    assert harness.runner.run(throttled) == "retrying"
+    # The simulator's 429 says retry-after: 1; no retry comes sooner.
+    [retry] = harness.published
+    assert retry.countdown is not None and retry.countdown >= 1
+
+    next_job = make_job("Another one.")
+    assert harness.runner.run(next_job) == "waiting"
+    assert job_of(next_job).waiting_for == "upstream_backoff"
+    assert harness.upstream.calls == 1
