@@ -16,8 +16,7 @@ from typing import Any
 
 import pytest
 import requests
-from helpers import auth, default_sigint
-from test_cli import clean_env, promptq
+from helpers import auth, clean_env, default_sigint, run_promptq
 
 from promptq.runs import RunFileError, RunSpec, read_rows
 
@@ -96,7 +95,7 @@ def test_a_thousand_rows_run_once_and_come_back_in_order(
     calls_before = simulator.stats()["calls"]
 
     args = ["run", str(source), "--prompt", "Write about {{ topic }} ({{ id }})"]
-    first = promptq(
+    first = run_promptq(
         *args,
         "--model",
         "claude-haiku-4-5",
@@ -132,7 +131,7 @@ def test_a_thousand_rows_run_once_and_come_back_in_order(
     assert simulator.stats()["calls"] - calls_before == 999
 
     # The same command again is the same run: nothing is sent twice.
-    again = promptq(
+    again = run_promptq(
         *args,
         "--model",
         "claude-haiku-4-5",
@@ -215,9 +214,11 @@ def test_usage_errors_say_what_to_give(api_server: str, api_key: str, tmp_path: 
     source = tmp_path / "in.csv"
     source.write_text("a\n1\n")
     env = run_env(api_server, api_key)
-    neither = promptq("run", str(source), env=env, check=False)
+    neither = run_promptq("run", str(source), env=env, check=False)
     assert neither.returncode == 2 and "--prompt TEMPLATE or --template NAME" in neither.stderr
-    bad_out = promptq("run", str(source), "--prompt", "x", "--out", "r.txt", env=env, check=False)
+    bad_out = run_promptq(
+        "run", str(source), "--prompt", "x", "--out", "r.txt", env=env, check=False
+    )
     assert bad_out.returncode == 1 and ".csv or .jsonl" in bad_out.stderr
-    missing = promptq("run", str(source), "--template", "nope", env=env, check=False)
+    missing = run_promptq("run", str(source), "--template", "nope", env=env, check=False)
     assert missing.returncode == 1 and "404" in missing.stderr and "nope" in missing.stderr
