@@ -16,7 +16,7 @@ from api.body_limit import BodySizeLimit
 from api.broker import BrokerCheck
 from api.control_chars import RefuseControlCharacters
 from api.errors import install_error_handlers
-from api.finished import FinishedJobs
+from api.listener import FinishedJobs
 from api.open_requests import OpenRequests
 from api.publisher import BrokerPublisher, Publisher
 from api.routes import (
@@ -32,18 +32,23 @@ from api.routes import (
     webhooks,
 )
 from api.routes.batches import BATCHES_PATH
+from promptq.broker.celery_app import broker_url
 from promptq.catalog import ModelCatalog
 from promptq.config import Settings, get_settings
-from promptq.jobs.schemas import JobCreate
+from promptq.jobspec.schemas import JobCreate
 from promptq.pricing import PriceTable
 from promptq.ratelimit.quota import RateQuota
 from promptq.ratelimit.table import LimitTable
-from promptq.redis_roles import redis_client
+from promptq.redis_roles import redis_client, role_url
 from promptq.upstream import UpstreamClient
 
 
 def create_app(settings: Settings | None = None, publish: Publisher | None = None) -> FastAPI:
     settings = settings or get_settings()
+    # Refused here when a role has no Redis (its own URL, else PROMPTQ_REDIS_URL):
+    # everything below may count on each (promptq.redis_roles says which holds what).
+    broker_redis_url = broker_url(settings)
+    limiter_url, events_url = role_url(settings, "limiter"), role_url(settings, "events")
     app = FastAPI(
         title="promptq",
         version="0.1.0",
@@ -52,19 +57,15 @@ def create_app(settings: Settings | None = None, publish: Publisher | None = Non
         lifespan=_lifespan,
     )
     app.state.settings = settings
-    events_url = settings.redis_url_for("events")
-    app.state.finished = (
-        FinishedJobs(events_url, on_key_changed=forget_key, on_hearing=hear_key_changes)
-        if events_url
-        else None
+    app.state.finished = FinishedJobs(
+        events_url, on_key_changed=forget_key, on_hearing=hear_key_changes
     )
     broker = BrokerPublisher.for_settings(settings)
     app.state.celery = broker.app
     app.state.publish = publish or broker.job
     app.state.deliver = broker.delivery
-    broker_url, limiter_url = settings.redis_url_for("broker"), settings.redis_url_for("limiter")
-    app.state.broker = BrokerCheck(broker_url) if broker_url else None
-    app.state.quotas = RateQuota(redis_client(limiter_url)) if limiter_url else None
+    app.state.broker = BrokerCheck(broker_redis_url)
+    app.state.quotas = RateQuota(redis_client(limiter_url))
     app.state.open_requests = OpenRequests(
         settings.key_max_open_requests, settings.max_open_requests
     )
@@ -110,12 +111,10 @@ def create_app(settings: Settings | None = None, publish: Publisher | None = Non
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    finished: FinishedJobs | None = app.state.finished
-    if finished is not None:
-        finished.start()
+    finished: FinishedJobs = app.state.finished
+    finished.start()
     yield
-    if finished is not None:
-        await finished.stop()
+    await finished.stop()
 
 
 def _document_manual_bodies(app: FastAPI) -> None:

@@ -2,7 +2,7 @@
 
 Every request needs its key, so a key found once is kept for a few seconds: this saves a
 database round trip per request at intake rates of hundreds per second. A revocation or an
-update is announced over Redis and the key is dropped at once (api.finished hears it); while
+update is announced over Redis and the key is dropped at once (api.listener hears it); while
 that subscription is down, one could go unheard, so the cache is not used then.
 """
 

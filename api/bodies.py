@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from api.errors import ApiError
-from promptq.jobs.schemas import MAX_JSON_DEPTH, json_depth
+from promptq.jobspec.schemas import MAX_JSON_DEPTH, json_depth
 
 TOO_DEEP = f"body nests deeper than {MAX_JSON_DEPTH} levels"
 

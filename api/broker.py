@@ -11,7 +11,7 @@ import time
 
 import redis
 
-from api.errors import RETRY_AFTER_SECONDS, ApiError
+from promptq.errors import Unavailable
 from promptq.redis_roles import redis_client
 
 CHECK_EVERY_SECONDS = 1.0
@@ -35,13 +35,10 @@ class BrokerCheck:
         return self._answers
 
 
-def require_broker(check: BrokerCheck | None, what: str) -> None:
+def require_broker(check: BrokerCheck, what: str) -> None:
     """A 503 before anything is stored when the broker is away (`what`: "job", "batch")."""
-    if check is not None and not check.answers():
-        raise ApiError(
-            503,
+    if not check.answers():
+        raise Unavailable(
             f"the broker (Redis) is not answering, so the {what} was not accepted; retry in a "
-            "few seconds",
-            "service_unavailable",
-            headers={"Retry-After": RETRY_AFTER_SECONDS},
+            "few seconds"
         )

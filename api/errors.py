@@ -1,4 +1,8 @@
-"""Every error a client sees has one shape: {"error": {"type": ..., "message": ...}}."""
+"""Every error a client sees has one shape: {"error": {"type": ..., "message": ...}}, with
+`"type": "error"` on top on the Anthropic-compatible paths.
+
+Domain errors come from one tree (promptq.errors): its root is mapped here once, with the
+status and type each branch carries, so no route translates an error itself."""
 
 from __future__ import annotations
 
@@ -13,24 +17,11 @@ from pydantic import ValidationError
 from sqlalchemy import exc as sqlalchemy_errors
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from promptq.budgets import BudgetExceeded
-from promptq.budgets.priceable import NotPriceable
 from promptq.db import TRANSIENT_DATABASE_ERRORS
-from promptq.jobs.errors import InvalidJob, JobConflict, JobError, JobNotFound
-from promptq.jobs.schemas import MAX_JSON_DEPTH, json_depth
-from promptq.keys.policy import ModelNotAllowed
-from promptq.quotas import QuotaExceeded
+from promptq.errors import InvalidRequest, PromptqError, Unavailable
+from promptq.jobspec.schemas import MAX_JSON_DEPTH, json_depth
 from promptq.validation import describe_validation_errors
 
-STATUS_BY_ERROR: dict[type[JobError], int] = {
-    InvalidJob: 422,
-    BudgetExceeded: 402,
-    NotPriceable: 403,
-    ModelNotAllowed: 403,
-    JobNotFound: 404,
-    JobConflict: 409,
-    QuotaExceeded: 429,
-}
 TYPE_BY_STATUS = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -46,7 +37,10 @@ TYPE_BY_STATUS = {
 }
 
 
-class ApiError(Exception):
+class ApiError(PromptqError):
+    """An answer the edge decides on itself (a body it cannot read, a missing key), with
+    its status given here rather than by a branch of the tree."""
+
     def __init__(
         self,
         status: int,
@@ -96,17 +90,15 @@ def error_response(
     )
 
 
-RETRY_AFTER_SECONDS = "5"
+def tree_error_response(exc: PromptqError, request: Request) -> JSONResponse:
+    """The answer to an error of promptq.errors' tree, in the shape of the request's path."""
+    status = answer_status(exc, request.url.path)
+    return error_response(status, str(exc), exc.error_type, answer_headers(exc), request)
 
 
-def dependency_unavailable(what: str, request: Request | None = None) -> JSONResponse:
-    return error_response(
-        503,
-        f"{what} is not answering right now, so nothing was done; retry in a few seconds",
-        "service_unavailable",
-        headers={"Retry-After": RETRY_AFTER_SECONDS},
-        request=request,
-    )
+def dependency_unavailable(what: str, request: Request) -> JSONResponse:
+    message = f"{what} is not answering right now, so nothing was done; retry in a few seconds"
+    return tree_error_response(Unavailable(message), request)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -132,19 +124,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _redis_error(request: Request, __: Exception) -> JSONResponse:
         return dependency_unavailable("Redis", request)
 
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.error_type, exc.headers, request)
-
-    @app.exception_handler(JobError)
-    async def _job_error(request: Request, exc: JobError) -> JSONResponse:
-        status = STATUS_BY_ERROR.get(type(exc), 422)
-        if status == 422:
-            status = refusal_status(request.url.path)
-        headers = None
-        if isinstance(exc, QuotaExceeded):
-            headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_seconds)))}
-        return error_response(status, str(exc), exc.error_type, headers, request=request)
+    @app.exception_handler(PromptqError)
+    async def _promptq_error(request: Request, exc: PromptqError) -> JSONResponse:
+        return tree_error_response(exc, request)
 
     @app.exception_handler(RequestValidationError)
     async def _request_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -169,6 +151,21 @@ def install_error_handlers(app: FastAPI) -> None:
             message = "method not allowed on this endpoint; see /docs for the API"
         headers = getattr(exc, "headers", None)
         return error_response(exc.status_code, message, headers=headers, request=request)
+
+
+def answer_status(exc: PromptqError, path: str) -> int:
+    """The status an error of the tree is answered with on `path`: its branch's, except that
+    a refused request follows the refusal rule (422 here, 400 on the Anthropic paths)."""
+    return refusal_status(path) if isinstance(exc, InvalidRequest) else exc.status
+
+
+def answer_headers(exc: PromptqError) -> dict[str, str] | None:
+    """The headers that go with an error of the tree: the edge's own, and Retry-After when
+    the error knows when to try again."""
+    headers = dict(exc.headers or {}) if isinstance(exc, ApiError) else {}
+    if exc.retry_after_seconds is not None:
+        headers.setdefault("Retry-After", str(max(1, math.ceil(exc.retry_after_seconds))))
+    return headers or None
 
 
 def unreadable_body(errors: list[Any], body: Any) -> str | None:

@@ -10,9 +10,9 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from api.errors import ApiError
+from promptq.errors import RateLimited, Unavailable
 
-RETRY_AFTER_SECONDS = "5"
+RETRY_AFTER_SECONDS = 5.0
 
 
 class OpenRequests:
@@ -26,22 +26,19 @@ class OpenRequests:
     def hold(self, key_id: str, per_key: float | None = None) -> Iterator[None]:
         most = self.per_key if per_key is None else per_key
         if self._by_key[key_id] >= most:
-            raise ApiError(
-                429,
+            raise RateLimited(
                 f"this API key holds {most:g} requests open on this promptq process "
                 "already (PROMPTQ_KEY_MAX_OPEN_REQUESTS, or the key's own quota): wait for "
                 "one to finish, or submit without waiting and poll GET /v1/jobs/ID or take a "
                 "webhook",
-                "rate_limit_error",
-                headers={"Retry-After": RETRY_AFTER_SECONDS},
+                RETRY_AFTER_SECONDS,
             )
         if sum(self._by_key.values()) >= self.total:
-            raise ApiError(
-                503,
+            raise Unavailable(
                 f"this promptq process holds {self.total} requests open already "
                 "(PROMPTQ_MAX_OPEN_REQUESTS); retry shortly, or poll GET /v1/jobs/ID instead "
                 "of waiting",
-                headers={"Retry-After": RETRY_AFTER_SECONDS},
+                RETRY_AFTER_SECONDS,
             )
         self._by_key[key_id] += 1
         try:

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 from celery import Celery
 
+from promptq.broker.celery_app import create_celery
+from promptq.broker.publish import publish_batch, publish_delivery, publish_job
 from promptq.config import Settings
 
 log = logging.getLogger(__name__)
@@ -24,23 +26,15 @@ class BrokerPublisher:
 
     @classmethod
     def for_settings(cls, settings: Settings) -> BrokerPublisher:
-        from worker.app import create_celery
-
         return cls(create_celery(settings))
 
     def job(self, job_id: str, priority: str) -> None:
-        from worker.publish import publish_job
-
         self._quietly(f"job {job_id}", lambda: publish_job(self.app, job_id, priority))
 
     def batch(self, batch_id: str) -> None:
-        from worker.publish import publish_batch
-
         self._quietly(f"batch {batch_id}'s requests", lambda: publish_batch(self.app, batch_id))
 
     def delivery(self, delivery_id: str) -> None:
-        from worker.publish import publish_delivery
-
         self._quietly(f"delivery {delivery_id}", lambda: publish_delivery(self.app, delivery_id))
 
     @staticmethod

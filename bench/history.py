@@ -1,28 +1,33 @@
-"""Flat cost at any history: the same running stack measured on an empty database, then after
-N finished jobs are stored, in one run.
+"""Flat cost at any history: two identical running stacks, one on an empty database and one
+on a database holding N finished jobs, measured in alternation in one run.
 
     .venv/bin/python bench/history.py --jobs 1000000 --redis-url redis://127.0.0.1:6379/9
     .venv/bin/python bench/history.py                       # the issue's 10,000,000 jobs
 
-One API process, one worker (the simulator as upstream, 50 ms per call) and a budgeted key.
-The history is stored in bulk (INSERT ... SELECT, not through the API), the way the code
-leaves it: jobs of the budgeted key and three others, ended over the past 90 days (so that
-about two thirds are older than the 30-day retention), an attempt and a webhook delivery per
-job, their hours in the rollups and their costs in the ledger. Measured before and after:
-intake p50/p99 for the budgeted key, 100 of its jobs end to end, a job read, a list page,
-`/metrics`, `/v1/usage` (the key's and the admin's, each group_by), `/dashboard`, one
-sweeper pass (in this process, the real functions); after: a prune's throughput (rows/s,
-for --prune-seconds) and the database size per stored job. Progress goes to stderr; stdout
-is Markdown, ready to paste into the README.
+Each stack: one API process, one worker (the simulator as upstream, 50 ms per call), its
+own PostgreSQL database and Redis database, and a key with a monthly budget. The history
+is stored in bulk (INSERT ... SELECT, not through the API), the way the code leaves it:
+jobs of the budgeted key and three others, ended over the past 90 days (so that about two
+thirds are older than the 30-day retention), an attempt and a webhook delivery per job,
+their hours in the rollups and their costs in the ledger. Measured on both, in --rounds
+rounds that alternate which side goes first (so that whatever else the machine is doing
+weighs on both sides alike): intake p50/p99 for the budgeted key, 100 of its jobs end to
+end, a job read, a list page, `/metrics`, `/v1/usage` (the key's and the admin's, each
+group_by), `/dashboard`, one sweeper pass (in this process, the real functions); then, on
+the history side, a prune's throughput (rows/s, for --prune-seconds) and the database size
+per stored job. Progress goes to stderr; stdout is Markdown, ready to paste into the README.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
+from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -30,6 +35,7 @@ from typing import Any
 
 import requests
 from sqlalchemy import text
+from sqlalchemy.engine import Engine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -38,8 +44,10 @@ from _stack import (
     add_store_options,
     bench_engine,
     bench_run,
+    flush_redis,
     log,
     percentile,
+    provision_database,
     stack_env,
     start_api,
     start_worker,
@@ -202,17 +210,33 @@ def get(url: str, token: str, **params: Any) -> Callable[[], None]:
     return call
 
 
-def end_to_end(api: str, auth: dict[str, str], engine: Any) -> float:
+@dataclass
+class Side:
+    """One of the two stacks, and every timing taken on it (seconds, by measure)."""
+
+    name: str
+    api: str
+    plain: str
+    engine: Engine
+    settings: Any
+    samples: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.plain}"}
+
+
+def end_to_end(side: Side) -> float:
     """Seconds from the first of 100 submissions until the last of those jobs has ended."""
     started = time.perf_counter()
     batch = []
     for index in range(100):
         body = {"prompt": f"end to end {index} {time.time()}", "max_tokens": 16}
-        response = requests.post(f"{api}/v1/jobs", json=body, headers=auth, timeout=60)
+        response = requests.post(f"{side.api}/v1/jobs", json=body, headers=side.auth, timeout=60)
         response.raise_for_status()
         batch.append(response.json()["id"])
     while True:
-        with engine.connect() as connection:
+        with side.engine.connect() as connection:
             left = connection.execute(
                 text(
                     "SELECT COUNT(*) FROM jobs WHERE id = ANY(:ids) "
@@ -227,67 +251,69 @@ def end_to_end(api: str, auth: dict[str, str], engine: Any) -> float:
         time.sleep(0.02)
 
 
-def measure(api: str, plain: str, engine: Any, settings: Any, args: argparse.Namespace) -> dict:
-    """Every figure of one side (before or after), in seconds."""
-    figures: dict[str, float] = {}
-    auth = {"Authorization": f"Bearer {plain}"}
-    intake = []
-    ids = []
-    for index in range(args.intake):
+def measure_round(side: Side, intake: int) -> None:
+    """One round of every measure on one side, its timings added to the side's samples."""
+    job_id = ""
+    for index in range(intake):
         body = {"prompt": f"intake {index} {time.time()}", "max_tokens": 16}
         started = time.perf_counter()
-        response = requests.post(f"{api}/v1/jobs", json=body, headers=auth, timeout=60)
-        intake.append(time.perf_counter() - started)
+        response = requests.post(f"{side.api}/v1/jobs", json=body, headers=side.auth, timeout=60)
+        side.samples["intake"].append(time.perf_counter() - started)
         response.raise_for_status()
-        ids.append(response.json()["id"])
-    figures["intake p50"] = statistics.median(intake)
-    figures["intake p99"] = percentile(intake, 99)
-    # 100 jobs end to end, submitted at once, until the last one has ended: the median of
-    # three rounds, since one round moves by a second with what else the box is doing.
-    figures["100 jobs end to end"] = statistics.median(
-        end_to_end(api, auth, engine) for _ in range(args.rounds)
+        job_id = response.json()["id"]
+    side.samples["100 jobs end to end"].append(end_to_end(side))
+    api, plain = side.api, side.plain
+    side.samples["job read"] += timed(get(f"{api}/v1/jobs/{job_id}", plain), 10)
+    side.samples["list page"] += timed(get(f"{api}/v1/jobs", plain, limit=20), 10)
+    side.samples["/metrics"] += timed(
+        lambda: requests.get(f"{api}/metrics", timeout=120).raise_for_status(), 3
     )
-    figures["job read"] = statistics.median(timed(get(f"{api}/v1/jobs/{ids[-1]}", plain), 30))
-    figures["list page"] = statistics.median(timed(get(f"{api}/v1/jobs", plain, limit=20), 30))
-    scrapes = timed(lambda: requests.get(f"{api}/metrics", timeout=120).raise_for_status(), 6)
-    figures["/metrics"] = statistics.median(scrapes[1:])  # the first warms the closed hours
-    for group_by in ("model", "key", "day"):
-        figures[f"usage key {group_by}"] = statistics.median(
-            timed(get(f"{api}/v1/usage", plain, group_by=group_by), 5)
-        )
-        figures[f"usage admin {group_by}"] = statistics.median(
-            timed(get(f"{api}/v1/usage", ADMIN_TOKEN, group_by=group_by), 5)
-        )
-    figures["/dashboard (key)"] = statistics.median(timed(get(f"{api}/dashboard", plain), 5))
-    figures["/dashboard (admin)"] = statistics.median(
-        timed(get(f"{api}/dashboard", ADMIN_TOKEN), 5)
-    )
-    figures["sweeper pass"] = statistics.median(timed(lambda: sweep_pass(settings), 5))
-    return figures
+    for who, token in (("key", plain), ("admin", ADMIN_TOKEN)):
+        for group_by in ("model", "key", "day"):
+            side.samples[f"/v1/usage {who}, by {group_by}"] += timed(
+                get(f"{api}/v1/usage", token, group_by=group_by), 3
+            )
+    for who, token in (("key", plain), ("admin", ADMIN_TOKEN)):
+        side.samples[f"/dashboard ({who})"] += timed(get(f"{api}/dashboard", token), 3)
+    side.samples["sweeper pass"] += timed(lambda: sweep_pass(side.settings), 3)
 
 
-def warm_up(api: str, plain: str) -> None:
+def figures(side: Side) -> dict[str, float]:
+    """Each measure's median over every round (intake: its p50 and p99)."""
+    result: dict[str, float] = {}
+    for name, values in side.samples.items():
+        if name == "intake":
+            result["intake p50"] = statistics.median(values)
+            result["intake p99"] = percentile(values, 99)
+        else:
+            result[name] = statistics.median(values)
+    return result
+
+
+def warm_up(side: Side) -> None:
     """A round of every request, not timed: the first measures would otherwise pay for cold
-    connection pools and first-time imports, and flatter the side measured second."""
-    auth = {"Authorization": f"Bearer {plain}"}
+    connection pools and first-time imports."""
     for index in range(20):
         body = {"prompt": f"warm up {index} {time.time()}", "max_tokens": 16}
-        requests.post(f"{api}/v1/jobs", json=body, headers=auth, timeout=60).raise_for_status()
-    get(f"{api}/v1/jobs", plain, limit=20)()
-    requests.get(f"{api}/metrics", timeout=120).raise_for_status()
-    for token in (plain, ADMIN_TOKEN):
+        requests.post(
+            f"{side.api}/v1/jobs", json=body, headers=side.auth, timeout=60
+        ).raise_for_status()
+    get(f"{side.api}/v1/jobs", side.plain, limit=20)()
+    requests.get(f"{side.api}/metrics", timeout=120).raise_for_status()
+    for token in (side.plain, ADMIN_TOKEN):
         for group_by in ("model", "key", "day"):
-            get(f"{api}/v1/usage", token, group_by=group_by)()
-        get(f"{api}/dashboard", token)()
+            get(f"{side.api}/v1/usage", token, group_by=group_by)()
+        get(f"{side.api}/dashboard", token)()
+    sweep_pass(side.settings)
 
 
 def sweep_pass(settings: Any) -> None:
     """What promptq.sweep does in the database (the Redis side is the same either way)."""
     from promptq.batches.service import expire_and_close
+    from promptq.clock import utcnow
     from promptq.db import session_scope
+    from promptq.jobs.backfill import backfill
     from promptq.jobs.sweeping import reclaim_expired, walk_stale
-    from promptq.rollups.backfill import backfill
-    from promptq.types import utcnow
     from promptq.webhooks import deliveries
 
     with session_scope(settings.database_url) as session:
@@ -300,78 +326,142 @@ def sweep_pass(settings: Any) -> None:
         deliveries.due(session, utcnow() - timedelta(seconds=2))
 
 
+def start_side(
+    stack: contextlib.ExitStack,
+    setup: Any,
+    name: str,
+    database_url: str,
+    redis_url: str,
+    upstream_url: str,
+) -> Side:
+    """A stack of its own (API, worker, budgeted key, three other keys) on the given stores."""
+    from promptq.config import Settings
+
+    workdir = setup.workdir / name
+    workdir.mkdir()
+    env = stack_env(
+        setup,
+        write_limits_file(workdir),
+        {
+            "PROMPTQ_DATABASE_URL": database_url,
+            "PROMPTQ_REDIS_URL": redis_url,
+            "PROMPTQ_UPSTREAM_URL": upstream_url,
+            "PROMPTQ_ADMIN_TOKEN": ADMIN_TOKEN,
+        },
+    )
+    _, plain = make_key(database_url, "budgeted", Decimal(1_000_000))
+    for index in range(3):
+        make_key(database_url, f"other {index}", None)
+    _, api = start_api(stack, env, workdir, name=f"{name}-api")
+    start_worker(stack, env, workdir, concurrency=32, name=f"{name}-worker")
+    settings = Settings(database_url=database_url, redis_url=redis_url)
+    return Side(name, api, plain, bench_engine(stack, database_url), settings)
+
+
+def key_ids(engine: Engine) -> tuple[str, list[str]]:
+    """The budgeted key's id and the others', as start_side made them."""
+    with engine.connect() as connection:
+        rows = connection.execute(text("SELECT id, name FROM api_keys ORDER BY name")).all()
+    budgeted = next(row.id for row in rows if row.name == "budgeted")
+    return budgeted, [row.id for row in rows if row.name != "budgeted"]
+
+
+def second_redis_url(url: str, stack: contextlib.ExitStack) -> str:
+    """The next Redis database on the same server, flushed now and when the run ends."""
+    base, _, number = url.rpartition("/")
+    other = f"{base}/{(int(number or 0) + 1) % 16}"
+    flush_redis(other)
+    stack.callback(flush_redis, other)
+    return other
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=10_000_000, help="jobs stored (10000000)")
-    parser.add_argument("--intake", type=int, default=200, help="intake requests timed (200)")
-    parser.add_argument("--rounds", type=int, default=3, help="end-to-end rounds, median taken (3)")
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="rounds of every measure on each side (5)"
+    )
+    parser.add_argument(
+        "--intake", type=int, default=60, help="intake requests timed per round and side (60)"
+    )
     parser.add_argument(
         "--prune-seconds", type=float, default=30.0, help="how long the prune runs (30)"
     )
-    add_store_options(parser, DEFAULT_REDIS_URL, "flushed before and after the run")
+    add_store_options(
+        parser, DEFAULT_REDIS_URL, "flushed before and after the run (and the next database)"
+    )
     args = parser.parse_args()
+    if args.database_url or args.sqlite:
+        parser.error("the history benchmark makes its own two PostgreSQL databases")
 
-    from promptq.config import Settings
     from promptq.simulator import Simulator, SimulatorConfig
 
     with bench_run(args, DEFAULT_REDIS_URL) as (stack, setup):
-        if setup.database.kind != "PostgreSQL":
-            parser.error("the history benchmark fills PostgreSQL (generate_series)")
         simulator = Simulator(SimulatorConfig(latency=0.05))
         stack.callback(simulator.stop)
         simulator.start()
-        env = stack_env(
-            setup,
-            write_limits_file(setup.workdir),
-            {"PROMPTQ_UPSTREAM_URL": simulator.url, "PROMPTQ_ADMIN_TOKEN": ADMIN_TOKEN},
+        history_url = provision_database(stack, None, False, setup.workdir).url
+        empty = start_side(
+            stack, setup, "empty", setup.database.url, setup.redis.url, simulator.url
         )
-        url = setup.database.url
-        settings = Settings(database_url=url, redis_url=setup.redis.url)
-        budgeted, plain = make_key(url, "budgeted", Decimal(1_000_000))
-        others = [make_key(url, f"other {i}", None)[0] for i in range(3)]
-        _, api = start_api(stack, env, setup.workdir)
-        start_worker(stack, env, setup.workdir, concurrency=32)
-        engine = bench_engine(stack, url)
-
-        warm_up(api, plain)
-        log("measuring on the empty database")
-        before = measure(api, plain, engine, settings, args)
+        full = start_side(
+            stack,
+            setup,
+            "history",
+            history_url,
+            second_redis_url(setup.redis.url, stack),
+            simulator.url,
+        )
         started = time.perf_counter()
-        fill(engine, budgeted, others, args.jobs)
+        budgeted, others = key_ids(full.engine)
+        fill(full.engine, budgeted, others, args.jobs)
         log(f"{args.jobs:,} jobs stored in {time.perf_counter() - started:.0f} s")
-        log("measuring with the history")
-        after = measure(api, plain, engine, settings, args)
 
-        with engine.connect() as connection:
+        for side in (empty, full):
+            warm_up(side)
+        for round_number in range(args.rounds):
+            order = (empty, full) if round_number % 2 == 0 else (full, empty)
+            for side in order:
+                log(f"round {round_number + 1} of {args.rounds}: {side.name}")
+                measure_round(side, args.intake)
+        before, after = figures(empty), figures(full)
+
+        with full.engine.connect() as connection:
             size = connection.execute(text("SELECT pg_database_size(current_database())"))
             stored = connection.execute(text("SELECT COUNT(*) FROM jobs")).scalar_one()
             per_job = size.scalar_one() / stored
         from promptq import retention
 
         prune = retention.prune(
-            settings.model_copy(update={"retention_days": 30}),
+            full.settings.model_copy(update={"retention_days": 30}),
             budget_seconds=args.prune_seconds,
         )
         log(prune.describe())
 
         rows = []
-        for name, empty in before.items():
-            full = after[name]
+        for name, plain_figure in before.items():
+            full_figure = after[name]
             rows.append(
                 [
                     name,
-                    f"{empty * 1000:,.0f} ms",
-                    f"{full * 1000:,.0f} ms",
-                    f"{full / empty:.2f}x" if empty else "-",
+                    f"{plain_figure * 1000:,.1f} ms",
+                    f"{full_figure * 1000:,.1f} ms",
+                    f"{full_figure / plain_figure:.2f}x" if plain_figure else "-",
+                    f"{(full_figure - plain_figure) * 1000:+,.1f} ms",
                 ]
             )
         lines = report_start("History", setup)
         lines += [
-            f"One API process, one worker (32 threads), the simulator at 50 ms; a key with a "
-            f"monthly budget. After: {args.jobs:,} ended jobs stored (with an attempt and a "
-            "webhook delivery each, over 90 days), their rollups and ledger rows.",
+            f"Two identical stacks (one API process, one worker with 32 threads, the simulator "
+            f"at 50 ms, a key with a monthly budget), one on an empty database and one on "
+            f"{args.jobs:,} ended jobs (an attempt and a webhook delivery each, over 90 days, "
+            f"their rollups and ledger rows), measured in {args.rounds} alternating rounds: "
+            "medians of every round.",
             "",
-            markdown_table(["Measure", "empty database", f"{args.jobs:,} jobs", "ratio"], rows),
+            markdown_table(
+                ["Measure", "empty database", f"{args.jobs:,} jobs", "ratio", "difference"],
+                rows,
+            ),
             "",
             f"Database size per stored job: {per_job:,.0f} bytes. Prune: {prune.describe()}.",
         ]

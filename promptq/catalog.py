@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from promptq.errors import InvalidRequest, NotFound
 from promptq.models import ApiKey
 from promptq.patterns import longest_match
 from promptq.pricing import PriceTable
@@ -38,11 +39,11 @@ UNKNOWN_CREATED_AT = datetime(1970, 1, 1, tzinfo=UTC)
 _GLOB = re.compile(r"[*?\[\]]")
 
 
-class UnknownModel(LookupError):
+class UnknownModel(NotFound, LookupError):
     pass
 
 
-class BadCursor(ValueError):
+class BadCursor(InvalidRequest, ValueError):
     pass
 
 

@@ -8,18 +8,16 @@ from __future__ import annotations
 import ipaddress
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import Literal, get_args
 from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-if TYPE_CHECKING:
-    from promptq.webhooks.ssrf import WebhookAllow
+from promptq.redis_roles import RedisRole, check_url
+from promptq.webhook_allow import IPNetwork, WebhookAllow
 
 DEFAULT_UPSTREAM_URL = "https://api.cometapi.com"
-# The parts of promptq that may each have a Redis of their own (promptq.redis_roles).
-RedisRole = Literal["broker", "limiter", "events"]
 
 
 class Settings(BaseSettings):
@@ -177,8 +175,6 @@ class Settings(BaseSettings):
     @classmethod
     def _redis_url_parses(cls, value: str | None) -> str | None:
         if value is not None:
-            from promptq.redis_roles import check_url
-
             check_url(value)  # a ValueError says what is wrong
         return value
 
@@ -193,8 +189,6 @@ class Settings(BaseSettings):
     @field_validator("webhook_allow")
     @classmethod
     def _webhook_allow_parses(cls, value: str) -> str:
-        from promptq.webhooks.ssrf import WebhookAllow
-
         WebhookAllow.parse(value)  # a ValueError names the entry
         return value
 
@@ -210,8 +204,6 @@ class Settings(BaseSettings):
 
     @property
     def webhook_allow_list(self) -> WebhookAllow:
-        from promptq.webhooks.ssrf import WebhookAllow
-
         return WebhookAllow.parse(self.webhook_allow)
 
     @property
@@ -265,9 +257,6 @@ def is_loopback_url(url: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def _networks(text: str) -> tuple[IPNetwork, ...]:

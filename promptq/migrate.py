@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from alembic import command
 from alembic.config import Config
 
 import migrations
-
-if TYPE_CHECKING:
-    from promptq.rollups.backfill import BackfillReport
+from promptq.db import get_engine
+from promptq.jobs.backfill import BackfillReport, backfill
 
 
 def alembic_config(database_url: str) -> Config:
@@ -27,8 +25,6 @@ def upgrade(database_url: str, revision: str = "head") -> BackfillReport | None:
     command.upgrade(alembic_config(database_url), revision)
     if revision != "head":
         return None
-    from promptq.rollups.backfill import backfill
-
     return backfill(database_url)
 
 
@@ -36,8 +32,6 @@ def schema_revisions(database_url: str) -> tuple[str | None, str]:
     """(the database's revision, or None before the first migration; the code's head)."""
     from alembic.runtime.migration import MigrationContext
     from alembic.script import ScriptDirectory
-
-    from promptq.db import get_engine
 
     head = ScriptDirectory.from_config(alembic_config(database_url)).get_current_head()
     assert head is not None

@@ -22,7 +22,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from promptq.types import Money, UTCDateTime, utcnow
+from promptq.clock import utcnow
+from promptq.types import Money, UTCDateTime
 
 
 class Base(DeclarativeBase):
@@ -179,7 +180,7 @@ class Job(Base):
     # features (and the parameters only they accept) work through promptq as they do direct.
     anthropic_beta: Mapped[str | None] = mapped_column(String(500))
     # 1 once the job's end is in the spend ledger, the usage rollup and its batch's counts:
-    # set by the transaction that ends it (or by promptq.rollups.backfill for jobs ended
+    # set by the transaction that ends it (or by promptq.jobs.backfill for jobs ended
     # before those existed), so that each end is counted exactly once.
     accounted: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 

@@ -9,14 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from promptq.types import utcnow
+from promptq.clock import utcnow
+from promptq.errors import InvalidRequest
 
 EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
 LATEST = datetime(2100, 1, 1, tzinfo=UTC)
 MAX_SPAN = timedelta(days=3660)
 
 
-class PeriodError(ValueError):
+class PeriodError(InvalidRequest, ValueError):
     """A date or range that cannot be used; the message names it and says what to send."""
 
 

@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from promptq.config import Settings
-from promptq.jobs.errors import JobError
+from promptq.errors import RateLimited
 from promptq.keys.policy import quota
 from promptq.models import (
     RUNNABLE_STATUSES,
@@ -31,14 +31,8 @@ UNFINISHED_STATUSES = (*RUNNABLE_STATUSES, JobStatus.RUNNING)
 COUNT_RETRY_AFTER_SECONDS = 30.0
 
 
-class QuotaExceeded(JobError):
+class QuotaExceeded(RateLimited):
     """A key reached one of its quotas; the API answers 429 with Retry-After."""
-
-    error_type = "rate_limit_error"
-
-    def __init__(self, message: str, retry_after_seconds: float) -> None:
-        super().__init__(message)
-        self.retry_after_seconds = retry_after_seconds
 
 
 def check_unfinished_jobs(

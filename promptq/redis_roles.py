@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal, Protocol
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import redis
@@ -38,12 +38,12 @@ import redis.asyncio
 import redis.asyncio.sentinel
 import redis.sentinel
 
-from promptq.config import RedisRole as Role
+# Core: this module imports nothing of promptq, so that the settings can check a URL with
+# it when a process starts (promptq.config), as they do PROMPTQ_WEBHOOK_ALLOW.
 
-if TYPE_CHECKING:
-    from promptq.config import Settings
-
-ROLE_SETTINGS: dict[Role, str] = {
+# The parts of promptq that may each have a Redis of their own.
+RedisRole = Literal["broker", "limiter", "events"]
+ROLE_SETTINGS: dict[RedisRole, str] = {
     "broker": "PROMPTQ_BROKER_URL",
     "limiter": "PROMPTQ_LIMITER_REDIS_URL",
     "events": "PROMPTQ_EVENTS_REDIS_URL",
@@ -57,6 +57,12 @@ SENTINEL_TIMEOUT_SECONDS = 2.0
 
 class RedisNotConfigured(RuntimeError):
     pass
+
+
+class RoleUrls(Protocol):
+    """What knows each role's URL: promptq.config.Settings."""
+
+    def redis_url_for(self, role: RedisRole) -> str | None: ...
 
 
 @dataclass(frozen=True)
@@ -151,7 +157,7 @@ def check_url(url: str) -> None:
         )
 
 
-def role_url(settings: Settings, role: Role) -> str:
+def role_url(settings: RoleUrls, role: RedisRole) -> str:
     """The URL of the Redis serving `role`, or RedisNotConfigured naming the settings."""
     url = settings.redis_url_for(role)
     if not url:
@@ -163,7 +169,7 @@ def role_url(settings: Settings, role: Role) -> str:
     return url
 
 
-def client_for(settings: Settings, role: Role, **options: Any) -> redis.Redis:
+def client_for(settings: RoleUrls, role: RedisRole, **options: Any) -> redis.Redis:
     """A client of the Redis serving `role` (options: redis-py's, e.g. socket_timeout)."""
     return redis_client(role_url(settings, role), **options)
 

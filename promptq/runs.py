@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from promptq import templates
 from promptq.config import get_settings
-from promptq.jobs.schemas import JobCreate
+from promptq.jobspec.schemas import JobCreate
 from promptq.models import PromptTemplate
 from promptq.validation import describe_validation_errors
 

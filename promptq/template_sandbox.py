@@ -29,6 +29,8 @@ from jinja2 import StrictUndefined, TemplateSyntaxError, UndefinedError
 from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
+from promptq.errors import InvalidRequest
+
 # Integers may grow to this many bits (about 20,000 decimal digits): far past any count a
 # prompt needs, and cheap to multiply.
 MAX_INT_BITS = 65_536
@@ -44,7 +46,7 @@ START_TIMEOUT_SECONDS = 30.0
 _FORMAT_SPEC = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d+)?(?:\.(\*|\d+))?")
 
 
-class TemplateError(ValueError):
+class TemplateError(InvalidRequest, ValueError):
     """A template, or the payload given to it, that cannot make a prompt; the message says
     which limit or which error."""
 

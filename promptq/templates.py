@@ -9,13 +9,15 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from promptq import template_sandbox
 from promptq.config import Settings
+from promptq.errors import Conflict, NotFound
 from promptq.ids import new_id
-from promptq.jobs.presenter import isoformat
-from promptq.jobs.schemas import JobCreate, ModelName
+from promptq.jobspec.presenter import isoformat
+from promptq.jobspec.schemas import JobCreate, ModelName
 from promptq.models import ApiKey, PromptTemplate
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -24,7 +26,11 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 TemplateError = template_sandbox.TemplateError
 
 
-class TemplateNotFound(LookupError):
+class TemplateNotFound(NotFound, LookupError):
+    pass
+
+
+class TemplateExists(Conflict):
     pass
 
 
@@ -80,7 +86,13 @@ def create(
     template_sandbox.check(sources, limits(settings))
     template = PromptTemplate(id=new_id("tpl"), api_key_id=key.id, **data.model_dump())
     session.add(template)
-    session.flush()
+    try:
+        session.flush()
+    except IntegrityError:
+        # The key's names are unique in the database, so two requests racing for one name
+        # are told the same as the one that comes second. The session is the caller's to
+        # roll back, as after any error.
+        raise TemplateExists(f"a template named {data.name!r} exists; delete it first") from None
     return template
 
 

@@ -6,12 +6,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
+from promptq.broker.publish import publish_delivery, publish_job
 from promptq.config import Settings, get_settings
-from promptq.jobs.finished import announce
+from promptq.jobs.announcements import announce
 from promptq.jobs.leases import LeaseKeeper
 from promptq.jobs.runner import JobRunner
 from promptq.pricing import PriceTable
-from promptq.ratelimit.limiter import Grant, Limiter
+from promptq.ratelimit.limiter import RedisLimiter
+from promptq.ratelimit.protocol import Grant
 from promptq.ratelimit.table import LimitTable
 from promptq.redis_roles import client_for
 from promptq.upstream import UpstreamClient
@@ -22,7 +24,7 @@ from worker.deliveries import DeliveryPool
 @dataclass(frozen=True)
 class WorkerContext:
     settings: Settings
-    limiter: Limiter
+    limiter: RedisLimiter
     leases: LeaseKeeper
     runner: JobRunner
     webhooks: WebhookSender
@@ -32,11 +34,10 @@ class WorkerContext:
 @lru_cache(maxsize=1)
 def worker_context() -> WorkerContext:
     from worker.app import app
-    from worker.publish import publish_delivery, publish_job
 
     settings = get_settings()
     events = client_for(settings, "events")
-    limiter = Limiter(
+    limiter = RedisLimiter(
         client_for(settings, "limiter"),
         LimitTable.load(settings.limits_file),
         slot_lease_seconds=settings.slot_lease_seconds,

@@ -13,8 +13,8 @@ import threading
 
 from celery import Celery
 
-from promptq.ratelimit.limiter import Limiter
-from worker.publish import publish_job
+from promptq.broker.publish import publish_job
+from promptq.ratelimit.protocol import Limiter
 
 log = logging.getLogger(__name__)
 

@@ -14,12 +14,12 @@ from api.bodies import parse_json_body
 from api.broker import require_broker
 from api.deps import ApiKeyDep, SessionDep, SettingsDep
 from api.errors import ApiError
-from api.routes.jobs import check_intake_rate
+from api.intake import check_intake_rate
 from promptq.batches import service
 from promptq.batches.schemas import parse_batch_requests
 from promptq.config import Settings
 from promptq.db import get_sessionmaker
-from promptq.jobs.schemas import anthropic_beta
+from promptq.jobspec.schemas import anthropic_beta
 from promptq.models import ApiKey, BatchStatus
 
 BATCHES_PATH = "/v1/messages/batches"

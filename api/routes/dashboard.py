@@ -35,7 +35,7 @@ from api.errors import ApiError
 from promptq.config import Settings
 from promptq.metrics import LimiterState, read_limiter_state
 from promptq.models import ApiKey
-from promptq.redis_roles import redis_client
+from promptq.redis_roles import redis_client, role_url
 from promptq.reports.dashboard import LimiterReader, build_dashboard
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
@@ -70,16 +70,13 @@ templates = Environment(
 )
 
 
-def _limiter_reader(request: Request, settings: Settings) -> LimiterReader | None:
+def _limiter_reader(request: Request, settings: Settings) -> LimiterReader:
     """The rate limiter's state from Redis; the page shows it as unavailable rather than
     failing when Redis does not answer."""
-    limiter_url = settings.redis_url_for("limiter")
-    if not limiter_url:
-        return None
     client: redis.Redis | None = getattr(request.app.state, "dashboard_redis", None)
     if client is None:
         client = request.app.state.dashboard_redis = redis_client(
-            limiter_url,
+            role_url(settings, "limiter"),
             socket_timeout=REDIS_TIMEOUT_SECONDS,
             socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
         )
@@ -107,12 +104,7 @@ def _sessions(request: Request, settings: Settings) -> DashboardSessions:
     sessions: DashboardSessions | None = getattr(request.app.state, "dashboard_sessions", None)
     if sessions is None:
         # Sessions are promptq's own keys: on the limiter's Redis (promptq.redis_roles).
-        limiter_url = settings.redis_url_for("limiter")
-        if not limiter_url:
-            raise ApiError(
-                503, "dashboard sign-in keeps its sessions in Redis: set PROMPTQ_REDIS_URL"
-            )
-        sessions = DashboardSessions(limiter_url, settings)
+        sessions = DashboardSessions(role_url(settings, "limiter"), settings)
         request.app.state.dashboard_sessions = sessions
     return sessions
 

@@ -11,7 +11,7 @@ from sqlalchemy import text
 from api.deps import SettingsDep
 from promptq.config import Settings
 from promptq.db import get_engine
-from promptq.redis_roles import redis_client
+from promptq.redis_roles import RedisRole, client_for
 
 router = APIRouter(tags=["health"])
 
@@ -41,14 +41,12 @@ def readyz(settings: SettingsDep) -> JSONResponse:
 def _redis_check(settings: Settings) -> str:
     """Whether the Redis of every role answers, one ping per distinct server: "ok", else
     what failed and, where the roles are split, for which roles."""
-    by_url: dict[str | None, list[str]] = {}
+    by_url: dict[str | None, list[RedisRole]] = {}
     for role, url in settings.redis_urls().items():
         by_url.setdefault(url, []).append(role)
-    for url, roles in by_url.items():
+    for roles in by_url.values():
         try:
-            if not url:
-                raise RuntimeError("PROMPTQ_REDIS_URL is not set")
-            client = redis_client(url, socket_timeout=2, socket_connect_timeout=2)
+            client = client_for(settings, roles[0], socket_timeout=2, socket_connect_timeout=2)
             try:
                 client.ping()
             finally:

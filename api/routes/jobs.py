@@ -4,34 +4,27 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import closing
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
-from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 
 from api.auth import request_caller
 from api.bodies import TOO_DEEP, parse_json_body
-from api.broker import require_broker
 from api.deps import ApiKeyDep, SessionDep, SettingsDep
 from api.errors import ApiError, describe_validation_errors
-from api.finished import watching
-from promptq.config import Settings
-from promptq.db import get_sessionmaker, session_scope
+from api.intake import FORM_TYPES, accept_job, read_job
 from promptq.jobs import service
-from promptq.jobs.presenter import job_to_api
-from promptq.jobs.schemas import MAX_JSON_DEPTH, JobCreate, anthropic_beta, json_depth
+from promptq.jobspec.presenter import job_to_api
+from promptq.jobspec.schemas import MAX_JSON_DEPTH, JobCreate, json_depth
 from promptq.keys.policy import quota
 from promptq.models import ApiKey, JobStatus
 from promptq.quotas import QuotaExceeded
 from promptq.webhooks import deliveries
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-
-FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 
 
 async def read_job_create(request: Request) -> JobCreate:
@@ -60,55 +53,6 @@ async def read_job_create(request: Request) -> JobCreate:
         return JobCreate.model_validate(data)
     except ValidationError as exc:
         raise ApiError(422, describe_validation_errors(list(exc.errors()))) from exc
-
-
-# Seconds of a key's intake rate it may spend at once (a client's burst after a pause).
-INTAKE_BURST_SECONDS = 2.0
-
-
-def check_intake_rate(request: Request, settings: Settings, key: ApiKey) -> None:
-    """One of the key's intake requests a second (PROMPTQ_KEY_MAX_REQUESTS_PER_SECOND),
-    shared by every API process; a 429 when they are spent."""
-    quotas = request.app.state.quotas
-    if quotas is None:
-        return
-    per_second = quota(key, settings, "requests_per_second")
-    wait = quotas.take("intake", key.id, per_second * 60, INTAKE_BURST_SECONDS)
-    if wait > 0:
-        raise QuotaExceeded(
-            f"this API key sends more than {per_second:g} jobs a second "
-            "(PROMPTQ_KEY_MAX_REQUESTS_PER_SECOND); slow down, or send many prompts at once "
-            "as a Message Batch (POST /v1/messages/batches)",
-            wait,
-        )
-
-
-def accept_job(
-    request: Request,
-    settings: Settings,
-    key: ApiKey,
-    payload: JobCreate,
-    idempotency_header: str | None,
-) -> dict[str, Any]:
-    """Store, commit, then publish: one trip to the thread pool per job, since intake runs
-    hundreds of times a second. An anthropic-beta header goes with the job to the upstream."""
-    beta = anthropic_beta(request.headers.get("anthropic-beta"))
-    require_broker(request.app.state.broker, "job")
-    check_intake_rate(request, settings, key)
-    with closing(get_sessionmaker(settings.database_url)()) as session:
-        try:
-            outcome = service.create_job(session, settings, key, payload, idempotency_header, beta)
-            session.commit()
-        except IntegrityError:
-            # Another request with the same idempotency key committed first: its job.
-            session.rollback()
-            outcome = service.create_job(session, settings, key, payload, idempotency_header, beta)
-            if outcome.created:
-                raise
-        body = job_to_api(outcome.job)
-    if outcome.created:
-        request.app.state.publish(outcome.job.id, outcome.job.priority)
-    return body
 
 
 @router.post(
@@ -152,20 +96,15 @@ async def wait_for_final(
     request: Request, database_url: str, key: ApiKey, job_id: str, seconds: float
 ) -> dict[str, Any]:
     """The job once it is final, or as it is when time runs out. Woken by the worker's
-    word that it finished (api.finished), and looking at the database now and then."""
+    word that it finished (api.listener), and looking at the database now and then."""
     deadline = time.monotonic() + seconds
-    with watching(request.app.state.finished, job_id) as watch:
+    with request.app.state.finished.watching(job_id) as watch:
         while True:
             body = await run_in_threadpool(read_job, database_url, key, job_id)
             left = deadline - time.monotonic()
             if JobStatus(body["status"]).is_final or left <= 0:
                 return body
             await watch.pause(left)
-
-
-def read_job(database_url: str, key: ApiKey, job_id: str) -> dict[str, Any]:
-    with session_scope(database_url) as session:
-        return job_to_api(service.get_job(session, key, job_id))
 
 
 @router.get("/{job_id}", summary="Get a job")
@@ -221,7 +160,7 @@ def redeliver(
     quotas = request.app.state.quotas
     per_minute = quota(key, settings, "redeliveries_per_minute")
     # The whole minute's worth may go at once: a receiver back from an outage.
-    wait = quotas.take("redeliver", key.id, per_minute, 60.0) if quotas else 0.0
+    wait = quotas.take("redeliver", key.id, per_minute, 60.0)
     if wait > 0:
         raise QuotaExceeded(
             f"this API key asks for more than {per_minute} redeliveries a minute "

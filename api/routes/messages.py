@@ -19,13 +19,11 @@ from api.auth import request_caller
 from api.bodies import parse_json_body
 from api.deps import SettingsDep
 from api.errors import ApiError
-from api.finished import watching
-from api.routes.jobs import accept_job, read_job
+from api.intake import accept_job, read_job
 from promptq.config import Settings
 from promptq.db import session_scope
 from promptq.jobs import service
-from promptq.jobs.errors import JobConflict
-from promptq.jobs.schemas import JobCreate, MessagesRequest, anthropic_beta
+from promptq.jobspec.schemas import JobCreate, MessagesRequest, anthropic_beta
 from promptq.keys.policy import quota
 from promptq.models import ApiKey, JobStatus, Priority
 from promptq.upstream.anthropic_errors import anthropic_error
@@ -105,7 +103,7 @@ async def _await_job(
     """Wait until the job is final. Past the wait, or when the client has gone, a job that
     has not started is canceled, so that it never costs anything."""
     deadline = time.monotonic() + settings.messages_wait_seconds
-    with watching(request.app.state.finished, job["id"]) as watch:
+    with request.app.state.finished.watching(job["id"]) as watch:
         while not JobStatus(job["status"]).is_final:
             gone = await request.is_disconnected()
             if gone or time.monotonic() >= deadline:
@@ -125,9 +123,6 @@ async def _await_job(
 
 
 def _cancel_unless_running(database_url: str, key: ApiKey, job_id: str) -> dict[str, Any]:
-    try:
-        with session_scope(database_url) as session:
-            service.cancel_job(session, key, job_id)
-    except JobConflict:
-        pass  # running or finished: its answer is on its way
+    with session_scope(database_url) as session:
+        service.cancel_unless_started(session, key, job_id)
     return read_job(database_url, key, job_id)

@@ -20,9 +20,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from api.auth import presented_key
 from api.deps import SettingsDep
 from api.errors import ApiError
+from promptq.broker.publish import broker_backlog
 from promptq.config import Settings
 from promptq.metrics import PromptqCollector
-from promptq.redis_roles import redis_client
+from promptq.redis_roles import redis_client, role_url
 
 router = APIRouter(tags=["health"])
 
@@ -74,15 +75,10 @@ def _registry(app: FastAPI, settings: Settings) -> CollectorRegistry:
 
 
 def _collector(app: FastAPI, settings: Settings) -> PromptqCollector:
-    limiter_url = settings.redis_url_for("limiter")
-    if not limiter_url:
-        return PromptqCollector(settings.database_url, None, max_models=settings.metrics_max_models)
-    from worker.publish import broker_backlog
-
     # The limiter's state from its Redis; the broker's backlog from the broker's, through
     # the Celery app that knows where that is.
     client = redis_client(
-        limiter_url,
+        role_url(settings, "limiter"),
         socket_timeout=REDIS_TIMEOUT_SECONDS,
         socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
     )

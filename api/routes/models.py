@@ -9,7 +9,6 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 
 from api.deps import ApiKeyDep
-from api.errors import ApiError
 from promptq import catalog
 
 router = APIRouter(prefix="/v1/models", tags=["anthropic"])
@@ -28,16 +27,10 @@ def list_models(
     before_id: Annotated[str | None, Query(description="the page before this model")] = None,
 ) -> dict[str, Any]:
     models = catalog.allowed_models(key, _catalog(request).models())
-    try:
-        return catalog.page_of(models, limit, after_id, before_id).to_api()
-    except catalog.BadCursor as exc:
-        raise ApiError(400, str(exc)) from None
+    return catalog.page_of(models, limit, after_id, before_id).to_api()
 
 
 @router.get("/{model_id}", summary="Get a model")
 def get_model(model_id: str, request: Request, key: ApiKeyDep) -> dict[str, str]:
     models = catalog.allowed_models(key, _catalog(request).models())
-    try:
-        return catalog.find(models, model_id).to_api()
-    except catalog.UnknownModel as exc:
-        raise ApiError(404, str(exc)) from None
+    return catalog.find(models, model_id).to_api()

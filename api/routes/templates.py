@@ -6,13 +6,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 
 from api.bodies import parse_json_body
 from api.deps import ApiKeyDep, SessionDep, SettingsDep
-from api.errors import ApiError
-from api.routes.jobs import FORM_TYPES, accept_job
+from api.intake import FORM_TYPES, accept_job
 from promptq import quotas, templates
 
 router = APIRouter(prefix="/v1/templates", tags=["templates"])
@@ -23,13 +21,8 @@ def create_template(
     body: templates.TemplateCreate, session: SessionDep, settings: SettingsDep, key: ApiKeyDep
 ) -> JSONResponse:
     quotas.check_templates(session, settings, key)
-    try:
-        template = templates.create(session, settings, key, body)
-        session.commit()
-    except templates.TemplateError as exc:
-        raise ApiError(422, str(exc)) from None
-    except IntegrityError:
-        raise ApiError(409, f"a template named {body.name!r} exists; delete it first") from None
+    template = templates.create(session, settings, key, body)
+    session.commit()
     return JSONResponse(templates.to_api(template), status_code=201)
 
 
@@ -40,12 +33,11 @@ def list_templates(session: SessionDep, key: ApiKeyDep) -> dict[str, Any]:
 
 @router.get("/{name}", summary="Get a prompt template")
 def get_template(name: str, session: SessionDep, key: ApiKeyDep) -> dict[str, Any]:
-    return templates.to_api(_found(session, key, name))
+    return templates.to_api(templates.get(session, key, name))
 
 
 @router.delete("/{name}", summary="Delete a prompt template")
 def delete_template(name: str, session: SessionDep, key: ApiKeyDep) -> dict[str, Any]:
-    _found(session, key, name)
     templates.delete(session, key, name)
     session.commit()
     return {"name": name, "object": "template", "deleted": True}
@@ -63,21 +55,11 @@ async def template_job(
     """Whatever JSON is posted becomes the template's variables: its top-level keys, and
     the whole of it as `input`."""
     payload = await _payload(request)
-    template = await run_in_threadpool(_found, session, key, name)
-    try:
-        # In the thread pool: a render blocks for up to PROMPTQ_TEMPLATE_MAX_MS.
-        job = await run_in_threadpool(templates.job_from, settings, template, payload)
-    except templates.TemplateError as exc:
-        raise ApiError(422, str(exc)) from None
+    template = await run_in_threadpool(templates.get, session, key, name)
+    # In the thread pool: a render blocks for up to PROMPTQ_TEMPLATE_MAX_MS.
+    job = await run_in_threadpool(templates.job_from, settings, template, payload)
     body = await run_in_threadpool(accept_job, request, settings, key, job, idempotency_key)
     return JSONResponse(body, status_code=202, headers={"Location": f"/v1/jobs/{body['id']}"})
-
-
-def _found(session: SessionDep, key: ApiKeyDep, name: str) -> Any:
-    try:
-        return templates.get(session, key, name)
-    except templates.TemplateNotFound as exc:
-        raise ApiError(404, str(exc)) from None
 
 
 async def _payload(request: Request) -> Any:

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, Response
 from api.auth import key_or_admin, presented_key
 from api.deps import SessionDep, SettingsDep
 from api.errors import ApiError
-from promptq.periods import PeriodError, period_from
+from promptq.periods import period_from
 from promptq.reports import GroupBy, usage_report
 
 router = APIRouter(prefix="/v1/usage", tags=["usage"])
@@ -48,11 +48,7 @@ def get_usage(
                 403, "an API key sees only its own usage; the admin token sees every key's"
             )
         key_id = key.id
-    try:
-        period = period_from(from_, to)
-    except PeriodError as exc:
-        raise ApiError(422, str(exc)) from None
-    report = usage_report(session, group_by, period, key_id)
+    report = usage_report(session, group_by, period_from(from_, to), key_id)
     if format == "csv":
         return Response(report.to_csv(), media_type="text/csv; charset=utf-8")
     return JSONResponse(report.to_api())

@@ -9,7 +9,6 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import ApiKeyDep, SessionDep, SettingsDep
-from api.errors import ApiError
 from promptq import quotas
 from promptq.webhooks import subscriptions
 
@@ -29,17 +28,14 @@ def subscribe(
     body: SubscriptionCreate, session: SessionDep, settings: SettingsDep, key: ApiKeyDep
 ) -> JSONResponse:
     quotas.check_subscriptions(session, settings, key)
-    try:
-        subscription = subscriptions.subscribe(
-            session,
-            key,
-            body.url,
-            body.events,
-            allow_private=settings.webhook_allow_private,
-            allow=settings.webhook_allow_list,
-        )
-    except subscriptions.SubscriptionError as exc:
-        raise ApiError(422, str(exc)) from None
+    subscription = subscriptions.subscribe(
+        session,
+        key,
+        body.url,
+        body.events,
+        allow_private=settings.webhook_allow_private,
+        allow=settings.webhook_allow_list,
+    )
     session.commit()
     return JSONResponse(subscriptions.to_api(subscription), status_code=201)
 
@@ -51,17 +47,11 @@ def list_subscriptions(session: SessionDep, key: ApiKeyDep) -> dict[str, Any]:
 
 @router.get("/{subscription_id}", summary="Get a subscription")
 def get_subscription(subscription_id: str, session: SessionDep, key: ApiKeyDep) -> dict[str, Any]:
-    try:
-        return subscriptions.to_api(subscriptions.get(session, key, subscription_id))
-    except subscriptions.SubscriptionNotFound as exc:
-        raise ApiError(404, str(exc)) from None
+    return subscriptions.to_api(subscriptions.get(session, key, subscription_id))
 
 
 @router.delete("/{subscription_id}", summary="Unsubscribe")
 def unsubscribe(subscription_id: str, session: SessionDep, key: ApiKeyDep) -> dict[str, Any]:
-    try:
-        subscriptions.unsubscribe(session, key, subscription_id)
-    except subscriptions.SubscriptionNotFound as exc:
-        raise ApiError(404, str(exc)) from None
+    subscriptions.unsubscribe(session, key, subscription_id)
     session.commit()
     return {"id": subscription_id, "object": "webhook", "deleted": True}

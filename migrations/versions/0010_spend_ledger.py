@@ -31,7 +31,7 @@ def upgrade() -> None:
     )
     # Whether a job's end is in the ledger and the rollups (1), or still to be added (0):
     # the code that ends a job sets it in the same transaction as the increments, and
-    # `promptq db upgrade` (promptq.rollups.backfill) adds the jobs ended before, or by
+    # `promptq db upgrade` (promptq.jobs.backfill) adds the jobs ended before, or by
     # processes of the previous release, in batches, setting it as it goes, so that no end
     # is counted twice or missed. A constant default: no table rewrite on PostgreSQL.
     for table in ("jobs", "attempts"):

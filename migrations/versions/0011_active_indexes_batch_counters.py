@@ -3,7 +3,7 @@
 Partial indexes of active jobs (queued, running, retrying) replace the index on every job's
 status; pending deliveries get a partial index of their own, and deliveries one on
 subscription_id (an unsubscribe sets it to NULL). Batches count their requests in columns,
-filled by `promptq db upgrade` (promptq.rollups.backfill).
+filled by `promptq db upgrade` (promptq.jobs.backfill).
 
 Revision ID: 0011
 Revises: 0010
@@ -75,7 +75,7 @@ def upgrade() -> None:
             batch_op.add_column(sa.Column(column, sa.Integer(), nullable=False, server_default="0"))
     # Every request starts as processing; each ended one moves to its outcome as its end
     # is accounted for, by the code that ends it or by `promptq db upgrade`'s backfill for
-    # the requests ended before (promptq.rollups.backfill), exactly once either way.
+    # the requests ended before (promptq.jobs.backfill), exactly once either way.
     op.execute("UPDATE message_batches SET processing_count = request_count")
 
 

@@ -81,7 +81,7 @@ def upgrade() -> None:
 def backfill() -> None:
     """Webhook figures so far, one grouped INSERT ... SELECT each (they read the tables
     without blocking their writers). The jobs' and calls' rollups are filled by `promptq db
-    upgrade` in batches (promptq.rollups.backfill), with the ledger, exactly once."""
+    upgrade` in batches (promptq.jobs.backfill), with the ledger, exactly once."""
     op.execute(
         f"""
         INSERT INTO webhook_hourly (hour, kind, name, count)

@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from promptq.batches.repository import EXPIRED_ERROR, OUTCOME_COLUMNS
-from promptq.jobs.presenter import isoformat
+from promptq.jobspec.presenter import isoformat
 from promptq.models import BatchStatus, JobStatus, MessageBatch
 from promptq.upstream.anthropic_errors import anthropic_error
 

@@ -13,12 +13,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from promptq.jobs.errors import InvalidJob
-from promptq.jobs.schemas import MessagesRequest
+from promptq.jobspec.errors import InvalidJob
+from promptq.jobspec.schemas import MessagesRequest
 from promptq.validation import control_character_problem, describe_validation_errors
 
 MAX_BATCH_REQUESTS = 100_000
-MAX_BATCH_BYTES = 256 * 1024 * 1024
 CUSTOM_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 
 

@@ -20,19 +20,24 @@ from promptq.batches.repository import EXPIRED_ERROR, BatchRepository, outcome_o
 from promptq.batches.schemas import BatchRequest
 from promptq.budgets import check_budget, max_cost
 from promptq.budgets.priceable import check_priceable
+from promptq.clock import utcnow
 from promptq.config import Settings
+from promptq.errors import NotFound
 from promptq.ids import new_id
-from promptq.jobs.errors import InvalidJob, JobNotFound
+from promptq.jobspec.errors import InvalidJob
 from promptq.keys.policy import check_model
 from promptq.models import ApiKey, BatchStatus, Job, JobStatus, MessageBatch, Priority
 from promptq.pricing import settings_prices
 from promptq.rollups import EndedJob, jobs_ended
-from promptq.types import utcnow
 from promptq.webhooks import deliveries
 
 # Anthropic's: a batch's requests not finished within 24 hours expire.
 BATCH_LIFETIME = timedelta(hours=24)
 RESULTS_PAGE = 1000
+
+
+class BatchNotFound(NotFound):
+    pass
 
 
 @dataclass(frozen=True)
@@ -141,7 +146,7 @@ def get_batch(session: Session, key: ApiKey, batch_id: str) -> BatchView:
     repository = BatchRepository(session)
     batch = repository.get_for_key(batch_id, key.id)
     if batch is None:
-        raise JobNotFound(f"no message batch {batch_id!r} for this API key")
+        raise BatchNotFound(f"no message batch {batch_id!r} for this API key")
     return BatchView(batch)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from promptq.jobs.errors import JobError
+from promptq.errors import PermissionDenied
 from promptq.models import ApiKey
 from promptq.pricing import PriceTable
 
@@ -40,10 +40,8 @@ PRICED_FIELDS = frozenset(
 CLIENT_TOOL_TYPES = (None, "custom")
 
 
-class NotPriceable(JobError):
+class NotPriceable(PermissionDenied):
     """A budgeted key sent what promptq cannot price; the API answers 403."""
-
-    error_type = "permission_error"
 
 
 def check_priceable(

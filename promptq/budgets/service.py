@@ -21,28 +21,23 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy.orm import Session
 
 from promptq.budgets.repository import BudgetRepository
-from promptq.config import Settings
-from promptq.jobs.errors import JobError
-from promptq.jobs.repository import JobRepository
-from promptq.models import ApiKey, Job, JobStatus
+from promptq.clock import utcnow
+from promptq.errors import PaymentRequired
+from promptq.models import ApiKey
 from promptq.periods import isoformat_z, month_key, next_month_start
 from promptq.pricing import PriceTable, cost_of, format_usd
 from promptq.ratelimit.estimate import estimate_input_tokens, output_reservation
-from promptq.types import utcnow
 from promptq.usage import Usage
-
-if TYPE_CHECKING:
-    from promptq.jobs.execution import ClaimedJob
 
 BUDGET_EXCEEDED = "budget_exceeded_error"
 
 
-class BudgetExceeded(JobError):
+class BudgetExceeded(PaymentRequired):
     """A key's monthly budget is spent; the API answers 402."""
 
     error_type = BUDGET_EXCEEDED
@@ -150,80 +145,41 @@ def max_cost(request: Mapping[str, Any], model: str, prices: PriceTable) -> Deci
     return cost_of(usage, replace(model_prices, input=input_price)).total
 
 
-@dataclass(frozen=True)
-class Refusal:
-    """A claimed job that was failed instead of started: its budget could not hold it."""
-
-    message: str
-    # Webhook deliveries its failure created, to send now.
-    deliveries: tuple[str, ...]
-
-
 def reserve(
     session: Session,
-    settings: Settings,
     prices: PriceTable,
     api_key_id: str,
-    claimed: ClaimedJob,
+    job_id: str,
+    model: str,
+    request: Mapping[str, Any],
     now: datetime | None = None,
-) -> Refusal | None:
-    """Reserve the claimed job's maximum cost against its key's budget, in the claim's own
-    transaction; None when it fits (or the key has no budget). When it does not fit, the
-    job fails here with `budget_exceeded_error` and never reaches the upstream."""
+) -> str | None:
+    """Reserve the most a claimed job could cost against its key's budget, in the claim's
+    own transaction: None when it fits (or the key has no budget); otherwise why not, and
+    the job must not start (promptq.jobs.execution then fails it with
+    `budget_exceeded_error`, so it never reaches the upstream)."""
     repository = BudgetRepository(session)
     key = repository.lock_key(api_key_id)
     if key is None or key.monthly_budget_usd is None:
         return None
-    amount = max_cost(claimed.request, claimed.model, prices)
+    amount = max_cost(request, model, prices)
     state = budget_state(session, api_key_id, key.monthly_budget_usd, now)
     if state.fits(amount):
-        repository.reserve(claimed.id, api_key_id, amount)
+        repository.reserve(job_id, api_key_id, amount)
         return None
-    message = (
+    return (
         f"not started: this job could cost up to {format_usd(amount)} USD "
-        f"({estimate_input_tokens(claimed.request)} input tokens estimated, max_tokens "
-        f"{output_reservation(claimed.request)}), and API key {key.name!r} has "
+        f"({estimate_input_tokens(request)} input tokens estimated, max_tokens "
+        f"{output_reservation(request)}), and API key {key.name!r} has "
         f"{format_usd(state.remaining)} USD left ({state.describe()}). The budget resets at "
         f"{state.resets} (the first day of next month, UTC)."
     )
-    return Refusal(message, tuple(_fail(session, settings, claimed, message)))
 
 
 def release(session: Session, job_ids: Sequence[str]) -> None:
     """Give back the reservations of jobs whose attempt ended (recorded, or taken back by
     the sweeper); a recorded cost is spend from then on."""
     BudgetRepository(session).release(job_ids)
-
-
-def _fail(session: Session, settings: Settings, claimed: ClaimedJob, message: str) -> list[str]:
-    # Imported here: the endings use promptq.batches.service, which imports this module
-    # (check_budget).
-    from promptq.jobs.endings import end_events
-
-    now = utcnow()
-    repository = JobRepository(session)
-    failed = repository.transition(
-        claimed.id,
-        [JobStatus.RUNNING],
-        {
-            "status": JobStatus.FAILED,
-            "finished_at": now,
-            # Counted by end_events, in this transaction.
-            "accounted": 1,
-            "updated_at": now,
-            "lease_expires_at": None,
-            "error_type": BUDGET_EXCEEDED,
-            "error_message": message,
-            "upstream_status": None,
-            # The claim counted an attempt, but the upstream was never asked.
-            "attempts": Job.attempts - 1,
-        },
-    )
-    if not failed:
-        return []
-    job = repository.get(claimed.id)
-    assert job is not None
-    return end_events(session, settings, job)
 
 
 def _asks_for_caching(request: Mapping[str, Any]) -> bool:

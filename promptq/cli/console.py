@@ -3,7 +3,7 @@
 goes to its file in .promptq/logs/.
 
 Finished jobs come from the word workers already publish when a job ends (Redis pub/sub,
-promptq.jobs.finished), read back from the database, which has the truth. Errors come
+promptq.jobs.announcements), read back from the database, which has the truth. Errors come
 from the parts' own logs, followed as files: a line at ERROR or above is shown, in short,
 with where to read the rest.
 """
@@ -22,9 +22,9 @@ import click
 import redis
 
 from promptq.db import session_scope
-from promptq.jobs.finished import CHANNEL
-from promptq.jobs.presenter import job_to_api
+from promptq.jobs.announcements import CHANNEL
 from promptq.jobs.repository import JobRepository
+from promptq.jobspec.presenter import job_to_api
 from promptq.redis_roles import redis_client
 
 # A burst (a batch, `promptq run`) would scroll the terminal away: past a few lines per

@@ -10,7 +10,7 @@ import click
 
 from promptq.config import Settings, get_settings
 from promptq.db import session_scope
-from promptq.jobs.presenter import isoformat
+from promptq.jobspec.presenter import isoformat
 from promptq.keys.policy import QUOTAS, PolicyError, parse_models, parse_quota
 from promptq.keys.repository import ApiKeyRepository
 from promptq.keys.service import ApiKeyError, create_key, update_key
@@ -211,7 +211,7 @@ def list_keys(as_json: bool) -> None:
 def revoke(key_id_or_name: str) -> None:
     """Revoke a key by id or name: requests with it are refused from now on, its jobs not
     yet started and its batches are canceled, its webhooks stop."""
-    from promptq.keys.revocation import revoke as revoke_key
+    from promptq.jobs.revocation import revoke as revoke_key
 
     settings = get_settings()
     try:

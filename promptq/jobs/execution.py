@@ -16,12 +16,13 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from promptq import budgets, rollups
+from promptq.batches.service import count_ended
+from promptq.clock import utcnow
 from promptq.config import Settings
-from promptq.jobs.endings import end_events
+from promptq.jobs.end_effects import end_events
 from promptq.jobs.repository import JobRepository
 from promptq.models import RUNNABLE_STATUSES, Attempt, Job, JobStatus
 from promptq.pricing import PriceTable, cost_of
-from promptq.types import utcnow
 from promptq.upstream import Outcome, UpstreamResult
 from promptq.usage import Usage
 
@@ -123,9 +124,6 @@ def cancel_for_revoked_key(session: Session, job_id: str) -> bool:
     assert job is not None
     rollups.job_ended(session, job)
     if job.batch_id is not None:
-        # Imported here: promptq.batches.service imports this module's package.
-        from promptq.batches.service import count_ended
-
         count_ended(session, job.batch_id, "canceled")
     return True
 
@@ -146,6 +144,62 @@ def claim_job(session: Session, settings: Settings, job: RunnableJob) -> Claimed
         claimed_at=now,
         anthropic_beta=job.anthropic_beta,
     )
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A claimed job that was failed instead of started: its budget could not hold it."""
+
+    message: str
+    # Webhook deliveries its failure created, to send now.
+    deliveries: tuple[str, ...]
+
+
+def reserve_budget(
+    session: Session,
+    settings: Settings,
+    prices: PriceTable,
+    claimed: ClaimedJob,
+    now: datetime | None = None,
+) -> Refusal | None:
+    """Reserve the claimed job's maximum cost against its key's budget, in the claim's own
+    transaction; None when it fits (or the key has no budget). When it does not fit, the
+    job fails here with `budget_exceeded_error` and never reaches the upstream."""
+    message = budgets.reserve(
+        session, prices, claimed.api_key_id, claimed.id, claimed.model, claimed.request, now
+    )
+    if message is None:
+        return None
+    return Refusal(message, tuple(_fail_over_budget(session, settings, claimed, message)))
+
+
+def _fail_over_budget(
+    session: Session, settings: Settings, claimed: ClaimedJob, message: str
+) -> list[str]:
+    now = utcnow()
+    repository = JobRepository(session)
+    failed = repository.transition(
+        claimed.id,
+        [JobStatus.RUNNING],
+        {
+            "status": JobStatus.FAILED,
+            "finished_at": now,
+            # Counted by end_events, in this transaction.
+            "accounted": 1,
+            "updated_at": now,
+            "lease_expires_at": None,
+            "error_type": budgets.BUDGET_EXCEEDED,
+            "error_message": message,
+            "upstream_status": None,
+            # The claim counted an attempt, but the upstream was never asked.
+            "attempts": Job.attempts - 1,
+        },
+    )
+    if not failed:
+        return []
+    job = repository.get(claimed.id)
+    assert job is not None
+    return end_events(session, settings, job)
 
 
 def mark_waiting(session: Session, job_id: str, reason: str, until: datetime | None = None) -> None:

@@ -14,11 +14,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 
+from promptq.clock import utcnow
 from promptq.config import Settings
 from promptq.db import session_scope
 from promptq.jobs.repository import JobRepository
-from promptq.ratelimit.limiter import Grant, Limiter
-from promptq.types import utcnow
+from promptq.ratelimit.protocol import Grant, Limiter
 
 log = logging.getLogger(__name__)
 

@@ -12,25 +12,28 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, Protocol
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from promptq import budgets
+from promptq.clock import utcnow
 from promptq.config import Settings
 from promptq.db import TRANSIENT_DATABASE_ERRORS, session_scope
 from promptq.jobs.execution import (
+    Refusal,
     RunnableJob,
     cancel_for_revoked_key,
     claim_job,
     mark_waiting,
     record_attempt,
+    reserve_budget,
     runnable_job,
 )
 from promptq.jobs.leases import LeaseKeeper
 from promptq.pricing import PriceTable
-from promptq.ratelimit.limiter import Grant, Limiter
-from promptq.types import utcnow
-from promptq.upstream import UpstreamClient
+from promptq.ratelimit.protocol import Grant, Limiter
+from promptq.upstream import UpstreamResult
 from promptq.usage import Usage
 
 log = logging.getLogger(__name__)
@@ -45,11 +48,19 @@ NEGLIGIBLE_DELAY_SECONDS = 0.05
 Publish = Callable[[str, str, float | None, Grant | None], None]
 
 
+class Upstream(Protocol):
+    """The one call a job makes: promptq.upstream.UpstreamClient over HTTP in a worker."""
+
+    def create_message(self, params: dict[str, Any], beta: str | None = None) -> UpstreamResult:
+        """Never raises: whatever happens is in the result."""
+        ...
+
+
 @dataclass
 class JobRunner:
     settings: Settings
     prices: PriceTable
-    upstream: UpstreamClient
+    upstream: Upstream
     limiter: Limiter
     leases: LeaseKeeper
     publish: Publish
@@ -105,14 +116,12 @@ class JobRunner:
 
     def _attempt(self, job: RunnableJob, grant: Grant) -> str:
         url = self.settings.database_url
-        refused: budgets.Refusal | None = None
+        refused: Refusal | None = None
         with session_scope(url) as session:
             claimed = claim_job(session, self.settings, job)
             if claimed is not None and job.key_monthly_budget_usd is not None:
                 # In the claim's transaction: a job runs only with its cost reserved.
-                refused = budgets.reserve(
-                    session, self.settings, self.prices, job.api_key_id, claimed
-                )
+                refused = reserve_budget(session, self.settings, self.prices, claimed)
         if claimed is None:
             self._give_back(grant)
             return "claimed elsewhere"

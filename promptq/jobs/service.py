@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 from collections.abc import Sequence
@@ -12,18 +13,19 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy.orm import Session
 
 from promptq import quotas
+from promptq.batches.service import count_ended
 from promptq.budgets import check_budget, max_cost
 from promptq.budgets.priceable import check_priceable
+from promptq.clock import utcnow
 from promptq.config import Settings
 from promptq.ids import new_id
-from promptq.jobs.errors import InvalidJob, JobConflict, JobNotFound
 from promptq.jobs.repository import JobRepository
-from promptq.jobs.schemas import JobCreate
+from promptq.jobspec.errors import InvalidJob, JobConflict, JobNotFound
+from promptq.jobspec.schemas import JobCreate
 from promptq.keys.policy import check_model
 from promptq.models import RUNNABLE_STATUSES, ApiKey, Job, JobStatus
 from promptq.pricing import settings_prices
 from promptq.rollups import job_ended
-from promptq.types import utcnow
 from promptq.webhooks import UnsafeTarget, check_url
 
 IDEMPOTENCY_WINDOW = timedelta(hours=24)
@@ -225,9 +227,6 @@ def cancel_job(session: Session, key: ApiKey, job_id: str) -> Job:
     )
     session.refresh(job)
     if canceled and job.batch_id is not None:
-        # Imported here: promptq.batches.service imports this package's errors.
-        from promptq.batches.service import count_ended
-
         count_ended(session, job.batch_id, "canceled")
     if canceled:
         job_ended(session, job)
@@ -239,3 +238,10 @@ def cancel_job(session: Session, key: ApiKey, job_id: str) -> Job:
         if job.status != JobStatus.CANCELED:
             raise JobConflict(f"job {job.id} has already {job.status}; nothing to cancel")
     return job
+
+
+def cancel_unless_started(session: Session, key: ApiKey, job_id: str) -> None:
+    """Cancel a job its caller stopped waiting for, unless it is running or finished: then
+    its answer is on its way, and there is nothing to refuse."""
+    with contextlib.suppress(JobConflict):
+        cancel_job(session, key, job_id)

@@ -1,22 +1,27 @@
-"""Finding jobs that fell through the cracks: a lost broker message, a dead worker."""
+"""Finding jobs that fell through the cracks: a lost broker message, a dead worker.
+
+The sweeper's decisions live here; what it needs to know about the broker and the
+rate-limit queues comes through two small protocols (`Broker`, `RateLimitQueue`), so the
+decisions can be read, and tested, apart from Celery and Redis (the real ones are
+worker.tasks.sweeper.CeleryBroker and promptq.ratelimit.limiter.Limiter)."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy.orm import Session
 
 from promptq import budgets
+from promptq.clock import utcnow
 from promptq.config import Settings
 from promptq.db import session_scope
-from promptq.jobs.endings import end_events
+from promptq.jobs.end_effects import end_events
 from promptq.jobs.repository import JobRepository
 from promptq.models import JobStatus
-from promptq.types import utcnow
 
 SWEEP_BATCH = 1000
 
@@ -117,3 +122,83 @@ def walk_stale(
             if time.monotonic() >= deadline:
                 return cursor
     return None
+
+
+class Broker(Protocol):
+    """What the sweeper needs of the message broker."""
+
+    def has_backlog(self) -> bool:
+        """Whether job messages wait in the broker, not yet taken by a worker."""
+        ...
+
+    def unpublished(self, job_ids: Sequence[str]) -> list[str]:
+        """Those of these jobs with no message believed to be in the broker (no live
+        publish marker)."""
+        ...
+
+    def publish_jobs(self, jobs: Sequence[Candidate]) -> None:
+        """Put these jobs' ids on the broker (again), each at its priority."""
+        ...
+
+
+class RateLimitQueue(Protocol):
+    """Where jobs wait for their model's rate-limit budget."""
+
+    def queued(self, jobs: list[tuple[str, str]]) -> set[str]:
+        """Which of these (job id, model) pairs wait in their model's queue."""
+        ...
+
+
+def republish_lost(
+    candidates: Sequence[Candidate], broker: Broker, waiting: RateLimitQueue, backlog: bool
+) -> list[Candidate]:
+    """Publish again the candidates whose message is lost; returns them.
+
+    A job is accounted for while it waits in its model's rate-limit queue, or while its
+    message's marker lives and the broker still holds messages it may be among (`backlog`).
+    With the broker's queue empty, a due job nobody claimed lost its message whatever its
+    marker says (a worker killed between taking a message and recording it); publishing it
+    again is safe, since a job runs only for the delivery that claims it."""
+    ids = [candidate.id for candidate in candidates]
+    without_marker = set(broker.unpublished(ids)) if backlog else set(ids)
+    queued = waiting.queued([(c.id, c.model) for c in candidates if c.id in without_marker])
+    lost = [c for c in candidates if c.id in without_marker and c.id not in queued]
+    if lost:
+        broker.publish_jobs(lost)
+    return lost
+
+
+@dataclass(frozen=True)
+class StalePass:
+    # The jobs published again, their message being lost.
+    republished: list[Candidate]
+    # Where the next pass starts; None when this one went all the way round.
+    cursor: str | None
+
+    @property
+    def drain_now(self) -> bool:
+        """Whether the next pass should go on now rather than at beat's next tick: more
+        lost jobs than one budget publishes (a wiped Redis), so that they drain at full
+        speed in bounded passes. A walk that found only jobs still in the broker (a long
+        backlog) waits for the tick."""
+        return self.cursor is not None and bool(self.republished)
+
+
+def republish_stale(
+    settings: Settings,
+    broker: Broker,
+    waiting: RateLimitQueue,
+    start: str | None,
+    budget_seconds: float,
+) -> StalePass:
+    """One sweeper pass over the stale runnable jobs from `start` (walk_stale), publishing
+    again those whose message is lost (republish_lost)."""
+    # Asked once per pass: a broker that holds messages now may hold any stale job's.
+    backlog = broker.has_backlog()
+    lost: list[Candidate] = []
+
+    def republish(candidates: list[Candidate]) -> None:
+        lost.extend(republish_lost(candidates, broker, waiting, backlog))
+
+    cursor = walk_stale(settings, start, republish, budget_seconds=budget_seconds)
+    return StalePass(lost, cursor)

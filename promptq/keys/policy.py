@@ -10,7 +10,7 @@ import math
 from collections.abc import Mapping
 
 from promptq.config import Settings
-from promptq.jobs.errors import JobError
+from promptq.errors import InvalidRequest, PermissionDenied
 from promptq.models import ApiKey
 from promptq.patterns import longest_match
 
@@ -28,13 +28,11 @@ QUOTAS: Mapping[str, str] = {
 FRACTIONAL_QUOTAS = frozenset({"requests_per_second"})
 
 
-class ModelNotAllowed(JobError):
+class ModelNotAllowed(PermissionDenied):
     """The key may not use the model; the API answers 403."""
 
-    error_type = "permission_error"
 
-
-class PolicyError(ValueError):
+class PolicyError(InvalidRequest, ValueError):
     """An allowlist or quota an operator gave that cannot be used; the message says why."""
 
 

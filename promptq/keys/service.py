@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from promptq.errors import InvalidRequest
 from promptq.ids import new_id
 from promptq.keys.repository import ApiKeyRepository
 from promptq.models import ApiKey
@@ -20,7 +21,7 @@ KEY_PREFIX = "pq_"
 WEBHOOK_SECRET_PREFIX = "whsec_"
 
 
-class ApiKeyError(ValueError):
+class ApiKeyError(InvalidRequest, ValueError):
     """A key operation that cannot be done; the message says why and what to do."""
 
 

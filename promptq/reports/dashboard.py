@@ -15,12 +15,12 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from ulid import ULID
 
+from promptq.clock import utcnow
 from promptq.metrics import LimiterState
 from promptq.models import ApiKey, Job, JobStatus, UsageHourly, has_status, is_active_job
 from promptq.periods import Period, current_month, isoformat_z
 from promptq.reports.repository import FinishedJob, recent_finished
 from promptq.reports.service import UsageReport, UsageRow, cost_parts, usage_report
-from promptq.types import utcnow
 
 SPEND_DAYS = 30
 FAILURES_SHOWN = 20

@@ -18,10 +18,10 @@ from datetime import datetime, timedelta
 
 from ulid import ULID
 
+from promptq.clock import utcnow
 from promptq.config import Settings
 from promptq.db import session_scope
 from promptq.retention.repository import RetentionRepository
-from promptq.types import utcnow
 
 PAGE = 500
 

@@ -11,7 +11,7 @@ upsert per job end and per upstream call, on a row shared by one key's jobs of o
 that hour; it is written last in its transaction, so its lock lasts until that commit.
 
 Every path that ends a job calls job_ended or jobs_ended once, after its compare-and-set to
-a final status won: promptq.jobs.endings.end_events (a recorded attempt, a budget refusal, a
+a final status won: promptq.jobs.end_effects.end_events (a recorded attempt, a budget refusal, a
 worker lost for good), a job's cancel, a batch's cancel and expiry, and the requests of a
 batch that were invalid from the start.
 """
@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -70,6 +71,12 @@ class EndedJob:
     @classmethod
     def of(cls, job: Job) -> EndedJob:
         assert job.finished_at is not None, f"job {job.id} has not ended"
+        return cls.of_columns(job, job.finished_at)
+
+    @classmethod
+    def of_columns(cls, job: Any, finished_at: datetime) -> EndedJob:
+        """From a Job, or from a Row of the same columns (the backfill reads rows, not
+        jobs)."""
         costs = None
         if job.cost_total is not None:
             costs = (
@@ -83,7 +90,7 @@ class EndedJob:
             api_key_id=job.api_key_id,
             model=job.model,
             status=job.status,
-            finished_at=job.finished_at,
+            finished_at=finished_at,
             tokens=(
                 job.input_tokens or 0,
                 job.output_tokens or 0,

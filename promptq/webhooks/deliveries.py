@@ -13,11 +13,11 @@ from typing import Any
 from sqlalchemy import literal_column, or_, select, update
 from sqlalchemy.orm import Session
 
+from promptq.clock import utcnow
 from promptq.ids import new_id
-from promptq.jobs.presenter import isoformat, job_to_api
+from promptq.jobspec.presenter import isoformat, job_to_api
 from promptq.models import ApiKey, DeliveryStatus, Job, WebhookAttempt, WebhookDelivery
 from promptq.rollups import webhook_attempt_recorded
-from promptq.types import utcnow
 from promptq.webhooks import subscriptions
 from promptq.webhooks.sender import DeliveryResult
 from promptq.webhooks.signing import sign

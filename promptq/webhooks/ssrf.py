@@ -9,15 +9,14 @@ sender, which checks the address it actually connects to (see `sender.py`).
 from __future__ import annotations
 
 import ipaddress
-import re
 import socket
-from dataclasses import dataclass, field
 from typing import Final
 
 from urllib3.exceptions import LocationParseError
 from urllib3.util import parse_url
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+from promptq.errors import InvalidRequest
+from promptq.webhook_allow import NO_ALLOW, IPAddress, WebhookAllow
 
 ALLOW_PRIVATE_HINT: Final = (
     "promptq refuses private targets unless PROMPTQ_WEBHOOK_ALLOW_PRIVATE=true, or the host "
@@ -31,49 +30,6 @@ METADATA_HINT: Final = (
 
 def refusal_hint(allow_private: bool) -> str:
     return METADATA_HINT if allow_private else ALLOW_PRIVATE_HINT
-
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-_HOST_NAME: Final = re.compile(r"^(?=.{1,253}$)[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_-]{1,63})*$")
-
-
-@dataclass(frozen=True)
-class WebhookAllow:
-    """PROMPTQ_WEBHOOK_ALLOW: host names and networks an operator lets webhooks reach beside
-    public addresses (one internal n8n, say), finer than PROMPTQ_WEBHOOK_ALLOW_PRIVATE.
-    Link-local and metadata addresses stay refused even here."""
-
-    hosts: frozenset[str] = field(default_factory=frozenset)
-    networks: tuple[IPNetwork, ...] = ()
-
-    @classmethod
-    def parse(cls, text: str) -> WebhookAllow:
-        """Entries separated by commas or spaces: a host name (exact, any case), an
-        address, or a network in CIDR form. ValueError names an entry that is none."""
-        hosts: set[str] = set()
-        networks: list[IPNetwork] = []
-        for entry in re.split(r"[,\s]+", text.strip()):
-            if not entry:
-                continue
-            try:
-                networks.append(ipaddress.ip_network(entry.strip("[]"), strict=False))
-                continue
-            except ValueError:
-                pass
-            name = entry.lower().rstrip(".")
-            if not _HOST_NAME.match(name):
-                raise ValueError(f"{entry!r} is neither a host name nor an address or CIDR")
-            hosts.add(name)
-        return cls(frozenset(hosts), tuple(networks))
-
-    def admits_host(self, host: str) -> bool:
-        return host.lower().rstrip(".") in self.hosts
-
-    def admits(self, ip: IPAddress) -> bool:
-        return any(ip.version == net.version and ip in net for net in self.networks)
-
-
-NO_ALLOW: Final = WebhookAllow()
 
 
 LOOPBACK = "a loopback address"
@@ -154,7 +110,7 @@ _LOCAL_SUFFIXES: Final = (
 )
 
 
-class UnsafeTarget(ValueError):
+class UnsafeTarget(InvalidRequest, ValueError):
     """A webhook target promptq will not call; the message says why and never holds the
     URL's credentials."""
 

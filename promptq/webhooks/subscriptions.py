@@ -10,21 +10,22 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from promptq.clock import utcnow
+from promptq.errors import InvalidRequest, NotFound
 from promptq.ids import new_id
-from promptq.jobs.presenter import isoformat
+from promptq.jobspec.presenter import isoformat
 from promptq.models import ApiKey, WebhookSubscription
-from promptq.types import utcnow
 from promptq.webhooks.sender import DeliveryResult
 from promptq.webhooks.ssrf import NO_ALLOW, UnsafeTarget, WebhookAllow, check_url
 
 EVENTS = ("job.succeeded", "job.failed", "batch.ended")
 
 
-class SubscriptionError(ValueError):
+class SubscriptionError(InvalidRequest, ValueError):
     """A subscription that cannot be made; the message says why."""
 
 
-class SubscriptionNotFound(LookupError):
+class SubscriptionNotFound(NotFound, LookupError):
     pass
 
 

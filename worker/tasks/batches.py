@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from promptq.batches.service import job_ids_to_publish
+from promptq.broker import task_names
+from promptq.broker.publish import publish_jobs
 from promptq.db import session_scope
 from promptq.models import Priority
 from worker.app import app
 from worker.context import worker_context
-from worker.publish import publish_jobs
-from worker.tasks.base import RETRY_TRANSIENT, promptq_task
+from worker.tasks.base import promptq_task
 
 FEED_PAGE = 500
 
 
-@promptq_task("feed_batch", **RETRY_TRANSIENT)
+@promptq_task(task_names.FEED_BATCH)
 def feed_batch(batch_id: str) -> int:
     """Publish every runnable request of the batch, a page at a time. Running twice only
     publishes duplicates, which their claim makes harmless; dying halfway loses nothing,

@@ -8,12 +8,12 @@ from typing import Any
 import redis
 from celery import Task
 
-from promptq.logging import log_context
-from promptq.ratelimit.limiter import Grant
+from promptq.broker import task_names
+from promptq.broker.publish import clear_published
+from promptq.ratelimit.protocol import Grant
 from worker.app import app
 from worker.context import worker_context
-from worker.publish import clear_published
-from worker.tasks.base import RETRY_TRANSIENT, promptq_task
+from worker.tasks.base import promptq_task
 
 
 class RunJobTask(Task):  # type: ignore[misc]
@@ -26,10 +26,7 @@ class RunJobTask(Task):  # type: ignore[misc]
             clear_published(app, args[0])
 
 
-@promptq_task("run_job", base=RunJobTask, **RETRY_TRANSIENT)
+@promptq_task(task_names.RUN_JOB, base=RunJobTask)
 def run_job(job_id: str, grant: dict[str, Any] | None = None) -> str:
     """`grant` is set when a dispatcher already took rate-limit budget for this job."""
-    # Whatever is logged while the job runs (the runner, the upstream client, the limiter)
-    # names it.
-    with log_context(job_id=job_id, task="promptq.run_job"):
-        return worker_context().runner.run(job_id, Grant.from_message(grant) if grant else None)
+    return worker_context().runner.run(job_id, Grant.from_message(grant) if grant else None)

@@ -4,19 +4,34 @@ for at most sweep_budget_seconds, from where the last pass stopped."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+
+from celery import Celery
+from redis.exceptions import LockError
 
 from promptq import retention
 from promptq.batches.service import expire_and_close
+from promptq.broker import task_names
+from promptq.broker.publish import (
+    broker_backlog,
+    publish_delivery,
+    publish_job,
+    publish_jobs,
+    unpublished,
+)
+from promptq.clock import utcnow
+from promptq.config import Settings
 from promptq.db import session_scope
-from promptq.jobs.sweeping import Candidate, reclaim_expired, walk_stale
-from promptq.rollups.backfill import backfill
-from promptq.types import utcnow
+from promptq.jobs.backfill import backfill
+from promptq.jobs.sweeping import Candidate, reclaim_expired, republish_stale
 from promptq.webhooks import deliveries
 from worker.app import app
-from worker.context import worker_context
-from worker.publish import broker_backlog, publish_delivery, publish_job, unpublished
+from worker.context import WorkerContext, worker_context
 from worker.tasks.base import promptq_task
 
 log = logging.getLogger(__name__)
@@ -25,48 +40,52 @@ log = logging.getLogger(__name__)
 # Where the next pass over stale jobs starts: shared by every worker that runs a sweep. Only
 # a hint: lost (a wiped Redis), the next pass starts from the first job.
 CURSOR_KEY = "promptq:sweep:cursor"
+# Held while a pass runs (see sweep).
+SWEEP_LOCK_KEY = "promptq:sweep:running"
+# Messages published at once by a pass, and how many in each producer's slice.
+PUBLISHERS = 4
+PUBLISH_SLICE = 250
 
 
-@promptq_task("sweep")
+# Periodic: a pass that fails is retried by the next one, from where the last one stopped.
+@promptq_task(task_names.SWEEP, retry_transient=False)
 def sweep() -> dict[str, int]:
     ctx = worker_context()
+    # One pass at a time: a pass that ran out of its budget sends the next one at once, and
+    # beat's tick may come meanwhile; two passes from one cursor would publish twice.
+    lock = ctx.limiter.client.lock(SWEEP_LOCK_KEY, timeout=_lock_seconds(ctx.settings))
+    if not lock.acquire(blocking=False):
+        return {"reclaimed": 0, "republished": 0, "deliveries": 0}
+    try:
+        with ThreadPoolExecutor(PUBLISHERS, thread_name_prefix="sweep-publish") as publishers:
+            return _sweep_pass(ctx, publishers)
+    finally:
+        with contextlib.suppress(LockError):  # expired: a later pass owns it now
+            lock.release()
+
+
+def _sweep_pass(ctx: WorkerContext, publishers: ThreadPoolExecutor) -> dict[str, int]:
     url = ctx.settings.database_url
     with session_scope(url) as session:
         reclaimed = reclaim_expired(session, ctx.settings)
     # Ends recorded by processes of the previous release while an upgrade rolls out (an
     # empty partial index once they are gone: nothing to read).
     backfill(url, budget_seconds=1.0)
-    # A job is accounted for while it waits in its model's rate-limit queue, or while its
-    # message's marker lives and the broker still holds messages it may be among. With the
-    # broker's queue empty, a due job nobody claimed lost its message whatever its marker
-    # says (a worker killed between taking a message and recording it); publishing it again
-    # is safe, since a job runs only for the delivery that claims it.
-    backlog = broker_backlog(app) > 0
-    lost: list[Candidate] = []
-
-    def republish(candidates: list[Candidate]) -> None:
-        if backlog:
-            without_marker = set(unpublished(app, [c.id for c in candidates]))
-        else:
-            without_marker = {c.id for c in candidates}
-        queued = ctx.limiter.queued([(c.id, c.model) for c in candidates if c.id in without_marker])
-        for candidate in candidates:
-            if candidate.id in without_marker and candidate.id not in queued:
-                publish_job(app, candidate.id, candidate.priority)
-                lost.append(candidate)
-
     client = ctx.limiter.client
     start = client.get(CURSOR_KEY)
-    cursor = walk_stale(
+    stale = republish_stale(
         ctx.settings,
+        CeleryBroker(app, publishers),
+        ctx.limiter,
         start.decode() if isinstance(start, bytes) else start,
-        republish,
         budget_seconds=ctx.settings.sweep_budget_seconds,
     )
-    if cursor is None:
+    if stale.cursor is None:
         client.delete(CURSOR_KEY)
     else:
-        client.set(CURSOR_KEY, cursor)
+        client.set(CURSOR_KEY, stale.cursor)
+        if stale.drain_now:
+            sweep.apply_async(expires=ctx.settings.sweep_interval_seconds)
     for job_id, priority in reclaimed.runnable:
         publish_job(app, job_id, priority)
     # Batches: requests past the 24 hours expire, and a batch whose last request ended
@@ -79,17 +98,65 @@ def sweep() -> dict[str, int]:
         due = deliveries.due(session, utcnow() - timedelta(seconds=2))
     for delivery_id in [*reclaimed.deliveries, *batch_deliveries, *due]:
         publish_delivery(app, delivery_id)
-    if reclaimed.runnable or lost or due:
+    if reclaimed.runnable or stale.republished or due:
         log.info(
             "sweep: %d jobs taken back from dead workers, %d re-published, %d deliveries sent",
             len(reclaimed.runnable),
-            len(lost),
+            len(stale.republished),
             len(due),
         )
-    return {"reclaimed": len(reclaimed.runnable), "republished": len(lost), "deliveries": len(due)}
+    return {
+        "reclaimed": len(reclaimed.runnable),
+        "republished": len(stale.republished),
+        "deliveries": len(due),
+    }
 
 
-@promptq_task("prune")
+class CeleryBroker:
+    """The sweeper's view of the broker (promptq.jobs.sweeping.Broker): the Celery app's
+    Redis lists and the publish markers beside them."""
+
+    def __init__(self, app: Celery, publishers: ThreadPoolExecutor) -> None:
+        self.app = app
+        self.publishers = publishers
+
+    def has_backlog(self) -> bool:
+        return broker_backlog(self.app) > 0
+
+    def unpublished(self, job_ids: Sequence[str]) -> list[str]:
+        return unpublished(self.app, list(job_ids))
+
+    def publish_jobs(self, jobs: Sequence[Candidate]) -> None:
+        # After a wiped Redis every queued job is lost at once, and each message is a round
+        # trip to Redis: a page goes out in slices through several producer connections at
+        # once, each slice's markers in one pipeline.
+        futures = [
+            self.publishers.submit(publish_jobs, self.app, ids, priority)
+            for priority, ids in _slices(jobs)
+        ]
+        for future in futures:
+            future.result()
+
+
+def _slices(candidates: Sequence[Candidate]) -> list[tuple[str, list[str]]]:
+    """(priority, ids) groups of at most PUBLISH_SLICE ids each."""
+    by_priority: dict[str, list[str]] = defaultdict(list)
+    for candidate in candidates:
+        by_priority[candidate.priority].append(candidate.id)
+    return [
+        (priority, ids[start : start + PUBLISH_SLICE])
+        for priority, ids in by_priority.items()
+        for start in range(0, len(ids), PUBLISH_SLICE)
+    ]
+
+
+def _lock_seconds(settings: Settings) -> int:
+    """Longer than a pass can take (its walk's budget plus the short steps around it), so
+    the lock outlives a pass only when its worker died, and then not for long."""
+    return int(settings.sweep_budget_seconds * 2 + 30)
+
+
+@promptq_task(task_names.PRUNE, retry_transient=False)
 def prune() -> dict[str, int]:
     """Retention (promptq.retention): finished jobs past PROMPTQ_RETENTION_DAYS leave, for at
     most prune_budget_seconds per run."""

@@ -6,27 +6,23 @@ threads, a few per key), so a slow receiver never holds a Celery thread.
 
 from __future__ import annotations
 
+from promptq.broker import task_names
+from promptq.broker.publish import publish_delivery
+from promptq.clock import utcnow
 from promptq.db import session_scope
 from promptq.logging import log_context
-from promptq.types import utcnow
 from promptq.webhooks import deliveries
 from promptq.webhooks.deliveries import PreparedDelivery
 from worker.app import app
 from worker.context import worker_context
-from worker.publish import publish_delivery
-from worker.tasks.base import RETRY_TRANSIENT, promptq_task
+from worker.tasks.base import promptq_task
 
 # How long a delivery that found no room waits before the sweeper publishes it again.
 NO_ROOM_POSTPONE_SECONDS = 2.0
 
 
-@promptq_task("deliver_webhook", **RETRY_TRANSIENT)
+@promptq_task(task_names.DELIVER_WEBHOOK)
 def deliver_webhook(delivery_id: str) -> str:
-    with log_context(delivery_id=delivery_id, task="promptq.deliver_webhook"):
-        return _hand_over(delivery_id)
-
-
-def _hand_over(delivery_id: str) -> str:
     ctx = worker_context()
     with session_scope(ctx.settings.database_url) as session:
         key_id = deliveries.key_of(session, delivery_id)
@@ -51,7 +47,8 @@ def _hand_over(delivery_id: str) -> str:
 
 def _send(prepared: PreparedDelivery) -> None:
     ctx = worker_context()
-    with log_context(delivery_id=prepared.id, task="promptq.deliver_webhook"):
+    # On a thread of the delivery pool, outside the task's own log context.
+    with log_context(delivery_id=prepared.id, task=task_names.DELIVER_WEBHOOK):
         started_at = utcnow()
         result = ctx.webhooks.post(prepared.url, prepared.body, prepared.headers)
         with session_scope(ctx.settings.database_url) as session:

@@ -1,0 +1,76 @@
+"""Taking a job in, shared by every route that makes jobs (/v1/jobs, /v1/messages, a
+template's jobs, batches): the key's intake rate, then store, commit and publish; and a job
+read back for a client held open on it. Here, not in one of those routes, so that no route
+imports another."""
+
+from __future__ import annotations
+
+from contextlib import closing
+from typing import Any
+
+from fastapi import Request
+from sqlalchemy.exc import IntegrityError
+
+from api.broker import require_broker
+from promptq.config import Settings
+from promptq.db import get_sessionmaker, session_scope
+from promptq.jobs import service
+from promptq.jobspec.presenter import job_to_api
+from promptq.jobspec.schemas import JobCreate, anthropic_beta
+from promptq.keys.policy import quota
+from promptq.models import ApiKey
+from promptq.quotas import QuotaExceeded
+
+# Bodies posted as forms, by tools that only post flat fields.
+FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+
+# Seconds of a key's intake rate it may spend at once (a client's burst after a pause).
+INTAKE_BURST_SECONDS = 2.0
+
+
+def check_intake_rate(request: Request, settings: Settings, key: ApiKey) -> None:
+    """One of the key's intake requests a second (PROMPTQ_KEY_MAX_REQUESTS_PER_SECOND),
+    shared by every API process; a 429 when they are spent."""
+    quotas = request.app.state.quotas
+    per_second = quota(key, settings, "requests_per_second")
+    wait = quotas.take("intake", key.id, per_second * 60, INTAKE_BURST_SECONDS)
+    if wait > 0:
+        raise QuotaExceeded(
+            f"this API key sends more than {per_second:g} jobs a second "
+            "(PROMPTQ_KEY_MAX_REQUESTS_PER_SECOND); slow down, or send many prompts at once "
+            "as a Message Batch (POST /v1/messages/batches)",
+            wait,
+        )
+
+
+def accept_job(
+    request: Request,
+    settings: Settings,
+    key: ApiKey,
+    payload: JobCreate,
+    idempotency_header: str | None,
+) -> dict[str, Any]:
+    """Store, commit, then publish: one trip to the thread pool per job, since intake runs
+    hundreds of times a second. An anthropic-beta header goes with the job to the upstream."""
+    beta = anthropic_beta(request.headers.get("anthropic-beta"))
+    require_broker(request.app.state.broker, "job")
+    check_intake_rate(request, settings, key)
+    with closing(get_sessionmaker(settings.database_url)()) as session:
+        try:
+            outcome = service.create_job(session, settings, key, payload, idempotency_header, beta)
+            session.commit()
+        except IntegrityError:
+            # Another request with the same idempotency key committed first: its job.
+            session.rollback()
+            outcome = service.create_job(session, settings, key, payload, idempotency_header, beta)
+            if outcome.created:
+                raise
+        body = job_to_api(outcome.job)
+    if outcome.created:
+        request.app.state.publish(outcome.job.id, outcome.job.priority)
+    return body
+
+
+def read_job(database_url: str, key: ApiKey, job_id: str) -> dict[str, Any]:
+    with session_scope(database_url) as session:
+        return job_to_api(service.get_job(session, key, job_id))

@@ -1,0 +1,125 @@
+"""Putting job ids on the broker. Called only after the job's row has committed."""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+from celery import Celery
+
+from promptq.broker import task_names
+from promptq.broker.celery_app import MESSAGE_PRIORITY, QUEUE, WEBHOOK_QUEUE
+from promptq.ratelimit.protocol import Grant
+from promptq.redis_roles import redis_client
+
+log = logging.getLogger(__name__)
+
+# Never wait in the broker longer than this: a longer wait is the job's next_attempt_at,
+# and the sweeper publishes it when it is due (the Redis broker redelivers unacknowledged
+# delayed messages after its visibility timeout, again and again).
+MAX_COUNTDOWN_SECONDS = 60.0
+# While this marker lives, the sweeper assumes the job's message is still in the broker.
+# It dies with a wiped Redis, so lost messages are re-published.
+PUBLISHED_MARKER_TTL_SECONDS = 600
+
+
+def publish_delivery(app: Celery, delivery_id: str, countdown: float | None = None) -> None:
+    """Publish a webhook delivery's id; a wait past the countdown limit is the sweeper's."""
+    if countdown is not None and countdown > MAX_COUNTDOWN_SECONDS:
+        return
+    app.send_task(
+        task_names.DELIVER_WEBHOOK,
+        args=[delivery_id],
+        queue=WEBHOOK_QUEUE,
+        countdown=countdown if countdown and countdown > 0 else None,
+    )
+
+
+def published_marker(job_id: str) -> str:
+    return f"promptq:published:{job_id}"
+
+
+def publish_job(
+    app: Celery,
+    job_id: str,
+    priority: str = "normal",
+    countdown: float | None = None,
+    grant: Grant | None = None,
+) -> None:
+    """Publish a job's id; with `grant`, the rate-limit budget a dispatcher took for it."""
+    if countdown is not None and countdown > MAX_COUNTDOWN_SECONDS:
+        clear_published(app, job_id)
+        return  # left to the sweeper, which publishes it once due
+    app.send_task(
+        task_names.RUN_JOB,
+        args=[job_id, grant.to_message()] if grant else [job_id],
+        priority=MESSAGE_PRIORITY.get(priority, MESSAGE_PRIORITY["normal"]),
+        countdown=countdown if countdown and countdown > 0 else None,
+    )
+    mark_published(app, [job_id])
+
+
+def publish_jobs(app: Celery, job_ids: list[str], priority: str) -> None:
+    """Publish many jobs through one producer connection, marking them in one pipeline."""
+    with app.producer_or_acquire() as producer:
+        for job_id in job_ids:
+            app.send_task(
+                task_names.RUN_JOB,
+                args=[job_id],
+                priority=MESSAGE_PRIORITY.get(priority, MESSAGE_PRIORITY["normal"]),
+                producer=producer,
+            )
+    mark_published(app, job_ids)
+
+
+def publish_batch(app: Celery, batch_id: str) -> None:
+    """One message for a whole batch: a worker publishes its requests' jobs (off the API's
+    request path, so creating 10,000 requests answers in a second or two)."""
+    app.send_task(task_names.FEED_BATCH, args=[batch_id], priority=MESSAGE_PRIORITY["high"])
+
+
+def mark_published(app: Celery, job_ids: list[str]) -> None:
+    client = _marker_client(app)
+    with client.pipeline(transaction=False) as pipe:
+        for job_id in job_ids:
+            pipe.set(published_marker(job_id), 1, ex=PUBLISHED_MARKER_TTL_SECONDS)
+        pipe.execute()
+
+
+def clear_published(app: Celery, job_id: str) -> None:
+    _marker_client(app).delete(published_marker(job_id))
+
+
+def unpublished(app: Celery, job_ids: list[str]) -> list[str]:
+    if not job_ids:
+        return []
+    client = _marker_client(app)
+    with client.pipeline(transaction=False) as pipe:
+        for job_id in job_ids:
+            pipe.exists(published_marker(job_id))
+        present = pipe.execute()
+    return [job_id for job_id, exists in zip(job_ids, present, strict=True) if not exists]
+
+
+_clients: dict[str, redis.Redis] = {}
+
+
+def _marker_client(app: Celery) -> redis.Redis:
+    """The broker's Redis: the markers say what the broker holds, so they live and die
+    with its data (promptq.redis_roles)."""
+    url = app.conf.promptq_broker_redis_url
+    if url not in _clients:
+        _clients[url] = redis_client(url)
+    return _clients[url]
+
+
+def broker_backlog(app: Celery) -> int:
+    """Messages waiting in the job queue (every priority level), not yet taken by a worker."""
+    client = _marker_client(app)
+    steps = app.conf.broker_transport_options["priority_steps"]
+    sep = app.conf.broker_transport_options["sep"]
+    names = [QUEUE] + [f"{QUEUE}{sep}{step}" for step in steps if step]
+    with client.pipeline(transaction=False) as pipe:
+        for name in names:
+            pipe.llen(name)
+        return sum(pipe.execute())
