@@ -11,7 +11,7 @@ deployment can give each its own server (or Sentinel group) as it grows:
   and the sweeper publishes the lost jobs again.
 - limiter (PROMPTQ_LIMITER_REDIS_URL): every key promptq keeps for itself: the rate
   limiter's meters, slots, 429 pauses and queues (with the fair queue across keys), the
-  per-key quotas, the sweeper's cursor and the dashboard's sessions.
+  per-key quotas, the sweeper's cursor and lock, and the dashboard's sessions.
 - events (PROMPTQ_EVENTS_REDIS_URL): pub/sub only, no keys: word of finished jobs (to
   requests held open on them) and of changed keys (to every API process's key cache).
 
