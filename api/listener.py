@@ -19,8 +19,7 @@ from collections.abc import Callable, Iterator
 import redis
 import redis.asyncio
 
-from promptq.jobs.announcements import CHANNEL
-from promptq.keys.channels import KEY_CHANGED_CHANNEL
+from promptq.redis_keys import JOB_FINISHED_CHANNEL, KEY_CHANGED_CHANNEL
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +107,7 @@ class FinishedJobs:
             client = redis.asyncio.Redis.from_url(self.redis_url)
             try:
                 async with client.pubsub() as pubsub:
-                    await pubsub.subscribe(CHANNEL, KEY_CHANGED_CHANNEL)
+                    await pubsub.subscribe(JOB_FINISHED_CHANNEL, KEY_CHANGED_CHANNEL)
                     self.subscribed = True
                     self.on_hearing(True)
                     async for message in pubsub.listen():

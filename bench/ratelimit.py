@@ -97,8 +97,9 @@ from _stack import (
     write_limits_file,
 )
 
-from promptq.ratelimit.limiter import MODELS_WAITING, Limiter
+from promptq.ratelimit.limiter import Limiter
 from promptq.ratelimit.table import LimitTable
+from promptq.redis_keys import MODELS_WAITING
 from promptq.usage import Usage
 
 if TYPE_CHECKING:

@@ -61,7 +61,8 @@ from promptq.models import (
     WebhookHourly,
     is_active_job,
 )
-from promptq.ratelimit.limiter import MODELS_WAITING, Limiter
+from promptq.ratelimit.limiter import Limiter
+from promptq.redis_keys import MODELS_WAITING
 from promptq.rollups import floor_hour
 from promptq.types import picodollars_to_usd
 

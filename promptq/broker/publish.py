@@ -10,6 +10,7 @@ from celery import Celery
 from promptq.broker import task_names
 from promptq.broker.celery_app import MESSAGE_PRIORITY, QUEUE, WEBHOOK_QUEUE
 from promptq.ratelimit.limiter import Grant
+from promptq.redis_keys import published_marker
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +33,6 @@ def publish_delivery(app: Celery, delivery_id: str, countdown: float | None = No
         queue=WEBHOOK_QUEUE,
         countdown=countdown if countdown and countdown > 0 else None,
     )
-
-
-def published_marker(job_id: str) -> str:
-    return f"promptq:published:{job_id}"
 
 
 def publish_job(

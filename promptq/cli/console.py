@@ -22,9 +22,9 @@ import click
 import redis
 
 from promptq.db import session_scope
-from promptq.jobs.announcements import CHANNEL
 from promptq.jobs.repository import JobRepository
 from promptq.jobspec.presenter import job_to_api
+from promptq.redis_keys import JOB_FINISHED_CHANNEL
 
 # A burst (a batch, `promptq run`) would scroll the terminal away: past a few lines per
 # interval, the rest of it is one summary line.
@@ -71,7 +71,7 @@ class FinishedJobs(threading.Thread):
     def _follow(self) -> None:
         client = redis.Redis.from_url(self._redis_url)
         pubsub = client.pubsub(ignore_subscribe_messages=True)
-        pubsub.subscribe(CHANNEL)
+        pubsub.subscribe(JOB_FINISHED_CHANNEL)
         try:
             while not self._stopping.is_set():
                 ids: list[str] = []

@@ -18,6 +18,7 @@ from typing import Any
 
 import redis
 
+from promptq import redis_keys
 from promptq.ratelimit.estimate import (
     CachePrefix,
     cache_prefixes,
@@ -26,12 +27,18 @@ from promptq.ratelimit.estimate import (
 )
 from promptq.ratelimit.headers import ReportedLimits, read_rate_limit_headers
 from promptq.ratelimit.table import LimitTable, ModelLimits
+from promptq.redis_keys import (
+    MODEL_STATE_PATTERN,
+    MODELS_WAITING,
+    key_rate,
+    model_limiter_base,
+    model_of_state_key,
+)
 from promptq.usage import Usage
 
 PRIORITY_RANK = {"high": 0, "normal": 1, "low": 2}
 DEFAULT_HIGH_WAITING_PER_KEY = 5
 RANK_PRIORITY = {rank: name for name, rank in PRIORITY_RANK.items()}
-MODELS_WAITING = "promptq:rl:waiting-models"
 
 
 def _script(client: redis.Redis, name: str) -> Any:
@@ -133,8 +140,7 @@ class Limiter:
 
     @staticmethod
     def keys(model: str) -> list[str]:
-        # The hash tag keeps one model's keys on one slot, should the Redis be a cluster.
-        base = f"promptq:rl:{{{model}}}"
+        base = model_limiter_base(model)
         return [
             f"{base}:state",
             f"{base}:inflight",
@@ -147,7 +153,7 @@ class Limiter:
     @staticmethod
     def cache_marker(model: str, prefix: CachePrefix) -> str:
         """The key that says the upstream holds this prompt prefix in its cache."""
-        return f"promptq:rl:{{{model}}}:cached:{prefix.digest}"
+        return redis_keys.cache_marker(model, prefix.digest)
 
     def _limit_args(self, limits: ModelLimits) -> list[Any]:
         return [
@@ -354,9 +360,7 @@ class Limiter:
     def reserve_for_key(self, key_id: str, rpm: int, burst_seconds: float = 0.5) -> float:
         """Seconds until a job of this client key may go, its place in the key's rate
         taken now."""
-        delay_ms = self._reserve(
-            keys=[f"promptq:rl:key:{{{key_id}}}"], args=[rpm, burst_seconds * 1000]
-        )
+        delay_ms = self._reserve(keys=[key_rate(key_id)], args=[rpm, burst_seconds * 1000])
         return float(delay_ms) / 1000
 
     def snapshot(self, model: str) -> dict[str, Any]:
@@ -387,9 +391,8 @@ class Limiter:
 
     def known_models(self) -> list[str]:
         models = set()
-        for key in self.client.scan_iter(match="promptq:rl:{*}:state", count=500):
-            name = _text(key)
-            models.add(name[len("promptq:rl:{") : name.rindex("}")])
+        for key in self.client.scan_iter(match=MODEL_STATE_PATTERN, count=500):
+            models.add(model_of_state_key(_text(key)))
         return sorted(models)
 
 

@@ -29,6 +29,7 @@ from promptq.config import Settings
 from promptq.db import session_scope
 from promptq.jobs.backfill import backfill
 from promptq.jobs.sweeping import Candidate, reclaim_expired, republish_stale
+from promptq.redis_keys import SWEEP_CURSOR, SWEEP_LOCK
 from promptq.webhooks import deliveries
 from worker.app import app
 from worker.context import WorkerContext, worker_context
@@ -37,11 +38,6 @@ from worker.tasks.base import promptq_task
 log = logging.getLogger(__name__)
 
 
-# Where the next pass over stale jobs starts: shared by every worker that runs a sweep. Only
-# a hint: lost (a wiped Redis), the next pass starts from the first job.
-CURSOR_KEY = "promptq:sweep:cursor"
-# Held while a pass runs (see sweep).
-SWEEP_LOCK_KEY = "promptq:sweep:running"
 # Messages published at once by a pass, and how many in each producer's slice.
 PUBLISHERS = 4
 PUBLISH_SLICE = 250
@@ -53,7 +49,7 @@ def sweep() -> dict[str, int]:
     ctx = worker_context()
     # One pass at a time: a pass that ran out of its budget sends the next one at once, and
     # beat's tick may come meanwhile; two passes from one cursor would publish twice.
-    lock = ctx.limiter.client.lock(SWEEP_LOCK_KEY, timeout=_lock_seconds(ctx.settings))
+    lock = ctx.limiter.client.lock(SWEEP_LOCK, timeout=_lock_seconds(ctx.settings))
     if not lock.acquire(blocking=False):
         return {"reclaimed": 0, "republished": 0, "deliveries": 0}
     try:
@@ -72,7 +68,7 @@ def _sweep_pass(ctx: WorkerContext, publishers: ThreadPoolExecutor) -> dict[str,
     # empty partial index once they are gone: nothing to read).
     backfill(url, budget_seconds=1.0)
     client = ctx.limiter.client
-    start = client.get(CURSOR_KEY)
+    start = client.get(SWEEP_CURSOR)
     stale = republish_stale(
         ctx.settings,
         CeleryBroker(app, publishers),
@@ -81,9 +77,9 @@ def _sweep_pass(ctx: WorkerContext, publishers: ThreadPoolExecutor) -> dict[str,
         budget_seconds=ctx.settings.sweep_budget_seconds,
     )
     if stale.cursor is None:
-        client.delete(CURSOR_KEY)
+        client.delete(SWEEP_CURSOR)
     else:
-        client.set(CURSOR_KEY, stale.cursor)
+        client.set(SWEEP_CURSOR, stale.cursor)
         if stale.drain_now:
             sweep.apply_async(expires=ctx.settings.sweep_interval_seconds)
     for job_id, priority in reclaimed.runnable:
