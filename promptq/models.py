@@ -23,6 +23,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from promptq.clock import utcnow
+from promptq.priority import Priority
 from promptq.types import Money, UTCDateTime
 
 
@@ -54,12 +55,6 @@ ACTIVE_JOBS_WHERE = "status IN ('queued', 'running', 'retrying')"
 # release (or ended by its processes during an upgrade), until the backfill has run.
 ENDED_STATUSES = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
 UNACCOUNTED_JOBS_WHERE = "accounted = 0 AND status IN ('succeeded', 'failed', 'canceled')"
-
-
-class Priority(StrEnum):
-    HIGH = "high"
-    NORMAL = "normal"
-    LOW = "low"
 
 
 class ApiKey(Base):

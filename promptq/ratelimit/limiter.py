@@ -19,6 +19,7 @@ from typing import Any
 import redis
 
 from promptq import redis_keys
+from promptq.priority import Priority
 from promptq.ratelimit.estimate import (
     CachePrefix,
     cache_prefixes,
@@ -36,9 +37,7 @@ from promptq.redis_keys import (
 )
 from promptq.usage import Usage
 
-PRIORITY_RANK = {"high": 0, "normal": 1, "low": 2}
 DEFAULT_HIGH_WAITING_PER_KEY = 5
-RANK_PRIORITY = {rank: name for name, rank in PRIORITY_RANK.items()}
 
 
 def _script(client: redis.Redis, name: str) -> Any:
@@ -192,7 +191,7 @@ class Limiter:
                 job_id,
                 input_tokens,
                 output_tokens,
-                PRIORITY_RANK.get(priority, 1),
+                Priority.named(priority).rank,
                 *self._limit_args(limits),
                 grant_id,
                 _token_meter_ms(limits),
@@ -235,7 +234,7 @@ class Limiter:
             return Dispatch(wait_seconds=float(reply[2]) / 1000)
         job_id, rank = _text(reply[1]), int(reply[2])
         grant = Grant(grant_id, model, int(float(reply[3])), int(float(reply[4])))
-        return Dispatch(job_id=job_id, priority=RANK_PRIORITY.get(rank, "normal"), grant=grant)
+        return Dispatch(job_id=job_id, priority=Priority.of_rank(rank), grant=grant)
 
     def queued(self, jobs: list[tuple[str, str]]) -> set[str]:
         """Which of these (job id, model) pairs wait in their model's queue."""
