@@ -24,6 +24,7 @@ import click
 from promptq.config import flower_password_problem, get_settings
 
 if TYPE_CHECKING:
+    from promptq.db import Database
     from promptq.keys.service import CreatedKey
 
 STATE_DIR = Path(".promptq")
@@ -51,13 +52,13 @@ def start_private_redis() -> tuple[Any, str]:
     return server, f"redis://127.0.0.1:{port}/0"
 
 
-def ensure_local_key(database_url: str) -> CreatedKey | None:
+def ensure_local_key(database: Database) -> CreatedKey | None:
     """A key on first start, so the first curl works; None when keys already exist."""
     from promptq.db import session_scope
     from promptq.keys.repository import ApiKeyRepository
     from promptq.keys.service import create_key
 
-    with session_scope(database_url) as session:
+    with session_scope(database) as session:
         if ApiKeyRepository(session).count_active():
             return None
         return create_key(session, "local")
@@ -133,7 +134,7 @@ def up(port: int, flower_port: int, concurrency: int | None, verbose: bool) -> N
     )
     env["PROMPTQ_FLOWER_BASIC_AUTH"] = flower_auth
 
-    key = ensure_local_key(settings.database_url)
+    key = ensure_local_key(settings)
     api_url = f"http://127.0.0.1:{port}"
     worker_args = ["worker"] + ([f"--concurrency={concurrency}"] if concurrency else [])
     children = {
@@ -171,7 +172,7 @@ def up(port: int, flower_port: int, concurrency: int | None, verbose: bool) -> N
         if logs:
             from promptq.cli.console import FinishedJobs, LogErrors
 
-            watchers = [FinishedJobs(redis_url, settings.database_url), LogErrors(logs)]
+            watchers = [FinishedJobs(redis_url, settings), LogErrors(logs)]
             for watcher in watchers:
                 watcher.start()
             click.echo("Finished jobs and errors show below; Ctrl-C stops everything.")

@@ -23,7 +23,7 @@ def feed_batch(batch_id: str) -> int:
     after: str | None = None
     published = 0
     while True:
-        with session_scope(ctx.settings.database_url) as session:
+        with session_scope(ctx.settings) as session:
             job_ids = job_ids_to_publish(session, batch_id, after, FEED_PAGE)
         if not job_ids:
             return published

@@ -61,12 +61,11 @@ def sweep() -> dict[str, int]:
 
 
 def _sweep_pass(ctx: WorkerContext, publishers: ThreadPoolExecutor) -> dict[str, int]:
-    url = ctx.settings.database_url
-    with session_scope(url) as session:
+    with session_scope(ctx.settings) as session:
         reclaimed = reclaim_expired(session, ctx.settings)
     # Ends recorded by processes of the previous release while an upgrade rolls out (an
     # empty partial index once they are gone: nothing to read).
-    backfill(url, budget_seconds=1.0)
+    backfill(ctx.settings, budget_seconds=1.0)
     client = ctx.limiter.client
     start = client.get(SWEEP_CURSOR)
     stale = republish_stale(
@@ -86,11 +85,11 @@ def _sweep_pass(ctx: WorkerContext, publishers: ThreadPoolExecutor) -> dict[str,
         publish_job(app, job_id, priority)
     # Batches: requests past the 24 hours expire, and a batch whose last request ended
     # without ending it (a job canceled on its own, say) is ended here.
-    with session_scope(url) as session:
+    with session_scope(ctx.settings) as session:
         batch_deliveries = expire_and_close(session, ctx.settings)
     # Deliveries due for a few seconds: their message was lost, their sender died, or their
     # wait was too long for a broker countdown. A duplicate sends nothing (take() is a CAS).
-    with session_scope(url) as session:
+    with session_scope(ctx.settings) as session:
         due = deliveries.due(session, utcnow() - timedelta(seconds=2))
     for delivery_id in [*reclaimed.deliveries, *batch_deliveries, *due]:
         publish_delivery(app, delivery_id)
