@@ -31,7 +31,7 @@ from promptq.jobs.backfill import backfill
 from promptq.jobs.sweeping import Candidate, reclaim_expired, republish_stale
 from promptq.redis_keys import SWEEP_CURSOR, SWEEP_LOCK
 from promptq.webhooks import deliveries
-from worker.app import app
+from worker.app import get_app
 from worker.context import WorkerContext, worker_context
 from worker.tasks.base import promptq_task
 
@@ -70,7 +70,7 @@ def _sweep_pass(ctx: WorkerContext, publishers: ThreadPoolExecutor) -> dict[str,
     start = client.get(SWEEP_CURSOR)
     stale = republish_stale(
         ctx.settings,
-        CeleryBroker(app, publishers),
+        CeleryBroker(get_app(), publishers),
         ctx.limiter,
         start.decode() if isinstance(start, bytes) else start,
         budget_seconds=ctx.settings.sweep_budget_seconds,
@@ -82,7 +82,7 @@ def _sweep_pass(ctx: WorkerContext, publishers: ThreadPoolExecutor) -> dict[str,
         if stale.drain_now:
             sweep.apply_async(expires=ctx.settings.sweep_interval_seconds)
     for job_id, priority in reclaimed.runnable:
-        publish_job(app, job_id, priority)
+        publish_job(get_app(), job_id, priority)
     # Batches: requests past the 24 hours expire, and a batch whose last request ended
     # without ending it (a job canceled on its own, say) is ended here.
     with session_scope(ctx.settings) as session:
@@ -92,7 +92,7 @@ def _sweep_pass(ctx: WorkerContext, publishers: ThreadPoolExecutor) -> dict[str,
     with session_scope(ctx.settings) as session:
         due = deliveries.due(session, utcnow() - timedelta(seconds=2))
     for delivery_id in [*reclaimed.deliveries, *batch_deliveries, *due]:
-        publish_delivery(app, delivery_id)
+        publish_delivery(get_app(), delivery_id)
     if reclaimed.runnable or stale.republished or due:
         log.info(
             "sweep: %d jobs taken back from dead workers, %d re-published, %d deliveries sent",

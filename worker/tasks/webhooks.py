@@ -13,7 +13,7 @@ from promptq.db import session_scope
 from promptq.logging import log_context
 from promptq.webhooks import deliveries
 from promptq.webhooks.deliveries import PreparedDelivery
-from worker.app import app
+from worker.app import get_app
 from worker.context import worker_context
 from worker.tasks.base import promptq_task
 
@@ -54,4 +54,4 @@ def _send(prepared: PreparedDelivery) -> None:
         with session_scope(ctx.settings) as session:
             delay = deliveries.record(session, prepared, result, started_at)
         if delay is not None:
-            publish_delivery(app, prepared.id, countdown=delay)
+            publish_delivery(get_app(), prepared.id, countdown=delay)
