@@ -14,7 +14,8 @@ from promptq.jobs.announcements import announce
 from promptq.jobs.leases import LeaseKeeper
 from promptq.jobs.runner import JobRunner
 from promptq.pricing import PriceTable
-from promptq.ratelimit.limiter import Grant, Limiter
+from promptq.ratelimit.limiter import RedisLimiter
+from promptq.ratelimit.protocol import Grant
 from promptq.ratelimit.table import LimitTable
 from promptq.upstream import UpstreamClient
 from promptq.webhooks import WebhookSender
@@ -24,7 +25,7 @@ from worker.deliveries import DeliveryPool
 @dataclass(frozen=True)
 class WorkerContext:
     settings: Settings
-    limiter: Limiter
+    limiter: RedisLimiter
     leases: LeaseKeeper
     runner: JobRunner
     webhooks: WebhookSender
@@ -38,7 +39,7 @@ def worker_context() -> WorkerContext:
     settings = get_settings()
     assert settings.redis_url is not None  # create_celery refused to start without it
     client = redis.Redis.from_url(settings.redis_url)
-    limiter = Limiter(
+    limiter = RedisLimiter(
         client,
         LimitTable.load(settings.limits_file),
         slot_lease_seconds=settings.slot_lease_seconds,

@@ -15,7 +15,7 @@ from celery import Celery
 
 from promptq.broker.publish import publish_job
 from promptq.priority import Priority
-from promptq.ratelimit.limiter import Limiter
+from promptq.ratelimit.protocol import Limiter
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from celery import Celery
 from promptq.broker import task_names
 from promptq.broker.celery_app import QUEUE, WEBHOOK_QUEUE
 from promptq.priority import Priority
-from promptq.ratelimit.limiter import Grant
+from promptq.ratelimit.protocol import Grant
 from promptq.redis_keys import published_marker
 
 log = logging.getLogger(__name__)

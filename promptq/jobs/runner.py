@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, Protocol
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
@@ -31,8 +32,8 @@ from promptq.jobs.execution import (
 )
 from promptq.jobs.leases import LeaseKeeper
 from promptq.pricing import PriceTable
-from promptq.ratelimit.limiter import Grant, Limiter
-from promptq.upstream import UpstreamClient
+from promptq.ratelimit.protocol import Grant, Limiter
+from promptq.upstream import UpstreamResult
 from promptq.usage import Usage
 
 log = logging.getLogger(__name__)
@@ -47,11 +48,19 @@ NEGLIGIBLE_DELAY_SECONDS = 0.05
 Publish = Callable[[str, str, float | None, Grant | None], None]
 
 
+class Upstream(Protocol):
+    """The one call a job makes: promptq.upstream.UpstreamClient over HTTP in a worker."""
+
+    def create_message(self, params: dict[str, Any], beta: str | None = None) -> UpstreamResult:
+        """Never raises: whatever happens is in the result."""
+        ...
+
+
 @dataclass
 class JobRunner:
     settings: Settings
     prices: PriceTable
-    upstream: UpstreamClient
+    upstream: Upstream
     limiter: Limiter
     leases: LeaseKeeper
     publish: Publish
