@@ -91,7 +91,7 @@ def create_app(settings: Settings | None = None, publish: Publisher | None = Non
         limits_by_path={BATCHES_PATH: (settings.max_batch_bytes, "PROMPTQ_MAX_BATCH_BYTES")},
     )
     # Added last, so it runs first: a stranger's request is refused on its headers.
-    app.add_middleware(AuthenticateFirst, database_url=settings.database_url)
+    app.add_middleware(AuthenticateFirst, database=settings)
     app.add_middleware(RefuseControlCharacters)
     install_error_handlers(app)
     app.include_router(health.router)

@@ -21,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.errors import ApiError
 from promptq.config import Settings
-from promptq.db import get_sessionmaker
+from promptq.db import Database, get_sessionmaker
 from promptq.keys.service import KEY_PREFIX, authenticate
 from promptq.models import ApiKey
 
@@ -105,18 +105,18 @@ def caller(session: Session, plain: str | None) -> ApiKey:
     return key
 
 
-async def request_caller(request: Request, database_url: str) -> ApiKey:
+async def request_caller(request: Request, database: Database) -> ApiKey:
     """The calling key for a route that reads its body itself: from the cache when it can,
     else one trip to the thread pool for the database."""
     plain = presented_key(request)
     cached = cached_caller(plain)
     if cached is not None:
         return cached
-    return await run_in_threadpool(_caller_from_database, database_url, plain)
+    return await run_in_threadpool(_caller_from_database, database, plain)
 
 
-def _caller_from_database(database_url: str, plain: str | None) -> ApiKey:
-    with closing(get_sessionmaker(database_url)()) as session:
+def _caller_from_database(database: Database, plain: str | None) -> ApiKey:
+    with closing(get_sessionmaker(database)()) as session:
         return caller(session, plain)
 
 

@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.auth import request_caller
 from api.errors import ApiError, error_body
+from promptq.db import Database
 
 # Every method that can carry a body on the client API; all of them need a key (the admin
 # token's endpoints take no body).
@@ -24,9 +25,9 @@ CLIENT_API = "/v1/"
 
 
 class AuthenticateFirst:
-    def __init__(self, app: ASGIApp, database_url: str) -> None:
+    def __init__(self, app: ASGIApp, database: Database) -> None:
         self.app = app
-        self.database_url = database_url
+        self.database = database
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
@@ -36,7 +37,7 @@ class AuthenticateFirst:
         ):
             try:
                 # A Request over the scope alone: reads headers, never the body.
-                await request_caller(Request(scope), self.database_url)
+                await request_caller(Request(scope), self.database)
             except ApiError as exc:
                 await _refuse(send, scope["path"], exc)
                 return

@@ -19,10 +19,9 @@ from dataclasses import dataclass
 from starlette.requests import Request
 
 from promptq.config import Settings
+from promptq.redis_keys import DASHBOARD_FAILED_SIGN_INS_PREFIX, DASHBOARD_SESSION_PREFIX
 from promptq.redis_roles import redis_client
 
-SESSION_PREFIX = "promptq:dashboard:session:"
-FAILED_PREFIX = "promptq:dashboard:failed-sign-ins:"
 # Redis must answer a page view quickly or not at all (then the usual 503).
 REDIS_TIMEOUT_SECONDS = 2.0
 _FORWARDING_HEADERS = ("x-forwarded-proto", "x-forwarded-for", "forwarded")
@@ -81,13 +80,13 @@ class DashboardSessions:
 
     def blocked_for(self, address: str) -> int | None:
         """Seconds until `address` may try to sign in again, or None if it may now."""
-        failures = self.redis.get(FAILED_PREFIX + address)
+        failures = self.redis.get(DASHBOARD_FAILED_SIGN_INS_PREFIX + address)
         if failures is None or int(failures) < self.settings.dashboard_max_failed_sign_ins:
             return None
-        return max(1, int(self.redis.ttl(FAILED_PREFIX + address)))
+        return max(1, int(self.redis.ttl(DASHBOARD_FAILED_SIGN_INS_PREFIX + address)))
 
     def failed(self, address: str) -> None:
-        key = FAILED_PREFIX + address
+        key = DASHBOARD_FAILED_SIGN_INS_PREFIX + address
         with self.redis.pipeline() as pipe:
             # The window starts at the first failure and is not stretched by later ones
             # (INCR keeps the TTL; SET NX rather than EXPIRE NX, which needs Redis 7).
@@ -97,7 +96,7 @@ class DashboardSessions:
 
 
 def _stored(session_id: str) -> str:
-    return SESSION_PREFIX + hashlib.sha256(session_id.encode()).hexdigest()
+    return DASHBOARD_SESSION_PREFIX + hashlib.sha256(session_id.encode()).hexdigest()
 
 
 def _trusted(settings: Settings, address: str) -> bool:

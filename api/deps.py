@@ -24,7 +24,7 @@ SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 def get_session(settings: SettingsDep) -> Iterator[Session]:
     """A session per request. Routes that write commit explicitly, before they publish,
     so a job id never reaches the broker ahead of its row; anything else is rolled back."""
-    session = get_sessionmaker(settings.database_url)()
+    session = get_sessionmaker(settings)()
     try:
         yield session
     finally:

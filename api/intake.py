@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 
 from api.broker import require_broker
 from promptq.config import Settings
-from promptq.db import get_sessionmaker, session_scope
+from promptq.db import Database, get_sessionmaker, session_scope
 from promptq.jobs import service
 from promptq.jobspec.presenter import job_to_api
 from promptq.jobspec.schemas import JobCreate, anthropic_beta
@@ -55,7 +55,7 @@ def accept_job(
     beta = anthropic_beta(request.headers.get("anthropic-beta"))
     require_broker(request.app.state.broker, "job")
     check_intake_rate(request, settings, key)
-    with closing(get_sessionmaker(settings.database_url)()) as session:
+    with closing(get_sessionmaker(settings)()) as session:
         try:
             outcome = service.create_job(session, settings, key, payload, idempotency_header, beta)
             session.commit()
@@ -71,6 +71,6 @@ def accept_job(
     return body
 
 
-def read_job(database_url: str, key: ApiKey, job_id: str) -> dict[str, Any]:
-    with session_scope(database_url) as session:
+def read_job(database: Database, key: ApiKey, job_id: str) -> dict[str, Any]:
+    with session_scope(database) as session:
         return job_to_api(service.get_job(session, key, job_id))

@@ -18,8 +18,7 @@ from collections.abc import Callable, Iterator
 
 import redis
 
-from promptq.jobs.announcements import CHANNEL
-from promptq.keys.channels import KEY_CHANGED_CHANNEL
+from promptq.redis_keys import JOB_FINISHED_CHANNEL, KEY_CHANGED_CHANNEL
 from promptq.redis_roles import async_redis_client
 
 log = logging.getLogger(__name__)
@@ -109,7 +108,7 @@ class FinishedJobs:
             client = async_redis_client(self.redis_url)
             try:
                 async with client.pubsub() as pubsub:
-                    await pubsub.subscribe(CHANNEL, KEY_CHANGED_CHANNEL)
+                    await pubsub.subscribe(JOB_FINISHED_CHANNEL, KEY_CHANGED_CHANNEL)
                     self.subscribed = True
                     self.on_hearing(True)
                     async for message in pubsub.listen():

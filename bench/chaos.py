@@ -56,6 +56,8 @@ from urllib.parse import urlsplit
 import redis
 from sqlalchemy import Engine, text
 
+from promptq.redis_keys import published_marker
+
 # Run as a script (`python bench/chaos.py`), the bench directory is on sys.path, not the
 # repository; _stack and _report are imported as sibling modules either way.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -99,8 +101,6 @@ REQUEST_TIMEOUT_SECONDS = 10.0
 # How long past the submission window the clients go on resending a job before giving up.
 SUBMIT_GRACE_SECONDS = 120.0
 POLL_SECONDS = 0.5
-# Must match promptq/broker/publish.py: while it lives, the sweeper takes a job's message for alive.
-PUBLISHED_MARKER = "promptq:published:{}"
 SWEEP_LINE = re.compile(r"sweep: (\d+) jobs taken back from dead workers, (\d+) re-published")
 
 TARGET_LOST = 0
@@ -478,7 +478,7 @@ def marker_ttls(redis_url: str, job_ids: list[str]) -> dict[str, int]:
     try:
         with client.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
-                pipe.ttl(PUBLISHED_MARKER.format(job_id))
+                pipe.ttl(published_marker(job_id))
             return {job_id: int(ttl) for job_id, ttl in zip(job_ids, pipe.execute(), strict=True)}
     finally:
         client.close()
@@ -512,7 +512,7 @@ def message_whereabouts(
     if not job_ids:
         return {}
     places: dict[str, list[str]] = {job_id: [] for job_id in job_ids}
-    markers = {PUBLISHED_MARKER.format(job_id).encode() for job_id in job_ids}
+    markers = {published_marker(job_id).encode() for job_id in job_ids}
     client = redis.Redis.from_url(redis_url, socket_timeout=10)
     try:
         for number, key in enumerate(client.scan_iter(count=1000)):

@@ -316,13 +316,13 @@ def sweep_pass(settings: Any) -> None:
     from promptq.jobs.sweeping import reclaim_expired, walk_stale
     from promptq.webhooks import deliveries
 
-    with session_scope(settings.database_url) as session:
+    with session_scope(settings) as session:
         reclaim_expired(session, settings)
     backfill(settings.database_url, budget_seconds=1.0)
     walk_stale(settings, None, lambda _page: None, budget_seconds=settings.sweep_budget_seconds)
-    with session_scope(settings.database_url) as session:
+    with session_scope(settings) as session:
         expire_and_close(session, settings)
-    with session_scope(settings.database_url) as session:
+    with session_scope(settings) as session:
         deliveries.due(session, utcnow() - timedelta(seconds=2))
 
 

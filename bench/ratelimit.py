@@ -96,8 +96,9 @@ from _stack import (
     write_limits_file,
 )
 
-from promptq.ratelimit.limiter import MODELS_WAITING, RedisLimiter
+from promptq.ratelimit.limiter import RedisLimiter
 from promptq.ratelimit.table import LimitTable
+from promptq.redis_keys import MODELS_WAITING
 from promptq.testing import FINAL
 from promptq.usage import Usage
 

@@ -74,7 +74,7 @@ def store_queued_jobs(engine: Engine, key_id: str, jobs: int) -> None:
 
 def uncovered(engine: Engine, client: redis.Redis) -> int:
     """Jobs still queued whose publish marker is missing: nothing in Redis would run them."""
-    from promptq.broker.publish import published_marker
+    from promptq.redis_keys import published_marker
 
     with engine.connect() as connection:
         ids = connection.execute(text("SELECT id FROM jobs WHERE status = 'queued'")).scalars()

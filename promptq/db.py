@@ -11,7 +11,7 @@ from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy import exc as sqlalchemy_errors
 from sqlalchemy.orm import Session, sessionmaker
 
-from promptq.config import get_settings
+from promptq.config import Settings, get_settings
 
 # A statement's parameters are prompts, results and webhook URLs: an error that is logged
 # or shown names the statement, never them.
@@ -35,8 +35,33 @@ def _configure_sqlite(engine: Engine) -> None:
         cursor.close()
 
 
+# What names a database: the settings (its URL, its pool's size, its pooler), or a URL
+# alone, for tools and tests, which take the default pool. What a caller was given is what
+# its engine is built from; the global settings only say, for a bare URL, whether a pooler
+# stands in front of it (see get_engine).
+Database = Settings | str
+DEFAULT_POOL_SIZE: int = Settings.model_fields["database_pool_size"].default
+DEFAULT_MAX_OVERFLOW: int = Settings.model_fields["database_max_overflow"].default
+
+
+def get_engine(database: Database) -> Engine:
+    """The process's engine for the database (one per URL and pool size)."""
+    if isinstance(database, str):
+        # A pooler in front of the server is a fact of the deployment, not of one engine,
+        # and a bare URL cannot say it: migrations and tools that pass a URL through
+        # PgBouncer must still prepare nothing, so it comes from the environment.
+        pooler = get_settings().database_pooler
+        return _engine(database, DEFAULT_POOL_SIZE, DEFAULT_MAX_OVERFLOW, pooler)
+    return _engine(
+        database.database_url,
+        database.database_pool_size,
+        database.database_max_overflow,
+        database.database_pooler,
+    )
+
+
 @lru_cache(maxsize=8)
-def get_engine(url: str) -> Engine:
+def _engine(url: str, pool_size: int, max_overflow: int, pooler: str) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(
             url,
@@ -45,15 +70,14 @@ def get_engine(url: str) -> Engine:
         )
         _configure_sqlite(engine)
         return engine
-    settings = get_settings()
     return create_engine(
         url,
         hide_parameters=HIDE_PARAMETERS,
-        pool_size=settings.database_pool_size,
-        max_overflow=settings.database_max_overflow,
+        pool_size=pool_size,
+        max_overflow=max_overflow,
         pool_pre_ping=True,
         pool_timeout=30,
-        connect_args=pooler_connect_args(url, settings.database_pooler),
+        connect_args=pooler_connect_args(url, pooler),
     )
 
 
@@ -70,15 +94,19 @@ def pooler_connect_args(url: str, pooler: str) -> dict[str, Any]:
     return {}
 
 
+def get_sessionmaker(database: Database) -> sessionmaker[Session]:
+    return _sessionmaker(get_engine(database))
+
+
 @lru_cache(maxsize=8)
-def get_sessionmaker(url: str) -> sessionmaker[Session]:
-    return sessionmaker(bind=get_engine(url), expire_on_commit=False)
+def _sessionmaker(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(bind=engine, expire_on_commit=False)
 
 
 @contextmanager
-def session_scope(url: str) -> Iterator[Session]:
+def session_scope(database: Database) -> Iterator[Session]:
     """A unit of work: commits when the block succeeds, rolls back when it raises."""
-    session = get_sessionmaker(url)()
+    session = get_sessionmaker(database)()
     try:
         yield session
         session.commit()

@@ -48,7 +48,7 @@ from sqlalchemy import BigInteger, func, literal_column, select, text, type_coer
 from sqlalchemy.orm import Session
 
 from promptq.clock import utcnow
-from promptq.db import get_sessionmaker
+from promptq.db import Database, get_sessionmaker
 from promptq.models import (
     LATENCY_BUCKETS_MS,
     RUNNABLE_STATUSES,
@@ -61,7 +61,8 @@ from promptq.models import (
     WebhookHourly,
     is_active_job,
 )
-from promptq.ratelimit.limiter import MODELS_WAITING, RedisLimiter
+from promptq.ratelimit.limiter import RedisLimiter
+from promptq.redis_keys import MODELS_WAITING
 from promptq.rollups import floor_hour
 from promptq.types import picodollars_to_usd
 
@@ -324,12 +325,12 @@ class PromptqCollector(Collector):
 
     def __init__(
         self,
-        database_url: str,
+        database: Database,
         redis_client: redis.Redis | None,
         broker_backlog: Callable[[], int] | None = None,
         max_models: int = DEFAULT_MAX_MODELS,
     ) -> None:
-        self.database_url = database_url
+        self.database = database
         self.redis = redis_client
         self.broker_backlog = broker_backlog
         self.max_models = max_models
@@ -363,7 +364,7 @@ class PromptqCollector(Collector):
         # whole scrape, never a page with half the figures.
         started = time.perf_counter()
         now = utcnow()
-        with get_sessionmaker(self.database_url)() as session:
+        with get_sessionmaker(self.database)() as session:
             repository = MetricsRepository(session)
             repository.bound_statement_time()
             active = repository.active_jobs()

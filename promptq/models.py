@@ -23,7 +23,8 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from promptq.clock import utcnow
-from promptq.types import Money, UTCDateTime
+from promptq.priority import Priority
+from promptq.types import EnumString, Money, UTCDateTime
 
 
 class Base(DeclarativeBase):
@@ -56,10 +57,12 @@ ENDED_STATUSES = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
 UNACCOUNTED_JOBS_WHERE = "accounted = 0 AND status IN ('succeeded', 'failed', 'canceled')"
 
 
-class Priority(StrEnum):
-    HIGH = "high"
-    NORMAL = "normal"
-    LOW = "low"
+class DeliveryStatus(StrEnum):
+    """Where a webhook delivery stands (and, on a job, its latest delivery)."""
+
+    PENDING = "pending"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
 
 
 class ApiKey(Base):
@@ -125,9 +128,9 @@ class Job(Base):
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     api_key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
-    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED)
+    status: Mapped[JobStatus] = mapped_column(EnumString(JobStatus, 16), default=JobStatus.QUEUED)
     model: Mapped[str] = mapped_column(String(200))
-    priority: Mapped[str] = mapped_column(String(8), default=Priority.NORMAL)
+    priority: Mapped[Priority] = mapped_column(EnumString(Priority, 8), default=Priority.NORMAL)
     request: Mapped[dict[str, Any]]
     # `metadata` is reserved on declarative classes, hence the trailing underscore.
     metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata")
@@ -168,7 +171,7 @@ class Job(Base):
     error_message: Mapped[str | None] = mapped_column(Text)
     upstream_status: Mapped[int | None]
     # The latest delivery to webhook_url, as the job object shows it.
-    webhook_status: Mapped[str | None] = mapped_column(String(16))
+    webhook_status: Mapped[DeliveryStatus | None] = mapped_column(EnumString(DeliveryStatus, 16))
     webhook_attempts: Mapped[int] = mapped_column(Integer, default=0)
 
     # Set for the requests of a Message Batch: the batch, and the request's own custom_id.
@@ -233,7 +236,9 @@ class MessageBatch(Base):
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     api_key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
-    processing_status: Mapped[str] = mapped_column(String(16), default=BatchStatus.IN_PROGRESS)
+    processing_status: Mapped[BatchStatus] = mapped_column(
+        EnumString(BatchStatus, 16), default=BatchStatus.IN_PROGRESS
+    )
     request_count: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[datetime]
@@ -269,12 +274,6 @@ class Attempt(Base):
     accounted: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     job: Mapped[Job] = relationship(back_populates="attempt_records")
-
-
-class DeliveryStatus(StrEnum):
-    PENDING = "pending"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
 
 
 class WebhookSubscription(Base):
@@ -328,7 +327,9 @@ class WebhookDelivery(Base):
     event_type: Mapped[str] = mapped_column(String(32))
     # The body as first sent, so that every attempt sends the same bytes.
     body: Mapped[str] = mapped_column(Text)
-    status: Mapped[str] = mapped_column(String(16), default=DeliveryStatus.PENDING)
+    status: Mapped[DeliveryStatus] = mapped_column(
+        EnumString(DeliveryStatus, 16), default=DeliveryStatus.PENDING
+    )
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

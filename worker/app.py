@@ -1,10 +1,16 @@
 """The worker's Celery application (`celery -A worker.app`), built from the settings by
-promptq.broker.celery_app, as the API builds its own to send tasks."""
+promptq.broker.celery_app, as the API builds its own to send tasks.
+
+Built when first asked for (get_app), not at import: the tasks are declared without it
+(worker.tasks.base), so that importing them, to test or to list them, needs no broker
+settings."""
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
+from celery import Celery
 from celery.signals import setup_logging
 
 from promptq.broker.celery_app import create_celery
@@ -20,4 +26,13 @@ def _configure_logging(**_: Any) -> None:
     configure_logging(get_settings())
 
 
-app = create_celery(get_settings())
+@cache
+def get_app() -> Celery:
+    return create_celery(get_settings())
+
+
+def __getattr__(name: str) -> Celery:
+    # `celery -A worker.app` looks for the module's `app`: built then.
+    if name == "app":
+        return get_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

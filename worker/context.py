@@ -33,7 +33,7 @@ class WorkerContext:
 
 @lru_cache(maxsize=1)
 def worker_context() -> WorkerContext:
-    from worker.app import app
+    from worker.app import get_app
 
     settings = get_settings()
     events = client_for(settings, "events")
@@ -54,11 +54,11 @@ def worker_context() -> WorkerContext:
     )
 
     def publish(job_id: str, priority: str, countdown: float | None, grant: Grant | None) -> None:
-        publish_job(app, job_id, priority, countdown=countdown, grant=grant)
+        publish_job(get_app(), job_id, priority, countdown=countdown, grant=grant)
 
     def deliver(delivery_ids: Sequence[str]) -> None:
         for delivery_id in delivery_ids:
-            publish_delivery(app, delivery_id)
+            publish_delivery(get_app(), delivery_id)
 
     runner = JobRunner(
         settings,

@@ -14,6 +14,7 @@ import threading
 from celery import Celery
 
 from promptq.broker.publish import publish_job
+from promptq.priority import Priority
 from promptq.ratelimit.protocol import Limiter
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ class Dispatcher:
                 offer = self.limiter.dispatch(model)
                 if offer.job_id is not None:
                     # Granted jobs go first in the broker: they hold a slot and tokens.
-                    publish_job(self.app, offer.job_id, "high", grant=offer.grant)
+                    publish_job(self.app, offer.job_id, Priority.HIGH, grant=offer.grant)
                     continue
                 if not offer.empty:
                     sleep = min(sleep, offer.wait_seconds)

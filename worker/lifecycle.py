@@ -16,10 +16,10 @@ _dispatcher: Dispatcher | None = None
 @worker_ready.connect
 def _start(sender: Any = None, **_: Any) -> None:
     global _dispatcher
-    from worker.app import app
+    from worker.app import get_app
     from worker.context import worker_context
 
-    _dispatcher = Dispatcher(app, worker_context().limiter)
+    _dispatcher = Dispatcher(get_app(), worker_context().limiter)
     _dispatcher.start()
 
 

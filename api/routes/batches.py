@@ -35,7 +35,7 @@ def _base_url(request: Request) -> str:
 
 @router.post("", summary="Create a Message Batch")
 async def create_batch(request: Request, settings: SettingsDep) -> JSONResponse:
-    key = await request_caller(request, settings.database_url)
+    key = await request_caller(request, settings)
     async with request.app.state.batch_intake:
         raw = await request.body()
         body = await run_in_threadpool(_accept_batch, request, settings, key, raw)
@@ -50,7 +50,7 @@ def _accept_batch(request: Request, settings: Settings, key: ApiKey, raw: bytes)
     beta = anthropic_beta(request.headers.get("anthropic-beta"))
     require_broker(request.app.state.broker, "batch")
     check_intake_rate(request, settings, key)
-    with closing(get_sessionmaker(settings.database_url)()) as session:
+    with closing(get_sessionmaker(settings)()) as session:
         view, ended = service.create_batch(session, settings, key, requests, beta)
         session.commit()
         body = view.to_api(_base_url(request))
@@ -116,5 +116,5 @@ def batch_results(
             f"message batch {batch_id} is still {view.batch.processing_status}; its results "
             "are ready once processing_status is `ended` (results_url is set then)",
         )
-    lines = service.result_lines(get_sessionmaker(settings.database_url), batch_id)
+    lines = service.result_lines(get_sessionmaker(settings), batch_id)
     return StreamingResponse(lines, media_type="application/x-jsonl")

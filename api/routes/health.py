@@ -25,7 +25,7 @@ def healthz() -> dict[str, str]:
 def readyz(settings: SettingsDep) -> JSONResponse:
     checks: dict[str, Any] = {}
     try:
-        with get_engine(settings.database_url).connect() as connection:
+        with get_engine(settings).connect() as connection:
             connection.execute(text("SELECT 1"))
         checks["database"] = "ok"
     except Exception as exc:

@@ -16,6 +16,7 @@ from api.bodies import TOO_DEEP, parse_json_body
 from api.deps import ApiKeyDep, SessionDep, SettingsDep
 from api.errors import ApiError, describe_validation_errors
 from api.intake import FORM_TYPES, accept_job, read_job
+from promptq.db import Database
 from promptq.jobs import service
 from promptq.jobspec.presenter import job_to_api
 from promptq.jobspec.schemas import MAX_JSON_DEPTH, JobCreate, json_depth
@@ -77,7 +78,7 @@ async def create_job(
     wait: Annotated[int, Query(ge=0, le=60, description="seconds to hold the answer")] = 0,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> JSONResponse:
-    key = await request_caller(request, settings.database_url)
+    key = await request_caller(request, settings)
     payload = await read_job_create(request)
     if not wait:
         body = await run_in_threadpool(accept_job, request, settings, key, payload, idempotency_key)
@@ -87,20 +88,20 @@ async def create_job(
                 accept_job, request, settings, key, payload, idempotency_key
             )
             if not JobStatus(body["status"]).is_final:
-                body = await wait_for_final(request, settings.database_url, key, body["id"], wait)
+                body = await wait_for_final(request, settings, key, body["id"], wait)
     status = 200 if JobStatus(body["status"]).is_final else 202
     return JSONResponse(body, status_code=status, headers={"Location": f"/v1/jobs/{body['id']}"})
 
 
 async def wait_for_final(
-    request: Request, database_url: str, key: ApiKey, job_id: str, seconds: float
+    request: Request, database: Database, key: ApiKey, job_id: str, seconds: float
 ) -> dict[str, Any]:
     """The job once it is final, or as it is when time runs out. Woken by the worker's
     word that it finished (api.listener), and looking at the database now and then."""
     deadline = time.monotonic() + seconds
     with request.app.state.finished.watching(job_id) as watch:
         while True:
-            body = await run_in_threadpool(read_job, database_url, key, job_id)
+            body = await run_in_threadpool(read_job, database, key, job_id)
             left = deadline - time.monotonic()
             if JobStatus(body["status"]).is_final or left <= 0:
                 return body

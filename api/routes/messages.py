@@ -21,7 +21,7 @@ from api.deps import SettingsDep
 from api.errors import ApiError
 from api.intake import accept_job, read_job
 from promptq.config import Settings
-from promptq.db import session_scope
+from promptq.db import Database, session_scope
 from promptq.jobs import service
 from promptq.jobspec.schemas import JobCreate, MessagesRequest, anthropic_beta
 from promptq.keys.policy import quota
@@ -56,7 +56,7 @@ async def read_messages_request(request: Request) -> tuple[MessagesRequest, bool
 
 @router.post("/v1/messages", summary="Create a message (Anthropic Messages API)")
 async def create_message(request: Request, settings: SettingsDep) -> Response:
-    key = await request_caller(request, settings.database_url)
+    key = await request_caller(request, settings)
     params, stream = await read_messages_request(request)
     payload = JobCreate(request=params, priority=Priority.HIGH)
     with request.app.state.open_requests.hold(key.id, quota(key, settings, "open_requests")):
@@ -86,7 +86,7 @@ async def create_message(request: Request, settings: SettingsDep) -> Response:
 
 @router.post("/v1/messages/count_tokens", summary="Count a prompt's tokens (not a job)")
 async def count_message_tokens(request: Request, settings: SettingsDep) -> JSONResponse:
-    await request_caller(request, settings.database_url)
+    await request_caller(request, settings)
     raw = await request.body()
     if not isinstance(parse_json_body(raw) if raw.strip() else None, dict):
         raise ApiError(400, "body: must be a JSON object of Messages API parameters")
@@ -107,9 +107,7 @@ async def _await_job(
         while not JobStatus(job["status"]).is_final:
             gone = await request.is_disconnected()
             if gone or time.monotonic() >= deadline:
-                job = await run_in_threadpool(
-                    _cancel_unless_running, settings.database_url, key, job["id"]
-                )
+                job = await run_in_threadpool(_cancel_unless_running, settings, key, job["id"])
                 if gone or JobStatus(job["status"]).is_final:
                     return job
                 # Running: its call is under way, bounded by the upstream timeout; giving
@@ -118,11 +116,11 @@ async def _await_job(
             # Short pauses: a client that hangs up is noticed within a second; the job is
             # read only when it is announced finished or a look at the database is due.
             if await watch.pause(min(DISCONNECT_CHECK_SECONDS, deadline - time.monotonic())):
-                job = await run_in_threadpool(read_job, settings.database_url, key, job["id"])
+                job = await run_in_threadpool(read_job, settings, key, job["id"])
     return job
 
 
-def _cancel_unless_running(database_url: str, key: ApiKey, job_id: str) -> dict[str, Any]:
-    with session_scope(database_url) as session:
+def _cancel_unless_running(database: Database, key: ApiKey, job_id: str) -> dict[str, Any]:
+    with session_scope(database) as session:
         service.cancel_unless_started(session, key, job_id)
-    return read_job(database_url, key, job_id)
+    return read_job(database, key, job_id)

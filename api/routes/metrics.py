@@ -85,7 +85,7 @@ def _collector(app: FastAPI, settings: Settings) -> PromptqCollector:
     # broker_backlog reads the queue names from the publishing Celery app's configuration.
     celery_app = app.state.celery
     return PromptqCollector(
-        settings.database_url,
+        settings,
         client,
         broker_backlog=lambda: broker_backlog(celery_app),
         max_models=settings.metrics_max_models,

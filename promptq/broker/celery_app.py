@@ -17,10 +17,9 @@ from celery import Celery
 
 from promptq.broker import task_names
 from promptq.config import Settings
+from promptq.priority import BROKER_PRIORITY_STEPS
 from promptq.redis_roles import RedisNotConfigured, celery_broker, role_url
 
-# Redis inverts AMQP's convention: 0 is served first.
-MESSAGE_PRIORITY = {"high": 0, "normal": 3, "low": 6}
 QUEUE = "promptq"
 # Webhook deliveries travel apart from jobs: a flood of them never stands in front of jobs
 # in the broker. `promptq worker` consumes both queues by default.
@@ -78,7 +77,7 @@ def create_celery(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         broker_transport_options={
             "visibility_timeout": settings.broker_visibility_timeout_seconds,
-            "priority_steps": sorted(set(MESSAGE_PRIORITY.values())),
+            "priority_steps": BROKER_PRIORITY_STEPS,
             "sep": ":",
             "queue_order_strategy": "priority",
             **sentinel_options,

@@ -8,8 +8,10 @@ import redis
 from celery import Celery
 
 from promptq.broker import task_names
-from promptq.broker.celery_app import MESSAGE_PRIORITY, QUEUE, WEBHOOK_QUEUE
+from promptq.broker.celery_app import QUEUE, WEBHOOK_QUEUE
+from promptq.priority import Priority
 from promptq.ratelimit.protocol import Grant
+from promptq.redis_keys import published_marker
 from promptq.redis_roles import redis_client
 
 log = logging.getLogger(__name__)
@@ -35,14 +37,10 @@ def publish_delivery(app: Celery, delivery_id: str, countdown: float | None = No
     )
 
 
-def published_marker(job_id: str) -> str:
-    return f"promptq:published:{job_id}"
-
-
 def publish_job(
     app: Celery,
     job_id: str,
-    priority: str = "normal",
+    priority: str = Priority.NORMAL,
     countdown: float | None = None,
     grant: Grant | None = None,
 ) -> None:
@@ -53,7 +51,7 @@ def publish_job(
     app.send_task(
         task_names.RUN_JOB,
         args=[job_id, grant.to_message()] if grant else [job_id],
-        priority=MESSAGE_PRIORITY.get(priority, MESSAGE_PRIORITY["normal"]),
+        priority=Priority.named(priority).broker_priority,
         countdown=countdown if countdown and countdown > 0 else None,
     )
     mark_published(app, [job_id])
@@ -66,7 +64,7 @@ def publish_jobs(app: Celery, job_ids: list[str], priority: str) -> None:
             app.send_task(
                 task_names.RUN_JOB,
                 args=[job_id],
-                priority=MESSAGE_PRIORITY.get(priority, MESSAGE_PRIORITY["normal"]),
+                priority=Priority.named(priority).broker_priority,
                 producer=producer,
             )
     mark_published(app, job_ids)
@@ -75,7 +73,7 @@ def publish_jobs(app: Celery, job_ids: list[str], priority: str) -> None:
 def publish_batch(app: Celery, batch_id: str) -> None:
     """One message for a whole batch: a worker publishes its requests' jobs (off the API's
     request path, so creating 10,000 requests answers in a second or two)."""
-    app.send_task(task_names.FEED_BATCH, args=[batch_id], priority=MESSAGE_PRIORITY["high"])
+    app.send_task(task_names.FEED_BATCH, args=[batch_id], priority=Priority.HIGH.broker_priority)
 
 
 def mark_published(app: Celery, job_ids: list[str]) -> None:

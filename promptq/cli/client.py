@@ -10,6 +10,7 @@ import click
 import requests
 
 from promptq.config import get_settings
+from promptq.priority import Priority
 
 FINAL = {"succeeded", "failed", "canceled"}
 
@@ -44,7 +45,9 @@ def _call(method: str, path: str, **kwargs: Any) -> dict[str, Any]:
 @click.option("--model", help="Model to run (default: PROMPTQ_DEFAULT_MODEL on the server).")
 @click.option("--max-tokens", type=int)
 @click.option("--system")
-@click.option("--priority", type=click.Choice(["high", "normal", "low"]), default="normal")
+@click.option(
+    "--priority", type=click.Choice([p.value for p in Priority]), default=Priority.NORMAL.value
+)
 @click.option("--wait", is_flag=True, help="Wait for the answer and print its text.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole job as JSON.")
 def submit(

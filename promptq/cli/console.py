@@ -21,10 +21,10 @@ from typing import Any
 import click
 import redis
 
-from promptq.db import session_scope
-from promptq.jobs.announcements import CHANNEL
+from promptq.db import Database, session_scope
 from promptq.jobs.repository import JobRepository
 from promptq.jobspec.presenter import job_to_api
+from promptq.redis_keys import JOB_FINISHED_CHANNEL
 from promptq.redis_roles import redis_client
 
 # A burst (a batch, `promptq run`) would scroll the terminal away: past a few lines per
@@ -51,10 +51,10 @@ def short(text: str, limit: int = MAX_LINE) -> str:
 class FinishedJobs(threading.Thread):
     """Prints a line per finished job (a summary line for the rest of a burst)."""
 
-    def __init__(self, redis_url: str, database_url: str, out: Say = say) -> None:
+    def __init__(self, redis_url: str, database: Database, out: Say = say) -> None:
         super().__init__(name="promptq-up-jobs", daemon=True)
         self._redis_url = redis_url
-        self._database_url = database_url
+        self._database = database
         self._out = out
         self._stopping = threading.Event()
 
@@ -72,7 +72,7 @@ class FinishedJobs(threading.Thread):
     def _follow(self) -> None:
         client = redis_client(self._redis_url)
         pubsub = client.pubsub(ignore_subscribe_messages=True)
-        pubsub.subscribe(CHANNEL)
+        pubsub.subscribe(JOB_FINISHED_CHANNEL)
         try:
             while not self._stopping.is_set():
                 ids: list[str] = []
@@ -88,7 +88,7 @@ class FinishedJobs(threading.Thread):
             client.close()
 
     def _show(self, ids: list[str]) -> None:
-        with session_scope(self._database_url) as session:
+        with session_scope(self._database) as session:
             jobs = [job_to_api(job) for job in JobRepository(session).many(ids)]
         jobs.sort(key=lambda job: str(job["finished_at"]))
         for job in jobs[:LINES_PER_INTERVAL]:

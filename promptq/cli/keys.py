@@ -75,7 +75,7 @@ def create(
 ) -> None:
     """Create a key; its secret and webhook signing secret are shown now and never again."""
     try:
-        with session_scope(get_settings().database_url) as session:
+        with session_scope(get_settings()) as session:
             created = create_key(
                 session,
                 name,
@@ -154,7 +154,7 @@ def update(
         raise click.UsageError("nothing to change; see `promptq keys update --help`")
     settings = get_settings()
     try:
-        with session_scope(settings.database_url) as session:
+        with session_scope(settings) as session:
             key = update_key(session, key_id_or_name, **changes, quotas=quota_changes)
             key_id, name = key.id, key.name
     except ApiKeyError as exc:
@@ -167,7 +167,7 @@ def update(
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
 def list_keys(as_json: bool) -> None:
     """List keys (never their secrets)."""
-    with session_scope(get_settings().database_url) as session:
+    with session_scope(get_settings()) as session:
         rows: list[dict[str, Any]] = [
             {
                 "id": key.id,
@@ -215,7 +215,7 @@ def revoke(key_id_or_name: str) -> None:
 
     settings = get_settings()
     try:
-        with session_scope(settings.database_url) as session:
+        with session_scope(settings) as session:
             done = revoke_key(session, settings, key_id_or_name)
             key_id, name = done.key.id, done.key.name
     except ApiKeyError as exc:

@@ -92,7 +92,7 @@ def api(host: str, port: int, workers: int) -> None:
 @click.option("--hostname", help="Celery node name (default: promptq@HOST).")
 def worker(concurrency: int | None, queues: str, hostname: str | None) -> None:
     """Run a Celery worker that executes jobs."""
-    from worker.app import app
+    from worker.app import get_app
 
     settings = get_settings()
     preflight(settings)
@@ -112,7 +112,7 @@ def worker(concurrency: int | None, queues: str, hostname: str | None) -> None:
         "--without-mingle",
     ]
     argv.append(f"--hostname={hostname or 'promptq@%h'}")
-    app.worker_main(argv)
+    get_app().worker_main(argv)
 
 
 @click.command()
@@ -124,12 +124,12 @@ def worker(concurrency: int | None, queues: str, hostname: str | None) -> None:
 )
 def beat(schedule: str) -> None:
     """Run the periodic scheduler (exactly one per deployment)."""
-    from worker.app import app
+    from worker.app import get_app
 
     settings = get_settings()
     configure_logging(settings)
     Path(schedule).parent.mkdir(parents=True, exist_ok=True)
-    app.start(
+    get_app().start(
         [
             *_celery_global_options(settings),
             "beat",
@@ -151,7 +151,7 @@ def _celery_global_options(settings: Settings) -> list[str]:
 @click.option("--address", default="127.0.0.1", show_default=True)
 def flower(port: int, address: str) -> None:
     """Run Flower, the Celery monitor, behind basic auth."""
-    from worker.app import app
+    from worker.app import get_app
 
     settings = get_settings()
     credentials = (
@@ -168,7 +168,9 @@ def flower(port: int, address: str) -> None:
     problem = flower_password_problem(credentials)
     if problem is not None:
         raise click.ClickException(problem)
-    app.start(["flower", f"--port={port}", f"--address={address}", f"--basic-auth={credentials}"])
+    get_app().start(
+        ["flower", f"--port={port}", f"--address={address}", f"--basic-auth={credentials}"]
+    )
 
 
 @click.group()

@@ -24,6 +24,7 @@ from promptq.config import flower_password_problem, get_settings
 from promptq.supervisor import Child, ChildExited
 
 if TYPE_CHECKING:
+    from promptq.db import Database
     from promptq.keys.service import CreatedKey
 
 STATE_DIR = Path(".promptq")
@@ -38,13 +39,13 @@ def start_private_redis() -> tuple[Any, str]:
     return supervisor.start_private_redis(STATE_DIR)
 
 
-def ensure_local_key(database_url: str) -> CreatedKey | None:
+def ensure_local_key(database: Database) -> CreatedKey | None:
     """A key on first start, so the first curl works; None when keys already exist."""
     from promptq.db import session_scope
     from promptq.keys.repository import ApiKeyRepository
     from promptq.keys.service import create_key
 
-    with session_scope(database_url) as session:
+    with session_scope(database) as session:
         if ApiKeyRepository(session).count_active():
             return None
         return create_key(session, "local")
@@ -124,7 +125,7 @@ def up(port: int, flower_port: int, concurrency: int | None, verbose: bool) -> N
     )
     env["PROMPTQ_FLOWER_BASIC_AUTH"] = flower_auth
 
-    key = ensure_local_key(settings.database_url)
+    key = ensure_local_key(settings)
     api_url = f"http://127.0.0.1:{port}"
     worker_args = ["worker"] + ([f"--concurrency={concurrency}"] if concurrency else [])
     children = {
@@ -162,7 +163,7 @@ def up(port: int, flower_port: int, concurrency: int | None, verbose: bool) -> N
         if logs:
             from promptq.cli.console import FinishedJobs, LogErrors
 
-            watchers = [FinishedJobs(events_url, settings.database_url), LogErrors(logs)]
+            watchers = [FinishedJobs(events_url, settings), LogErrors(logs)]
             for watcher in watchers:
                 watcher.start()
             click.echo("Finished jobs and errors show below; Ctrl-C stops everything.")

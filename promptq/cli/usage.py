@@ -50,7 +50,7 @@ def usage(
         period = period_from(start, end)
     except PeriodError as exc:
         raise click.BadParameter(str(exc)) from None
-    with session_scope(get_settings().database_url) as session:
+    with session_scope(get_settings()) as session:
         report = usage_report(session, group_by, period, key_id)
     if as_json:
         click.echo(json.dumps(report.to_api(), indent=2))

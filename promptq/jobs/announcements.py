@@ -10,13 +10,13 @@ import logging
 
 import redis
 
-log = logging.getLogger(__name__)
+from promptq.redis_keys import JOB_FINISHED_CHANNEL
 
-CHANNEL = "promptq:jobs:finished"
+log = logging.getLogger(__name__)
 
 
 def announce(client: redis.Redis, job_id: str) -> None:
     try:
-        client.publish(CHANNEL, job_id)
+        client.publish(JOB_FINISHED_CHANNEL, job_id)
     except redis.RedisError:
         log.debug("could not announce the end of job %s", job_id, extra={"job_id": job_id})

@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 
 from promptq.batches.repository import BatchRepository, outcome_of
 from promptq.budgets.repository import BudgetRepository
-from promptq.db import session_scope
+from promptq.db import Database, session_scope
 from promptq.models import ENDED_STATUSES, Attempt, Job, has_status, is_unaccounted_job
 from promptq.periods import month_key
 from promptq.rollups.service import EndedJob, RecordedAttempt, attempts_recorded, jobs_ended
@@ -53,13 +53,13 @@ class BackfillReport:
 
 
 def backfill(
-    database_url: str, *, page: int = PAGE, budget_seconds: float | None = None
+    database: Database, *, page: int = PAGE, budget_seconds: float | None = None
 ) -> BackfillReport:
     report = BackfillReport()
     started = time.monotonic()
     after: str | None = None
     while True:
-        with session_scope(database_url) as session:
+        with session_scope(database) as session:
             last, jobs, attempts = _page(session, after, page)
         if last is None:
             break

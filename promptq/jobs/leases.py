@@ -55,7 +55,7 @@ class LeaseKeeper:
                 return 0
             self.limiter.renew(held.values(), held.keys())
         lease_until = utcnow() + timedelta(seconds=self.settings.claim_lease_seconds)
-        with session_scope(self.settings.database_url) as session:
+        with session_scope(self.settings) as session:
             return JobRepository(session).extend_leases(sorted(held), lease_until)
 
     def running_calls(self, model: str) -> list[tuple[str, float]]:

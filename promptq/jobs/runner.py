@@ -70,14 +70,14 @@ class JobRunner:
     announce: Callable[[str], None] = lambda _job_id: None
 
     def run(self, job_id: str, grant: Grant | None = None) -> str:
-        with session_scope(self.settings.database_url) as session:
+        with session_scope(self.settings) as session:
             job = runnable_job(session, job_id)
         if job is None:
             self._give_back(grant)
             return "nothing to do"
         if job.key_revoked:
             self._give_back(grant)
-            with session_scope(self.settings.database_url) as session:
+            with session_scope(self.settings) as session:
                 cancel_for_revoked_key(session, job.id)
             self.announce(job.id)
             return "key revoked"
@@ -97,7 +97,7 @@ class JobRunner:
         if job.key_rpm and job.attempts == 0 and job.waiting_for != KEY_RPM:
             delay = self.limiter.reserve_for_key(job.api_key_id, job.key_rpm)
             if delay > NEGLIGIBLE_DELAY_SECONDS:
-                with session_scope(self.settings.database_url) as session:
+                with session_scope(self.settings) as session:
                     mark_waiting(session, job.id, KEY_RPM, utcnow() + timedelta(seconds=delay))
                 self.publish(job.id, job.priority, delay, None)
                 return None
@@ -110,14 +110,13 @@ class JobRunner:
             high_waiting=job.key_high_priority_waiting,
         )
         if decision.grant is None:
-            with session_scope(self.settings.database_url) as session:
+            with session_scope(self.settings) as session:
                 mark_waiting(session, job.id, decision.waiting_for or "queue")
         return decision.grant
 
     def _attempt(self, job: RunnableJob, grant: Grant) -> str:
-        url = self.settings.database_url
         refused: Refusal | None = None
-        with session_scope(url) as session:
+        with session_scope(self.settings) as session:
             claimed = claim_job(session, self.settings, job)
             if claimed is not None and job.key_monthly_budget_usd is not None:
                 # In the claim's transaction: a job runs only with its cost reserved.
@@ -141,7 +140,7 @@ class JobRunner:
                 stop=stop_after_delay(RECORD_PATIENCE_SECONDS),
                 reraise=True,
             ):
-                with retrying, session_scope(url) as session:
+                with retrying, session_scope(self.settings) as session:
                     verdict = record_attempt(session, self.settings, self.prices, claimed, result)
                     if job.key_monthly_budget_usd is not None:
                         budgets.release(session, [claimed.id])

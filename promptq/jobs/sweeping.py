@@ -112,7 +112,7 @@ def walk_stale(
     for lower, upper in ranges:
         cursor = lower
         while True:
-            with session_scope(settings.database_url) as session:
+            with session_scope(settings) as session:
                 candidates = stale_runnable_jobs(session, settings, cursor, upper, page)
             if candidates:
                 handle(candidates)

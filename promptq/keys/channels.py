@@ -7,9 +7,9 @@ import logging
 
 import redis
 
-log = logging.getLogger(__name__)
+from promptq.redis_keys import KEY_CHANGED_CHANNEL
 
-KEY_CHANGED_CHANNEL = "promptq:keys:changed"
+log = logging.getLogger(__name__)
 
 
 def announce_key_change(client: redis.Redis, key_id: str) -> bool:

@@ -29,6 +29,8 @@ from typing import Any
 
 import redis
 
+from promptq import redis_keys
+from promptq.priority import Priority
 from promptq.ratelimit.estimate import (
     CachePrefix,
     cache_prefixes,
@@ -38,14 +40,18 @@ from promptq.ratelimit.estimate import (
 from promptq.ratelimit.headers import ReportedLimits, read_rate_limit_headers
 from promptq.ratelimit.protocol import Decision, Dispatch, Grant, Limiter, refunds_of
 from promptq.ratelimit.table import LimitTable, ModelLimits
+from promptq.redis_keys import (
+    MODEL_STATE_PATTERN,
+    MODELS_WAITING,
+    key_rate,
+    model_limiter_base,
+    model_of_state_key,
+)
 from promptq.usage import Usage
 
 log = logging.getLogger(__name__)
 
-PRIORITY_RANK = {"high": 0, "normal": 1, "low": 2}
 DEFAULT_HIGH_WAITING_PER_KEY = 5
-RANK_PRIORITY = {rank: name for name, rank in PRIORITY_RANK.items()}
-MODELS_WAITING = "promptq:rl:waiting-models"
 
 # running_calls(model): the model's running jobs by the database, with the seconds left of
 # each one's lease; what the in-flight slots are rebuilt from after Redis lost them.
@@ -110,8 +116,7 @@ class RedisLimiter(Limiter):
 
     @staticmethod
     def keys(model: str) -> list[str]:
-        # The hash tag keeps one model's keys on one slot, should the Redis be a cluster.
-        base = f"promptq:rl:{{{model}}}"
+        base = model_limiter_base(model)
         return [
             f"{base}:state",
             f"{base}:inflight",
@@ -124,7 +129,7 @@ class RedisLimiter(Limiter):
     @staticmethod
     def cache_marker(model: str, prefix: CachePrefix) -> str:
         """The key that says the upstream holds this prompt prefix in its cache."""
-        return f"promptq:rl:{{{model}}}:cached:{prefix.digest}"
+        return redis_keys.cache_marker(model, prefix.digest)
 
     def _limit_args(self, limits: ModelLimits) -> list[Any]:
         return [
@@ -164,7 +169,7 @@ class RedisLimiter(Limiter):
                 job_id,
                 input_tokens,
                 output_tokens,
-                PRIORITY_RANK.get(priority, 1),
+                Priority.named(priority).rank,
                 *self._limit_args(limits),
                 grant_id,
                 _token_meter_ms(limits),
@@ -208,7 +213,7 @@ class RedisLimiter(Limiter):
             return Dispatch(wait_seconds=float(reply[2]) / 1000)
         job_id, rank = _text(reply[1]), int(reply[2])
         grant = Grant(grant_id, model, int(float(reply[3])), int(float(reply[4])))
-        return Dispatch(job_id=job_id, priority=RANK_PRIORITY.get(rank, "normal"), grant=grant)
+        return Dispatch(job_id=job_id, priority=Priority.of_rank(rank), grant=grant)
 
     def _admit(self, model: str, keys: list[str], args: list[Any]) -> Any:
         """The acquire script's reply, the model's slots rebuilt first if it asks."""
@@ -349,9 +354,7 @@ class RedisLimiter(Limiter):
     def reserve_for_key(self, key_id: str, rpm: int, burst_seconds: float = 0.5) -> float:
         """Seconds until a job of this client key may go, its place in the key's rate
         taken now."""
-        delay_ms = self._reserve(
-            keys=[f"promptq:rl:key:{{{key_id}}}"], args=[rpm, burst_seconds * 1000]
-        )
+        delay_ms = self._reserve(keys=[key_rate(key_id)], args=[rpm, burst_seconds * 1000])
         return float(delay_ms) / 1000
 
     def snapshot(self, model: str) -> dict[str, Any]:
@@ -382,9 +385,8 @@ class RedisLimiter(Limiter):
 
     def known_models(self) -> list[str]:
         models = set()
-        for key in self.client.scan_iter(match="promptq:rl:{*}:state", count=500):
-            name = _text(key)
-            models.add(name[len("promptq:rl:{") : name.rindex("}")])
+        for key in self.client.scan_iter(match=MODEL_STATE_PATTERN, count=500):
+            models.add(model_of_state_key(_text(key)))
         return sorted(models)
 
 

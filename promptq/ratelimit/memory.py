@@ -23,9 +23,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from promptq.priority import Priority
 from promptq.ratelimit.estimate import estimate_input_tokens, output_reservation
 from promptq.ratelimit.headers import ReportedLimits, read_rate_limit_headers
-from promptq.ratelimit.limiter import PRIORITY_RANK, RANK_PRIORITY, TOKEN_METER_SHARE
+from promptq.ratelimit.limiter import TOKEN_METER_SHARE
 from promptq.ratelimit.protocol import Decision, Dispatch, Grant, Limiter, refunds_of
 from promptq.ratelimit.table import LimitTable, ModelLimits
 from promptq.usage import Usage
@@ -85,7 +86,7 @@ class MemoryLimiter(Limiter):
     ) -> Decision:
         limits = self.table.limits_for(model)
         waiting = _Waiting(
-            PRIORITY_RANK.get(priority, 1),
+            Priority.named(priority).rank,
             0,
             job_id,
             estimate_input_tokens(request),
@@ -119,7 +120,7 @@ class MemoryLimiter(Limiter):
             if not isinstance(granted, Grant):
                 return Dispatch(wait_seconds=granted[1])
             del state.waiting[head.job_id]
-            return Dispatch(job_id=head.job_id, priority=RANK_PRIORITY[head.rank], grant=granted)
+            return Dispatch(job_id=head.job_id, priority=Priority.of_rank(head.rank), grant=granted)
 
     def waiting_models(self) -> list[str]:
         with self._lock:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import redis
 
+from promptq import redis_keys
 from promptq.ratelimit.limiter import _script
 
 
@@ -18,6 +19,6 @@ class RateQuota:
         """0 when one unit of the key's `name` quota was taken; else the seconds until one
         is free."""
         wait_ms = self._allow(
-            keys=[f"promptq:quota:{name}:{{{key_id}}}"], args=[per_minute, burst_seconds * 1000]
+            keys=[redis_keys.quota(name, key_id)], args=[per_minute, burst_seconds * 1000]
         )
         return float(wait_ms) / 1000

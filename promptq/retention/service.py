@@ -72,7 +72,7 @@ def eligible_jobs(settings: Settings, now: datetime | None = None) -> int:
     cutoff = cutoff_for(settings, now)
     if cutoff is None:
         return 0
-    with session_scope(settings.database_url) as session:
+    with session_scope(settings) as session:
         return RetentionRepository(session).count_old_jobs(cutoff, _below("job", cutoff))
 
 
@@ -91,7 +91,6 @@ def prune(
     if cutoff is None:
         return report
     started = time.monotonic()
-    url = settings.database_url
 
     def out_of_time() -> bool:
         return budget_seconds is not None and time.monotonic() - started >= budget_seconds
@@ -100,7 +99,7 @@ def prune(
         """Every old job outside batches (None) or of one batch; False if time ran out."""
         after: str | None = None
         while True:
-            with session_scope(url) as session:
+            with session_scope(settings) as session:
                 repository = RetentionRepository(session)
                 ids = repository.old_job_ids(cutoff, below, after, page, batch_id)
                 if not ids:
@@ -122,7 +121,7 @@ def prune(
     # Batches that ended before the cutoff: their requests, then the batch.
     after_batch: str | None = None
     while finished:
-        with session_scope(url) as session:
+        with session_scope(settings) as session:
             batch_ids = RetentionRepository(session).old_batch_ids(
                 cutoff, _below("msgbatch", cutoff), after_batch, page
             )
@@ -132,7 +131,7 @@ def prune(
             if not jobs_of(batch_id):
                 finished = False
                 break
-            with session_scope(url) as session:
+            with session_scope(settings) as session:
                 if dry_run:
                     report.batches += 1
                 else:
@@ -141,7 +140,7 @@ def prune(
     # Deliveries of no job (batch.ended events).
     after_delivery: str | None = None
     while finished:
-        with session_scope(url) as session:
+        with session_scope(settings) as session:
             repository = RetentionRepository(session)
             delivery_ids = repository.old_event_delivery_ids(
                 cutoff, _below("dlv", cutoff), after_delivery, page

@@ -74,9 +74,9 @@ def local_client(settings: Any) -> Iterator[Any]:
     from fastapi.testclient import TestClient
 
     from api.app import create_app
-    from api.dashboard_sessions import FAILED_PREFIX
+    from promptq.redis_keys import DASHBOARD_FAILED_SIGN_INS_PREFIX
 
-    redis.Redis.from_url(settings.redis_url).delete(FAILED_PREFIX + "127.0.0.1")
+    redis.Redis.from_url(settings.redis_url).delete(DASHBOARD_FAILED_SIGN_INS_PREFIX + "127.0.0.1")
     with TestClient(
         create_app(settings), base_url="http://127.0.0.1:8000", client=("127.0.0.1", 50000)
     ) as test_client:
@@ -268,9 +268,9 @@ def test_failed_sign_ins_are_limited_per_address(settings: Any, api_key: str) ->
     with TestClient(create_app(configured), client=(address, 1)) as client:
         import redis
 
-        from api.dashboard_sessions import FAILED_PREFIX
+        from promptq.redis_keys import DASHBOARD_FAILED_SIGN_INS_PREFIX
 
-        redis.Redis.from_url(settings.redis_url).delete(FAILED_PREFIX + address)
+        redis.Redis.from_url(settings.redis_url).delete(DASHBOARD_FAILED_SIGN_INS_PREFIX + address)
         for _ in range(3):
             wrong = client.post("/dashboard/sign-in", data={"credential": "pq_guess"})
             assert wrong.status_code == 401

@@ -269,14 +269,15 @@ def test_one_sweeper_pass_at_a_time(
 ) -> None:
     import time
 
+    from promptq.redis_keys import SWEEP_LOCK
     from worker.context import worker_context
-    from worker.tasks.sweeper import SWEEP_LOCK_KEY, sweep
+    from worker.tasks.sweeper import sweep
 
     job_id = _unpublished_job(database_url, settings, api_key, unique("swept once"))
     time.sleep(settings.republish_after_seconds + 0.5)
     # Another pass is running (beat's tick came while a pass that ran out of its budget
     # sent the next one): this one leaves everything to it.
-    running = worker_context().limiter.client.lock(SWEEP_LOCK_KEY, timeout=30)
+    running = worker_context().limiter.client.lock(SWEEP_LOCK, timeout=30)
     assert running.acquire(blocking=False)
     try:
         assert sweep() == {"reclaimed": 0, "republished": 0, "deliveries": 0}

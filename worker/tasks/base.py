@@ -8,10 +8,10 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
+from celery import shared_task
 
 from promptq.db import TRANSIENT_DATABASE_ERRORS
 from promptq.logging import log_context
-from worker.app import app
 
 # Worth waiting out rather than dropping the message: the database or Redis restarting.
 TRANSIENT_ERRORS = (*TRANSIENT_DATABASE_ERRORS, redis.ConnectionError, redis.TimeoutError)
@@ -37,7 +37,9 @@ def promptq_task(
 
     def decorate(func: Callable[..., Any]) -> Any:
         retry = RETRY_TRANSIENT if retry_transient else {}
-        return app.task(name=name, ignore_result=True, acks_late=True, **retry, **options)(
+        # Shared: registered on the worker's app when it is built (and on any other app
+        # of the process), so that declaring a task builds no app.
+        return shared_task(name=name, ignore_result=True, acks_late=True, **retry, **options)(
             logged(name, func)
         )
 

@@ -7,7 +7,7 @@ from promptq.broker import task_names
 from promptq.broker.publish import publish_jobs
 from promptq.db import session_scope
 from promptq.models import Priority
-from worker.app import app
+from worker.app import get_app
 from worker.context import worker_context
 from worker.tasks.base import promptq_task
 
@@ -23,10 +23,10 @@ def feed_batch(batch_id: str) -> int:
     after: str | None = None
     published = 0
     while True:
-        with session_scope(ctx.settings.database_url) as session:
+        with session_scope(ctx.settings) as session:
             job_ids = job_ids_to_publish(session, batch_id, after, FEED_PAGE)
         if not job_ids:
             return published
-        publish_jobs(app, job_ids, Priority.LOW)
+        publish_jobs(get_app(), job_ids, Priority.LOW)
         published += len(job_ids)
         after = job_ids[-1]

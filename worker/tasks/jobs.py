@@ -11,7 +11,7 @@ from celery import Task
 from promptq.broker import task_names
 from promptq.broker.publish import clear_published
 from promptq.ratelimit.protocol import Grant
-from worker.app import app
+from worker.app import get_app
 from worker.context import worker_context
 from worker.tasks.base import promptq_task
 
@@ -23,7 +23,7 @@ class RunJobTask(Task):  # type: ignore[misc]
         # The message is gone; without its marker the sweeper publishes the job again soon
         # instead of waiting for the marker to expire.
         with contextlib.suppress(redis.RedisError):
-            clear_published(app, args[0])
+            clear_published(get_app(), args[0])
 
 
 @promptq_task(task_names.RUN_JOB, base=RunJobTask)

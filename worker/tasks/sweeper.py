@@ -29,19 +29,15 @@ from promptq.config import Settings
 from promptq.db import session_scope
 from promptq.jobs.backfill import backfill
 from promptq.jobs.sweeping import Candidate, reclaim_expired, republish_stale
+from promptq.redis_keys import SWEEP_CURSOR, SWEEP_LOCK
 from promptq.webhooks import deliveries
-from worker.app import app
+from worker.app import get_app
 from worker.context import WorkerContext, worker_context
 from worker.tasks.base import promptq_task
 
 log = logging.getLogger(__name__)
 
 
-# Where the next pass over stale jobs starts: shared by every worker that runs a sweep. Only
-# a hint: lost (a wiped Redis), the next pass starts from the first job.
-CURSOR_KEY = "promptq:sweep:cursor"
-# Held while a pass runs (see sweep).
-SWEEP_LOCK_KEY = "promptq:sweep:running"
 # Messages published at once by a pass, and how many in each producer's slice.
 PUBLISHERS = 4
 PUBLISH_SLICE = 250
@@ -53,7 +49,7 @@ def sweep() -> dict[str, int]:
     ctx = worker_context()
     # One pass at a time: a pass that ran out of its budget sends the next one at once, and
     # beat's tick may come meanwhile; two passes from one cursor would publish twice.
-    lock = ctx.limiter.client.lock(SWEEP_LOCK_KEY, timeout=_lock_seconds(ctx.settings))
+    lock = ctx.limiter.client.lock(SWEEP_LOCK, timeout=_lock_seconds(ctx.settings))
     if not lock.acquire(blocking=False):
         return {"reclaimed": 0, "republished": 0, "deliveries": 0}
     try:
@@ -65,39 +61,38 @@ def sweep() -> dict[str, int]:
 
 
 def _sweep_pass(ctx: WorkerContext, publishers: ThreadPoolExecutor) -> dict[str, int]:
-    url = ctx.settings.database_url
-    with session_scope(url) as session:
+    with session_scope(ctx.settings) as session:
         reclaimed = reclaim_expired(session, ctx.settings)
     # Ends recorded by processes of the previous release while an upgrade rolls out (an
     # empty partial index once they are gone: nothing to read).
-    backfill(url, budget_seconds=1.0)
+    backfill(ctx.settings, budget_seconds=1.0)
     client = ctx.limiter.client
-    start = client.get(CURSOR_KEY)
+    start = client.get(SWEEP_CURSOR)
     stale = republish_stale(
         ctx.settings,
-        CeleryBroker(app, publishers),
+        CeleryBroker(get_app(), publishers),
         ctx.limiter,
         start.decode() if isinstance(start, bytes) else start,
         budget_seconds=ctx.settings.sweep_budget_seconds,
     )
     if stale.cursor is None:
-        client.delete(CURSOR_KEY)
+        client.delete(SWEEP_CURSOR)
     else:
-        client.set(CURSOR_KEY, stale.cursor)
+        client.set(SWEEP_CURSOR, stale.cursor)
         if stale.drain_now:
             sweep.apply_async(expires=ctx.settings.sweep_interval_seconds)
     for job_id, priority in reclaimed.runnable:
-        publish_job(app, job_id, priority)
+        publish_job(get_app(), job_id, priority)
     # Batches: requests past the 24 hours expire, and a batch whose last request ended
     # without ending it (a job canceled on its own, say) is ended here.
-    with session_scope(url) as session:
+    with session_scope(ctx.settings) as session:
         batch_deliveries = expire_and_close(session, ctx.settings)
     # Deliveries due for a few seconds: their message was lost, their sender died, or their
     # wait was too long for a broker countdown. A duplicate sends nothing (take() is a CAS).
-    with session_scope(url) as session:
+    with session_scope(ctx.settings) as session:
         due = deliveries.due(session, utcnow() - timedelta(seconds=2))
     for delivery_id in [*reclaimed.deliveries, *batch_deliveries, *due]:
-        publish_delivery(app, delivery_id)
+        publish_delivery(get_app(), delivery_id)
     if reclaimed.runnable or stale.republished or due:
         log.info(
             "sweep: %d jobs taken back from dead workers, %d re-published, %d deliveries sent",

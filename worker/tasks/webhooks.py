@@ -13,7 +13,7 @@ from promptq.db import session_scope
 from promptq.logging import log_context
 from promptq.webhooks import deliveries
 from promptq.webhooks.deliveries import PreparedDelivery
-from worker.app import app
+from worker.app import get_app
 from worker.context import worker_context
 from worker.tasks.base import promptq_task
 
@@ -24,7 +24,7 @@ NO_ROOM_POSTPONE_SECONDS = 2.0
 @promptq_task(task_names.DELIVER_WEBHOOK)
 def deliver_webhook(delivery_id: str) -> str:
     ctx = worker_context()
-    with session_scope(ctx.settings.database_url) as session:
+    with session_scope(ctx.settings) as session:
         key_id = deliveries.key_of(session, delivery_id)
         if key_id is None:
             return "nothing to do"
@@ -51,7 +51,7 @@ def _send(prepared: PreparedDelivery) -> None:
     with log_context(delivery_id=prepared.id, task=task_names.DELIVER_WEBHOOK):
         started_at = utcnow()
         result = ctx.webhooks.post(prepared.url, prepared.body, prepared.headers)
-        with session_scope(ctx.settings.database_url) as session:
+        with session_scope(ctx.settings) as session:
             delay = deliveries.record(session, prepared, result, started_at)
         if delay is not None:
-            publish_delivery(app, prepared.id, countdown=delay)
+            publish_delivery(get_app(), prepared.id, countdown=delay)
