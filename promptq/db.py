@@ -11,6 +11,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy import exc as sqlalchemy_errors
 from sqlalchemy.orm import Session, sessionmaker
 
+from promptq import outbox
 from promptq.config import get_settings
 
 # A statement's parameters are prompts, results and webhook URLs: an error that is logged
@@ -58,13 +59,18 @@ def get_engine(url: str) -> Engine:
 
 @lru_cache(maxsize=8)
 def get_sessionmaker(url: str) -> sessionmaker[Session]:
-    return sessionmaker(bind=get_engine(url), expire_on_commit=False)
+    factory = sessionmaker(bind=get_engine(url), expire_on_commit=False)
+    # What a unit of work records to send (promptq.outbox) goes once it has committed.
+    outbox.attach(factory)
+    return factory
 
 
 @contextmanager
-def session_scope(url: str) -> Iterator[Session]:
-    """A unit of work: commits when the block succeeds, rolls back when it raises."""
-    session = get_sessionmaker(url)()
+def session_scope(url: str, messenger: outbox.Messenger | None = None) -> Iterator[Session]:
+    """A unit of work: commits when the block succeeds, rolls back when it raises. What it
+    recorded to send goes through `messenger` after the commit (none: the sweeper's, see
+    promptq.outbox)."""
+    session = outbox.bind(get_sessionmaker(url)(), messenger)
     try:
         yield session
         session.commit()

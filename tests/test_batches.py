@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from helpers import auth
+from messenger_helpers import SentMessages
 
 from promptq.batches import service
 from promptq.batches.schemas import MAX_BATCH_REQUESTS, parse_batch_requests
@@ -78,10 +79,12 @@ def batch_of_three(
         key = authenticate(session, api_key)
         assert key is not None
         session.expunge(key)
-    with session_scope(database_url) as session:
-        view, ended = service.create_batch(session, settings, key, requests)
-        assert ended == []
+    sent = SentMessages()
+    with session_scope(database_url, sent) as session:
+        view = service.create_batch(session, settings, key, requests)
         batch_id = view.batch.id
+    # One message feeds the batch's requests; none of them invalid, it has not ended.
+    assert sent.sent == [("feed_batch", batch_id)]
     yield batch_id, key
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import redis
 from helpers import auth, wait_for_status
+from messenger_helpers import SentMessages
 from money_helpers import key_id_of
 from netcut import CuttableProxy
 from sqlalchemy import BigInteger, event, func, select, type_coerce
@@ -309,8 +310,7 @@ def test_a_database_outage_while_recording_neither_loses_nor_doubles_the_cost(
         UpstreamClient(settings.upstream_url, settings.upstream_key, timeout=10),
         limiter,
         leases,
-        publish=lambda *_: None,
-        deliver=lambda _ids: None,
+        SentMessages(),
     )
     cuts: list[str] = []
 
