@@ -34,6 +34,7 @@ from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 log = logging.getLogger(__name__)
 
 _PENDING = "promptq.outbox.pending"
+_COMMITTED = "promptq.outbox.committed"
 _MESSENGER = "promptq.outbox.messenger"
 
 
@@ -129,8 +130,8 @@ def bind(session: Session, messenger: Messenger | None) -> Session:
 def attach(factory: sessionmaker[Session]) -> None:
     """Make the sessions of `factory` send after their commit and drop on their rollback.
     Only the outermost transaction counts (promptq opens no savepoints)."""
-    event.listen(factory, "after_commit", _send)
-    event.listen(factory, "after_transaction_end", _drop)
+    event.listen(factory, "after_commit", _committed)
+    event.listen(factory, "after_transaction_end", _transaction_ended)
 
 
 def _record(session: Session, message: Message) -> None:
@@ -142,10 +143,24 @@ def _record(session: Session, message: Message) -> None:
     session.info.setdefault(_PENDING, []).append(message)
 
 
-def _send(session: Session) -> None:
-    messages = session.info.pop(_PENDING, None)
-    if not messages:
+def _committed(session: Session) -> None:
+    # Sent when the transaction has ended, once its connection is back in the pool: a slow
+    # broker never holds a database connection.
+    session.info[_COMMITTED] = session.info.pop(_PENDING, None)
+
+
+def _transaction_ended(session: Session, transaction: SessionTransaction) -> None:
+    if transaction.parent is not None:
         return
+    messages = session.info.pop(_COMMITTED, None)
+    # Left unsent: the transaction rolled back (or the session closed without committing),
+    # and what it recorded never happened.
+    session.info.pop(_PENDING, None)
+    if messages:
+        _send(session, messages)
+
+
+def _send(session: Session, messages: list[Message]) -> None:
     messenger: Messenger | None = session.info.get(_MESSENGER)
     if messenger is None:
         log.debug("no messenger in this process: %d messages left to the sweeper", len(messages))
@@ -157,9 +172,3 @@ def _send(session: Session) -> None:
             # Committed all the same: the sweeper finds it in the database.
             log.warning("could not send %s now; the sweeper will", message, exc_info=True)
 
-
-def _drop(session: Session, transaction: SessionTransaction) -> None:
-    # After a commit, _send has already taken them; otherwise the transaction rolled back
-    # (or the session closed without committing): what it recorded never happened.
-    if transaction.parent is None:
-        session.info.pop(_PENDING, None)

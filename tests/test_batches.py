@@ -12,6 +12,7 @@ import pytest
 from helpers import auth
 from messenger_helpers import SentMessages
 
+from promptq import outbox
 from promptq.batches import service
 from promptq.batches.schemas import MAX_BATCH_REQUESTS, parse_batch_requests
 from promptq.clock import utcnow
@@ -99,8 +100,10 @@ def test_requests_not_finished_in_24_hours_expire_and_the_batch_ends(
         first = session.query(Job).filter_by(batch_id=batch_id, custom_id="r0").one()
         first.status, first.finished_at, first.result = JobStatus.SUCCEEDED, utcnow(), {"x": 1}
         session.flush()
-        # As a worker's recording does, in the same transaction: the batch counts it.
-        assert service.request_ended(session, settings, first) == []
+        # As a worker's recording does, in the same transaction: the batch counts it (and,
+        # not ended, has no batch.ended delivery to send).
+        service.request_ended(session, settings, first)
+        assert outbox.pending(session) == []
         session.refresh(batch)
         batch.expires_at = utcnow() - timedelta(seconds=1)
     with session_scope(database_url) as session:
