@@ -19,6 +19,7 @@ from typing import Any
 
 import requests
 from helpers import REPO, auth, running_api, start_worker, stop_worker
+from messenger_helpers import SentMessages
 
 from promptq.config import Settings
 from promptq.db import session_scope
@@ -109,12 +110,15 @@ def test_revocation_ends_what_the_key_set_going(
             json={"url": "http://127.0.0.1:9/hook", "events": ["batch.ended"]},
             headers=auth(key),
         ).json()
-    with session_scope(quiet_env["PROMPTQ_DATABASE_URL"]) as session:
+    # The delivery's message is kept here, not sent: it stays pending.
+    unsent = SentMessages()
+    with session_scope(quiet_env["PROMPTQ_DATABASE_URL"], unsent) as session:
         record = authenticate(session, key)
         assert record is not None
         key_id = record.id
         # A delivery still to be sent (as a batch's end would make one).
-        [pending] = deliveries.batch_event(session, key_id, {"id": "msgbatch_x"})
+        deliveries.batch_event(session, key_id, {"id": "msgbatch_x"})
+    [pending] = unsent.deliveries
 
     result = revoke_with_cli(quiet_env, key_id)
     # Five jobs and the batch's three requests.
