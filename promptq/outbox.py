@@ -171,4 +171,3 @@ def _send(session: Session, messages: list[Message]) -> None:
         except Exception:
             # Committed all the same: the sweeper finds it in the database.
             log.warning("could not send %s now; the sweeper will", message, exc_info=True)
-
