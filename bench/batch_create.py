@@ -148,8 +148,8 @@ def main() -> int:
                 ),
                 {"batch": big["id"]},
             )
-        rss_before = psutil.Process(api.process.pid).memory_info().rss
-        sampler = MemorySampler(api.process.pid)
+        rss_before = psutil.Process(api.pid).memory_info().rss
+        sampler = MemorySampler(api.pid)
         started = time.perf_counter()
         lines = 0
         with requests.get(

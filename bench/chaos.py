@@ -62,7 +62,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _report import markdown_table, met, print_markdown, report_start
 from _stack import (
-    FINAL_STATUSES,
     REPO,
     Child,
     HttpClient,
@@ -83,6 +82,8 @@ from _stack import (
     task_errors,
     write_limits_file,
 )
+
+from promptq.testing import FINAL
 
 MODEL = "claude-sonnet-4-6"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/12"
@@ -299,8 +300,8 @@ class Stack:
 
     @staticmethod
     def kill(child: Child) -> None:
-        child.process.send_signal(signal.SIGKILL)
-        child.process.wait(timeout=10)
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=10)
 
     def running(self) -> list[Child]:
         return [c for c in [self.api, self.beat, *self.workers] if c is not None]
@@ -377,7 +378,7 @@ def disrupt(
     event.pending_by_status = dict(Counter(status for _, status in pending))
     if event.kind == "worker":
         victim = rng.choice(stack.workers)
-        event.target = f"{victim.name} (pid {victim.process.pid})"
+        event.target = f"{victim.name} (pid {victim.pid})"
         event.in_flight = int(simulator.stats()["in_flight"])
         event.at = time.time()
         stack.kill(victim)
@@ -388,7 +389,7 @@ def disrupt(
     elif event.kind == "api":
         assert stack.api is not None
         victim = stack.api
-        event.target = f"{victim.name} (pid {victim.process.pid}), port {stack.port}"
+        event.target = f"{victim.name} (pid {victim.pid}), port {stack.port}"
         event.in_flight = int(simulator.stats()["in_flight"])
         event.at = time.time()
         stack.kill(victim)
@@ -621,7 +622,7 @@ def finish_disruptions(outcome: Outcome) -> None:
         if not event.at:
             continue
         rows = [outcome.jobs.get(job_id) for job_id in event.pending]
-        unfinished = [r for r in rows if r is None or r.status not in FINAL_STATUSES]
+        unfinished = [r for r in rows if r is None or r.status not in FINAL]
         event.still_unfinished = len(unfinished)
         if unfinished:
             event.jobs_done = None
@@ -656,11 +657,11 @@ def run(args: argparse.Namespace, exit_stack: contextlib.ExitStack, setup: Setup
     )
     stack = Stack(exit_stack, env, workdir, args.concurrency)
     api = stack.start_api()
-    log(f"API at {stack.api_url} (pid {api.process.pid})")
+    log(f"API at {stack.api_url} (pid {api.pid})")
     stack.start_beat()
     for _ in range(args.workers):
         worker = stack.start_worker()
-        log(f"{worker.name} ready (pid {worker.process.pid})")
+        log(f"{worker.name} ready (pid {worker.pid})")
     simulator.start()
 
     disruptions = plan(args, rng)
@@ -729,7 +730,7 @@ def run(args: argparse.Namespace, exit_stack: contextlib.ExitStack, setup: Setup
     finished = 0
     exited: set[str] = set()
     while time.time() < deadline:
-        finished = count_jobs(engine, key_id, FINAL_STATUSES)
+        finished = count_jobs(engine, key_id, FINAL)
         if finished >= accepted:
             outcome.waited_until_all_final = True
             break
@@ -737,11 +738,9 @@ def run(args: argparse.Namespace, exit_stack: contextlib.ExitStack, setup: Setup
             log(f"waiting: {finished}/{accepted} jobs finished")
             last_report = time.monotonic()
         for child in stack.running():
-            if child.process.poll() is not None and child.name not in exited:
+            if child.poll() is not None and child.name not in exited:
                 exited.add(child.name)
-                outcome.notes.append(
-                    f"{child.name} exited unexpectedly (code {child.process.returncode})"
-                )
+                outcome.notes.append(f"{child.name} exited unexpectedly (code {child.returncode})")
         time.sleep(POLL_SECONDS)
     outcome.seconds = time.monotonic() - began
     log(f"{finished}/{accepted} jobs finished after {outcome.seconds:.0f} s")
@@ -752,7 +751,7 @@ def run(args: argparse.Namespace, exit_stack: contextlib.ExitStack, setup: Setup
     outcome.calls = {
         i: int(by_prompt.get(prompt_for(outcome.run_id, i)[:60], 0)) for i in range(args.jobs)
     }
-    unfinished = [r.id for r in outcome.jobs.values() if r.status not in FINAL_STATUSES]
+    unfinished = [r.id for r in outcome.jobs.values() if r.status not in FINAL]
     for job_id, ttl in marker_ttls(redis_url, unfinished).items():
         outcome.jobs[job_id].marker_ttl = ttl
     whereabouts = message_whereabouts(

@@ -72,7 +72,6 @@ from _report import (
     report_start,
 )
 from _stack import (
-    FINAL_STATUSES,
     Child,
     DatabaseInfo,
     Setup,
@@ -97,8 +96,9 @@ from _stack import (
     write_limits_file,
 )
 
-from promptq.ratelimit.limiter import MODELS_WAITING, Limiter
+from promptq.ratelimit.limiter import MODELS_WAITING, RedisLimiter
 from promptq.ratelimit.table import LimitTable
+from promptq.testing import FINAL
 from promptq.usage import Usage
 
 if TYPE_CHECKING:
@@ -266,9 +266,9 @@ def run_cost(args: argparse.Namespace, redis_url: str) -> CostReport:
     behind others), dispatch (the queue's head granted), settle."""
     client = redis.Redis.from_url(redis_url)
     try:
-        generous = Limiter(client, LimitTable.from_toml(COST_LIMITS))
+        generous = RedisLimiter(client, LimitTable.from_toml(COST_LIMITS))
         # The same bucket with one concurrency slot: every job after the first queues.
-        gate = Limiter(
+        gate = RedisLimiter(
             client,
             LimitTable.from_toml(
                 COST_LIMITS.replace("max_concurrency = 10000", "max_concurrency = 1")
@@ -325,7 +325,7 @@ def run_cost(args: argparse.Namespace, redis_url: str) -> CostReport:
         if not leftover.empty:
             raise RuntimeError("the queue was not empty after dispatching every job")
         for model in (direct_model, queue_model):
-            client.delete(*Limiter.keys(model)[:4], Limiter.keys(model)[5])
+            client.delete(*RedisLimiter.keys(model)[:4], RedisLimiter.keys(model)[5])
             client.srem(MODELS_WAITING, model)
     finally:
         client.close()
@@ -465,7 +465,7 @@ def run_load(
     api_url: str,
     workers: list[Child],
     simulator: Simulator,
-    observer: Limiter,
+    observer: RedisLimiter,
 ) -> LoadResult:
     key_id, key = create_api_key(database.url, f"bench-{scenario.name}")
     configure_upstream(simulator, args, scenario)
@@ -508,7 +508,7 @@ def run_load(
                 waiting=int(state["waiting"]),
             )
         )
-        finished = count_jobs(engine, key_id, FINAL_STATUSES)
+        finished = count_jobs(engine, key_id, FINAL)
         if box and not submitted_logged:
             done = box[0]
             log(
@@ -902,11 +902,11 @@ def run_loads(
     stack.callback(simulator.stop)
     env = stack_env(setup, limits_path, {"PROMPTQ_UPSTREAM_URL": simulator.url})
     api, api_url = start_api(stack, env, workdir)
-    log(f"API at {api_url} (pid {api.process.pid})")
+    log(f"API at {api_url} (pid {api.pid})")
     workers = []
     for i in range(args.workers):
         workers.append(start_worker(stack, env, workdir, args.concurrency, name=f"worker-{i + 1}"))
-        log(f"worker {i + 1} of {args.workers} ready (pid {workers[-1].process.pid})")
+        log(f"worker {i + 1} of {args.workers} ready (pid {workers[-1].pid})")
     if not args.no_beat:
         start_beat(stack, env, workdir)
         log("beat started")
@@ -914,7 +914,7 @@ def run_loads(
     engine = bench_engine(stack, database.url)
     client = redis.Redis.from_url(setup.redis.url)
     stack.callback(client.close)
-    observer = Limiter(client, LimitTable.load(limits_path))
+    observer = RedisLimiter(client, LimitTable.load(limits_path))
 
     def run(scenario: Scenario) -> LoadResult:
         return run_load(args, scenario, engine, database, api_url, workers, simulator, observer)

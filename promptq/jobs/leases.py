@@ -18,7 +18,7 @@ from promptq.clock import utcnow
 from promptq.config import Settings
 from promptq.db import session_scope
 from promptq.jobs.repository import JobRepository
-from promptq.ratelimit.limiter import Grant, Limiter
+from promptq.ratelimit.protocol import Grant, Limiter
 
 log = logging.getLogger(__name__)
 

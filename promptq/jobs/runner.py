@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, Protocol
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
@@ -37,8 +38,8 @@ from promptq.jobs.execution import (
 from promptq.jobs.leases import LeaseKeeper
 from promptq.outbox import Messenger
 from promptq.pricing import PriceTable
-from promptq.ratelimit.limiter import Grant, Limiter
-from promptq.upstream import UpstreamClient
+from promptq.ratelimit.protocol import Grant, Limiter
+from promptq.upstream import UpstreamResult
 from promptq.usage import Usage
 
 log = logging.getLogger(__name__)
@@ -50,11 +51,19 @@ RECORD_PATIENCE_SECONDS = 300
 NEGLIGIBLE_DELAY_SECONDS = 0.05
 
 
+class Upstream(Protocol):
+    """The one call a job makes: promptq.upstream.UpstreamClient over HTTP in a worker."""
+
+    def create_message(self, params: dict[str, Any], beta: str | None = None) -> UpstreamResult:
+        """Never raises: whatever happens is in the result."""
+        ...
+
+
 @dataclass
 class JobRunner:
     settings: Settings
     prices: PriceTable
-    upstream: UpstreamClient
+    upstream: Upstream
     limiter: Limiter
     leases: LeaseKeeper
     messenger: Messenger

@@ -25,6 +25,7 @@ from promptq.ratelimit.estimate import (
     output_reservation,
 )
 from promptq.ratelimit.headers import ReportedLimits, read_rate_limit_headers
+from promptq.ratelimit.protocol import Decision, Dispatch, Grant, Limiter, refunds_of
 from promptq.ratelimit.table import LimitTable, ModelLimits
 from promptq.usage import Usage
 
@@ -61,54 +62,10 @@ class Adaptive:
         return [self.recovery_seconds * 1000, self.probe_per_10_minutes / 600_000]
 
 
-@dataclass(frozen=True)
-class Grant:
-    """Budget handed to one upstream call: its slot, and the tokens charged for it."""
+class RedisLimiter(Limiter):
+    """The Limiter (promptq.ratelimit.protocol) of a deployment: state in one Redis, shared
+    by every worker process on every machine."""
 
-    id: str
-    model: str
-    input_tokens: int
-    output_tokens: int
-
-    def to_message(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "model": self.model,
-            "input_tokens": self.input_tokens,
-            "output_tokens": self.output_tokens,
-        }
-
-    @classmethod
-    def from_message(cls, data: Mapping[str, Any]) -> Grant:
-        return cls(
-            id=str(data["id"]),
-            model=str(data["model"]),
-            input_tokens=int(data["input_tokens"]),
-            output_tokens=int(data["output_tokens"]),
-        )
-
-
-@dataclass(frozen=True)
-class Decision:
-    grant: Grant | None = None
-    # When not granted: what the job waits for (rpm, input_tpm, output_tpm, concurrency,
-    # upstream_backoff, or queue: behind other waiting jobs) and a hint of how long.
-    waiting_for: str | None = None
-    wait_seconds: float = 0.0
-
-
-@dataclass(frozen=True)
-class Dispatch:
-    """The result of offering budget to a model's queue."""
-
-    job_id: str | None = None
-    priority: str | None = None
-    grant: Grant | None = None
-    wait_seconds: float = 0.0
-    empty: bool = False
-
-
-class Limiter:
     def __init__(
         self,
         client: redis.Redis,
@@ -254,22 +211,7 @@ class Limiter:
         Given the request, a call that the upstream reports as caching its prompt marks the
         prompt's prefixes as cached, so that later calls are charged without them."""
         limits = self.table.limits_for(grant.model)
-        if not called:
-            refunds = (grant.input_tokens, grant.output_tokens, 1)
-        elif usage is None:
-            # No answer to count: the upstream generated nothing, so the output reservation
-            # comes back; the input charge stays, to stay on the safe side.
-            refunds = (0, grant.output_tokens, 0)
-        else:
-            # Cache writes count as input; cache reads do not, unless this upstream says so.
-            used_input = usage.input_tokens + usage.cache_creation_input_tokens
-            if limits.count_cache_reads:
-                used_input += usage.cache_read_input_tokens
-            refunds = (
-                grant.input_tokens - used_input,
-                grant.output_tokens - usage.output_tokens,
-                0,
-            )
+        refunds = refunds_of(grant, usage, called, limits)
         cached: list[CachePrefix] = []
         if (
             request is not None

@@ -10,7 +10,7 @@ from celery import Task
 
 from promptq.broker import task_names
 from promptq.broker.publish import clear_published
-from promptq.ratelimit.limiter import Grant
+from promptq.ratelimit.protocol import Grant
 from worker.app import app
 from worker.context import worker_context
 from worker.tasks.base import promptq_task
