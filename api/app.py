@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import redis
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
@@ -41,13 +40,16 @@ from promptq.outbox import Messenger
 from promptq.pricing import PriceTable
 from promptq.ratelimit.quota import RateQuota
 from promptq.ratelimit.table import LimitTable
+from promptq.redis_roles import redis_client, role_url
 from promptq.upstream import UpstreamClient
 
 
 def create_app(settings: Settings | None = None, messenger: Messenger | None = None) -> FastAPI:
     settings = settings or get_settings()
-    # Refused here without PROMPTQ_REDIS_URL: everything below may count on Redis.
-    redis_url = broker_url(settings)
+    # Refused here when a role has no Redis (its own URL, else PROMPTQ_REDIS_URL):
+    # everything below may count on each (promptq.redis_roles says which holds what).
+    broker_redis_url = broker_url(settings)
+    limiter_url, events_url = role_url(settings, "limiter"), role_url(settings, "events")
     app = FastAPI(
         title="promptq",
         version="0.1.0",
@@ -57,16 +59,16 @@ def create_app(settings: Settings | None = None, messenger: Messenger | None = N
     )
     app.state.settings = settings
     app.state.finished = FinishedJobs(
-        redis_url, on_key_changed=forget_key, on_hearing=hear_key_changes
+        events_url, on_key_changed=forget_key, on_hearing=hear_key_changes
     )
     # One Celery app (and so one producer pool) per API app. Its messenger sends what a
     # request's unit of work records (promptq.outbox) once it commits: each request's
     # session is bound to it (api.deps.request_session), not a process-wide one, since a
     # process may hold several apps (the tests do), each with its own broker.
     app.state.celery = create_celery(settings)
-    app.state.messenger = messenger or BrokerMessenger.of(app.state.celery)
-    app.state.broker = BrokerCheck(redis_url)
-    app.state.quotas = RateQuota(redis.Redis.from_url(redis_url))
+    app.state.messenger = messenger or BrokerMessenger(app.state.celery, redis_client(events_url))
+    app.state.broker = BrokerCheck(broker_redis_url)
+    app.state.quotas = RateQuota(redis_client(limiter_url))
     app.state.open_requests = OpenRequests(
         settings.key_max_open_requests, settings.max_open_requests
     )

@@ -12,15 +12,15 @@ import time
 import redis
 
 from promptq.errors import Unavailable
+from promptq.redis_roles import redis_client
 
 CHECK_EVERY_SECONDS = 1.0
 
 
 class BrokerCheck:
     def __init__(self, redis_url: str) -> None:
-        self._client = redis.Redis.from_url(
-            redis_url, socket_timeout=0.5, socket_connect_timeout=0.5
-        )
+        """`redis_url`: the broker's (PROMPTQ_BROKER_URL, else PROMPTQ_REDIS_URL)."""
+        self._client = redis_client(redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
         self._checked_at = 0.0
         self._answers = True
 

@@ -16,10 +16,10 @@ import json
 import secrets
 from dataclasses import dataclass
 
-import redis
 from starlette.requests import Request
 
 from promptq.config import Settings
+from promptq.redis_roles import redis_client
 
 SESSION_PREFIX = "promptq:dashboard:session:"
 FAILED_PREFIX = "promptq:dashboard:failed-sign-ins:"
@@ -44,7 +44,7 @@ def admin_fingerprint(settings: Settings) -> str | None:
 
 class DashboardSessions:
     def __init__(self, redis_url: str, settings: Settings) -> None:
-        self.redis = redis.Redis.from_url(
+        self.redis = redis_client(
             redis_url,
             socket_timeout=REDIS_TIMEOUT_SECONDS,
             socket_connect_timeout=REDIS_TIMEOUT_SECONDS,

@@ -17,10 +17,10 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 
 import redis
-import redis.asyncio
 
 from promptq.jobs.announcements import CHANNEL
 from promptq.keys.channels import KEY_CHANGED_CHANNEL
+from promptq.redis_roles import async_redis_client
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,8 @@ class FinishedJobs:
         on_key_changed: Callable[[str], None] = lambda _key_id: None,
         on_hearing: Callable[[bool], None] = lambda _hearing: None,
     ) -> None:
-        """`on_key_changed(key_id)` for every key revoked or updated; `on_hearing(bool)`
+        """`redis_url`: the events' Redis (PROMPTQ_EVENTS_REDIS_URL, else PROMPTQ_REDIS_URL).
+        `on_key_changed(key_id)` for every key revoked or updated; `on_hearing(bool)`
         when the subscription comes up or goes down (a change may be missed while down)."""
         self.redis_url = redis_url
         self.on_key_changed = on_key_changed
@@ -105,7 +106,7 @@ class FinishedJobs:
 
     async def _listen(self) -> None:
         while not self._stopping:
-            client = redis.asyncio.Redis.from_url(self.redis_url)
+            client = async_redis_client(self.redis_url)
             try:
                 async with client.pubsub() as pubsub:
                     await pubsub.subscribe(CHANNEL, KEY_CHANGED_CHANNEL)

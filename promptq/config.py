@@ -8,12 +8,13 @@ from __future__ import annotations
 import ipaddress
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from promptq.redis_roles import RedisRole, check_url
 from promptq.webhook_allow import IPNetwork, WebhookAllow
 
 DEFAULT_UPSTREAM_URL = "https://api.cometapi.com"
@@ -36,9 +37,21 @@ class Settings(BaseSettings):
     # (pool + overflow) under the server's max_connections.
     database_pool_size: int = Field(default=5, ge=1)
     database_max_overflow: int = Field(default=15, ge=0)
+    # What stands between promptq and PostgreSQL: `pgbouncer` (transaction pooling) turns
+    # psycopg's prepared statements off, since the next transaction may run on another
+    # server connection that never saw them. Said, not guessed from the URL: a pooler
+    # answers as the server it fronts, on any port.
+    database_pooler: Literal["none", "pgbouncer"] = "none"
     # Unset means "no shared Redis": `promptq up` then starts a private one and passes its
     # URL to the processes it runs. Every other process needs it set.
     redis_url: str | None = None
+    # Redis by role (promptq.redis_roles says what each holds), each PROMPTQ_REDIS_URL
+    # unless set: Celery's broker, its events and the publish markers; the rate limiter's
+    # and quotas' keys; the pub/sub of finished jobs and changed keys. Any of the four may
+    # be a Sentinel group: sentinel://host:26379,host2:26379/mymaster/0.
+    broker_url: str | None = None
+    limiter_redis_url: str | None = None
+    events_redis_url: str | None = None
     upstream_url: str = DEFAULT_UPSTREAM_URL
     upstream_api_key: SecretStr | None = Field(
         default=None,
@@ -158,6 +171,13 @@ class Settings(BaseSettings):
             raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
         return value.rstrip("/")
 
+    @field_validator("redis_url", "broker_url", "limiter_redis_url", "events_redis_url")
+    @classmethod
+    def _redis_url_parses(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_url(value)  # a ValueError says what is wrong
+        return value
+
     @field_validator("log_format", "log_level", mode="before")
     @classmethod
     def _any_case(cls, value: object, info: ValidationInfo) -> object:
@@ -194,6 +214,20 @@ class Settings(BaseSettings):
     def webhook_base_url(self) -> str:
         """Where URLs inside webhooks point: there is no request to take an address from."""
         return self.public_url or self.api_url
+
+    def redis_url_for(self, role: RedisRole) -> str | None:
+        """The Redis serving `role` ("broker", "limiter" or "events"): its own setting, else
+        PROMPTQ_REDIS_URL; None when neither is set. Read at each call, so a copy of the
+        settings with another redis_url moves every role that has no URL of its own."""
+        own = {
+            "broker": self.broker_url,
+            "limiter": self.limiter_redis_url,
+            "events": self.events_redis_url,
+        }[role]
+        return own or self.redis_url
+
+    def redis_urls(self) -> dict[RedisRole, str | None]:
+        return {role: self.redis_url_for(role) for role in get_args(RedisRole)}
 
     @property
     def uses_sqlite(self) -> bool:

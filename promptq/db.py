@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy import exc as sqlalchemy_errors
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -54,7 +54,21 @@ def get_engine(url: str) -> Engine:
         max_overflow=settings.database_max_overflow,
         pool_pre_ping=True,
         pool_timeout=30,
+        connect_args=pooler_connect_args(url, settings.database_pooler),
     )
+
+
+def pooler_connect_args(url: str, pooler: str) -> dict[str, Any]:
+    """Behind PgBouncer in transaction pooling, each transaction may run on another server
+    connection. psycopg 3 prepares a statement on the server once it has run a few times
+    on one connection, and would then meet server connections that never saw it, or hold
+    another client's of the same name ("prepared statement _pg3_0 does not exist", or
+    "already exists"): with a pooler it prepares nothing. (psycopg2 never prepares.)
+    Everything else promptq does holds inside a transaction: SET LOCAL, row locks, no
+    session state, no LISTEN."""
+    if pooler == "pgbouncer" and make_url(url).get_driver_name() == "psycopg":
+        return {"prepare_threshold": None}
+    return {}
 
 
 @lru_cache(maxsize=8)

@@ -38,6 +38,7 @@ from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter as LibraryJsonFormatter
 
 from promptq.config import Settings, get_settings
+from promptq.redis_roles import passwords
 
 REDACTED = "[redacted]"
 # Shorter configured values are not masked: replacing a short, common string everywhere it
@@ -116,7 +117,7 @@ class Redactor:
 def settings_secrets(settings: Settings) -> list[str]:
     """Every secret the settings hold: each SecretStr field (the upstream key, the admin
     token, Flower's login and password, a client's API key) and the passwords of the
-    database and Redis URLs."""
+    database URL and of every Redis URL (a Sentinel group's two)."""
     found: list[str] = []
     for name in type(settings).model_fields:
         value = getattr(settings, name)
@@ -125,11 +126,13 @@ def settings_secrets(settings: Settings) -> list[str]:
             found.append(secret)
             if name == "flower_basic_auth" and ":" in secret:
                 found.append(secret.split(":", 1)[1])
-    for url in (settings.database_url, settings.redis_url):
-        with contextlib.suppress(ValueError):
-            password = urlsplit(url).password if url else None
-            if password:
-                found.append(password)
+    with contextlib.suppress(ValueError):
+        password = urlsplit(settings.database_url).password
+        if password:
+            found.append(password)
+    # Every Redis role's URL, a Sentinel group's two passwords included.
+    for url in {settings.redis_url, *settings.redis_urls().values()}:
+        found.extend(passwords(url))
     return found
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-import redis
-
 from promptq.broker.messenger import BrokerMessenger
 from promptq.config import Settings, get_settings
 from promptq.jobs.leases import LeaseKeeper
@@ -14,6 +12,7 @@ from promptq.jobs.runner import JobRunner
 from promptq.pricing import PriceTable
 from promptq.ratelimit.limiter import RedisLimiter
 from promptq.ratelimit.table import LimitTable
+from promptq.redis_roles import client_for
 from promptq.upstream import UpstreamClient
 from promptq.webhooks import WebhookSender
 from worker.deliveries import DeliveryPool
@@ -23,7 +22,7 @@ from worker.deliveries import DeliveryPool
 class WorkerContext:
     settings: Settings
     # Sends what the process's units of work record (promptq.outbox): the runner's, the
-    # sweeper's. Built once here, with the process's Celery app and Redis client.
+    # sweeper's. Built once here, with the process's Celery app and its events Redis.
     messenger: BrokerMessenger
     limiter: RedisLimiter
     leases: LeaseKeeper
@@ -37,15 +36,16 @@ def worker_context() -> WorkerContext:
     from worker.app import app
 
     settings = get_settings()
-    assert settings.redis_url is not None  # create_celery refused to start without it
-    client = redis.Redis.from_url(settings.redis_url)
+    events = client_for(settings, "events")
     limiter = RedisLimiter(
-        client,
+        client_for(settings, "limiter"),
         LimitTable.load(settings.limits_file),
         slot_lease_seconds=settings.slot_lease_seconds,
         high_waiting_per_key=settings.key_max_high_priority_waiting,
     )
     leases = LeaseKeeper(settings, limiter)
+    # After Redis lost the limiter's state, its in-flight slots come back from the database.
+    limiter.running_calls = leases.running_calls
     upstream = UpstreamClient(
         settings.upstream_url,
         settings.upstream_key,
@@ -53,7 +53,7 @@ def worker_context() -> WorkerContext:
         connect_timeout=settings.upstream_connect_timeout_seconds,
     )
 
-    messenger = BrokerMessenger(app, client)
+    messenger = BrokerMessenger(app, events)
     runner = JobRunner(
         settings, PriceTable.load(settings.pricing_file), upstream, limiter, leases, messenger
     )

@@ -32,10 +32,10 @@ from api.dashboard_sessions import (
 )
 from api.deps import SessionDep, SettingsDep
 from api.errors import ApiError
-from promptq.broker.celery_app import broker_url
 from promptq.config import Settings
 from promptq.metrics import LimiterState, read_limiter_state
 from promptq.models import ApiKey
+from promptq.redis_roles import redis_client, role_url
 from promptq.reports.dashboard import LimiterReader, build_dashboard
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
@@ -75,8 +75,8 @@ def _limiter_reader(request: Request, settings: Settings) -> LimiterReader:
     failing when Redis does not answer."""
     client: redis.Redis | None = getattr(request.app.state, "dashboard_redis", None)
     if client is None:
-        client = request.app.state.dashboard_redis = redis.Redis.from_url(
-            broker_url(settings),
+        client = request.app.state.dashboard_redis = redis_client(
+            role_url(settings, "limiter"),
             socket_timeout=REDIS_TIMEOUT_SECONDS,
             socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
         )
@@ -103,7 +103,8 @@ def _sign_in_form(request: Request, status: int = 200, message: str | None = Non
 def _sessions(request: Request, settings: Settings) -> DashboardSessions:
     sessions: DashboardSessions | None = getattr(request.app.state, "dashboard_sessions", None)
     if sessions is None:
-        sessions = DashboardSessions(broker_url(settings), settings)
+        # Sessions are promptq's own keys: on the limiter's Redis (promptq.redis_roles).
+        sessions = DashboardSessions(role_url(settings, "limiter"), settings)
         request.app.state.dashboard_sessions = sessions
     return sessions
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hmac
 import threading
 
-import redis
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -21,10 +20,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from api.auth import presented_key
 from api.deps import SettingsDep
 from api.errors import ApiError
-from promptq.broker.celery_app import broker_url
 from promptq.broker.publish import broker_backlog
 from promptq.config import Settings
 from promptq.metrics import PromptqCollector
+from promptq.redis_roles import redis_client, role_url
 
 router = APIRouter(tags=["health"])
 
@@ -76,8 +75,10 @@ def _registry(app: FastAPI, settings: Settings) -> CollectorRegistry:
 
 
 def _collector(app: FastAPI, settings: Settings) -> PromptqCollector:
-    client = redis.Redis.from_url(
-        broker_url(settings),
+    # The limiter's state from its Redis; the broker's backlog from the broker's, through
+    # the Celery app that knows where that is.
+    client = redis_client(
+        role_url(settings, "limiter"),
         socket_timeout=REDIS_TIMEOUT_SECONDS,
         socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
     )

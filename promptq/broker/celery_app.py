@@ -17,6 +17,7 @@ from celery import Celery
 
 from promptq.broker import task_names
 from promptq.config import Settings
+from promptq.redis_roles import RedisNotConfigured, celery_broker, role_url
 
 # Redis inverts AMQP's convention: 0 is served first.
 MESSAGE_PRIORITY = {"high": 0, "normal": 3, "low": 6}
@@ -26,7 +27,7 @@ QUEUE = "promptq"
 WEBHOOK_QUEUE = "promptq-webhooks"
 
 
-class BrokerNotConfigured(RuntimeError):
+class BrokerNotConfigured(RedisNotConfigured):
     pass
 
 
@@ -34,18 +35,25 @@ PRUNE_INTERVAL_SECONDS = 3600.0
 
 
 def broker_url(settings: Settings) -> str:
-    """PROMPTQ_REDIS_URL, without which neither the API nor a worker starts."""
-    if not settings.redis_url:
-        raise BrokerNotConfigured(
-            "PROMPTQ_REDIS_URL is not set: point it at the shared Redis "
-            "(e.g. redis://127.0.0.1:6379/0), or run `promptq up`, which starts a private one"
-        )
-    return settings.redis_url
+    """The broker's Redis (PROMPTQ_BROKER_URL, else PROMPTQ_REDIS_URL), without which
+    neither the API nor a worker starts; a plain URL or a Sentinel group."""
+    try:
+        return role_url(settings, "broker")
+    except RedisNotConfigured as exc:
+        raise BrokerNotConfigured(str(exc)) from None
 
 
 def create_celery(settings: Settings) -> Celery:
-    app = Celery("promptq", broker=broker_url(settings), include=["worker.tasks"])
+    broker_redis_url = broker_url(settings)
+    # A Sentinel group becomes kombu's Sentinel transport, which asks the sentinels for the
+    # primary and again after a failover. Celery's events and control messages travel over
+    # this same connection: they are on the broker's Redis whatever the other roles say.
+    broker, sentinel_options = celery_broker(broker_redis_url)
+    app = Celery("promptq", broker=broker, include=["worker.tasks"])
     app.conf.update(
+        # The broker's Redis as promptq names it: the publish markers and the backlog
+        # (promptq.broker.publish) are read there with a plain client.
+        promptq_broker_redis_url=broker_redis_url,
         # Said here rather than left to Celery's defaults: a broker message is only ever
         # JSON, so nothing that reaches Redis can make a worker unpickle it.
         task_serializer="json",
@@ -73,6 +81,7 @@ def create_celery(settings: Settings) -> Celery:
             "priority_steps": sorted(set(MESSAGE_PRIORITY.values())),
             "sep": ":",
             "queue_order_strategy": "priority",
+            **sentinel_options,
         },
         beat_schedule={
             "sweep": {

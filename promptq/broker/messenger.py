@@ -19,16 +19,11 @@ from promptq.jobs.announcements import announce
 
 @dataclass(frozen=True)
 class BrokerMessenger:
-    """promptq.outbox.Messenger over one Celery app (and so one producer pool) and one
-    Redis client."""
+    """promptq.outbox.Messenger over one Celery app (and so one producer pool) and the
+    Redis that carries events (promptq.redis_roles: "events"), where announcements go."""
 
     app: Celery
-    client: redis.Redis
-
-    @classmethod
-    def of(cls, app: Celery) -> BrokerMessenger:
-        """Announcements go through the broker's own Redis."""
-        return cls(app, redis.Redis.from_url(app.conf.broker_url))
+    events: redis.Redis
 
     def publish_job(self, job_id: str, priority: str, countdown: float | None = None) -> None:
         publish_job(self.app, job_id, priority, countdown=countdown)
@@ -37,7 +32,7 @@ class BrokerMessenger:
         publish_delivery(self.app, delivery_id)
 
     def announce_finished(self, job_id: str) -> None:
-        announce(self.client, job_id)
+        announce(self.events, job_id)
 
     def feed_batch(self, batch_id: str) -> None:
         publish_batch(self.app, batch_id)

@@ -10,6 +10,7 @@ from celery import Celery
 from promptq.broker import task_names
 from promptq.broker.celery_app import MESSAGE_PRIORITY, QUEUE, WEBHOOK_QUEUE
 from promptq.ratelimit.protocol import Grant
+from promptq.redis_roles import redis_client
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +105,11 @@ _clients: dict[str, redis.Redis] = {}
 
 
 def _marker_client(app: Celery) -> redis.Redis:
-    url = app.conf.broker_url
+    """The broker's Redis: the markers say what the broker holds, so they live and die
+    with its data (promptq.redis_roles)."""
+    url = app.conf.promptq_broker_redis_url
     if url not in _clients:
-        _clients[url] = redis.Redis.from_url(url)
+        _clients[url] = redis_client(url)
     return _clients[url]
 
 

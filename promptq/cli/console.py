@@ -25,6 +25,7 @@ from promptq.db import session_scope
 from promptq.jobs.announcements import CHANNEL
 from promptq.jobs.repository import JobRepository
 from promptq.jobspec.presenter import job_to_api
+from promptq.redis_roles import redis_client
 
 # A burst (a batch, `promptq run`) would scroll the terminal away: past a few lines per
 # interval, the rest of it is one summary line.
@@ -69,7 +70,7 @@ class FinishedJobs(threading.Thread):
                 self._stopping.wait(1.0)
 
     def _follow(self) -> None:
-        client = redis.Redis.from_url(self._redis_url)
+        client = redis_client(self._redis_url)
         pubsub = client.pubsub(ignore_subscribe_messages=True)
         pubsub.subscribe(CHANNEL)
         try:

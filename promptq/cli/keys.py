@@ -230,20 +230,21 @@ def revoke(key_id_or_name: str) -> None:
 
 def _announce(settings: Settings, key_id: str) -> None:
     """Tell every API process to forget the key's cached copy now."""
-    import redis
-
     from promptq.keys.channels import announce_key_change
+    from promptq.redis_roles import redis_client
 
     told = False
-    if settings.redis_url:
-        client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3)
+    events_url = settings.redis_url_for("events")
+    if events_url:
+        client = redis_client(events_url, socket_connect_timeout=3)
         try:
             told = announce_key_change(client, key_id)
         finally:
             client.close()
     if not told:
         click.echo(
-            "could not reach Redis (PROMPTQ_REDIS_URL): API processes apply this once their "
+            "could not reach the events' Redis (PROMPTQ_EVENTS_REDIS_URL, else "
+            "PROMPTQ_REDIS_URL): API processes apply this once their "
             "cache of checked keys forgets the key, within 5 seconds",
             err=True,
         )

@@ -11,6 +11,7 @@ import redis
 from promptq.config import Settings, get_settings
 from promptq.ratelimit.limiter import RedisLimiter
 from promptq.ratelimit.table import LimitsError, LimitTable, describe_builtin_limits
+from promptq.redis_roles import redis_client
 
 HOW_TO_CONFIGURE = (
     "give your account's own limits in a file named by PROMPTQ_LIMITS_FILE "
@@ -47,14 +48,16 @@ def limits(as_json: bool, from_upstream: bool, model: str | None) -> None:
         raise click.ClickException(str(exc)) from exc
     configured = [entry.to_dict() for entry in table.entries()]
     buckets = []
-    if settings.redis_url:
-        client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3)
+    limiter_url = settings.redis_url_for("limiter")
+    if limiter_url:
+        client = redis_client(limiter_url, socket_connect_timeout=3)
         try:
             limiter = RedisLimiter(client, table)
             buckets = [limiter.snapshot(model) for model in limiter.known_models()]
         except redis.ConnectionError as exc:
             raise click.ClickException(
-                f"cannot reach Redis at PROMPTQ_REDIS_URL to read the buckets: {exc}"
+                "cannot reach the limiter's Redis (PROMPTQ_LIMITER_REDIS_URL, else "
+                f"PROMPTQ_REDIS_URL) to read the buckets: {exc}"
             ) from exc
     if as_json:
         click.echo(json.dumps({"configured": configured, "buckets": buckets}, indent=2))
@@ -76,7 +79,7 @@ def limits(as_json: bool, from_upstream: bool, model: str | None) -> None:
             f"{entry['token_burst_seconds']:>13}"
             + ("  (cache reads count as input)" if entry["count_cache_reads"] else "")
         )
-    if not settings.redis_url:
+    if not limiter_url:
         click.echo("PROMPTQ_REDIS_URL is not set: no bucket state to show")
         return
     if not buckets:

@@ -101,12 +101,16 @@ def up(port: int, flower_port: int, concurrency: int | None, verbose: bool) -> N
     upgrade(settings.database_url)
 
     notes: list[str] = []
-    redis_url = settings.redis_url
-    if redis_url is None:
-        redis_server, redis_url = start_private_redis()
+    # A role with no Redis of its own (PROMPTQ_BROKER_URL, ...) uses PROMPTQ_REDIS_URL; when
+    # that is unset too, the private Redis serves it.
+    if None in settings.redis_urls().values():
+        redis_server, private_url = start_private_redis()
         private.append(redis_server)
-        env["PROMPTQ_REDIS_URL"] = redis_url
-        notes.append(f"Redis:  private, at {redis_url} (set PROMPTQ_REDIS_URL to use your own)")
+        env["PROMPTQ_REDIS_URL"] = private_url
+        settings = settings.model_copy(update={"redis_url": private_url})
+        notes.append(f"Redis:  private, at {private_url} (set PROMPTQ_REDIS_URL to use your own)")
+    events_url = settings.redis_url_for("events")
+    assert events_url is not None
     if settings.limits_file is None:
         notes.append(
             "Limits: built-in, Anthropic's first usage tier (50 requests a minute); "
@@ -158,7 +162,7 @@ def up(port: int, flower_port: int, concurrency: int | None, verbose: bool) -> N
         if logs:
             from promptq.cli.console import FinishedJobs, LogErrors
 
-            watchers = [FinishedJobs(redis_url, settings.database_url), LogErrors(logs)]
+            watchers = [FinishedJobs(events_url, settings.database_url), LogErrors(logs)]
             for watcher in watchers:
                 watcher.start()
             click.echo("Finished jobs and errors show below; Ctrl-C stops everything.")

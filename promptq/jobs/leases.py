@@ -29,6 +29,10 @@ class LeaseKeeper:
         self.limiter = limiter
         self._held: dict[str, Grant] = {}
         self._lock = threading.Lock()
+        # Held while the slots are renewed: a renewal puts back a slot Redis lost, so a call
+        # must not leave `holding` (and settle, freeing its slot) while a renewal that saw
+        # it is under way, or its slot would come back for a lease.
+        self._renewing = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -40,18 +44,28 @@ class LeaseKeeper:
         try:
             yield
         finally:
-            with self._lock:
+            with self._renewing, self._lock:
                 self._held.pop(job_id, None)
 
     def renew(self) -> int:
-        with self._lock:
-            held = dict(self._held)
-        if not held:
-            return 0
-        self.limiter.renew(held.values())
+        with self._renewing:
+            with self._lock:
+                held = dict(self._held)
+            if not held:
+                return 0
+            self.limiter.renew(held.values(), held.keys())
         lease_until = utcnow() + timedelta(seconds=self.settings.claim_lease_seconds)
         with session_scope(self.settings.database_url) as session:
             return JobRepository(session).extend_leases(sorted(held), lease_until)
+
+    def running_calls(self, model: str) -> list[tuple[str, float]]:
+        """The model's running jobs and the seconds left of each one's claim, by the
+        database: what the limiter rebuilds its in-flight slots from (Limiter.running_calls).
+        A claim's lease is renewed together with its slot, so it is the slot's lease too."""
+        now = utcnow()
+        with session_scope(self.settings.database_url) as session:
+            leases = JobRepository(session).live_leases(model, now)
+        return [(job_id, (until - now).total_seconds()) for job_id, until in leases]
 
     def stop(self) -> None:
         self._stop.set()

@@ -200,6 +200,17 @@ class JobRepository:
         )
         return self.session.scalars(query).all()
 
+    def live_leases(self, model: str, now: datetime) -> list[tuple[str, datetime]]:
+        """The model's running jobs whose claim is still held, with its end: the calls in
+        flight, as the rate limiter rebuilds its slots from them."""
+        query = select(Job.id, Job.lease_expires_at).where(
+            is_active_job(),
+            has_status(JobStatus.RUNNING),
+            Job.model == model,
+            Job.lease_expires_at > now,
+        )
+        return [(job_id, until) for job_id, until in self.session.execute(query) if until]
+
     def extend_leases(self, job_ids: Sequence[str], lease_until: datetime) -> int:
         if not job_ids:
             return 0

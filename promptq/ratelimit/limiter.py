@@ -6,12 +6,23 @@ the upstream's own minute-deep buckets), a set of in-flight slots with leases,
 a pause set by the upstream's 429s, an adaptive share of the configured rate, and a queue of
 jobs waiting for budget, ordered by priority and arrival. A job arriving while others wait
 queues behind them; dispatchers hand the budget to the queue's head as it frees up.
+
+After a Redis failover or restart that lost the state, the limiter errs by a bounded amount:
+- in-flight slots: a model with a concurrency limit grants nothing until its slots are
+  rebuilt from the running jobs in the database (`running_calls`), one stand-in per job
+  until its lease ends; the workers' next renewal (within a third of the shorter lease)
+  puts back every held grant's own slot. Only calls granted but not yet claimed in the
+  database at the moment of the loss can run beyond the limit.
+- rates: the meters start full, so at most `burst_seconds` of the request rate (and
+  `token_burst_seconds` of the token rates) goes at once beyond the steady rate, once.
+- a 429's pause and the learned rate are forgotten: the next 429 teaches them again.
 """
 
 from __future__ import annotations
 
+import logging
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any
@@ -29,10 +40,16 @@ from promptq.ratelimit.protocol import Decision, Dispatch, Grant, Limiter, refun
 from promptq.ratelimit.table import LimitTable, ModelLimits
 from promptq.usage import Usage
 
+log = logging.getLogger(__name__)
+
 PRIORITY_RANK = {"high": 0, "normal": 1, "low": 2}
 DEFAULT_HIGH_WAITING_PER_KEY = 5
 RANK_PRIORITY = {rank: name for name, rank in PRIORITY_RANK.items()}
 MODELS_WAITING = "promptq:rl:waiting-models"
+
+# running_calls(model): the model's running jobs by the database, with the seconds left of
+# each one's lease; what the in-flight slots are rebuilt from after Redis lost them.
+RunningCalls = Callable[[str], list[tuple[str, float]]]
 
 
 def _script(client: redis.Redis, name: str) -> Any:
@@ -73,8 +90,10 @@ class RedisLimiter(Limiter):
         slot_lease_seconds: float = 30.0,
         adaptive: Adaptive | None = None,
         high_waiting_per_key: int = DEFAULT_HIGH_WAITING_PER_KEY,
+        running_calls: RunningCalls | None = None,
     ) -> None:
         self.client = client
+        self.running_calls = running_calls
         self.table = table
         self.slot_lease_ms = slot_lease_seconds * 1000
         # How many jobs one client key may have waiting at high priority for a model; its
@@ -87,6 +106,7 @@ class RedisLimiter(Limiter):
         self._reserve = _script(client, "reserve")
         self._renew = _script(client, "renew")
         self._factor = _script(client, "factor")
+        self._rebuild = _script(client, "rebuild")
 
     @staticmethod
     def keys(model: str) -> list[str]:
@@ -135,7 +155,8 @@ class RedisLimiter(Limiter):
         # cached, since cache reads do not count as input (unless the upstream counts them).
         prefixes = [] if limits.count_cache_reads else cache_prefixes(request)[::-1]
         grant_id = uuid.uuid4().hex
-        reply = self._acquire(
+        reply = self._admit(
+            model,
             keys=[*self.keys(model), *(self.cache_marker(model, p) for p in prefixes)],
             args=[
                 "direct",
@@ -163,7 +184,8 @@ class RedisLimiter(Limiter):
         """Budget for the first job in the model's queue, if there is budget now."""
         grant_id = uuid.uuid4().hex
         limits = self.table.limits_for(model)
-        reply = self._acquire(
+        reply = self._admit(
+            model,
             keys=self.keys(model),
             args=[
                 "head",
@@ -187,6 +209,34 @@ class RedisLimiter(Limiter):
         job_id, rank = _text(reply[1]), int(reply[2])
         grant = Grant(grant_id, model, int(float(reply[3])), int(float(reply[4])))
         return Dispatch(job_id=job_id, priority=RANK_PRIORITY.get(rank, "normal"), grant=grant)
+
+    def _admit(self, model: str, keys: list[str], args: list[Any]) -> Any:
+        """The acquire script's reply, the model's slots rebuilt first if it asks."""
+        reply = self._acquire(keys=keys, args=args)
+        if _text(reply[0]) == "rebuild":
+            self.rebuild(model)
+            reply = self._acquire(keys=keys, args=args)
+        return reply
+
+    def rebuild(self, model: str) -> int:
+        """Put back a slot for each of the model's running jobs (by the database), unless
+        another process did already; how many were put back."""
+        running = self.running_calls(model) if self.running_calls is not None else []
+        state, inflight = self.keys(model)[:2]
+        args: list[Any] = []
+        for job_id, seconds_left in running:
+            # A stand-in lives as long as a slot: the call's worker renews its own slot well
+            # within that, or is dead, and one that ended meanwhile frees it no later.
+            args += [job_id, max(1.0, min(seconds_left * 1000, self.slot_lease_ms))]
+        put_back = int(self._rebuild(keys=[state, inflight], args=args))
+        if put_back:
+            log.warning(
+                "the rate limiter's Redis had lost %s's calls in flight: %d slots put back "
+                "from the running jobs",
+                model,
+                put_back,
+            )
+        return put_back
 
     def queued(self, jobs: list[tuple[str, str]]) -> set[str]:
         """Which of these (job id, model) pairs wait in their model's queue."""
@@ -285,12 +335,15 @@ class RedisLimiter(Limiter):
         )
         return reported
 
-    def renew(self, grants: Iterable[Grant]) -> None:
-        grants = list(grants)
+    def renew(self, grants: Iterable[Grant], job_ids: Iterable[str] = ()) -> None:
+        """Extend the slots of grants still held, putting back any Redis lost; `job_ids`,
+        when given, are the grants' jobs, one each, whose stand-in slots from a rebuild
+        the grants' own replace."""
+        grants, job_ids = list(grants), list(job_ids)
         if grants:
             self._renew(
                 keys=[self.keys(g.model)[1] for g in grants],
-                args=[self.slot_lease_ms, *[g.id for g in grants]],
+                args=[self.slot_lease_ms, *[g.id for g in grants], *job_ids],
             )
 
     def reserve_for_key(self, key_id: str, rpm: int, burst_seconds: float = 0.5) -> float:

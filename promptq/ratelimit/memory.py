@@ -166,13 +166,14 @@ class MemoryLimiter(Limiter):
                 state.paused_until = max(state.paused_until, self._clock() + pause)
         return reported
 
-    def renew(self, grants: Iterable[Grant]) -> None:
+    def renew(self, grants: Iterable[Grant], job_ids: Iterable[str] = ()) -> None:
+        # As the Redis limiter does, a held grant's slot is put back if it had lapsed. The
+        # job ids go unused: this limiter's state is never lost while its process's calls
+        # live, so it never rebuilds and has no stand-in slots for a grant to replace.
         with self._lock:
             lapse = self._clock() + self.slot_lease_ms / 1000
             for grant in grants:
-                slots = self._models.setdefault(grant.model, _Model()).slots
-                if grant.id in slots:
-                    slots[grant.id] = lapse
+                self._models.setdefault(grant.model, _Model()).slots[grant.id] = lapse
 
     def reserve_for_key(self, key_id: str, rpm: int, burst_seconds: float = 0.5) -> float:
         per_request = 60 / rpm

@@ -135,8 +135,11 @@ class Limiter(Protocol):
         """What the upstream said of its limits: a 429, its rate-limit headers."""
         ...
 
-    def renew(self, grants: Iterable[Grant]) -> None:
-        """Keep the slots of calls still in flight."""
+    def renew(self, grants: Iterable[Grant], job_ids: Iterable[str] = ()) -> None:
+        """Keep the slots of calls still in flight, putting back any the limiter lost (a
+        Redis failover or restart). The caller renews only grants it still holds, never one
+        it settled. `job_ids`, when given, are the grants' jobs, one each: a grant's own slot
+        replaces the stand-in a rebuild put back for its job (RedisLimiter.rebuild)."""
         ...
 
     def reserve_for_key(self, key_id: str, rpm: int, burst_seconds: float = 0.5) -> float:

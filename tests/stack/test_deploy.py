@@ -362,6 +362,9 @@ def condition(service: dict[str, Any], dependency: str) -> str:
 def test_compose_starts_everything_in_order() -> None:
     svc = services()
     assert condition(svc["migrate"], "postgres") == "service_healthy"
+    assert condition(svc["pgbouncer"], "postgres") == "service_healthy"
+    for name in ("migrate", "api", "worker", "beat"):
+        assert condition(svc[name], "pgbouncer") == "service_healthy", name
     for name in ("api", "worker", "beat"):
         assert condition(svc[name], "migrate") == "service_completed_successfully", name
         assert condition(svc[name], "postgres") == "service_healthy", name
@@ -387,8 +390,19 @@ def test_compose_processes_get_the_env_file_and_the_bundled_services() -> None:
         env_file = service["env_file"]
         assert ".env" in ([env_file] if isinstance(env_file, str) else env_file), name
         environment = service["environment"]
-        assert "@postgres:5432/" in environment["PROMPTQ_DATABASE_URL"], name
+        # PostgreSQL through PgBouncer, with the prepared statements a pooler needs off.
+        assert "@pgbouncer:5432/" in environment["PROMPTQ_DATABASE_URL"], name
+        assert environment["PROMPTQ_DATABASE_POOLER"] == "pgbouncer", name
         assert environment["PROMPTQ_REDIS_URL"].startswith("redis://redis:6379"), name
+
+
+def test_compose_pgbouncer_pools_transactions_in_front_of_postgres() -> None:
+    pgbouncer = services()["pgbouncer"]
+    environment = pgbouncer["environment"]
+    assert environment["DB_HOST"] == "postgres"
+    assert environment["POOL_MODE"] == "transaction"
+    assert int(environment["MAX_DB_CONNECTIONS"]) <= 90  # under PostgreSQL's default 100
+    assert "pg_isready" in healthcheck_text(pgbouncer)
 
 
 def test_compose_workers_scale_and_beat_does_not() -> None:
@@ -437,8 +451,19 @@ def of_kind(kind: str) -> list[dict[str, Any]]:
     return [d for d in k8s_documents() if d["kind"] == kind]
 
 
+def runs_promptq(document: dict[str, Any]) -> bool:
+    """A Deployment or Job of the promptq image (not PgBouncer's)."""
+    spec = document["spec"]["template"]["spec"]
+    return all(c["image"].split(":")[0] == "promptq" for c in all_containers(spec))
+
+
+def promptq_of_kind(kind: str) -> list[dict[str, Any]]:
+    return [d for d in of_kind(kind) if runs_promptq(d)]
+
+
 def pod_specs() -> Iterator[tuple[str, dict[str, Any]]]:
-    for document in of_kind("Deployment") + of_kind("Job"):
+    """The pods that run promptq."""
+    for document in promptq_of_kind("Deployment") + promptq_of_kind("Job"):
         yield document["metadata"]["name"], document["spec"]["template"]["spec"]
 
 
@@ -451,7 +476,7 @@ def k8s_argv(container: dict[str, Any]) -> list[str]:
 def deployment_running(role: str) -> dict[str, Any]:
     found = [
         d
-        for d in of_kind("Deployment")
+        for d in promptq_of_kind("Deployment")
         if leaf(parse_cli(k8s_argv(d["spec"]["template"]["spec"]["containers"][0]))) == role
     ]
     assert len(found) == 1, role
@@ -592,8 +617,37 @@ def test_k8s_services_select_a_deployment_and_its_port() -> None:
         }
         for port in service["spec"]["ports"]:
             assert port["targetPort"] in ports
-        names.add(leaf(parse_cli(k8s_argv(container))))
-    assert names == {"api", "flower"}
+        if runs_promptq(matches[0]):
+            names.add(leaf(parse_cli(k8s_argv(container))))
+        else:
+            names.add(container["name"])
+    assert names == {"api", "flower", "pgbouncer"}
+
+
+def test_k8s_pgbouncer_pools_transactions_for_every_promptq_pod() -> None:
+    (pgbouncer,) = [d for d in of_kind("Deployment") if not runs_promptq(d)]
+    spec = pgbouncer["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    assert container["image"].split(":")[0].endswith("pgbouncer")
+    env = {v["name"]: v for v in container["env"]}
+    assert env["POOL_MODE"]["value"] == "transaction"
+    assert env["DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {
+        "name": "promptq-secrets",
+        "key": "POSTGRES_URL",
+    }
+    # PostgreSQL's default of 100 is never reached, however many promptq pods run.
+    per_replica = int(env["MAX_DB_CONNECTIONS"]["value"])
+    assert per_replica * pgbouncer["spec"]["replicas"] <= 90
+    security = {**spec["securityContext"], **container["securityContext"]}
+    assert security["runAsNonRoot"] is True and security["allowPrivilegeEscalation"] is False
+    assert {"cpu", "memory"} <= set(container["resources"]["limits"])
+    # promptq goes through it, and knows it does.
+    (service,) = [s for s in of_kind("Service") if s["metadata"]["name"] == "promptq-pgbouncer"]
+    (secret,) = of_kind("Secret")
+    url = secret["stringData"]["PROMPTQ_DATABASE_URL"]
+    assert f"@{service['metadata']['name']}:{service['spec']['ports'][0]['port']}/" in url
+    (config,) = of_kind("ConfigMap")
+    assert config["data"]["PROMPTQ_DATABASE_POOLER"] == "pgbouncer"
 
 
 def test_k8s_beat_writes_its_schedule_to_a_volume() -> None:
@@ -717,7 +771,7 @@ def all_containers(spec: dict[str, Any]) -> list[dict[str, Any]]:
 
 def test_every_deployment_waits_for_the_schema() -> None:
     """Pods start only once the migration Job has run: `promptq db check --wait`."""
-    for deployment in of_kind("Deployment"):
+    for deployment in promptq_of_kind("Deployment"):
         spec = deployment["spec"]["template"]["spec"]
         waits = [k8s_argv(c)[:2] for c in spec.get("initContainers", [])]
         assert ["db", "check"] in waits, deployment["metadata"]["name"]
@@ -779,15 +833,20 @@ def test_every_worker_gets_longer_to_stop_than_its_longest_call() -> None:
     assert int(stop) > timeout
 
 
-def test_compose_postgres_takes_the_connections_of_scaled_workers() -> None:
-    """The API, beat and `--scale worker=4` at pool + overflow connections each, with room."""
+def test_compose_pgbouncer_takes_the_connections_of_scaled_workers() -> None:
+    """The API, beat and `--scale worker=4` at pool + overflow connections each, with room,
+    reach PgBouncer; PostgreSQL sees only PgBouncer's few, under its max_connections."""
     from promptq.config import Settings
 
     fields = Settings.model_fields
     per_process = fields["database_pool_size"].default + fields["database_max_overflow"].default
-    command = services()["postgres"]["command"]
-    limit = int(next(a.split("=")[1] for a in command if a.startswith("max_connections=")))
-    assert limit >= (2 + 4) * per_process * 2
+    pgbouncer = services()["pgbouncer"]["environment"]
+    assert int(pgbouncer["MAX_CLIENT_CONN"]) >= (2 + 4) * per_process * 2
+    command = services()["postgres"].get("command", [])
+    limits = [int(a.split("=")[1]) for a in command if a.startswith("max_connections=")]
+    max_connections = limits[0] if limits else 100  # PostgreSQL's default
+    # Room beside PgBouncer's for psql, a backup and a direct migration.
+    assert int(pgbouncer["MAX_DB_CONNECTIONS"]) + 10 <= max_connections
 
 
 def test_compose_publishes_no_port_to_the_world_by_default() -> None:

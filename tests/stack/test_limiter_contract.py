@@ -133,6 +133,21 @@ def test_unwritten_output_tokens_come_back_when_the_call_is_settled(
     assert limiter.dispatch(MODEL).job_id == "job-2"
 
 
+def test_a_renewed_grant_holds_one_slot_until_it_is_settled(make_limiter: MakeLimiter) -> None:
+    """What the lease keeper does while a call runs: renewing with the grant's job id (whose
+    stand-in slot, after a rebuild, the grant's own replaces) never counts the call twice
+    nor frees its slot."""
+    limiter = make_limiter(max_concurrency=1)
+    grant = limiter.acquire("job-1", MODEL, request(), "normal").grant
+    assert grant is not None
+
+    limiter.renew([grant], ["job-1"])
+
+    assert limiter.acquire("job-2", MODEL, request(), "normal").waiting_for == "concurrency"
+    limiter.settle(grant, Usage(input_tokens=1, output_tokens=1))
+    assert limiter.dispatch(MODEL).job_id == "job-2"
+
+
 def test_a_429_pauses_the_model_for_its_retry_after(make_limiter: MakeLimiter) -> None:
     limiter = make_limiter()
     limiter.feedback(MODEL, {}, throttled=True, retry_after=5.0)

@@ -167,6 +167,58 @@ def test_renewed_slots_stay_held(make_limiter: MakeLimiter) -> None:
     assert limiter.dispatch(MODEL).job_id == "job-2"
 
 
+def test_a_slot_redis_lost_comes_back_at_the_next_renewal(
+    make_limiter: MakeLimiter, redis_client: redis.Redis
+) -> None:
+    """A failover to a replica that had not yet seen the grant loses its slot; the worker
+    holding the call puts it back."""
+    limiter = make_limiter(max_concurrency=1)
+    grant = limiter.acquire("job-1", MODEL, request(), "normal").grant
+    assert grant is not None
+    redis_client.zrem(RedisLimiter.keys(MODEL)[1], grant.id)
+    assert limiter.snapshot(MODEL)["in_flight"] == 0
+    limiter.renew([grant])
+    assert limiter.snapshot(MODEL)["in_flight"] == 1
+    assert limiter.acquire("job-2", MODEL, request(), "normal").waiting_for == "concurrency"
+
+
+def test_after_a_wipe_the_slots_come_back_from_the_running_jobs(
+    make_limiter: MakeLimiter, redis_client: redis.Redis
+) -> None:
+    """Redis restarted empty with two calls in flight: nothing is granted past the limit
+    before the slots are rebuilt from the database's running jobs, and the workers'
+    renewals then swap each stand-in for the grant's own slot, never counting one twice."""
+    limiter = make_limiter(max_concurrency=3, slot_lease_seconds=30.0)
+    grants = {
+        job: limiter.acquire(job, MODEL, request(), "normal").grant for job in ("job-1", "job-2")
+    }
+    redis_client.flushdb()
+    asked: list[str] = []
+
+    def running_calls(model: str) -> list[tuple[str, float]]:
+        asked.append(model)
+        return [("job-1", 20.0), ("job-2", 20.0)]
+
+    limiter.running_calls = running_calls
+    assert limiter.acquire("job-3", MODEL, request(), "normal").grant is not None
+    assert limiter.acquire("job-4", MODEL, request(), "normal").waiting_for == "concurrency"
+    assert asked == [MODEL]  # once, not at every call
+    assert limiter.snapshot(MODEL)["in_flight"] == 3
+    held = [g for g in grants.values() if g is not None]
+    limiter.renew(held, ["job-1", "job-2"])
+    assert limiter.snapshot(MODEL)["in_flight"] == 3
+    limiter.settle(held[0], Usage(output_tokens=1))
+    assert limiter.dispatch(MODEL).job_id == "job-4"
+
+
+def test_a_model_without_a_concurrency_limit_needs_no_rebuild(
+    make_limiter: MakeLimiter,
+) -> None:
+    limiter = make_limiter(rpm=600)
+    limiter.running_calls = lambda model: pytest.fail("no slots to rebuild")
+    assert limiter.acquire("job-1", MODEL, request(), "normal").grant is not None
+
+
 def test_a_429_pauses_the_model_for_everyone(make_limiter: MakeLimiter) -> None:
     limiter = make_limiter(rpm=6000)
     other = make_limiter(rpm=6000)  # another worker process: same Redis, same model

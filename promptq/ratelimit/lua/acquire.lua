@@ -10,7 +10,8 @@
 --       have waiting (past it, its next ones wait as normal), 19.. the estimated tokens of
 --       each prefix in KEYS 7..
 -- Returns {"granted", job, rank, input cost, output cost} | {"queued", reason, wait ms} | {"denied", reason, wait ms}
---         | {"empty"}
+--         | {"empty"} | {"rebuild"} (a model with a concurrency limit whose in-flight slots
+--         are not known to be whole: the caller rebuilds them, then asks again)
 local state, inflight, waiting, costs, models = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local fair = KEYS[6]
 local mode, model = ARGV[1], ARGV[2]
@@ -21,6 +22,13 @@ local lease, recovery, probe = tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(
 local grant, token_burst = ARGV[15], tonumber(ARGV[16])
 local client_key, high_cap = ARGV[17], tonumber(ARGV[18])
 local now = now_ms()
+
+-- A state without the rebuilt mark is a new Redis, a wiped one, or one that has forgotten
+-- the model: the calls in flight may hold slots it does not list. Nothing is granted
+-- until the caller has put back a slot for each running job (rebuild.lua).
+if max_concurrency > 0 and redis.call('HEXISTS', state, 'rebuilt') == 0 then
+  return {'rebuild'}
+end
 
 -- A prefix the upstream has in its cache (seen cached by an earlier call, within the cache's
 -- lifetime) will be read from it, and cache reads do not count as input: only the rest of
