@@ -18,7 +18,6 @@ from api.control_chars import RefuseControlCharacters
 from api.errors import install_error_handlers
 from api.listener import FinishedJobs
 from api.open_requests import OpenRequests
-from api.publisher import BrokerPublisher, Publisher
 from api.routes import (
     batches,
     dashboard,
@@ -32,10 +31,12 @@ from api.routes import (
     webhooks,
 )
 from api.routes.batches import BATCHES_PATH
-from promptq.broker.celery_app import broker_url
+from promptq.broker.celery_app import broker_url, create_celery
+from promptq.broker.messenger import BrokerMessenger
 from promptq.catalog import ModelCatalog
 from promptq.config import Settings, get_settings
 from promptq.jobspec.schemas import JobCreate
+from promptq.outbox import Messenger
 from promptq.pricing import PriceTable
 from promptq.ratelimit.quota import RateQuota
 from promptq.ratelimit.table import LimitTable
@@ -43,7 +44,7 @@ from promptq.redis_roles import redis_client, role_url
 from promptq.upstream import UpstreamClient
 
 
-def create_app(settings: Settings | None = None, publish: Publisher | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, messenger: Messenger | None = None) -> FastAPI:
     settings = settings or get_settings()
     # Refused here when a role has no Redis (its own URL, else PROMPTQ_REDIS_URL):
     # everything below may count on each (promptq.redis_roles says which holds what).
@@ -60,16 +61,17 @@ def create_app(settings: Settings | None = None, publish: Publisher | None = Non
     app.state.finished = FinishedJobs(
         events_url, on_key_changed=forget_key, on_hearing=hear_key_changes
     )
-    broker = BrokerPublisher.for_settings(settings)
-    app.state.celery = broker.app
-    app.state.publish = publish or broker.job
-    app.state.deliver = broker.delivery
+    # One Celery app (and so one producer pool) per API app. Its messenger sends what a
+    # request's unit of work records (promptq.outbox) once it commits: each request's
+    # session is bound to it (api.deps.request_session), not a process-wide one, since a
+    # process may hold several apps (the tests do), each with its own broker.
+    app.state.celery = create_celery(settings)
+    app.state.messenger = messenger or BrokerMessenger(app.state.celery, redis_client(events_url))
     app.state.broker = BrokerCheck(broker_redis_url)
     app.state.quotas = RateQuota(redis_client(limiter_url))
     app.state.open_requests = OpenRequests(
         settings.key_max_open_requests, settings.max_open_requests
     )
-    app.state.publish_batch = broker.batch
     app.state.upstream = UpstreamClient(
         settings.upstream_url,
         settings.upstream_key,

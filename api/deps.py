@@ -1,4 +1,4 @@
-"""Request dependencies: settings, a database session, the calling key, the publisher."""
+"""Request dependencies: settings, a database session, the calling key."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from api.auth import caller, presented_key
+from promptq import outbox
 from promptq.config import Settings
 from promptq.db import get_sessionmaker
 from promptq.models import ApiKey
@@ -21,10 +22,17 @@ async def get_app_settings(request: Request) -> Settings:
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 
 
-def get_session(settings: SettingsDep) -> Iterator[Session]:
-    """A session per request. Routes that write commit explicitly, before they publish,
-    so a job id never reaches the broker ahead of its row; anything else is rolled back."""
+def request_session(request: Request, settings: Settings) -> Session:
+    """A session whose messages (promptq.outbox) the app's messenger sends once it commits:
+    a job id never reaches the broker ahead of its row."""
     session = get_sessionmaker(settings)()
+    return outbox.bind(session, request.app.state.messenger)
+
+
+def get_session(request: Request, settings: SettingsDep) -> Iterator[Session]:
+    """A session per request. Routes that write commit explicitly; anything else is rolled
+    back, and what it recorded to send with it."""
+    session = request_session(request, settings)
     try:
         yield session
     finally:

@@ -1,5 +1,6 @@
 """Taking a job in, shared by every route that makes jobs (/v1/jobs, /v1/messages, a
-template's jobs, batches): the key's intake rate, then store, commit and publish; and a job
+template's jobs, batches): the key's intake rate, then store and commit (the job is
+published once the commit is done: promptq.outbox); and a job
 read back for a client held open on it. Here, not in one of those routes, so that no route
 imports another."""
 
@@ -12,8 +13,9 @@ from fastapi import Request
 from sqlalchemy.exc import IntegrityError
 
 from api.broker import require_broker
+from api.deps import request_session
 from promptq.config import Settings
-from promptq.db import Database, get_sessionmaker, session_scope
+from promptq.db import Database, session_scope
 from promptq.jobs import service
 from promptq.jobspec.presenter import job_to_api
 from promptq.jobspec.schemas import JobCreate, anthropic_beta
@@ -50,25 +52,24 @@ def accept_job(
     payload: JobCreate,
     idempotency_header: str | None,
 ) -> dict[str, Any]:
-    """Store, commit, then publish: one trip to the thread pool per job, since intake runs
-    hundreds of times a second. An anthropic-beta header goes with the job to the upstream."""
+    """Store and commit, the job's message going once the commit is done: one trip to the
+    thread pool per job, since intake runs hundreds of times a second. An anthropic-beta
+    header goes with the job to the upstream."""
     beta = anthropic_beta(request.headers.get("anthropic-beta"))
     require_broker(request.app.state.broker, "job")
     check_intake_rate(request, settings, key)
-    with closing(get_sessionmaker(settings)()) as session:
+    with closing(request_session(request, settings)) as session:
         try:
             outcome = service.create_job(session, settings, key, payload, idempotency_header, beta)
             session.commit()
         except IntegrityError:
-            # Another request with the same idempotency key committed first: its job.
+            # Another request with the same idempotency key committed first: its job (the
+            # rollback drops the message recorded for the row that lost).
             session.rollback()
             outcome = service.create_job(session, settings, key, payload, idempotency_header, beta)
             if outcome.created:
                 raise
-        body = job_to_api(outcome.job)
-    if outcome.created:
-        request.app.state.publish(outcome.job.id, outcome.job.priority)
-    return body
+        return job_to_api(outcome.job)
 
 
 def read_job(database: Database, key: ApiKey, job_id: str) -> dict[str, Any]:

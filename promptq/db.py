@@ -11,6 +11,7 @@ from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy import exc as sqlalchemy_errors
 from sqlalchemy.orm import Session, sessionmaker
 
+from promptq import outbox
 from promptq.config import Settings, get_settings
 
 # A statement's parameters are prompts, results and webhook URLs: an error that is logged
@@ -100,13 +101,20 @@ def get_sessionmaker(database: Database) -> sessionmaker[Session]:
 
 @lru_cache(maxsize=8)
 def _sessionmaker(engine: Engine) -> sessionmaker[Session]:
-    return sessionmaker(bind=engine, expire_on_commit=False)
+    factory = sessionmaker(bind=engine, expire_on_commit=False)
+    # What a unit of work records to send (promptq.outbox) goes once it has committed.
+    outbox.attach(factory)
+    return factory
 
 
 @contextmanager
-def session_scope(database: Database) -> Iterator[Session]:
-    """A unit of work: commits when the block succeeds, rolls back when it raises."""
-    session = get_sessionmaker(database)()
+def session_scope(
+    database: Database, messenger: outbox.Messenger | None = None
+) -> Iterator[Session]:
+    """A unit of work: commits when the block succeeds, rolls back when it raises. What it
+    recorded to send goes through `messenger` after the commit (none: the sweeper's, see
+    promptq.outbox)."""
+    session = outbox.bind(get_sessionmaker(database)(), messenger)
     try:
         yield session
         session.commit()

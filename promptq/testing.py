@@ -4,6 +4,8 @@ imports this module."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 # The statuses a job ends in, as the API spells them. Written out rather than taken from
 # promptq.models.FINAL_STATUSES, so that a change to the code's idea of "final" shows up
 # in the tests instead of moving with them.
@@ -28,3 +30,36 @@ max_concurrency = 10000
 # Models with built-in prices, by the names the tests give them.
 SONNET = "claude-sonnet-4-5-20250929"
 HAIKU = "claude-haiku-4-5-20251001"
+
+
+@dataclass
+class SentMessages:
+    """An in-memory promptq.outbox.Messenger: what committed units of work sent, in order,
+    as ("publish_job", job_id, priority, countdown), ("deliver_webhook", delivery_id),
+    ("announce_finished", job_id) and ("feed_batch", batch_id)."""
+
+    sent: list[tuple[object, ...]] = field(default_factory=list)
+
+    def publish_job(self, job_id: str, priority: str, countdown: float | None = None) -> None:
+        self.sent.append(("publish_job", job_id, priority, countdown))
+
+    def deliver_webhook(self, delivery_id: str) -> None:
+        self.sent.append(("deliver_webhook", delivery_id))
+
+    def announce_finished(self, job_id: str) -> None:
+        self.sent.append(("announce_finished", job_id))
+
+    def feed_batch(self, batch_id: str) -> None:
+        self.sent.append(("feed_batch", batch_id))
+
+    def of_kind(self, kind: str) -> list[tuple[object, ...]]:
+        """The messages of one kind, without it."""
+        return [message[1:] for message in self.sent if message[0] == kind]
+
+    @property
+    def deliveries(self) -> list[str]:
+        return [str(message[0]) for message in self.of_kind("deliver_webhook")]
+
+    @property
+    def announced(self) -> list[str]:
+        return [str(message[0]) for message in self.of_kind("announce_finished")]

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-from promptq.broker.publish import publish_delivery, publish_job
+from promptq.broker.messenger import BrokerMessenger
 from promptq.config import Settings, get_settings
-from promptq.jobs.announcements import announce
 from promptq.jobs.leases import LeaseKeeper
 from promptq.jobs.runner import JobRunner
 from promptq.pricing import PriceTable
 from promptq.ratelimit.limiter import RedisLimiter
-from promptq.ratelimit.protocol import Grant
 from promptq.ratelimit.table import LimitTable
 from promptq.redis_roles import client_for
 from promptq.upstream import UpstreamClient
@@ -24,6 +21,9 @@ from worker.deliveries import DeliveryPool
 @dataclass(frozen=True)
 class WorkerContext:
     settings: Settings
+    # Sends what the process's units of work record (promptq.outbox): the runner's, the
+    # sweeper's. Built once here, with the process's Celery app and its events Redis.
+    messenger: BrokerMessenger
     limiter: RedisLimiter
     leases: LeaseKeeper
     runner: JobRunner
@@ -53,25 +53,13 @@ def worker_context() -> WorkerContext:
         connect_timeout=settings.upstream_connect_timeout_seconds,
     )
 
-    def publish(job_id: str, priority: str, countdown: float | None, grant: Grant | None) -> None:
-        publish_job(get_app(), job_id, priority, countdown=countdown, grant=grant)
-
-    def deliver(delivery_ids: Sequence[str]) -> None:
-        for delivery_id in delivery_ids:
-            publish_delivery(get_app(), delivery_id)
-
+    messenger = BrokerMessenger(get_app(), events)
     runner = JobRunner(
-        settings,
-        PriceTable.load(settings.pricing_file),
-        upstream,
-        limiter,
-        leases,
-        publish,
-        deliver,
-        announce=lambda job_id: announce(events, job_id),
+        settings, PriceTable.load(settings.pricing_file), upstream, limiter, leases, messenger
     )
     return WorkerContext(
         settings=settings,
+        messenger=messenger,
         limiter=limiter,
         leases=leases,
         runner=runner,

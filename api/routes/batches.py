@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from api.auth import request_caller
 from api.bodies import parse_json_body
 from api.broker import require_broker
-from api.deps import ApiKeyDep, SessionDep, SettingsDep
+from api.deps import ApiKeyDep, SessionDep, SettingsDep, request_session
 from api.errors import ApiError
 from api.intake import check_intake_rate
 from promptq.batches import service
@@ -44,20 +44,17 @@ async def create_batch(request: Request, settings: SettingsDep) -> JSONResponse:
 
 
 def _accept_batch(request: Request, settings: Settings, key: ApiKey, raw: bytes) -> dict[str, Any]:
-    """Parse, validate, store in bulk, commit, then one message for the whole batch."""
+    """Parse, validate, store in bulk and commit; one message for the whole batch goes once
+    the commit is done (promptq.outbox)."""
     data = parse_json_body(raw, check_depth=False) if raw.strip() else None
     requests = parse_batch_requests(data)
     beta = anthropic_beta(request.headers.get("anthropic-beta"))
     require_broker(request.app.state.broker, "batch")
     check_intake_rate(request, settings, key)
-    with closing(get_sessionmaker(settings)()) as session:
-        view, ended = service.create_batch(session, settings, key, requests, beta)
+    with closing(request_session(request, settings)) as session:
+        view = service.create_batch(session, settings, key, requests, beta)
         session.commit()
-        body = view.to_api(_base_url(request))
-    request.app.state.publish_batch(view.batch.id)
-    for delivery_id in ended:
-        request.app.state.deliver(delivery_id)
-    return body
+        return view.to_api(_base_url(request))
 
 
 @router.get("/{batch_id}", summary="Retrieve a Message Batch")
@@ -90,11 +87,9 @@ def list_batches(
 def cancel_batch(
     batch_id: str, request: Request, session: SessionDep, settings: SettingsDep, key: ApiKeyDep
 ) -> dict[str, Any]:
-    view, ended = service.cancel_batch(session, settings, key, batch_id)
+    view = service.cancel_batch(session, settings, key, batch_id)
     body = view.to_api(_base_url(request))
     session.commit()
-    for delivery_id in ended:
-        request.app.state.deliver(delivery_id)
     return body
 
 

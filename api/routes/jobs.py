@@ -177,5 +177,4 @@ def redeliver(
             "subscriptions are retried on their own schedule",
         )
     session.commit()
-    request.app.state.deliver(delivery.id)
     return {"id": delivery.id, "event_id": delivery.event_id, "status": delivery.status}

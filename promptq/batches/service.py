@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from promptq import quotas
+from promptq import outbox, quotas
 from promptq.batches.presenter import batch_to_api, result_line
 from promptq.batches.repository import EXPIRED_ERROR, BatchRepository, outcome_of
 from promptq.batches.schemas import BatchRequest
@@ -54,9 +54,10 @@ def create_batch(
     key: ApiKey,
     requests: Sequence[BatchRequest],
     anthropic_beta: str | None = None,
-) -> tuple[BatchView, list[str]]:
-    """The batch and one job per request; the deliveries to send when it ended at once
-    (every request invalid)."""
+) -> BatchView:
+    """The batch and one job per request; once the session commits, one message feeds its
+    requests to the queue (and its `batch.ended` deliveries go when it ended at once, every
+    request invalid)."""
     quotas.check_unfinished_jobs(session, settings, key, adding=len(requests))
     prices = settings_prices(settings)
     dearest = None
@@ -99,8 +100,9 @@ def create_batch(
             if row["status"] == JobStatus.FAILED
         ],
     )
-    ended = end_if_finished(session, settings, batch.id)
-    return BatchView(batch), ended
+    outbox.feed_batch(session, batch.id)
+    end_if_finished(session, settings, batch.id)
+    return BatchView(batch)
 
 
 def _job_row(
@@ -164,9 +166,7 @@ def list_batches(
     return [BatchView(batch) for batch in rows], has_more
 
 
-def cancel_batch(
-    session: Session, settings: Settings, key: ApiKey, batch_id: str
-) -> tuple[BatchView, list[str]]:
+def cancel_batch(session: Session, settings: Settings, key: ApiKey, batch_id: str) -> BatchView:
     """Requests not yet started are canceled; running ones finish; the batch is `canceling`
     until they have, then `ended`."""
     view = get_batch(session, key, batch_id)
@@ -192,8 +192,8 @@ def cancel_batch(
             batch.processing_status = BatchStatus.CANCELING
             batch.cancel_initiated_at = now
         session.flush()
-    ended = end_if_finished(session, settings, batch_id)
-    return get_batch(session, key, batch_id), ended
+    end_if_finished(session, settings, batch_id)
+    return get_batch(session, key, batch_id)
 
 
 def delete_batch(session: Session, key: ApiKey, batch_id: str) -> None:
@@ -207,30 +207,30 @@ def delete_batch(session: Session, key: ApiKey, batch_id: str) -> None:
     session.flush()
 
 
-def end_if_finished(session: Session, settings: Settings, batch_id: str) -> list[str]:
-    """Mark the batch ended when none of its requests is left to finish; the `batch.ended`
-    deliveries then made, to send. Called wherever a batch's request may have been its
-    last: a recorded attempt, a cancel, an expiry, a worker lost for good."""
+def end_if_finished(session: Session, settings: Settings, batch_id: str) -> None:
+    """Mark the batch ended when none of its requests is left to finish, with its
+    `batch.ended` deliveries (sent once the session commits). Called wherever a batch's
+    request may have been its last: a recorded attempt, a cancel, an expiry, a worker lost
+    for good."""
     repository = BatchRepository(session)
     batch = repository.lock(batch_id)
     if batch is None or batch.processing_status == BatchStatus.ENDED:
-        return []
+        return
     if batch.processing_count > 0:
-        return []
+        return
     batch.processing_status = BatchStatus.ENDED
     batch.ended_at = utcnow()
     session.flush()
     body = batch_to_api(batch, settings.webhook_base_url)
-    return deliveries.batch_event(session, batch.api_key_id, body)
+    deliveries.batch_event(session, batch.api_key_id, body)
 
 
-def request_ended(session: Session, settings: Settings, job: Job) -> list[str]:
+def request_ended(session: Session, settings: Settings, job: Job) -> None:
     """Count a batch request that has just ended (its compare-and-set to a final status
-    won, in this transaction) and end the batch if it was the last; the deliveries of
-    that end, to send."""
+    won, in this transaction) and end the batch if it was the last."""
     assert job.batch_id is not None
     count_ended(session, job.batch_id, outcome_of(job.status, job.error_type))
-    return end_if_finished(session, settings, job.batch_id)
+    end_if_finished(session, settings, job.batch_id)
 
 
 def count_ended(session: Session, batch_id: str, outcome: str, count: int = 1) -> None:
@@ -244,12 +244,11 @@ def _rollup(session: Session, canceled: list[tuple[str, str]], at: Any) -> None:
     )
 
 
-def expire_and_close(session: Session, settings: Settings, limit: int = 100) -> list[str]:
+def expire_and_close(session: Session, settings: Settings, limit: int = 100) -> None:
     """The sweeper's part: requests of batches past their 24 hours expire, and batches
-    whose requests have all finished are ended if that was missed. Deliveries to send."""
+    whose requests have all finished are ended if that was missed."""
     repository = BatchRepository(session)
     now = utcnow()
-    sent: list[str] = []
     for batch_id in repository.expired(now, limit):
         expired = repository.end_runnable(
             batch_id,
@@ -264,10 +263,9 @@ def expire_and_close(session: Session, settings: Settings, limit: int = 100) -> 
         )
         repository.count_ended(batch_id, {"expired": len(expired)})
         _rollup(session, expired, now)
-        sent += end_if_finished(session, settings, batch_id)
+        end_if_finished(session, settings, batch_id)
     for batch_id in repository.finished_but_open(limit):
-        sent += end_if_finished(session, settings, batch_id)
-    return sent
+        end_if_finished(session, settings, batch_id)
 
 
 def result_lines(session_factory: Any, batch_id: str) -> Iterator[bytes]:

@@ -2,7 +2,9 @@
 upstream call gave.
 
 The upstream call itself happens between the two, outside any database transaction, so a
-slow upstream never holds a connection or a lock.
+slow upstream never holds a connection or a lock. What an attempt or an end sets off (the
+retry's message, the word to waiters, the webhook deliveries) is recorded on the session and
+sent once it commits (promptq.outbox).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from promptq import budgets, rollups
+from promptq import budgets, outbox, rollups
 from promptq.batches.service import count_ended
 from promptq.clock import utcnow
 from promptq.config import Settings
@@ -66,10 +68,9 @@ class ClaimedJob:
 @dataclass(frozen=True)
 class AttemptVerdict:
     status: JobStatus
-    # Seconds until the next attempt, when the job is to be retried.
+    # Seconds until the next attempt, when the job is to be retried (its message, with this
+    # countdown, goes once the attempt commits).
     retry_in: float | None = None
-    # Webhook deliveries the job's end created, to send now.
-    deliveries: tuple[str, ...] = ()
 
 
 def runnable_job(session: Session, job_id: str) -> RunnableJob | None:
@@ -125,6 +126,7 @@ def cancel_for_revoked_key(session: Session, job_id: str) -> bool:
     rollups.job_ended(session, job)
     if job.batch_id is not None:
         count_ended(session, job.batch_id, "canceled")
+    outbox.announce_finished(session, job.id)
     return True
 
 
@@ -151,8 +153,6 @@ class Refusal:
     """A claimed job that was failed instead of started: its budget could not hold it."""
 
     message: str
-    # Webhook deliveries its failure created, to send now.
-    deliveries: tuple[str, ...]
 
 
 def reserve_budget(
@@ -170,12 +170,13 @@ def reserve_budget(
     )
     if message is None:
         return None
-    return Refusal(message, tuple(_fail_over_budget(session, settings, claimed, message)))
+    _fail_over_budget(session, settings, claimed, message)
+    return Refusal(message)
 
 
 def _fail_over_budget(
     session: Session, settings: Settings, claimed: ClaimedJob, message: str
-) -> list[str]:
+) -> None:
     now = utcnow()
     repository = JobRepository(session)
     failed = repository.transition(
@@ -196,10 +197,10 @@ def _fail_over_budget(
         },
     )
     if not failed:
-        return []
+        return
     job = repository.get(claimed.id)
     assert job is not None
-    return end_events(session, settings, job)
+    end_events(session, settings, job)
 
 
 def mark_waiting(session: Session, job_id: str, reason: str, until: datetime | None = None) -> None:
@@ -301,12 +302,13 @@ def record_attempt(
     if verdict.status is JobStatus.SUCCEEDED:
         settle_from.append(JobStatus.RETRYING)
     settled = repository.transition(claimed.id, settle_from, values)
-    sent: tuple[str, ...] = ()
     if settled and verdict.status.is_final:
         # First loaded in this session after the update above, so already current.
         job = repository.get(claimed.id)
         assert job is not None
-        sent = tuple(end_events(session, settings, job))
+        end_events(session, settings, job)
+    elif settled and verdict.retry_in is not None:
+        outbox.publish_job(session, claimed.id, claimed.priority, verdict.retry_in)
     # The rollups and the ledger in this transaction: the call is counted with its attempt
     # row (written whether or not the job was still ours), the cost only when the compare-
     # and-set above won, exactly when the job holds it. Last, and always in this order
@@ -327,8 +329,6 @@ def record_attempt(
         budgets.record_spend(session, claimed.api_key_id, now, cost)
     if not settled:
         return AttemptVerdict(JobStatus.RUNNING)
-    if verdict.status.is_final:
-        return AttemptVerdict(verdict.status, deliveries=sent)
     return verdict
 
 

@@ -4,12 +4,17 @@ The order matters: a job is checked (still runnable, due), then admitted (its ke
 then the model's limits: a job that must wait joins the model's queue in Redis and its
 message is done), then claimed (compare-and-set), then called, then recorded. Budget that
 was granted but not used is given back.
+
+What the transactions set off (a retry's message, the word to clients held open on the job,
+its webhook deliveries) is recorded on their sessions and sent by the runner's messenger
+once each commits (promptq.outbox). The runner's own "come back in N seconds" (a job
+delivered early, a key's rpm) it sends itself through the same messenger: nothing is
+written that the message would have to follow.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol
@@ -31,6 +36,7 @@ from promptq.jobs.execution import (
     runnable_job,
 )
 from promptq.jobs.leases import LeaseKeeper
+from promptq.outbox import Messenger
 from promptq.pricing import PriceTable
 from promptq.ratelimit.protocol import Grant, Limiter
 from promptq.upstream import UpstreamResult
@@ -43,9 +49,6 @@ KEY_RPM = "key_rpm"
 RECORD_PATIENCE_SECONDS = 300
 # A reservation this close is not worth a round trip through the broker.
 NEGLIGIBLE_DELAY_SECONDS = 0.05
-
-# publish(job_id, priority, countdown, grant)
-Publish = Callable[[str, str, float | None, Grant | None], None]
 
 
 class Upstream(Protocol):
@@ -63,28 +66,23 @@ class JobRunner:
     upstream: Upstream
     limiter: Limiter
     leases: LeaseKeeper
-    publish: Publish
-    # deliver(delivery_ids): send the webhook deliveries a job's end created.
-    deliver: Callable[[Sequence[str]], None]
-    # announce(job_id): tell clients held open on the job that it has finished.
-    announce: Callable[[str], None] = lambda _job_id: None
+    messenger: Messenger
 
     def run(self, job_id: str, grant: Grant | None = None) -> str:
-        with session_scope(self.settings) as session:
+        with session_scope(self.settings, self.messenger) as session:
             job = runnable_job(session, job_id)
         if job is None:
             self._give_back(grant)
             return "nothing to do"
         if job.key_revoked:
             self._give_back(grant)
-            with session_scope(self.settings) as session:
+            with session_scope(self.settings, self.messenger) as session:
                 cancel_for_revoked_key(session, job.id)
-            self.announce(job.id)
             return "key revoked"
         if job.due_in > 0:
             # Delivered early (a duplicate, or clocks apart): come back when it is due.
             self._give_back(grant)
-            self.publish(job.id, job.priority, job.due_in, None)
+            self.messenger.publish_job(job.id, job.priority, job.due_in)
             return "not due"
         if grant is None:
             admitted = self._admit(job)
@@ -97,9 +95,9 @@ class JobRunner:
         if job.key_rpm and job.attempts == 0 and job.waiting_for != KEY_RPM:
             delay = self.limiter.reserve_for_key(job.api_key_id, job.key_rpm)
             if delay > NEGLIGIBLE_DELAY_SECONDS:
-                with session_scope(self.settings) as session:
+                with session_scope(self.settings, self.messenger) as session:
                     mark_waiting(session, job.id, KEY_RPM, utcnow() + timedelta(seconds=delay))
-                self.publish(job.id, job.priority, delay, None)
+                self.messenger.publish_job(job.id, job.priority, delay)
                 return None
         decision = self.limiter.acquire(
             job.id,
@@ -110,13 +108,13 @@ class JobRunner:
             high_waiting=job.key_high_priority_waiting,
         )
         if decision.grant is None:
-            with session_scope(self.settings) as session:
+            with session_scope(self.settings, self.messenger) as session:
                 mark_waiting(session, job.id, decision.waiting_for or "queue")
         return decision.grant
 
     def _attempt(self, job: RunnableJob, grant: Grant) -> str:
         refused: Refusal | None = None
-        with session_scope(self.settings) as session:
+        with session_scope(self.settings, self.messenger) as session:
             claimed = claim_job(session, self.settings, job)
             if claimed is not None and job.key_monthly_budget_usd is not None:
                 # In the claim's transaction: a job runs only with its cost reserved.
@@ -126,8 +124,6 @@ class JobRunner:
             return "claimed elsewhere"
         if refused is not None:
             self._give_back(grant)
-            self.announce(job.id)
-            self.deliver(refused.deliveries)
             log.info("job %s: %s", job.id, refused.message)
             return "budget exceeded"
         with self.leases.holding(job.id, grant):
@@ -140,7 +136,7 @@ class JobRunner:
                 stop=stop_after_delay(RECORD_PATIENCE_SECONDS),
                 reraise=True,
             ):
-                with retrying, session_scope(self.settings) as session:
+                with retrying, session_scope(self.settings, self.messenger) as session:
                     verdict = record_attempt(session, self.settings, self.prices, claimed, result)
                     if job.key_monthly_budget_usd is not None:
                         budgets.release(session, [claimed.id])
@@ -168,12 +164,6 @@ class JobRunner:
             log.exception(
                 "could not settle the rate-limit grant of job %s", job.id, extra={"job_id": job.id}
             )
-        if verdict.status.is_final:
-            self.announce(job.id)
-        if verdict.deliveries:
-            self.deliver(verdict.deliveries)
-        if verdict.retry_in is not None:
-            self.publish(job.id, job.priority, verdict.retry_in, None)
         return str(verdict.status)
 
     def _give_back(self, grant: Grant | None) -> None:

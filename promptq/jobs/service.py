@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.orm import Session
 
-from promptq import quotas
+from promptq import outbox, quotas
 from promptq.batches.service import count_ended
 from promptq.budgets import check_budget, max_cost
 from promptq.budgets.priceable import check_priceable
@@ -124,6 +124,7 @@ def create_job(
         anthropic_beta=anthropic_beta,
     )
     JobRepository(session).add(job)
+    outbox.publish_job(session, job.id, job.priority)
     return CreatedJob(job=job, created=True)
 
 

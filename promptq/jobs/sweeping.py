@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from sqlalchemy.orm import Session
 
-from promptq import budgets
+from promptq import budgets, outbox
 from promptq.clock import utcnow
 from promptq.config import Settings
 from promptq.db import session_scope
@@ -28,15 +28,14 @@ SWEEP_BATCH = 1000
 
 @dataclass
 class Reclaimed:
-    # (id, priority) of the jobs to run again.
-    runnable: list[tuple[str, str]] = field(default_factory=list)
-    # Webhook deliveries of the jobs that failed for good, to send now.
-    deliveries: list[str] = field(default_factory=list)
+    # The jobs to run again (published once the session commits).
+    runnable: list[str] = field(default_factory=list)
 
 
 def reclaim_expired(session: Session, settings: Settings) -> Reclaimed:
     """Running jobs whose lease ran out (their worker died or hung) become runnable again,
-    or fail when that was their last attempt."""
+    or fail when that was their last attempt; either way what follows (the job published
+    again, or its end's effects) goes once the session commits."""
     repository = JobRepository(session)
     now = utcnow()
     reclaimed = Reclaimed()
@@ -62,9 +61,10 @@ def reclaim_expired(session: Session, settings: Settings) -> Reclaimed:
         budgets.release(session, [job.id])
         if last:
             session.refresh(job)
-            reclaimed.deliveries += end_events(session, settings, job)
+            end_events(session, settings, job)
         else:
-            reclaimed.runnable.append((job.id, job.priority))
+            outbox.publish_job(session, job.id, job.priority)
+            reclaimed.runnable.append(job.id)
     return reclaimed
 
 

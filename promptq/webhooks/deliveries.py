@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import literal_column, or_, select, update
 from sqlalchemy.orm import Session
 
+from promptq import outbox
 from promptq.clock import utcnow
 from promptq.ids import new_id
 from promptq.jobspec.presenter import isoformat, job_to_api
@@ -38,12 +39,13 @@ class PreparedDelivery:
     attempt: int
 
 
-def job_event(session: Session, job: Job) -> list[str]:
+def job_event(session: Session, job: Job) -> None:
     """Create the deliveries of a job's end: to its webhook_url and to every subscription of
-    its key that wants the event. The ids, to send now. A batch's requests send none of
-    their own (a batch of 10,000 would make 10,000 calls): the batch announces its end."""
+    its key that wants the event, sent once the session commits. A batch's requests send
+    none of their own (a batch of 10,000 would make 10,000 calls): the batch announces its
+    end."""
     if job.status not in ("succeeded", "failed") or job.batch_id is not None:
-        return []
+        return
     event_type = f"job.{job.status}"
     targets: list[tuple[str, str | None]] = [
         (s.url, s.id) for s in subscriptions.listening(session, job.api_key_id, event_type)
@@ -51,15 +53,15 @@ def job_event(session: Session, job: Job) -> list[str]:
     if job.webhook_url is not None:
         targets.insert(0, (job.webhook_url, None))
         job.webhook_status = DeliveryStatus.PENDING
-    return _create_event(session, job.api_key_id, event_type, job_to_api(job), targets, job.id)
+    _create_event(session, job.api_key_id, event_type, job_to_api(job), targets, job.id)
 
 
-def batch_event(session: Session, api_key_id: str, batch: dict[str, Any]) -> list[str]:
+def batch_event(session: Session, api_key_id: str, batch: dict[str, Any]) -> None:
     """Create the `batch.ended` deliveries of a batch, to every subscription that wants it."""
     targets: list[tuple[str, str | None]] = [
         (s.url, s.id) for s in subscriptions.listening(session, api_key_id, "batch.ended")
     ]
-    return _create_event(session, api_key_id, "batch.ended", batch, targets)
+    _create_event(session, api_key_id, "batch.ended", batch, targets)
 
 
 def _create_event(
@@ -69,9 +71,9 @@ def _create_event(
     data: dict[str, Any],
     targets: list[tuple[str, str | None]],
     job_id: str | None = None,
-) -> list[str]:
+) -> None:
     """One delivery per (url, subscription id) target, all of the same body, each its own
-    event id; the ids, to send now."""
+    event id; each sent once the session commits."""
     now = utcnow()
     body = json.dumps(
         {"type": event_type, "timestamp": isoformat(now), "data": data}, separators=(",", ":")
@@ -94,11 +96,13 @@ def _create_event(
     ]
     session.add_all(created)
     session.flush()
-    return [delivery.id for delivery in created]
+    for delivery in created:
+        outbox.deliver_webhook(session, delivery.id)
 
 
 def redeliver(session: Session, job: Job) -> WebhookDelivery | None:
-    """Send a job's last event again, as the same event (same webhook-id)."""
+    """Send a job's last event again, as the same event (same webhook-id), once the
+    session commits."""
     last = session.scalars(
         select(WebhookDelivery)
         .where(WebhookDelivery.job_id == job.id, WebhookDelivery.subscription_id.is_(None))
@@ -122,6 +126,7 @@ def redeliver(session: Session, job: Job) -> WebhookDelivery | None:
     session.add(again)
     job.webhook_status = DeliveryStatus.PENDING
     session.flush()
+    outbox.deliver_webhook(session, again.id)
     return again
 
 

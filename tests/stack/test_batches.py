@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from helpers import auth
 
+from promptq import outbox
 from promptq.batches import service
 from promptq.batches.schemas import MAX_BATCH_REQUESTS, parse_batch_requests
 from promptq.clock import utcnow
@@ -19,6 +20,7 @@ from promptq.db import get_sessionmaker, session_scope
 from promptq.jobspec.errors import InvalidJob
 from promptq.keys.service import authenticate
 from promptq.models import BatchStatus, Job, JobStatus, MessageBatch
+from promptq.testing import SentMessages
 
 
 def params(prompt: str = "hi", **extra: Any) -> dict[str, Any]:
@@ -78,10 +80,12 @@ def batch_of_three(
         key = authenticate(session, api_key)
         assert key is not None
         session.expunge(key)
-    with session_scope(database_url) as session:
-        view, ended = service.create_batch(session, settings, key, requests)
-        assert ended == []
+    sent = SentMessages()
+    with session_scope(database_url, sent) as session:
+        view = service.create_batch(session, settings, key, requests)
         batch_id = view.batch.id
+    # One message feeds the batch's requests; none of them invalid, it has not ended.
+    assert sent.sent == [("feed_batch", batch_id)]
     yield batch_id, key
 
 
@@ -96,8 +100,10 @@ def test_requests_not_finished_in_24_hours_expire_and_the_batch_ends(
         first = session.query(Job).filter_by(batch_id=batch_id, custom_id="r0").one()
         first.status, first.finished_at, first.result = JobStatus.SUCCEEDED, utcnow(), {"x": 1}
         session.flush()
-        # As a worker's recording does, in the same transaction: the batch counts it.
-        assert service.request_ended(session, settings, first) == []
+        # As a worker's recording does, in the same transaction: the batch counts it (and,
+        # not ended, has no batch.ended delivery to send).
+        service.request_ended(session, settings, first)
+        assert outbox.pending(session) == []
         session.refresh(batch)
         batch.expires_at = utcnow() - timedelta(seconds=1)
     with session_scope(database_url) as session:

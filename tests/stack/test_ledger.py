@@ -32,7 +32,7 @@ from promptq.pricing import PriceTable
 from promptq.ratelimit.limiter import RedisLimiter
 from promptq.ratelimit.table import LimitTable
 from promptq.rollups import floor_hour
-from promptq.testing import FINAL, SONNET
+from promptq.testing import FINAL, SONNET, SentMessages
 from promptq.types import picodollars_to_usd
 from promptq.upstream import UpstreamClient
 
@@ -303,8 +303,7 @@ def test_a_database_outage_while_recording_neither_loses_nor_doubles_the_cost(
         UpstreamClient(settings.upstream_url, settings.upstream_key, timeout=10),
         limiter,
         leases,
-        publish=lambda *_: None,
-        deliver=lambda _ids: None,
+        SentMessages(),
     )
     cuts: list[str] = []
 

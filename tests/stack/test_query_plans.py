@@ -34,7 +34,7 @@ from promptq.jobspec.schemas import JobCreate
 from promptq.keys.service import authenticate, create_key
 from promptq.models import Job, MessageBatch
 from promptq.pricing import PriceTable
-from promptq.testing import SONNET
+from promptq.testing import SONNET, SentMessages
 from promptq.upstream import Outcome, UpstreamResult
 from promptq.webhooks import deliveries, subscriptions
 
@@ -175,13 +175,14 @@ def _run_hot_paths(url: str, plain: str, settings: Any) -> None:
         "usage": {"input_tokens": 10, "output_tokens": 3},
     }
     result = UpstreamResult(Outcome.SUCCEEDED, 200, 800, "req_1", answer, None, None, None, {})
-    with session_scope(url) as session:
+    sent = SentMessages()
+    with session_scope(url, sent) as session:
         verdict = record_attempt(session, own, prices, claimed, result)
         budgets.release(session, [job_id])
-    assert verdict.status == "succeeded" and len(verdict.deliveries) == 1
+    assert verdict.status == "succeeded" and len(sent.deliveries) == 1
     # The webhook delivery's claim.
     with session_scope(url) as session:
-        assert deliveries.take(session, verdict.deliveries[0]) is not None
+        assert deliveries.take(session, sent.deliveries[0]) is not None
     # A batch: created, read, one request recorded, the rest canceled.
     requests = parse_batch_requests(
         {
@@ -199,7 +200,7 @@ def _run_hot_paths(url: str, plain: str, settings: Any) -> None:
         }
     )
     with session_scope(url) as session:
-        view, _ = batches.create_batch(session, own, key, requests)
+        view = batches.create_batch(session, own, key, requests)
         batch_id = view.batch.id
     with session_scope(url) as session:
         first = session.query(Job).filter_by(batch_id=batch_id, custom_id="r0").one().id

@@ -24,6 +24,7 @@ from promptq.db import session_scope
 from promptq.keys.service import authenticate
 from promptq.models import ApiKey, Job, MessageBatch, WebhookDelivery, WebhookSubscription
 from promptq.simulator import Simulator
+from promptq.testing import SentMessages
 from promptq.webhooks import deliveries
 
 
@@ -99,12 +100,15 @@ def test_revocation_ends_what_the_key_set_going(
             json={"url": "http://127.0.0.1:9/hook", "events": ["batch.ended"]},
             headers=auth(key),
         ).json()
-    with session_scope(quiet_env["PROMPTQ_DATABASE_URL"]) as session:
+    # The delivery's message is kept here, not sent: it stays pending.
+    unsent = SentMessages()
+    with session_scope(quiet_env["PROMPTQ_DATABASE_URL"], unsent) as session:
         record = authenticate(session, key)
         assert record is not None
         key_id = record.id
         # A delivery still to be sent (as a batch's end would make one).
-        [pending] = deliveries.batch_event(session, key_id, {"id": "msgbatch_x"})
+        deliveries.batch_event(session, key_id, {"id": "msgbatch_x"})
+    [pending] = unsent.deliveries
 
     result = revoke_with_cli(quiet_env, key_id)
     # Five jobs and the batch's three requests.

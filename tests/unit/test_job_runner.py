@@ -22,9 +22,8 @@ from promptq.models import ApiKey, Job, WebhookDelivery
 from promptq.periods import month_key
 from promptq.pricing import PriceTable, cost_of
 from promptq.ratelimit.memory import MemoryLimiter
-from promptq.ratelimit.protocol import Grant
 from promptq.ratelimit.table import LimitTable
-from promptq.testing import GENEROUS_LIMITS, SONNET
+from promptq.testing import GENEROUS_LIMITS, SONNET, SentMessages
 from promptq.usage import Usage
 
 MakeJob = Callable[..., str]
@@ -36,7 +35,6 @@ class Published:
     job_id: str
     priority: str
     countdown: float | None
-    grant: Grant | None
 
 
 @dataclass
@@ -44,8 +42,16 @@ class Harness:
     runner: JobRunner
     limiter: MemoryLimiter
     upstream: InProcessUpstream
-    published: list[Published]
-    announced: list[str]
+    # What the runner's messenger sent: directly, or once a unit of work committed.
+    sent: SentMessages
+
+    @property
+    def published(self) -> list[Published]:
+        return [Published(*message) for message in self.sent.of_kind("publish_job")]  # type: ignore[arg-type]
+
+    @property
+    def announced(self) -> list[str]:
+        return self.sent.announced
 
 
 @pytest.fixture
@@ -59,19 +65,9 @@ def make_harness(
         limiter = limiter or MemoryLimiter(LimitTable.from_toml(GENEROUS_LIMITS))
         leases = LeaseKeeper(own, limiter)
         keepers.append(leases)
-        published: list[Published] = []
-        announced: list[str] = []
-        runner = JobRunner(
-            own,
-            prices,
-            upstream,
-            limiter,
-            leases,
-            publish=lambda *args: published.append(Published(*args)),
-            deliver=lambda _ids: None,
-            announce=announced.append,
-        )
-        return Harness(runner, limiter, upstream, published, announced)
+        sent = SentMessages()
+        runner = JobRunner(own, prices, upstream, limiter, leases, sent)
+        return Harness(runner, limiter, upstream, sent)
 
     yield make
     for leases in keepers:
@@ -145,7 +141,7 @@ def test_a_retry_delivered_before_it_is_due_is_put_off_without_a_call(
     assert harness.runner.run(job_id, grant) == "not due"
 
     early = harness.published[1]
-    assert early.job_id == job_id and early.grant is None
+    assert early.job_id == job_id
     assert early.countdown is not None and 0 < early.countdown <= backoff
     assert harness.upstream.calls == 1
     assert harness.limiter.in_flight(SONNET) == 0  # the grant it came with went back
@@ -308,6 +304,11 @@ def test_a_job_with_a_webhook_leaves_its_delivery_to_send(
         deliveries = session.query(WebhookDelivery).filter_by(job_id=job_id).all()
         assert [(d.url, d.status, d.event_type) for d in deliveries] == [
             ("https://hooks.example.com/promptq", "pending", "job.succeeded")
+        ]
+        # Sent once the attempt's transaction committed, after the word to waiters.
+        assert harness.sent.sent[-2:] == [
+            ("announce_finished", job_id),
+            ("deliver_webhook", deliveries[0].id),
         ]
 
 

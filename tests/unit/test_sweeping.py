@@ -15,7 +15,7 @@ from promptq.jobs.execution import claim_job, reserve_budget, runnable_job
 from promptq.jobs.sweeping import reclaim_expired, stale_runnable_jobs
 from promptq.models import Job, WebhookDelivery
 from promptq.pricing import PriceTable
-from promptq.testing import SONNET
+from promptq.testing import SONNET, SentMessages
 
 MakeJob = Callable[..., str]
 JobOf = Callable[[str], Job]
@@ -41,9 +41,12 @@ def start(settings: Settings, job_id: str, prices: PriceTable | None = None) -> 
             assert reserve_budget(session, settings, prices, claimed) is None
 
 
-def reclaim(settings: Settings) -> Any:
-    with session_scope(settings.database_url) as session:
-        return reclaim_expired(session, settings)
+def reclaim(settings: Settings) -> tuple[Any, SentMessages]:
+    """What reclaim_expired returned, and what its transaction sent once committed."""
+    sent = SentMessages()
+    with session_scope(settings.database_url, sent) as session:
+        reclaimed = reclaim_expired(session, settings)
+    return reclaimed, sent
 
 
 def test_a_running_job_whose_lease_ran_out_is_made_runnable_again(
@@ -58,9 +61,10 @@ def test_a_running_job_whose_lease_ran_out_is_made_runnable_again(
     start(settings, job_id, prices)
     set_job(settings, job_id, lease_expires_at=datetime.now(UTC) - timedelta(seconds=1))
 
-    reclaimed = reclaim(settings)
+    reclaimed, sent = reclaim(settings)
 
-    assert reclaimed.runnable == [(job_id, "high")]
+    assert reclaimed.runnable == [job_id]
+    assert sent.sent == [("publish_job", job_id, "high", None)]
     job = job_of(job_id)
     assert job.status == "retrying" and job.error_type == "worker_lost"
     assert job.lease_expires_at is None and job.finished_at is None
@@ -84,7 +88,7 @@ def test_a_job_that_lost_its_worker_on_its_last_attempt_fails_and_says_so(
         lease_expires_at=datetime.now(UTC) - timedelta(seconds=1),
     )
 
-    reclaimed = reclaim(settings)
+    reclaimed, sent = reclaim(settings)
 
     assert reclaimed.runnable == []
     job = job_of(job_id)
@@ -93,6 +97,8 @@ def test_a_job_that_lost_its_worker_on_its_last_attempt_fails_and_says_so(
     with session_scope(database_url) as session:
         [delivery] = session.query(WebhookDelivery).filter_by(job_id=job_id).all()
         assert delivery.event_type == "job.failed"
+    # Its end set off as any job's end does, once the sweeper's transaction committed.
+    assert sent.sent == [("announce_finished", job_id), ("deliver_webhook", delivery.id)]
 
 
 def test_a_running_job_whose_lease_holds_is_left_alone(
@@ -101,7 +107,7 @@ def test_a_running_job_whose_lease_holds_is_left_alone(
     job_id = make_job()
     start(settings, job_id)
 
-    assert reclaim(settings).runnable == []
+    assert reclaim(settings)[0].runnable == []
     assert job_of(job_id).status == "running"
 
 

@@ -17,13 +17,7 @@ from redis.exceptions import LockError
 from promptq import retention
 from promptq.batches.service import expire_and_close
 from promptq.broker import task_names
-from promptq.broker.publish import (
-    broker_backlog,
-    publish_delivery,
-    publish_job,
-    publish_jobs,
-    unpublished,
-)
+from promptq.broker.publish import broker_backlog, publish_delivery, publish_jobs, unpublished
 from promptq.clock import utcnow
 from promptq.config import Settings
 from promptq.db import session_scope
@@ -61,7 +55,9 @@ def sweep() -> dict[str, int]:
 
 
 def _sweep_pass(ctx: WorkerContext, publishers: ThreadPoolExecutor) -> dict[str, int]:
-    with session_scope(ctx.settings) as session:
+    # The jobs taken back are published again, and the ends of those that failed for good
+    # set off, once this commits.
+    with session_scope(ctx.settings, ctx.messenger) as session:
         reclaimed = reclaim_expired(session, ctx.settings)
     # Ends recorded by processes of the previous release while an upgrade rolls out (an
     # empty partial index once they are gone: nothing to read).
@@ -81,17 +77,15 @@ def _sweep_pass(ctx: WorkerContext, publishers: ThreadPoolExecutor) -> dict[str,
         client.set(SWEEP_CURSOR, stale.cursor)
         if stale.drain_now:
             sweep.apply_async(expires=ctx.settings.sweep_interval_seconds)
-    for job_id, priority in reclaimed.runnable:
-        publish_job(get_app(), job_id, priority)
     # Batches: requests past the 24 hours expire, and a batch whose last request ended
     # without ending it (a job canceled on its own, say) is ended here.
-    with session_scope(ctx.settings) as session:
-        batch_deliveries = expire_and_close(session, ctx.settings)
+    with session_scope(ctx.settings, ctx.messenger) as session:
+        expire_and_close(session, ctx.settings)
     # Deliveries due for a few seconds: their message was lost, their sender died, or their
     # wait was too long for a broker countdown. A duplicate sends nothing (take() is a CAS).
     with session_scope(ctx.settings) as session:
         due = deliveries.due(session, utcnow() - timedelta(seconds=2))
-    for delivery_id in [*reclaimed.deliveries, *batch_deliveries, *due]:
+    for delivery_id in due:
         publish_delivery(get_app(), delivery_id)
     if reclaimed.runnable or stale.republished or due:
         log.info(
