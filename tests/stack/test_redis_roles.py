@@ -20,8 +20,8 @@ from redis_servers import RedisServer
 from stack_parts import Stack, new_key, own_database, prompts
 
 from promptq.config import Settings
-from promptq.jobs.announcements import CHANNEL
-from promptq.keys.channels import KEY_CHANGED_CHANNEL
+from promptq.redis_keys import JOB_FINISHED_CHANNEL as CHANNEL
+from promptq.redis_keys import KEY_CHANGED_CHANNEL
 from promptq.redis_roles import SentinelGroup, celery_broker, check_url, mask, passwords
 from promptq.simulator import Simulator
 
