@@ -509,17 +509,69 @@ def test_k8s_beat_is_one_and_recreated() -> None:
     assert beat["spec"]["strategy"]["type"] == "Recreate"
 
 
-def test_k8s_hpa_scales_the_workers_on_cpu() -> None:
-    (hpa,) = of_kind("HorizontalPodAutoscaler")
-    assert hpa["apiVersion"] == "autoscaling/v2"
+def scaled_object() -> dict[str, Any]:
+    (scaler,) = of_kind("ScaledObject")
+    return scaler
+
+
+def config_map() -> dict[str, str]:
+    (config,) = of_kind("ConfigMap")
+    return config["data"]
+
+
+def exposed_metric_names() -> set[str]:
+    """Every metric family promptq's /metrics may show: the names promptq.metrics builds."""
+    source = (REPO / "promptq" / "metrics.py").read_text()
+    return set(re.findall(r'"(promptq_[a-z_]+)"', source))
+
+
+def test_k8s_keda_scales_the_workers_on_their_backlog() -> None:
+    scaler = scaled_object()
+    assert scaler["apiVersion"] == "keda.sh/v1alpha1"
+    # KEDA makes the HorizontalPodAutoscaler itself: a second one would fight it.
+    assert not of_kind("HorizontalPodAutoscaler")
     worker = deployment_running("worker")
-    target = hpa["spec"]["scaleTargetRef"]
+    spec = scaler["spec"]
+    target = spec["scaleTargetRef"]
     assert (target["kind"], target["name"]) == ("Deployment", worker["metadata"]["name"])
-    assert any(
-        m["type"] == "Resource" and m["resource"]["name"] == "cpu" for m in hpa["spec"]["metrics"]
-    )
-    # The HPA owns the count; a replicas field would be reset by every apply.
+    assert 1 <= spec["minReplicaCount"] < spec["maxReplicaCount"]
+    assert spec["cooldownPeriod"] >= 60
+    (trigger,) = spec["triggers"]
+    assert trigger["type"] == "prometheus"
+    # One pod per PROMPTQ_WORKER_CONCURRENCY jobs: as many as its threads take at once.
+    assert trigger["metadata"]["threshold"] == config_map()["PROMPTQ_WORKER_CONCURRENCY"]
+    # The count is KEDA's; a replicas field would be reset by every apply.
     assert "replicas" not in worker["spec"]
+
+
+def test_k8s_keda_query_reads_only_what_metrics_exposes() -> None:
+    from promptq.models import JobStatus
+
+    query = scaled_object()["spec"]["triggers"][0]["metadata"]["query"]
+    used = set(re.findall(r"\bpromptq_[a-z_]+", query))
+    assert used <= exposed_metric_names(), used - exposed_metric_names()
+    # What waits: the broker's messages (every priority list, summed by the gauge) and the
+    # limiter's queue; not CPU.
+    assert {"promptq_broker_backlog_messages", "promptq_limiter_waiting_jobs"} <= used
+    statuses = set(re.findall(r'status="([a-z]+)"', query))
+    assert statuses <= {str(s) for s in JobStatus}
+
+
+def test_the_broker_lists_named_in_deploy_are_every_priority_list() -> None:
+    """The gauge the ScaledObject reads sums these lists (tests/stack/test_metrics.py); a
+    KEDA `redis` trigger, the README's alternative, must list every one of them."""
+    from promptq.broker.celery_app import QUEUE
+    from promptq.priority import Priority
+
+    sep = ":"
+    lists = {
+        QUEUE if p.broker_priority == 0 else f"{QUEUE}{sep}{p.broker_priority}" for p in Priority
+    }
+    readme = (DEPLOY / "README.md").read_text()
+    named = set(re.findall(rf"`({re.escape(QUEUE)}(?::\d+)?)`", readme))
+    assert named == lists
+    for name in lists:
+        assert name in (K8S / "keda.yaml").read_text()
 
 
 def test_k8s_containers_reference_existing_config_and_secrets() -> None:
@@ -818,19 +870,24 @@ def test_the_cli_help_runs_for_every_command_used() -> None:
 
 def test_every_worker_gets_longer_to_stop_than_its_longest_call() -> None:
     """A worker's warm shutdown finishes its calls in flight; one cut off by the kill is
-    paid for twice. Each deployment's grace period outlasts the upstream timeout."""
+    paid for twice. Each deployment's grace period outlasts its upstream timeout, with a
+    margin for the call's record: a scale-down pays for nothing twice."""
     from promptq.config import Settings
 
-    timeout = Settings.model_fields["upstream_timeout_seconds"].default
-    assert dict((n, v) for n, v, _ in env_example())["PROMPTQ_UPSTREAM_TIMEOUT_SECONDS"] == (
-        f"{timeout:g}"
-    )
+    margin = 30
+    default = Settings.model_fields["upstream_timeout_seconds"].default
+    setting = "PROMPTQ_UPSTREAM_TIMEOUT_SECONDS"
+    # Compose and systemd read .env (from .env.example); Kubernetes its ConfigMap.
+    env_timeout = float(dict((n, v) for n, v, _ in env_example())[setting])
+    assert env_timeout == default
+    k8s_timeout = float(config_map().get(setting, default))
+
     grace = services()["worker"]["stop_grace_period"]
-    assert grace.endswith("m") and int(grace[:-1]) * 60 > timeout
+    assert grace.endswith("m") and int(grace[:-1]) * 60 >= env_timeout + margin
     worker = deployment_running("worker")["spec"]["template"]["spec"]
-    assert worker["terminationGracePeriodSeconds"] > timeout
+    assert worker["terminationGracePeriodSeconds"] >= k8s_timeout + margin
     stop = unit("promptq-worker@.service")["Service"]["TimeoutStopSec"]
-    assert int(stop) > timeout
+    assert int(stop) >= env_timeout + margin
 
 
 def test_compose_pgbouncer_takes_the_connections_of_scaled_workers() -> None:

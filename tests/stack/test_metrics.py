@@ -307,3 +307,31 @@ def test_a_metrics_token_is_required_once_set(settings: Settings) -> None:
             assert refused.headers["www-authenticate"] == "Bearer"
         scraped = client.get("/metrics", headers={"Authorization": f"Bearer {token}"})
         assert scraped.status_code == 200 and "promptq_" in scraped.text
+
+
+def test_the_broker_backlog_counts_every_priority_list(
+    quiet_api: Any, quiet_env: dict[str, str], api_key: str
+) -> None:
+    """deploy/k8s/keda.yaml scales the workers on this gauge: a job of any priority waiting
+    in the broker counts, whichever of the broker's lists holds it. On the quiet Redis no
+    worker takes them."""
+    import redis
+
+    from promptq.broker.celery_app import QUEUE
+    from promptq.priority import Priority
+
+    client = quiet_api()
+    for priority in Priority:
+        body = {"prompt": unique("wait for a worker"), "priority": str(priority)}
+        response = client.post("/v1/jobs", json=body, headers=auth(api_key))
+        assert response.status_code == 202, response.text
+
+    broker = redis.Redis.from_url(quiet_env["PROMPTQ_REDIS_URL"])
+    lists = [n for n in broker.keys(f"{QUEUE}*") if broker.type(n) == b"list"]
+    # One list per priority (high, normal, low), a message in each.
+    assert {name.decode(): broker.llen(name) for name in lists} == {
+        QUEUE: 1,
+        f"{QUEUE}:3": 1,
+        f"{QUEUE}:6": 1,
+    }
+    assert scrape(client).value("promptq_broker_backlog_messages") == len(Priority)
