@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import Select, and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from promptq.models import (
@@ -65,13 +65,7 @@ class JobRepository:
     ) -> Sequence[Job]:
         """Newest first; ids are ULIDs, so ordering by id is ordering by creation. `batch`:
         a batch's id, or NO_BATCH for jobs outside any batch."""
-        query = select(Job).where(Job.api_key_id == api_key_id)
-        if status is not None:
-            query = query.where(Job.status == status)
-        if batch == NO_BATCH:
-            query = query.where(Job.batch_id.is_(None))
-        elif batch is not None:
-            query = query.where(Job.batch_id == batch)
+        query = _filtered(select(Job).where(Job.api_key_id == api_key_id), status, batch)
         if before_id is not None:
             query = query.where(Job.id < before_id)
         return self.session.scalars(query.order_by(Job.id.desc()).limit(limit)).all()
@@ -87,13 +81,11 @@ class JobRepository:
         """Finished jobs, the most recently finished first; `before` is the (finished_at,
         id) of the previous page's last job. The id breaks ties between jobs that finished
         in the same microsecond, so no job is skipped or listed twice across pages."""
-        query = select(Job).where(Job.api_key_id == api_key_id, Job.finished_at.is_not(None))
-        if status is not None:
-            query = query.where(Job.status == status)
-        if batch == NO_BATCH:
-            query = query.where(Job.batch_id.is_(None))
-        elif batch is not None:
-            query = query.where(Job.batch_id == batch)
+        query = _filtered(
+            select(Job).where(Job.api_key_id == api_key_id, Job.finished_at.is_not(None)),
+            status,
+            batch,
+        )
         if before is not None:
             finished_at, job_id = before
             query = query.where(
@@ -221,3 +213,14 @@ class JobRepository:
             .execution_options(synchronize_session=False)
         )
         return self.session.execute(statement).rowcount  # type: ignore[attr-defined]
+
+
+def _filtered(query: Select[Job], status: str | None, batch: str | None) -> Select[Job]:
+    """A job list's filters: its status, and its batch (NO_BATCH: jobs outside any)."""
+    if status is not None:
+        query = query.where(Job.status == status)
+    if batch == NO_BATCH:
+        return query.where(Job.batch_id.is_(None))
+    if batch is not None:
+        return query.where(Job.batch_id == batch)
+    return query

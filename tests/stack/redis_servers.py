@@ -11,6 +11,7 @@ from typing import Any
 
 import redis
 
+from promptq import supervisor
 from promptq.supervisor import free_port
 
 SERVICE = "mymaster"
@@ -87,13 +88,7 @@ class RedisServer:
         return redis.Redis(port=self.port, db=db, socket_timeout=2, socket_connect_timeout=2)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        supervisor.stop([self.process], timeout=10)
 
 
 SENTINEL_CONFIG = f"""port {{port}}

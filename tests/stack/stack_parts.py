@@ -7,6 +7,7 @@ import itertools
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -95,19 +96,7 @@ class Stack:
         return response.json()  # type: ignore[no-any-return]
 
     def wait_all(self, job_ids: list[str], timeout: float = 60) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + timeout
-        pending = set(job_ids)
-        jobs: dict[str, dict[str, Any]] = {}
-        while pending and time.monotonic() < deadline:
-            for job_id in sorted(pending):
-                job = self.job(job_id)
-                if job["status"] in FINAL:
-                    jobs[job_id] = job
-                    pending.discard(job_id)
-            if pending:
-                time.sleep(0.3)
-        assert not pending, f"{len(pending)} jobs never finished: {sorted(pending)[:5]}"
-        return [jobs[job_id] for job_id in job_ids]
+        return wait_for_all(self.job, job_ids, timeout)
 
     def calls(self, texts: list[str]) -> dict[str, int]:
         """Upstream calls per prompt."""
@@ -133,3 +122,22 @@ class Stack:
                     process.kill()
                     process.wait()
         self.http.close()
+
+
+def wait_for_all(
+    read_job: Callable[[str], dict[str, Any]], job_ids: list[str], timeout: float
+) -> list[dict[str, Any]]:
+    """Every job, read through `read_job` until it has finished, in the order given."""
+    deadline = time.monotonic() + timeout
+    pending = set(job_ids)
+    jobs: dict[str, dict[str, Any]] = {}
+    while pending and time.monotonic() < deadline:
+        for job_id in sorted(pending):
+            job = read_job(job_id)
+            if job["status"] in FINAL:
+                jobs[job_id] = job
+                pending.discard(job_id)
+        if pending:
+            time.sleep(0.3)
+    assert not pending, f"{len(pending)} jobs never finished: {sorted(pending)[:5]}"
+    return [jobs[job_id] for job_id in job_ids]

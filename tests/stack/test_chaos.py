@@ -23,10 +23,10 @@ import pytest
 import redis
 import requests
 from helpers import start_process, start_worker, stop_worker, wait_for_http
+from stack_parts import wait_for_all
 
 from promptq.simulator import Simulator
 from promptq.supervisor import free_port
-from promptq.testing import FINAL
 
 
 class Stack:
@@ -81,18 +81,7 @@ class Stack:
         ).json()  # type: ignore[no-any-return]
 
     def wait_all(self, job_ids: list[str], timeout: float = 90) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + timeout
-        pending = set(job_ids)
-        jobs: dict[str, dict[str, Any]] = {}
-        while pending and time.monotonic() < deadline:
-            for job_id in sorted(pending):
-                job = self.job(job_id)
-                if job["status"] in FINAL:
-                    jobs[job_id] = job
-                    pending.discard(job_id)
-            time.sleep(0.3)
-        assert not pending, f"{len(pending)} jobs never finished: {sorted(pending)[:5]}"
-        return [jobs[job_id] for job_id in job_ids]
+        return wait_for_all(self.job, job_ids, timeout)
 
     def calls(self, prompts: list[str]) -> int:
         by_prompt = self.simulator.stats()["calls_by_prompt"]

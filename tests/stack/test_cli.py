@@ -101,25 +101,25 @@ def test_submit_wait_and_jobs_ls(api_server: str, api_key: str) -> None:
     assert no_key.returncode != 0 and "PROMPTQ_API_KEY" in no_key.stderr
 
 
-def test_up_runs_the_whole_stack_calmly_and_stops_cleanly(tmp_path: Path) -> None:
-    port, flower_port = free_port(), free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "promptq",
-            "up",
-            f"--port={port}",
-            f"--flower-port={flower_port}",
-            "--concurrency=4",
-        ],
+def start_up(directory: Path, *options: str) -> subprocess.Popen[str]:
+    """`promptq up OPTIONS` in `directory`, as a person starts it in a terminal (a session
+    of its own, Ctrl-C's default handler), its output read line by line."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "promptq", "up", *options],
         env=clean_env(),
-        cwd=tmp_path,
+        cwd=directory,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
         preexec_fn=default_sigint,
+    )
+
+
+def test_up_runs_the_whole_stack_calmly_and_stops_cleanly(tmp_path: Path) -> None:
+    port, flower_port = free_port(), free_port()
+    process = start_up(
+        tmp_path, f"--port={port}", f"--flower-port={flower_port}", "--concurrency=4"
     )
     lines: queue.Queue[str] = queue.Queue()
 
@@ -206,23 +206,8 @@ def test_up_runs_the_whole_stack_calmly_and_stops_cleanly(tmp_path: Path) -> Non
 
 
 def test_up_verbose_shows_every_parts_log(tmp_path: Path) -> None:
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "promptq",
-            "up",
-            f"--port={free_port()}",
-            f"--flower-port={free_port()}",
-            "--verbose",
-        ],
-        env=clean_env(),
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-        preexec_fn=default_sigint,
+    process = start_up(
+        tmp_path, f"--port={free_port()}", f"--flower-port={free_port()}", "--verbose"
     )
     lines = []
     try:

@@ -27,6 +27,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL, make_url
 from stack_parts import Stack, new_key, prompts
 
+from promptq import supervisor
 from promptq.db import get_engine
 from promptq.simulator import Simulator
 from promptq.supervisor import free_port
@@ -115,12 +116,7 @@ class PgBouncer:
         return [dict(zip(header.split("\t"), row.split("\t"), strict=False)) for row in rows]
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        supervisor.stop([self.process], timeout=10)
         if self.as_root:
             shutil.rmtree(self.dir, ignore_errors=True)
 
