@@ -13,6 +13,7 @@ from datetime import timedelta
 
 from celery import Celery
 from redis.exceptions import LockError
+from redis.lock import Lock
 
 from promptq import retention
 from promptq.batches.service import expire_and_close
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 
 # Messages published at once by a pass, and how many in each producer's slice.
 PUBLISHERS = 4
+# Walks one sweep task makes in a row while they keep finding lost jobs, each within
+# sweep_budget_seconds; then the task hands over to a message of its own.
+DRAIN_WALKS = 6
 PUBLISH_SLICE = 250
 
 
@@ -48,13 +52,13 @@ def sweep() -> dict[str, int]:
         return {"reclaimed": 0, "republished": 0, "deliveries": 0}
     try:
         with ThreadPoolExecutor(PUBLISHERS, thread_name_prefix="sweep-publish") as publishers:
-            return _sweep_pass(ctx, publishers)
+            return _sweep_pass(ctx, publishers, lock)
     finally:
         with contextlib.suppress(LockError):  # expired: a later pass owns it now
             lock.release()
 
 
-def _sweep_pass(ctx: WorkerContext, publishers: ThreadPoolExecutor) -> dict[str, int]:
+def _sweep_pass(ctx: WorkerContext, publishers: ThreadPoolExecutor, lock: Lock) -> dict[str, int]:
     # The jobs taken back are published again, and the ends of those that failed for good
     # set off, once this commits.
     with session_scope(ctx.settings, ctx.messenger) as session:
@@ -64,19 +68,31 @@ def _sweep_pass(ctx: WorkerContext, publishers: ThreadPoolExecutor) -> dict[str,
     backfill(ctx.settings, budget_seconds=1.0)
     client = ctx.limiter.client
     start = client.get(SWEEP_CURSOR)
-    stale = republish_stale(
-        ctx.settings,
-        CeleryBroker(get_app(), publishers),
-        ctx.limiter,
-        start.decode() if isinstance(start, bytes) else start,
-        budget_seconds=ctx.settings.sweep_budget_seconds,
-    )
-    if stale.cursor is None:
-        client.delete(SWEEP_CURSOR)
-    else:
+    broker = CeleryBroker(get_app(), publishers)
+    republished = 0
+    for walk in range(DRAIN_WALKS):
+        stale = republish_stale(
+            ctx.settings,
+            broker,
+            ctx.limiter,
+            start.decode() if isinstance(start, bytes) else start,
+            budget_seconds=ctx.settings.sweep_budget_seconds,
+        )
+        republished += len(stale.republished)
+        if stale.cursor is None:
+            client.delete(SWEEP_CURSOR)
+            break
         client.set(SWEEP_CURSOR, stale.cursor)
-        if stale.drain_now:
+        if not stale.drain_now:
+            break
+        # Lost jobs still ahead (a wiped Redis): the next walk goes on at once, in this task
+        # while it may (its lock renewed), then in a message of its own, rather than at
+        # beat's next tick or behind worker threads busy with long calls.
+        if walk + 1 == DRAIN_WALKS:
             sweep.apply_async(expires=ctx.settings.sweep_interval_seconds)
+        else:
+            lock.extend(_lock_seconds(ctx.settings), replace_ttl=True)
+            start = stale.cursor
     # Batches: requests past the 24 hours expire, and a batch whose last request ended
     # without ending it (a job canceled on its own, say) is ended here.
     with session_scope(ctx.settings, ctx.messenger) as session:
@@ -87,16 +103,16 @@ def _sweep_pass(ctx: WorkerContext, publishers: ThreadPoolExecutor) -> dict[str,
         due = deliveries.due(session, utcnow() - timedelta(seconds=2))
     for delivery_id in due:
         publish_delivery(get_app(), delivery_id)
-    if reclaimed.runnable or stale.republished or due:
+    if reclaimed.runnable or republished or due:
         log.info(
             "sweep: %d jobs taken back from dead workers, %d re-published, %d deliveries sent",
             len(reclaimed.runnable),
-            len(stale.republished),
+            republished,
             len(due),
         )
     return {
         "reclaimed": len(reclaimed.runnable),
-        "republished": len(stale.republished),
+        "republished": republished,
         "deliveries": len(due),
     }
 
