@@ -10,7 +10,7 @@ pattern of Polar's JobQueueManager). It works however the session commits:
 `promptq.db.session_scope`, or a route's own `session.commit()`.
 
 Who sends is a `Messenger` (promptq.broker.messenger.BrokerMessenger over Celery and Redis),
-bound to the session by whoever opens it: `session_scope(url, messenger)`, or `bind` for a
+bound to the session by whoever opens it: `session_scope(settings, messenger)`, or `bind` for a
 session opened by hand. Not one per process: a Python process may hold several API apps,
 each with its own broker (the tests do), and a session a script opens must not borrow one.
 

@@ -63,7 +63,7 @@ class LeaseKeeper:
         database: what the limiter rebuilds its in-flight slots from (Limiter.running_calls).
         A claim's lease is renewed together with its slot, so it is the slot's lease too."""
         now = utcnow()
-        with session_scope(self.settings.database_url) as session:
+        with session_scope(self.settings) as session:
             leases = JobRepository(session).live_leases(model, now)
         return [(job_id, (until - now).total_seconds()) for job_id, until in leases]
 

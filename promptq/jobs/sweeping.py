@@ -3,7 +3,7 @@
 The sweeper's decisions live here; what it needs to know about the broker and the
 rate-limit queues comes through two small protocols (`Broker`, `RateLimitQueue`), so the
 decisions can be read, and tested, apart from Celery and Redis (the real ones are
-worker.tasks.sweeper.CeleryBroker and promptq.ratelimit.limiter.Limiter)."""
+worker.tasks.sweeper.CeleryBroker and promptq.ratelimit.limiter.RedisLimiter)."""
 
 from __future__ import annotations
 

@@ -14,13 +14,13 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import _create_postgres_database
 from helpers import REPO
 from redis_servers import RedisServer, wait_until
 from sqlalchemy import create_engine, text
@@ -135,19 +135,10 @@ def server_url(database_url: str) -> str:
 
 @pytest.fixture
 def empty_database(server_url: str) -> Iterator[tuple[str, str]]:
-    """(name, direct URL) of a new, empty database."""
-    name = f"promptq_pooled_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(
-        make_url(server_url).set(database="postgres"), isolation_level="AUTOCOMMIT"
-    )
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    direct = make_url(server_url).set(database=name).render_as_string(hide_password=False)
-    yield name, direct
-    get_engine(direct).dispose()
-    with admin.connect() as connection:
-        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    """(name, direct URL) of a new, empty database (the migrations run through the pooler)."""
+    direct, drop = _create_postgres_database(server_url)
+    yield str(make_url(direct).database), direct
+    drop()
 
 
 def test_the_stack_runs_through_pgbouncer_on_20_server_connections(

@@ -29,7 +29,7 @@ LOGGED_IDS = ("job_id", "delivery_id", "batch_id")
 def promptq_task(
     name: str, *, retry_transient: bool = True, **options: Any
 ) -> Callable[[Callable[..., Any]], Any]:
-    """A task registered under `name`, one of worker.task_names (what publishers send and
+    """A task registered under `name`, one of promptq.broker.task_names (what publishers send and
     Flower shows), with no stored result and acknowledged only after it ran. Whatever it
     logs names the task and the job, delivery or batch it was given. A database or Redis
     outage is waited out by retrying the task (RETRY_TRANSIENT); `retry_transient=False`

@@ -52,13 +52,21 @@ def sweep() -> dict[str, int]:
         return {"reclaimed": 0, "republished": 0, "deliveries": 0}
     try:
         with ThreadPoolExecutor(PUBLISHERS, thread_name_prefix="sweep-publish") as publishers:
-            return _sweep_pass(ctx, publishers, lock)
+            figures, drain_on = _sweep_pass(ctx, publishers, lock)
     finally:
         with contextlib.suppress(LockError):  # expired: a later pass owns it now
             lock.release()
+    if drain_on:
+        # Sent once the lock is let go: sent before, it could be taken at once by another
+        # thread, find the lock held and do nothing, and the drain would wait for the tick.
+        sweep.apply_async(expires=ctx.settings.sweep_interval_seconds)
+    return figures
 
 
-def _sweep_pass(ctx: WorkerContext, publishers: ThreadPoolExecutor, lock: Lock) -> dict[str, int]:
+def _sweep_pass(
+    ctx: WorkerContext, publishers: ThreadPoolExecutor, lock: Lock
+) -> tuple[dict[str, int], bool]:
+    """The pass's figures, and whether lost jobs are still ahead for the next task."""
     # The jobs taken back are published again, and the ends of those that failed for good
     # set off, once this commits.
     with session_scope(ctx.settings, ctx.messenger) as session:
@@ -70,6 +78,7 @@ def _sweep_pass(ctx: WorkerContext, publishers: ThreadPoolExecutor, lock: Lock) 
     start = client.get(SWEEP_CURSOR)
     broker = CeleryBroker(get_app(), publishers)
     republished = 0
+    drain_on = False
     for walk in range(DRAIN_WALKS):
         stale = republish_stale(
             ctx.settings,
@@ -89,7 +98,7 @@ def _sweep_pass(ctx: WorkerContext, publishers: ThreadPoolExecutor, lock: Lock) 
         # while it may (its lock renewed), then in a message of its own, rather than at
         # beat's next tick or behind worker threads busy with long calls.
         if walk + 1 == DRAIN_WALKS:
-            sweep.apply_async(expires=ctx.settings.sweep_interval_seconds)
+            drain_on = True
         else:
             lock.extend(_lock_seconds(ctx.settings), replace_ttl=True)
             start = stale.cursor
@@ -110,11 +119,12 @@ def _sweep_pass(ctx: WorkerContext, publishers: ThreadPoolExecutor, lock: Lock) 
             republished,
             len(due),
         )
-    return {
+    figures = {
         "reclaimed": len(reclaimed.runnable),
         "republished": republished,
         "deliveries": len(due),
     }
+    return figures, drain_on
 
 
 class CeleryBroker:
