@@ -95,12 +95,14 @@ def start_child(
     env: dict[str, str],
     workdir: Path,
     stop_timeout: float = 20.0,
+    module: str = "promptq",
 ) -> Child:
-    """`python -m promptq ARGS` with its output in `workdir/NAME.log`, stopped when the
-    stack unwinds. Its working directory is `workdir`, not the repository: a developer's
-    .env there must not change what is measured. It runs in a session of its own (Ctrl-C
-    reaches only the benchmark, which then stops the children in order) and dies with the
-    benchmark, even one killed by SIGKILL: start children from the main thread."""
+    """`python -m promptq ARGS` (or another `module`'s) with its output in
+    `workdir/NAME.log`, stopped when the stack unwinds. Its working directory is `workdir`,
+    not the repository: a developer's .env there must not change what is measured. It runs
+    in a session of its own (Ctrl-C reaches only the benchmark, which then stops the
+    children in order) and dies with the benchmark, even one killed by SIGKILL: start
+    children from the main thread."""
     child = supervisor.start(
         name,
         args,
@@ -109,6 +111,7 @@ def start_child(
         cwd=workdir,
         own_session=True,
         die_with_parent=True,
+        module=module,
     )
     stack.callback(supervisor.stop, [child], stop_timeout, log)
     return child

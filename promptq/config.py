@@ -103,7 +103,9 @@ class Settings(BaseSettings):
     retry_max_seconds: float = Field(default=60.0, ge=0)
 
     # Worker
-    worker_concurrency: int = Field(default=64, ge=1, le=2000)
+    # Tasks one worker process runs at once, each in a greenlet: the upstream calls it can
+    # keep waiting (the account's own limits, in the limits file, decide how many really go).
+    worker_concurrency: int = Field(default=1000, ge=1, le=10_000)
     # A message not acknowledged within this many seconds is handed to another worker by
     # the Redis broker; every countdown we use must stay well below it.
     broker_visibility_timeout_seconds: int = Field(default=3600, ge=60)

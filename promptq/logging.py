@@ -217,6 +217,26 @@ class TextFormatter(logging.Formatter):
         return f"{line} [{' '.join(shown)}]" if shown else line
 
 
+# Celery's two lines for every task that went well ("received", "succeeded in"): at a
+# hundred jobs a second they cost the worker more CPU than running the job's own code does
+# (each is a JSON line through every filter), and promptq logs each attempt's outcome
+# itself. Shown again with PROMPTQ_LOG_LEVEL=DEBUG; Celery's warnings, errors and retries
+# stay at every level.
+PER_TASK_LOGGER = "celery.worker.strategy"
+TRACE_LOGGER = "celery.app.trace"
+
+
+# The start of celery.app.trace.LOG_SUCCESS, the format of that record.
+TASK_SUCCESS_FORMAT = "Task %(name)s[%(id)s] succeeded"
+
+
+class TaskSuccessFilter(logging.Filter):
+    """Drops Celery's "Task X succeeded in N s" records."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith(TASK_SUCCESS_FORMAT))
+
+
 def logging_config(settings: Settings) -> dict[str, Any]:
     """The logging configuration of a promptq service, as a `logging.config.dictConfig`
     dict (uvicorn takes one as `log_config` and applies it in each of its processes)."""
@@ -228,6 +248,7 @@ def logging_config(settings: Settings) -> dict[str, Any]:
         "filters": {
             "context": {"()": f"{__name__}.ContextFilter"},
             "redact": {"()": f"{__name__}.RedactingFilter"},
+            "task_success": {"()": f"{__name__}.TaskSuccessFilter"},
         },
         "formatters": {"promptq": {"()": f"{__name__}.{formatter}"}},
         "handlers": {
@@ -240,6 +261,14 @@ def logging_config(settings: Settings) -> dict[str, Any]:
             }
         },
         "root": {"level": settings.log_level, "handlers": ["stderr"]},
+        "loggers": {} if settings.log_level == "DEBUG" else _quiet_per_task_loggers(),
+    }
+
+
+def _quiet_per_task_loggers() -> dict[str, Any]:
+    return {
+        PER_TASK_LOGGER: {"level": "WARNING"},
+        TRACE_LOGGER: {"filters": ["task_success"]},
     }
 
 

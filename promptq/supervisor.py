@@ -99,15 +99,16 @@ def start(
     banner: str | None = None,
     own_session: bool = False,
     die_with_parent: bool = False,
+    module: str = "promptq",
 ) -> Child:
-    """`python -m promptq ARGS` with exactly `env`, its output in `log_path` (appended to
-    with `append`, after a `banner` line if given; a pipe nobody reads would fill and block
-    it), or this process's own output without one. `own_session`: Ctrl-C in this terminal
-    does not reach it, so the parent stops its children in order instead of all of them
-    racing to exit at once. `die_with_parent`: the kernel sends it SIGTERM when this process
-    dies, even by SIGKILL, where no `finally` runs (Linux; start such children from the
-    main thread, since the "parent" is the thread that forks)."""
-    command = [sys.executable, "-m", "promptq", *args]
+    """`python -m promptq ARGS` (or another `module`'s) with exactly `env`, its output in
+    `log_path` (appended to with `append`, after a `banner` line if given; a pipe nobody
+    reads would fill and block it), or this process's own output without one. `own_session`:
+    Ctrl-C in this terminal does not reach it, so the parent stops its children in order
+    instead of all of them racing to exit at once. `die_with_parent`: the kernel sends it
+    SIGTERM when this process dies, even by SIGKILL, where no `finally` runs (Linux; start
+    such children from the main thread, since the "parent" is the thread that forks)."""
+    command = [sys.executable, "-m", module, *args]
     options: dict[str, Any] = {"env": dict(env), "cwd": cwd, "start_new_session": own_session}
     if die_with_parent and _libc is not None:
         options["preexec_fn"] = _die_with_parent

@@ -1,4 +1,4 @@
-"""What a worker process builds once and shares between its threads."""
+"""What a worker process builds once and shares between its greenlets."""
 
 from __future__ import annotations
 
@@ -51,6 +51,7 @@ def worker_context() -> WorkerContext:
         settings.upstream_key,
         timeout=settings.upstream_timeout_seconds,
         connect_timeout=settings.upstream_connect_timeout_seconds,
+        max_connections=settings.worker_concurrency,
     )
 
     messenger = BrokerMessenger(get_app(), events)

@@ -4,11 +4,20 @@ Built the same way by the worker (worker.app, which runs its tasks) and by the A
 only sends them), so both agree on the queues, priorities and serialization; here, below
 both, so that neither imports the other.
 
-Pool: threads. Each task spends nearly all its time waiting on the upstream's HTTP answer,
-and `requests` releases the GIL while it waits, so one process runs dozens of calls at once
-on little CPU. Threads need no monkey-patching (gevent's patching of sockets does not reach
-psycopg's C code, so PostgreSQL calls would block the whole hub) and share one connection
-pool and one price table per process.
+Pool: gevent. A job spends nearly all its life waiting on the upstream's answer (5 to 60
+seconds for an LLM), so what one process can keep waiting at once decides how many
+processes, machines and database connections a deployment needs. Each task runs in a
+greenlet: a thousand waiting calls cost a thousand small stacks and sockets, and no CPU
+until their answers come. psycopg (3.1.14 and later), redis-py and requests cooperate once
+the process is patched, which `promptq worker` does before anything else is imported
+(promptq.cli.green); the database pool, the price table and the limiter stay one per
+process. Threads were measured against it on the same code (README, "Throughput"): at
+concurrency 1,000 and a 10 s upstream, a thread pool never got past about 750 calls in
+flight, its threads fighting over the GIL, where the greenlets held all 1,000.
+
+Task events are off unless somebody watches: Flower turns them on when it starts (it sends
+`enable_events` to the workers every few seconds), and each event is a publish on the
+broker for every task, three a job.
 """
 
 from __future__ import annotations
@@ -66,12 +75,20 @@ def create_celery(settings: Settings) -> Celery:
         # A task whose process died is put back, not dropped: the job's claim makes a second
         # run of a finished job a no-op.
         task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-        worker_pool="threads",
+        # Twice the concurrency may be unacknowledged: with every greenlet busy, the
+        # consumer holds the next message while it waits for one to end (gevent's pool
+        # blocks it there), so it never reaches the limit. At the limit Celery's green loop
+        # stops asking Redis and sleeps out its 2 s poll before it asks again, however soon
+        # a task ends: a worker at full concurrency would run in bursts, 2 s apart.
+        worker_prefetch_multiplier=2,
+        # The pool is chosen on the command line, never here: `promptq worker` passes
+        # `--pool=gevent`, and `celery -A worker.app worker` must be given `-P gevent`, so
+        # that the process is patched before it imports anything (Celery refuses to patch
+        # from this setting, which it reads too late).
         worker_concurrency=settings.worker_concurrency,
-        # Flower follows tasks from the worker's events. The "sent" event is left off: the
-        # API would publish it on every POST, under a process-wide lock in Celery.
-        worker_send_task_events=True,
+        # Flower follows tasks from the worker's events, and turns them on itself (above).
+        # The "sent" event stays off: the API would publish it on every POST.
+        worker_send_task_events=False,
         task_send_sent_event=False,
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,

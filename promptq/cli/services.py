@@ -82,7 +82,12 @@ def api(host: str, port: int, workers: int) -> None:
 
 
 @click.command()
-@click.option("--concurrency", type=int, help="Upstream calls in flight at once (threads).")
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 10_000),
+    help="Tasks at once, each in a greenlet: upstream calls in flight (default: "
+    "PROMPTQ_WORKER_CONCURRENCY).",
+)
 @click.option(
     "--queues",
     default="promptq,promptq-webhooks",
@@ -103,10 +108,10 @@ def worker(concurrency: int | None, queues: str, hostname: str | None) -> None:
     argv = [
         *_celery_global_options(settings),
         "worker",
-        "--pool=threads",
+        # Patched for it since the process started (promptq.cli.green).
+        "--pool=gevent",
         f"--concurrency={concurrency}",
         f"--queues={queues}",
-        "--task-events",
         f"--loglevel={settings.log_level}",
         "--without-gossip",
         "--without-mingle",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,8 +16,9 @@ from promptq.upstream.classify import classify_response, describe_body
 from promptq.upstream.result import REDACTED, Outcome, UpstreamResult
 
 ANTHROPIC_VERSION = "2023-06-01"
-# Calls per thread are sequential; a few spare connections cover a redirect-free reconnect.
-POOL_MAXSIZE = 4
+# Connections kept open to the upstream: as many as a worker has calls in flight, which is
+# its concurrency (the caller says); a call beyond them opens one more and closes it after.
+DEFAULT_MAX_CONNECTIONS = 16
 # Listing models and counting tokens are quick at the upstream; a client waits on them.
 SIDE_CALL_TIMEOUT_SECONDS = 30.0
 
@@ -69,13 +69,22 @@ class UpstreamClient:
         api_key: str | None,
         timeout: float = 600.0,
         connect_timeout: float = 10.0,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.url = f"{self.base_url}/v1/messages"
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self._api_key = api_key or None
-        self._local = threading.local()
+        # One session for every call of the process: a worker's calls run in greenlets (or
+        # threads), each one call at a time, and urllib3's pool hands each its own
+        # connection, keeping up to `max_connections` open between calls. A session per
+        # thread would be one per task under gevent, and a new connection per call.
+        self._http = requests.Session()
+        # No urllib3 retries: the worker retries itself, with backoff and a record of each.
+        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=max_connections, max_retries=0)
+        self._http.mount("http://", adapter)
+        self._http.mount("https://", adapter)
         self._headers = {
             "anthropic-version": ANTHROPIC_VERSION,
             "content-type": "application/json",
@@ -90,25 +99,9 @@ class UpstreamClient:
     def __repr__(self) -> str:  # the key stays out of reprs that end up in logs
         return f"UpstreamClient(base_url={self.base_url!r})"
 
-    def _session(self) -> requests.Session:
-        # One session per thread: Celery runs calls on a thread pool, and a Session's
-        # connection pool is not meant to be shared across threads.
-        session: requests.Session | None = getattr(self._local, "session", None)
-        if session is None:
-            session = requests.Session()
-            # No urllib3 retries: the worker retries itself, with backoff and a record of each.
-            adapter = HTTPAdapter(pool_connections=1, pool_maxsize=POOL_MAXSIZE, max_retries=0)
-            session.mount("http://", adapter)
-            session.mount("https://", adapter)
-            self._local.session = session
-        return session
-
     def close(self) -> None:
-        """Close this thread's connections."""
-        session = getattr(self._local, "session", None)
-        if session is not None:
-            session.close()
-            self._local.session = None
+        """Close the connections kept open."""
+        self._http.close()
 
     def create_message(self, params: dict[str, Any], beta: str | None = None) -> UpstreamResult:
         """One call; `beta`: the anthropic-beta header the job's client sent."""
@@ -128,7 +121,7 @@ class UpstreamClient:
         retries, never a raise; the key is cut out of whatever text comes back."""
         headers = {**self._headers, "anthropic-beta": beta} if beta else self._headers
         try:
-            response = self._session().request(
+            response = self._http.request(
                 method,
                 f"{self.base_url}{path}",
                 params=params,
@@ -164,7 +157,7 @@ class UpstreamClient:
         except (TypeError, ValueError) as error:
             return self._failure(Outcome.PERMANENT, "invalid_request", str(error), started)
         try:
-            response = self._session().post(
+            response = self._http.post(
                 self.url,
                 data=body,
                 headers={**self._headers, "anthropic-beta": beta} if beta else self._headers,

@@ -197,22 +197,36 @@ def test_rate_limits_come_back_with_retry_after_and_headers() -> None:
     assert "anthropic-ratelimit-requests-reset" in limited.rate_limit_headers
 
 
-def test_threads_each_get_their_own_session(sim: Simulator, client: UpstreamClient) -> None:
-    results: list[UpstreamResult] = []
-    sessions: set[int] = set()
+def test_calls_at_once_share_the_clients_connections() -> None:
+    # A worker's greenlets (or threads) share one client: each call at once gets a
+    # connection of its own from its pool, kept open for the calls after it.
+    with Simulator() as sim:
+        client = UpstreamClient(sim.url, KEY, timeout=5, max_connections=8)
+        results: list[UpstreamResult] = []
 
-    def call() -> None:
-        results.append(client.create_message(params("[[sim:latency=0.2]] together")))
-        sessions.add(id(client._session()))
+        def round_of_calls() -> None:
+            threads = [
+                threading.Thread(
+                    target=lambda: results.append(
+                        client.create_message(params("[[sim:latency=0.3]] together"))
+                    )
+                )
+                for _ in range(8)
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
 
-    threads = [threading.Thread(target=call) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+        round_of_calls()
+        opened = len(sim._server._connections)
+        round_of_calls()
 
-    assert [r.outcome for r in results] == [Outcome.SUCCEEDED] * 8
-    assert len(sessions) == 8
+        assert [r.outcome for r in results] == [Outcome.SUCCEEDED] * 16
+        assert sim.stats()["max_in_flight"] == 8  # at once, not one after another
+        assert opened == 8
+        assert len(sim._server._connections) == 8  # the second round opened none
+        client.close()
 
 
 class _Recorder(BaseHTTPRequestHandler):
