@@ -218,14 +218,14 @@ class JobRunner:
         )
         try:
             usage = Usage.from_message(result.message) if result.message else None
-            self.limiter.settle(grant, usage, called=True, request=claimed.request)
-            if result.status_code == 429 or result.rate_limit_headers:
-                self.limiter.feedback(
-                    job.model,
-                    result.rate_limit_headers,
-                    throttled=result.status_code == 429,
-                    retry_after=result.retry_after,
-                )
+            self.limiter.finish(
+                grant,
+                usage,
+                claimed.request,
+                result.rate_limit_headers,
+                throttled=result.status_code == 429,
+                retry_after=result.retry_after,
+            )
         except Exception:
             # Left unsettled, the slot frees itself when its lease runs out.
             log.exception(
