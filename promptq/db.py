@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -71,15 +72,55 @@ def _engine(url: str, pool_size: int, max_overflow: int, pooler: str) -> Engine:
         )
         _configure_sqlite(engine)
         return engine
-    return create_engine(
+    engine = create_engine(
         url,
         hide_parameters=HIDE_PARAMETERS,
         pool_size=pool_size,
         max_overflow=max_overflow,
-        pool_pre_ping=True,
+        # No ping before every checkout (a round trip per transaction): see _ping_when_idle.
+        pool_pre_ping=False,
         pool_timeout=30,
         connect_args=pooler_connect_args(url, pooler),
     )
+    _ping_when_idle(engine)
+    return engine
+
+
+# A connection back in the pool for longer than this is pinged before it is handed out.
+IDLE_PING_SECONDS = 10.0
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """Disconnects handled without a round trip on the hot path. A connection that has sat
+    idle (a quiet spell, when a database restart or a pooler's idle timeout goes unnoticed)
+    is pinged when it is checked out, and replaced if the ping fails. One in constant use is
+    not: if the database went away under it, its next statement fails with an error
+    SQLAlchemy knows as a disconnect, which invalidates it and every connection made before
+    it (the pool starts afresh), and the caller retries at once (`reconnected`): a job's
+    record (promptq.jobs.runner), a task (worker.tasks.base), or the client a 503 told to."""
+
+    @event.listens_for(engine, "checkin")
+    def _checked_in(_dbapi_connection: Any, record: Any) -> None:
+        record.info["checked_in_at"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.get("checked_in_at")
+        if since is None or time.monotonic() - since < IDLE_PING_SECONDS:
+            return
+        try:
+            alive = engine.dialect.do_ping(dbapi_connection)
+        except Exception:
+            alive = False
+        if not alive:
+            # The pool drops the connection and checks out another (a new one, if need be).
+            raise sqlalchemy_errors.DisconnectionError("the database dropped an idle connection")
+
+
+def reconnected(error: BaseException) -> bool:
+    """Whether `error` was a connection the database had dropped (SQLAlchemy invalidated it,
+    and the pool with it): a retry at once gets a new one."""
+    return isinstance(error, sqlalchemy_errors.DBAPIError) and error.connection_invalidated
 
 
 def pooler_connect_args(url: str, pooler: str) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from promptq.budgets.service import (
     record_spend,
     release,
     reserve,
+    spend_after,
 )
 
 __all__ = [
@@ -22,4 +23,5 @@ __all__ = [
     "record_spend",
     "release",
     "reserve",
+    "spend_after",
 ]

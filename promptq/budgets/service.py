@@ -23,15 +23,17 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+from sqlalchemy import ColumnElement, FromClause, Insert
 from sqlalchemy.orm import Session
 
 from promptq.budgets.repository import BudgetRepository
 from promptq.clock import utcnow
 from promptq.errors import PaymentRequired
-from promptq.models import ApiKey
+from promptq.models import ApiKey, SpendLedger
 from promptq.periods import isoformat_z, month_key, next_month_start
 from promptq.pricing import PriceTable, cost_of, format_usd
 from promptq.ratelimit.estimate import estimate_input_tokens, output_reservation
+from promptq.rollups import upsert_after
 from promptq.usage import Usage
 
 BUDGET_EXCEEDED = "budget_exceeded_error"
@@ -97,6 +99,26 @@ def record_spend(session: Session, api_key_id: str, finished_at: datetime, cost:
     (a compare-and-set that won), so that the ledger holds each cost exactly once: a crash
     before the commit loses both, a retry after it finds the job already settled."""
     BudgetRepository(session).add_spend(api_key_id, month_key(finished_at), cost)
+
+
+def spend_after(
+    api_key_id: str,
+    finished_at: datetime,
+    cost: Decimal,
+    source: FromClause,
+    after: ColumnElement[bool] | None = None,
+) -> Insert:
+    """record_spend() as a part of a PostgreSQL statement's WITH, booked once for each row
+    of `source`: the row of the job's compare-and-set, when it won (see
+    promptq.rollups.upsert_after)."""
+    return upsert_after(
+        SpendLedger,
+        ("api_key_id", "month"),
+        ("spent", "jobs"),
+        {"api_key_id": api_key_id, "month": month_key(finished_at), "spent": cost, "jobs": 1},
+        source,
+        after,
+    )
 
 
 def check_budget(

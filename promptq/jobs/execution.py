@@ -18,15 +18,18 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from promptq import budgets, outbox, rollups
-from promptq.batches.service import count_ended
+from promptq.batches.service import count_ended, request_ended
 from promptq.clock import utcnow
 from promptq.config import Settings
 from promptq.jobs.end_effects import end_events
+from promptq.jobs.recording import Record, record_in_one
 from promptq.jobs.repository import JobRepository
-from promptq.models import RUNNABLE_STATUSES, Attempt, Job, JobStatus
+from promptq.models import RUNNABLE_STATUSES, DeliveryStatus, Job, JobStatus
 from promptq.pricing import PriceTable, cost_of
+from promptq.rollups import COST_COLUMNS, TOKEN_COLUMNS, EndedJob, RecordedAttempt
 from promptq.upstream import Outcome, UpstreamResult
 from promptq.usage import Usage
+from promptq.webhooks import deliveries
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,8 @@ class RunnableJob:
     key_revoked: bool = False
     # The key's own cap on its jobs waiting at high priority (None: the server's).
     key_high_priority_waiting: int | None = None
+    batch_id: str | None = None
+    webhook_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,10 @@ class ClaimedJob:
     attempt: int
     claimed_at: datetime
     anthropic_beta: str | None = None
+    batch_id: str | None = None
+    webhook_url: str | None = None
+    # The key has a monthly budget: the job holds a reservation until its attempt ends.
+    budgeted: bool = False
 
 
 @dataclass(frozen=True)
@@ -97,6 +106,8 @@ def runnable_job(session: Session, job_id: str) -> RunnableJob | None:
         anthropic_beta=job.anthropic_beta,
         key_revoked=key.revoked_at is not None,
         key_high_priority_waiting=(key.quotas or {}).get("high_priority_waiting"),
+        batch_id=job.batch_id,
+        webhook_url=job.webhook_url,
     )
 
 
@@ -131,7 +142,8 @@ def cancel_for_revoked_key(session: Session, job_id: str) -> bool:
 
 
 def claim_job(session: Session, settings: Settings, job: RunnableJob) -> ClaimedJob | None:
-    """Take the job for one attempt; None when another delivery took it first."""
+    """Take the job for one attempt; None when another delivery took it first. The job was
+    read first (runnable_job): the long way, see claim_ready_job."""
     now = utcnow()
     lease_until = now + timedelta(seconds=settings.claim_lease_seconds)
     if not JobRepository(session).claim(job.id, now, lease_until):
@@ -145,7 +157,57 @@ def claim_job(session: Session, settings: Settings, job: RunnableJob) -> Claimed
         attempt=job.attempts + 1,
         claimed_at=now,
         anthropic_beta=job.anthropic_beta,
+        batch_id=job.batch_id,
+        webhook_url=job.webhook_url,
+        budgeted=job.key_monthly_budget_usd is not None,
     )
+
+
+def claim_ready_job(
+    session: Session, settings: Settings, job_id: str
+) -> tuple[RunnableJob, ClaimedJob] | None:
+    """Claim the job in one statement when it is runnable, due, its key not revoked and
+    not holding it to an rpm (JobRepository.claim_ready): the job as admission sees it and
+    as the attempt sees it. None when it was not claimed: gone, running or finished, not
+    yet due, its key revoked or its rpm to be taken first; runnable_job then says which."""
+    now = utcnow()
+    lease_until = now + timedelta(seconds=settings.claim_lease_seconds)
+    row = JobRepository(session).claim_ready(job_id, now, lease_until)
+    if row is None:
+        return None
+    (_, api_key_id, model, request, priority, attempts, beta, batch_id, webhook_url) = row[:9]
+    budget, quotas = row[9], row[10]
+    runnable = RunnableJob(
+        id=job_id,
+        model=model,
+        request=request,
+        priority=priority,
+        # As it was before this claim counted one.
+        attempts=attempts - 1,
+        api_key_id=api_key_id,
+        key_rpm=None,
+        waiting_for=None,
+        due_in=0.0,
+        key_monthly_budget_usd=budget,
+        anthropic_beta=beta,
+        key_high_priority_waiting=(quotas or {}).get("high_priority_waiting"),
+        batch_id=batch_id,
+        webhook_url=webhook_url,
+    )
+    claimed = ClaimedJob(
+        id=job_id,
+        api_key_id=api_key_id,
+        model=model,
+        request=request,
+        priority=priority,
+        attempt=attempts,
+        claimed_at=now,
+        anthropic_beta=beta,
+        batch_id=batch_id,
+        webhook_url=webhook_url,
+        budgeted=budget is not None,
+    )
+    return runnable, claimed
 
 
 @dataclass(frozen=True)
@@ -240,24 +302,95 @@ def record_attempt(
     claimed: ClaimedJob,
     result: UpstreamResult,
 ) -> AttemptVerdict:
-    repository = JobRepository(session)
+    """Record one upstream call: its attempt row, the job's next status (a compare-and-set
+    from the claim), and, in this transaction, what that sets off (the job's end, its
+    retry's message) and adds up to (the rollups, the spend ledger, the budget's release).
+
+    On PostgreSQL, for a job outside any batch, all of the writes are one statement
+    (promptq.jobs.recording); elsewhere one statement each, in the same order."""
     now = utcnow()
-    repository.add_attempt(
-        Attempt(
-            job_id=claimed.id,
-            number=claimed.attempt,
-            started_at=claimed.claimed_at,
-            finished_at=now,
-            latency_ms=result.latency_ms,
-            outcome=result.outcome,
-            status_code=result.status_code,
-            upstream_request_id=result.request_id,
-            error_type=result.error_type,
-            error_message=result.error_message,
-            # Its rollup is written in this transaction, below.
-            accounted=1,
-        )
+    attempt = {
+        "job_id": claimed.id,
+        "number": claimed.attempt,
+        "started_at": claimed.claimed_at,
+        "finished_at": now,
+        "latency_ms": result.latency_ms,
+        "outcome": result.outcome,
+        "status_code": result.status_code,
+        "upstream_request_id": result.request_id,
+        "error_type": result.error_type,
+        "error_message": result.error_message,
+        # Its rollup is written in this transaction, below.
+        "accounted": 1,
+    }
+    verdict, values = _next_state(settings, prices, claimed, result, now)
+    final = verdict.status.is_final
+    if final and claimed.webhook_url is not None and claimed.batch_id is None:
+        # Its delivery is created below, with the job's end (deliveries.job_event).
+        values["webhook_status"] = DeliveryStatus.PENDING
+    # Only a claim still held may be settled, with one exception: a success that lands after
+    # the sweeper took the job back (a lease lost to a stalled heartbeat) is still the answer,
+    # already paid for, and is kept rather than asked for again.
+    settle_from = [JobStatus.RUNNING]
+    if verdict.status is JobStatus.SUCCEEDED:
+        settle_from.append(JobStatus.RETRYING)
+    cost = values.get("cost_total") if final else None
+    record = Record(
+        job_id=claimed.id,
+        api_key_id=claimed.api_key_id,
+        attempt=attempt,
+        settle_from=settle_from,
+        values=values,
+        call=RecordedAttempt(
+            claimed.api_key_id,
+            claimed.model,
+            now,
+            result.outcome,
+            result.status_code,
+            result.latency_ms,
+        ),
+        ended=_ended(claimed, verdict.status, values, now) if final else None,
+        spend=cost,
+        finished_at=now,
     )
+    # The rollups and the ledger in this transaction: the call is counted with its attempt
+    # row (written whether or not the job was still ours), the end and the cost only when
+    # the compare-and-set won, exactly when the job holds them. Last, and always in this
+    # order (job, batch, usage, attempts, ledger), so that their rows' locks, shared by the
+    # key's other jobs, last only until the commit that follows and are never taken in
+    # opposite orders.
+    if claimed.batch_id is None and session.get_bind().dialect.name == "postgresql":
+        settled, subscribed = record_in_one(session, record)
+        if settled and final:
+            _announce_and_deliver(session, claimed, subscribed)
+    else:
+        repository = JobRepository(session)
+        repository.insert_attempt(attempt)
+        settled, subscribed = repository.settle(claimed.id, settle_from, values)
+        if settled and final:
+            job = _announce_and_deliver(session, claimed, subscribed)
+            if job is not None and job.batch_id is not None:
+                request_ended(session, settings, job)
+            assert record.ended is not None
+            rollups.jobs_ended(session, [record.ended])
+        rollups.attempts_recorded(session, [record.call])
+        if settled and cost is not None:
+            budgets.record_spend(session, claimed.api_key_id, now, cost)
+    if settled and verdict.retry_in is not None:
+        outbox.publish_job(session, claimed.id, claimed.priority, verdict.retry_in)
+    if not settled:
+        return AttemptVerdict(JobStatus.RUNNING)
+    return verdict
+
+
+def _next_state(
+    settings: Settings,
+    prices: PriceTable,
+    claimed: ClaimedJob,
+    result: UpstreamResult,
+    now: datetime,
+) -> tuple[AttemptVerdict, dict[str, Any]]:
+    """What the attempt makes of the job: its verdict, and the job's columns to write."""
     common: dict[str, Any] = {
         "updated_at": now,
         "lease_expires_at": None,
@@ -265,71 +398,66 @@ def record_attempt(
     }
     if result.outcome is Outcome.SUCCEEDED:
         assert result.message is not None
-        verdict = AttemptVerdict(JobStatus.SUCCEEDED)
-        values = {
+        return AttemptVerdict(JobStatus.SUCCEEDED), {
             **common,
             **_success_values(claimed, result.message, prices),
             "finished_at": now,
-            # Its end is counted in this transaction (end_events, the ledger below).
+            # Its end is counted in this transaction (the rollup, the ledger).
             "accounted": 1,
         }
-    elif result.outcome is Outcome.TRANSIENT and claimed.attempt < settings.max_attempts:
+    if result.outcome is Outcome.TRANSIENT and claimed.attempt < settings.max_attempts:
         retry_in = backoff_seconds(claimed.attempt, settings, result.retry_after)
-        verdict = AttemptVerdict(JobStatus.RETRYING, retry_in=retry_in)
-        values = {
+        return AttemptVerdict(JobStatus.RETRYING, retry_in=retry_in), {
             **common,
             **_error_values(result),
             "status": JobStatus.RETRYING,
             "next_attempt_at": now + timedelta(seconds=retry_in),
         }
-    else:
-        verdict = AttemptVerdict(JobStatus.FAILED)
-        values = {
-            **common,
-            **_error_values(result),
-            "status": JobStatus.FAILED,
-            "finished_at": now,
-            "accounted": 1,
-        }
-        if result.outcome is Outcome.TRANSIENT:
-            values["error_message"] = (
-                f"gave up after {claimed.attempt} attempts; last error: {result.error_message}"
-            )
-    # Only a claim still held may be settled, with one exception: a success that lands after
-    # the sweeper took the job back (a lease lost to a stalled heartbeat) is still the answer,
-    # already paid for, and is kept rather than asked for again.
-    settle_from = [JobStatus.RUNNING]
-    if verdict.status is JobStatus.SUCCEEDED:
-        settle_from.append(JobStatus.RETRYING)
-    settled = repository.transition(claimed.id, settle_from, values)
-    if settled and verdict.status.is_final:
-        # First loaded in this session after the update above, so already current.
-        job = repository.get(claimed.id)
-        assert job is not None
-        end_events(session, settings, job)
-    elif settled and verdict.retry_in is not None:
-        outbox.publish_job(session, claimed.id, claimed.priority, verdict.retry_in)
-    # The rollups and the ledger in this transaction: the call is counted with its attempt
-    # row (written whether or not the job was still ours), the cost only when the compare-
-    # and-set above won, exactly when the job holds it. Last, and always in this order
-    # (job, batch, usage, attempts, ledger), so that their rows' locks, shared by the key's
-    # other jobs, last only until the commit that follows and are never taken in opposite
-    # orders.
-    rollups.attempt_recorded(
-        session,
-        claimed.api_key_id,
-        claimed.model,
-        now,
-        result.outcome,
-        result.status_code,
-        result.latency_ms,
+    values = {
+        **common,
+        **_error_values(result),
+        "status": JobStatus.FAILED,
+        "finished_at": now,
+        "accounted": 1,
+    }
+    if result.outcome is Outcome.TRANSIENT:
+        values["error_message"] = (
+            f"gave up after {claimed.attempt} attempts; last error: {result.error_message}"
+        )
+    return AttemptVerdict(JobStatus.FAILED), values
+
+
+def _ended(
+    claimed: ClaimedJob, status: JobStatus, values: dict[str, Any], now: datetime
+) -> EndedJob:
+    """The job's end as its hour's rollup counts it, from the columns the attempt writes (an
+    ending attempt writes every one it counts: tokens and costs only on success, and a job
+    carries none of them before its success)."""
+    costs = None
+    if values.get("cost_total") is not None:
+        costs = tuple(values.get(column) or Decimal(0) for column in COST_COLUMNS)
+    tokens = tuple(int(values.get(column) or 0) for column in TOKEN_COLUMNS)
+    return EndedJob(
+        api_key_id=claimed.api_key_id,
+        model=claimed.model,
+        status=status,
+        finished_at=now,
+        tokens=tokens,  # type: ignore[arg-type]
+        costs=costs,  # type: ignore[arg-type]
     )
-    cost = values.get("cost_total")
-    if settled and verdict.status.is_final and cost is not None:
-        budgets.record_spend(session, claimed.api_key_id, now, cost)
-    if not settled:
-        return AttemptVerdict(JobStatus.RUNNING)
-    return verdict
+
+
+def _announce_and_deliver(session: Session, claimed: ClaimedJob, subscribed: bool) -> Job | None:
+    """The job's end as end_events sets it off, less its rollup (written by the caller):
+    the word to its waiters, and its webhook deliveries. The job is loaded only when
+    something needs it (a webhook, a subscription, a batch): the common job has none."""
+    outbox.announce_finished(session, claimed.id)
+    if claimed.webhook_url is None and not subscribed and claimed.batch_id is None:
+        return None
+    job = JobRepository(session).get(claimed.id)
+    assert job is not None
+    deliveries.job_event(session, job, subscribed=subscribed)
+    return job
 
 
 def _error_values(result: UpstreamResult) -> dict[str, Any]:

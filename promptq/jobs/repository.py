@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, and_, or_, select, update
+from sqlalchemy import Select, and_, exists, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from promptq.models import (
@@ -15,11 +15,14 @@ from promptq.models import (
     Attempt,
     Job,
     JobStatus,
+    WebhookSubscription,
     has_status,
     is_active_job,
 )
 
 NO_BATCH = "none"
+# What a job of a key with an rpm waits for when its place in the key's rate is ahead.
+KEY_RPM = "key_rpm"
 
 
 class JobRepository:
@@ -119,6 +122,52 @@ class JobRepository:
         )
         return self.session.execute(statement).rowcount == 1  # type: ignore[attr-defined]
 
+    def claim_ready(self, job_id: str, now: datetime, lease_until: datetime) -> Any:
+        """claim() and the read that comes before it, in one statement: the job claimed only
+        when nothing has to be decided first (its key not revoked, no place in its key's
+        rpm to take), with what running it needs of the job and of its key; None when it
+        was not claimed, for whatever reason (the caller finds out which the long way).
+        Subqueries rather than UPDATE ... FROM: SQLite's RETURNING may not name a FROM
+        table."""
+        key_ready = exists().where(
+            ApiKey.id == Job.api_key_id,
+            ApiKey.revoked_at.is_(None),
+            or_(ApiKey.rpm.is_(None), Job.attempts > 0, Job.waiting_for == KEY_RPM),
+        )
+        of_key = ApiKey.id == Job.api_key_id
+        statement = (
+            update(Job)
+            .where(
+                Job.id == job_id,
+                Job.status.in_(RUNNABLE_STATUSES),
+                or_(Job.next_attempt_at.is_(None), Job.next_attempt_at <= now),
+                key_ready,
+            )
+            .values(
+                status=JobStatus.RUNNING,
+                attempts=Job.attempts + 1,
+                started_at=now,
+                lease_expires_at=lease_until,
+                waiting_for=None,
+                updated_at=now,
+            )
+            .returning(
+                Job.id,
+                Job.api_key_id,
+                Job.model,
+                Job.request,
+                Job.priority,
+                Job.attempts,
+                Job.anthropic_beta,
+                Job.batch_id,
+                Job.webhook_url,
+                select(ApiKey.monthly_budget_usd).where(of_key).scalar_subquery(),
+                select(ApiKey.quotas).where(of_key).scalar_subquery(),
+            )
+            .execution_options(synchronize_session=False)
+        )
+        return self.session.execute(statement).first()
+
     def transition(self, job_id: str, from_statuses: Sequence[str], values: dict[str, Any]) -> bool:
         """Compare-and-set from one of `from_statuses`; False when the job had moved on."""
         statement = (
@@ -146,6 +195,26 @@ class JobRepository:
 
     def add_attempt(self, attempt: Attempt) -> None:
         self.session.add(attempt)
+
+    def insert_attempt(self, values: dict[str, Any]) -> None:
+        """An attempt's row, written at once (no ORM object to flush later)."""
+        self.session.execute(insert(Attempt).values(**values))
+
+    def settle(
+        self, job_id: str, from_statuses: Sequence[str], values: dict[str, Any]
+    ) -> tuple[bool, bool]:
+        """transition(), also saying whether the job's key has a webhook subscription in
+        force: (settled, subscribed). Asked in the same statement, so that a job without
+        one pays nothing to learn it."""
+        statement = (
+            update(Job)
+            .where(Job.id == job_id, Job.status.in_(from_statuses))
+            .values(**values)
+            .returning(subscribed_of_job())
+            .execution_options(synchronize_session=False)
+        )
+        row = self.session.execute(statement).first()
+        return (row is not None, bool(row[0]) if row is not None else False)
 
     def attempts_for(self, job_id: str) -> Sequence[Attempt]:
         query = select(Attempt).where(Attempt.job_id == job_id).order_by(Attempt.number)
@@ -213,6 +282,15 @@ class JobRepository:
             .execution_options(synchronize_session=False)
         )
         return self.session.execute(statement).rowcount  # type: ignore[attr-defined]
+
+
+def subscribed_of_job() -> Any:
+    """Whether the job's key has a webhook subscription in force (a term of a statement on
+    jobs)."""
+    return exists().where(
+        WebhookSubscription.api_key_id == Job.api_key_id,
+        WebhookSubscription.disabled_at.is_(None),
+    )
 
 
 def _filtered(query: Select[Job], status: str | None, batch: str | None) -> Select[Job]:

@@ -1,9 +1,15 @@
 """One delivery of a job, from message to recorded attempt.
 
-The order matters: a job is checked (still runnable, due), then admitted (its key's rpm,
-then the model's limits: a job that must wait joins the model's queue in Redis and its
-message is done), then claimed (compare-and-set), then called, then recorded. Budget that
-was granted but not used is given back.
+The common job (due, its key neither revoked nor held to an rpm) is claimed first, in one
+statement that also reads what running it needs (JobRepository.claim_ready), then admitted
+by its model's limits in the claim's transaction: a job that must wait joins the model's
+queue in Redis, its claim is rolled back and it is marked waiting, and its message is done.
+Then called, then recorded in one transaction (on PostgreSQL one statement,
+promptq.jobs.recording): two transactions, a handful of statements, per job.
+
+Any other job goes the long way: checked first (still runnable, due, its key not revoked),
+then admitted (its key's rpm, then the model's limits), then claimed (compare-and-set).
+Budget that was granted but not used is given back.
 
 What the transactions set off (a retry's message, the word to clients held open on the job,
 its webhook deliveries) is recorded on their sessions and sent by the runner's messenger
@@ -19,32 +25,40 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol
 
-from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential,
+)
 
 from promptq import budgets
 from promptq.clock import utcnow
 from promptq.config import Settings
-from promptq.db import TRANSIENT_DATABASE_ERRORS, session_scope
+from promptq.db import TRANSIENT_DATABASE_ERRORS, reconnected, session_scope
 from promptq.jobs.execution import (
+    ClaimedJob,
     Refusal,
     RunnableJob,
     cancel_for_revoked_key,
     claim_job,
+    claim_ready_job,
     mark_waiting,
     record_attempt,
     reserve_budget,
     runnable_job,
 )
 from promptq.jobs.leases import LeaseKeeper
+from promptq.jobs.repository import KEY_RPM
 from promptq.outbox import Messenger
 from promptq.pricing import PriceTable
-from promptq.ratelimit.protocol import Grant, Limiter
+from promptq.ratelimit.protocol import Decision, Grant, Limiter
 from promptq.upstream import UpstreamResult
 from promptq.usage import Usage
 
 log = logging.getLogger(__name__)
 
-KEY_RPM = "key_rpm"
 # How long a worker keeps an upstream answer in memory while the database is away.
 RECORD_PATIENCE_SECONDS = 300
 # A reservation this close is not worth a round trip through the broker.
@@ -69,6 +83,56 @@ class JobRunner:
     messenger: Messenger
 
     def run(self, job_id: str, grant: Grant | None = None) -> str:
+        started = self._start_ready(job_id, grant)
+        if started is None:
+            return self._run_checked(job_id, grant)
+        if isinstance(started, str):
+            return started
+        job, claimed, grant = started
+        return self._call(job, claimed, grant)
+
+    def _start_ready(
+        self, job_id: str, grant: Grant | None
+    ) -> tuple[RunnableJob, ClaimedJob, Grant] | str | None:
+        """The common job's way: claimed in one statement, then admitted (its model's
+        limits, in the claim's transaction: a job that must wait is rolled back to where
+        it was and marked waiting), its budget reserved, one commit. None when it was not
+        claimed: the long way (_run_checked) finds out why."""
+        refused: Refusal | None = None
+        given = grant
+        try:
+            with session_scope(self.settings, self.messenger) as session:
+                ready = claim_ready_job(session, self.settings, job_id)
+                if ready is None:
+                    return None
+                job, claimed = ready
+                if grant is None:
+                    decision = self._acquire(job)
+                    if decision.grant is None:
+                        # The claim never happened: the job waits as it was, for budget.
+                        session.rollback()
+                        mark_waiting(session, job.id, decision.waiting_for or "queue")
+                        return "waiting"
+                    grant = decision.grant
+                if claimed.budgeted:
+                    # In the claim's transaction: a job runs only with its cost reserved.
+                    refused = reserve_budget(session, self.settings, self.prices, claimed)
+        except BaseException:
+            # Rolled back, so not claimed: budget granted here goes back (a dispatcher's
+            # grant stays with the message, which is tried again).
+            if grant is not given:
+                self._give_back(grant)
+            raise
+        if refused is not None:
+            self._give_back(grant)
+            log.info("job %s: %s", job_id, refused.message)
+            return "budget exceeded"
+        return job, claimed, grant
+
+    def _run_checked(self, job_id: str, grant: Grant | None) -> str:
+        """The long way: the job read first, then what keeps it from running now decided
+        (gone, its key revoked, not yet due, its key's rpm, its model's limits), then the
+        claim."""
         with session_scope(self.settings, self.messenger) as session:
             job = runnable_job(session, job_id)
         if job is None:
@@ -89,34 +153,10 @@ class JobRunner:
             if admitted is None:
                 return "waiting"
             grant = admitted
-        return self._attempt(job, grant)
-
-    def _admit(self, job: RunnableJob) -> Grant | None:
-        if job.key_rpm and job.attempts == 0 and job.waiting_for != KEY_RPM:
-            delay = self.limiter.reserve_for_key(job.api_key_id, job.key_rpm)
-            if delay > NEGLIGIBLE_DELAY_SECONDS:
-                with session_scope(self.settings, self.messenger) as session:
-                    mark_waiting(session, job.id, KEY_RPM, utcnow() + timedelta(seconds=delay))
-                self.messenger.publish_job(job.id, job.priority, delay)
-                return None
-        decision = self.limiter.acquire(
-            job.id,
-            job.model,
-            job.request,
-            job.priority,
-            client_key=job.api_key_id,
-            high_waiting=job.key_high_priority_waiting,
-        )
-        if decision.grant is None:
-            with session_scope(self.settings, self.messenger) as session:
-                mark_waiting(session, job.id, decision.waiting_for or "queue")
-        return decision.grant
-
-    def _attempt(self, job: RunnableJob, grant: Grant) -> str:
         refused: Refusal | None = None
         with session_scope(self.settings, self.messenger) as session:
             claimed = claim_job(session, self.settings, job)
-            if claimed is not None and job.key_monthly_budget_usd is not None:
+            if claimed is not None and claimed.budgeted:
                 # In the claim's transaction: a job runs only with its cost reserved.
                 refused = reserve_budget(session, self.settings, self.prices, claimed)
         if claimed is None:
@@ -126,19 +166,46 @@ class JobRunner:
             self._give_back(grant)
             log.info("job %s: %s", job.id, refused.message)
             return "budget exceeded"
+        return self._call(job, claimed, grant)
+
+    def _admit(self, job: RunnableJob) -> Grant | None:
+        if job.key_rpm and job.attempts == 0 and job.waiting_for != KEY_RPM:
+            delay = self.limiter.reserve_for_key(job.api_key_id, job.key_rpm)
+            if delay > NEGLIGIBLE_DELAY_SECONDS:
+                with session_scope(self.settings, self.messenger) as session:
+                    mark_waiting(session, job.id, KEY_RPM, utcnow() + timedelta(seconds=delay))
+                self.messenger.publish_job(job.id, job.priority, delay)
+                return None
+        decision = self._acquire(job)
+        if decision.grant is None:
+            with session_scope(self.settings, self.messenger) as session:
+                mark_waiting(session, job.id, decision.waiting_for or "queue")
+        return decision.grant
+
+    def _acquire(self, job: RunnableJob) -> Decision:
+        return self.limiter.acquire(
+            job.id,
+            job.model,
+            job.request,
+            job.priority,
+            client_key=job.api_key_id,
+            high_waiting=job.key_high_priority_waiting,
+        )
+
+    def _call(self, job: RunnableJob, claimed: ClaimedJob, grant: Grant) -> str:
         with self.leases.holding(job.id, grant):
             result = self.upstream.create_message(claimed.request, beta=claimed.anthropic_beta)
             # The answer is recorded first, and waited for through a database outage: it
             # was paid for, and losing it would mean asking the upstream again.
             for retrying in Retrying(
                 retry=retry_if_exception_type(TRANSIENT_DATABASE_ERRORS),
-                wait=wait_exponential(multiplier=0.5, max=10),
+                wait=_at_once_if_reconnected,
                 stop=stop_after_delay(RECORD_PATIENCE_SECONDS),
                 reraise=True,
             ):
                 with retrying, session_scope(self.settings, self.messenger) as session:
                     verdict = record_attempt(session, self.settings, self.prices, claimed, result)
-                    if job.key_monthly_budget_usd is not None:
+                    if claimed.budgeted:
                         budgets.release(session, [claimed.id])
         log.info(
             "job %s attempt %d: %s (upstream %s, %d ms)",
@@ -151,14 +218,14 @@ class JobRunner:
         )
         try:
             usage = Usage.from_message(result.message) if result.message else None
-            self.limiter.settle(grant, usage, called=True, request=claimed.request)
-            if result.status_code == 429 or result.rate_limit_headers:
-                self.limiter.feedback(
-                    job.model,
-                    result.rate_limit_headers,
-                    throttled=result.status_code == 429,
-                    retry_after=result.retry_after,
-                )
+            self.limiter.finish(
+                grant,
+                usage,
+                claimed.request,
+                result.rate_limit_headers,
+                throttled=result.status_code == 429,
+                retry_after=result.retry_after,
+            )
         except Exception:
             # Left unsettled, the slot frees itself when its lease runs out.
             log.exception(
@@ -169,3 +236,17 @@ class JobRunner:
     def _give_back(self, grant: Grant | None) -> None:
         if grant is not None:
             self.limiter.settle(grant, None, called=False)
+
+
+_backoff = wait_exponential(multiplier=0.5, max=10)
+
+
+def _at_once_if_reconnected(state: RetryCallState) -> float:
+    """No wait before the first retry of a statement that met a connection the database had
+    dropped (a restart): the pool has let go of every connection as old, and a new one is
+    likely fine. Anything else waits, backing off."""
+    outcome = state.outcome
+    error = outcome.exception() if outcome is not None else None
+    if state.attempt_number == 1 and error is not None and reconnected(error):
+        return 0.0
+    return float(_backoff(state))

@@ -53,6 +53,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_HIGH_WAITING_PER_KEY = 5
 
+# A script to run, with its keys and arguments.
+ScriptCall = tuple[Any, list[Any], list[Any]]
+
 # running_calls(model): the model's running jobs by the database, with the seconds left of
 # each one's lease; what the in-flight slots are rebuilt from after Redis lost them.
 RunningCalls = Callable[[str], list[tuple[str, float]]]
@@ -265,6 +268,50 @@ class RedisLimiter(Limiter):
         """Free the grant's slot and correct its token charges by what was really used.
         Given the request, a call that the upstream reports as caching its prompt marks the
         prompt's prefixes as cached, so that later calls are charged without them."""
+        self._run([self._settle_call(grant, usage, called, request)])
+
+    def finish(
+        self,
+        grant: Grant,
+        usage: Usage | None,
+        request: Mapping[str, Any] | None,
+        headers: Mapping[str, str],
+        throttled: bool,
+        retry_after: float | None,
+    ) -> None:
+        """settle() and feedback() of a call that was made, in one round trip (a pipeline):
+        the upstream's rate-limit headers come with every answer."""
+        calls = [self._settle_call(grant, usage, True, request)]
+        feedback = self._feedback_call(grant.model, headers, throttled, retry_after)[1]
+        if feedback is not None:
+            calls.append(feedback)
+        self._run(calls)
+
+    def _run(self, calls: list[ScriptCall]) -> None:
+        """Run scripts in one round trip: by their digests in a pipeline, then, for any
+        Redis did not know (restarted, flushed), once more through the script object, which
+        loads it."""
+        if len(calls) == 1:
+            script, keys, args = calls[0]
+            script(keys=keys, args=args)
+            return
+        with self.client.pipeline(transaction=False) as pipe:
+            for script, keys, args in calls:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            replies = pipe.execute(raise_on_error=False)
+        for (script, keys, args), reply in zip(calls, replies, strict=True):
+            if isinstance(reply, redis.exceptions.NoScriptError):
+                script(keys=keys, args=args)
+            elif isinstance(reply, Exception):
+                raise reply
+
+    def _settle_call(
+        self,
+        grant: Grant,
+        usage: Usage | None,
+        called: bool,
+        request: Mapping[str, Any] | None,
+    ) -> ScriptCall:
         limits = self.table.limits_for(grant.model)
         refunds = refunds_of(grant, usage, called, limits)
         cached: list[CachePrefix] = []
@@ -276,9 +323,10 @@ class RedisLimiter(Limiter):
         ):
             cached = cache_prefixes(request)
         state, inflight = self.keys(grant.model)[:2]
-        self._settle(
-            keys=[state, inflight, *(self.cache_marker(grant.model, p) for p in cached)],
-            args=[
+        return (
+            self._settle,
+            [state, inflight, *(self.cache_marker(grant.model, p) for p in cached)],
+            [
                 grant.id,
                 refunds[0],
                 refunds[1],
@@ -297,9 +345,17 @@ class RedisLimiter(Limiter):
         """Tell every worker what the upstream said: a 429 pauses the model for its
         retry-after and cuts the rate; reported limits cap the configured ones; reported
         remaining tokens lower the token meters to them."""
+        reported, call = self._feedback_call(model, headers, throttled, retry_after)
+        if call is not None:
+            self._run([call])
+        return reported
+
+    def _feedback_call(
+        self, model: str, headers: Mapping[str, str], throttled: bool, retry_after: float | None
+    ) -> tuple[ReportedLimits, ScriptCall | None]:
         reported = read_rate_limit_headers(headers)
         if not throttled and not reported.any:
-            return reported
+            return reported, None
         limits = self.table.limits_for(model)
         configured = {"req": limits.rpm, "inp": limits.input_tpm, "out": limits.output_tpm}
         # Requests exhausted: wait for the reset. Tokens exhausted: the token meter drops to
@@ -317,9 +373,10 @@ class RedisLimiter(Limiter):
         if throttled:
             pause_ms = max(pause_ms, (retry_after if retry_after is not None else 1.0) * 1000)
         adaptive = self.adaptive
-        self._feedback(
-            keys=[self.keys(model)[0]],
-            args=[
+        return reported, (
+            self._feedback,
+            [self.keys(model)[0]],
+            [
                 pause_ms,
                 1 if throttled else 0,
                 adaptive.cut,
@@ -338,7 +395,6 @@ class RedisLimiter(Limiter):
                 reported.remaining.get("out", -1),
             ],
         )
-        return reported
 
     def renew(self, grants: Iterable[Grant], job_ids: Iterable[str] = ()) -> None:
         """Extend the slots of grants still held, putting back any Redis lost; `job_ids`,

@@ -156,6 +156,19 @@ class MemoryLimiter(Limiter):
                 if limit and meter in state.paid_until and refund:
                     state.paid_until[meter] -= refund * 60 / limit
 
+    def finish(
+        self,
+        grant: Grant,
+        usage: Usage | None,
+        request: Mapping[str, Any] | None,
+        headers: Mapping[str, str],
+        throttled: bool,
+        retry_after: float | None,
+    ) -> None:
+        self.settle(grant, usage, called=True, request=request)
+        if throttled or headers:
+            self.feedback(grant.model, headers, throttled, retry_after)
+
     def feedback(
         self, model: str, headers: Mapping[str, str], throttled: bool, retry_after: float | None
     ) -> ReportedLimits:

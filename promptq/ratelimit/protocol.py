@@ -135,6 +135,19 @@ class Limiter(Protocol):
         """What the upstream said of its limits: a 429, its rate-limit headers."""
         ...
 
+    def finish(
+        self,
+        grant: Grant,
+        usage: Usage | None,
+        request: Mapping[str, Any] | None,
+        headers: Mapping[str, str],
+        throttled: bool,
+        retry_after: float | None,
+    ) -> None:
+        """The end of a call that was made: settle() its grant, and feedback() what the
+        upstream said of its limits, together (the Redis limiter: one round trip)."""
+        ...
+
     def renew(self, grants: Iterable[Grant], job_ids: Iterable[str] = ()) -> None:
         """Keep the slots of calls still in flight, putting back any the limiter lost (a
         Redis failover or restart). The caller renews only grants it still holds, never one

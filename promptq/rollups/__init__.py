@@ -1,24 +1,42 @@
 """Hourly rollups: what jobs, upstream calls and webhook attempts came to, per hour, written
 as the work is recorded, so that reports and /metrics add up hours instead of rows."""
 
+from promptq.rollups.repository import upsert_after
 from promptq.rollups.service import (
+    ATTEMPT_COUNTS,
+    ATTEMPT_KEYS,
+    COST_COLUMNS,
+    TOKEN_COLUMNS,
+    USAGE_COUNTS,
+    USAGE_KEYS,
     EndedJob,
     RecordedAttempt,
     attempt_recorded,
+    attempt_rows,
     attempts_recorded,
     floor_hour,
     job_ended,
     jobs_ended,
+    usage_rows,
     webhook_attempt_recorded,
 )
 
 __all__ = [
+    "ATTEMPT_COUNTS",
+    "ATTEMPT_KEYS",
+    "COST_COLUMNS",
+    "TOKEN_COLUMNS",
+    "USAGE_COUNTS",
+    "USAGE_KEYS",
     "EndedJob",
     "RecordedAttempt",
     "attempt_recorded",
+    "attempt_rows",
     "attempts_recorded",
     "floor_hour",
     "job_ended",
     "jobs_ended",
+    "upsert_after",
+    "usage_rows",
     "webhook_attempt_recorded",
 ]

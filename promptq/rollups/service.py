@@ -110,6 +110,14 @@ def jobs_ended(session: Session, ended: Iterable[EndedJob]) -> None:
     priced), however many jobs share it (a batch's cancel ends thousands at once). Rows
     are written in key order, so two transactions never take the same rows' locks in
     opposite orders."""
+    RollupRepository(session).add_many(UsageHourly, USAGE_KEYS, USAGE_COUNTS, usage_rows(ended))
+
+
+USAGE_COUNTS = ("jobs", *TOKEN_COLUMNS, *COST_COLUMNS)
+
+
+def usage_rows(ended: Iterable[EndedJob]) -> list[dict[str, object]]:
+    """The usage_hourly increments of ended jobs, one per row they add to, in key order."""
     groups: dict[tuple[datetime, str, str, str, bool], list[EndedJob]] = defaultdict(list)
     for job in ended:
         hour = floor_hour(job.finished_at)
@@ -131,9 +139,7 @@ def jobs_ended(session: Session, ended: Iterable[EndedJob]) -> None:
                 (job.costs[index] for job in jobs if job.costs is not None), Decimal(0)
             )
         rows.append(row)
-    RollupRepository(session).add_many(
-        UsageHourly, USAGE_KEYS, ("jobs", *TOKEN_COLUMNS, *COST_COLUMNS), rows
-    )
+    return rows
 
 
 @dataclass(frozen=True)
@@ -166,6 +172,13 @@ def attempt_recorded(
 
 def attempts_recorded(session: Session, recorded: Iterable[RecordedAttempt]) -> None:
     """Add upstream calls to their hours' rows, one upsert per row, in key order."""
+    RollupRepository(session).add_many(
+        AttemptHourly, ATTEMPT_KEYS, ATTEMPT_COUNTS, attempt_rows(recorded)
+    )
+
+
+def attempt_rows(recorded: Iterable[RecordedAttempt]) -> list[dict[str, object]]:
+    """The attempt_hourly increments of upstream calls, one per row, in key order."""
     groups: dict[tuple[datetime, str, str, str, str], list[RecordedAttempt]] = defaultdict(list)
     for attempt in recorded:
         code = str(attempt.status_code) if attempt.status_code is not None else "none"
@@ -185,7 +198,7 @@ def attempts_recorded(session: Session, recorded: Iterable[RecordedAttempt]) -> 
         for index, bound in enumerate(LATENCY_BUCKETS_MS):
             row[f"le_{index}"] = sum(1 for a in attempts if a.latency_ms <= bound)
         rows.append(row)
-    RollupRepository(session).add_many(AttemptHourly, ATTEMPT_KEYS, ATTEMPT_COUNTS, rows)
+    return rows
 
 
 def webhook_attempt_recorded(

@@ -39,20 +39,27 @@ class PreparedDelivery:
     attempt: int
 
 
-def job_event(session: Session, job: Job) -> None:
+def job_event(session: Session, job: Job, subscribed: bool = True) -> None:
     """Create the deliveries of a job's end: to its webhook_url and to every subscription of
     its key that wants the event, sent once the session commits. A batch's requests send
     none of their own (a batch of 10,000 would make 10,000 calls): the batch announces its
-    end."""
+    end. `subscribed=False`: the caller knows, from this transaction, that the key has no
+    subscription in force (promptq.jobs.repository.JobRepository.settle), so they are not
+    looked up."""
     if job.status not in ("succeeded", "failed") or job.batch_id is not None:
         return
     event_type = f"job.{job.status}"
-    targets: list[tuple[str, str | None]] = [
-        (s.url, s.id) for s in subscriptions.listening(session, job.api_key_id, event_type)
-    ]
+    targets: list[tuple[str, str | None]] = []
+    if subscribed:
+        targets = [
+            (s.url, s.id) for s in subscriptions.listening(session, job.api_key_id, event_type)
+        ]
     if job.webhook_url is not None:
         targets.insert(0, (job.webhook_url, None))
-        job.webhook_status = DeliveryStatus.PENDING
+        if job.webhook_status != DeliveryStatus.PENDING:  # set already by a job's end
+            job.webhook_status = DeliveryStatus.PENDING
+    if not targets:
+        return
     _create_event(session, job.api_key_id, event_type, job_to_api(job), targets, job.id)
 
 

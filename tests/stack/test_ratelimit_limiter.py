@@ -536,3 +536,20 @@ def test_a_keys_jobs_go_in_the_order_they_were_made_whatever_order_they_arrive(
         "job-3",
     }
     assert [job for job, _ in dispatch_all(limiter, holder)] == ["job-1", "job-2", "job-3"]
+
+
+def test_finish_settles_and_feeds_back_in_one_round_trip_even_after_redis_forgot_the_scripts(
+    make_limiter: MakeLimiter, redis_client: redis.Redis
+) -> None:
+    """A call's end frees its slot and passes on a 429 together (one pipeline of the two
+    scripts by digest); a Redis that lost its scripts (restarted, flushed) is given them
+    again, and both still happen."""
+    limiter = make_limiter(max_concurrency=1)
+    grant = limiter.acquire("job-finish", MODEL, request(), "normal").grant
+    assert grant is not None
+    assert limiter.snapshot(MODEL)["in_flight"] == 1
+    redis_client.script_flush()
+    limiter.finish(grant, None, request(), {}, throttled=True, retry_after=2.0)
+    snapshot = limiter.snapshot(MODEL)
+    assert snapshot["in_flight"] == 0
+    assert snapshot["paused_for_seconds"] > 1.0

@@ -1,0 +1,364 @@
+"""What one job costs the database and Redis on its way through a worker: SQL statements and
+transactions counted by SQLAlchemy's engine events, Redis round trips by a counting wrapper
+around redis-py's connection send (kombu talks to Redis through redis-py too), against the
+real databases, a real Redis and the simulator over HTTP.
+
+The job runs in-process through promptq.jobs.runner.JobRunner, with the worker's own parts
+(the Redis limiter, the lease keeper, the broker messenger over a Celery app): from the
+worker receiving the job's message to its end recorded. Its intake side (the publish marker
+and the message, promptq.broker.publish) is counted apart. Celery's own consume and ack of
+the message, and the task events a worker sends, belong to the transport and are counted by
+test_celery_transport_round_trips, with a Celery worker in this process.
+
+The lean path is a key without a budget or an rpm, granted at once by the limiter, on
+PostgreSQL (production):
+- without a webhook: at most 4 statements in at most 2 transactions (2 today: the claim,
+  which reads the job and its key; the record, one statement of data-modifying CTEs);
+- with one (the job's webhook_url and a subscription of its key): at most 6 statements (5:
+  the job read for the event's body, the subscriptions, the deliveries' insert);
+- in Redis, at most 6 round trips in all, intake included, the deliveries' messages aside.
+SQLite has no data-modifying CTE: the five writes PostgreSQL folds into one statement (the
+attempt's row, the job's end, its hour's usage, the call's hour, the spend) are one
+statement each there, four more, in the same two transactions (STATEMENTS).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import redis
+import redis.connection
+from helpers import unique
+from sqlalchemy import event
+
+from promptq.broker.celery_app import create_celery
+from promptq.broker.messenger import BrokerMessenger
+from promptq.broker.publish import publish_job
+from promptq.config import Settings
+from promptq.db import get_engine, session_scope
+from promptq.jobs import service
+from promptq.jobs.leases import LeaseKeeper
+from promptq.jobs.runner import JobRunner
+from promptq.jobspec.schemas import JobCreate
+from promptq.keys.service import authenticate
+from promptq.models import Job
+from promptq.pricing import PriceTable
+from promptq.ratelimit.limiter import RedisLimiter
+from promptq.ratelimit.table import LimitTable
+from promptq.redis_roles import client_for
+from promptq.simulator import Simulator, SimulatorConfig
+from promptq.testing import SONNET
+from promptq.upstream import UpstreamClient
+from promptq.webhooks import subscriptions
+
+# Statements per job, by database and kind of job (see the module's docstring for SQLite's).
+STATEMENTS = {
+    ("postgresql", "no webhook"): 4,
+    ("postgresql", "webhook"): 6,
+    ("sqlite", "no webhook"): 6,
+    ("sqlite", "webhook"): 9,
+}
+TRANSACTIONS = 2
+# Intake and worker together, the webhook deliveries' own messages aside.
+REDIS_ROUND_TRIPS = 6
+
+
+@dataclass
+class Tally:
+    statements: list[str] = field(default_factory=list)
+    begins: int = 0
+    commits: int = 0
+    checkouts: int = 0
+    pings: int = 0
+    # Each Redis round trip as the commands it carried (a pipeline carries several).
+    redis: list[list[str]] = field(default_factory=list)
+
+    def reset(self) -> None:
+        self.statements.clear()
+        self.redis.clear()
+        self.begins = self.commits = self.checkouts = self.pings = 0
+
+    def describe(self) -> str:
+        shown = "\n  ".join(s.split("\n")[0][:110] for s in self.statements)
+        trips = "; ".join(" ".join(trip) for trip in self.redis)
+        return (
+            f"{len(self.statements)} statements in {self.begins} transactions "
+            f"({self.commits} commits, {self.checkouts} checkouts, {self.pings} pings), "
+            f"{len(self.redis)} Redis round trips [{trips}]:\n  {shown}"
+        )
+
+
+def _command_names(packed: Any) -> list[str]:
+    """The command names of a packed RESP request (one, or a pipeline's several)."""
+    chunks = packed if isinstance(packed, list | tuple) else [packed]
+    data = b"".join(bytes(chunk) for chunk in chunks)
+    names: list[str] = []
+    lines = data.split(b"\r\n")
+    index = 0
+    while index < len(lines):
+        if lines[index].startswith(b"*") and index + 2 < len(lines):
+            names.append(lines[index + 2].decode(errors="replace").upper())
+            count = int(lines[index][1:])
+            index += 1 + 2 * count
+        else:
+            index += 1
+    return names
+
+
+@pytest.fixture
+def redis_tally(monkeypatch: pytest.MonkeyPatch) -> Tally:
+    """Counts every Redis round trip of this process, as the commands each carried."""
+    counted = Tally()
+    send = redis.connection.AbstractConnection.send_packed_command
+
+    def counting_send(self: Any, command: Any, check_health: bool = True) -> None:
+        counted.redis.append(_command_names(command))
+        send(self, command, check_health)
+
+    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting_send)
+    return counted
+
+
+@pytest.fixture
+def tally(
+    database_url: str, redis_tally: Tally, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Tally]:
+    """redis_tally, and the statements, transactions, checkouts and pings of the database."""
+    counted = redis_tally
+    engine = get_engine(database_url)
+
+    def on_statement(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        counted.statements.append(statement)
+
+    def on_begin(_conn: Any) -> None:
+        counted.begins += 1
+
+    def on_commit(_conn: Any) -> None:
+        counted.commits += 1
+
+    def on_checkout(*_: Any) -> None:
+        counted.checkouts += 1
+
+    listeners = [
+        (engine, "before_cursor_execute", on_statement),
+        (engine, "begin", on_begin),
+        (engine, "commit", on_commit),
+        (engine.pool, "checkout", on_checkout),
+    ]
+    for target, name, listener in listeners:
+        event.listen(target, name, listener)
+    do_ping = engine.dialect.do_ping
+
+    def counting_ping(dbapi_connection: Any) -> bool:
+        counted.pings += 1
+        return bool(do_ping(dbapi_connection))
+
+    monkeypatch.setattr(engine.dialect, "do_ping", counting_ping)
+    yield counted
+    for target, name, listener in listeners:
+        event.remove(target, name, listener)
+
+
+@dataclass
+class Worker:
+    settings: Settings
+    runner: JobRunner
+    app: Any
+    leases: LeaseKeeper
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[Simulator]:
+    """The simulator with limits, so that it sends anthropic-ratelimit-* headers with every
+    answer, as Anthropic does (the worker tells its limiter what they say)."""
+    config = SimulatorConfig(rpm=10**6, input_tpm=10**9, output_tpm=10**9)
+    with Simulator(config) as server:
+        yield server
+
+
+@pytest.fixture
+def worker(quiet_env: dict[str, str], database_url: str, upstream: Simulator) -> Iterator[Worker]:
+    """The worker's parts, built as worker.context builds them, on a Redis database no
+    worker process consumes (so the messages the job's path sends stay where they are)."""
+    simulator = upstream
+    settings = Settings(
+        database_url=database_url,
+        redis_url=quiet_env["PROMPTQ_REDIS_URL"],
+        upstream_url=simulator.url,
+        upstream_api_key=quiet_env["PROMPTQ_UPSTREAM_API_KEY"],
+        limits_file=quiet_env["PROMPTQ_LIMITS_FILE"],
+    )
+    app = create_celery(settings)
+    limiter = RedisLimiter(
+        client_for(settings, "limiter"),
+        LimitTable.load(settings.limits_file),
+        slot_lease_seconds=settings.slot_lease_seconds,
+    )
+    leases = LeaseKeeper(settings, limiter)
+    limiter.running_calls = leases.running_calls
+    runner = JobRunner(
+        settings,
+        PriceTable.load(settings.pricing_file),
+        UpstreamClient(settings.upstream_url, settings.upstream_key, timeout=10),
+        limiter,
+        leases,
+        BrokerMessenger(app, client_for(settings, "events")),
+    )
+    yield Worker(settings, runner, app, leases)
+    leases.stop()
+
+
+def submit(worker: Worker, plain: str, **extra: Any) -> str:
+    """A job stored as the API stores it (its message is sent apart, and counted)."""
+    with session_scope(worker.settings) as session:
+        key = authenticate(session, plain)
+        assert key is not None
+        body = {"prompt": unique("counted"), "model": SONNET, "max_tokens": 16, **extra}
+        return service.create_job(
+            session, worker.settings, key, JobCreate.model_validate(body)
+        ).job.id
+
+
+@dataclass
+class JobCounts:
+    intake: Tally
+    worker: Tally
+
+
+def run_counted(worker: Worker, tally: Tally, plain: str, **extra: Any) -> JobCounts:
+    job_id = submit(worker, plain, **extra)
+    tally.reset()
+    publish_job(worker.app, job_id)
+    intake = Tally(redis=list(tally.redis))
+    tally.reset()
+    outcome = worker.runner.run(job_id)
+    counted = Tally(
+        statements=list(tally.statements),
+        begins=tally.begins,
+        commits=tally.commits,
+        checkouts=tally.checkouts,
+        pings=tally.pings,
+        redis=list(tally.redis),
+    )
+    assert outcome == "succeeded", outcome
+    with session_scope(worker.settings) as session:
+        job = session.get(Job, job_id)
+        assert job is not None and job.status == "succeeded" and job.cost_total is not None
+        expected = {"pending"} if extra.get("webhook_url") else {None}
+        assert job.webhook_status in expected
+    return JobCounts(intake, counted)
+
+
+def report(kind: str, database_url: str, counts: JobCounts) -> str:
+    database = database_url.split(":", 1)[0]
+    text = (
+        f"{kind} on {database}: worker {counts.worker.describe()}\n"
+        f"  intake: {len(counts.intake.redis)} Redis round trips "
+        f"[{'; '.join(' '.join(t) for t in counts.intake.redis)}]"
+    )
+    print(text)
+    return text
+
+
+def test_a_job_without_a_webhook(
+    worker: Worker, tally: Tally, make_key: Any, database_url: str
+) -> None:
+    plain = make_key("lean")
+    run_counted(worker, tally, plain)  # connections, scripts and queues warmed up
+    check(run_counted(worker, tally, plain), "no webhook", database_url, deliveries=0)
+
+
+def test_a_job_with_a_webhook(
+    worker: Worker, tally: Tally, make_key: Any, database_url: str
+) -> None:
+    plain = make_key("hooked")
+    with session_scope(worker.settings) as session:
+        key = authenticate(session, plain)
+        assert key is not None
+        subscriptions.subscribe(
+            session, key, "http://127.0.0.1:9/hook", ["job.succeeded"], allow_private=True
+        )
+    hook = {"webhook_url": "http://127.0.0.1:9/job"}
+    run_counted(worker, tally, plain, **hook)
+    # Two deliveries: the job's webhook_url and the key's subscription.
+    check(run_counted(worker, tally, plain, **hook), "webhook", database_url, deliveries=2)
+
+
+def check(counts: JobCounts, kind: str, database_url: str, deliveries: int) -> None:
+    text = report(kind, database_url, counts)
+    database = "sqlite" if database_url.startswith("sqlite") else "postgresql"
+    assert len(counts.worker.statements) <= STATEMENTS[(database, kind)], text
+    assert counts.worker.begins <= TRANSACTIONS, text
+    # Connections in constant use are not pinged before each checkout.
+    assert counts.worker.pings == 0, text
+    # The limiter's settle and its feedback from the answer's headers share a round trip.
+    assert ["EVALSHA", "EVALSHA"] in counts.worker.redis, text
+    sent = [trip for trip in counts.worker.redis if trip == ["LPUSH"]]
+    assert len(sent) == deliveries, text
+    trips = len(counts.worker.redis) + len(counts.intake.redis) - deliveries
+    assert trips <= REDIS_ROUND_TRIPS, text
+
+
+TRANSPORT_MESSAGES = 20
+
+
+def test_celery_transport_round_trips(
+    quiet_env: dict[str, str], redis_tally: Tally, database_url: str
+) -> None:
+    """Celery's own per-message Redis traffic, apart from the job's: a worker (Celery's, in
+    this process, threads pool and task events as `promptq worker` runs it) consumes and
+    acknowledges messages of a task that does nothing. Reported, per message, by command;
+    asserted only to be there (they are the transport's, not promptq's to cut)."""
+    from celery.contrib.testing.worker import start_worker
+
+    if not database_url.startswith("sqlite"):
+        # No database in it: counted once (and Celery's embedded worker starts once a process).
+        pytest.skip("the transport's traffic is the same whatever the database")
+    settings = Settings(redis_url=quiet_env["PROMPTQ_REDIS_URL"])
+    app = create_celery(settings)
+    done: list[int] = []
+
+    @app.task(name="promptq.tests.noop", ignore_result=True, acks_late=True)  # type: ignore[misc]
+    def noop(number: int) -> None:
+        done.append(number)
+
+    with start_worker(app, pool="threads", concurrency=4, perform_ping_check=False):
+        for number in range(3):  # connections and queues warmed up
+            noop.delay(number)
+        _wait_for(lambda: len(done) == 3)
+        tally = redis_tally
+        tally.reset()
+        with app.producer_or_acquire() as producer:
+            for number in range(TRANSPORT_MESSAGES):
+                noop.apply_async((number,), producer=producer)
+        _wait_for(lambda: len(done) == 3 + TRANSPORT_MESSAGES)
+        # The last acknowledgement lands just after the task returns.
+        _wait_for(lambda: sum("ZREM" in trip for trip in tally.redis) >= TRANSPORT_MESSAGES)
+        # The worker consumes while the messages are still being sent: the sender's pushes
+        # are told apart by their command.
+        trips = [trip for trip in tally.redis if trip != ["LPUSH"]]
+    by_command: dict[str, int] = {}
+    for trip in trips:
+        name = "+".join(trip)
+        by_command[name] = by_command.get(name, 0) + 1
+    per_message = len(trips) / TRANSPORT_MESSAGES
+    text = (
+        f"Celery transport, per message (of {TRANSPORT_MESSAGES}): {per_message:.2f} Redis "
+        f"round trips: "
+        + ", ".join(
+            f"{name} {count / TRANSPORT_MESSAGES:.2f}" for name, count in sorted(by_command.items())
+        )
+    )
+    print(text)
+    assert any("ZREM" in trip for trip in trips), text
+
+
+def _wait_for(condition: Any, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
