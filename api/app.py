@@ -16,6 +16,7 @@ from api.body_limit import BodySizeLimit
 from api.broker import BrokerCheck
 from api.control_chars import RefuseControlCharacters
 from api.errors import install_error_handlers
+from api.intake import intake_threads
 from api.listener import FinishedJobs
 from api.open_requests import OpenRequests
 from api.routes import (
@@ -38,6 +39,7 @@ from promptq.config import Settings, get_settings
 from promptq.jobspec.schemas import JobCreate
 from promptq.outbox import Messenger
 from promptq.pricing import PriceTable
+from promptq.quotas import UnfinishedJobs
 from promptq.ratelimit.quota import RateQuota
 from promptq.ratelimit.table import LimitTable
 from promptq.redis_roles import redis_client, role_url
@@ -68,7 +70,9 @@ def create_app(settings: Settings | None = None, messenger: Messenger | None = N
     app.state.celery = create_celery(settings)
     app.state.messenger = messenger or BrokerMessenger(app.state.celery, redis_client(events_url))
     app.state.broker = BrokerCheck(broker_redis_url)
-    app.state.quotas = RateQuota(redis_client(limiter_url))
+    limiter_redis = redis_client(limiter_url)
+    app.state.quotas = RateQuota(limiter_redis)
+    app.state.unfinished = UnfinishedJobs(limiter_redis)
     app.state.open_requests = OpenRequests(
         settings.key_max_open_requests, settings.max_open_requests
     )
@@ -87,6 +91,7 @@ def create_app(settings: Settings | None = None, messenger: Messenger | None = N
     # of batch (README, Security), so two at once could pass the pod's memory limit; the
     # others wait with their bodies unread.
     app.state.batch_intake = asyncio.Semaphore(1)
+    app.state.intake_threads = intake_threads(settings)
     app.add_middleware(
         BodySizeLimit,
         max_bytes=settings.max_body_bytes,

@@ -9,7 +9,7 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from api.auth import caller, presented_key
-from promptq import outbox
+from promptq import outbox, quotas
 from promptq.config import Settings
 from promptq.db import get_sessionmaker
 from promptq.models import ApiKey
@@ -24,8 +24,10 @@ SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 
 def request_session(request: Request, settings: Settings) -> Session:
     """A session whose messages (promptq.outbox) the app's messenger sends once it commits:
-    a job id never reaches the broker ahead of its row."""
+    a job id never reaches the broker ahead of its row; and whose intake counts a key's
+    unfinished jobs in Redis (promptq.quotas.UnfinishedJobs)."""
     session = get_sessionmaker(settings)()
+    quotas.bind(session, request.app.state.unfinished)
     return outbox.bind(session, request.app.state.messenger)
 
 

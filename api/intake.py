@@ -9,6 +9,8 @@ from __future__ import annotations
 from contextlib import closing
 from typing import Any
 
+import anyio.to_thread
+from anyio import CapacityLimiter
 from fastapi import Request
 from sqlalchemy.exc import IntegrityError
 
@@ -70,6 +72,33 @@ def accept_job(
             if outcome.created:
                 raise
         return job_to_api(outcome.job)
+
+
+def intake_threads(settings: Settings) -> CapacityLimiter:
+    """The threads intake runs in, one per connection the database pool keeps: more would
+    each want a connection at once, and the pool would open and close its overflow ones
+    for them by the hundred a second (a PostgreSQL backend started each time), which cost
+    more than the wait for a thread."""
+    return CapacityLimiter(settings.database_pool_size)
+
+
+async def take_in(
+    request: Request,
+    settings: Settings,
+    key: ApiKey,
+    payload: JobCreate,
+    idempotency_header: str | None,
+) -> dict[str, Any]:
+    """accept_job in one of intake's threads (intake_threads)."""
+    return await anyio.to_thread.run_sync(
+        accept_job,
+        request,
+        settings,
+        key,
+        payload,
+        idempotency_header,
+        limiter=request.app.state.intake_threads,
+    )
 
 
 def read_job(database: Database, key: ApiKey, job_id: str) -> dict[str, Any]:

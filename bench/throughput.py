@@ -12,6 +12,10 @@ even a SIGKILLed run takes its children with it (PR_SET_PDEATHSIG), though then 
 limiter does its bookkeeping but never makes a job wait). Exit status 1 means jobs were
 lost or failed; missed performance targets are only reported.
 
+The intake phase then sends as many messages of a job's kind with plain Celery `send_task`
+from as many threads, on the same Redis, and prints intake's rate over that one: what
+promptq costs on top of the broker.
+
 Progress goes to stderr; stdout is Markdown, ready to paste into the README.
 """
 
@@ -86,7 +90,7 @@ REQUEST_TIMEOUT_SECONDS = 30.0
 # job would be run by the worker in the end-to-end phase and skew its count).
 WARMUP_PER_CLIENT = 5
 
-TARGET_INTAKE_RATE = 300.0
+TARGET_INTAKE_RATE = 800.0
 TARGET_INTAKE_P99_MS = 100.0
 TARGET_WORKER_CORES = 1.0
 
@@ -252,6 +256,85 @@ def post_jobs(
     return result
 
 
+@dataclass
+class SendResult:
+    sent: int
+    seconds: float
+    latencies: list[float]
+    errors: list[str]
+
+    @property
+    def rate(self) -> float:
+        return self.sent / max(self.seconds, 1e-9)
+
+
+def raw_send_tasks(broker_url: str, count: int, clients: int) -> SendResult:
+    """What the broker costs alone: `count` messages of a job's kind (the run-job task, one
+    job id, normal priority) sent with plain Celery `send_task` from `clients` threads,
+    through a Celery app built as the API builds its own (promptq.broker.celery_app), on the
+    same Redis. Nothing is stored and no HTTP is spoken: intake's rate over this one says
+    what promptq costs on top of publishing."""
+    from promptq.broker import task_names
+    from promptq.broker.celery_app import create_celery
+    from promptq.config import Settings
+    from promptq.priority import Priority
+
+    app = create_celery(Settings(redis_url=broker_url, broker_url=broker_url))
+    options = {"priority": Priority.NORMAL.broker_priority}
+    counter = itertools.count()
+    lock = threading.Lock()
+    marks: dict[str, float] = {}
+    per_thread: list[tuple[int, list[float], list[str]]] = []
+
+    def start_clock() -> None:
+        marks["started"] = time.perf_counter()
+
+    barrier = threading.Barrier(clients, action=start_clock, timeout=60)
+
+    def run() -> None:
+        sent, latencies, errors = 0, [], []
+        try:
+            for index in range(WARMUP_PER_CLIENT):  # the producer pool's connections
+                app.send_task(task_names.RUN_JOB, args=[f"job_warmup{index}"], **options)
+            barrier.wait()
+            while True:
+                with lock:
+                    index = next(counter)
+                if index >= count:
+                    break
+                began = time.perf_counter()
+                try:
+                    app.send_task(task_names.RUN_JOB, args=[f"job_raw{index:026d}"], **options)
+                except Exception as exc:  # counted, so one failure cannot hide the rest
+                    errors.append(f"{type(exc).__name__}: {exc}")
+                    continue
+                latencies.append(time.perf_counter() - began)
+                sent += 1
+        except threading.BrokenBarrierError:
+            errors.append("a sender never got ready (broken barrier)")
+        finally:
+            with lock:
+                per_thread.append((sent, latencies, errors))
+                marks["finished"] = max(marks.get("finished", 0.0), time.perf_counter())
+
+    threads = [
+        threading.Thread(target=run, name=f"sender-{i}", daemon=True) for i in range(clients)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60 + count / 10.0)
+    barrier.abort()
+    app.close()
+    started = marks.get("started", 0.0)
+    result = SendResult(0, marks.get("finished", started) - started, [], [])
+    for sent, latencies, errors in per_thread:
+        result.sent += sent
+        result.latencies.extend(latencies)
+        result.errors.extend(errors)
+    return result
+
+
 # ---------------------------------------------------------------------------------------------
 # CPU accounting: who used the machine during a phase
 
@@ -361,12 +444,17 @@ def run_intake(
     # No worker runs: everything published is still in the queue. Purge it, so no later
     # worker (ours in the next phase, or anyone's on this Redis db) runs these jobs.
     flush_redis(redis_url)
+    log(f"intake: the same {args.jobs} messages with raw Celery send_task, {args.clients} threads")
+    raw = raw_send_tasks(redis_url, args.jobs, args.clients)
+    flush_redis(redis_url)
 
     rate = load.accepted / load.seconds
     p50 = percentile(load.latencies, 50) * 1000
     p99 = percentile(load.latencies, 99) * 1000
     api_ms_per_job = meter.used["promptq api"] / max(load.accepted, 1) * 1000
     max_ms = max(load.latencies, default=math.nan) * 1000
+    raw_p50 = percentile(raw.latencies, 50) * 1000
+    raw_p99 = percentile(raw.latencies, 99) * 1000
     stored_ok = stored == load.accepted == queued_messages
     rows = [
         [
@@ -383,6 +471,14 @@ def run_intake(
             met(p99 < TARGET_INTAKE_P99_MS),
         ],
         ["Latency max", f"{max_ms:.1f} ms", "", ""],
+        [
+            "Raw Celery `send_task` per second (same Redis, same threads)",
+            f"{raw.rate:.0f}",
+            "",
+            "",
+        ],
+        ["Raw `send_task` latency p50 / p99", f"{raw_p50:.2f} / {raw_p99:.2f} ms", "", ""],
+        ["Intake rate / raw `send_task` rate", f"{rate / max(raw.rate, 1e-9):.2f}", "", ""],
         # Steadier than the rate from run to run, and what a change to the request path moves.
         ["API CPU per accepted job", f"{api_ms_per_job:.2f} ms", "", ""],
         [
@@ -401,6 +497,8 @@ def run_intake(
     notes = [f"Wall time {load.seconds:.2f} s."]
     if load.errors:
         notes.append(f"{len(load.errors)} errors; first: {load.errors[0]}")
+    if raw.errors:
+        notes.append(f"{len(raw.errors)} raw send_task errors; first: {raw.errors[0]}")
     if load.timed_out:
         notes.append("Some clients did not finish before the deadline.")
     correct = load.accepted == load.requested and stored_ok

@@ -42,6 +42,12 @@ def quota(name: str, key_id: str) -> str:
     return f"promptq:quota:{name}:{{{key_id}}}"
 
 
+def unfinished_jobs(key_id: str) -> str:
+    """Intake's count of one client key's unfinished jobs, never below their number
+    (promptq.quotas)."""
+    return f"promptq:quota:unfinished:{{{key_id}}}"
+
+
 # --- The broker and the sweeper -------------------------------------------------------------
 def published_marker(job_id: str) -> str:
     """While it lives, the sweeper takes the job's broker message for alive."""

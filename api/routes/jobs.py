@@ -15,7 +15,7 @@ from api.auth import request_caller
 from api.bodies import TOO_DEEP, parse_json_body
 from api.deps import ApiKeyDep, SessionDep, SettingsDep
 from api.errors import ApiError, describe_validation_errors
-from api.intake import FORM_TYPES, accept_job, read_job
+from api.intake import FORM_TYPES, read_job, take_in
 from promptq.db import Database
 from promptq.jobs import service
 from promptq.jobspec.presenter import job_to_api
@@ -81,12 +81,10 @@ async def create_job(
     key = await request_caller(request, settings)
     payload = await read_job_create(request)
     if not wait:
-        body = await run_in_threadpool(accept_job, request, settings, key, payload, idempotency_key)
+        body = await take_in(request, settings, key, payload, idempotency_key)
     else:
         with request.app.state.open_requests.hold(key.id, quota(key, settings, "open_requests")):
-            body = await run_in_threadpool(
-                accept_job, request, settings, key, payload, idempotency_key
-            )
+            body = await take_in(request, settings, key, payload, idempotency_key)
             if not JobStatus(body["status"]).is_final:
                 body = await wait_for_final(request, settings, key, body["id"], wait)
     status = 200 if JobStatus(body["status"]).is_final else 202

@@ -19,7 +19,7 @@ from api.auth import request_caller
 from api.bodies import parse_json_body
 from api.deps import SettingsDep
 from api.errors import ApiError
-from api.intake import accept_job, read_job
+from api.intake import read_job, take_in
 from promptq.config import Settings
 from promptq.db import Database, session_scope
 from promptq.jobs import service
@@ -60,7 +60,7 @@ async def create_message(request: Request, settings: SettingsDep) -> Response:
     params, stream = await read_messages_request(request)
     payload = JobCreate(request=params, priority=Priority.HIGH)
     with request.app.state.open_requests.hold(key.id, quota(key, settings, "open_requests")):
-        body = await run_in_threadpool(accept_job, request, settings, key, payload, None)
+        body = await take_in(request, settings, key, payload, None)
         job = await _await_job(request, settings, key, body)
     headers = {"request-id": job["id"], "x-promptq-job-id": job["id"]}
     if job["status"] == JobStatus.SUCCEEDED and stream:

@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.bodies import parse_json_body
 from api.deps import ApiKeyDep, SessionDep, SettingsDep
-from api.intake import FORM_TYPES, accept_job
+from api.intake import FORM_TYPES, take_in
 from promptq import quotas, templates
 
 router = APIRouter(prefix="/v1/templates", tags=["templates"])
@@ -58,7 +58,7 @@ async def template_job(
     template = await run_in_threadpool(templates.get, session, key, name)
     # In the thread pool: a render blocks for up to PROMPTQ_TEMPLATE_MAX_MS.
     job = await run_in_threadpool(templates.job_from, settings, template, payload)
-    body = await run_in_threadpool(accept_job, request, settings, key, job, idempotency_key)
+    body = await take_in(request, settings, key, job, idempotency_key)
     return JSONResponse(body, status_code=202, headers={"Location": f"/v1/jobs/{body['id']}"})
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import requests
 from helpers import auth, running_api
 
+from promptq import redis_keys
 from promptq.db import session_scope
 from promptq.models import Job
 from promptq.webhooks import deliveries
@@ -62,6 +63,35 @@ def test_unfinished_jobs_per_key(quiet_api: MakeClient, make_key: Any) -> None:
         "PROMPTQ_KEY_MAX_UNFINISHED_JOBS",
     )
     assert client.post("/v1/jobs", json={"prompt": "mine"}, headers=auth(other)).status_code == 202
+    assert len(client.get("/v1/jobs", headers=auth(key)).json()["data"]) == 3
+
+
+def test_unfinished_jobs_counted_in_redis_stay_exact(quiet_api: MakeClient, make_key: Any) -> None:
+    """Intake keeps the count in Redis and adds to it; it only grows, so a finished job's
+    room is found by the database's count once the Redis count reaches the quota, and a
+    count wiped from Redis is counted again, never taken for zero."""
+    client = quiet_api(key_max_unfinished_jobs=2)
+    key = make_key("counted")
+    ids = [
+        client.post("/v1/jobs", json={"prompt": f"q {i}"}, headers=auth(key)).json()["id"]
+        for i in range(2)
+    ]
+    refused(
+        client.post("/v1/jobs", json={"prompt": "third"}, headers=auth(key)),
+        429,
+        "PROMPTQ_KEY_MAX_UNFINISHED_JOBS",
+    )
+    assert client.post(f"/v1/jobs/{ids[0]}/cancel", headers=auth(key)).status_code == 200
+    assert client.post("/v1/jobs", json={"prompt": "room"}, headers=auth(key)).status_code == 202
+    redis = client.app.state.unfinished.client
+    counts = list(redis.scan_iter(redis_keys.unfinished_jobs("*")))
+    assert counts, "intake keeps no count in Redis"
+    redis.delete(*counts)
+    refused(
+        client.post("/v1/jobs", json={"prompt": "after a wipe"}, headers=auth(key)),
+        429,
+        "PROMPTQ_KEY_MAX_UNFINISHED_JOBS",
+    )
     assert len(client.get("/v1/jobs", headers=auth(key)).json()["data"]) == 3
 
 
