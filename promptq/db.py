@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,6 +38,20 @@ def _configure_sqlite(engine: Engine) -> None:
         cursor.close()
 
 
+def _green_sqlite_pool() -> dict[str, Any]:
+    """In a gevent worker, one SQLite connection per process. SQLite takes one writer at a
+    time, and a writer that finds the lock taken waits in SQLite's C code (busy_timeout),
+    which gevent cannot switch away from: were the lock held by another greenlet of the
+    same process (one that yields on a Redis call in its transaction), the whole process
+    would stand still until the timeout. With one connection, greenlets queue for it in the
+    pool, where they yield. Other processes (the API) only ever wait on a lock that is
+    released, since the holder's process keeps running."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None and monkey.is_module_patched("socket"):
+        return {"pool_size": 1, "max_overflow": 0}
+    return {}
+
+
 # What names a database: the settings (its URL, its pool's size, its pooler), or a URL
 # alone, for tools and tests, which take the default pool. What a caller was given is what
 # its engine is built from; the global settings only say, for a bare URL, whether a pooler
@@ -69,6 +84,7 @@ def _engine(url: str, pool_size: int, max_overflow: int, pooler: str) -> Engine:
             url,
             connect_args={"timeout": 30, "check_same_thread": False},
             hide_parameters=HIDE_PARAMETERS,
+            **_green_sqlite_pool(),
         )
         _configure_sqlite(engine)
         return engine

@@ -195,7 +195,9 @@ def test_worker_restarted_while_the_upstream_is_slow(stack: Stack) -> None:
     worker = stack.start_worker()
     texts = prompts(20, "slow restart")
     ids = [stack.submit(text) for text in texts]
-    time.sleep(1.0)
+    deadline = time.monotonic() + 10  # the calls take 3 s: stop the worker while they run
+    while stack.simulator.stats()["in_flight"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert stack.simulator.stats()["in_flight"] > 0
     stop_worker(worker)  # SIGTERM: a warm shutdown finishes the calls in flight
     stack.start_worker()

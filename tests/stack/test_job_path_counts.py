@@ -322,7 +322,7 @@ def test_celery_transport_round_trips(
     app = create_celery(settings)
     done: list[int] = []
 
-    @app.task(name="promptq.tests.noop", ignore_result=True, acks_late=True)  # type: ignore[misc]
+    @app.task(name="promptq.tests.noop", ignore_result=True, acks_late=True, shared=False)  # type: ignore[misc]
     def noop(number: int) -> None:
         done.append(number)
 
