@@ -15,7 +15,8 @@ from promptq.ratelimit.table import LimitTable
 from promptq.redis_roles import client_for
 from promptq.upstream import UpstreamClient
 from promptq.webhooks import WebhookSender
-from worker.deliveries import DeliveryPool
+from worker.deliveries import BrokerSource, DeliveryPool
+from worker.delivery_sending import DeliverySender
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,9 @@ def worker_context() -> WorkerContext:
         connect_timeout=settings.upstream_connect_timeout_seconds,
     )
 
+    webhooks = WebhookSender(
+        allow_private=settings.webhook_allow_private, allow=settings.webhook_allow_list
+    )
     messenger = BrokerMessenger(get_app(), events)
     runner = JobRunner(
         settings, PriceTable.load(settings.pricing_file), upstream, limiter, leases, messenger
@@ -63,10 +67,13 @@ def worker_context() -> WorkerContext:
         limiter=limiter,
         leases=leases,
         runner=runner,
-        webhooks=WebhookSender(
-            allow_private=settings.webhook_allow_private, allow=settings.webhook_allow_list
-        ),
+        webhooks=webhooks,
+        # Started by the worker process once ready (worker.lifecycle), not by whoever
+        # first asks for the context.
         deliveries=DeliveryPool(
-            settings.webhook_concurrency, settings.webhook_max_in_flight_per_key
+            settings.webhook_concurrency,
+            settings.webhook_max_in_flight_per_key,
+            BrokerSource(get_app()),
+            DeliverySender(settings, webhooks),
         ),
     )
