@@ -77,6 +77,8 @@ class Receiver:
 def serve_receiver() -> None:
     """The receiver's process: prints its URL, then `JOB_ID ARRIVAL` for every POST."""
 
+    lock = threading.Lock()
+
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             arrived = time.time()
@@ -84,7 +86,9 @@ def serve_receiver() -> None:
             job_id = json.loads(body)["data"]["id"]
             self.send_response(204)
             self.end_headers()
-            print(job_id, f"{arrived:.6f}", flush=True)
+            with lock:  # one whole line at a time: print() writes its parts one by one
+                sys.stdout.write(f"{job_id} {arrived:.6f}\n")
+                sys.stdout.flush()
 
         def log_message(self, *_: Any) -> None:
             pass
