@@ -12,7 +12,10 @@ to stderr; stdout is Markdown, ready to paste into the README.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import subprocess
 import sys
 import threading
 import time
@@ -46,30 +49,63 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/11"
 
 
 class Receiver:
-    """Notes the arrival time of each job's first delivery."""
+    """Notes the arrival time of each job's first delivery, in a process of its own: in this
+    one, busy with the simulator's threads and the submitting clients, a POST would wait
+    for the GIL before its arrival were noted, and the bench's own load counted as delay."""
 
-    def __init__(self) -> None:
+    def __init__(self, stack: contextlib.ExitStack) -> None:
         self.arrivals: dict[str, float] = {}
-        self.lock = threading.Lock()
-        receiver = self
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--serve-receiver"],
+            stdin=subprocess.PIPE,  # its end tells the receiver the bench is gone
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        stack.callback(self.process.wait, 10)
+        stack.callback(self.process.terminate)
+        assert self.process.stdout is not None
+        self.url = self.process.stdout.readline().strip()
+        threading.Thread(target=self._read, daemon=True).start()
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                arrived = time.time()
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                job_id = json.loads(body)["data"]["id"]
-                with receiver.lock:
-                    receiver.arrivals.setdefault(job_id, arrived)
-                self.send_response(204)
-                self.end_headers()
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            job_id, arrived = line.split()
+            self.arrivals.setdefault(job_id, float(arrived))
 
-            def log_message(self, *_: Any) -> None:
-                pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+def serve_receiver() -> None:
+    """The receiver's process: prints its URL, then `JOB_ID ARRIVAL` for every POST."""
+
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            arrived = time.time()
+            body = self.rfile.read(int(self.headers.get("content-length", 0)))
+            job_id = json.loads(body)["data"]["id"]
+            self.send_response(204)
+            self.end_headers()
+            with lock:  # one whole line at a time: print() writes its parts one by one
+                sys.stdout.write(f"{job_id} {arrived:.6f}\n")
+                sys.stdout.flush()
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    def exit_with_the_bench() -> None:
+        sys.stdin.read()
+        os._exit(0)
+
+    threading.Thread(target=exit_with_the_bench, daemon=True).start()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    print(f"http://127.0.0.1:{server.server_address[1]}/hook", flush=True)
+    server.serve_forever()
+
+
+def _p50_p95(values: list[float]) -> str:
+    return f"{percentile(values, 50) * 1000:.0f} / {percentile(values, 95) * 1000:.0f} ms"
 
 
 def main() -> int:
@@ -83,8 +119,7 @@ def main() -> int:
     with bench_run(args, DEFAULT_REDIS_URL) as (stack, setup):
         simulator = Simulator(SimulatorConfig(latency=args.latency)).start()
         stack.callback(simulator.stop)
-        receiver = Receiver()
-        stack.callback(receiver.server.shutdown)
+        receiver = Receiver(stack)
         env = stack_env(
             setup,
             write_limits_file(setup.workdir),
@@ -107,14 +142,25 @@ def main() -> int:
             time.sleep(0.2)
         engine = bench_engine(stack, setup.database.url)
         with engine.connect() as connection:
+            # The first attempt's start splits the delay: the wait for a sender to take
+            # the delivery, then the POST itself.
             rows = connection.execute(
-                text("SELECT id, finished_at FROM jobs WHERE api_key_id = :key"), {"key": key_id}
+                text(
+                    "SELECT j.id, j.finished_at, MIN(a.started_at) FROM jobs j"
+                    " LEFT JOIN webhook_deliveries d ON d.job_id = j.id"
+                    " LEFT JOIN webhook_attempts a ON a.delivery_id = d.id AND a.number = 1"
+                    " WHERE j.api_key_id = :key GROUP BY j.id, j.finished_at"
+                ),
+                {"key": key_id},
             ).all()
-        delays = [
-            receiver.arrivals[job_id] - epoch(finished)
-            for job_id, finished in rows
-            if job_id in receiver.arrivals and finished is not None
-        ]
+        delays, waits, posts = [], [], []
+        for job_id, finished, started in rows:
+            if job_id not in receiver.arrivals or finished is None:
+                continue
+            delays.append(receiver.arrivals[job_id] - epoch(finished))
+            if started is not None:
+                waits.append(epoch(started) - epoch(finished))
+                posts.append(receiver.arrivals[job_id] - epoch(started))
         lines = report_start("Webhook delivery delay", setup)
         lines += [
             f"{submitted.accepted} jobs with a `webhook_url`, one API, one worker (concurrency "
@@ -128,6 +174,8 @@ def main() -> int:
                     ["p50", f"{percentile(delays, 50) * 1000:.0f} ms"],
                     ["p95", f"{percentile(delays, 95) * 1000:.0f} ms"],
                     ["max", f"{max(delays, default=float('nan')) * 1000:.0f} ms"],
+                    ["job end to first POST, p50 / p95", _p50_p95(waits)],
+                    ["first POST to arrival, p50 / p95", _p50_p95(posts)],
                 ],
             ),
         ]
@@ -136,4 +184,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    if sys.argv[1:] == ["--serve-receiver"]:
+        serve_receiver()
+    else:
+        sys.exit(main())

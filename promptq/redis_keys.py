@@ -54,6 +54,11 @@ def published_marker(job_id: str) -> str:
     return f"promptq:published:{job_id}"
 
 
+# Webhook deliveries to send now, by id: pushed after the commit that made them due (and by
+# the sweeper for those whose id was lost), popped by the delivery loops of the worker
+# processes (worker.deliveries). Only a hint: the delivery's row says whether it is due.
+DELIVERY_QUEUE = "promptq:webhooks:due"
+
 # Where the sweeper's next pass over stale jobs starts, shared by every worker that sweeps:
 # only a hint (lost with a wiped Redis, the next pass starts from the first job). And the
 # lock held while a pass runs, so that two never run at once.

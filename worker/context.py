@@ -15,7 +15,8 @@ from promptq.ratelimit.table import LimitTable
 from promptq.redis_roles import client_for
 from promptq.upstream import UpstreamClient
 from promptq.webhooks import WebhookSender
-from worker.deliveries import DeliveryPool
+from worker.deliveries import BrokerSource, DeliveryPool
+from worker.delivery_sending import DeliverySender
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,9 @@ def worker_context() -> WorkerContext:
         max_connections=settings.worker_concurrency,
     )
 
+    webhooks = WebhookSender(
+        allow_private=settings.webhook_allow_private, allow=settings.webhook_allow_list
+    )
     messenger = BrokerMessenger(get_app(), events)
     runner = JobRunner(
         settings, PriceTable.load(settings.pricing_file), upstream, limiter, leases, messenger
@@ -64,10 +68,13 @@ def worker_context() -> WorkerContext:
         limiter=limiter,
         leases=leases,
         runner=runner,
-        webhooks=WebhookSender(
-            allow_private=settings.webhook_allow_private, allow=settings.webhook_allow_list
-        ),
+        webhooks=webhooks,
+        # Started by the worker process once ready (worker.lifecycle), not by whoever
+        # first asks for the context.
         deliveries=DeliveryPool(
-            settings.webhook_concurrency, settings.webhook_max_in_flight_per_key
+            settings.webhook_concurrency,
+            settings.webhook_max_in_flight_per_key,
+            BrokerSource(get_app()),
+            DeliverySender(settings, webhooks),
         ),
     )

@@ -1,70 +1,244 @@
-"""Webhook deliveries' own threads in a worker process.
+"""Webhook deliveries' own consumer and threads in a worker process.
+
+Deliveries never wait behind jobs. Their ids come on a Redis list of their own
+(promptq.broker.publish.publish_deliveries), not through Celery: a loop here pops one only
+when one of the pool's threads is free, so ids stay in Redis for another worker while this
+one is busy, and a delivery published while every job thread waits on the upstream starts
+at once. (A Celery message would wait for a free job slot, and Celery's Redis transport
+reads the job queues before the webhook queue.)
 
 A delivery waits on somebody else's server for up to 15 s; a key whose receivers never
-answer would otherwise hold as many of the worker's threads as it has deliveries, and jobs
-and everyone else's webhooks would wait behind them. So the Celery task only claims a
-delivery and hands the sending to this pool: a fixed number of threads of its own
-(PROMPTQ_WEBHOOK_CONCURRENCY), of which one key may hold only a few at once
-(PROMPTQ_WEBHOOK_MAX_IN_FLIGHT_PER_KEY). A delivery that finds no room stays pending, put
-behind the other due ones: the sweeper publishes it again on a later pass. The claim's lease
+answer would otherwise hold every thread of the pool. So the pool has a fixed number of
+threads (PROMPTQ_WEBHOOK_CONCURRENCY), of which one key's POSTs may hold only a few at once
+(PROMPTQ_WEBHOOK_MAX_IN_FLIGHT_PER_KEY). A delivery of a key that has no room waits here, in
+a short line of the key's own, for one of its key's POSTs to end; past that line it stays
+pending in the database, put behind the other due ones, and the sweeper publishes it again
+on a later pass.
+
+Nothing here is the only copy of anything. A popped id is not acknowledged: the
+delivery's row is the truth, and the sweeper publishes again any delivery due for a few
+seconds (its id lost in a process that died, in a wiped Redis, in a line dropped at
+shutdown). The claim is a compare-and-set, so a duplicate id sends nothing, and its lease
 (60 s) covers a process that dies mid-send: the delivery becomes due again and is sent once
-more, with the same webhook-id, so receivers can tell.
+more, with the same webhook-id, so receivers can tell. A retry due within a minute waits
+in this process (after about 5 s, say); a later one is the sweeper's.
+
+Plain threads, locks and queues: under gevent's monkey-patching they are greenlets and
+cooperative waits, with no change here.
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
+
+from celery import Celery
+
+from promptq.broker.publish import take_delivery
 
 log = logging.getLogger(__name__)
 
+# The longest the loop waits on Redis before it looks at its own retries and its stop flag.
+POLL_SECONDS = 1.0
+# How many deliveries of one key may wait here for the key's room; the rest are postponed
+# in the database (the sweeper's). Ids only: a few kilobytes per key at most.
+WAITING_PER_KEY = 200
+# A retry further away than this is left to the sweeper (nothing long is held in memory).
+MAX_LOCAL_RETRY_SECONDS = 60.0
+
+
+class DeliverySource(Protocol):
+    """Where the ids of deliveries to send now come from."""
+
+    def take(self, timeout: float) -> str | None:
+        """The next id, waiting for one up to `timeout` seconds; None when none came."""
+        ...
+
+
+class Sender(Protocol):
+    """Sends one delivery: claims it, asks the pool for room for its key, posts, records."""
+
+    def __call__(self, delivery_id: str, pool: DeliveryPool) -> None: ...
+
 
 class DeliveryPool:
-    def __init__(self, threads: int, per_key: int) -> None:
+    def __init__(
+        self,
+        threads: int,
+        per_key: int,
+        source: DeliverySource,
+        send: Sender,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.threads = threads
         self.per_key = per_key
+        self._source = source
+        self._send = send
+        self._clock = clock
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="webhook")
+        # One per thread: the loop takes one before it pops an id and the thread gives it
+        # back when it has nothing more to send.
+        self._free = threading.Semaphore(threads)
         self._lock = threading.Lock()
         self._in_flight: Counter[str] = Counter()
+        self._waiting: dict[str, dict[str, None]] = {}  # key -> ids, oldest first
+        self._ready: list[str] = []  # waited for room that is now free
+        self._retries: list[tuple[float, str]] = []  # (due on the clock, id), a heap
+        self._stopping = threading.Event()
+        self._loop: threading.Thread | None = None
+
+    # --- the loop --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start taking deliveries (the worker process, once ready)."""
+        if self._loop is None:
+            self._loop = threading.Thread(target=self._run_loop, name="webhook-loop", daemon=True)
+            self._loop.start()
+
+    def _run_loop(self) -> None:
+        while not self._stopping.is_set():
+            if not self._free.acquire(timeout=POLL_SECONDS):
+                continue
+            try:
+                delivery_id = self._local_next() or self._take()
+            except BaseException:
+                self._free.release()
+                raise
+            if delivery_id is None:
+                self._free.release()
+                continue
+            self._dispatch(delivery_id)
+
+    def _dispatch(self, delivery_id: str) -> None:
+        """Send on a thread of the pool, with the thread's room already taken."""
+        try:
+            self._executor.submit(self._run, delivery_id)
+        except RuntimeError:
+            # Shut down meanwhile: left to the sweeper, pending in the database.
+            self._free.release()
+
+    def _take(self) -> str | None:
+        wait = POLL_SECONDS
+        with self._lock:
+            if self._retries:
+                # Never 0, which BRPOP takes for "forever".
+                wait = min(wait, max(0.01, self._retries[0][0] - self._clock()))
+        try:
+            return self._source.take(wait)
+        except Exception:
+            # Redis away: the ids are lost with it or wait there; the sweeper has the rows.
+            log.warning("could not take a webhook delivery; trying again", exc_info=True)
+            self._stopping.wait(POLL_SECONDS)
+            return None
+
+    def _local_next(self) -> str | None:
+        """A delivery this process holds that may go now: one whose key has room again, or a
+        retry that is due."""
+        with self._lock:
+            if self._ready:
+                return self._ready.pop(0)
+            if self._retries and self._retries[0][0] <= self._clock():
+                return heapq.heappop(self._retries)[1]
+        return None
+
+    def _run(self, delivery_id: str | None) -> None:
+        # Holds one of the pool's threads, and keeps it for the deliveries its own sends
+        # made room for.
+        try:
+            while delivery_id is not None:
+                try:
+                    self._send(delivery_id, self)
+                except Exception:
+                    # Its lease runs out and the sweeper sends it again.
+                    log.exception("webhook delivery failed to complete; it will be sent again")
+                if self._stopping.is_set():
+                    break
+                with self._lock:
+                    delivery_id = self._ready.pop(0) if self._ready else None
+        finally:
+            self._free.release()
+
+    # --- what a sender asks of the pool ----------------------------------------------------
 
     def try_reserve(self, key_id: str) -> bool:
-        """Room for one more delivery of this key, taken now; False when the pool or the
-        key's share of it is full."""
+        """Room for one more POST of this key, taken now; False when its share is full."""
         with self._lock:
-            if sum(self._in_flight.values()) >= self.threads:
-                return False
             if self._in_flight[key_id] >= self.per_key:
                 return False
             self._in_flight[key_id] += 1
             return True
 
     def release(self, key_id: str) -> None:
+        """A POST of this key ended: the oldest delivery of the key waiting here may go, on a
+        free thread at once, else on the next thread to finish."""
         with self._lock:
             self._in_flight[key_id] -= 1
             if self._in_flight[key_id] <= 0:
                 del self._in_flight[key_id]
+            waiting = self._waiting.get(key_id)
+            if not waiting:
+                return
+            first = next(iter(waiting))
+            del waiting[first]
+            if not waiting:
+                del self._waiting[key_id]
+            if self._stopping.is_set() or not self._free.acquire(blocking=False):
+                self._ready.append(first)
+                return
+        self._dispatch(first)
 
-    def submit(self, key_id: str, send: Callable[[], object]) -> None:
-        """Run `send` on the pool's threads, with room reserved by try_reserve."""
+    def wait_for_room(self, key_id: str, delivery_id: str) -> bool:
+        """Hold a delivery whose key had no room until one of the key's POSTs ends; False
+        when the key's line is full (the caller postpones it in the database)."""
+        with self._lock:
+            if self._stopping.is_set():
+                return False
+            if self._in_flight[key_id] < self.per_key:
+                # Room came between the caller's try and now.
+                self._ready.append(delivery_id)
+                return True
+            waiting = self._waiting.setdefault(key_id, {})
+            if delivery_id in waiting:
+                return True  # the sweeper published it again meanwhile
+            if len(waiting) >= WAITING_PER_KEY:
+                return False
+            waiting[delivery_id] = None
+            return True
 
-        def run() -> None:
-            try:
-                send()
-            except Exception:
-                # The claim's lease runs out and the sweeper sends it again.
-                log.exception("webhook delivery failed to complete; it will be sent again")
-            finally:
-                self.release(key_id)
+    def retry_later(self, delivery_id: str, seconds: float) -> None:
+        """Send the delivery again in `seconds`, if soon enough to wait here; otherwise the
+        sweeper publishes it once due."""
+        if seconds > MAX_LOCAL_RETRY_SECONDS:
+            return
+        with self._lock:
+            heapq.heappush(self._retries, (self._clock() + seconds, delivery_id))
 
-        self._executor.submit(run)
+    # --- looking and stopping --------------------------------------------------------------
 
     def in_flight(self) -> dict[str, int]:
         with self._lock:
             return dict(self._in_flight)
 
     def shutdown(self) -> None:
-        """Let the deliveries being sent finish (each ends within its 15 s timeout)."""
+        """Stop taking deliveries and let those being sent finish (each POST ends within its
+        15 s timeout). What waits here is left to the sweeper, pending in the database."""
+        self._stopping.set()
+        if self._loop is not None:
+            self._loop.join()
         self._executor.shutdown(wait=True)
+
+
+class BrokerSource:
+    """The deliveries published on the broker's Redis (promptq.broker.publish)."""
+
+    def __init__(self, app: Celery) -> None:
+        self._app = app
+
+    def take(self, timeout: float) -> str | None:
+        return take_delivery(self._app, timeout)

@@ -1,6 +1,6 @@
 """Threads that live as long as a worker process: the rate-limit dispatcher, and the
-webhook delivery pool, which finishes the deliveries it is sending before the process
-exits."""
+webhook delivery pool with its loop, which finishes the deliveries it is sending before the
+process exits."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ def _start(sender: Any = None, **_: Any) -> None:
 
     _dispatcher = Dispatcher(get_app(), worker_context().limiter)
     _dispatcher.start()
+    worker_context().deliveries.start()
 
 
 @worker_shutdown.connect

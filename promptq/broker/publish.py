@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import redis
 from celery import Celery
 
 from promptq.broker import task_names
-from promptq.broker.celery_app import QUEUE, WEBHOOK_QUEUE
+from promptq.broker.celery_app import QUEUE
 from promptq.priority import Priority
 from promptq.ratelimit.protocol import Grant
-from promptq.redis_keys import published_marker
+from promptq.redis_keys import DELIVERY_QUEUE, published_marker
 from promptq.redis_roles import redis_client
 
 log = logging.getLogger(__name__)
@@ -28,16 +29,27 @@ PUBLISHED_MARKER_TTL_SECONDS = 600
 PUBLISH_CHUNK = 500
 
 
-def publish_delivery(app: Celery, delivery_id: str, countdown: float | None = None) -> None:
-    """Publish a webhook delivery's id; a wait past the countdown limit is the sweeper's."""
-    if countdown is not None and countdown > MAX_COUNTDOWN_SECONDS:
-        return
-    app.send_task(
-        task_names.DELIVER_WEBHOOK,
-        args=[delivery_id],
-        queue=WEBHOOK_QUEUE,
-        countdown=countdown if countdown and countdown > 0 else None,
-    )
+def publish_delivery(app: Celery, delivery_id: str) -> None:
+    """Put a webhook delivery's id where the workers' delivery loops take it at once."""
+    publish_deliveries(app, [delivery_id])
+
+
+def publish_deliveries(app: Celery, delivery_ids: Sequence[str]) -> None:
+    """Deliveries travel apart from jobs, and not through Celery: on a Redis list of their
+    own (the broker's Redis), popped by a loop in each worker process that only pops when
+    one of its delivery threads is free (worker.deliveries). A Celery message would wait
+    for a free job thread and be fetched only after every job queue turned up empty."""
+    if delivery_ids:
+        _marker_client(app).lpush(DELIVERY_QUEUE, *delivery_ids)
+
+
+def take_delivery(app: Celery, timeout: float) -> str | None:
+    """The next delivery id published, waiting for one up to `timeout` seconds."""
+    popped = _marker_client(app).brpop([DELIVERY_QUEUE], timeout=timeout)
+    if popped is None:
+        return None
+    value = popped[1]
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def publish_job(

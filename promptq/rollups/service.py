@@ -205,10 +205,11 @@ def webhook_attempt_recorded(
     session: Session, at: datetime, outcome: str, settled_as: str | None
 ) -> None:
     """One webhook attempt by outcome, and the delivery's settling when it settled."""
-    repository = RollupRepository(session)
     hour = floor_hour(at)
-    repository.add(WebhookHourly, {"hour": hour, "kind": "attempt", "name": outcome}, {"count": 1})
+    rows = [{"hour": hour, "kind": "attempt", "name": outcome, "count": 1}]
     if settled_as is not None:
-        repository.add(
-            WebhookHourly, {"hour": hour, "kind": "delivery", "name": settled_as}, {"count": 1}
-        )
+        rows.append({"hour": hour, "kind": "delivery", "name": settled_as, "count": 1})
+    # One statement for both: every delivery's record takes these rows' locks, held until
+    # its commit, so one round trip fewer while holding the first shortens the wait of all.
+    # Always in this order (attempt, then delivery): never in opposite orders.
+    RollupRepository(session).add_many(WebhookHourly, ("hour", "kind", "name"), ("count",), rows)

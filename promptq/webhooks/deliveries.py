@@ -37,6 +37,9 @@ class PreparedDelivery:
     body: bytes
     headers: dict[str, str]
     attempt: int
+    key_id: str
+    job_id: str | None = None
+    subscription_id: str | None = None
 
 
 def job_event(session: Session, job: Job, subscribed: bool = True) -> None:
@@ -151,13 +154,6 @@ def stop_pending_of_key(session: Session, api_key_id: str) -> int:
     return session.execute(statement).rowcount  # type: ignore[attr-defined]
 
 
-def key_of(session: Session, delivery_id: str) -> str | None:
-    """The key a delivery belongs to (its sender's share of the delivery threads)."""
-    return session.scalar(
-        select(WebhookDelivery.api_key_id).where(WebhookDelivery.id == delivery_id)
-    )
-
-
 def postpone(session: Session, delivery_id: str, seconds: float) -> None:
     """Put a pending delivery that found no room to be sent at the back of the due ones,
     without counting an attempt: the sweeper publishes it again once due."""
@@ -171,8 +167,14 @@ def postpone(session: Session, delivery_id: str, seconds: float) -> None:
 
 def take(session: Session, delivery_id: str) -> PreparedDelivery | None:
     """Claim a due delivery for one attempt (a compare-and-set, so a duplicate message
-    sends nothing) and sign it; None when it is not pending or not due."""
+    sends nothing) and sign it; None when it is not pending or not due.
+
+    One statement: the claim returns what the attempt needs, its key's secret included (a
+    correlated subquery, which SQLite's RETURNING allows where it refuses UPDATE ... FROM's
+    tables). Rolling the session back undoes the claim: what a sender does that finds no
+    room for the delivery's key."""
     now = utcnow()
+    key = select(ApiKey).where(ApiKey.id == WebhookDelivery.api_key_id)
     claimed = session.execute(
         update(WebhookDelivery)
         .where(
@@ -181,26 +183,42 @@ def take(session: Session, delivery_id: str) -> PreparedDelivery | None:
             or_(WebhookDelivery.next_attempt_at.is_(None), WebhookDelivery.next_attempt_at <= now),
         )
         .values(next_attempt_at=now + SENDING_LEASE, attempts=WebhookDelivery.attempts + 1)
+        .returning(
+            WebhookDelivery.api_key_id,
+            WebhookDelivery.event_id,
+            WebhookDelivery.url,
+            WebhookDelivery.body,
+            WebhookDelivery.attempts,
+            WebhookDelivery.job_id,
+            WebhookDelivery.subscription_id,
+            key.with_only_columns(ApiKey.webhook_secret).scalar_subquery(),
+            key.with_only_columns(ApiKey.revoked_at).scalar_subquery(),
+        )
         .execution_options(synchronize_session=False)
-    ).rowcount  # type: ignore[attr-defined]
-    if claimed != 1:
+    ).one_or_none()
+    if claimed is None:
         return None
-    # populate_existing: the UPDATE above bypassed the identity map; one query, current.
-    delivery = session.get(WebhookDelivery, delivery_id, populate_existing=True)
-    assert delivery is not None
-    key = session.get(ApiKey, delivery.api_key_id)
-    assert key is not None
-    if key.revoked_at is not None:
+    key_id, event_id, url, text_body, attempts, job_id, subscription_id, secret, revoked_at = (
+        claimed
+    )
+    if revoked_at is not None:
         # Made after the revocation (a job already at the upstream then ended): not sent.
-        delivery.status, delivery.finished_at = DeliveryStatus.FAILED, now
+        session.execute(
+            update(WebhookDelivery)
+            .where(WebhookDelivery.id == delivery_id)
+            .values(status=DeliveryStatus.FAILED, finished_at=now)
+            .execution_options(synchronize_session=False)
+        )
         return None
-    body = delivery.body.encode()
+    body = text_body.encode()
     headers = {
         "content-type": "application/json",
         "user-agent": "promptq-webhooks/1",
-        **sign(key.webhook_secret, delivery.event_id, now, body),
+        **sign(secret, event_id, now, body),
     }
-    return PreparedDelivery(delivery.id, delivery.url, body, headers, delivery.attempts)
+    return PreparedDelivery(
+        delivery_id, url, body, headers, attempts, key_id, job_id, subscription_id
+    )
 
 
 def next_delay(attempt: int, result: DeliveryResult) -> float | None:
@@ -216,12 +234,11 @@ def next_delay(attempt: int, result: DeliveryResult) -> float | None:
 def record(
     session: Session, prepared: PreparedDelivery, result: DeliveryResult, started_at: datetime
 ) -> float | None:
-    """Record one attempt; the seconds until the next one, or None when it is settled."""
-    delivery = session.get(WebhookDelivery, prepared.id)
-    assert delivery is not None
+    """Record one attempt; the seconds until the next one, or None when it is settled.
+    Written blind, from what the claim returned: nothing is read first."""
     session.add(
         WebhookAttempt(
-            delivery_id=delivery.id,
+            delivery_id=prepared.id,
             number=prepared.attempt,
             started_at=started_at,
             latency_ms=result.latency_ms,
@@ -232,22 +249,34 @@ def record(
     )
     now = utcnow()
     delay = None if result.succeeded else next_delay(prepared.attempt, result)
-    if delivery.subscription_id is not None:
-        subscription_on = subscriptions.note_attempt(session, delivery.subscription_id, result, now)
+    if prepared.subscription_id is not None:
+        subscription_on = subscriptions.note_attempt(session, prepared.subscription_id, result, now)
         if not subscription_on:
             delay = None  # a disabled subscription is sent nothing more
+    status: str = DeliveryStatus.PENDING
+    values: dict[str, Any]
     if result.succeeded:
-        delivery.status, delivery.finished_at = DeliveryStatus.SUCCEEDED, now
+        status = DeliveryStatus.SUCCEEDED
+        values = {"status": status, "finished_at": now}
     elif delay is None:
-        delivery.status, delivery.finished_at = DeliveryStatus.FAILED, now
+        status = DeliveryStatus.FAILED
+        values = {"status": status, "finished_at": now}
     else:
-        delivery.next_attempt_at = now + timedelta(seconds=delay)
-    if delivery.job_id is not None and delivery.subscription_id is None:
-        job = session.get(Job, delivery.job_id)
-        if job is not None:
-            job.webhook_status = delivery.status
-            job.webhook_attempts = delivery.attempts
-    settled = delivery.status if delivery.status != DeliveryStatus.PENDING else None
+        values = {"next_attempt_at": now + timedelta(seconds=delay)}
+    session.execute(
+        update(WebhookDelivery)
+        .where(WebhookDelivery.id == prepared.id)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    if prepared.job_id is not None and prepared.subscription_id is None:
+        session.execute(
+            update(Job)
+            .where(Job.id == prepared.job_id)
+            .values(webhook_status=status, webhook_attempts=prepared.attempt)
+            .execution_options(synchronize_session=False)
+        )
+    settled = status if status != DeliveryStatus.PENDING else None
     webhook_attempt_recorded(session, now, attempt_outcome(result), settled)
     return delay
 

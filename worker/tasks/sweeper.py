@@ -18,7 +18,7 @@ from redis.lock import Lock
 from promptq import retention
 from promptq.batches.service import expire_and_close
 from promptq.broker import task_names
-from promptq.broker.publish import broker_backlog, publish_delivery, publish_jobs, unpublished
+from promptq.broker.publish import broker_backlog, publish_deliveries, publish_jobs, unpublished
 from promptq.clock import utcnow
 from promptq.config import Settings
 from promptq.db import session_scope
@@ -107,11 +107,10 @@ def _sweep_pass(
     with session_scope(ctx.settings, ctx.messenger) as session:
         expire_and_close(session, ctx.settings)
     # Deliveries due for a few seconds: their message was lost, their sender died, or their
-    # wait was too long for a broker countdown. A duplicate sends nothing (take() is a CAS).
+    # retry was too far off to wait in its worker. A duplicate sends nothing (take() is a CAS).
     with session_scope(ctx.settings) as session:
         due = deliveries.due(session, utcnow() - timedelta(seconds=2))
-    for delivery_id in due:
-        publish_delivery(get_app(), delivery_id)
+    publish_deliveries(get_app(), due)
     if reclaimed.runnable or republished or due:
         log.info(
             "sweep: %d jobs taken back from dead workers, %d re-published, %d deliveries sent",

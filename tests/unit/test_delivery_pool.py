@@ -1,0 +1,199 @@
+"""The worker's delivery pool (worker.deliveries) fed from an in-memory source: it takes ids
+only while it has a free thread, one key's POSTs hold only their share, a key's deliveries
+past its share wait for it (or are postponed past the key's line), retries come back, and
+shutdown lets the POSTs in flight finish. The Redis source and the real sender are the
+stack room's (test_webhook_deliveries, test_webhook_isolation)."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from worker import deliveries as pool_module
+from worker.deliveries import DeliveryPool
+
+
+class ListSource:
+    def __init__(self) -> None:
+        self.ids: queue.Queue[str] = queue.Queue()
+        self.taken = 0
+
+    def take(self, timeout: float) -> str | None:
+        try:
+            delivery_id = self.ids.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        self.taken += 1
+        return delivery_id
+
+
+class GatedSender:
+    """Does what worker.delivery_sending does, with an id `KEY:N` for a delivery of KEY and
+    a POST that lasts until its key's gate opens."""
+
+    def __init__(self) -> None:
+        self.gates: dict[str, threading.Event] = {}
+        self.lock = threading.Lock()
+        self.posting: Counter[str] = Counter()
+        self.most_posting: Counter[str] = Counter()
+        self.sent: list[str] = []
+        self.postponed: list[str] = []
+        self.fail_first: set[str] = set()
+        self.retry_in = 0.05
+
+    def gate(self, key: str) -> threading.Event:
+        with self.lock:
+            return self.gates.setdefault(key, threading.Event())
+
+    def __call__(self, delivery_id: str, pool: DeliveryPool) -> None:
+        key = delivery_id.split(":")[0]
+        if not pool.try_reserve(key):
+            if not pool.wait_for_room(key, delivery_id):
+                with self.lock:
+                    self.postponed.append(delivery_id)
+            return
+        try:
+            with self.lock:
+                self.posting[key] += 1
+                self.most_posting[key] = max(self.most_posting[key], self.posting[key])
+            assert self.gate(key).wait(10)
+            with self.lock:
+                self.posting[key] -= 1
+                failed = delivery_id in self.fail_first
+                self.fail_first.discard(delivery_id)
+                if not failed:
+                    self.sent.append(delivery_id)
+        finally:
+            pool.release(key)
+        if failed:
+            pool.retry_later(delivery_id, self.retry_in)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+@pytest.fixture
+def source() -> ListSource:
+    return ListSource()
+
+
+@pytest.fixture
+def sender() -> GatedSender:
+    return GatedSender()
+
+
+@pytest.fixture
+def make_pool(
+    source: ListSource, sender: GatedSender, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Callable[[int, int], DeliveryPool]]:
+    monkeypatch.setattr(pool_module, "POLL_SECONDS", 0.05)
+    pools: list[DeliveryPool] = []
+
+    def make(threads: int, per_key: int) -> DeliveryPool:
+        pool = DeliveryPool(threads, per_key, source, sender)
+        pool.start()
+        pools.append(pool)
+        return pool
+
+    yield make
+    for gate in sender.gates.values():
+        gate.set()
+    for pool in pools:
+        pool.shutdown()
+
+
+def test_one_key_holds_only_its_share_and_the_rest_wait_for_it(
+    make_pool: Callable[[int, int], DeliveryPool], source: ListSource, sender: GatedSender
+) -> None:
+    make_pool(4, 2)
+    for n in range(10):
+        source.ids.put(f"hole:{n}")
+    source.ids.put("polite:0")
+    sender.gate("polite").set()
+    # Another key's delivery goes while the first key's two POSTs hang.
+    wait_until(lambda: "polite:0" in sender.sent)
+    assert sender.posting["hole"] == 2
+    # Its other eight wait here for its room, not in the database.
+    sender.gate("hole").set()
+    wait_until(lambda: len(sender.sent) == 11)
+    assert sender.most_posting["hole"] == 2 and sender.postponed == []
+
+
+def test_ids_stay_at_the_source_while_every_thread_is_busy(
+    make_pool: Callable[[int, int], DeliveryPool], source: ListSource, sender: GatedSender
+) -> None:
+    make_pool(2, 2)
+    for n in range(5):
+        source.ids.put(f"k{n}:0")
+    wait_until(lambda: sum(sender.posting.values()) == 2)
+    time.sleep(0.2)
+    assert source.taken == 2 and source.ids.qsize() == 3
+    for n in range(5):
+        sender.gate(f"k{n}").set()
+    wait_until(lambda: len(sender.sent) == 5)
+
+
+def test_past_the_keys_line_a_delivery_is_postponed(
+    make_pool: Callable[[int, int], DeliveryPool],
+    source: ListSource,
+    sender: GatedSender,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(pool_module, "WAITING_PER_KEY", 3)
+    make_pool(4, 1)
+    for n in range(6):
+        source.ids.put(f"hole:{n}")
+    wait_until(lambda: len(sender.postponed) == 2)
+    sender.gate("hole").set()
+    wait_until(lambda: len(sender.sent) == 4)
+    assert sorted(sender.sent + sender.postponed) == [f"hole:{n}" for n in range(6)]
+
+
+def test_a_failed_delivery_comes_back_after_its_delay(
+    make_pool: Callable[[int, int], DeliveryPool], source: ListSource, sender: GatedSender
+) -> None:
+    make_pool(2, 2)
+    sender.fail_first.add("k:0")
+    sender.retry_in = 0.3
+    sender.gate("k").set()
+    started = time.monotonic()
+    source.ids.put("k:0")
+    wait_until(lambda: sender.sent == ["k:0"])
+    assert time.monotonic() - started >= 0.3
+
+
+def test_a_retry_too_far_off_is_left_to_the_sweeper(
+    make_pool: Callable[[int, int], DeliveryPool], source: ListSource, sender: GatedSender
+) -> None:
+    pool = make_pool(2, 2)
+    sender.fail_first.add("k:0")
+    sender.retry_in = pool_module.MAX_LOCAL_RETRY_SECONDS + 1
+    sender.gate("k").set()
+    source.ids.put("k:0")
+    wait_until(lambda: "k:0" not in sender.fail_first)
+    time.sleep(0.2)
+    assert sender.sent == [] and pool._retries == []
+
+
+def test_shutdown_lets_the_posts_in_flight_finish(
+    make_pool: Callable[[int, int], DeliveryPool], source: ListSource, sender: GatedSender
+) -> None:
+    pool = make_pool(2, 2)
+    source.ids.put("k:0")
+    wait_until(lambda: sender.posting["k"] == 1)
+    threading.Timer(0.2, sender.gate("k").set).start()
+    pool.shutdown()
+    assert sender.sent == ["k:0"]
+    # Stopped: nothing more is taken.
+    source.ids.put("k:1")
+    time.sleep(0.2)
+    assert source.ids.qsize() == 1
