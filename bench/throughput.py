@@ -832,6 +832,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--skip-intake", action="store_true")
     parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument("--logs", type=Path, help="copy the API's and worker's logs here")
     parser.add_argument(
         "--noop-baseline",
         action="store_true",
@@ -848,7 +849,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     intake: IntakeReport | None = None
     e2e: EndToEndReport | None = None
-    with bench_run(args, DEFAULT_REDIS_URL) as (stack, setup):
+    with bench_run(args, DEFAULT_REDIS_URL, logs=args.logs) as (stack, setup):
         env = stack_env(setup, write_limits_file(setup.workdir))
         if not (args.skip_intake and args.skip_e2e):
             api, api_url = start_api(stack, env, setup.workdir)

@@ -11,6 +11,7 @@ from promptq.budgets.service import (
     release,
     reserve,
     spend_after,
+    spend_row,
 )
 
 __all__ = [
@@ -24,4 +25,5 @@ __all__ = [
     "release",
     "reserve",
     "spend_after",
+    "spend_row",
 ]

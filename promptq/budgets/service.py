@@ -101,21 +101,28 @@ def record_spend(session: Session, api_key_id: str, finished_at: datetime, cost:
     BudgetRepository(session).add_spend(api_key_id, month_key(finished_at), cost)
 
 
+# The spend ledger's row, as spend_after binds it.
+SPEND_COLUMNS = ("api_key_id", "month", "spent", "jobs")
+
+
+def spend_row(api_key_id: str, finished_at: datetime, cost: Decimal) -> dict[str, Any]:
+    """What record_spend() adds to the ledger for one job's cost, by SPEND_COLUMNS."""
+    return {"api_key_id": api_key_id, "month": month_key(finished_at), "spent": cost, "jobs": 1}
+
+
 def spend_after(
-    api_key_id: str,
-    finished_at: datetime,
-    cost: Decimal,
-    source: FromClause,
-    after: ColumnElement[bool] | None = None,
+    prefix: str, source: FromClause, after: ColumnElement[bool] | None = None
 ) -> Insert:
     """record_spend() as a part of a PostgreSQL statement's WITH, booked once for each row
     of `source`: the row of the job's compare-and-set, when it won (see
-    promptq.rollups.upsert_after)."""
+    promptq.rollups.upsert_after). Its values are spend_row()'s, bound as `prefix` +
+    column."""
     return upsert_after(
         SpendLedger,
         ("api_key_id", "month"),
         ("spent", "jobs"),
-        {"api_key_id": api_key_id, "month": month_key(finished_at), "spent": cost, "jobs": 1},
+        SPEND_COLUMNS,
+        prefix,
         source,
         after,
     )

@@ -95,7 +95,13 @@ def api(host: str, port: int, workers: int) -> None:
     help="Comma-separated queues: promptq (jobs) and promptq-webhooks (deliveries).",
 )
 @click.option("--hostname", help="Celery node name (default: promptq@HOST).")
-def worker(concurrency: int | None, queues: str, hostname: str | None) -> None:
+@click.option(
+    "--task-events",
+    is_flag=True,
+    help="Send Celery's task events from the start (Flower turns them on itself once it "
+    "runs; each is a publish on the broker, three per job).",
+)
+def worker(concurrency: int | None, queues: str, hostname: str | None, task_events: bool) -> None:
     """Run a Celery worker that executes jobs."""
     from worker.app import get_app
 
@@ -112,6 +118,7 @@ def worker(concurrency: int | None, queues: str, hostname: str | None) -> None:
         "--pool=gevent",
         f"--concurrency={concurrency}",
         f"--queues={queues}",
+        *(["--task-events"] if task_events else []),
         f"--loglevel={settings.log_level}",
         "--without-gossip",
         "--without-mingle",

@@ -127,7 +127,11 @@ def up(port: int, flower_port: int, concurrency: int | None, verbose: bool) -> N
 
     key = ensure_local_key(settings)
     api_url = f"http://127.0.0.1:{port}"
-    worker_args = ["worker"] + ([f"--concurrency={concurrency}"] if concurrency else [])
+    # With the task events on from the start: this stack's Flower shows the first jobs too
+    # (it turns them on itself, but only once it has started).
+    worker_args = ["worker", "--task-events"] + (
+        [f"--concurrency={concurrency}"] if concurrency else []
+    )
     children = {
         "api": ["api", f"--port={port}"],
         "worker": worker_args,

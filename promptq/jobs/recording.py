@@ -17,9 +17,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import CTE, ColumnElement, func, insert, select, update
+from sqlalchemy import CTE, ColumnElement, Select, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from promptq import budgets
@@ -58,38 +59,91 @@ class Record:
 def record_in_one(session: Session, record: Record) -> tuple[bool, bool]:
     """(settled, subscribed): whether the job's compare-and-set won, and whether its key
     has a webhook subscription in force (see JobRepository.settle)."""
-    attempt = insert(Attempt).values(**record.attempt).cte("attempt")
+    usage = usage_rows([record.ended])[0] if record.ended is not None else None
+    [call] = attempt_rows([record.call])
+    spend = (
+        budgets.spend_row(record.api_key_id, record.finished_at, record.spend)
+        if record.spend is not None
+        else None
+    )
+    statement = _statement(
+        Shape(
+            attempt=tuple(record.attempt),
+            values=tuple(record.values),
+            usage=tuple(usage) if usage is not None else None,
+            call=tuple(call),
+            spend=spend is not None,
+        )
+    )
+    params: dict[str, Any] = {"job_id": record.job_id, "settle_from": list(record.settle_from)}
+    for prefix, row in (
+        ("a_", record.attempt),
+        ("v_", record.values),
+        ("u_", usage or {}),
+        ("c_", call),
+        ("s_", spend or {}),
+    ):
+        params.update({f"{prefix}{name}": value for name, value in row.items()})
+    # As Core, on the session's connection: nothing of it is an ORM object to track.
+    won, subscribed, _ = session.connection().execute(statement, params).one()
+    return bool(won), bool(subscribed)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The columns one attempt's statement writes: a handful of shapes in all (a success,
+    a retry, a failure; a key with a budget or without), each built once."""
+
+    attempt: tuple[str, ...]
+    values: tuple[str, ...]
+    usage: tuple[str, ...] | None  # None: the job does not end
+    call: tuple[str, ...]
+    spend: bool
+
+
+@lru_cache(maxsize=64)
+def _statement(shape: Shape) -> Select[Any]:
+    """The statement of one shape, every value a bound parameter (a_ the attempt's, v_ the
+    job's new values, u_ its hour's usage, c_ the call's hour, s_ the spend): built, and so
+    compiled, once per shape rather than once per job, which cost more CPU than the rest of
+    the job's path together."""
+    jobs = Job.__table__.c
+    attempts = Attempt.__table__.c
+    attempt = (
+        insert(Attempt)
+        .values({name: bindparam(f"a_{name}", type_=attempts[name].type) for name in shape.attempt})
+        .cte("attempt")
+    )
     settled = (
         update(Job)
-        .where(Job.id == record.job_id, Job.status.in_(record.settle_from))
-        .values(**record.values)
+        .where(
+            Job.id == bindparam("job_id"), Job.status.in_(bindparam("settle_from", expanding=True))
+        )
+        .values({name: bindparam(f"v_{name}", type_=jobs[name].type) for name in shape.values})
         .returning(Job.id, subscribed_of_job().label("subscribed"))
         .cte("settled")
     )
     parts: list[CTE] = [attempt, settled]
-    if record.ended is not None:
-        [row] = usage_rows([record.ended])
+    if shape.usage is not None:
         parts.append(
-            upsert_after(UsageHourly, USAGE_KEYS, USAGE_COUNTS, row, source=settled).cte("usage")
+            upsert_after(
+                UsageHourly, USAGE_KEYS, USAGE_COUNTS, shape.usage, "u_", source=settled
+            ).cte("usage")
         )
-    [row] = attempt_rows([record.call])
-    after = _follows(parts[-1]) if record.ended is not None else None
+    after = _follows(parts[-1]) if shape.usage is not None else None
     parts.append(
-        upsert_after(AttemptHourly, ATTEMPT_KEYS, ATTEMPT_COUNTS, row, after=after).cte("calls")
+        upsert_after(
+            AttemptHourly, ATTEMPT_KEYS, ATTEMPT_COUNTS, shape.call, "c_", after=after
+        ).cte("calls")
     )
-    if record.spend is not None:
-        ledger = budgets.spend_after(
-            record.api_key_id, record.finished_at, record.spend, settled, _follows(parts[-1])
-        )
-        parts.append(ledger.cte("ledger"))
+    if shape.spend:
+        parts.append(budgets.spend_after("s_", settled, _follows(parts[-1])).cte("ledger"))
     # Read in this order: the job's row first, then the last part, which reads the others.
-    query = select(
+    return select(
         select(func.count()).select_from(settled).scalar_subquery(),
         select(settled.c.subscribed).scalar_subquery(),
         select(func.count()).select_from(parts[-1]).scalar_subquery(),
     ).add_cte(*parts)
-    won, subscribed, _ = session.execute(query).one()
-    return bool(won), bool(subscribed)
 
 
 def _follows(part: CTE) -> ColumnElement[bool]:

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import ColumnElement, FromClause, Insert, literal, literal_column, select
+from sqlalchemy import ColumnElement, FromClause, Insert, bindparam, literal_column, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -62,24 +62,26 @@ def upsert_after(
     table: type[Base],
     keys: tuple[str, ...],
     increments: tuple[str, ...],
-    row: Mapping[str, Any],
+    names: Sequence[str],
+    prefix: str,
     source: FromClause | None = None,
     after: ColumnElement[bool] | None = None,
 ) -> Insert:
     """PostgreSQL only: add() as a statement to go in another's WITH (a data-modifying CTE),
-    so that one round trip records a job's end and what it adds up to. It adds the row once
-    for each row of `source` (none: once), which makes it conditional on, say, the job's
-    compare-and-set having won; `after`, a term that reads another CTE, makes it run after
-    that one, so that locks are taken in the house order. RETURNING, so that a later part
-    can read it to follow it in turn."""
+    so that one round trip records a job's end and what it adds up to. The row's columns
+    `names` are bound parameters named `prefix` + column, given when it runs: the statement
+    is the same for every row, so it is built and compiled once (building one costs more
+    CPU than running it). It adds the row once for each row of `source` (none: once), which
+    makes it conditional on, say, the job's compare-and-set having won; `after`, a term that
+    reads another CTE, makes it run after that one, so that locks are taken in the house
+    order. RETURNING, so that a later part can read it to follow it in turn."""
     columns = table.__table__.c  # type: ignore[attr-defined]
-    names = list(row)
-    values = select(*(literal(row[name], type_=columns[name].type) for name in names))
+    values = select(*(bindparam(f"{prefix}{name}", type_=columns[name].type) for name in names))
     if source is not None:
         values = values.select_from(source)
     if after is not None:
         values = values.where(after)
-    statement = postgresql.insert(table).from_select(names, values)
+    statement = postgresql.insert(table).from_select(list(names), values)
     return statement.on_conflict_do_update(
         index_elements=[columns[name] for name in keys],
         set_={name: columns[name] + statement.excluded[name] for name in increments},
