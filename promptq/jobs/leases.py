@@ -27,13 +27,6 @@ class LeaseKeeper:
     def __init__(self, settings: Settings, limiter: Limiter) -> None:
         self.settings = settings
         self.limiter = limiter
-        # running_calls has a connection of its own: the limiter asks it from inside a
-        # job's claim transaction, and after a Redis restart every claim of the moment asks
-        # at once. Were it to come from their pool, which they hold all of, none would get
-        # one until the pool's timeout. Opened only when Redis lost the limiter's state.
-        self._rebuild_database = settings.model_copy(
-            update={"database_pool_size": 1, "database_max_overflow": 0}
-        )
         self._held: dict[str, Grant] = {}
         self._lock = threading.Lock()
         # Held while the slots are renewed: a renewal puts back a slot Redis lost, so a call
@@ -70,7 +63,7 @@ class LeaseKeeper:
         database: what the limiter rebuilds its in-flight slots from (Limiter.running_calls).
         A claim's lease is renewed together with its slot, so it is the slot's lease too."""
         now = utcnow()
-        with session_scope(self._rebuild_database) as session:
+        with session_scope(self.settings) as session:
             leases = JobRepository(session).live_leases(model, now)
         return [(job_id, (until - now).total_seconds()) for job_id, until in leases]
 

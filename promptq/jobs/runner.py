@@ -53,7 +53,7 @@ from promptq.jobs.leases import LeaseKeeper
 from promptq.jobs.repository import KEY_RPM
 from promptq.outbox import Messenger
 from promptq.pricing import PriceTable
-from promptq.ratelimit.protocol import Decision, Grant, Limiter
+from promptq.ratelimit.protocol import Decision, Grant, Limiter, RebuildNeeded
 from promptq.upstream import UpstreamResult
 from promptq.usage import Usage
 
@@ -83,7 +83,13 @@ class JobRunner:
     messenger: Messenger
 
     def run(self, job_id: str, grant: Grant | None = None) -> str:
-        started = self._start_ready(job_id, grant)
+        try:
+            started = self._start_ready(job_id, grant)
+        except RebuildNeeded as needed:
+            # The claim was rolled back: rebuilt here, with no transaction open, then the
+            # job's way again (the state is there now, or another process rebuilt it).
+            self.limiter.rebuild(needed.model)
+            started = self._start_ready(job_id, grant)
         if started is None:
             return self._run_checked(job_id, grant)
         if isinstance(started, str):
@@ -107,7 +113,9 @@ class JobRunner:
                     return None
                 job, claimed = ready
                 if grant is None:
-                    decision = self._acquire(job)
+                    # Never a rebuild of lost limiter state here, inside the claim's
+                    # transaction: it reads the database (RebuildNeeded, above).
+                    decision = self._acquire(job, rebuild=False)
                     if decision.grant is None:
                         # The claim never happened: the job waits as it was, for budget.
                         session.rollback()
@@ -182,7 +190,7 @@ class JobRunner:
                 mark_waiting(session, job.id, decision.waiting_for or "queue")
         return decision.grant
 
-    def _acquire(self, job: RunnableJob) -> Decision:
+    def _acquire(self, job: RunnableJob, rebuild: bool = True) -> Decision:
         return self.limiter.acquire(
             job.id,
             job.model,
@@ -190,6 +198,7 @@ class JobRunner:
             job.priority,
             client_key=job.api_key_id,
             high_waiting=job.key_high_priority_waiting,
+            rebuild=rebuild,
         )
 
     def _call(self, job: RunnableJob, claimed: ClaimedJob, grant: Grant) -> str:

@@ -38,7 +38,14 @@ from promptq.ratelimit.estimate import (
     output_reservation,
 )
 from promptq.ratelimit.headers import ReportedLimits, read_rate_limit_headers
-from promptq.ratelimit.protocol import Decision, Dispatch, Grant, Limiter, refunds_of
+from promptq.ratelimit.protocol import (
+    Decision,
+    Dispatch,
+    Grant,
+    Limiter,
+    RebuildNeeded,
+    refunds_of,
+)
 from promptq.ratelimit.table import LimitTable, ModelLimits
 from promptq.redis_keys import (
     MODEL_STATE_PATTERN,
@@ -153,9 +160,11 @@ class RedisLimiter(Limiter):
         priority: str,
         client_key: str = "",
         high_waiting: int | None = None,
+        rebuild: bool = True,
     ) -> Decision:
         """Budget for a job that just arrived, or its place in the model's queue: behind
-        the jobs waiting at its priority, taking turns with other client keys' jobs."""
+        the jobs waiting at its priority, taking turns with other client keys' jobs. Lost
+        state is rebuilt first, or, with `rebuild=False`, RebuildNeeded is raised."""
         limits = self.table.limits_for(model)
         input_tokens = estimate_input_tokens(request)
         output_tokens = output_reservation(request)
@@ -165,6 +174,7 @@ class RedisLimiter(Limiter):
         grant_id = uuid.uuid4().hex
         reply = self._admit(
             model,
+            rebuild,
             keys=[*self.keys(model), *(self.cache_marker(model, p) for p in prefixes)],
             args=[
                 "direct",
@@ -194,6 +204,7 @@ class RedisLimiter(Limiter):
         limits = self.table.limits_for(model)
         reply = self._admit(
             model,
+            True,
             keys=self.keys(model),
             args=[
                 "head",
@@ -218,10 +229,13 @@ class RedisLimiter(Limiter):
         grant = Grant(grant_id, model, int(float(reply[3])), int(float(reply[4])))
         return Dispatch(job_id=job_id, priority=Priority.of_rank(rank), grant=grant)
 
-    def _admit(self, model: str, keys: list[str], args: list[Any]) -> Any:
-        """The acquire script's reply, the model's slots rebuilt first if it asks."""
+    def _admit(self, model: str, rebuild: bool, keys: list[str], args: list[Any]) -> Any:
+        """The acquire script's reply, the model's slots rebuilt first if it asks (or,
+        without `rebuild`, RebuildNeeded)."""
         reply = self._acquire(keys=keys, args=args)
         if _text(reply[0]) == "rebuild":
+            if not rebuild:
+                raise RebuildNeeded(model)
             self.rebuild(model)
             reply = self._acquire(keys=keys, args=args)
         return reply

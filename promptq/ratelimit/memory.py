@@ -83,6 +83,7 @@ class MemoryLimiter(Limiter):
         priority: str,
         client_key: str = "",
         high_waiting: int | None = None,
+        rebuild: bool = True,  # this process's own state is never lost
     ) -> Decision:
         limits = self.table.limits_for(model)
         waiting = _Waiting(
@@ -188,6 +189,9 @@ class MemoryLimiter(Limiter):
             lapse = self._clock() + self.slot_lease_ms / 1000
             for grant in grants:
                 self._models.setdefault(grant.model, _Model()).slots[grant.id] = lapse
+
+    def rebuild(self, model: str) -> int:
+        return 0  # this process's own state is never lost
 
     def reserve_for_key(self, key_id: str, rpm: int, burst_seconds: float = 0.5) -> float:
         per_request = 60 / rpm

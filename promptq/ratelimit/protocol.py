@@ -86,6 +86,18 @@ def refunds_of(grant: Grant, usage: Usage | None, called: bool, limits: ModelLim
     return Refunds(grant.input_tokens - used_input, grant.output_tokens - usage.output_tokens, 0)
 
 
+class RebuildNeeded(Exception):
+    """The limiter lost the model's state (a Redis restart or failover) and must rebuild it
+    from the running jobs in the database before it can decide: raised by acquire() when
+    its caller asked it not to rebuild there (it holds a transaction open, and a rebuild
+    reads the database: behind a pooler, every claim of the moment would hold a server
+    connection while waiting for another)."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"the limiter's state of {model} must be rebuilt first")
+        self.model = model
+
+
 class Limiter(Protocol):
     """The account's rate limits as the worker sees them: a job arriving is granted budget
     or queued; a queue's head is granted budget as it frees up; a call's grant is settled
@@ -102,8 +114,10 @@ class Limiter(Protocol):
         priority: str,
         client_key: str = "",
         high_waiting: int | None = None,
+        rebuild: bool = True,
     ) -> Decision:
-        """Budget for a job that just arrived, or its place in the model's queue."""
+        """Budget for a job that just arrived, or its place in the model's queue. With
+        `rebuild=False`, RebuildNeeded instead of rebuilding lost state here."""
         ...
 
     def dispatch(self, model: str) -> Dispatch:
@@ -153,6 +167,11 @@ class Limiter(Protocol):
         Redis failover or restart). The caller renews only grants it still holds, never one
         it settled. `job_ids`, when given, are the grants' jobs, one each: a grant's own slot
         replaces the stand-in a rebuild put back for its job (RedisLimiter.rebuild)."""
+        ...
+
+    def rebuild(self, model: str) -> int:
+        """Put back the model's lost state (its calls in flight, from the running jobs);
+        how many slots were put back."""
         ...
 
     def reserve_for_key(self, key_id: str, rpm: int, burst_seconds: float = 0.5) -> float:

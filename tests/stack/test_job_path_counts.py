@@ -24,6 +24,7 @@ statement each there, four more, in the same two transactions (STATEMENTS).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -76,6 +77,13 @@ class Tally:
     pings: int = 0
     # Each Redis round trip as the commands it carried (a pipeline carries several).
     redis: list[list[str]] = field(default_factory=list)
+    # Counted only from this thread, when set: the job's. Threads that earlier tests of the
+    # session left running in this process (an API's listener, a lease keeper) use Redis
+    # and the same database too, and are no part of the job's cost.
+    thread: int | None = None
+
+    def ours(self) -> bool:
+        return self.thread is None or threading.get_ident() == self.thread
 
     def reset(self) -> None:
         self.statements.clear()
@@ -111,12 +119,14 @@ def _command_names(packed: Any) -> list[str]:
 
 @pytest.fixture
 def redis_tally(monkeypatch: pytest.MonkeyPatch) -> Tally:
-    """Counts every Redis round trip of this process, as the commands each carried."""
+    """Counts the Redis round trips of this process (of Tally.thread, once set), as the
+    commands each carried."""
     counted = Tally()
     send = redis.connection.AbstractConnection.send_packed_command
 
     def counting_send(self: Any, command: Any, check_health: bool = True) -> None:
-        counted.redis.append(_command_names(command))
+        if counted.ours():
+            counted.redis.append(_command_names(command))
         send(self, command, check_health)
 
     monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting_send)
@@ -129,19 +139,21 @@ def tally(
 ) -> Iterator[Tally]:
     """redis_tally, and the statements, transactions, checkouts and pings of the database."""
     counted = redis_tally
+    counted.thread = threading.get_ident()  # the test's, where the job runs
     engine = get_engine(database_url)
 
     def on_statement(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        counted.statements.append(statement)
+        if counted.ours():
+            counted.statements.append(statement)
 
     def on_begin(_conn: Any) -> None:
-        counted.begins += 1
+        counted.begins += counted.ours()
 
     def on_commit(_conn: Any) -> None:
-        counted.commits += 1
+        counted.commits += counted.ours()
 
     def on_checkout(*_: Any) -> None:
-        counted.checkouts += 1
+        counted.checkouts += counted.ours()
 
     listeners = [
         (engine, "before_cursor_execute", on_statement),
@@ -154,7 +166,7 @@ def tally(
     do_ping = engine.dialect.do_ping
 
     def counting_ping(dbapi_connection: Any) -> bool:
-        counted.pings += 1
+        counted.pings += counted.ours()
         return bool(do_ping(dbapi_connection))
 
     monkeypatch.setattr(engine.dialect, "do_ping", counting_ping)
