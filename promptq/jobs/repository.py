@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, and_, exists, insert, or_, select, update
+from sqlalchemy import Select, and_, exists, insert, literal_column, or_, select, update
 from sqlalchemy.orm import Session
 
 from promptq.models import (
@@ -289,10 +289,18 @@ class JobRepository:
 
 def subscribed_of_job() -> Any:
     """Whether the job's key has a webhook subscription in force (a term of a statement on
-    jobs)."""
-    return exists().where(
-        WebhookSubscription.api_key_id == Job.api_key_id,
-        WebhookSubscription.disabled_at.is_(None),
+    jobs). The key columns are spelled with their tables: in an UPDATE's RETURNING,
+    SQLAlchemy's SQLite compiler drops table names, subquery included, and SQLite read
+    `api_key_id = api_key_id` as the subscription's own column twice: true whenever any key
+    had a subscription."""
+    return (
+        select(literal_column("1"))
+        .select_from(WebhookSubscription)
+        .where(
+            literal_column("webhook_subscriptions.api_key_id") == literal_column("jobs.api_key_id"),
+            WebhookSubscription.disabled_at.is_(None),
+        )
+        .exists()
     )
 
 

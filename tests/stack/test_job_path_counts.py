@@ -280,6 +280,14 @@ def test_a_job_without_a_webhook(
     worker: Worker, tally: Tally, make_key: Any, database_url: str
 ) -> None:
     plain = make_key("lean")
+    # Another key's subscription, as a deployment has: it must not make this key's jobs
+    # look for theirs (on SQLite an unqualified subquery once did).
+    with session_scope(worker.settings) as session:
+        other = authenticate(session, make_key("subscribed"))
+        assert other is not None
+        subscriptions.subscribe(
+            session, other, "http://127.0.0.1:9/hook", ["job.succeeded"], allow_private=True
+        )
     run_counted(worker, tally, plain)  # connections, scripts and queues warmed up
     check(run_counted(worker, tally, plain), "no webhook", database_url, deliveries=0)
 
