@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from doubles import InProcessUpstream
@@ -22,6 +23,7 @@ from promptq.models import ApiKey, Job, WebhookDelivery
 from promptq.periods import month_key
 from promptq.pricing import PriceTable, cost_of
 from promptq.ratelimit.memory import MemoryLimiter
+from promptq.ratelimit.protocol import Decision, RebuildNeeded
 from promptq.ratelimit.table import LimitTable
 from promptq.testing import GENEROUS_LIMITS, SONNET, SentMessages
 from promptq.usage import Usage
@@ -325,4 +327,42 @@ def test_a_429_pauses_the_model_for_the_jobs_that_follow(
     next_job = make_job("Another one.")
     assert harness.runner.run(next_job) == "waiting"
     assert job_of(next_job).waiting_for == "upstream_backoff"
+    assert harness.upstream.calls == 1
+
+
+class ForgetfulLimiter(MemoryLimiter):
+    """Says once that its state is lost, as a Redis limiter does after a restart."""
+
+    def __init__(self) -> None:
+        super().__init__(LimitTable.from_toml(GENEROUS_LIMITS))
+        self.lost = True
+        self.rebuilt: list[str] = []
+        self.asked_to_rebuild_in_place: list[bool] = []
+
+    def acquire(self, *args: Any, rebuild: bool = True, **kwargs: Any) -> Decision:
+        self.asked_to_rebuild_in_place.append(rebuild)
+        if self.lost and not rebuild:
+            raise RebuildNeeded(args[1])
+        return super().acquire(*args, rebuild=rebuild, **kwargs)
+
+    def rebuild(self, model: str) -> int:
+        self.lost = False
+        self.rebuilt.append(model)
+        return 0
+
+
+def test_lost_limiter_state_is_rebuilt_outside_the_claims_transaction(
+    make_harness: Callable[..., Harness], make_job: MakeJob, job_of: JobOf
+) -> None:
+    limiter = ForgetfulLimiter()
+    harness = make_harness(limiter)
+    job_id = make_job("Say hello.")
+
+    assert harness.runner.run(job_id) == "succeeded"
+
+    # Asked inside the claim never to rebuild there; rebuilt once, then the job went on.
+    assert limiter.asked_to_rebuild_in_place == [False, False]
+    assert limiter.rebuilt == [SONNET]
+    job = job_of(job_id)
+    assert job.status == "succeeded" and job.attempts == 1
     assert harness.upstream.calls == 1
