@@ -148,6 +148,11 @@ def claim_job(session: Session, settings: Settings, job: RunnableJob) -> Claimed
     lease_until = now + timedelta(seconds=settings.claim_lease_seconds)
     if not JobRepository(session).claim(job.id, now, lease_until):
         return None
+    return _claimed(job, now)
+
+
+def _claimed(job: RunnableJob, now: datetime) -> ClaimedJob:
+    """The attempt a claim at `now` makes of the job, read as it was before the claim."""
     return ClaimedJob(
         id=job.id,
         api_key_id=job.api_key_id,
@@ -194,19 +199,7 @@ def claim_ready_job(
         batch_id=batch_id,
         webhook_url=webhook_url,
     )
-    claimed = ClaimedJob(
-        id=job_id,
-        api_key_id=api_key_id,
-        model=model,
-        request=request,
-        priority=priority,
-        attempt=attempts,
-        claimed_at=now,
-        anthropic_beta=beta,
-        batch_id=batch_id,
-        webhook_url=webhook_url,
-        budgeted=budget is not None,
-    )
+    claimed = _claimed(runnable, now)
     return runnable, claimed
 
 

@@ -6,7 +6,18 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, and_, exists, insert, literal_column, or_, select, update
+from sqlalchemy import (
+    ColumnClause,
+    Select,
+    Update,
+    and_,
+    exists,
+    insert,
+    literal_column,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from promptq.models import (
@@ -103,23 +114,7 @@ class JobRepository:
     def claim(self, job_id: str, now: datetime, lease_until: datetime) -> bool:
         """Compare-and-set a runnable, due job to running. Only one caller ever wins, which
         is what makes a message delivered twice harmless."""
-        statement = (
-            update(Job)
-            .where(
-                Job.id == job_id,
-                Job.status.in_(RUNNABLE_STATUSES),
-                or_(Job.next_attempt_at.is_(None), Job.next_attempt_at <= now),
-            )
-            .values(
-                status=JobStatus.RUNNING,
-                attempts=Job.attempts + 1,
-                started_at=now,
-                lease_expires_at=lease_until,
-                waiting_for=None,
-                updated_at=now,
-            )
-            .execution_options(synchronize_session=False)
-        )
+        statement = _claim_statement(job_id, now, lease_until)
         return self.session.execute(statement).rowcount == 1  # type: ignore[attr-defined]
 
     def claim_ready(self, job_id: str, now: datetime, lease_until: datetime) -> Any:
@@ -129,28 +124,15 @@ class JobRepository:
         was not claimed, for whatever reason (the caller finds out which the long way).
         Subqueries rather than UPDATE ... FROM: SQLite's RETURNING may not name a FROM
         table."""
+        of_key = literal_column("api_keys.id") == JOB_KEY
         key_ready = exists().where(
-            ApiKey.id == Job.api_key_id,
+            of_key,
             ApiKey.revoked_at.is_(None),
             or_(ApiKey.rpm.is_(None), Job.attempts > 0, Job.waiting_for == KEY_RPM),
         )
-        of_key = ApiKey.id == Job.api_key_id
         statement = (
-            update(Job)
-            .where(
-                Job.id == job_id,
-                Job.status.in_(RUNNABLE_STATUSES),
-                or_(Job.next_attempt_at.is_(None), Job.next_attempt_at <= now),
-                key_ready,
-            )
-            .values(
-                status=JobStatus.RUNNING,
-                attempts=Job.attempts + 1,
-                started_at=now,
-                lease_expires_at=lease_until,
-                waiting_for=None,
-                updated_at=now,
-            )
+            _claim_statement(job_id, now, lease_until)
+            .where(key_ready)
             .returning(
                 Job.id,
                 Job.api_key_id,
@@ -164,7 +146,6 @@ class JobRepository:
                 select(ApiKey.monthly_budget_usd).where(of_key).scalar_subquery(),
                 select(ApiKey.quotas).where(of_key).scalar_subquery(),
             )
-            .execution_options(synchronize_session=False)
         )
         # On the session's connection, as Core: there is no object of this session to
         # keep in step, and the ORM's bulk-update machinery cost more CPU than the rest of
@@ -195,9 +176,6 @@ class JobRepository:
             .execution_options(synchronize_session=False)
         )
         return [(row[0], row[1]) for row in self.session.execute(statement)]
-
-    def add_attempt(self, attempt: Attempt) -> None:
-        self.session.add(attempt)
 
     def insert_attempt(self, values: dict[str, Any]) -> None:
         """An attempt's row, written at once (no ORM object to flush later)."""
@@ -287,20 +265,46 @@ class JobRepository:
         return self.session.execute(statement).rowcount  # type: ignore[attr-defined]
 
 
+# The job's key, spelled with its table, for the subqueries of a statement on jobs: in an
+# UPDATE (its WHERE and RETURNING), SQLAlchemy's SQLite compiler drops table names, and
+# SQLite reads a bare `api_key_id` inside a subquery as the subquery's own column when it
+# has one (`api_key_id = api_key_id` was true whenever any key had a subscription).
+JOB_KEY: ColumnClause[Any] = literal_column("jobs.api_key_id")
+
+
 def subscribed_of_job() -> Any:
     """Whether the job's key has a webhook subscription in force (a term of a statement on
-    jobs). The key columns are spelled with their tables: in an UPDATE's RETURNING,
-    SQLAlchemy's SQLite compiler drops table names, subquery included, and SQLite read
-    `api_key_id = api_key_id` as the subscription's own column twice: true whenever any key
-    had a subscription."""
+    jobs)."""
     return (
         select(literal_column("1"))
         .select_from(WebhookSubscription)
         .where(
-            literal_column("webhook_subscriptions.api_key_id") == literal_column("jobs.api_key_id"),
+            literal_column("webhook_subscriptions.api_key_id") == JOB_KEY,
             WebhookSubscription.disabled_at.is_(None),
         )
         .exists()
+    )
+
+
+def _claim_statement(job_id: str, now: datetime, lease_until: datetime) -> Update:
+    """The job from runnable and due to running, one attempt more, leased until
+    `lease_until`."""
+    return (
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.status.in_(RUNNABLE_STATUSES),
+            or_(Job.next_attempt_at.is_(None), Job.next_attempt_at <= now),
+        )
+        .values(
+            status=JobStatus.RUNNING,
+            attempts=Job.attempts + 1,
+            started_at=now,
+            lease_expires_at=lease_until,
+            waiting_for=None,
+            updated_at=now,
+        )
+        .execution_options(synchronize_session=False)
     )
 
 

@@ -154,22 +154,6 @@ class RecordedAttempt:
     latency_ms: int
 
 
-def attempt_recorded(
-    session: Session,
-    api_key_id: str,
-    model: str,
-    finished_at: datetime,
-    outcome: str,
-    status_code: int | None,
-    latency_ms: int,
-) -> None:
-    """Add one upstream call to its hour's row."""
-    attempts_recorded(
-        session,
-        [RecordedAttempt(api_key_id, model, finished_at, outcome, status_code, latency_ms)],
-    )
-
-
 def attempts_recorded(session: Session, recorded: Iterable[RecordedAttempt]) -> None:
     """Add upstream calls to their hours' rows, one upsert per row, in key order."""
     RollupRepository(session).add_many(
