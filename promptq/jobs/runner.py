@@ -206,12 +206,7 @@ class JobRunner:
             result = self.upstream.create_message(claimed.request, beta=claimed.anthropic_beta)
             # The answer is recorded first, and waited for through a database outage: it
             # was paid for, and losing it would mean asking the upstream again.
-            for retrying in Retrying(
-                retry=retry_if_exception_type(TRANSIENT_DATABASE_ERRORS),
-                wait=_at_once_if_reconnected,
-                stop=stop_after_delay(RECORD_PATIENCE_SECONDS),
-                reraise=True,
-            ):
+            for retrying in _RECORD_RETRYING:
                 with retrying, session_scope(self.settings, self.messenger) as session:
                     verdict = record_attempt(session, self.settings, self.prices, claimed, result)
                     if claimed.budgeted:
@@ -259,3 +254,13 @@ def _at_once_if_reconnected(state: RetryCallState) -> float:
     if state.attempt_number == 1 and error is not None and reconnected(error):
         return 0.0
     return float(_backoff(state))
+
+
+# One for every record: tenacity keeps each run's state in a thread-local (greenlet-local
+# under gevent), and building it per job was a visible share of a worker's CPU.
+_RECORD_RETRYING = Retrying(
+    retry=retry_if_exception_type(TRANSIENT_DATABASE_ERRORS),
+    wait=_at_once_if_reconnected,
+    stop=stop_after_delay(RECORD_PATIENCE_SECONDS),
+    reraise=True,
+)

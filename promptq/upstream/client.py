@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
+from urllib.parse import urlencode
+from urllib.request import getproxies, proxy_bypass
 
-import requests
-from requests.adapters import HTTPAdapter
+import certifi
+import urllib3
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    HTTPError,
+    LocationValueError,
+    NewConnectionError,
+    ReadTimeoutError,
+)
 
 from promptq.upstream.classify import classify_response, describe_body
 from promptq.upstream.result import REDACTED, Outcome, UpstreamResult
@@ -42,7 +52,7 @@ def _user_agent() -> str:
 
 
 def _root_cause(exc: BaseException) -> BaseException:
-    """The innermost exception of requests' and urllib3's wrappers: the one that says why."""
+    """The innermost exception of urllib3's wrappers: the one that says why."""
     seen: set[int] = set()
     current = exc
     while id(current) not in seen:
@@ -62,6 +72,42 @@ def _root_cause(exc: BaseException) -> BaseException:
     return current
 
 
+def _url_problem(url: str) -> str | None:
+    """Why `url` cannot be called at all (None: it can)."""
+    try:
+        parts = urllib3.util.parse_url(url)
+    except LocationValueError as error:
+        return str(error)
+    if parts.scheme not in ("http", "https") or not parts.host:
+        return "the URL must start with http:// or https:// and name a host"
+    return None
+
+
+def _connections(url: str, max_connections: int) -> urllib3.PoolManager:
+    """The connection pool for the upstream at `url`: urllib3's own, without requests on
+    top, whose per-call work (preparing the request, reading the environment again, building
+    its response) cost a worker more CPU than the call itself. What requests would read from
+    the environment is read here once: the proxy for the URL's scheme (HTTPS_PROXY, NO_PROXY)
+    and the CA bundle (REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE, else certifi's, as requests
+    does), so that a deployment set up for requests works the same."""
+    ca_bundle = (
+        os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or certifi.where()
+    )
+    # No urllib3 retries or redirects: the worker retries itself, with backoff and a record
+    # of each; a redirect means a wrong base URL (promptq.upstream.classify says so).
+    options: dict[str, Any] = {
+        "num_pools": 2,
+        "maxsize": max_connections,
+        "retries": False,
+        "ca_certs": ca_bundle,
+    }
+    parts = urllib3.util.parse_url(url)
+    proxy = getproxies().get(parts.scheme or "")
+    if proxy and not proxy_bypass(parts.host or ""):
+        return urllib3.ProxyManager(proxy, **options)
+    return urllib3.PoolManager(**options)
+
+
 class UpstreamClient:
     def __init__(
         self,
@@ -76,15 +122,14 @@ class UpstreamClient:
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self._api_key = api_key or None
-        # One session for every call of the process: a worker's calls run in greenlets (or
-        # threads), each one call at a time, and urllib3's pool hands each its own
-        # connection, keeping up to `max_connections` open between calls. A session per
-        # thread would be one per task under gevent, and a new connection per call.
-        self._http = requests.Session()
-        # No urllib3 retries: the worker retries itself, with backoff and a record of each.
-        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=max_connections, max_retries=0)
-        self._http.mount("http://", adapter)
-        self._http.mount("https://", adapter)
+        self._unusable = _url_problem(self.url)
+        # One pool for every call of the process: a worker's calls run in greenlets (or
+        # threads), each one call at a time, and the pool hands each its own connection,
+        # keeping up to `max_connections` open between calls (one more beyond them is
+        # opened for its call and closed after). A pool per thread would be one per task
+        # under gevent, and a new connection per call.
+        self._http = _connections(self.url, max_connections) if self._unusable is None else None
+        self._timeout = urllib3.Timeout(connect=connect_timeout, read=timeout)
         self._headers = {
             "anthropic-version": ANTHROPIC_VERSION,
             "content-type": "application/json",
@@ -101,7 +146,8 @@ class UpstreamClient:
 
     def close(self) -> None:
         """Close the connections kept open."""
-        self._http.close()
+        if self._http is not None:
+            self._http.clear()
 
     def create_message(self, params: dict[str, Any], beta: str | None = None) -> UpstreamResult:
         """One call; `beta`: the anthropic-beta header the job's client sent."""
@@ -120,20 +166,26 @@ class UpstreamClient:
         """One call of another endpoint (`/v1/models`, `/v1/messages/count_tokens`): no
         retries, never a raise; the key is cut out of whatever text comes back."""
         headers = {**self._headers, "anthropic-beta": beta} if beta else self._headers
+        if self._http is None:
+            return Exchange(None, {}, None, f"cannot be called ({self._unusable})")
+        url = f"{self.base_url}{path}"
+        if params:
+            url = f"{url}?{urlencode(params)}"
         try:
             response = self._http.request(
                 method,
-                f"{self.base_url}{path}",
-                params=params,
-                data=body,
+                url,
+                body=body,
                 headers=headers,
-                timeout=(self.connect_timeout, min(timeout, self.timeout)),
-                allow_redirects=False,
+                timeout=urllib3.Timeout(
+                    connect=self.connect_timeout, read=min(timeout, self.timeout)
+                ),
+                redirect=False,
             )
-            content = response.content
-        except requests.exceptions.RequestException as error:
+        except (HTTPError, OSError, ValueError) as error:
             cause = self._redact(str(_root_cause(error)))
             return Exchange(None, {}, None, f"gave no answer ({cause})")
+        content = response.data
         # Some gateways echo the key they refused; it must not reach promptq's client.
         text = self._redact(content.decode("utf-8", "replace"))
         try:
@@ -143,9 +195,9 @@ class UpstreamClient:
         headers = {name.lower(): value for name, value in response.headers.items()}
         if payload is None:
             shown = describe_body(content, response.headers.get("content-type", ""))
-            described = f"answered {response.status_code} with {shown}"
-            return Exchange(response.status_code, headers, None, described)
-        return Exchange(response.status_code, headers, payload, None)
+            described = f"answered {response.status} with {shown}"
+            return Exchange(response.status, headers, None, described)
+        return Exchange(response.status, headers, payload, None)
 
     def _redact(self, text: str) -> str:
         return text.replace(self._api_key, REDACTED) if self._api_key else text
@@ -156,37 +208,41 @@ class UpstreamClient:
             body = json.dumps(params, ensure_ascii=False).encode("utf-8")
         except (TypeError, ValueError) as error:
             return self._failure(Outcome.PERMANENT, "invalid_request", str(error), started)
+        if self._http is None:
+            text = f"cannot call the upstream at {self.base_url}: {self._unusable}"
+            return self._failure(Outcome.PERMANENT, "configuration_error", text, started)
         try:
-            response = self._http.post(
+            response = self._http.request(
+                "POST",
                 self.url,
-                data=body,
+                body=body,
                 headers={**self._headers, "anthropic-beta": beta} if beta else self._headers,
-                timeout=(self.connect_timeout, self.timeout),
-                allow_redirects=False,
+                timeout=self._timeout,
+                redirect=False,
             )
-            content = response.content
-        except requests.exceptions.Timeout as error:
-            connecting = isinstance(error, requests.exceptions.ConnectTimeout)
+        except NewConnectionError as error:
+            # Before the timeouts: urllib3 makes a refused connection a kind of connect
+            # timeout.
+            text = f"connection to the upstream at {self.base_url} failed: {_root_cause(error)}"
+            return self._failure(Outcome.TRANSIENT, "connection_error", text, started)
+        except ConnectTimeoutError:
             text = (
                 f"connecting to the upstream at {self.base_url} took over {self.connect_timeout}s"
-                if connecting
-                else f"the upstream at {self.base_url} did not answer within {self.timeout}s"
             )
             return self._failure(Outcome.TRANSIENT, "timeout", text, started)
-        except (
-            requests.exceptions.MissingSchema,
-            requests.exceptions.InvalidSchema,
-            requests.exceptions.InvalidURL,
-            requests.exceptions.InvalidHeader,
-        ) as error:
+        except ReadTimeoutError:
+            text = f"the upstream at {self.base_url} did not answer within {self.timeout}s"
+            return self._failure(Outcome.TRANSIENT, "timeout", text, started)
+        except (LocationValueError, ValueError) as error:
+            # A header http.client refuses (a key with a line break), a URL it cannot use.
             text = f"cannot call the upstream at {self.base_url}: {error}"
             return self._failure(Outcome.PERMANENT, "configuration_error", text, started)
-        except requests.exceptions.RequestException as error:
+        except (HTTPError, OSError) as error:
             cause = _root_cause(error)
             text = f"connection to the upstream at {self.base_url} failed: {cause}"
             return self._failure(Outcome.TRANSIENT, "connection_error", text, started)
         return classify_response(
-            response.status_code, response.headers, content, self._elapsed_ms(started)
+            response.status, response.headers, response.data, self._elapsed_ms(started)
         )
 
     @staticmethod

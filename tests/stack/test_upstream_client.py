@@ -275,6 +275,49 @@ def test_the_client_sends_all_three_headers_and_never_returns_the_key() -> None:
     assert KEY not in repr(UpstreamClient(url, KEY))
 
 
+class _Proxy(BaseHTTPRequestHandler):
+    """A forward proxy that answers every request itself, recording the target it was
+    asked for (the absolute URL in the request line)."""
+
+    targets: list[str] = []
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["content-length"]))
+        type(self).targets.append(self.path)
+        self.send_response(503)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_the_environments_proxy_is_used_unless_no_proxy_names_the_host(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # What requests read from the environment for every call the client reads once: a
+    # deployment whose egress goes through HTTP_PROXY/HTTPS_PROXY keeps working.
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Proxy)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    for name in ("http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{server.server_address[1]}")
+    try:
+        proxied = UpstreamClient("http://upstream.invalid:81", KEY).create_message(params("x"))
+        monkeypatch.setenv("NO_PROXY", "upstream.invalid")
+        direct = UpstreamClient("http://upstream.invalid:81", KEY, connect_timeout=2)
+        bypassed = direct.create_message(params("x"))
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    assert _Proxy.targets == ["http://upstream.invalid:81/v1/messages"]
+    assert proxied.status_code == 503 and proxied.outcome is Outcome.TRANSIENT
+    # Not through the proxy: the name does not resolve.
+    assert bypassed.status_code is None and bypassed.error_type == "connection_error"
+
+
 # --- pure classification ----------------------------------------------------------------------
 
 MESSAGE = {"id": "msg_1", "type": "message", "role": "assistant", "content": []}
