@@ -152,8 +152,16 @@ def pooler_connect_args(url: str, pooler: str) -> dict[str, Any]:
     return {}
 
 
-def get_sessionmaker(database: Database) -> sessionmaker[Session]:
-    return _sessionmaker(get_engine(database))
+def get_sessionmaker(database: Database, autocommit: bool = False) -> sessionmaker[Session]:
+    engine = get_engine(database)
+    return _sessionmaker(_autocommitting(engine) if autocommit else engine)
+
+
+@lru_cache(maxsize=8)
+def _autocommitting(engine: Engine) -> Engine:
+    """The engine's connections (the same pool) in autocommit: each statement its own
+    transaction, with no BEGIN or COMMIT sent around it."""
+    return engine.execution_options(isolation_level="AUTOCOMMIT")
 
 
 @lru_cache(maxsize=8)
@@ -166,12 +174,14 @@ def _sessionmaker(engine: Engine) -> sessionmaker[Session]:
 
 @contextmanager
 def session_scope(
-    database: Database, messenger: outbox.Messenger | None = None
+    database: Database, messenger: outbox.Messenger | None = None, autocommit: bool = False
 ) -> Iterator[Session]:
     """A unit of work: commits when the block succeeds, rolls back when it raises. What it
     recorded to send goes through `messenger` after the commit (none: the sweeper's, see
-    promptq.outbox)."""
-    session = outbox.bind(get_sessionmaker(database)(), messenger)
+    promptq.outbox). `autocommit`: every statement commits on its own, for a unit of work
+    of one statement (promptq.jobs.execution.records_alone), which then costs one round
+    trip rather than three; what it sends still goes once the block has succeeded."""
+    session = outbox.bind(get_sessionmaker(database, autocommit)(), messenger)
     try:
         yield session
         session.commit()

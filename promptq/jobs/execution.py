@@ -10,7 +10,7 @@ sent once it commits (promptq.outbox).
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -21,6 +21,7 @@ from promptq import budgets, outbox, rollups
 from promptq.batches.service import count_ended, request_ended
 from promptq.clock import utcnow
 from promptq.config import Settings
+from promptq.db import get_engine
 from promptq.jobs.end_effects import end_events
 from promptq.jobs.recording import Record, record_in_one
 from promptq.jobs.repository import JobRepository
@@ -72,6 +73,9 @@ class ClaimedJob:
     webhook_url: str | None = None
     # The key has a monthly budget: the job holds a reservation until its attempt ends.
     budgeted: bool = False
+    # The key had a webhook subscription in force when the job was claimed (known only on
+    # the common job's way, claim_ready_job; None: not known).
+    key_subscribed: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,10 @@ class AttemptVerdict:
     # Seconds until the next attempt, when the job is to be retried (its message, with this
     # countdown, goes once the attempt commits).
     retry_in: float | None = None
+    # The job ended with a record that ran alone (records_alone), and its key subscribed
+    # while the call ran: its subscriptions' deliveries are still to be written
+    # (deliver_to_subscribers, in a transaction of its own).
+    subscribers_owed: bool = False
 
 
 def runnable_job(session: Session, job_id: str) -> RunnableJob | None:
@@ -181,7 +189,7 @@ def claim_ready_job(
     if row is None:
         return None
     (_, api_key_id, model, request, priority, attempts, beta, batch_id, webhook_url) = row[:9]
-    budget, quotas = row[9], row[10]
+    budget, quotas, subscribed = row[9], row[10], row[11]
     runnable = RunnableJob(
         id=job_id,
         model=model,
@@ -199,8 +207,25 @@ def claim_ready_job(
         batch_id=batch_id,
         webhook_url=webhook_url,
     )
-    claimed = _claimed(runnable, now)
+    claimed = replace(_claimed(runnable, now), key_subscribed=bool(subscribed))
     return runnable, claimed
+
+
+def records_alone(settings: Settings, claimed: ClaimedJob) -> bool:
+    """Whether the attempt's record is one statement that sets off nothing else in the
+    database: on PostgreSQL (promptq.jobs.recording), outside a batch, with no budget to
+    release, no webhook of its own and, when claimed, no subscription of its key. Such a
+    record needs no transaction around it: run on a connection in autocommit it saves the
+    BEGIN and COMMIT round trips, two of a job's six with PostgreSQL. Should its key have
+    subscribed while the call ran, the deliveries record_attempt then writes follow the
+    job's end in statements of their own, a moment after it rather than with it."""
+    return (
+        claimed.key_subscribed is False
+        and claimed.batch_id is None
+        and claimed.webhook_url is None
+        and not claimed.budgeted
+        and get_engine(settings).dialect.name == "postgresql"
+    )
 
 
 @dataclass(frozen=True)
@@ -354,7 +379,13 @@ def record_attempt(
     # opposite orders.
     if claimed.batch_id is None and session.get_bind().dialect.name == "postgresql":
         settled, subscribed = record_in_one(session, record)
-        if settled and final:
+        if settled and final and subscribed and records_alone(settings, claimed):
+            # Not more statements here: they would run outside the record's transaction
+            # (there is none), and a retry of the whole after one of them failed would
+            # record the attempt twice.
+            outbox.announce_finished(session, claimed.id)
+            verdict = replace(verdict, subscribers_owed=True)
+        elif settled and final:
             _announce_and_deliver(session, claimed, subscribed)
     else:
         repository = JobRepository(session)
@@ -438,6 +469,14 @@ def _ended(
         tokens=tokens,  # type: ignore[arg-type]
         costs=costs,  # type: ignore[arg-type]
     )
+
+
+def deliver_to_subscribers(session: Session, job_id: str) -> None:
+    """The deliveries a job's end owes its key's subscriptions when its record could not
+    write them (AttemptVerdict.subscribers_owed)."""
+    job = JobRepository(session).get(job_id)
+    if job is not None:
+        deliveries.job_event(session, job, subscribed=True)
 
 
 def _announce_and_deliver(session: Session, claimed: ClaimedJob, subscribed: bool) -> Job | None:

@@ -122,8 +122,9 @@ class JobRepository:
     def claim_ready(self, job_id: str, now: datetime, lease_until: datetime) -> Any:
         """claim() and the read that comes before it, in one statement: the job claimed only
         when nothing has to be decided first (its key not revoked, no place in its key's
-        rpm to take), with what running it needs of the job and of its key; None when it
-        was not claimed, for whatever reason (the caller finds out which the long way)."""
+        rpm to take), with what running it needs of the job and of its key (whether it has
+        a webhook subscription in force included); None when it was not claimed, for
+        whatever reason (the caller finds out which the long way)."""
         # On the session's connection, as Core: there is no object of this session to
         # keep in step, and the ORM's bulk-update machinery cost more CPU than the rest of
         # the claim.
@@ -323,6 +324,7 @@ def _claim_ready_statement() -> Update:
             Job.webhook_url,
             select(ApiKey.monthly_budget_usd).where(of_key).scalar_subquery(),
             select(ApiKey.quotas).where(of_key).scalar_subquery(),
+            subscribed_of_job(),
         )
     )
 

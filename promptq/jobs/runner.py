@@ -44,8 +44,10 @@ from promptq.jobs.execution import (
     cancel_for_revoked_key,
     claim_job,
     claim_ready_job,
+    deliver_to_subscribers,
     mark_waiting,
     record_attempt,
+    records_alone,
     reserve_budget,
     runnable_job,
 )
@@ -207,10 +209,21 @@ class JobRunner:
             # The answer is recorded first, and waited for through a database outage: it
             # was paid for, and losing it would mean asking the upstream again.
             for retrying in _RECORD_RETRYING:
-                with retrying, session_scope(self.settings, self.messenger) as session:
+                with (
+                    retrying,
+                    session_scope(
+                        self.settings,
+                        self.messenger,
+                        autocommit=records_alone(self.settings, claimed),
+                    ) as session,
+                ):
                     verdict = record_attempt(session, self.settings, self.prices, claimed, result)
                     if claimed.budgeted:
                         budgets.release(session, [claimed.id])
+            if verdict.subscribers_owed:
+                for retrying in _RECORD_RETRYING:
+                    with retrying, session_scope(self.settings, self.messenger) as session:
+                        deliver_to_subscribers(session, job.id)
         log.info(
             "job %s attempt %d: %s (upstream %s, %d ms)",
             job.id,

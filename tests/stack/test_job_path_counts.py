@@ -13,7 +13,8 @@ test_celery_transport_round_trips, with a Celery worker in this process.
 The lean path is a key without a budget or an rpm, granted at once by the limiter, on
 PostgreSQL (production):
 - without a webhook: at most 4 statements in at most 2 transactions (2 today: the claim,
-  which reads the job and its key; the record, one statement of data-modifying CTEs);
+  which reads the job and its key; the record, one statement of data-modifying CTEs, run
+  on a connection in autocommit, so without BEGIN and COMMIT round trips around it);
 - with one (the job's webhook_url and a subscription of its key): at most 6 statements (5:
   the job read for the event's body, the subscriptions, the deliveries' insert);
 - in Redis, at most 6 round trips in all, intake included, the deliveries' messages aside.
@@ -34,7 +35,7 @@ import pytest
 import redis
 import redis.connection
 from helpers import unique
-from sqlalchemy import event
+from sqlalchemy import event, select
 
 from promptq.broker.celery_app import create_celery
 from promptq.broker.messenger import BrokerMessenger
@@ -46,7 +47,7 @@ from promptq.jobs.leases import LeaseKeeper
 from promptq.jobs.runner import JobRunner
 from promptq.jobspec.schemas import JobCreate
 from promptq.keys.service import authenticate
-from promptq.models import Job
+from promptq.models import Job, WebhookDelivery
 from promptq.pricing import PriceTable
 from promptq.ratelimit.limiter import RedisLimiter
 from promptq.ratelimit.table import LimitTable
@@ -73,6 +74,8 @@ class Tally:
     statements: list[str] = field(default_factory=list)
     begins: int = 0
     commits: int = 0
+    # Statements run on a connection in autocommit: no BEGIN and COMMIT sent around them.
+    autocommitted: int = 0
     checkouts: int = 0
     pings: int = 0
     # Each Redis round trip as the commands it carried (a pipeline carries several).
@@ -88,14 +91,15 @@ class Tally:
     def reset(self) -> None:
         self.statements.clear()
         self.redis.clear()
-        self.begins = self.commits = self.checkouts = self.pings = 0
+        self.begins = self.commits = self.checkouts = self.pings = self.autocommitted = 0
 
     def describe(self) -> str:
         shown = "\n  ".join(s.split("\n")[0][:110] for s in self.statements)
         trips = "; ".join(" ".join(trip) for trip in self.redis)
         return (
             f"{len(self.statements)} statements in {self.begins} transactions "
-            f"({self.commits} commits, {self.checkouts} checkouts, {self.pings} pings), "
+            f"({self.autocommitted} statements in autocommit, {self.commits} commits, "
+            f"{self.checkouts} checkouts, {self.pings} pings), "
             f"{len(self.redis)} Redis round trips [{trips}]:\n  {shown}"
         )
 
@@ -142,9 +146,11 @@ def tally(
     counted.thread = threading.get_ident()  # the test's, where the job runs
     engine = get_engine(database_url)
 
-    def on_statement(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+    def on_statement(conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
         if counted.ours():
             counted.statements.append(statement)
+            dbapi_connection = conn.connection.dbapi_connection
+            counted.autocommitted += getattr(dbapi_connection, "autocommit", False) is True
 
     def on_begin(_conn: Any) -> None:
         counted.begins += counted.ours()
@@ -252,6 +258,7 @@ def run_counted(worker: Worker, tally: Tally, plain: str, **extra: Any) -> JobCo
         statements=list(tally.statements),
         begins=tally.begins,
         commits=tally.commits,
+        autocommitted=tally.autocommitted,
         checkouts=tally.checkouts,
         pings=tally.pings,
         redis=list(tally.redis),
@@ -308,11 +315,48 @@ def test_a_job_with_a_webhook(
     check(run_counted(worker, tally, plain, **hook), "webhook", database_url, deliveries=2)
 
 
+def test_a_subscription_made_while_the_call_runs_still_gets_the_jobs_end(
+    worker: Worker, upstream: Simulator, make_key: Any
+) -> None:
+    # Claimed with no subscription of its key, the job's record runs alone (in autocommit
+    # on PostgreSQL); the subscription its key makes during the call is owed the job's end
+    # all the same, written right after it.
+    plain = make_key("late")
+    job_id = submit(worker, plain, prompt=unique("[[sim:latency=1]] late"))
+    ended: list[str] = []
+    running = threading.Thread(target=lambda: ended.append(worker.runner.run(job_id)))
+    running.start()
+    deadline = time.monotonic() + 10
+    while upstream.stats()["in_flight"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert upstream.stats()["in_flight"] == 1, "the call never started"
+    with session_scope(worker.settings) as session:
+        key = authenticate(session, plain)
+        assert key is not None
+        subscriptions.subscribe(
+            session, key, "http://127.0.0.1:9/late", ["job.succeeded"], allow_private=True
+        )
+    running.join(timeout=30)
+
+    assert ended == ["succeeded"]
+    with session_scope(worker.settings) as session:
+        sent = session.scalars(
+            select(WebhookDelivery).where(WebhookDelivery.job_id == job_id)
+        ).all()
+        assert [(d.url, d.event_type) for d in sent] == [
+            ("http://127.0.0.1:9/late", "job.succeeded")
+        ]
+
+
 def check(counts: JobCounts, kind: str, database_url: str, deliveries: int) -> None:
     text = report(kind, database_url, counts)
     database = "sqlite" if database_url.startswith("sqlite") else "postgresql"
     assert len(counts.worker.statements) <= STATEMENTS[(database, kind)], text
     assert counts.worker.begins <= TRANSACTIONS, text
+    # A record that sets off nothing else in the database runs alone, in autocommit; one
+    # that writes deliveries too runs in a transaction with them.
+    alone = database == "postgresql" and kind == "no webhook"
+    assert counts.worker.autocommitted == (1 if alone else 0), text
     # Connections in constant use are not pinged before each checkout.
     assert counts.worker.pings == 0, text
     # The limiter's settle and its feedback from the answer's headers share a round trip.
