@@ -40,6 +40,9 @@ class BrokerNotConfigured(RedisNotConfigured):
 
 
 PRUNE_INTERVAL_SECONDS = 3600.0
+# Broker connections beyond one per greenlet: the consumer's own, and the dispatcher's and
+# delivery loop's publishes.
+BROKER_SPARE_CONNECTIONS = 16
 
 
 def broker_url(settings: Settings) -> str:
@@ -94,6 +97,13 @@ def create_celery(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         broker_transport_options={
             "visibility_timeout": settings.broker_visibility_timeout_seconds,
+            # The broker's connection pool in each process (kombu's default is 10): in a
+            # worker every greenlet acknowledges its own message when its task ends, and a
+            # burst of ends past the pool's size failed ("Couldn't ack ... Too many
+            # connections"), the consumer's bookkeeping of a message it had just taken
+            # with them, so that message was lost until the sweeper published its job
+            # again. redis-py opens connections only as many are in use at once.
+            "max_connections": settings.worker_concurrency + BROKER_SPARE_CONNECTIONS,
             "priority_steps": BROKER_PRIORITY_STEPS,
             "sep": ":",
             "queue_order_strategy": "priority",
