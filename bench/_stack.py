@@ -148,7 +148,7 @@ def start_worker(
     concurrency: int,
     name: str = "worker",
 ) -> Child:
-    """`promptq worker` (threads pool), returned once Celery logs `ready.`. Several workers
+    """`promptq worker` (gevent pool), returned once Celery logs `ready.`. Several workers
     need names of their own: the name is also their log file's (`NAME.log` in `workdir`)."""
     child = start_child(
         stack,

@@ -5,7 +5,7 @@
     .venv/bin/python bench/chaos.py --seed 7 --logs /tmp/chaos-logs
 
 The stack runs as a deployment runs it: one `promptq api` (uvicorn), `promptq beat` (the
-sweeper, every 2 s) and three `promptq worker` processes (Celery, threads pool, concurrency
+sweeper, every 2 s) and three `promptq worker` processes (Celery, gevent pool, concurrency
 32) are child processes; the upstream simulator (0.5-1 s per call) runs in this process.
 Leases are short (claim 10 s, slot 5 s) so that recovery takes seconds, and rate limits are
 far above the load, so that they never make a job wait.

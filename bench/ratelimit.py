@@ -5,7 +5,7 @@
     .venv/bin/python bench/ratelimit.py --rpm 600 --jobs 600
 
 Three measures, run as a deployment runs: `promptq api` (one uvicorn process), four
-`promptq worker` processes (Celery, threads pool; each runs its own dispatcher) and
+`promptq worker` processes (Celery, gevent pool; each runs its own dispatcher) and
 `promptq beat` (the sweeper) are child processes sharing one Redis; the upstream simulator,
 enforcing a real token bucket, runs in this process. Only 127.0.0.1 is contacted.
 
@@ -965,7 +965,7 @@ def print_report(
     out = report_start("Rate limits", setup, more_machine)
     out += [
         f"Setup: one `promptq api` process, {args.workers} `promptq worker` processes "
-        f"(threads pool, concurrency {args.concurrency} each, one dispatcher each)"
+        f"(gevent pool, concurrency {args.concurrency} each, one dispatcher each)"
         f"{'' if args.no_beat else ' and `promptq beat`'}; the "
         f"simulated upstream answers in {args.latency:g} s and enforces its rpm as a token "
         f"bucket of {UPSTREAM_BURST_SECONDS:g} s of its rate. Each load run submits "

@@ -4,7 +4,7 @@
     .venv/bin/python bench/throughput.py --sqlite      # a fresh SQLite file instead
 
 Every piece runs as it does in a deployment: `promptq api` (one uvicorn process) and
-`promptq worker` (Celery, threads pool) are child processes; the upstream simulator runs in
+`promptq worker` (Celery, gevent pool) are child processes; the upstream simulator runs in
 this process. Only 127.0.0.1 is contacted. Everything started here is stopped, and the
 fresh database dropped, however the run ends (ExitStack; bounded loops and deadlines);
 even a SIGKILLed run takes its children with it (PR_SET_PDEATHSIG), though then its
