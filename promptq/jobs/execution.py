@@ -217,8 +217,9 @@ def records_alone(settings: Settings, claimed: ClaimedJob) -> bool:
     release, no webhook of its own and, when claimed, no subscription of its key. Such a
     record needs no transaction around it: run on a connection in autocommit it saves the
     BEGIN and COMMIT round trips, two of a job's six with PostgreSQL. Should its key have
-    subscribed while the call ran, the deliveries record_attempt then writes follow the
-    job's end in statements of their own, a moment after it rather than with it."""
+    subscribed while the call ran, the deliveries the job's end then owes follow it in a
+    transaction of their own, a moment after it rather than with it
+    (AttemptVerdict.subscribers_owed)."""
     return (
         claimed.key_subscribed is False
         and claimed.batch_id is None
