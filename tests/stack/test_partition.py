@@ -12,6 +12,9 @@ finished within 60 s of the link coming back. `bench/partition.py` does the same
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -242,3 +245,106 @@ def _through_a_cut(
         "in_flight_on_a_at_cut": in_flight,
         "finished_after_heal_seconds": round(last_finished - healed_at, 1),
     }
+
+
+# Run inside host A: a database connection and a broker connection made, then (once the
+# test has cut the link, and said so on stdin) a statement, a connect and a publish, each
+# timed, printed as "NAME SECONDS OUTCOME".
+GIVING_UP = """
+import sys, time
+from sqlalchemy import text
+from promptq.broker.celery_app import create_celery
+from promptq.config import get_settings
+from promptq.db import get_engine
+
+settings = get_settings()
+engine = get_engine(settings)
+app = create_celery(settings)
+connection = engine.connect()
+connection.execute(text("SELECT 1"))
+producer = app.producer_pool.acquire(block=True)
+producer.publish({"partition": "before"}, routing_key="pq-partition-test", retry=False)
+print("ready", flush=True)
+sys.stdin.readline()
+calls = [
+    ("statement", lambda: connection.execute(text("SELECT 1"))),
+    ("connect", lambda: engine.connect().close()),
+    ("publish", lambda: producer.publish({"cut": 1}, routing_key="pq-partition-test", retry=False)),
+]
+for name, call in calls:
+    started = time.monotonic()
+    try:
+        call()
+        outcome = "answered"
+    except Exception as exc:
+        outcome = type(exc).__name__
+    print(name, round(time.monotonic() - started, 1), outcome, flush=True)
+"""
+NETWORK_TIMEOUT_SECONDS = 4
+# Without the timeouts nothing gives up for minutes; with them, each of the three well
+# within this (the statement at TCP's first retransmission past the timeout, the connect
+# after min(10, timeout) s, the publish after the broker's 10 s socket timeout).
+GIVES_UP_WITHIN_SECONDS = 20.0
+
+
+def test_a_partitioned_host_gives_up_on_postgresql_and_the_broker_in_seconds(
+    hosts: list[netns.Host], fresh_database_url: str, test_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A statement, a connect and a publish that meet a partition fail within seconds,
+    where the kernel's TCP defaults would keep them waiting for minutes, and for up to two
+    more minutes after the network came back: the caller's retry then finds a fresh
+    connection (promptq.db.network_connect_args, promptq.broker.celery_app)."""
+    if not fresh_database_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL's connection settings")
+    host = hosts[0]
+    database = make_url(fresh_database_url)
+    database_port = database.port or 5432
+    redis_server = RedisServer(tmp_path, "redis")
+    try:
+        host.forward(database_port)
+        host.forward(redis_server.port)
+        env = {
+            **os.environ,
+            **test_env,
+            "PROMPTQ_DATABASE_URL": database.set(host=host.gateway).render_as_string(
+                hide_password=False
+            ),
+            "PROMPTQ_REDIS_URL": f"redis://{host.gateway}:{redis_server.port}/0",
+            "PROMPTQ_DATABASE_NETWORK_TIMEOUT_SECONDS": str(NETWORK_TIMEOUT_SECONDS),
+        }
+        script = subprocess.Popen(
+            [*host.prefix, sys.executable, "-c", GIVING_UP],
+            env=env,
+            cwd=REPO,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert script.stdin is not None and script.stdout is not None
+            assert script.stdout.readline().strip() == "ready"
+            host.cut(database_port, redis_server.port)
+            script.stdin.write("cut\n")
+            script.stdin.flush()
+            lines: list[str] = []
+            reader = threading.Thread(
+                target=lambda: lines.extend(script.stdout.readline() for _ in range(3)),  # type: ignore[union-attr]
+                daemon=True,
+            )
+            reader.start()
+            reader.join(timeout=3 * GIVES_UP_WITHIN_SECONDS + 10)
+        finally:
+            host.heal()
+            script.kill()
+            script.wait()
+    finally:
+        redis_server.stop()
+    print("\ngiving up:", lines)
+    outcomes = {
+        name: (float(seconds), outcome)
+        for name, seconds, outcome in (line.split() for line in lines if line.strip())
+    }
+    assert set(outcomes) == {"statement", "connect", "publish"}, f"still waiting: {lines}"
+    for name, (seconds, outcome) in outcomes.items():
+        assert outcome != "answered", name  # the link was cut: nothing can answer
+        assert seconds <= GIVES_UP_WITHIN_SECONDS, (name, seconds, outcome)
