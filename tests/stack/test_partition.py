@@ -12,6 +12,7 @@ finished within 60 s of the link coming back. `bench/partition.py` does the same
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -348,3 +349,62 @@ def test_a_partitioned_host_gives_up_on_postgresql_and_the_broker_in_seconds(
     for name, (seconds, outcome) in outcomes.items():
         assert outcome != "answered", name  # the link was cut: nothing can answer
         assert seconds <= GIVES_UP_WITHIN_SECONDS, (name, seconds, outcome)
+
+
+# redis-py's keepalives (30 s idle, then 3 probes 5 s apart) make the kernel end an idle
+# connection with ETIMEDOUT 45 s after its last packet when nothing answers.
+KEEPALIVES_END_IT_SECONDS = 50.0
+
+
+def test_an_api_whose_redis_connection_died_of_a_partition_answers_after_the_heal(
+    hosts: list[netns.Host],
+    fresh_database_url: str,
+    test_env: dict[str, str],
+    limits_file: Path,
+    tmp_path: Path,
+) -> None:
+    """A quiet API process cut from Redis long enough for the kernel to end its events
+    subscription (ETIMEDOUT): once the link is back it answers again, and hears again.
+    redis-py's listen() took that error for a timeout of its own and spun forever without
+    yielding: the API's event loop at full CPU, no request ever answered (api.listener)."""
+    if not fresh_database_url.startswith("postgresql"):
+        pytest.skip("the host reaches the database over its link: PostgreSQL only")
+    host = hosts[0]
+    database = make_url(fresh_database_url)
+    redis_server = RedisServer(tmp_path, "redis")
+    machine: Machine | None = None
+    try:
+        host.forward(database.port or 5432)
+        host.forward(redis_server.port)
+        env = {
+            **test_env,
+            "PROMPTQ_DATABASE_URL": database.set(host=host.gateway).render_as_string(
+                hide_password=False
+            ),
+            "PROMPTQ_REDIS_URL": f"redis://{host.gateway}:{redis_server.port}/0",
+            "PROMPTQ_LIMITS_FILE": str(limits_file),
+        }
+        logs = tmp_path / "logs"
+        logs.mkdir()
+        machine = Machine(host, env, logs)
+        machine.start_api()
+        host.cut(redis_server.port)
+        try:
+            time.sleep(KEEPALIVES_END_IT_SECONDS)
+        finally:
+            host.heal(redis_server.port)
+        healed = time.monotonic()
+        answered = None
+        while answered is None and time.monotonic() < healed + 20:
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(f"{machine.url}/readyz", timeout=2).status_code == 200:
+                    answered = time.monotonic() - healed
+            time.sleep(0.5)
+        api_log = (logs / "api.log").read_text(errors="replace")
+    finally:
+        if machine is not None:
+            machine.stop()
+        redis_server.stop()
+    assert answered is not None, "the API did not answer within 20 s of the heal"
+    # It noticed the dead subscription and made another (readyz asks Redis itself).
+    assert "lost the Redis subscription" in api_log
