@@ -156,9 +156,10 @@ class Host:
         """Everything this host holds goes: its processes, its forwards, its namespace and
         link (with the tc rules on them). Safe to call twice, or after a failed `up`."""
         for forward in self._forwards.values():
-            if forward.poll() is None:
-                forward.kill()
-                forward.wait()
+            # The listener and the children it forked for each connection.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(forward.pid, signal.SIGKILL)
+            forward.wait()
         self._forwards.clear()
         if self._up:
             _kill_namespace(self.namespace)
@@ -183,12 +184,19 @@ class Host:
         self._forwards[port] = subprocess.Popen(
             [
                 "socat",
-                f"TCP-LISTEN:{port},bind={self.gateway},reuseaddr,fork",
+                # keepalive: socat forks a child per connection, and a child whose client
+                # vanished with its namespace (a run killed before it could stop its
+                # processes) would otherwise hold its connection to the service forever.
+                # 300 s, as Redis's own tcp-keepalive: longer than any cut a test makes.
+                f"TCP-LISTEN:{port},bind={self.gateway},reuseaddr,fork,"
+                "keepalive,keepidle=300,keepintvl=10,keepcnt=3",
                 f"TCP:127.0.0.1:{target}",
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            # Dies with this process even when it is SIGKILLed.
+            # A process group of its own, so that down() ends the per-connection children
+            # with it; the listener dies with this process even when it is SIGKILLed.
+            start_new_session=True,
             preexec_fn=supervisor.set_death_signal,
         )
         supervisor.wait_until(
