@@ -15,8 +15,10 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from typing import Any, cast
 
 import redis
+import redis.asyncio.client
 
 from promptq.redis_keys import JOB_FINISHED_CHANNEL, KEY_CHANGED_CHANNEL
 from promptq.redis_roles import async_redis_client
@@ -30,6 +32,13 @@ POLL_UNSUBSCRIBED_SECONDS = 0.25
 RECONNECT_SECONDS = 1.0
 # How long shutting down waits for the subscription to close.
 STOP_SECONDS = 2.0
+# One wait for the next message; an empty answer well before it ends is a dead connection
+# (see _next_message).
+LISTEN_SECONDS = 5.0
+
+
+class SubscriptionLost(redis.ConnectionError):
+    pass
 
 
 class Watch:
@@ -111,8 +120,9 @@ class FinishedJobs:
                     await pubsub.subscribe(JOB_FINISHED_CHANNEL, KEY_CHANGED_CHANNEL)
                     self.subscribed = True
                     self.on_hearing(True)
-                    async for message in pubsub.listen():
-                        if message.get("type") != "message":
+                    while True:
+                        message = await _next_message(pubsub)
+                        if message is None or message.get("type") != "message":
                             continue
                         if message["channel"] == KEY_CHANGED_CHANNEL.encode():
                             self.on_key_changed(message["data"].decode())
@@ -130,3 +140,24 @@ class FinishedJobs:
     def _wake(self, job_id: str) -> None:
         for watch in self._watches.get(job_id, ()):
             watch.event.set()
+
+
+async def _next_message(pubsub: redis.asyncio.client.PubSub) -> dict[str, Any] | None:
+    """The next message, or None when none came within LISTEN_SECONDS; SubscriptionLost
+    when the connection is dead.
+
+    Not redis-py's `listen()`: when the kernel ends the connection with ETIMEDOUT (its
+    keepalives unanswered, 45 s after the last packet by redis-py's defaults: a network
+    partition, a Redis host gone), Python 3.11+ raises that OSError as TimeoutError, which
+    is asyncio.TimeoutError, and redis-py takes it for the end of a wait the caller asked
+    for: every read returns None at once, forever. `listen()` then loops without ever
+    yielding, and the API process's event loop spins at full CPU and answers nothing again
+    (seen in tests/stack/test_partition.py: an API cut from Redis for 40 s never answered
+    after the heal). A wait of our own that ends empty long before its time is that dead
+    connection, and the listener starts over."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    message = await pubsub.get_message(timeout=LISTEN_SECONDS)
+    if message is None and loop.time() - started < LISTEN_SECONDS / 2:
+        raise SubscriptionLost("the subscription's connection is gone")
+    return cast("dict[str, Any] | None", message)

@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -96,13 +96,15 @@ def start_child(
     workdir: Path,
     stop_timeout: float = 20.0,
     module: str = "promptq",
+    prefix: Sequence[str] = (),
 ) -> Child:
     """`python -m promptq ARGS` (or another `module`'s) with its output in
     `workdir/NAME.log`, stopped when the stack unwinds. Its working directory is `workdir`,
     not the repository: a developer's .env there must not change what is measured. It runs
     in a session of its own (Ctrl-C reaches only the benchmark, which then stops the
     children in order) and dies with the benchmark, even one killed by SIGKILL: start
-    children from the main thread."""
+    children from the main thread. `prefix` runs it elsewhere: in a host of
+    bench/partition.py (`ip netns exec NAME`)."""
     child = supervisor.start(
         name,
         args,
@@ -112,6 +114,7 @@ def start_child(
         own_session=True,
         die_with_parent=True,
         module=module,
+        prefix=prefix,
     )
     stack.callback(supervisor.stop, [child], stop_timeout, log)
     return child
@@ -130,13 +133,17 @@ def start_api(
     workdir: Path,
     port: int | None = None,
     name: str = "api",
+    host: str = "127.0.0.1",
+    prefix: Sequence[str] = (),
 ) -> tuple[Child, str]:
     """`promptq api` (one uvicorn process) on `port` (default: a free one); returns it once
     /readyz says the database and Redis answer. An API started again (after a kill, on the
     same port) needs a name of its own: the name is also its log file's."""
     port = port or free_port()
-    child = start_child(stack, name, ["api", "--host=127.0.0.1", f"--port={port}"], env, workdir)
-    url = f"http://127.0.0.1:{port}"
+    child = start_child(
+        stack, name, ["api", f"--host={host}", f"--port={port}"], env, workdir, prefix=prefix
+    )
+    url = f"http://{host}:{port}"
     wait_until(lambda: supervisor.answers(f"{url}/readyz"), child, 60, "the API")
     return child, url
 
@@ -147,6 +154,7 @@ def start_worker(
     workdir: Path,
     concurrency: int,
     name: str = "worker",
+    prefix: Sequence[str] = (),
 ) -> Child:
     """`promptq worker` (gevent pool), returned once Celery logs `ready.`. Several workers
     need names of their own: the name is also their log file's (`NAME.log` in `workdir`)."""
@@ -162,16 +170,24 @@ def start_worker(
         workdir,
         # A warm shutdown waits for the tasks in flight: a few upstream latencies at most.
         stop_timeout=30,
+        prefix=prefix,
     )
     wait_until(lambda: child.logged(b"ready."), child, 60, "the worker")
     return child
 
 
-def start_beat(stack: contextlib.ExitStack, env: dict[str, str], workdir: Path) -> Child:
+def start_beat(
+    stack: contextlib.ExitStack, env: dict[str, str], workdir: Path, prefix: Sequence[str] = ()
+) -> Child:
     """`promptq beat` (the periodic sweeper: jobs whose message was lost are published again),
     returned once it logs that it started. A deployment runs exactly one."""
     child = start_child(
-        stack, "beat", ["beat", f"--schedule={workdir / 'celerybeat-schedule'}"], env, workdir
+        stack,
+        "beat",
+        ["beat", f"--schedule={workdir / 'celerybeat-schedule'}"],
+        env,
+        workdir,
+        prefix=prefix,
     )
     wait_until(lambda: child.logged(b"beat: Starting"), child, 60, "beat")
     return child

@@ -42,6 +42,12 @@ class Settings(BaseSettings):
     # server connection that never saw them. Said, not guessed from the URL: a pooler
     # answers as the server it fronts, on any port.
     database_pooler: Literal["none", "pgbouncer"] = "none"
+    # How long a PostgreSQL connection may go unanswered (a statement sent and not
+    # acknowledged, keepalives not answered) before it is dropped and another tried; and
+    # connecting gives up after at most 10 s. Without them a network partition (packets
+    # dropped, nothing refused) holds a statement or a connect for the kernel's TCP
+    # retries, minutes, and for up to two minutes past the network's return (promptq.db).
+    database_network_timeout_seconds: float = Field(default=30.0, ge=2)
     # Unset means "no shared Redis": `promptq up` then starts a private one and passes its
     # URL to the processes it runs. Every other process needs it set.
     redis_url: str | None = None

@@ -66,19 +66,29 @@ def get_engine(database: Database) -> Engine:
     if isinstance(database, str):
         # A pooler in front of the server is a fact of the deployment, not of one engine,
         # and a bare URL cannot say it: migrations and tools that pass a URL through
-        # PgBouncer must still prepare nothing, so it comes from the environment.
-        pooler = get_settings().database_pooler
-        return _engine(database, DEFAULT_POOL_SIZE, DEFAULT_MAX_OVERFLOW, pooler)
+        # PgBouncer must still prepare nothing, so it comes from the environment (as does
+        # the network timeout).
+        settings = get_settings()
+        return _engine(
+            database,
+            DEFAULT_POOL_SIZE,
+            DEFAULT_MAX_OVERFLOW,
+            settings.database_pooler,
+            settings.database_network_timeout_seconds,
+        )
     return _engine(
         database.database_url,
         database.database_pool_size,
         database.database_max_overflow,
         database.database_pooler,
+        database.database_network_timeout_seconds,
     )
 
 
 @lru_cache(maxsize=8)
-def _engine(url: str, pool_size: int, max_overflow: int, pooler: str) -> Engine:
+def _engine(
+    url: str, pool_size: int, max_overflow: int, pooler: str, network_timeout: float
+) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(
             url,
@@ -96,7 +106,10 @@ def _engine(url: str, pool_size: int, max_overflow: int, pooler: str) -> Engine:
         # No ping before every checkout (a round trip per transaction): see _ping_when_idle.
         pool_pre_ping=False,
         pool_timeout=30,
-        connect_args=pooler_connect_args(url, pooler),
+        connect_args={
+            **network_connect_args(url, network_timeout),
+            **pooler_connect_args(url, pooler),
+        },
     )
     _ping_when_idle(engine)
     return engine
@@ -137,6 +150,39 @@ def reconnected(error: BaseException) -> bool:
     """Whether `error` was a connection the database had dropped (SQLAlchemy invalidated it,
     and the pool with it): a retry at once gets a new one."""
     return isinstance(error, sqlalchemy_errors.DBAPIError) and error.connection_invalidated
+
+
+# Connecting gives up after this long at most (libpq's connect_timeout, whole seconds).
+CONNECT_TIMEOUT_SECONDS = 10
+
+
+def network_connect_args(url: str, timeout: float) -> dict[str, Any]:
+    """libpq's TCP settings (psycopg 3 and psycopg2 pass them on) for a PostgreSQL host that
+    stops answering without closing anything: a network partition, a host gone, a NAT or
+    firewall entry forgotten. By default the kernel retransmits for about 15 minutes before
+    a statement fails, a connect tries for about 2, and after a partition of a few minutes
+    TCP's backoff waits up to 2 more minutes before it tries again, however soon the
+    network is back. With these, a statement whose packets go unacknowledged for `timeout`
+    seconds (TCP_USER_TIMEOUT), or an idle connection whose keepalives go unanswered as
+    long, fails as a lost connection: SQLAlchemy drops it (and the pool with it) and the
+    caller's retry connects afresh (promptq.db.reconnected), each connect giving up after
+    CONNECT_TIMEOUT_SECONDS. A slow statement is not affected: the server's kernel
+    acknowledges it while the server works. A setting in the URL's query wins."""
+    if not url.startswith("postgresql"):
+        return {}
+    seconds = max(2, int(timeout))
+    chosen: dict[str, Any] = {
+        "connect_timeout": min(CONNECT_TIMEOUT_SECONDS, seconds),
+        "keepalives": 1,
+        # Probes start after a third of the timeout idle, every sixth: the connection is
+        # dropped about `timeout` seconds after its host went silent.
+        "keepalives_idle": max(1, seconds // 3),
+        "keepalives_interval": max(1, seconds // 6),
+        "keepalives_count": 4,
+        "tcp_user_timeout": seconds * 1000,
+    }
+    given = make_url(url).query
+    return {name: value for name, value in chosen.items() if name not in given}
 
 
 def pooler_connect_args(url: str, pooler: str) -> dict[str, Any]:

@@ -100,6 +100,7 @@ def start(
     own_session: bool = False,
     die_with_parent: bool = False,
     module: str = "promptq",
+    prefix: Sequence[str] = (),
 ) -> Child:
     """`python -m promptq ARGS` (or another `module`'s) with exactly `env`, its output in
     `log_path` (appended to with `append`, after a `banner` line if given; a pipe nobody
@@ -107,11 +108,13 @@ def start(
     Ctrl-C in this terminal does not reach it, so the parent stops its children in order
     instead of all of them racing to exit at once. `die_with_parent`: the kernel sends it
     SIGTERM when this process dies, even by SIGKILL, where no `finally` runs (Linux; start
-    such children from the main thread, since the "parent" is the thread that forks)."""
-    command = [sys.executable, "-m", module, *args]
+    such children from the main thread, since the "parent" is the thread that forks).
+    `prefix`: what runs the command, e.g. `ip netns exec NAME` for a host of a multi-host
+    test (promptq.netns); it must exec the command, so that the child is the command."""
+    command = [*prefix, sys.executable, "-m", module, *args]
     options: dict[str, Any] = {"env": dict(env), "cwd": cwd, "start_new_session": own_session}
     if die_with_parent and _libc is not None:
-        options["preexec_fn"] = _die_with_parent
+        options["preexec_fn"] = set_death_signal
     if log_path is None:
         return Child(name, command, None, **options)
     with open(log_path, "ab" if append else "wb") as log:
@@ -207,7 +210,8 @@ if _libc is not None:
     _libc.prctl  # noqa: B018 -- resolved (and cached) now, not in each forked child
 
 
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec: a single system call through an
-    # already-loaded libc, which takes no locks.
+def set_death_signal() -> None:
+    """A `preexec_fn`: the child gets SIGTERM when its parent dies (Linux). It runs in the
+    child between fork and exec: a single system call through an already-loaded libc,
+    which takes no locks."""
     _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)

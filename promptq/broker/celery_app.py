@@ -43,6 +43,16 @@ PRUNE_INTERVAL_SECONDS = 3600.0
 # Broker connections beyond one per greenlet: the consumer's own, and the dispatcher's and
 # delivery loop's publishes.
 BROKER_SPARE_CONNECTIONS = 16
+# The broker's connections give up on a Redis that stopped answering without closing them
+# (a network partition, a host gone, a NAT or firewall entry forgotten). kombu's Redis
+# transport waits forever by default, unlike redis-py's own clients (5 s): a publish, an
+# acknowledgement or a worker's warm shutdown (which reads the reply of its last BRPOP)
+# hangs for the kernel's TCP retries, minutes, and after a partition of a few minutes TCP's
+# backoff waits up to 2 more minutes before trying again, however soon the network is
+# back. No broker command blocks for long by design (BRPOP waits 1 s on the server), so a
+# reply 10 s late means a dead connection: kombu drops it and connects afresh.
+BROKER_SOCKET_TIMEOUT_SECONDS = 10.0
+BROKER_SOCKET_CONNECT_TIMEOUT_SECONDS = 5.0
 
 
 def broker_url(settings: Settings) -> str:
@@ -107,6 +117,10 @@ def create_celery(settings: Settings) -> Celery:
             "priority_steps": BROKER_PRIORITY_STEPS,
             "sep": ":",
             "queue_order_strategy": "priority",
+            "socket_timeout": BROKER_SOCKET_TIMEOUT_SECONDS,
+            "socket_connect_timeout": BROKER_SOCKET_CONNECT_TIMEOUT_SECONDS,
+            # An idle connection whose peer is gone is found out too (the kernel's probes).
+            "socket_keepalive": True,
             **sentinel_options,
         },
         beat_schedule={
