@@ -116,33 +116,46 @@ def test_subscriptions_and_templates_per_key(quiet_api: MakeClient, make_key: An
 
 
 def test_intake_requests_per_second_per_key(quiet_api: MakeClient, make_key: Any) -> None:
-    client = quiet_api(key_max_requests_per_second=2)
+    client = quiet_api(key_max_requests_per_second=1)
     key, other = make_key("hasty"), make_key("calm")
     statuses = [
         client.post("/v1/jobs", json={"prompt": f"fast {i}"}, headers=auth(key)).status_code
-        for i in range(8)
+        for i in range(6)
     ]
-    # Two a second, two seconds of it at once: four go, then the key must slow down.
-    assert statuses[:4] == [202] * 4 and 429 in statuses[4:]
+    # One a second, two seconds of it at once: two go, then the key must slow down.
+    assert statuses[:2] == [202] * 2 and 429 in statuses[2:]
+    # The rate refills as time passes, so on a slow machine a request may find the second's
+    # place free again: each check below takes the first refusal of a few tries.
     refused(
-        client.post("/v1/jobs", json={"prompt": "again"}, headers=auth(key)),
+        first_refusal(lambda: client.post("/v1/jobs", json={"prompt": "again"}, headers=auth(key))),
         429,
         "PROMPTQ_KEY_MAX_REQUESTS_PER_SECOND",
     )
     # The SDK's path answers in Anthropic's shape, which the SDK retries after Retry-After.
-    message = client.post(
-        "/v1/messages",
-        json={
-            "model": "claude-sonnet-4-6",
-            "max_tokens": 5,
-            "messages": [{"role": "user", "content": "x"}],
-        },
-        headers=auth(key),
+    message = first_refusal(
+        lambda: client.post(
+            "/v1/messages",
+            json={
+                "model": "claude-sonnet-4-6",
+                "max_tokens": 5,
+                "messages": [{"role": "user", "content": "x"}],
+            },
+            headers=auth(key),
+        )
     )
     assert message.status_code == 429
     assert message.json()["type"] == "error"
     assert message.json()["error"]["type"] == "rate_limit_error"
     assert client.post("/v1/jobs", json={"prompt": "mine"}, headers=auth(other)).status_code == 202
+
+
+def first_refusal(send: Callable[[], Any], tries: int = 5) -> Any:
+    """The first answer of `send` that is a 429, else the last one."""
+    for _ in range(tries):
+        response = send()
+        if response.status_code == 429:
+            break
+    return response
 
 
 def test_redeliveries_per_minute_per_key(
