@@ -605,6 +605,21 @@ def bench_run(
         log("done; stopping everything")
 
 
+# Short leases and sweeps, so that a dead or cut-off worker's jobs come back within seconds
+# (bench/chaos.py, bench/partition.py).
+FAST_RECOVERY_SETTINGS = {
+    "PROMPTQ_CLAIM_LEASE_SECONDS": "10",
+    "PROMPTQ_SLOT_LEASE_SECONDS": "5",
+    "PROMPTQ_SWEEP_INTERVAL_SECONDS": "2",
+    "PROMPTQ_REPUBLISH_AFTER_SECONDS": "5",
+}
+
+
+def settings_text(settings: dict[str, str]) -> str:
+    """Settings as a report says them: `CLAIM_LEASE_SECONDS=10, ...`."""
+    return ", ".join(f"{k.removeprefix('PROMPTQ_')}={v}" for k, v in settings.items())
+
+
 def stack_env(
     setup: Setup, limits_file: Path, more: dict[str, str] | None = None
 ) -> dict[str, str]:

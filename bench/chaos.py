@@ -64,6 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _report import markdown_table, met, print_markdown, report_start
 from _stack import (
+    FAST_RECOVERY_SETTINGS,
     REPO,
     Child,
     HttpClient,
@@ -77,6 +78,7 @@ from _stack import (
     flush_redis,
     log,
     require_at_least_one,
+    settings_text,
     stack_env,
     start_api,
     start_beat,
@@ -89,13 +91,6 @@ from promptq.testing import FINAL
 
 MODEL = "claude-sonnet-4-6"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/12"
-# Short leases and sweeps, so that a dead worker's jobs come back within seconds.
-STACK_SETTINGS = {
-    "PROMPTQ_CLAIM_LEASE_SECONDS": "10",
-    "PROMPTQ_SLOT_LEASE_SECONDS": "5",
-    "PROMPTQ_SWEEP_INTERVAL_SECONDS": "2",
-    "PROMPTQ_REPUBLISH_AFTER_SECONDS": "5",
-}
 UNFINISHED = ("queued", "running", "retrying")
 REQUEST_TIMEOUT_SECONDS = 10.0
 # How long past the submission window the clients go on resending a job before giving up.
@@ -653,7 +648,7 @@ def run(args: argparse.Namespace, exit_stack: contextlib.ExitStack, setup: Setup
     env = stack_env(
         setup,
         write_limits_file(workdir),
-        {"PROMPTQ_UPSTREAM_URL": simulator.url, **STACK_SETTINGS},
+        {"PROMPTQ_UPSTREAM_URL": simulator.url, **FAST_RECOVERY_SETTINGS},
     )
     stack = Stack(exit_stack, env, workdir, args.concurrency)
     api = stack.start_api()
@@ -834,7 +829,7 @@ def print_report(
     args: argparse.Namespace, setup: Setup, outcome: Outcome | None, wall: float
 ) -> None:
     out = report_start("Chaos", setup)
-    settings = ", ".join(f"{k.removeprefix('PROMPTQ_')}={v}" for k, v in STACK_SETTINGS.items())
+    settings = settings_text(FAST_RECOVERY_SETTINGS)
     out += [
         f"{args.jobs} jobs at {args.rate:g} jobs/s from {args.clients} clients (each resent "
         "with its Idempotency-Key until a 2xx); one API process, beat, "

@@ -56,12 +56,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _report import markdown_table, met, print_markdown, report_start
 from _stack import (
+    FAST_RECOVERY_SETTINGS,
     Setup,
     add_store_options,
     bench_run,
     create_api_key,
     epoch,
     log,
+    settings_text,
     stack_env,
     start_api,
     start_beat,
@@ -76,12 +78,6 @@ from promptq.supervisor import Child
 from promptq.testing import FINAL
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/12"
-STACK_SETTINGS = {
-    "PROMPTQ_CLAIM_LEASE_SECONDS": "10",
-    "PROMPTQ_SLOT_LEASE_SECONDS": "5",
-    "PROMPTQ_SWEEP_INTERVAL_SECONDS": "2",
-    "PROMPTQ_REPUBLISH_AFTER_SECONDS": "5",
-}
 API_PORT = 8000  # each host is a namespace of its own: the same port on both
 CLIENT_TIMEOUT_SECONDS = 5.0
 CLIENTS = 24
@@ -167,7 +163,7 @@ def start_hosts(
             setup,
             limits,
             {
-                **STACK_SETTINGS,
+                **FAST_RECOVERY_SETTINGS,
                 "PROMPTQ_DATABASE_URL": database_url,
                 "PROMPTQ_REDIS_URL": redis_url,
                 "PROMPTQ_UPSTREAM_URL": simulator.url,
@@ -321,7 +317,7 @@ def print_report(
         f"Redis, from PostgreSQL, from both. Two hosts (network namespaces), each with one API "
         f"and one worker (gevent, concurrency {args.concurrency}); beat on host B; upstream "
         f"{args.latency:g} +- {args.jitter:g} s per call; "
-        + ", ".join(f"{k.removeprefix('PROMPTQ_')}={v}" for k, v in STACK_SETTINGS.items())
+        + settings_text(FAST_RECOVERY_SETTINGS)
         + ".",
         "",
     ]

@@ -27,6 +27,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Sequence
@@ -246,8 +247,6 @@ class Host:
 
 
 def _listening(address: str, port: int) -> bool:
-    import socket
-
     try:
         with socket.create_connection((address, port), timeout=0.5):
             return True

@@ -28,7 +28,7 @@ import pytest
 import requests
 from helpers import REPO, wait_for_http
 from redis_servers import RedisServer
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from stack_parts import new_key, prompts, wait_for_all
 
 from promptq import netns, supervisor
@@ -84,6 +84,17 @@ class Machine:
         supervisor.stop(self.children, timeout=10)
 
 
+def _through_forwards(host: netns.Host, database: URL, redis_port: int) -> dict[str, str]:
+    """The settings that take a process in `host` to PostgreSQL and Redis through its
+    forwards (host.forward)."""
+    return {
+        "PROMPTQ_DATABASE_URL": database.set(host=host.gateway).render_as_string(
+            hide_password=False
+        ),
+        "PROMPTQ_REDIS_URL": f"redis://{host.gateway}:{redis_port}/0",
+    }
+
+
 @pytest.fixture
 def hosts() -> Iterator[list[netns.Host]]:
     try:
@@ -123,10 +134,7 @@ def test_host_a_cut_from_redis_then_postgresql_then_both(
             simulators.append(simulator)
             env = {
                 **test_env,
-                "PROMPTQ_DATABASE_URL": database.set(host=host.gateway).render_as_string(
-                    hide_password=False
-                ),
-                "PROMPTQ_REDIS_URL": f"redis://{host.gateway}:{redis_server.port}/0",
+                **_through_forwards(host, database, redis_server.port),
                 "PROMPTQ_UPSTREAM_URL": simulator.url,
                 "PROMPTQ_LIMITS_FILE": str(limits_file),
                 # Short leases and sweeps, so that recovery takes seconds.
@@ -307,10 +315,7 @@ def test_a_partitioned_host_gives_up_on_postgresql_and_the_broker_in_seconds(
         env = {
             **os.environ,
             **test_env,
-            "PROMPTQ_DATABASE_URL": database.set(host=host.gateway).render_as_string(
-                hide_password=False
-            ),
-            "PROMPTQ_REDIS_URL": f"redis://{host.gateway}:{redis_server.port}/0",
+            **_through_forwards(host, database, redis_server.port),
             "PROMPTQ_DATABASE_NETWORK_TIMEOUT_SECONDS": str(NETWORK_TIMEOUT_SECONDS),
         }
         script = subprocess.Popen(
@@ -378,10 +383,7 @@ def test_an_api_whose_redis_connection_died_of_a_partition_answers_after_the_hea
         host.forward(redis_server.port)
         env = {
             **test_env,
-            "PROMPTQ_DATABASE_URL": database.set(host=host.gateway).render_as_string(
-                hide_password=False
-            ),
-            "PROMPTQ_REDIS_URL": f"redis://{host.gateway}:{redis_server.port}/0",
+            **_through_forwards(host, database, redis_server.port),
             "PROMPTQ_LIMITS_FILE": str(limits_file),
         }
         logs = tmp_path / "logs"
