@@ -18,6 +18,8 @@ from promptq.redis_roles import RedisRole, check_url
 from promptq.webhook_allow import IPNetwork, WebhookAllow
 
 DEFAULT_UPSTREAM_URL = "https://api.cometapi.com"
+# The fewest standby jobs a worker keeps when PROMPTQ_WORKER_STANDBY_JOBS is unset.
+MIN_STANDBY_JOBS = 8
 
 
 class Settings(BaseSettings):
@@ -112,6 +114,12 @@ class Settings(BaseSettings):
     # Tasks one worker process runs at once, each in a greenlet: the upstream calls it can
     # keep waiting (the account's own limits, in the limits file, decide how many really go).
     worker_concurrency: int = Field(default=1000, ge=1, le=10_000)
+    # Jobs a worker process takes from the broker beyond its concurrency, each waiting in a
+    # greenlet of its own for a call in flight to end, so that the next call starts at once
+    # (promptq.jobs.call_slots). Unset: a tenth of the concurrency, at least 8. They are the
+    # broker's next messages held early: a job published later at a higher priority waits
+    # behind at most these.
+    worker_standby_jobs: int | None = Field(default=None, ge=0, le=10_000)
     # A message not acknowledged within this many seconds is handed to another worker by
     # the Redis broker; every countdown we use must stay well below it.
     broker_visibility_timeout_seconds: int = Field(default=3600, ge=60)
@@ -236,6 +244,14 @@ class Settings(BaseSettings):
 
     def redis_urls(self) -> dict[RedisRole, str | None]:
         return {role: self.redis_url_for(role) for role in get_args(RedisRole)}
+
+    @property
+    def worker_greenlets(self) -> int:
+        """Tasks a worker process runs at once: its calls in flight and its standby jobs."""
+        standby = self.worker_standby_jobs
+        if standby is None:
+            standby = max(MIN_STANDBY_JOBS, self.worker_concurrency // 10)
+        return self.worker_concurrency + standby
 
     @property
     def uses_sqlite(self) -> bool:

@@ -7,6 +7,7 @@ from functools import lru_cache
 
 from promptq.broker.messenger import BrokerMessenger
 from promptq.config import Settings, get_settings
+from promptq.jobs.call_slots import CallSlots
 from promptq.jobs.leases import LeaseKeeper
 from promptq.jobs.runner import JobRunner
 from promptq.pricing import PriceTable
@@ -60,7 +61,13 @@ def worker_context() -> WorkerContext:
     )
     messenger = BrokerMessenger(get_app(), events)
     runner = JobRunner(
-        settings, PriceTable.load(settings.pricing_file), upstream, limiter, leases, messenger
+        settings,
+        PriceTable.load(settings.pricing_file),
+        upstream,
+        limiter,
+        leases,
+        messenger,
+        CallSlots(settings.worker_concurrency),
     )
     return WorkerContext(
         settings=settings,

@@ -1,12 +1,12 @@
 """Threads that live as long as a worker process: the rate-limit dispatcher, and the
 webhook delivery pool with its loop, which finishes the deliveries it is sending before the
-process exits."""
+process exits; and, when it begins to stop, no more upstream calls started."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
 from worker.dispatcher import Dispatcher
 
@@ -22,6 +22,15 @@ def _start(sender: Any = None, **_: Any) -> None:
     _dispatcher = Dispatcher(get_app(), worker_context().limiter)
     _dispatcher.start()
     worker_context().deliveries.start()
+
+
+@worker_shutting_down.connect
+def _start_no_more_calls(**_: Any) -> None:
+    # The calls in flight finish (a warm shutdown waits for them); the standby jobs put their
+    # messages back rather than start calls the shutdown would wait for too.
+    from worker.context import worker_context
+
+    worker_context().runner.call_slots.close()
 
 
 @worker_shutdown.connect

@@ -88,7 +88,7 @@ def create_celery(settings: Settings) -> Celery:
         # A task whose process died is put back, not dropped: the job's claim makes a second
         # run of a finished job a no-op.
         task_reject_on_worker_lost=True,
-        # Twice the concurrency may be unacknowledged: with every greenlet busy, the
+        # Twice the greenlets may be unacknowledged: with every greenlet busy, the
         # consumer holds the next message while it waits for one to end (gevent's pool
         # blocks it there), so it never reaches the limit. At the limit Celery's green loop
         # stops asking Redis and sleeps out its 2 s poll before it asks again, however soon
@@ -98,7 +98,9 @@ def create_celery(settings: Settings) -> Celery:
         # `--pool=gevent`, and `celery -A worker.app worker` must be given `-P gevent`, so
         # that the process is patched before it imports anything (Celery refuses to patch
         # from this setting, which it reads too late).
-        worker_concurrency=settings.worker_concurrency,
+        # Greenlets: the calls in flight, and the standby jobs waiting for one to end
+        # (promptq.jobs.call_slots).
+        worker_concurrency=settings.worker_greenlets,
         # Flower follows tasks from the worker's events, and turns them on itself (above).
         # The "sent" event stays off: the API would publish it on every POST.
         worker_send_task_events=False,
@@ -113,7 +115,7 @@ def create_celery(settings: Settings) -> Celery:
             # connections"), the consumer's bookkeeping of a message it had just taken
             # with them, so that message was lost until the sweeper published its job
             # again. redis-py opens connections only as many are in use at once.
-            "max_connections": settings.worker_concurrency + BROKER_SPARE_CONNECTIONS,
+            "max_connections": settings.worker_greenlets + BROKER_SPARE_CONNECTIONS,
             "priority_steps": BROKER_PRIORITY_STEPS,
             "sep": ":",
             "queue_order_strategy": "priority",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +86,8 @@ def api(host: str, port: int, workers: int) -> None:
 @click.option(
     "--concurrency",
     type=click.IntRange(1, 10_000),
-    help="Tasks at once, each in a greenlet: upstream calls in flight (default: "
-    "PROMPTQ_WORKER_CONCURRENCY).",
+    help="Upstream calls in flight at once, each in a greenlet (default: "
+    "PROMPTQ_WORKER_CONCURRENCY); PROMPTQ_WORKER_STANDBY_JOBS more wait for one to end.",
 )
 @click.option(
     "--queues",
@@ -105,18 +106,23 @@ def worker(concurrency: int | None, queues: str, hostname: str | None, task_even
     """Run a Celery worker that executes jobs."""
     from worker.app import get_app
 
+    if concurrency is not None:
+        # The setting for the whole process: the call slots, the upstream's and the broker's
+        # connection pools (worker.context, promptq.broker.celery_app) are sized from it.
+        os.environ["PROMPTQ_WORKER_CONCURRENCY"] = str(concurrency)
+        get_settings.cache_clear()
     settings = get_settings()
     preflight(settings)
     # Before Celery starts: what it warns about on start-up (running as root, say) is logged
     # as JSON too; its setup_logging receiver (worker.app) applies the same again.
     configure_logging(settings)
-    concurrency = concurrency or settings.worker_concurrency
     argv = [
         *_celery_global_options(settings),
         "worker",
         # Patched for it since the process started (promptq.cli.green).
         "--pool=gevent",
-        f"--concurrency={concurrency}",
+        # The calls in flight and the standby jobs (promptq.jobs.call_slots).
+        f"--concurrency={settings.worker_greenlets}",
         f"--queues={queues}",
         *(["--task-events"] if task_events else []),
         f"--loglevel={settings.log_level}",

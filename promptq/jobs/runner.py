@@ -21,7 +21,7 @@ written that the message would have to follow.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Protocol
 
@@ -37,6 +37,7 @@ from promptq import budgets
 from promptq.clock import utcnow
 from promptq.config import Settings
 from promptq.db import TRANSIENT_DATABASE_ERRORS, reconnected, session_scope
+from promptq.jobs.call_slots import CallSlot, CallSlots
 from promptq.jobs.execution import (
     ClaimedJob,
     Refusal,
@@ -63,6 +64,8 @@ log = logging.getLogger(__name__)
 
 # How long a worker keeps an upstream answer in memory while the database is away.
 RECORD_PATIENCE_SECONDS = 300
+# No bound of the runner's own on the calls in flight.
+UNBOUNDED_CALLS = 1 << 30
 # A reservation this close is not worth a round trip through the broker.
 NEGLIGIBLE_DELAY_SECONDS = 0.05
 
@@ -83,8 +86,18 @@ class JobRunner:
     limiter: Limiter
     leases: LeaseKeeper
     messenger: Messenger
+    # The calls this process keeps in flight (its concurrency). Unbounded unless given: a
+    # caller running one job at a time needs none.
+    call_slots: CallSlots = field(default_factory=lambda: CallSlots(UNBOUNDED_CALLS))
 
     def run(self, job_id: str, grant: Grant | None = None) -> str:
+        """The job's delivery, once a call slot is free. Raises ShuttingDown
+        (promptq.jobs.call_slots) when the worker began stopping before the job got one
+        and it holds no rate-limit grant: nothing was done, and its message goes back."""
+        with self.call_slots.slot(even_when_closed=grant is not None) as slot:
+            return self._run(job_id, grant, slot)
+
+    def _run(self, job_id: str, grant: Grant | None, slot: CallSlot) -> str:
         try:
             started = self._start_ready(job_id, grant)
         except RebuildNeeded as needed:
@@ -93,11 +106,11 @@ class JobRunner:
             self.limiter.rebuild(needed.model)
             started = self._start_ready(job_id, grant)
         if started is None:
-            return self._run_checked(job_id, grant)
+            return self._run_checked(job_id, grant, slot)
         if isinstance(started, str):
             return started
         job, claimed, grant = started
-        return self._call(job, claimed, grant)
+        return self._call(job, claimed, grant, slot)
 
     def _start_ready(
         self, job_id: str, grant: Grant | None
@@ -139,7 +152,7 @@ class JobRunner:
             return "budget exceeded"
         return job, claimed, grant
 
-    def _run_checked(self, job_id: str, grant: Grant | None) -> str:
+    def _run_checked(self, job_id: str, grant: Grant | None, slot: CallSlot) -> str:
         """The long way: the job read first, then what keeps it from running now decided
         (gone, its key revoked, not yet due, its key's rpm, its model's limits), then the
         claim."""
@@ -176,7 +189,7 @@ class JobRunner:
             self._give_back(grant)
             log.info("job %s: %s", job.id, refused.message)
             return "budget exceeded"
-        return self._call(job, claimed, grant)
+        return self._call(job, claimed, grant, slot)
 
     def _admit(self, job: RunnableJob) -> Grant | None:
         if job.key_rpm and job.attempts == 0 and job.waiting_for != KEY_RPM:
@@ -203,9 +216,11 @@ class JobRunner:
             rebuild=rebuild,
         )
 
-    def _call(self, job: RunnableJob, claimed: ClaimedJob, grant: Grant) -> str:
+    def _call(self, job: RunnableJob, claimed: ClaimedJob, grant: Grant, slot: CallSlot) -> str:
         with self.leases.holding(job.id, grant):
             result = self.upstream.create_message(claimed.request, beta=claimed.anthropic_beta)
+            # The next job's call may start while this one records.
+            slot.release()
             # The answer is recorded first, and waited for through a database outage: it
             # was paid for, and losing it would mean asking the upstream again.
             for retrying in _RECORD_RETRYING:

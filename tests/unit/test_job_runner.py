@@ -12,11 +12,13 @@ from typing import Any
 
 import pytest
 from doubles import InProcessUpstream
+from sqlalchemy import event
 
 from promptq import budgets
 from promptq.budgets.repository import BudgetRepository
 from promptq.config import Settings
-from promptq.db import session_scope
+from promptq.db import get_engine, session_scope
+from promptq.jobs.call_slots import CallSlots, ShuttingDown
 from promptq.jobs.leases import LeaseKeeper
 from promptq.jobs.runner import JobRunner
 from promptq.models import ApiKey, Job, WebhookDelivery
@@ -366,3 +368,62 @@ def test_lost_limiter_state_is_rebuilt_outside_the_claims_transaction(
     job = job_of(job_id)
     assert job.status == "succeeded" and job.attempts == 1
     assert harness.upstream.calls == 1
+
+
+def test_a_calls_slot_is_given_back_once_its_answer_is_in_before_the_record(
+    make_harness: Callable[..., Harness], make_job: MakeJob, job_of: JobOf, database_url: str
+) -> None:
+    harness = make_harness()
+    slots = harness.runner.call_slots = CallSlots(1)
+    during_call: list[int] = []
+    at_statements: list[int] = []
+    call = harness.upstream.create_message
+
+    def watched_call(params: dict[str, Any], beta: str | None = None) -> Any:
+        during_call.append(slots.in_use)
+        return call(params, beta)
+
+    harness.upstream.create_message = watched_call  # type: ignore[method-assign]
+    job_id = make_job("Say hello.")
+    engine = get_engine(database_url)
+
+    def on_statement(*_: Any) -> None:
+        at_statements.append(slots.in_use)
+
+    event.listen(engine, "before_cursor_execute", on_statement)
+    try:
+        assert harness.runner.run(job_id) == "succeeded"
+    finally:
+        event.remove(engine, "before_cursor_execute", on_statement)
+    assert during_call == [1]
+    # The claim held the slot; the record, the last statements, ran without it.
+    assert at_statements[0] == 1 and at_statements[-1] == 0
+    assert slots.in_use == 0
+
+
+def test_once_the_worker_stops_a_job_that_got_no_slot_starts_nothing(
+    harness: Harness, make_job: MakeJob, job_of: JobOf
+) -> None:
+    harness.runner.call_slots = CallSlots(1)
+    harness.runner.call_slots.close()
+    job_id = make_job("Say hello.")
+
+    with pytest.raises(ShuttingDown):
+        harness.runner.run(job_id)
+    assert job_of(job_id).status == "queued"
+    assert harness.upstream.calls == 0
+    assert harness.limiter.in_flight(SONNET) == 0
+
+
+def test_once_the_worker_stops_a_job_with_a_dispatchers_grant_still_runs(
+    make_harness: Callable[..., Harness], make_job: MakeJob, job_of: JobOf
+) -> None:
+    harness = make_harness(limiter=one_slot())
+    job_id = make_job("Say hello.")
+    offer = harness.limiter.acquire(job_id, SONNET, {"max_tokens": 16}, "normal")
+    assert offer.grant is not None
+    harness.runner.call_slots = CallSlots(1)
+    harness.runner.call_slots.close()
+
+    assert harness.runner.run(job_id, offer.grant) == "succeeded"
+    assert job_of(job_id).status == "succeeded"

@@ -7,9 +7,11 @@ from typing import Any
 
 import redis
 from celery import Task
+from celery.exceptions import Reject
 
 from promptq.broker import task_names
 from promptq.broker.publish import clear_published
+from promptq.jobs.call_slots import ShuttingDown
 from promptq.ratelimit.protocol import Grant
 from worker.app import get_app
 from worker.context import worker_context
@@ -29,4 +31,9 @@ class RunJobTask(Task):  # type: ignore[misc]
 @promptq_task(task_names.RUN_JOB, base=RunJobTask)
 def run_job(job_id: str, grant: dict[str, Any] | None = None) -> str:
     """`grant` is set when a dispatcher already took rate-limit budget for this job."""
-    return worker_context().runner.run(job_id, Grant.from_message(grant) if grant else None)
+    try:
+        return worker_context().runner.run(job_id, Grant.from_message(grant) if grant else None)
+    except ShuttingDown:
+        # A standby job when the worker began to stop: untouched, its message goes back to
+        # the broker's queue for another worker (or this one, started again).
+        raise Reject("the worker is stopping", requeue=True) from None

@@ -1,0 +1,141 @@
+"""A worker's standby jobs (promptq.jobs.call_slots), in a real `promptq worker` process
+against its own simulator: the worker takes more messages than its concurrency, yet never
+has more calls in flight; and when it is told to stop, the calls in flight finish while the
+standby jobs, untouched, go back to the broker for the next worker, none lost, none run
+twice."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import start_worker, stop_worker, unique
+from sqlalchemy import func, select
+
+from promptq.broker.celery_app import create_celery
+from promptq.broker.publish import broker_backlog, publish_jobs
+from promptq.config import Settings
+from promptq.db import session_scope
+from promptq.jobs import service
+from promptq.jobspec.schemas import JobCreate
+from promptq.keys.service import authenticate
+from promptq.models import Job
+from promptq.simulator import Simulator
+from promptq.testing import SONNET
+
+CONCURRENCY = 2
+STANDBY = 3
+PATIENCE = 30.0
+
+
+@pytest.fixture
+def upstream() -> Iterator[Simulator]:
+    """The test's own: its calls in flight are the worker's alone."""
+    with Simulator() as server:
+        yield server
+
+
+@pytest.fixture
+def env(quiet_env: dict[str, str], upstream: Simulator) -> dict[str, str]:
+    return {
+        **quiet_env,
+        "PROMPTQ_UPSTREAM_URL": upstream.url,
+        "PROMPTQ_WORKER_STANDBY_JOBS": str(STANDBY),
+    }
+
+
+def submit(env: dict[str, str], plain: str, count: int, latency: float) -> list[str]:
+    settings = _settings(env)
+    with session_scope(settings) as session:
+        key = authenticate(session, plain)
+        assert key is not None
+        prompt = f"[[sim:latency={latency}]]"
+        ids = [
+            service.create_job(
+                session,
+                settings,
+                key,
+                JobCreate.model_validate(
+                    {"model": SONNET, "max_tokens": 8, "prompt": unique(prompt)}
+                ),
+            ).job.id
+            for _ in range(count)
+        ]
+    publish_jobs(create_celery(settings), ids, "normal")
+    return ids
+
+
+def test_a_worker_holds_standby_jobs_yet_never_more_calls_than_its_concurrency(
+    env: dict[str, str], upstream: Simulator, make_key: Any, tmp_path: Path
+) -> None:
+    ids = submit(env, make_key("standby"), 4 * (CONCURRENCY + STANDBY), latency=0.5)
+    app = create_celery(_settings(env))
+    worker = start_worker(env, tmp_path / "worker.log", concurrency=CONCURRENCY)
+    try:
+        active = _most_active_tasks(app, seconds=3)
+        _wait_for(lambda: _count(env, ids, "succeeded") == len(ids))
+    finally:
+        stop_worker(worker)
+    # Messages in hand beyond the calls: the standby jobs, waiting for a slot.
+    assert active == CONCURRENCY + STANDBY
+    assert upstream.stats()["max_in_flight"] == CONCURRENCY
+    assert upstream.stats()["calls"] == len(ids)
+
+
+def test_a_warm_shutdown_finishes_the_calls_and_puts_the_standby_jobs_back(
+    env: dict[str, str], upstream: Simulator, make_key: Any, tmp_path: Path
+) -> None:
+    latency = 3.0
+    ids = submit(env, make_key("shutdown"), CONCURRENCY + STANDBY, latency=latency)
+    settings = _settings(env)
+    app = create_celery(settings)
+    worker = start_worker(env, tmp_path / "first.log", concurrency=CONCURRENCY)
+    try:
+        _wait_for(lambda: upstream.stats()["in_flight"] == CONCURRENCY)
+        _wait_for(lambda: broker_backlog(app) == 0)  # the standby jobs' messages taken
+    finally:
+        stop_worker(worker)  # SIGTERM while the calls are out
+    # The calls in flight ended and were recorded; no other call started.
+    assert upstream.stats()["calls"] == CONCURRENCY
+    assert _count(env, ids, "succeeded") == CONCURRENCY
+    # The others are as they were, their messages back on the broker at once (not after
+    # the broker's visibility timeout, nor the sweeper's republishing).
+    assert _count(env, ids, "queued") == STANDBY
+    assert broker_backlog(app) == STANDBY
+
+    second = start_worker(env, tmp_path / "second.log", concurrency=CONCURRENCY)
+    try:
+        _wait_for(lambda: _count(env, ids, "succeeded") == len(ids))
+    finally:
+        stop_worker(second)
+    assert upstream.stats()["calls"] == len(ids)  # none called twice
+
+
+def _most_active_tasks(app: Any, seconds: float) -> int:
+    """The most tasks the worker reported running at once, asked over Celery's control."""
+    most = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        replies = app.control.inspect(timeout=0.5).active() or {}
+        most = max(most, sum(len(tasks) for tasks in replies.values()))
+    return most
+
+
+def _wait_for(check: Any) -> None:
+    deadline = time.monotonic() + PATIENCE
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def _count(env: dict[str, str], ids: list[str], status: str) -> int:
+    with session_scope(_settings(env)) as session:
+        query = select(func.count()).where(Job.id.in_(ids), Job.status == status)
+        return int(session.scalar(query) or 0)
+
+
+def _settings(env: dict[str, str]) -> Settings:
+    return Settings(database_url=env["PROMPTQ_DATABASE_URL"], redis_url=env["PROMPTQ_REDIS_URL"])
