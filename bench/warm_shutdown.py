@@ -4,12 +4,15 @@
     .venv/bin/python bench/warm_shutdown.py --sqlite
 
 One `promptq api` and one `promptq worker` (concurrency = --jobs) run as child processes;
-the simulator answers every call after --latency seconds. Once every job's call is in
-flight at the simulator, the worker gets SIGTERM, as a deployment's scale-down or rollout
-sends it. Measured: how long the worker takes to exit, and that every call it held was
-answered, recorded and never made twice (no second worker runs: a job left unfinished
-would stay so). That time is what deploy/'s stop grace periods must cover; with the
-upstream's own timeout it is at most that timeout plus the recording.
+the simulator answers every call after --latency seconds. --jobs jobs and the worker's
+standby jobs (PROMPTQ_WORKER_STANDBY_JOBS, by default a tenth more) are submitted; once
+every call the worker may make is in flight at the simulator and the standby jobs are in
+its hands, the worker gets SIGTERM, as a deployment's scale-down or rollout sends it.
+Measured: how long the worker takes to exit; that every call it held was answered,
+recorded and never made twice; and that the standby jobs were put back, untouched, their
+messages on the broker again for the next worker (no second worker runs here). That time is
+what deploy/'s stop grace periods must cover; with the upstream's own timeout it is at most
+that timeout plus the recording.
 
 Progress goes to stderr; stdout is Markdown, ready to paste into the README. Exit status 1
 means a job was lost, failed or called twice.
@@ -42,6 +45,9 @@ from _stack import (
     write_limits_file,
 )
 
+from promptq.broker.celery_app import create_celery
+from promptq.broker.publish import broker_backlog
+from promptq.config import Settings
 from promptq.simulator import Simulator, SimulatorConfig
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/14"
@@ -63,13 +69,18 @@ def main() -> int:
         _, api_url = start_api(stack, env, setup.workdir)
         worker = start_worker(stack, env, setup.workdir, args.jobs)
         simulator.start()
+        # The worker's standby jobs by default: its greenlets beyond the calls.
+        standby = Settings(worker_concurrency=args.jobs).worker_greenlets - args.jobs
+        app = create_celery(Settings(redis_url=setup.redis.url))
         key_id, key = create_api_key(setup.database.url, "warm-shutdown")
-        bodies = [json.dumps({"prompt": f"shutdown {i}"}).encode() for i in range(args.jobs)]
-        log(f"submitting {args.jobs} jobs")
+        total = args.jobs + standby
+        bodies = [json.dumps({"prompt": f"shutdown {i}"}).encode() for i in range(total)]
+        log(f"submitting {args.jobs} jobs and {standby} standby jobs")
         submitted = submit_jobs(api_url, key, bodies, clients=8, deadline_seconds=120)
-        # Every call in flight at once: the worker holds all of them when the signal comes.
+        # Every call in flight at once and the standby jobs taken: the worker holds all of
+        # them when the signal comes.
         deadline = time.monotonic() + 60 + args.latency
-        while simulator.stats()["in_flight"] < submitted.accepted:
+        while simulator.stats()["in_flight"] < args.jobs or broker_backlog(app) > 0:
             worker.check_alive()
             if time.monotonic() > deadline:
                 log(f"only {simulator.stats()['in_flight']} calls in flight; going on")
@@ -91,12 +102,19 @@ def main() -> int:
             )
         stats = simulator.stats()
         succeeded = int(by_status.get("succeeded", 0))
-        ok = succeeded == submitted.accepted == args.jobs and stats["calls"] == args.jobs
+        queued = int(by_status.get("queued", 0))
+        backlog = broker_backlog(app)
+        ok = (
+            submitted.accepted == total
+            and succeeded == stats["calls"] == args.jobs
+            and queued == backlog == standby
+        )
 
         lines = report_start("Warm shutdown", setup)
         lines += [
-            f"One worker (concurrency {args.jobs}) holding {in_flight} upstream calls of "
-            f"{args.latency:g} s gets SIGTERM; no other worker runs.",
+            f"One worker (concurrency {args.jobs}, {standby} standby jobs) holding {in_flight} "
+            f"upstream calls of {args.latency:g} s and its standby jobs gets SIGTERM; no other "
+            "worker runs.",
             "",
             markdown_table(
                 ["Measure", "Result", "Target", ""],
@@ -104,10 +122,16 @@ def main() -> int:
                     ["Calls in flight at SIGTERM", str(in_flight), f"{args.jobs}", ""],
                     ["SIGTERM to the worker's exit", f"{exit_seconds:.1f} s", "", ""],
                     [
-                        "Jobs succeeded / submitted",
-                        f"{succeeded} / {submitted.accepted}",
+                        "Jobs succeeded / calls in flight at SIGTERM",
+                        f"{succeeded} / {in_flight}",
                         "all",
-                        met(succeeded == submitted.accepted),
+                        met(succeeded == in_flight == args.jobs),
+                    ],
+                    [
+                        "Standby jobs left queued / their messages back on the broker",
+                        f"{queued} / {backlog}",
+                        f"{standby} / {standby}",
+                        met(queued == backlog == standby),
                     ],
                     [
                         "Upstream calls",
