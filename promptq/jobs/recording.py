@@ -20,7 +20,18 @@ from decimal import Decimal
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import CTE, ColumnElement, Select, bindparam, func, insert, select, update
+from sqlalchemy import (
+    ARRAY,
+    CTE,
+    ColumnElement,
+    Select,
+    any_,
+    bindparam,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from promptq import budgets
@@ -117,7 +128,10 @@ def _statement(shape: Shape) -> Select[Any]:
     settled = (
         update(Job)
         .where(
-            Job.id == bindparam("job_id"), Job.status.in_(bindparam("settle_from", expanding=True))
+            Job.id == bindparam("job_id"),
+            # One array parameter (PostgreSQL's = ANY), not an "expanding" IN list, whose
+            # statement SQLAlchemy would render again on every execution.
+            Job.status == any_(bindparam("settle_from", type_=ARRAY(Job.__table__.c.status.type))),
         )
         .values({name: bindparam(f"v_{name}", type_=jobs[name].type) for name in shape.values})
         .returning(Job.id, subscribed_of_job().label("subscribed"))

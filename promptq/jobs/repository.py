@@ -15,6 +15,7 @@ from sqlalchemy import (
     bindparam,
     exists,
     insert,
+    literal,
     literal_column,
     or_,
     select,
@@ -282,7 +283,9 @@ def _claim_statement() -> Update:
         update(Job)
         .where(
             Job.id == bindparam("claim_job_id"),
-            Job.status.in_(RUNNABLE_STATUSES),
+            # A bound parameter each, not one list: a list is "expanding", and SQLAlchemy
+            # would render the statement's text again on every execution.
+            Job.status.in_([literal(status) for status in RUNNABLE_STATUSES]),
             or_(Job.next_attempt_at.is_(None), Job.next_attempt_at <= now),
         )
         .values(
