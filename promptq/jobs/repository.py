@@ -55,7 +55,13 @@ class JobRepository:
             if getattr(job, attribute) is None:
                 # Core would write the None given: the column's default is set here.
                 setattr(job, attribute, default.arg(None) if default.is_callable else default.arg)
-        row = {column: getattr(job, attribute) for attribute, column in _job_columns()}
+        # Only the columns given a value: the rest of a new job's row is NULL anyway, and
+        # each parameter is one more to convert and send.
+        row = {
+            column: value
+            for attribute, column in _job_columns()
+            if (value := getattr(job, attribute)) is not None
+        }
         self.session.connection().execute(_insert_job_statement(), row)
         return job
 
