@@ -111,8 +111,8 @@ class Settings(BaseSettings):
     retry_max_seconds: float = Field(default=60.0, ge=0)
 
     # Worker
-    # Tasks one worker process runs at once, each in a greenlet: the upstream calls it can
-    # keep waiting (the account's own limits, in the limits file, decide how many really go).
+    # Upstream calls one worker process keeps waiting at once, each in a greenlet (the
+    # account's own limits, in the limits file, decide how many really go).
     worker_concurrency: int = Field(default=1000, ge=1, le=10_000)
     # Jobs a worker process takes from the broker beyond its concurrency, each waiting in a
     # greenlet of its own for a call in flight to end, so that the next call starts at once

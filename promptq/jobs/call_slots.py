@@ -2,11 +2,11 @@
 
 A worker runs more jobs at once than that (PROMPTQ_WORKER_STANDBY_JOBS more): the extra
 ones have their message in hand and wait here for a call to end. When one does, the next
-job starts at once, woken by the ending call. Without them the next job waits for Celery's
-consumer, a single greenlet that takes one message per broker round trip and gets its turn
-only after every other ready greenlet has had its own: when a wave of answers comes back
-together (calls started together end together), it fell behind while the ended jobs
-recorded, and hundreds of places stood empty for seconds (README, "Sizing workers").
+job starts at once, woken by the ending call, instead of waiting for Celery's consumer: a
+single greenlet that takes one message per broker round trip and gets its turn only after
+every other ready greenlet has had its own, so that when a wave of answers comes back
+together (calls started together end together) it brings the next messages in while the
+ended jobs record, one at a time (README, "Sizing workers").
 
 Written here rather than taken from gevent or threading: their semaphores cannot be closed,
 and a warm shutdown must tell the jobs still waiting to put their message back, not to
