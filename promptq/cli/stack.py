@@ -54,7 +54,7 @@ def ensure_local_key(database: Database) -> CreatedKey | None:
 @click.command()
 @click.option("--port", default=8000, show_default=True, type=int, help="API port.")
 @click.option("--flower-port", default=5555, show_default=True, type=int)
-@click.option("--concurrency", type=int, help="Worker threads (upstream calls in flight).")
+@click.option("--concurrency", type=int, help="Worker greenlets: upstream calls in flight.")
 @click.option(
     "--verbose",
     is_flag=True,
