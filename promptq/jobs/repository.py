@@ -305,7 +305,7 @@ def _job_defaults() -> tuple[tuple[str, Any], ...]:
 
 @lru_cache(maxsize=1)
 def _insert_job_statement() -> Insert:
-    return insert(Job.__table__)
+    return insert(Job)
 
 
 def _claim_params(job_id: str, now: datetime, lease_until: datetime) -> dict[str, Any]:
