@@ -41,10 +41,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _report import markdown_table, print_markdown, report_start
 from _stack import (
-    UPSTREAM_KEY,
     add_store_options,
     bench_run,
     log,
+    stack_env,
     write_limits_file,
 )
 from sqlalchemy import text
@@ -70,18 +70,12 @@ def main() -> int:
         simulator = Simulator(SimulatorConfig(latency=0.0))
         simulator.start()
         stack.callback(simulator.stop)
-        # This process is the worker: its settings come from the environment, as a
-        # worker's do.
+        # This process is the worker: its settings come from the environment, as the
+        # other benches' workers get theirs.
         os.environ.update(
-            {
-                "PROMPTQ_DATABASE_URL": setup.database.url,
-                "PROMPTQ_REDIS_URL": setup.redis.url,
-                "PROMPTQ_UPSTREAM_URL": simulator.url,
-                "PROMPTQ_UPSTREAM_API_KEY": UPSTREAM_KEY,
-                "PROMPTQ_LIMITS_FILE": str(write_limits_file(setup.workdir)),
-                "PROMPTQ_KEY_MAX_OPEN_REQUESTS": str(10 * (args.jobs + WARM_UP_JOBS)),
-                "PROMPTQ_MAX_OPEN_REQUESTS": str(10 * (args.jobs + WARM_UP_JOBS)),
-            }
+            stack_env(
+                setup, write_limits_file(setup.workdir), {"PROMPTQ_UPSTREAM_URL": simulator.url}
+            )
         )
         from promptq.config import get_settings
 

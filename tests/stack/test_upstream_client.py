@@ -297,6 +297,7 @@ def test_the_environments_proxy_is_used_unless_no_proxy_names_the_host(
 ) -> None:
     # What requests read from the environment for every call the client reads once: a
     # deployment whose egress goes through HTTP_PROXY/HTTPS_PROXY keeps working.
+    _Proxy.targets.clear()
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Proxy)
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()

@@ -39,7 +39,7 @@ def test_a_job_past_the_limit_waits_until_a_call_gives_its_slot_back() -> None:
             got.append("third")
 
     waiting = start(third)
-    time.sleep(0.1)
+    eventually(lambda: slots.waiting == 1)
     assert got == [] and slots.in_use == 2
 
     held[0].release()  # the first call's answer is in: its job records without a slot
