@@ -213,17 +213,16 @@ def claim_ready_job(
 
 def records_alone(settings: Settings, claimed: ClaimedJob) -> bool:
     """Whether the attempt's record is one statement that sets off nothing else in the
-    database: on PostgreSQL (promptq.jobs.recording), outside a batch, with no budget to
-    release, no webhook of its own and, when claimed, no subscription of its key. Such a
-    record needs no transaction around it: run on a connection in autocommit it saves the
-    BEGIN and COMMIT round trips, two of a job's six with PostgreSQL. Should its key have
-    subscribed while the call ran, the deliveries the job's end then owes follow it in a
-    transaction of their own, a moment after it rather than with it
-    (AttemptVerdict.subscribers_owed)."""
+    database: on PostgreSQL (promptq.jobs.recording), outside a batch and with no budget to
+    release. Such a record needs no transaction around it: run on a connection in
+    autocommit it saves the BEGIN and COMMIT round trips, two of a job's six with
+    PostgreSQL, and the rollups' rows it shares with its key's other jobs are locked only
+    while it runs. The webhook deliveries of the job's end are in it; should its key have
+    subscribed while the call ran, after the claim said it had no subscription, those
+    deliveries follow it in a transaction of their own, a moment after it rather than with
+    it (AttemptVerdict.subscribers_owed)."""
     return (
-        claimed.key_subscribed is False
-        and claimed.batch_id is None
-        and claimed.webhook_url is None
+        claimed.batch_id is None
         and not claimed.budgeted
         and get_engine(settings).dialect.name == "postgresql"
     )
@@ -377,17 +376,21 @@ def record_attempt(
     # the compare-and-set won, exactly when the job holds them. Last, and always in this
     # order (job, batch, usage, attempts, ledger), so that their rows' locks, shared by the
     # key's other jobs, last only until the commit that follows and are never taken in
-    # opposite orders.
+    # opposite orders. On PostgreSQL what the job's end writes besides (its deliveries) is
+    # in the same one statement, with nothing after it to hold those locks longer.
     if claimed.batch_id is None and session.get_bind().dialect.name == "postgresql":
+        if final:
+            record = replace(record, deliveries=_end_deliveries(session, claimed, values))
         settled, subscribed = record_in_one(session, record)
-        if settled and final and subscribed and records_alone(settings, claimed):
+        if settled and final:
             # Not more statements here: they would run outside the record's transaction
-            # (there is none), and a retry of the whole after one of them failed would
-            # record the attempt twice.
+            # when there is none (records_alone), and a retry of the whole after one of
+            # them failed would record the attempt twice.
             outbox.announce_finished(session, claimed.id)
-            verdict = replace(verdict, subscribers_owed=True)
-        elif settled and final:
-            _announce_and_deliver(session, claimed, subscribed)
+            for delivery in record.deliveries:
+                outbox.deliver_webhook(session, delivery["id"])
+            if subscribed and claimed.key_subscribed is False:
+                verdict = replace(verdict, subscribers_owed=True)
     else:
         repository = JobRepository(session)
         repository.insert_attempt(attempt)
@@ -474,10 +477,25 @@ def _ended(
 
 def deliver_to_subscribers(session: Session, job_id: str) -> None:
     """The deliveries a job's end owes its key's subscriptions when its record could not
-    write them (AttemptVerdict.subscribers_owed)."""
+    write them (AttemptVerdict.subscribers_owed): its own webhook_url's went with it."""
     job = JobRepository(session).get(job_id)
     if job is not None:
-        deliveries.job_event(session, job, subscribed=True)
+        deliveries.job_event(session, job, subscribed=True, own_webhook=False)
+
+
+def _end_deliveries(
+    session: Session, claimed: ClaimedJob, values: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """The rows of the deliveries the job's end creates, for its record to write
+    (promptq.jobs.recording): to its webhook_url, and to its key's subscriptions unless the
+    claim found none. Their event's body is the job as the record leaves it, read before the
+    record: the job is the worker's while it holds the claim."""
+    if claimed.webhook_url is None and claimed.key_subscribed is False:
+        return []
+    job = JobRepository(session).as_written(claimed.id, values)
+    if job is None:
+        return []
+    return deliveries.job_event_rows(session, job, subscribed=claimed.key_subscribed is not False)
 
 
 def _announce_and_deliver(session: Session, claimed: ClaimedJob, subscribed: bool) -> Job | None:

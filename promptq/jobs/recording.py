@@ -1,14 +1,21 @@
 """An attempt recorded in one statement on PostgreSQL: the attempt's row, the job's
-compare-and-set to its next status, its hour's usage, the call's hour and the key's spend,
-as the data-modifying CTEs of one statement, so that the common job pays one round trip for
-all of it (promptq.jobs.execution.record_attempt writes the same rows one statement each on
-SQLite, which has no data-modifying CTE, and for a batch's request, whose batch row comes
-between the job and its rollups).
+compare-and-set to its next status, the webhook deliveries of its end, its hour's usage, the
+call's hour and the key's spend, as the data-modifying CTEs of one statement, so that the
+common job pays one round trip for all of it (promptq.jobs.execution.record_attempt writes
+the same rows one statement each on SQLite, which has no data-modifying CTE, and for a
+batch's request, whose batch row comes between the job and its rollups).
 
-What depends on the compare-and-set winning (the usage row, the spend) adds a row once for
-each row the job's UPDATE returned, so none when another took the job back. The parts run in
-the house order (job, usage, attempts, ledger: see record_attempt), each reading the one
-before it: PostgreSQL runs a data-modifying CTE to its end when another part reads it.
+What depends on the compare-and-set winning (the deliveries, the usage row, the spend) adds
+a row once for each row the job's UPDATE returned, so none when another took the job back.
+The parts run in the house order (job, usage, attempts, ledger: see record_attempt), each
+reading the one before it: PostgreSQL runs a data-modifying CTE to its end when another part
+reads it.
+
+One statement, not a transaction of several, matters most for the rollups: every job of a
+key and model in an hour writes the same two rows, whose locks last until the commit. Held
+across more round trips (the deliveries' insert once came after the record, in the same
+transaction), they made the key's records wait on one another: 200 jobs with a webhook ended
+at 50 a second, and their records took 200 ms and more (bench/webhook_delay.py).
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from sqlalchemy.orm import Session
 
 from promptq import budgets
 from promptq.jobs.repository import subscribed_of_job
-from promptq.models import Attempt, AttemptHourly, Job, UsageHourly
+from promptq.models import Attempt, AttemptHourly, Job, UsageHourly, WebhookDelivery
 from promptq.rollups import (
     ATTEMPT_COUNTS,
     ATTEMPT_KEYS,
@@ -65,6 +72,9 @@ class Record:
     # Its cost, booked in the key's spend ledger on the same condition.
     spend: Decimal | None
     finished_at: datetime
+    # The deliveries of its end (promptq.webhooks.deliveries.job_event_rows), written on the
+    # same condition.
+    deliveries: Sequence[dict[str, Any]] = ()
 
 
 def record_in_one(session: Session, record: Record) -> tuple[bool, bool]:
@@ -84,6 +94,7 @@ def record_in_one(session: Session, record: Record) -> tuple[bool, bool]:
             usage=tuple(usage) if usage is not None else None,
             call=tuple(call),
             spend=spend is not None,
+            deliveries=len(record.deliveries),
         )
     )
     params: dict[str, Any] = {"job_id": record.job_id, "settle_from": list(record.settle_from)}
@@ -95,6 +106,8 @@ def record_in_one(session: Session, record: Record) -> tuple[bool, bool]:
         ("s_", spend or {}),
     ):
         params.update({f"{prefix}{name}": value for name, value in row.items()})
+    for index, delivery in enumerate(record.deliveries):
+        params.update({f"d{index}_{name}": delivery[name] for name in DELIVERY_COLUMNS})
     # As Core, on the session's connection: nothing of it is an ORM object to track.
     won, subscribed, _ = session.connection().execute(statement, params).one()
     return bool(won), bool(subscribed)
@@ -110,6 +123,25 @@ class Shape:
     usage: tuple[str, ...] | None  # None: the job does not end
     call: tuple[str, ...]
     spend: bool
+    deliveries: int = 0
+
+
+# The columns of a delivery's row the statement writes (all but finished_at, NULL until it
+# ends).
+DELIVERY_COLUMNS = (
+    "id",
+    "event_id",
+    "job_id",
+    "api_key_id",
+    "subscription_id",
+    "url",
+    "event_type",
+    "body",
+    "attempts",
+    "status",
+    "next_attempt_at",
+    "created_at",
+)
 
 
 @lru_cache(maxsize=64)
@@ -138,6 +170,9 @@ def _statement(shape: Shape) -> Select[Any]:
         .cte("settled")
     )
     parts: list[CTE] = [attempt, settled]
+    # New rows, which no other job waits on: where they run among the parts does not matter
+    # (PostgreSQL runs the parts nothing reads once the rest is done).
+    parts += [_delivery(index, settled) for index in range(shape.deliveries)]
     if shape.usage is not None:
         parts.append(
             upsert_after(
@@ -158,6 +193,23 @@ def _statement(shape: Shape) -> Select[Any]:
         select(settled.c.subscribed).scalar_subquery(),
         select(func.count()).select_from(parts[-1]).scalar_subquery(),
     ).add_cte(*parts)
+
+
+def _delivery(index: int, settled: CTE) -> CTE:
+    """The insert of the job's `index`th delivery (parameters d{index}_), one row for each
+    row of `settled`: none when the compare-and-set lost."""
+    columns = WebhookDelivery.__table__.c
+    row = select(
+        *(
+            bindparam(f"d{index}_{name}", type_=columns[name].type).label(name)
+            for name in DELIVERY_COLUMNS
+        )
+    ).select_from(settled)
+    return (
+        insert(WebhookDelivery)
+        .from_select(DELIVERY_COLUMNS, row, include_defaults=False)
+        .cte(f"delivery{index}")
+    )
 
 
 def _follows(part: CTE) -> ColumnElement[bool]:

@@ -68,6 +68,18 @@ class JobRepository:
     def get(self, job_id: str) -> Job | None:
         return self.session.get(Job, job_id)
 
+    def as_written(self, job_id: str, values: dict[str, Any]) -> Job | None:
+        """The job as writing `values` (column: value) to its row would leave it, not
+        written: read, then changed out of the session, which will never flush it."""
+        job = self.session.get(Job, job_id)
+        if job is None:
+            return None
+        self.session.expunge(job)
+        for attribute, column in _job_columns():
+            if column in values:
+                setattr(job, attribute, values[column])
+        return job
+
     def many(self, job_ids: Sequence[str]) -> Sequence[Job]:
         """The jobs of these ids that exist (by primary key; callers keep lists short)."""
         return self.session.scalars(select(Job).where(Job.id.in_(job_ids))).all()

@@ -42,28 +42,42 @@ class PreparedDelivery:
     subscription_id: str | None = None
 
 
-def job_event(session: Session, job: Job, subscribed: bool = True) -> None:
+def job_event(
+    session: Session, job: Job, subscribed: bool = True, own_webhook: bool = True
+) -> None:
     """Create the deliveries of a job's end: to its webhook_url and to every subscription of
     its key that wants the event, sent once the session commits. A batch's requests send
     none of their own (a batch of 10,000 would make 10,000 calls): the batch announces its
     end. `subscribed=False`: the caller knows, from this transaction, that the key has no
     subscription in force (promptq.jobs.repository.JobRepository.settle), so they are not
-    looked up."""
+    looked up. `own_webhook=False`: the job's own webhook_url was sent its event already
+    (promptq.jobs.execution.deliver_to_subscribers)."""
+    rows = job_event_rows(session, job, subscribed, own_webhook)
+    own = rows and own_webhook and job.webhook_url is not None
+    if own and job.webhook_status != DeliveryStatus.PENDING:  # set already by a job's end
+        job.webhook_status = DeliveryStatus.PENDING
+    _create(session, rows)
+
+
+def job_event_rows(
+    session: Session, job: Job, subscribed: bool = True, own_webhook: bool = True
+) -> list[dict[str, Any]]:
+    """The rows of job_event's deliveries (column: value), written by nobody yet: for a
+    caller that writes them in a statement of its own and sends each once it commits
+    (promptq.jobs.recording)."""
     if job.status not in ("succeeded", "failed") or job.batch_id is not None:
-        return
+        return []
     event_type = f"job.{job.status}"
     targets: list[tuple[str, str | None]] = []
     if subscribed:
         targets = [
             (s.url, s.id) for s in subscriptions.listening(session, job.api_key_id, event_type)
         ]
-    if job.webhook_url is not None:
+    if own_webhook and job.webhook_url is not None:
         targets.insert(0, (job.webhook_url, None))
-        if job.webhook_status != DeliveryStatus.PENDING:  # set already by a job's end
-            job.webhook_status = DeliveryStatus.PENDING
     if not targets:
-        return
-    _create_event(session, job.api_key_id, event_type, job_to_api(job), targets, job.id)
+        return []
+    return _event_rows(job.api_key_id, event_type, job_to_api(job), targets, job.id)
 
 
 def batch_event(session: Session, api_key_id: str, batch: dict[str, Any]) -> None:
@@ -71,43 +85,49 @@ def batch_event(session: Session, api_key_id: str, batch: dict[str, Any]) -> Non
     targets: list[tuple[str, str | None]] = [
         (s.url, s.id) for s in subscriptions.listening(session, api_key_id, "batch.ended")
     ]
-    _create_event(session, api_key_id, "batch.ended", batch, targets)
+    _create(session, _event_rows(api_key_id, "batch.ended", batch, targets))
 
 
-def _create_event(
-    session: Session,
+def _event_rows(
     api_key_id: str,
     event_type: str,
     data: dict[str, Any],
     targets: list[tuple[str, str | None]],
     job_id: str | None = None,
-) -> None:
+) -> list[dict[str, Any]]:
     """One delivery per (url, subscription id) target, all of the same body, each its own
-    event id; each sent once the session commits."""
+    event id, due now; every column of its row but finished_at."""
     now = utcnow()
     body = json.dumps(
         {"type": event_type, "timestamp": isoformat(now), "data": data}, separators=(",", ":")
     )
-    created = [
-        WebhookDelivery(
-            id=new_id("dlv"),
-            event_id=new_id("msg"),
-            job_id=job_id,
-            api_key_id=api_key_id,
-            subscription_id=subscription_id,
-            url=url,
-            event_type=event_type,
-            body=body,
-            attempts=0,
-            status=DeliveryStatus.PENDING,
-            next_attempt_at=now,
-        )
+    return [
+        {
+            "id": new_id("dlv"),
+            "event_id": new_id("msg"),
+            "job_id": job_id,
+            "api_key_id": api_key_id,
+            "subscription_id": subscription_id,
+            "url": url,
+            "event_type": event_type,
+            "body": body,
+            "attempts": 0,
+            "status": DeliveryStatus.PENDING,
+            "next_attempt_at": now,
+            "created_at": now,
+        }
         for url, subscription_id in targets
     ]
-    session.add_all(created)
+
+
+def _create(session: Session, rows: list[dict[str, Any]]) -> None:
+    """Write the deliveries, each sent once the session commits."""
+    if not rows:
+        return
+    session.add_all([WebhookDelivery(**row) for row in rows])
     session.flush()
-    for delivery in created:
-        outbox.deliver_webhook(session, delivery.id)
+    for row in rows:
+        outbox.deliver_webhook(session, row["id"])
 
 
 def redeliver(session: Session, job: Job) -> WebhookDelivery | None:

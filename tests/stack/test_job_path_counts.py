@@ -15,8 +15,9 @@ PostgreSQL (production):
 - without a webhook: at most 4 statements in at most 2 transactions (2 today: the claim,
   which reads the job and its key; the record, one statement of data-modifying CTEs, run
   on a connection in autocommit, so without BEGIN and COMMIT round trips around it);
-- with one (the job's webhook_url and a subscription of its key): at most 6 statements (5:
-  the job read for the event's body, the subscriptions, the deliveries' insert);
+- with one (the job's webhook_url and a subscription of its key): at most 6 statements (4:
+  the job read for the event's body and the subscriptions, before the record, which
+  inserts the deliveries too, still in autocommit);
 - in Redis, at most 6 round trips in all, intake included, the deliveries' messages aside.
 SQLite has no data-modifying CTE: the five writes PostgreSQL folds into one statement (the
 attempt's row, the job's end, its hour's usage, the call's hour, the spend) are one
@@ -25,6 +26,7 @@ statement each there, four more, in the same two transactions (STATEMENTS).
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -45,6 +47,7 @@ from promptq.db import get_engine, session_scope
 from promptq.jobs import service
 from promptq.jobs.leases import LeaseKeeper
 from promptq.jobs.runner import JobRunner
+from promptq.jobspec.presenter import job_to_api
 from promptq.jobspec.schemas import JobCreate
 from promptq.keys.service import authenticate
 from promptq.models import Job, WebhookDelivery
@@ -269,6 +272,12 @@ def run_counted(worker: Worker, tally: Tally, plain: str, **extra: Any) -> JobCo
         assert job is not None and job.status == "succeeded" and job.cost_total is not None
         expected = {"pending"} if extra.get("webhook_url") else {None}
         assert job.webhook_status in expected
+        # Each event's body is the job as written, to the last digit of its cost (on
+        # PostgreSQL it is made before the record that writes it).
+        for delivery in session.scalars(
+            select(WebhookDelivery).where(WebhookDelivery.job_id == job_id)
+        ):
+            assert json.loads(delivery.body)["data"] == job_to_api(job)
     return JobCounts(intake, counted)
 
 
@@ -318,11 +327,16 @@ def test_a_job_with_a_webhook(
 def test_a_subscription_made_while_the_call_runs_still_gets_the_jobs_end(
     worker: Worker, upstream: Simulator, make_key: Any
 ) -> None:
-    # Claimed with no subscription of its key, the job's record runs alone (in autocommit
-    # on PostgreSQL); the subscription its key makes during the call is owed the job's end
-    # all the same, written right after it.
+    # Claimed with no subscription of its key, the job's record writes only its own
+    # webhook_url's delivery; the subscription its key makes during the call is owed the
+    # job's end all the same, written right after it, and the job's own is not sent twice.
     plain = make_key("late")
-    job_id = submit(worker, plain, prompt=unique("[[sim:latency=1]] late"))
+    job_id = submit(
+        worker,
+        plain,
+        prompt=unique("[[sim:latency=1]] late"),
+        webhook_url="http://127.0.0.1:9/own",
+    )
     ended: list[str] = []
     running = threading.Thread(target=lambda: ended.append(worker.runner.run(job_id)))
     running.start()
@@ -343,8 +357,9 @@ def test_a_subscription_made_while_the_call_runs_still_gets_the_jobs_end(
         sent = session.scalars(
             select(WebhookDelivery).where(WebhookDelivery.job_id == job_id)
         ).all()
-        assert [(d.url, d.event_type) for d in sent] == [
-            ("http://127.0.0.1:9/late", "job.succeeded")
+        assert sorted((d.url, d.event_type) for d in sent) == [
+            ("http://127.0.0.1:9/late", "job.succeeded"),
+            ("http://127.0.0.1:9/own", "job.succeeded"),
         ]
 
 
@@ -353,10 +368,10 @@ def check(counts: JobCounts, kind: str, database_url: str, deliveries: int) -> N
     database = "sqlite" if database_url.startswith("sqlite") else "postgresql"
     assert len(counts.worker.statements) <= STATEMENTS[(database, kind)], text
     assert counts.worker.begins <= TRANSACTIONS, text
-    # A record that sets off nothing else in the database runs alone, in autocommit; one
-    # that writes deliveries too runs in a transaction with them.
-    alone = database == "postgresql" and kind == "no webhook"
-    assert counts.worker.autocommitted == (1 if alone else 0), text
+    # On PostgreSQL the record is one statement, its deliveries in it, run in autocommit
+    # with what it reads before it (a webhook's: the job, the subscriptions).
+    autocommitted = {"no webhook": 1, "webhook": 3}[kind] if database == "postgresql" else 0
+    assert counts.worker.autocommitted == autocommitted, text
     # Connections in constant use are not pinged before each checkout.
     assert counts.worker.pings == 0, text
     # The limiter's settle and its feedback from the answer's headers share a round trip.
