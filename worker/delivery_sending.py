@@ -50,7 +50,9 @@ class DeliverySender:
             # The key's share covers the wait on its receiver; recording is promptq's own.
             if reserved_for is not None:
                 pool.release(reserved_for)
-        with session_scope(self.settings) as session:
+        with session_scope(
+            self.settings, autocommit=deliveries.records_alone(self.settings)
+        ) as session:
             delay = deliveries.record(session, prepared, result, started_at)
         if delay is not None:
             pool.retry_later(delivery_id, delay)

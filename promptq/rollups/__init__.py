@@ -9,6 +9,8 @@ from promptq.rollups.service import (
     TOKEN_COLUMNS,
     USAGE_COUNTS,
     USAGE_KEYS,
+    WEBHOOK_COUNTS,
+    WEBHOOK_KEYS,
     EndedJob,
     RecordedAttempt,
     attempt_rows,
@@ -18,6 +20,7 @@ from promptq.rollups.service import (
     jobs_ended,
     usage_rows,
     webhook_attempt_recorded,
+    webhook_attempt_rows,
 )
 
 __all__ = [
@@ -27,6 +30,8 @@ __all__ = [
     "TOKEN_COLUMNS",
     "USAGE_COUNTS",
     "USAGE_KEYS",
+    "WEBHOOK_COUNTS",
+    "WEBHOOK_KEYS",
     "EndedJob",
     "RecordedAttempt",
     "attempt_rows",
@@ -37,4 +42,5 @@ __all__ = [
     "upsert_after",
     "usage_rows",
     "webhook_attempt_recorded",
+    "webhook_attempt_rows",
 ]

@@ -19,7 +19,7 @@ batch that were invalid from the start.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -185,15 +185,24 @@ def attempt_rows(recorded: Iterable[RecordedAttempt]) -> list[dict[str, object]]
     return rows
 
 
-def webhook_attempt_recorded(
-    session: Session, at: datetime, outcome: str, settled_as: str | None
-) -> None:
-    """One webhook attempt by outcome, and the delivery's settling when it settled."""
-    hour = floor_hour(at)
-    rows = [{"hour": hour, "kind": "attempt", "name": outcome, "count": 1}]
-    if settled_as is not None:
-        rows.append({"hour": hour, "kind": "delivery", "name": settled_as, "count": 1})
+WEBHOOK_KEYS = ("hour", "kind", "name")
+WEBHOOK_COUNTS = ("count",)
+
+
+def webhook_attempt_recorded(session: Session, rows: Sequence[dict[str, object]]) -> None:
+    """Add one webhook attempt's rows (webhook_attempt_rows)."""
     # One statement for both: every delivery's record takes these rows' locks, held until
     # its commit, so one round trip fewer while holding the first shortens the wait of all.
-    # Always in this order (attempt, then delivery): never in opposite orders.
-    RollupRepository(session).add_many(WebhookHourly, ("hour", "kind", "name"), ("count",), rows)
+    RollupRepository(session).add_many(WebhookHourly, WEBHOOK_KEYS, WEBHOOK_COUNTS, rows)
+
+
+def webhook_attempt_rows(
+    at: datetime, outcome: str, settled_as: str | None
+) -> list[dict[str, object]]:
+    """webhook_attempt_recorded's rows, always in this order (attempt, then delivery), so
+    that their locks are never taken in opposite orders."""
+    hour = floor_hour(at)
+    rows: list[dict[str, object]] = [{"hour": hour, "kind": "attempt", "name": outcome, "count": 1}]
+    if settled_as is not None:
+        rows.append({"hour": hour, "kind": "delivery", "name": settled_as, "count": 1})
+    return rows

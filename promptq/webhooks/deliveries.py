@@ -15,11 +15,14 @@ from sqlalchemy.orm import Session
 
 from promptq import outbox
 from promptq.clock import utcnow
+from promptq.config import Settings
+from promptq.db import get_engine
 from promptq.ids import new_id
 from promptq.jobspec.presenter import isoformat, job_to_api
 from promptq.models import ApiKey, DeliveryStatus, Job, WebhookAttempt, WebhookDelivery
-from promptq.rollups import webhook_attempt_recorded
+from promptq.rollups import webhook_attempt_recorded, webhook_attempt_rows
 from promptq.webhooks import subscriptions
+from promptq.webhooks.recording import AttemptRecord, record_in_one
 from promptq.webhooks.sender import DeliveryResult
 from promptq.webhooks.signing import sign
 
@@ -255,18 +258,9 @@ def record(
     session: Session, prepared: PreparedDelivery, result: DeliveryResult, started_at: datetime
 ) -> float | None:
     """Record one attempt; the seconds until the next one, or None when it is settled.
-    Written blind, from what the claim returned: nothing is read first."""
-    session.add(
-        WebhookAttempt(
-            delivery_id=prepared.id,
-            number=prepared.attempt,
-            started_at=started_at,
-            latency_ms=result.latency_ms,
-            status_code=result.status_code,
-            response_excerpt=result.response_excerpt,
-            error=result.error,
-        )
-    )
+    Written blind, from what the claim returned: nothing is read first (but a
+    subscription's health). On PostgreSQL one statement (promptq.webhooks.recording): give
+    it a session in autocommit (records_alone)."""
     now = utcnow()
     delay = None if result.succeeded else next_delay(prepared.attempt, result)
     if prepared.subscription_id is not None:
@@ -283,22 +277,55 @@ def record(
         values = {"status": status, "finished_at": now}
     else:
         values = {"next_attempt_at": now + timedelta(seconds=delay)}
+    own_job = prepared.job_id if prepared.subscription_id is None else None
+    attempt_record = AttemptRecord(
+        delivery_id=prepared.id,
+        attempt={
+            "delivery_id": prepared.id,
+            "number": prepared.attempt,
+            "started_at": started_at,
+            "latency_ms": result.latency_ms,
+            "status_code": result.status_code,
+            "response_excerpt": result.response_excerpt,
+            "error": result.error,
+        },
+        delivery=values,
+        job_id=own_job,
+        job={"webhook_status": status, "webhook_attempts": prepared.attempt, "updated_at": now},
+        hourly=webhook_attempt_rows(
+            now, attempt_outcome(result), status if status != DeliveryStatus.PENDING else None
+        ),
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        record_in_one(session, attempt_record)
+    else:
+        _record_statements(session, attempt_record)
+    return delay
+
+
+def records_alone(settings: Settings) -> bool:
+    """Whether an attempt's record is one statement (on PostgreSQL), which needs no
+    transaction around it: the sender runs it in autocommit."""
+    return get_engine(settings).dialect.name == "postgresql"
+
+
+def _record_statements(session: Session, record: AttemptRecord) -> None:
+    """record_in_one's writes, one statement each, in its order."""
+    session.add(WebhookAttempt(**record.attempt))
     session.execute(
         update(WebhookDelivery)
-        .where(WebhookDelivery.id == prepared.id)
-        .values(**values)
+        .where(WebhookDelivery.id == record.delivery_id)
+        .values(**record.delivery)
         .execution_options(synchronize_session=False)
     )
-    if prepared.job_id is not None and prepared.subscription_id is None:
+    if record.job_id is not None:
         session.execute(
             update(Job)
-            .where(Job.id == prepared.job_id)
-            .values(webhook_status=status, webhook_attempts=prepared.attempt)
+            .where(Job.id == record.job_id)
+            .values(**record.job)
             .execution_options(synchronize_session=False)
         )
-    settled = status if status != DeliveryStatus.PENDING else None
-    webhook_attempt_recorded(session, now, attempt_outcome(result), settled)
-    return delay
+    webhook_attempt_recorded(session, record.hourly)
 
 
 def attempt_outcome(result: DeliveryResult) -> str:
