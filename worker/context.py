@@ -60,6 +60,14 @@ def worker_context() -> WorkerContext:
         allow_private=settings.webhook_allow_private, allow=settings.webhook_allow_list
     )
     messenger = BrokerMessenger(get_app(), events)
+    # Started by the worker process once ready (worker.lifecycle), not by whoever first asks
+    # for the context; until then it takes no deliveries from the runner either.
+    delivery_pool = DeliveryPool(
+        settings.webhook_concurrency,
+        settings.webhook_max_in_flight_per_key,
+        BrokerSource(get_app()),
+        DeliverySender(settings, webhooks),
+    )
     runner = JobRunner(
         settings,
         PriceTable.load(settings.pricing_file),
@@ -68,6 +76,7 @@ def worker_context() -> WorkerContext:
         leases,
         messenger,
         CallSlots(settings.worker_concurrency),
+        delivery_room=delivery_pool,
     )
     return WorkerContext(
         settings=settings,
@@ -76,12 +85,5 @@ def worker_context() -> WorkerContext:
         leases=leases,
         runner=runner,
         webhooks=webhooks,
-        # Started by the worker process once ready (worker.lifecycle), not by whoever
-        # first asks for the context.
-        deliveries=DeliveryPool(
-            settings.webhook_concurrency,
-            settings.webhook_max_in_flight_per_key,
-            BrokerSource(get_app()),
-            DeliverySender(settings, webhooks),
-        ),
+        deliveries=delivery_pool,
     )

@@ -23,6 +23,11 @@ shutdown). The claim is a compare-and-set, so a duplicate id sends nothing, and 
 more, with the same webhook-id, so receivers can tell. A retry due within a minute waits
 in this process (after about 5 s, say); a later one is the sweeper's.
 
+The first attempt of the deliveries a job's end creates usually skips all of that: its record
+writes them claimed when the pool has room for them (take_room), and hands them over here
+once it has committed (hand_over): no round trip through Redis, no claim of their own, and
+the POST starts a moment after the job's end.
+
 Plain threads, locks and queues: under gevent's monkey-patching they are greenlets and
 cooperative waits, with no change here.
 """
@@ -41,14 +46,20 @@ from typing import Protocol
 from celery import Celery
 
 from promptq.broker.publish import take_delivery
+from promptq.webhooks.deliveries import PreparedDelivery
 
 log = logging.getLogger(__name__)
+
+# What the pool sends: the id of a delivery to claim, or a delivery its creator claimed.
+Item = str | PreparedDelivery
 
 # The longest the loop waits on Redis before it looks at its own retries and its stop flag.
 POLL_SECONDS = 1.0
 # How many deliveries of one key may wait here for the key's room; the rest are postponed
 # in the database (the sweeper's). Ids only: a few kilobytes per key at most.
 WAITING_PER_KEY = 200
+# Rounds of POSTs that deliveries handed over claimed may wait here for (take_room).
+HANDED_ROUNDS = 2
 # A retry further away than this is left to the sweeper (nothing long is held in memory).
 MAX_LOCAL_RETRY_SECONDS = 60.0
 
@@ -65,6 +76,10 @@ class Sender(Protocol):
     """Sends one delivery: claims it, asks the pool for room for its key, posts, records."""
 
     def __call__(self, delivery_id: str, pool: DeliveryPool) -> None: ...
+
+    def send_claimed(self, prepared: PreparedDelivery, pool: DeliveryPool) -> None:
+        """Posts and records a delivery claimed by its creator, its key's room taken."""
+        ...
 
 
 class DeliveryPool:
@@ -87,8 +102,11 @@ class DeliveryPool:
         self._free = threading.Semaphore(threads)
         self._lock = threading.Lock()
         self._in_flight: Counter[str] = Counter()
-        self._waiting: dict[str, dict[str, None]] = {}  # key -> ids, oldest first
-        self._ready: list[str] = []  # waited for room that is now free
+        # key -> what waits for its room, oldest first: ids, and deliveries handed over
+        self._waiting: dict[str, dict[str, PreparedDelivery | None]] = {}
+        self._ready: list[Item] = []  # waited for room that is now free
+        # Handed over, or promised by take_room, and not yet posting: per key, and in all.
+        self._handed: Counter[str] = Counter()
         self._retries: list[tuple[float, str]] = []  # (due on the clock, id), a heap
         self._stopping = threading.Event()
         self._loop: threading.Thread | None = None
@@ -106,22 +124,26 @@ class DeliveryPool:
             if not self._free.acquire(timeout=POLL_SECONDS):
                 continue
             try:
-                delivery_id = self._local_next() or self._take()
+                item = self._local_next() or self._take()
             except BaseException:
                 self._free.release()
                 raise
-            if delivery_id is None:
+            if item is None:
                 self._free.release()
                 continue
-            self._dispatch(delivery_id)
+            self._dispatch(item)
 
-    def _dispatch(self, delivery_id: str) -> None:
-        """Send on a thread of the pool, with the thread's room already taken."""
+    def _dispatch(self, item: Item) -> None:
+        """Send on a thread of the pool, with the thread's room already taken (and for a
+        delivery handed over, its key's)."""
         try:
-            self._executor.submit(self._run, delivery_id)
+            self._executor.submit(self._run, item)
         except RuntimeError:
-            # Shut down meanwhile: left to the sweeper, pending in the database.
+            # Shut down meanwhile: left to the sweeper, pending in the database (a delivery
+            # handed over, once its lease runs out).
             self._free.release()
+            if isinstance(item, PreparedDelivery):
+                self.release(item.key_id)
 
     def _take(self) -> str | None:
         wait = POLL_SECONDS
@@ -137,7 +159,7 @@ class DeliveryPool:
             self._stopping.wait(POLL_SECONDS)
             return None
 
-    def _local_next(self) -> str | None:
+    def _local_next(self) -> Item | None:
         """A delivery this process holds that may go now: one whose key has room again, or a
         retry that is due."""
         with self._lock:
@@ -147,20 +169,23 @@ class DeliveryPool:
                 return heapq.heappop(self._retries)[1]
         return None
 
-    def _run(self, delivery_id: str | None) -> None:
+    def _run(self, item: Item | None) -> None:
         # Holds one of the pool's threads, and keeps it for the deliveries its own sends
         # made room for.
         try:
-            while delivery_id is not None:
+            while item is not None:
                 try:
-                    self._send(delivery_id, self)
+                    if isinstance(item, PreparedDelivery):
+                        self._send.send_claimed(item, self)
+                    else:
+                        self._send(item, self)
                 except Exception:
                     # Its lease runs out and the sweeper sends it again.
                     log.exception("webhook delivery failed to complete; it will be sent again")
                 if self._stopping.is_set():
                     break
                 with self._lock:
-                    delivery_id = self._ready.pop(0) if self._ready else None
+                    item = self._ready.pop(0) if self._ready else None
         finally:
             self._free.release()
 
@@ -184,10 +209,14 @@ class DeliveryPool:
             waiting = self._waiting.get(key_id)
             if not waiting:
                 return
-            first = next(iter(waiting))
-            del waiting[first]
+            first_id = next(iter(waiting))
+            first: Item = waiting.pop(first_id) or first_id
             if not waiting:
                 del self._waiting[key_id]
+            if isinstance(first, PreparedDelivery):
+                # Claimed already: the room just freed is taken for it here.
+                self._in_flight[key_id] += 1
+                self._posting_handed(key_id)
             if self._stopping.is_set() or not self._free.acquire(blocking=False):
                 self._ready.append(first)
                 return
@@ -210,6 +239,56 @@ class DeliveryPool:
                 return False
             waiting[delivery_id] = None
             return True
+
+    # --- deliveries handed over by the process's jobs (promptq.webhooks.DeliveryRoom) ------
+
+    def take_room(self, key_id: str) -> bool:
+        """Whether the pool takes a delivery of this key that its creator claims as it
+        writes it, to send at once or after the key's POSTs in flight. At most two rounds
+        of POSTs wait so, claimed: twice `per_key` of a key, twice `threads` in all. The
+        longest wait is then two POSTs (15 s each at most), well inside the claim's lease
+        (60 s), past which the sweeper would send it a second time. False: the delivery is
+        published as any other (and when the pool is not running)."""
+        with self._lock:
+            if self._loop is None or self._stopping.is_set():
+                return False
+            if (
+                self._handed[key_id] >= HANDED_ROUNDS * self.per_key
+                or self._handed.total() >= HANDED_ROUNDS * self.threads
+            ):
+                return False
+            self._handed[key_id] += 1
+            return True
+
+    def give_room_back(self, key_id: str) -> None:
+        """What take_room took, for a delivery that was not written after all."""
+        with self._lock:
+            self._posting_handed(key_id)
+
+    def hand_over(self, prepared: PreparedDelivery) -> None:
+        """Send a delivery written claimed: now, on a free thread or the next one to finish,
+        when its key has room; otherwise first in line once it has."""
+        key_id = prepared.key_id
+        with self._lock:
+            if self._stopping.is_set():
+                # Sent again once its lease runs out (the sweeper's).
+                self._posting_handed(key_id)
+                return
+            if self._in_flight[key_id] >= self.per_key:
+                self._waiting.setdefault(key_id, {})[prepared.id] = prepared
+                return
+            self._in_flight[key_id] += 1
+            self._posting_handed(key_id)
+            if not self._free.acquire(blocking=False):
+                self._ready.append(prepared)
+                return
+        self._dispatch(prepared)
+
+    def _posting_handed(self, key_id: str) -> None:
+        """A delivery handed over leaves the count of those waiting claimed (lock held)."""
+        self._handed[key_id] -= 1
+        if self._handed[key_id] <= 0:
+            del self._handed[key_id]
 
     def retry_later(self, delivery_id: str, seconds: float) -> None:
         """Send the delivery again in `seconds`, if soon enough to wait here; otherwise the

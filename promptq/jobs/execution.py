@@ -88,6 +88,9 @@ class AttemptVerdict:
     # while the call ran: its subscriptions' deliveries are still to be written
     # (deliver_to_subscribers, in a transaction of its own).
     subscribers_owed: bool = False
+    # Deliveries of its end claimed as they were written, for the `room` given to
+    # record_attempt to send once the record has committed (DeliveryRoom.hand_over).
+    handed_over: tuple[deliveries.PreparedDelivery, ...] = ()
 
 
 def runnable_job(session: Session, job_id: str) -> RunnableJob | None:
@@ -319,13 +322,17 @@ def record_attempt(
     prices: PriceTable,
     claimed: ClaimedJob,
     result: UpstreamResult,
+    room: deliveries.DeliveryRoom | None = None,
 ) -> AttemptVerdict:
     """Record one upstream call: its attempt row, the job's next status (a compare-and-set
     from the claim), and, in this transaction, what that sets off (the job's end, its
     retry's message) and adds up to (the rollups, the spend ledger, the budget's release).
 
     On PostgreSQL, for a job outside any batch, all of the writes are one statement
-    (promptq.jobs.recording); elsewhere one statement each, in the same order."""
+    (promptq.jobs.recording); elsewhere one statement each, in the same order. `room`, for
+    a record that commits as it runs (records_alone): the deliveries of the job's end it
+    has room for are claimed as they are written, for the caller to hand over to it
+    (AttemptVerdict.handed_over) rather than published."""
     now = utcnow()
     attempt = {
         "job_id": claimed.id,
@@ -379,18 +386,31 @@ def record_attempt(
     # opposite orders. On PostgreSQL what the job's end writes besides (its deliveries) is
     # in the same one statement, with nothing after it to hold those locks longer.
     if claimed.batch_id is None and session.get_bind().dialect.name == "postgresql":
+        handed: list[deliveries.PreparedDelivery] = []
         if final:
-            record = replace(record, deliveries=_end_deliveries(session, claimed, values))
-        settled, subscribed = record_in_one(session, record)
-        if settled and final:
+            rows, handed = _end_deliveries(session, claimed, values, room)
+            record = replace(record, deliveries=rows)
+        try:
+            settled, subscribed = record_in_one(session, record)
+        except BaseException:
+            _give_room_back(room, handed)
+            raise
+        if not (settled and final):
+            _give_room_back(room, handed)
+        else:
             # Not more statements here: they would run outside the record's transaction
             # when there is none (records_alone), and a retry of the whole after one of
             # them failed would record the attempt twice.
             outbox.announce_finished(session, claimed.id)
+            claimed_here = {prepared.id for prepared in handed}
             for delivery in record.deliveries:
-                outbox.deliver_webhook(session, delivery["id"])
-            if subscribed and claimed.key_subscribed is False:
-                verdict = replace(verdict, subscribers_owed=True)
+                if delivery["id"] not in claimed_here:
+                    outbox.deliver_webhook(session, delivery["id"])
+            verdict = replace(
+                verdict,
+                subscribers_owed=subscribed and claimed.key_subscribed is False,
+                handed_over=tuple(handed),
+            )
     else:
         repository = JobRepository(session)
         repository.insert_attempt(attempt)
@@ -484,18 +504,38 @@ def deliver_to_subscribers(session: Session, job_id: str) -> None:
 
 
 def _end_deliveries(
-    session: Session, claimed: ClaimedJob, values: dict[str, Any]
-) -> list[dict[str, Any]]:
+    session: Session,
+    claimed: ClaimedJob,
+    values: dict[str, Any],
+    room: deliveries.DeliveryRoom | None,
+) -> tuple[list[dict[str, Any]], list[deliveries.PreparedDelivery]]:
     """The rows of the deliveries the job's end creates, for its record to write
     (promptq.jobs.recording): to its webhook_url, and to its key's subscriptions unless the
     claim found none. Their event's body is the job as the record leaves it, read before the
-    record: the job is the worker's while it holds the claim."""
+    record: the job is the worker's while it holds the claim. Those `room` has room for are
+    claimed as they are written, to be handed over to it once they are (the second part)."""
     if claimed.webhook_url is None and claimed.key_subscribed is False:
-        return []
-    job = JobRepository(session).as_written(claimed.id, values)
-    if job is None:
-        return []
-    return deliveries.job_event_rows(session, job, subscribed=claimed.key_subscribed is not False)
+        return [], []
+    found = JobRepository(session).as_written(claimed.id, values)
+    if found is None:
+        return [], []
+    subscribed = claimed.key_subscribed is not False
+    rows = deliveries.job_event_rows(session, found.job, subscribed=subscribed)
+    handed: list[deliveries.PreparedDelivery] = []
+    if room is not None and not found.key_revoked:
+        for row in rows:
+            if not room.take_room(row["api_key_id"]):
+                break
+            handed.append(deliveries.claim_at_creation(row, found.webhook_secret))
+    return rows, handed
+
+
+def _give_room_back(
+    room: deliveries.DeliveryRoom | None, handed: list[deliveries.PreparedDelivery]
+) -> None:
+    if room is not None:
+        for prepared in handed:
+            room.give_room_back(prepared.key_id)
 
 
 def _announce_and_deliver(session: Session, claimed: ClaimedJob, subscribed: bool) -> Job | None:

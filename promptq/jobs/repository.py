@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -41,6 +42,15 @@ NO_BATCH = "none"
 KEY_RPM = "key_rpm"
 
 
+@dataclass(frozen=True)
+class WrittenJob:
+    """A job as a write would leave it (JobRepository.as_written), and its key's standing."""
+
+    job: Job
+    webhook_secret: str
+    key_revoked: bool
+
+
 class JobRepository:
     def __init__(self, session: Session) -> None:
         self.session = session
@@ -68,17 +78,24 @@ class JobRepository:
     def get(self, job_id: str) -> Job | None:
         return self.session.get(Job, job_id)
 
-    def as_written(self, job_id: str, values: dict[str, Any]) -> Job | None:
+    def as_written(self, job_id: str, values: dict[str, Any]) -> WrittenJob | None:
         """The job as writing `values` (column: value) to its row would leave it, not
-        written: read, then changed out of the session, which will never flush it."""
-        job = self.session.get(Job, job_id)
-        if job is None:
+        written, with what its key signs and sends it by: read in one statement, then
+        changed out of the session, which will never flush it."""
+        query = (
+            select(Job, ApiKey.webhook_secret, ApiKey.revoked_at)
+            .join(ApiKey, Job.api_key_id == ApiKey.id)
+            .where(Job.id == job_id)
+        )
+        row = self.session.execute(query).first()
+        if row is None:
             return None
+        job, secret, revoked_at = row
         self.session.expunge(job)
         for attribute, column in _job_columns():
             if column in values:
                 setattr(job, attribute, values[column])
-        return job
+        return WrittenJob(job, secret, revoked_at is not None)
 
     def many(self, job_ids: Sequence[str]) -> Sequence[Job]:
         """The jobs of these ids that exist (by primary key; callers keep lists short)."""

@@ -59,6 +59,7 @@ from promptq.pricing import PriceTable
 from promptq.ratelimit.protocol import Decision, Grant, Limiter, RebuildNeeded
 from promptq.upstream import UpstreamResult
 from promptq.usage import Usage
+from promptq.webhooks.deliveries import DeliveryRoom
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,9 @@ class JobRunner:
     # The calls this process keeps in flight (its concurrency). Unbounded unless given: a
     # caller running one job at a time needs none.
     call_slots: CallSlots = field(default_factory=lambda: CallSlots(UNBOUNDED_CALLS))
+    # Where the job's end may send its webhook deliveries' first attempts itself (the
+    # worker's delivery pool); none: they are published, for any sender to claim.
+    delivery_room: DeliveryRoom | None = None
 
     def run(self, job_id: str, grant: Grant | None = None) -> str:
         """The job's delivery, once a call slot is free. Raises ShuttingDown
@@ -223,18 +227,23 @@ class JobRunner:
             slot.release()
             # The answer is recorded first, and waited for through a database outage: it
             # was paid for, and losing it would mean asking the upstream again.
+            alone = records_alone(self.settings, claimed)
+            # Only a record that commits as it runs hands deliveries over: once it has run,
+            # nothing is left to fail and leave them claimed but never sent.
+            room = self.delivery_room if alone else None
             for retrying in _RECORD_RETRYING:
                 with (
                     retrying,
-                    session_scope(
-                        self.settings,
-                        self.messenger,
-                        autocommit=records_alone(self.settings, claimed),
-                    ) as session,
+                    session_scope(self.settings, self.messenger, autocommit=alone) as session,
                 ):
-                    verdict = record_attempt(session, self.settings, self.prices, claimed, result)
+                    verdict = record_attempt(
+                        session, self.settings, self.prices, claimed, result, room
+                    )
                     if claimed.budgeted:
                         budgets.release(session, [claimed.id])
+            if room is not None:
+                for prepared in verdict.handed_over:
+                    room.hand_over(prepared)
             if verdict.subscribers_owed:
                 for retrying in _RECORD_RETRYING:
                     with retrying, session_scope(self.settings, self.messenger) as session:

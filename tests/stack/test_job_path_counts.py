@@ -30,7 +30,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
@@ -38,6 +38,7 @@ import redis
 import redis.connection
 from helpers import unique
 from sqlalchemy import event, select
+from standardwebhooks.webhooks import Webhook
 
 from promptq.broker.celery_app import create_celery
 from promptq.broker.messenger import BrokerMessenger
@@ -58,7 +59,8 @@ from promptq.redis_roles import client_for
 from promptq.simulator import Simulator, SimulatorConfig
 from promptq.testing import SONNET
 from promptq.upstream import UpstreamClient
-from promptq.webhooks import subscriptions
+from promptq.webhooks import deliveries, subscriptions
+from promptq.webhooks.deliveries import PreparedDelivery
 
 # Statements per job, by database and kind of job (see the module's docstring for SQLite's).
 STATEMENTS = {
@@ -361,6 +363,67 @@ def test_a_subscription_made_while_the_call_runs_still_gets_the_jobs_end(
             ("http://127.0.0.1:9/late", "job.succeeded"),
             ("http://127.0.0.1:9/own", "job.succeeded"),
         ]
+
+
+@dataclass
+class HandingRoom:
+    """An in-memory promptq.webhooks.deliveries.DeliveryRoom with room for `room`
+    deliveries (the worker's is its delivery pool)."""
+
+    room: int
+    taken: list[str] = field(default_factory=list)
+    handed: list[PreparedDelivery] = field(default_factory=list)
+
+    def take_room(self, key_id: str) -> bool:
+        if len(self.taken) >= self.room:
+            return False
+        self.taken.append(key_id)
+        return True
+
+    def give_room_back(self, key_id: str) -> None:
+        self.taken.remove(key_id)
+
+    def hand_over(self, prepared: PreparedDelivery) -> None:
+        self.handed.append(prepared)
+
+
+def test_a_jobs_deliveries_are_handed_to_the_workers_pool_claimed_while_it_has_room(
+    worker: Worker, tally: Tally, make_key: Any, database_url: str
+) -> None:
+    # On PostgreSQL the record writes a delivery the pool has room for claimed for its first
+    # attempt, signed, and hands it over rather than publish it for a sender to claim.
+    # The rest (here the subscription's: room for one) is published as ever; on SQLite all.
+    plain = make_key("handed")
+    with session_scope(worker.settings) as session:
+        key = authenticate(session, plain)
+        assert key is not None
+        secret = key.webhook_secret
+        subscriptions.subscribe(
+            session, key, "http://127.0.0.1:9/sub", ["job.succeeded"], allow_private=True
+        )
+    room = HandingRoom(room=1)
+    runner = replace(worker.runner, delivery_room=room)
+    job_id = submit(worker, plain, webhook_url="http://127.0.0.1:9/own")
+    tally.reset()
+    assert runner.run(job_id) == "succeeded"
+
+    published = [trip for trip in tally.redis if trip == ["LPUSH"]]
+    with session_scope(worker.settings) as session:
+        sent = session.scalars(select(WebhookDelivery).where(WebhookDelivery.job_id == job_id))
+        rows = {delivery.url.rsplit("/", 1)[1]: delivery for delivery in sent}
+    assert rows["sub"].attempts == 0 and rows["sub"].status == "pending"
+    if database_url.startswith("sqlite"):
+        assert room.handed == [] and room.taken == [] and len(published) == 2
+        return
+    [prepared] = room.handed
+    own = rows["own"]
+    assert (prepared.id, prepared.attempt, prepared.url) == (own.id, 1, own.url)
+    assert prepared.body == own.body.encode()
+    Webhook(secret).verify(prepared.body, prepared.headers)  # raises if the signature is wrong
+    # Claimed as take() claims: the attempt counted, leased, so no sender takes it meanwhile.
+    assert own.attempts == 1 and own.next_attempt_at is not None
+    assert own.next_attempt_at - own.created_at == deliveries.SENDING_LEASE
+    assert room.taken == [key.id] and len(published) == 1
 
 
 def check(counts: JobCounts, kind: str, database_url: str, deliveries: int) -> None:

@@ -1,7 +1,8 @@
 """The worker's delivery pool (worker.deliveries) fed from an in-memory source: it takes ids
 only while it has a free thread, one key's POSTs hold only their share, a key's deliveries
-past its share wait for it (or are postponed past the key's line), retries come back, and
-shutdown lets the POSTs in flight finish. The Redis source and the real sender are the
+past its share wait for it (or are postponed past the key's line), retries come back,
+shutdown lets the POSTs in flight finish, and deliveries their creators claimed are handed
+over within the same shares. The Redis source and the real sender are the
 stack room's (test_webhook_deliveries, test_webhook_isolation)."""
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from promptq.webhooks.deliveries import PreparedDelivery
 from worker import deliveries as pool_module
 from worker.deliveries import DeliveryPool
 
@@ -45,6 +47,7 @@ class GatedSender:
         self.postponed: list[str] = []
         self.fail_first: set[str] = set()
         self.retry_in = 0.05
+        self.claimed_sent: list[str] = []
 
     def gate(self, key: str) -> threading.Event:
         with self.lock:
@@ -57,6 +60,15 @@ class GatedSender:
                 with self.lock:
                     self.postponed.append(delivery_id)
             return
+        self._post(delivery_id, key, pool)
+
+    def send_claimed(self, prepared: PreparedDelivery, pool: DeliveryPool) -> None:
+        # Its key's room was taken by the pool.
+        with self.lock:
+            self.claimed_sent.append(prepared.id)
+        self._post(prepared.id, prepared.key_id, pool)
+
+    def _post(self, delivery_id: str, key: str, pool: DeliveryPool) -> None:
         try:
             with self.lock:
                 self.posting[key] += 1
@@ -197,3 +209,59 @@ def test_shutdown_lets_the_posts_in_flight_finish(
     source.ids.put("k:1")
     time.sleep(0.2)
     assert source.ids.qsize() == 1
+
+
+def claimed(delivery_id: str) -> PreparedDelivery:
+    """A delivery `KEY:N` its creator wrote claimed (promptq.webhooks.deliveries)."""
+    return PreparedDelivery(delivery_id, "http://receiver", b"{}", {}, 1, delivery_id.split(":")[0])
+
+
+def test_a_delivery_handed_over_is_sent_at_once_without_the_source(
+    make_pool: Callable[[int, int], DeliveryPool], source: ListSource, sender: GatedSender
+) -> None:
+    pool = make_pool(2, 2)
+    sender.gate("k").set()
+    assert pool.take_room("k")
+    pool.hand_over(claimed("k:0"))
+    wait_until(lambda: sender.sent == ["k:0"])
+    assert sender.claimed_sent == ["k:0"] and source.taken == 0
+
+
+def test_deliveries_handed_over_keep_to_their_keys_share_and_wait_for_it(
+    make_pool: Callable[[int, int], DeliveryPool],
+    sender: GatedSender,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(pool_module, "HANDED_ROUNDS", 1)
+    pool = make_pool(4, 2)
+    for n in range(2):
+        assert pool.take_room("hole")
+        pool.hand_over(claimed(f"hole:{n}"))
+    wait_until(lambda: sender.posting["hole"] == 2)
+    # Two more of the key wait here, claimed, for its room (one round of its POSTs); a
+    # third is refused (published by its creator as any other), and so is a fifth of the
+    # pool's four in all.
+    assert pool.take_room("hole") and pool.take_room("hole")
+    assert not pool.take_room("hole")
+    pool.hand_over(claimed("hole:2"))
+    pool.hand_over(claimed("hole:3"))
+    assert pool.take_room("other") and pool.take_room("other")
+    assert not pool.take_room("third")
+    pool.give_room_back("other")
+    pool.give_room_back("other")
+    time.sleep(0.1)
+    assert sender.posting["hole"] == 2
+    sender.gate("hole").set()
+    wait_until(lambda: len(sender.sent) == 4)
+    assert sender.most_posting["hole"] == 2
+    assert sorted(sender.claimed_sent) == [f"hole:{n}" for n in range(4)]
+    # All of it given back: the pool takes as many again.
+    assert all(pool.take_room(key) for key in ("a", "a", "b", "b"))
+
+
+def test_a_stopped_pool_takes_no_delivery_handed_over(
+    make_pool: Callable[[int, int], DeliveryPool],
+) -> None:
+    pool = make_pool(2, 2)
+    pool.shutdown()
+    assert not pool.take_room("k")
