@@ -153,6 +153,9 @@ def main() -> int:
                 ),
                 {"key": key_id},
             ).all()
+        finished_at = sorted(epoch(finished) for _, finished, _ in rows if finished is not None)
+        # The pace of the jobs' ends: the deliveries' load, and what the worker did besides.
+        ended_per_second = (len(finished_at) - 1) / max(finished_at[-1] - finished_at[0], 1e-9)
         delays, waits, posts = [], [], []
         for job_id, finished, started in rows:
             if job_id not in receiver.arrivals or finished is None:
@@ -171,6 +174,7 @@ def main() -> int:
                 ["Measure", "Result"],
                 [
                     ["Deliveries received / jobs", f"{len(delays)} / {submitted.accepted}"],
+                    ["Jobs ended per second (first to last end)", f"{ended_per_second:.0f}"],
                     ["p50", f"{percentile(delays, 50) * 1000:.0f} ms"],
                     ["p95", f"{percentile(delays, 95) * 1000:.0f} ms"],
                     ["max", f"{max(delays, default=float('nan')) * 1000:.0f} ms"],

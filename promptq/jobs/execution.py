@@ -389,7 +389,8 @@ def record_attempt(
         handed: list[deliveries.PreparedDelivery] = []
         if final:
             rows, handed = _end_deliveries(session, claimed, values, room)
-            record = replace(record, deliveries=rows)
+            if rows:
+                record = replace(record, deliveries=rows)
         try:
             settled, subscribed = record_in_one(session, record)
         except BaseException:

@@ -31,18 +31,20 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from typing import Any
 
 import pytest
 import redis
 import redis.connection
 from helpers import unique
-from sqlalchemy import event, select
+from sqlalchemy import event, select, update
 from standardwebhooks.webhooks import Webhook
 
 from promptq.broker.celery_app import create_celery
 from promptq.broker.messenger import BrokerMessenger
 from promptq.broker.publish import publish_job
+from promptq.clock import utcnow
 from promptq.config import Settings
 from promptq.db import get_engine, session_scope
 from promptq.jobs import service
@@ -424,6 +426,20 @@ def test_a_jobs_deliveries_are_handed_to_the_workers_pool_claimed_while_it_has_r
     assert own.attempts == 1 and own.next_attempt_at is not None
     assert own.next_attempt_at - own.created_at == deliveries.SENDING_LEASE
     assert room.taken == [key.id] and len(published) == 1
+
+    # Should the worker die before its attempt is recorded, the delivery falls due once
+    # the lease runs out, and the sweeper's sender takes it as any other: nothing is lost.
+    with session_scope(worker.settings) as session:
+        lapsed = utcnow() - timedelta(seconds=3)
+        session.execute(
+            update(WebhookDelivery)
+            .where(WebhookDelivery.id == own.id)
+            .values(next_attempt_at=lapsed)
+        )
+    with session_scope(worker.settings) as session:
+        assert own.id in deliveries.due(session, utcnow() - timedelta(seconds=2))
+        again = deliveries.take(session, own.id)
+        assert again is not None and again.attempt == 2
 
 
 def check(counts: JobCounts, kind: str, database_url: str, deliveries: int) -> None:
