@@ -41,25 +41,42 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Protocol
 
 from celery import Celery
 
 from promptq.broker.publish import take_delivery
-from promptq.webhooks.deliveries import PreparedDelivery
+from promptq.webhooks.deliveries import SENDING_LEASE, PreparedDelivery
+from promptq.webhooks.sender import DEFAULT_TIMEOUT_SECONDS
 
 log = logging.getLogger(__name__)
 
+
+@dataclass(frozen=True)
+class Handed:
+    """A delivery its creator wrote claimed and handed over, and when (the pool's clock)."""
+
+    prepared: PreparedDelivery
+    at: float
+
+
 # What the pool sends: the id of a delivery to claim, or a delivery its creator claimed.
-Item = str | PreparedDelivery
+Item = str | Handed
 
 # The longest the loop waits on Redis before it looks at its own retries and its stop flag.
 POLL_SECONDS = 1.0
 # How many deliveries of one key may wait here for the key's room; the rest are postponed
 # in the database (the sweeper's). Ids only: a few kilobytes per key at most.
 WAITING_PER_KEY = 200
-# Rounds of POSTs that deliveries handed over claimed may wait here for (take_room).
-HANDED_ROUNDS = 2
+# Deliveries handed over claimed that may wait here for their key's room (take_room): per
+# key, and in all; a few kilobytes each, their bodies.
+HANDED_PER_KEY = WAITING_PER_KEY
+HANDED_IN_ALL = 1000
+# How long one may wait before its POST starts: past that its claim's lease could run out
+# before its POST ends, and the sweeper send it a second time meanwhile. It is left to the
+# sweeper instead, once the lease has run out.
+HANDED_MAX_WAIT_SECONDS = SENDING_LEASE.total_seconds() - DEFAULT_TIMEOUT_SECONDS - 5
 # A retry further away than this is left to the sweeper (nothing long is held in memory).
 MAX_LOCAL_RETRY_SECONDS = 60.0
 
@@ -103,7 +120,7 @@ class DeliveryPool:
         self._lock = threading.Lock()
         self._in_flight: Counter[str] = Counter()
         # key -> what waits for its room, oldest first: ids, and deliveries handed over
-        self._waiting: dict[str, dict[str, PreparedDelivery | None]] = {}
+        self._waiting: dict[str, dict[str, Handed | None]] = {}
         self._ready: list[Item] = []  # waited for room that is now free
         # Handed over, or promised by take_room, and not yet posting: per key, and in all.
         self._handed: Counter[str] = Counter()
@@ -142,8 +159,8 @@ class DeliveryPool:
             # Shut down meanwhile: left to the sweeper, pending in the database (a delivery
             # handed over, once its lease runs out).
             self._free.release()
-            if isinstance(item, PreparedDelivery):
-                self.release(item.key_id)
+            if isinstance(item, Handed):
+                self.release(item.prepared.key_id)
 
     def _take(self) -> str | None:
         wait = POLL_SECONDS
@@ -175,8 +192,8 @@ class DeliveryPool:
         try:
             while item is not None:
                 try:
-                    if isinstance(item, PreparedDelivery):
-                        self._send.send_claimed(item, self)
+                    if isinstance(item, Handed):
+                        self._send_handed(item)
                     else:
                         self._send(item, self)
                 except Exception:
@@ -188,6 +205,18 @@ class DeliveryPool:
                     item = self._ready.pop(0) if self._ready else None
         finally:
             self._free.release()
+
+    def _send_handed(self, handed: Handed) -> None:
+        if self._clock() - handed.at > HANDED_MAX_WAIT_SECONDS:
+            # Its key's room was taken for it: given back unused.
+            self.release(handed.prepared.key_id)
+            log.warning(
+                "webhook delivery %s waited too long here; the sweeper sends it once its "
+                "claim's lease runs out",
+                handed.prepared.id,
+            )
+            return
+        self._send.send_claimed(handed.prepared, self)
 
     # --- what a sender asks of the pool ----------------------------------------------------
 
@@ -213,7 +242,7 @@ class DeliveryPool:
             first: Item = waiting.pop(first_id) or first_id
             if not waiting:
                 del self._waiting[key_id]
-            if isinstance(first, PreparedDelivery):
+            if isinstance(first, Handed):
                 # Claimed already: the room just freed is taken for it here.
                 self._in_flight[key_id] += 1
                 self._posting_handed(key_id)
@@ -244,18 +273,14 @@ class DeliveryPool:
 
     def take_room(self, key_id: str) -> bool:
         """Whether the pool takes a delivery of this key that its creator claims as it
-        writes it, to send at once or after the key's POSTs in flight. At most two rounds
-        of POSTs wait so, claimed: twice `per_key` of a key, twice `threads` in all. The
-        longest wait is then two POSTs (15 s each at most), well inside the claim's lease
-        (60 s), past which the sweeper would send it a second time. False: the delivery is
-        published as any other (and when the pool is not running)."""
+        writes it, to send at once or, after the key's POSTs in flight, first in the key's
+        line. False when the key already has HANDED_PER_KEY waiting so (or the pool
+        HANDED_IN_ALL, or it is not running): the delivery is then published as any
+        other."""
         with self._lock:
             if self._loop is None or self._stopping.is_set():
                 return False
-            if (
-                self._handed[key_id] >= HANDED_ROUNDS * self.per_key
-                or self._handed.total() >= HANDED_ROUNDS * self.threads
-            ):
+            if self._handed[key_id] >= HANDED_PER_KEY or self._handed.total() >= HANDED_IN_ALL:
                 return False
             self._handed[key_id] += 1
             return True
@@ -267,22 +292,23 @@ class DeliveryPool:
 
     def hand_over(self, prepared: PreparedDelivery) -> None:
         """Send a delivery written claimed: now, on a free thread or the next one to finish,
-        when its key has room; otherwise first in line once it has."""
+        when its key has room; otherwise in the key's line once it has."""
         key_id = prepared.key_id
+        handed = Handed(prepared, self._clock())
         with self._lock:
             if self._stopping.is_set():
                 # Sent again once its lease runs out (the sweeper's).
                 self._posting_handed(key_id)
                 return
             if self._in_flight[key_id] >= self.per_key:
-                self._waiting.setdefault(key_id, {})[prepared.id] = prepared
+                self._waiting.setdefault(key_id, {})[prepared.id] = handed
                 return
             self._in_flight[key_id] += 1
             self._posting_handed(key_id)
             if not self._free.acquire(blocking=False):
-                self._ready.append(prepared)
+                self._ready.append(handed)
                 return
-        self._dispatch(prepared)
+        self._dispatch(handed)
 
     def _posting_handed(self, key_id: str) -> None:
         """A delivery handed over leaves the count of those waiting claimed (lock held)."""

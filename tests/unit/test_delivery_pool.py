@@ -232,15 +232,15 @@ def test_deliveries_handed_over_keep_to_their_keys_share_and_wait_for_it(
     sender: GatedSender,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(pool_module, "HANDED_ROUNDS", 1)
+    monkeypatch.setattr(pool_module, "HANDED_PER_KEY", 2)
+    monkeypatch.setattr(pool_module, "HANDED_IN_ALL", 4)
     pool = make_pool(4, 2)
     for n in range(2):
         assert pool.take_room("hole")
         pool.hand_over(claimed(f"hole:{n}"))
     wait_until(lambda: sender.posting["hole"] == 2)
-    # Two more of the key wait here, claimed, for its room (one round of its POSTs); a
-    # third is refused (published by its creator as any other), and so is a fifth of the
-    # pool's four in all.
+    # Two more of the key wait here, claimed, for its room; a third is refused (published
+    # by its creator as any other), and so is a fifth of the pool's four in all.
     assert pool.take_room("hole") and pool.take_room("hole")
     assert not pool.take_room("hole")
     pool.hand_over(claimed("hole:2"))
@@ -265,3 +265,22 @@ def test_a_stopped_pool_takes_no_delivery_handed_over(
     pool = make_pool(2, 2)
     pool.shutdown()
     assert not pool.take_room("k")
+
+
+def test_a_delivery_handed_over_that_waited_too_long_is_left_to_the_sweeper(
+    make_pool: Callable[[int, int], DeliveryPool],
+    sender: GatedSender,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Sent after its claim's lease ran out, it could go twice (the sweeper's sender too).
+    monkeypatch.setattr(pool_module, "HANDED_MAX_WAIT_SECONDS", 0.1)
+    pool = make_pool(2, 1)
+    for n in range(2):
+        assert pool.take_room("k")
+        pool.hand_over(claimed(f"k:{n}"))
+    wait_until(lambda: sender.posting["k"] == 1)
+    time.sleep(0.2)
+    sender.gate("k").set()
+    wait_until(lambda: sender.sent == ["k:0"] and pool.in_flight() == {})
+    time.sleep(0.1)
+    assert sender.claimed_sent == ["k:0"]
