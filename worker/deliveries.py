@@ -98,6 +98,10 @@ class Sender(Protocol):
         """Posts and records a delivery claimed by its creator, its key's room taken."""
         ...
 
+    def unclaim(self, delivery_ids: list[str]) -> None:
+        """Gives back the claims of deliveries handed over that will not be sent here."""
+        ...
+
 
 class DeliveryPool:
     def __init__(
@@ -332,10 +336,23 @@ class DeliveryPool:
 
     def shutdown(self) -> None:
         """Stop taking deliveries and let those being sent finish (each POST ends within its
-        15 s timeout). What waits here is left to the sweeper, pending in the database."""
+        15 s timeout). What waits here is left to the sweeper, pending in the database: the
+        deliveries handed over claimed, their claims given back first, so that they are due
+        at once rather than when their leases run out."""
         self._stopping.set()
         if self._loop is not None:
             self._loop.join()
+        with self._lock:
+            handed = [
+                item.prepared.id
+                for item in [*self._ready, *(i for w in self._waiting.values() for i in w.values())]
+                if isinstance(item, Handed)
+            ]
+        if handed:
+            try:
+                self._send.unclaim(handed)
+            except Exception:
+                log.warning("could not give back %d webhook deliveries' claims", len(handed))
         self._executor.shutdown(wait=True)
 
 

@@ -32,6 +32,10 @@ class DeliverySender:
         with log_context(delivery_id=prepared.id, task=task_names.DELIVER_WEBHOOK):
             self._post_and_record(prepared, pool)
 
+    def unclaim(self, delivery_ids: list[str]) -> None:
+        with session_scope(self.settings) as session:
+            deliveries.unclaim(session, delivery_ids)
+
     def _send(self, delivery_id: str, pool: DeliveryPool) -> None:
         reserved_for: str | None = None
         try:

@@ -227,6 +227,22 @@ def postpone(session: Session, delivery_id: str, seconds: float) -> None:
     )
 
 
+def unclaim(session: Session, delivery_ids: Sequence[str]) -> None:
+    """Give back the claims of deliveries claimed for an attempt that was never made (a
+    worker stopping with deliveries handed over and not yet sent): due at once, that
+    attempt not counted."""
+    session.execute(
+        update(WebhookDelivery)
+        .where(
+            WebhookDelivery.id.in_(delivery_ids),
+            WebhookDelivery.status == DeliveryStatus.PENDING,
+            WebhookDelivery.attempts > 0,
+        )
+        .values(next_attempt_at=utcnow(), attempts=WebhookDelivery.attempts - 1)
+        .execution_options(synchronize_session=False)
+    )
+
+
 def take(session: Session, delivery_id: str) -> PreparedDelivery | None:
     """Claim a due delivery for one attempt (a compare-and-set, so a duplicate message
     sends nothing) and sign it; None when it is not pending or not due.

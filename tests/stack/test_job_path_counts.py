@@ -440,6 +440,14 @@ def test_a_jobs_deliveries_are_handed_to_the_workers_pool_claimed_while_it_has_r
         assert own.id in deliveries.due(session, utcnow() - timedelta(seconds=2))
         again = deliveries.take(session, own.id)
         assert again is not None and again.attempt == 2
+    # A worker stopping with a claimed delivery unsent gives its claim back: due at once,
+    # the attempt never made not counted.
+    with session_scope(worker.settings) as session:
+        deliveries.unclaim(session, [own.id])
+    with session_scope(worker.settings) as session:
+        back = session.get(WebhookDelivery, own.id)
+        assert back is not None and back.attempts == 1
+        assert back.next_attempt_at is not None and back.next_attempt_at <= utcnow()
 
 
 def check(counts: JobCounts, kind: str, database_url: str, deliveries: int) -> None:

@@ -48,6 +48,7 @@ class GatedSender:
         self.fail_first: set[str] = set()
         self.retry_in = 0.05
         self.claimed_sent: list[str] = []
+        self.unclaimed: list[str] = []
 
     def gate(self, key: str) -> threading.Event:
         with self.lock:
@@ -67,6 +68,10 @@ class GatedSender:
         with self.lock:
             self.claimed_sent.append(prepared.id)
         self._post(prepared.id, prepared.key_id, pool)
+
+    def unclaim(self, delivery_ids: list[str]) -> None:
+        with self.lock:
+            self.unclaimed += delivery_ids
 
     def _post(self, delivery_id: str, key: str, pool: DeliveryPool) -> None:
         try:
@@ -284,3 +289,17 @@ def test_a_delivery_handed_over_that_waited_too_long_is_left_to_the_sweeper(
     wait_until(lambda: sender.sent == ["k:0"] and pool.in_flight() == {})
     time.sleep(0.1)
     assert sender.claimed_sent == ["k:0"]
+
+
+def test_a_stopping_pool_gives_back_the_claims_of_what_waits_there(
+    make_pool: Callable[[int, int], DeliveryPool], sender: GatedSender
+) -> None:
+    # Left to the sweeper, due at once rather than when their leases run out.
+    pool = make_pool(2, 1)
+    for n in range(3):
+        assert pool.take_room("k")
+        pool.hand_over(claimed(f"k:{n}"))
+    wait_until(lambda: sender.posting["k"] == 1)
+    threading.Timer(0.2, sender.gate("k").set).start()
+    pool.shutdown()
+    assert sender.sent == ["k:0"] and sorted(sender.unclaimed) == ["k:1", "k:2"]
