@@ -203,10 +203,10 @@ class DeliveryPool:
                 except Exception:
                     # Its lease runs out and the sweeper sends it again.
                     log.exception("webhook delivery failed to complete; it will be sent again")
-                if self._stopping.is_set():
-                    break
                 with self._lock:
-                    item = self._ready.pop(0) if self._ready else None
+                    # Under the lock, as shutdown collects what is left here to give back.
+                    stopping = self._stopping.is_set()
+                    item = self._ready.pop(0) if self._ready and not stopping else None
         finally:
             self._free.release()
 
@@ -300,18 +300,24 @@ class DeliveryPool:
         key_id = prepared.key_id
         handed = Handed(prepared, self._clock())
         with self._lock:
-            if self._stopping.is_set():
-                # Sent again once its lease runs out (the sweeper's).
+            # Under the lock, as shutdown collects what waits here to give back: what comes
+            # after that finds the pool stopping.
+            stopping = self._stopping.is_set()
+            if stopping:
                 self._posting_handed(key_id)
-                return
-            if self._in_flight[key_id] >= self.per_key:
+            elif self._in_flight[key_id] >= self.per_key:
                 self._waiting.setdefault(key_id, {})[prepared.id] = handed
                 return
-            self._in_flight[key_id] += 1
-            self._posting_handed(key_id)
-            if not self._free.acquire(blocking=False):
-                self._ready.append(handed)
-                return
+            else:
+                self._in_flight[key_id] += 1
+                self._posting_handed(key_id)
+                if not self._free.acquire(blocking=False):
+                    self._ready.append(handed)
+                    return
+        if stopping:
+            # Stopped since its room was taken: due again at once, for the sweeper.
+            self._unclaim([prepared.id])
+            return
         self._dispatch(handed)
 
     def _posting_handed(self, key_id: str) -> None:
@@ -349,11 +355,15 @@ class DeliveryPool:
                 if isinstance(item, Handed)
             ]
         if handed:
-            try:
-                self._send.unclaim(handed)
-            except Exception:
-                log.warning("could not give back %d webhook deliveries' claims", len(handed))
+            self._unclaim(handed)
         self._executor.shutdown(wait=True)
+
+    def _unclaim(self, delivery_ids: list[str]) -> None:
+        try:
+            self._send.unclaim(delivery_ids)
+        except Exception:
+            # Their leases run out, and the sweeper sends them then.
+            log.warning("could not give back %d webhook deliveries' claims", len(delivery_ids))
 
 
 class BrokerSource:

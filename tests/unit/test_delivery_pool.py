@@ -300,6 +300,10 @@ def test_a_stopping_pool_gives_back_the_claims_of_what_waits_there(
         assert pool.take_room("k")
         pool.hand_over(claimed(f"k:{n}"))
     wait_until(lambda: sender.posting["k"] == 1)
+    assert pool.take_room("late")  # its record still running
     threading.Timer(0.2, sender.gate("k").set).start()
     pool.shutdown()
     assert sender.sent == ["k:0"] and sorted(sender.unclaimed) == ["k:1", "k:2"]
+    # Handed over once the pool has stopped: given back too, never sent.
+    pool.hand_over(claimed("late:0"))
+    assert sender.unclaimed[-1] == "late:0" and sender.sent == ["k:0"]
