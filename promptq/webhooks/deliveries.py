@@ -52,7 +52,8 @@ class DeliveryRoom(Protocol):
     pool (worker.deliveries.DeliveryPool)."""
 
     def take_room(self, key_id: str) -> bool:
-        """Room for one POST of this key, taken now; False when the sender has none."""
+        """Whether the sender takes one more delivery of this key, claimed, to send at once
+        or once the key's share of its POSTs has room; False: publish it instead."""
         ...
 
     def give_room_back(self, key_id: str) -> None:
