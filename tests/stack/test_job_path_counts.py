@@ -254,6 +254,15 @@ class JobCounts:
     worker: Tally
 
 
+def subscribe(worker: Worker, plain: str, url: str) -> tuple[str, str]:
+    """Subscribe the key to job.succeeded at `url`; its id and webhook signing secret."""
+    with session_scope(worker.settings) as session:
+        key = authenticate(session, plain)
+        assert key is not None
+        subscriptions.subscribe(session, key, url, ["job.succeeded"], allow_private=True)
+        return key.id, key.webhook_secret
+
+
 def run_counted(worker: Worker, tally: Tally, plain: str, **extra: Any) -> JobCounts:
     job_id = submit(worker, plain, **extra)
     tally.reset()
@@ -302,12 +311,7 @@ def test_a_job_without_a_webhook(
     plain = make_key("lean")
     # Another key's subscription, as a deployment has: it must not make this key's jobs
     # look for theirs (on SQLite an unqualified subquery once did).
-    with session_scope(worker.settings) as session:
-        other = authenticate(session, make_key("subscribed"))
-        assert other is not None
-        subscriptions.subscribe(
-            session, other, "http://127.0.0.1:9/hook", ["job.succeeded"], allow_private=True
-        )
+    subscribe(worker, make_key("subscribed"), "http://127.0.0.1:9/hook")
     run_counted(worker, tally, plain)  # connections, scripts and queues warmed up
     check(run_counted(worker, tally, plain), "no webhook", database_url, deliveries=0)
 
@@ -316,12 +320,7 @@ def test_a_job_with_a_webhook(
     worker: Worker, tally: Tally, make_key: Any, database_url: str
 ) -> None:
     plain = make_key("hooked")
-    with session_scope(worker.settings) as session:
-        key = authenticate(session, plain)
-        assert key is not None
-        subscriptions.subscribe(
-            session, key, "http://127.0.0.1:9/hook", ["job.succeeded"], allow_private=True
-        )
+    subscribe(worker, plain, "http://127.0.0.1:9/hook")
     hook = {"webhook_url": "http://127.0.0.1:9/job"}
     run_counted(worker, tally, plain, **hook)
     # Two deliveries: the job's webhook_url and the key's subscription.
@@ -396,13 +395,7 @@ def test_a_jobs_deliveries_are_handed_to_the_workers_pool_claimed_while_it_has_r
     # attempt, signed, and hands it over rather than publish it for a sender to claim.
     # The rest (here the subscription's: room for one) is published as ever; on SQLite all.
     plain = make_key("handed")
-    with session_scope(worker.settings) as session:
-        key = authenticate(session, plain)
-        assert key is not None
-        secret = key.webhook_secret
-        subscriptions.subscribe(
-            session, key, "http://127.0.0.1:9/sub", ["job.succeeded"], allow_private=True
-        )
+    key_id, secret = subscribe(worker, plain, "http://127.0.0.1:9/sub")
     room = HandingRoom(room=1)
     runner = replace(worker.runner, delivery_room=room)
     job_id = submit(worker, plain, webhook_url="http://127.0.0.1:9/own")
@@ -425,7 +418,7 @@ def test_a_jobs_deliveries_are_handed_to_the_workers_pool_claimed_while_it_has_r
     # Claimed as take() claims: the attempt counted, leased, so no sender takes it meanwhile.
     assert own.attempts == 1 and own.next_attempt_at is not None
     assert own.next_attempt_at - own.created_at == deliveries.SENDING_LEASE
-    assert room.taken == [key.id] and len(published) == 1
+    assert room.taken == [key_id] and len(published) == 1
 
     # Should the worker die before its attempt is recorded, the delivery falls due once
     # the lease runs out, and the sweeper's sender takes it as any other: nothing is lost.

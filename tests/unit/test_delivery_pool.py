@@ -221,6 +221,13 @@ def claimed(delivery_id: str) -> PreparedDelivery:
     return PreparedDelivery(delivery_id, "http://receiver", b"{}", {}, 1, delivery_id.split(":")[0])
 
 
+def hand_over(pool: DeliveryPool, key: str, count: int) -> None:
+    """`count` deliveries of `key` (KEY:0, ...) handed over, as a job's record does."""
+    for n in range(count):
+        assert pool.take_room(key)
+        pool.hand_over(claimed(f"{key}:{n}"))
+
+
 def test_a_delivery_handed_over_is_sent_at_once_without_the_source(
     make_pool: Callable[[int, int], DeliveryPool], source: ListSource, sender: GatedSender
 ) -> None:
@@ -240,9 +247,7 @@ def test_deliveries_handed_over_keep_to_their_keys_share_and_wait_for_it(
     monkeypatch.setattr(pool_module, "HANDED_PER_KEY", 2)
     monkeypatch.setattr(pool_module, "HANDED_IN_ALL", 4)
     pool = make_pool(4, 2)
-    for n in range(2):
-        assert pool.take_room("hole")
-        pool.hand_over(claimed(f"hole:{n}"))
+    hand_over(pool, "hole", 2)
     wait_until(lambda: sender.posting["hole"] == 2)
     # Two more of the key wait here, claimed, for its room; a third is refused (published
     # by its creator as any other), and so is a fifth of the pool's four in all.
@@ -280,9 +285,7 @@ def test_a_delivery_handed_over_that_waited_too_long_is_left_to_the_sweeper(
     # Sent after its claim's lease ran out, it could go twice (the sweeper's sender too).
     monkeypatch.setattr(pool_module, "HANDED_MAX_WAIT_SECONDS", 0.1)
     pool = make_pool(2, 1)
-    for n in range(2):
-        assert pool.take_room("k")
-        pool.hand_over(claimed(f"k:{n}"))
+    hand_over(pool, "k", 2)
     wait_until(lambda: sender.posting["k"] == 1)
     time.sleep(0.2)
     sender.gate("k").set()
@@ -296,9 +299,7 @@ def test_a_stopping_pool_gives_back_the_claims_of_what_waits_there(
 ) -> None:
     # Left to the sweeper, due at once rather than when their leases run out.
     pool = make_pool(2, 1)
-    for n in range(3):
-        assert pool.take_room("k")
-        pool.hand_over(claimed(f"k:{n}"))
+    hand_over(pool, "k", 3)
     wait_until(lambda: sender.posting["k"] == 1)
     assert pool.take_room("late")  # its record still running
     threading.Timer(0.2, sender.gate("k").set).start()
