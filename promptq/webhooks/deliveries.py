@@ -229,15 +229,16 @@ def postpone(session: Session, delivery_id: str, seconds: float) -> None:
 
 
 def unclaim(session: Session, delivery_ids: Sequence[str]) -> None:
-    """Give back the claims of deliveries claimed for an attempt that was never made (a
-    worker stopping with deliveries handed over and not yet sent): due at once, that
-    attempt not counted."""
+    """Give back the claims of deliveries claimed at their creation for a first attempt
+    that was never made (a worker stopping with deliveries handed over and not yet sent):
+    due at once, that attempt not counted. One another sender took since, its lease having
+    run out, counts a second attempt and is left alone."""
     session.execute(
         update(WebhookDelivery)
         .where(
             WebhookDelivery.id.in_(delivery_ids),
             WebhookDelivery.status == DeliveryStatus.PENDING,
-            WebhookDelivery.attempts > 0,
+            WebhookDelivery.attempts == 1,
         )
         .values(next_attempt_at=utcnow(), attempts=WebhookDelivery.attempts - 1)
         .execution_options(synchronize_session=False)

@@ -420,8 +420,21 @@ def test_a_jobs_deliveries_are_handed_to_the_workers_pool_claimed_while_it_has_r
     assert own.next_attempt_at - own.created_at == deliveries.SENDING_LEASE
     assert room.taken == [key_id] and len(published) == 1
 
-    # Should the worker die before its attempt is recorded, the delivery falls due once
-    # the lease runs out, and the sweeper's sender takes it as any other: nothing is lost.
+    # A worker stopping with it unsent gives its claim back: due at once, the attempt never
+    # made not counted.
+    with session_scope(worker.settings) as session:
+        deliveries.unclaim(session, [own.id])
+    with session_scope(worker.settings) as session:
+        back = session.get(WebhookDelivery, own.id)
+        assert back is not None and back.attempts == 0
+        assert back.next_attempt_at is not None and back.next_attempt_at <= utcnow()
+
+    # Taken again for its first attempt, should that worker die before recording it, the
+    # delivery falls due once the lease runs out, and the sweeper's sender takes it as any
+    # other: nothing is lost.
+    with session_scope(worker.settings) as session:
+        first = deliveries.take(session, own.id)
+        assert first is not None and first.attempt == 1
     with session_scope(worker.settings) as session:
         lapsed = utcnow() - timedelta(seconds=3)
         session.execute(
@@ -433,14 +446,14 @@ def test_a_jobs_deliveries_are_handed_to_the_workers_pool_claimed_while_it_has_r
         assert own.id in deliveries.due(session, utcnow() - timedelta(seconds=2))
         again = deliveries.take(session, own.id)
         assert again is not None and again.attempt == 2
-    # A worker stopping with a claimed delivery unsent gives its claim back: due at once,
-    # the attempt never made not counted.
+    # The stopping worker that handed it over gives its claim back only while it is its
+    # own (a first attempt): this one another sender took since is left alone.
     with session_scope(worker.settings) as session:
         deliveries.unclaim(session, [own.id])
     with session_scope(worker.settings) as session:
-        back = session.get(WebhookDelivery, own.id)
-        assert back is not None and back.attempts == 1
-        assert back.next_attempt_at is not None and back.next_attempt_at <= utcnow()
+        taken = session.get(WebhookDelivery, own.id)
+        assert taken is not None and taken.attempts == 2
+        assert taken.next_attempt_at is not None and taken.next_attempt_at > utcnow()
 
 
 def check(counts: JobCounts, kind: str, database_url: str, deliveries: int) -> None:
