@@ -30,7 +30,6 @@ from typing import Any
 from sqlalchemy import (
     ARRAY,
     CTE,
-    ColumnElement,
     Select,
     any_,
     bindparam,
@@ -52,6 +51,7 @@ from promptq.rollups import (
     EndedJob,
     RecordedAttempt,
     attempt_rows,
+    follows,
     upsert_after,
     usage_rows,
 )
@@ -179,14 +179,14 @@ def _statement(shape: Shape) -> Select[Any]:
                 UsageHourly, USAGE_KEYS, USAGE_COUNTS, shape.usage, "u_", source=settled
             ).cte("usage")
         )
-    after = _follows(parts[-1]) if shape.usage is not None else None
+    after = follows(parts[-1]) if shape.usage is not None else None
     parts.append(
         upsert_after(
             AttemptHourly, ATTEMPT_KEYS, ATTEMPT_COUNTS, shape.call, "c_", after=after
         ).cte("calls")
     )
     if shape.spend:
-        parts.append(budgets.spend_after("s_", settled, _follows(parts[-1])).cte("ledger"))
+        parts.append(budgets.spend_after("s_", settled, follows(parts[-1])).cte("ledger"))
     # Read in this order: the job's row first, then the last part, which reads the others.
     return select(
         select(func.count()).select_from(settled).scalar_subquery(),
@@ -210,8 +210,3 @@ def _delivery(index: int, settled: CTE) -> CTE:
         .from_select(DELIVERY_COLUMNS, row, include_defaults=False)
         .cte(f"delivery{index}")
     )
-
-
-def _follows(part: CTE) -> ColumnElement[bool]:
-    """A term true once `part` has run (it reads all of it)."""
-    return select(func.count()).select_from(part).scalar_subquery() >= 0

@@ -1,7 +1,7 @@
 """Hourly rollups: what jobs, upstream calls and webhook attempts came to, per hour, written
 as the work is recorded, so that reports and /metrics add up hours instead of rows."""
 
-from promptq.rollups.repository import upsert_after
+from promptq.rollups.repository import follows, upsert_after
 from promptq.rollups.service import (
     ATTEMPT_COUNTS,
     ATTEMPT_KEYS,
@@ -37,6 +37,7 @@ __all__ = [
     "attempt_rows",
     "attempts_recorded",
     "floor_hour",
+    "follows",
     "job_ended",
     "jobs_ended",
     "upsert_after",

@@ -6,7 +6,16 @@ from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import ColumnElement, FromClause, Insert, bindparam, literal_column, select
+from sqlalchemy import (
+    CTE,
+    ColumnElement,
+    FromClause,
+    Insert,
+    bindparam,
+    func,
+    literal_column,
+    select,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -73,8 +82,8 @@ def upsert_after(
     is the same for every row, so it is built and compiled once (building one costs more
     CPU than running it). It adds the row once for each row of `source` (none: once), which
     makes it conditional on, say, the job's compare-and-set having won; `after`, a term that
-    reads another CTE, makes it run after that one, so that locks are taken in the house
-    order. RETURNING, so that a later part can read it to follow it in turn."""
+    reads another CTE (follows), makes it run after that one, so that locks are taken in
+    the house order. RETURNING, so that a later part can read it to follow it in turn."""
     columns = table.__table__.c  # type: ignore[attr-defined]
     values = select(*(bindparam(f"{prefix}{name}", type_=columns[name].type) for name in names))
     if source is not None:
@@ -86,3 +95,8 @@ def upsert_after(
         index_elements=[columns[name] for name in keys],
         set_={name: columns[name] + statement.excluded[name] for name in increments},
     ).returning(literal_column("1").label("done"))
+
+
+def follows(part: CTE) -> ColumnElement[bool]:
+    """A term true once `part` has run (it reads all of it): upsert_after's `after`."""
+    return select(func.count()).select_from(part).scalar_subquery() >= 0

@@ -240,7 +240,7 @@ def unclaim(session: Session, delivery_ids: Sequence[str]) -> None:
             WebhookDelivery.status == DeliveryStatus.PENDING,
             WebhookDelivery.attempts == 1,
         )
-        .values(next_attempt_at=utcnow(), attempts=WebhookDelivery.attempts - 1)
+        .values(next_attempt_at=utcnow(), attempts=0)
         .execution_options(synchronize_session=False)
     )
 

@@ -22,7 +22,7 @@ from sqlalchemy import CTE, Select, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from promptq.models import Job, WebhookAttempt, WebhookDelivery, WebhookHourly
-from promptq.rollups import WEBHOOK_COUNTS, WEBHOOK_KEYS, upsert_after
+from promptq.rollups import WEBHOOK_COUNTS, WEBHOOK_KEYS, follows, upsert_after
 
 HOURLY_COLUMNS = (*WEBHOOK_KEYS, *WEBHOOK_COUNTS)
 
@@ -96,7 +96,7 @@ def _statement(shape: Shape) -> Select[Any]:
             WebhookHourly, WEBHOOK_KEYS, WEBHOOK_COUNTS, HOURLY_COLUMNS, f"h{index}_", after=after
         ).cte(f"hourly{index}")
         parts.append(hourly)
-        after = select(func.count()).select_from(hourly).scalar_subquery() >= 0
+        after = follows(hourly)
     return select(func.count()).select_from(parts[-1]).add_cte(*parts)
 
 
