@@ -14,6 +14,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    SmallInteger,
     String,
     Text,
     UniqueConstraint,
@@ -407,6 +408,14 @@ class SpendLedger(Base):
 LATENCY_BUCKETS_MS = (100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000, 300000, 600000)
 
 
+def _shard_column() -> Mapped[int]:
+    """One of the rows an hour's figures are spread over (promptq.rollups.ROLLUP_SHARDS):
+    every recorder adds to a row of its own picking, so concurrent recorders of one key and
+    model (and every webhook attempt, whatever its key) do not all wait on one row's lock.
+    Readers add the shards up, as they add up hours."""
+    return mapped_column(SmallInteger, primary_key=True, default=0, server_default="0")
+
+
 class UsageHourly(Base):
     """What the jobs that ended in one hour (UTC) came to, per key, model, final status and
     whether a cost was recorded: written in the transaction that ends each job, so that
@@ -423,6 +432,7 @@ class UsageHourly(Base):
     status: Mapped[str] = mapped_column(String(16), primary_key=True)
     # Whether these jobs have a recorded cost (usage reports count only those).
     priced: Mapped[bool] = mapped_column(primary_key=True)
+    shard: Mapped[int] = _shard_column()
     jobs: Mapped[int] = mapped_column(Integer)
     input_tokens: Mapped[int] = mapped_column(BigInteger)
     output_tokens: Mapped[int] = mapped_column(BigInteger)
@@ -448,6 +458,7 @@ class AttemptHourly(Base):
     outcome: Mapped[str] = mapped_column(String(16), primary_key=True)
     # The HTTP status as text, "none" when no answer came.
     status_code: Mapped[str] = mapped_column(String(8), primary_key=True)
+    shard: Mapped[int] = _shard_column()
     attempts: Mapped[int] = mapped_column(Integer)
     latency_ms_sum: Mapped[int] = mapped_column(BigInteger)
     le_0: Mapped[int] = mapped_column(Integer)
@@ -473,6 +484,7 @@ class WebhookHourly(Base):
     hour: Mapped[datetime] = mapped_column(primary_key=True)
     kind: Mapped[str] = mapped_column(String(16), primary_key=True)
     name: Mapped[str] = mapped_column(String(16), primary_key=True)
+    shard: Mapped[int] = _shard_column()
     count: Mapped[int] = mapped_column(Integer)
 
 

@@ -8,7 +8,8 @@ at intake) nor finished_at (set before a commit that may land later than a newer
 give one: a job committed late behind the watermark would be skipped for good, and closing
 the gap means re-reading a window of recent rows on every pass. The price here is one more
 upsert per job end and per upstream call, on a row shared by one key's jobs of one model in
-that hour; it is written last in its transaction, so its lock lasts until that commit.
+that hour (one of ROLLUP_SHARDS rows); it is written last in its transaction, so its lock
+lasts until that commit.
 
 Every path that ends a job calls job_ended or jobs_ended once, after its compare-and-set to
 a final status won: promptq.jobs.end_effects.end_events (a recorded attempt, a budget refusal, a
@@ -18,6 +19,7 @@ batch that were invalid from the start.
 
 from __future__ import annotations
 
+import random
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -43,8 +45,24 @@ TOKEN_COLUMNS = (
     "cache_read_input_tokens",
 )
 COST_COLUMNS = ("cost_total", "cost_input", "cost_output", "cost_cache_write", "cost_cache_read")
-USAGE_KEYS = ("hour", "api_key_id", "model", "status", "priced")
-ATTEMPT_KEYS = ("hour", "api_key_id", "model", "outcome", "status_code")
+USAGE_KEYS = ("hour", "api_key_id", "model", "status", "priced", "shard")
+ATTEMPT_KEYS = ("hour", "api_key_id", "model", "outcome", "status_code", "shard")
+
+# The rows one hour's figures of a key and model are spread over. Each recording adds to one
+# shard of its own picking, at random: recordings of one key and model by many workers then
+# seldom wait on one row's lock, held by each to the end of its commit (one row per hour
+# capped one key and model, and every webhook attempt of the deployment, at about one
+# record per commit's flush). Readers sum the shards, so reports read up to this many rows
+# an hour where they read one; past hours of /metrics are read once (promptq.metrics).
+ROLLUP_SHARDS = 8
+
+
+def pick_shard() -> int:
+    """The shard one recording adds to (all of its rows: so its rows' locks are still
+    taken in key order)."""
+    return random.randrange(ROLLUP_SHARDS)
+
+
 ATTEMPT_COUNTS = (
     "attempts",
     "latency_ms_sum",
@@ -117,7 +135,9 @@ USAGE_COUNTS = ("jobs", *TOKEN_COLUMNS, *COST_COLUMNS)
 
 
 def usage_rows(ended: Iterable[EndedJob]) -> list[dict[str, object]]:
-    """The usage_hourly increments of ended jobs, one per row they add to, in key order."""
+    """The usage_hourly increments of ended jobs, one per row they add to, in key order,
+    all in one shard."""
+    shard = pick_shard()
     groups: dict[tuple[datetime, str, str, str, bool], list[EndedJob]] = defaultdict(list)
     for job in ended:
         hour = floor_hour(job.finished_at)
@@ -130,6 +150,7 @@ def usage_rows(ended: Iterable[EndedJob]) -> list[dict[str, object]]:
             "model": model,
             "status": status,
             "priced": priced,
+            "shard": shard,
             "jobs": len(jobs),
         }
         for index, column in enumerate(TOKEN_COLUMNS):
@@ -162,7 +183,9 @@ def attempts_recorded(session: Session, recorded: Iterable[RecordedAttempt]) -> 
 
 
 def attempt_rows(recorded: Iterable[RecordedAttempt]) -> list[dict[str, object]]:
-    """The attempt_hourly increments of upstream calls, one per row, in key order."""
+    """The attempt_hourly increments of upstream calls, one per row, in key order, all in
+    one shard."""
+    shard = pick_shard()
     groups: dict[tuple[datetime, str, str, str, str], list[RecordedAttempt]] = defaultdict(list)
     for attempt in recorded:
         code = str(attempt.status_code) if attempt.status_code is not None else "none"
@@ -176,6 +199,7 @@ def attempt_rows(recorded: Iterable[RecordedAttempt]) -> list[dict[str, object]]
             "model": model,
             "outcome": outcome,
             "status_code": code,
+            "shard": shard,
             "attempts": len(attempts),
             "latency_ms_sum": sum(a.latency_ms for a in attempts),
         }
@@ -185,7 +209,7 @@ def attempt_rows(recorded: Iterable[RecordedAttempt]) -> list[dict[str, object]]
     return rows
 
 
-WEBHOOK_KEYS = ("hour", "kind", "name")
+WEBHOOK_KEYS = ("hour", "kind", "name", "shard")
 WEBHOOK_COUNTS = ("count",)
 
 
@@ -202,7 +226,12 @@ def webhook_attempt_rows(
     """webhook_attempt_recorded's rows, always in this order (attempt, then delivery), so
     that their locks are never taken in opposite orders."""
     hour = floor_hour(at)
-    rows: list[dict[str, object]] = [{"hour": hour, "kind": "attempt", "name": outcome, "count": 1}]
+    shard = pick_shard()
+    rows: list[dict[str, object]] = [
+        {"hour": hour, "kind": "attempt", "name": outcome, "shard": shard, "count": 1}
+    ]
     if settled_as is not None:
-        rows.append({"hour": hour, "kind": "delivery", "name": settled_as, "count": 1})
+        rows.append(
+            {"hour": hour, "kind": "delivery", "name": settled_as, "shard": shard, "count": 1}
+        )
     return rows

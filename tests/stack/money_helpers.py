@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Iterable
 from datetime import datetime
 from decimal import Decimal
+from typing import TypeVar
 
 from promptq import budgets, rollups
 from promptq.clock import utcnow
@@ -12,6 +14,20 @@ from promptq.ids import new_id
 from promptq.keys.service import authenticate
 from promptq.models import Job, JobStatus
 from promptq.testing import SONNET
+
+K = TypeVar("K", bound=Hashable)
+
+
+def summed(rows: Iterable[tuple[K, tuple[int, ...]]]) -> dict[K, tuple[int, ...]]:
+    """Rollup rows added up by key across their shards (promptq.rollups.ROLLUP_SHARDS), as
+    every reader adds them up."""
+    totals: dict[K, tuple[int, ...]] = {}
+    for key, values in rows:
+        before = totals.get(key)
+        totals[key] = (
+            values if before is None else tuple(a + b for a, b in zip(before, values, strict=True))
+        )
+    return totals
 
 
 def key_id_of(database_url: str, plain: str) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import redis
 from helpers import auth, unique, wait_for_status
-from money_helpers import key_id_of
+from money_helpers import key_id_of, summed
 from netcut import CuttableProxy
 from sqlalchemy import BigInteger, event, func, select, type_coerce
 from sqlalchemy.engine import make_url
@@ -64,26 +64,29 @@ def usage_rollups(database_url: str, api_key_id: str) -> dict[tuple[Any, ...], t
     """The key's usage_hourly rows: (hour, model, status, priced) -> (jobs, tokens, costs)."""
     with session_scope(database_url) as session:
         rows = session.scalars(select(UsageHourly).where(UsageHourly.api_key_id == api_key_id))
-        return {
-            (row.hour, row.model, row.status, row.priced): (
-                row.jobs,
-                row.input_tokens,
-                row.output_tokens,
-                row.cache_creation_input_tokens,
-                row.cache_read_input_tokens,
-                *(
-                    _pico(value)
-                    for value in (
-                        row.cost_total,
-                        row.cost_input,
-                        row.cost_output,
-                        row.cost_cache_write,
-                        row.cost_cache_read,
-                    )
+        return summed(
+            (
+                (row.hour, row.model, row.status, row.priced),
+                (
+                    row.jobs,
+                    row.input_tokens,
+                    row.output_tokens,
+                    row.cache_creation_input_tokens,
+                    row.cache_read_input_tokens,
+                    *(
+                        _pico(value)
+                        for value in (
+                            row.cost_total,
+                            row.cost_input,
+                            row.cost_output,
+                            row.cost_cache_write,
+                            row.cost_cache_read,
+                        )
+                    ),
                 ),
             )
             for row in rows
-        }
+        )
 
 
 def usage_from_jobs(database_url: str, api_key_id: str) -> dict[tuple[Any, ...], tuple[int, ...]]:
@@ -119,14 +122,17 @@ def usage_from_jobs(database_url: str, api_key_id: str) -> dict[tuple[Any, ...],
 def attempt_rollups(database_url: str, api_key_id: str) -> dict[tuple[Any, ...], tuple[int, ...]]:
     with session_scope(database_url) as session:
         rows = session.scalars(select(AttemptHourly).where(AttemptHourly.api_key_id == api_key_id))
-        return {
-            (row.hour, row.model, row.outcome, row.status_code): (
-                row.attempts,
-                row.latency_ms_sum,
-                *(getattr(row, f"le_{i}") for i in range(len(LATENCY_BUCKETS_MS))),
+        return summed(
+            (
+                (row.hour, row.model, row.outcome, row.status_code),
+                (
+                    row.attempts,
+                    row.latency_ms_sum,
+                    *(getattr(row, f"le_{i}") for i in range(len(LATENCY_BUCKETS_MS))),
+                ),
             )
             for row in rows
-        }
+        )
 
 
 def attempts_from_rows(

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from conftest import _create_postgres_database
 from helpers import REPO
+from money_helpers import summed
 from sqlalchemy import BigInteger, func, select, text, type_coerce
 
 from promptq.db import get_engine, session_scope
@@ -249,29 +250,35 @@ def stored(url: str) -> dict[str, Any]:
             (r.api_key_id, r.month): (_pico(r.spent), r.jobs)
             for r in session.scalars(select(SpendLedger))
         }
-        usage = {
-            (r.hour, r.api_key_id, r.model, r.status, r.priced): (
-                r.jobs,
-                r.input_tokens,
-                r.output_tokens,
-                r.cache_creation_input_tokens,
-                r.cache_read_input_tokens,
-                _pico(r.cost_total),
-                _pico(r.cost_input),
-                _pico(r.cost_output),
-                _pico(r.cost_cache_write),
-                _pico(r.cost_cache_read),
+        usage = summed(
+            (
+                (r.hour, r.api_key_id, r.model, r.status, r.priced),
+                (
+                    r.jobs,
+                    r.input_tokens,
+                    r.output_tokens,
+                    r.cache_creation_input_tokens,
+                    r.cache_read_input_tokens,
+                    _pico(r.cost_total),
+                    _pico(r.cost_input),
+                    _pico(r.cost_output),
+                    _pico(r.cost_cache_write),
+                    _pico(r.cost_cache_read),
+                ),
             )
             for r in session.scalars(select(UsageHourly))
-        }
-        attempts = {
-            (r.hour, r.api_key_id, r.model, r.outcome, r.status_code): (
-                r.attempts,
-                r.latency_ms_sum,
-                *(getattr(r, f"le_{i}") for i in range(len(LATENCY_BUCKETS_MS))),
+        )
+        attempts = summed(
+            (
+                (r.hour, r.api_key_id, r.model, r.outcome, r.status_code),
+                (
+                    r.attempts,
+                    r.latency_ms_sum,
+                    *(getattr(r, f"le_{i}") for i in range(len(LATENCY_BUCKETS_MS))),
+                ),
             )
             for r in session.scalars(select(AttemptHourly))
-        }
+        )
         found = session.get(MessageBatch, "msgbatch_a")
         assert found is not None
         batch = {

@@ -1,0 +1,143 @@
+"""The hourly rollups' shards (promptq.rollups.ROLLUP_SHARDS): recordings spread an hour's
+figures over several rows, readers add them up, and migration 0014 keeps the rows written
+before it (as shard 0) and, downgraded, folds the shards back into one row."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from alembic import command
+from conftest import _create_postgres_database
+from sqlalchemy import bindparam, inspect, select, text
+
+from promptq import rollups
+from promptq.db import get_engine, session_scope
+from promptq.keys.service import create_key
+from promptq.metrics import MetricsRepository
+from promptq.migrate import alembic_config, upgrade
+from promptq.models import AttemptHourly, UsageHourly, WebhookHourly
+from promptq.testing import SONNET
+from promptq.types import UTCDateTime
+
+HOUR = datetime(2026, 11, 30, 10, tzinfo=UTC)
+ENDS = 40
+# Stored as the model's columns store times (SQLite compares them as text).
+HOUR_PARAM = bindparam("hour", type_=UTCDateTime())
+
+
+@pytest.fixture
+def at_0013(database_url: str, tmp_path: Path) -> Iterator[str]:
+    """A database of the kind of `database_url` at the schema before the shards."""
+    drop = None
+    if database_url.startswith("sqlite"):
+        url = f"sqlite:///{tmp_path / 'promptq.db'}"
+    else:
+        url, drop = _create_postgres_database(os.environ["PROMPTQ_TEST_DATABASE_URL"])
+    upgrade(url, "0013")
+    yield url
+    get_engine(url).dispose()
+    if drop is not None:
+        drop()
+
+
+def _seed_unsharded(url: str) -> str:
+    """One row in each rollup table, written as the schema before the shards had them."""
+    with session_scope(url) as session:
+        key_id = create_key(session, "shards").record.id
+    counts = ", ".join(f"le_{index}" for index in range(12))
+    with get_engine(url).begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO usage_hourly (hour, api_key_id, model, status, priced, jobs, "
+                "input_tokens, output_tokens, cache_creation_input_tokens, "
+                "cache_read_input_tokens, cost_total, cost_input, cost_output, "
+                "cost_cache_write, cost_cache_read) "
+                "VALUES (:hour, :key, :model, 'succeeded', :priced, 3, 30, 60, 0, 0, "
+                "0, 0, 0, 0, 0)"
+            ).bindparams(HOUR_PARAM),
+            {"hour": HOUR, "key": key_id, "model": SONNET, "priced": False},
+        )
+        connection.execute(
+            text(
+                "INSERT INTO attempt_hourly (hour, api_key_id, model, outcome, status_code, "
+                f"attempts, latency_ms_sum, {counts}) VALUES (:hour, :key, :model, "
+                f"'succeeded', '200', 3, 900, {', '.join(['3'] * 12)})"
+            ).bindparams(HOUR_PARAM),
+            {"hour": HOUR, "key": key_id, "model": SONNET},
+        )
+        connection.execute(
+            text(
+                "INSERT INTO webhook_hourly (hour, kind, name, count) "
+                "VALUES (:hour, 'attempt', 'sent', 3)"
+            ).bindparams(HOUR_PARAM),
+            {"hour": HOUR},
+        )
+    return key_id
+
+
+def _primary_key(url: str, table: str) -> list[str]:
+    with get_engine(url).connect() as connection:
+        return list(inspect(connection).get_pk_constraint(table)["constrained_columns"])
+
+
+def test_shards_are_added_up_and_the_migration_keeps_and_folds_them(at_0013: str) -> None:
+    url = at_0013
+    key_id = _seed_unsharded(url)
+    upgrade(url)
+    assert _primary_key(url, "usage_hourly")[-1] == "shard"
+
+    with session_scope(url) as session:
+        kept = session.scalars(select(UsageHourly)).one()
+        assert (kept.shard, kept.jobs, kept.output_tokens) == (0, 3, 60)
+        assert session.scalars(select(AttemptHourly.shard)).all() == [0]
+        assert session.scalars(select(WebhookHourly.shard)).all() == [0]
+
+    # One recording at a time, as many workers' would be: each in a shard of its own
+    # picking.
+    ended = rollups.EndedJob(
+        key_id, SONNET, "succeeded", HOUR + timedelta(minutes=5), tokens=(10, 20, 0, 0)
+    )
+    call = rollups.RecordedAttempt(
+        key_id, SONNET, HOUR + timedelta(minutes=5), "succeeded", 200, latency_ms=100
+    )
+    for _ in range(ENDS):
+        with session_scope(url) as session:
+            rollups.jobs_ended(session, [ended])
+            rollups.attempts_recorded(session, [call])
+            rollups.webhook_attempt_recorded(
+                session, rollups.webhook_attempt_rows(HOUR, "sent", None)
+            )
+
+    with session_scope(url) as session:
+        shards = set(session.scalars(select(UsageHourly.shard)))
+        # 40 recordings all in one of 8 shards: a chance of 8**-39.
+        assert len(shards) > 1
+        assert shards <= set(range(rollups.ROLLUP_SHARDS))
+        totals = MetricsRepository(session).totals(HOUR, None)
+    model = totals.jobs[SONNET]
+    assert model.by_status == {"succeeded": 3 + ENDS}
+    assert model.tokens["output"] == 60 + 20 * ENDS
+    assert totals.attempts[SONNET].count == 3 + ENDS
+    assert totals.attempts[SONNET].latency_ms_sum == 900 + 100 * ENDS
+
+    command.downgrade(alembic_config(url), "0013")
+    assert "shard" not in _primary_key(url, "usage_hourly")
+    with get_engine(url).connect() as connection:
+        usage = connection.execute(text("SELECT jobs, output_tokens FROM usage_hourly")).all()
+        attempts = connection.execute(
+            text("SELECT attempts, latency_ms_sum, le_0 FROM attempt_hourly")
+        ).all()
+        webhooks = connection.execute(text("SELECT count FROM webhook_hourly")).all()
+    assert [tuple(row) for row in usage] == [(3 + ENDS, 60 + 20 * ENDS)]
+    assert [tuple(row) for row in attempts] == [(3 + ENDS, 900 + 100 * ENDS, 3 + ENDS)]
+    assert [tuple(row) for row in webhooks] == [(3 + ENDS,)]
+    # And up again, as it was.
+    upgrade(url)
+    with session_scope(url) as session:
+        assert session.scalars(select(UsageHourly.jobs)).all() == [3 + ENDS]
+        assert session.scalar(select(UsageHourly.cost_total)) == Decimal(0)
