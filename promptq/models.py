@@ -408,11 +408,26 @@ class SpendLedger(Base):
 LATENCY_BUCKETS_MS = (100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000, 300000, 600000)
 
 
+# The rows of an hour not folded into shard 0 yet (promptq.rollups.folding): the hours being
+# written, and closed ones for the next sweeper pass to fold.
+UNFOLDED_WHERE = "shard > 0"
+
+
+def _unfolded_index(table: str) -> Index:
+    return Index(
+        f"ix_{table}_unfolded",
+        "hour",
+        postgresql_where=text(UNFOLDED_WHERE),
+        sqlite_where=text(UNFOLDED_WHERE),
+    )
+
+
 def _shard_column() -> Mapped[int]:
     """One of the rows an hour's figures are spread over (promptq.rollups.ROLLUP_SHARDS):
     every recorder adds to a row of its own picking, so concurrent recorders of one key and
     model (and every webhook attempt, whatever its key) do not all wait on one row's lock.
-    Readers add the shards up, as they add up hours."""
+    Readers add the shards up, as they add up hours; once the hour is over, its shards are
+    folded into shard 0 (promptq.rollups.folding)."""
     return mapped_column(SmallInteger, primary_key=True, default=0, server_default="0")
 
 
@@ -424,7 +439,10 @@ class UsageHourly(Base):
 
     __tablename__ = "usage_hourly"
     # A key's own report reads its hours only.
-    __table_args__ = (Index("ix_usage_hourly_key_hour", "api_key_id", "hour"),)
+    __table_args__ = (
+        Index("ix_usage_hourly_key_hour", "api_key_id", "hour"),
+        _unfolded_index("usage_hourly"),
+    )
 
     hour: Mapped[datetime] = mapped_column(primary_key=True)
     api_key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), primary_key=True)
@@ -451,6 +469,7 @@ class AttemptHourly(Base):
     and additive across rows). Written in the transaction that records each call."""
 
     __tablename__ = "attempt_hourly"
+    __table_args__ = (_unfolded_index("attempt_hourly"),)
 
     hour: Mapped[datetime] = mapped_column(primary_key=True)
     api_key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), primary_key=True)
@@ -480,6 +499,7 @@ class WebhookHourly(Base):
     settled by status (kind "delivery"). Written with each attempt's record."""
 
     __tablename__ = "webhook_hourly"
+    __table_args__ = (_unfolded_index("webhook_hourly"),)
 
     hour: Mapped[datetime] = mapped_column(primary_key=True)
     kind: Mapped[str] = mapped_column(String(16), primary_key=True)

@@ -6,7 +6,8 @@ Create Date: 2026-12-03 06:00:00.000000
 
 An hour's figures of a key and model (of the deployment, for webhooks) were one row, whose
 lock every recording took until its commit; they are now spread over several rows
-(promptq.rollups.ROLLUP_SHARDS), which readers sum. The rows already there become shard 0.
+(promptq.rollups.ROLLUP_SHARDS), which readers sum, and folded back into shard 0 once the
+hour is over (promptq.rollups.folding). The rows already there become shard 0.
 """
 
 from __future__ import annotations
@@ -30,10 +31,19 @@ KEYS = {
 def upgrade() -> None:
     for table, keys in KEYS.items():
         _set_primary_key(table, keys, with_shard=True)
+        # The rows left to fold into shard 0 (promptq.rollups.folding).
+        op.create_index(
+            f"ix_{table}_unfolded",
+            table,
+            ["hour"],
+            postgresql_where=sa.text("shard > 0"),
+            sqlite_where=sa.text("shard > 0"),
+        )
 
 
 def downgrade() -> None:
     for table, keys in KEYS.items():
+        op.drop_index(f"ix_{table}_unfolded", table_name=table)
         # The shards of one hour are folded into one row first, or the old key would not
         # hold.
         counts = [

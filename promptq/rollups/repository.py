@@ -3,23 +3,30 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     CTE,
     ColumnElement,
     FromClause,
     Insert,
+    Select,
     bindparam,
+    delete,
     func,
     literal_column,
     select,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.dml import ReturningInsert
 
 from promptq.models import Base
+
+# Shard 0 holds the folded figures; the others, the hours being written.
+UNFOLDED_FROM = "0"
 
 
 @lru_cache(maxsize=64)
@@ -28,9 +35,19 @@ def _upsert(
 ) -> Insert:
     """One statement object per shape, built once: the statement cache then serves its
     compiled form, and a recording pays for a round trip, not for building SQL."""
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    statement = insert(table)
     columns = table.__table__.c  # type: ignore[attr-defined]
+    if dialect == "postgresql":
+        return _adding(postgresql.insert(table), columns, keys, increments)
+    return _adding(sqlite.insert(table), columns, keys, increments)
+
+
+InsertOf = TypeVar("InsertOf", postgresql.Insert, sqlite.Insert)
+
+
+def _adding(
+    statement: InsertOf, columns: Any, keys: Sequence[str], increments: Sequence[str]
+) -> InsertOf:
+    """`statement`, which on a row already there for `keys` adds `increments` to it."""
     return statement.on_conflict_do_update(
         index_elements=[columns[name] for name in keys],
         set_={name: columns[name] + statement.excluded[name] for name in increments},
@@ -67,6 +84,68 @@ class RollupRepository:
         )
 
 
+class FoldRepository:
+    """The statements that fold an hour's shards into its shard 0 (promptq.rollups.folding)."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def unfolded_hours(self, table: type[Base], before: datetime, limit: int) -> list[datetime]:
+        """The oldest hours before `before` with rows in shards other than 0, through the
+        partial index of those rows (so the read is bound by what is left to fold, never by
+        the hours of history)."""
+        columns = table.__table__.c  # type: ignore[attr-defined]
+        query = (
+            select(columns.hour)
+            # A literal, not a bound value: the planner can then match the index's predicate.
+            .where(columns.shard > literal_column(UNFOLDED_FROM), columns.hour < before)
+            .distinct()
+            .order_by(columns.hour)
+            .limit(limit)
+        )
+        return list(self.session.scalars(query))
+
+    def fold(
+        self, table: type[Base], keys: tuple[str, ...], counts: tuple[str, ...], hour: datetime
+    ) -> None:
+        """Add the hour's rows of shards other than 0 to its shard-0 rows, and delete them.
+
+        PostgreSQL: one statement, whose DELETE ... RETURNING gives the sums exactly the
+        rows it deletes (a row a late recording adds meanwhile is not deleted unseen: it is
+        left for the next fold), and whose upsert takes the shard-0 rows' locks in key
+        order, as recordings do. SQLite, whose writers take turns, deletes after adding."""
+        columns = table.__table__.c  # type: ignore[attr-defined]
+        group = [name for name in keys if name != "shard"]
+        names = [*group, "shard", *counts]
+        unfolded = (columns.hour == hour, columns.shard > literal_column(UNFOLDED_FROM))
+
+        def sums(source: Any) -> Select[Any]:
+            return (
+                select(
+                    *(source.c[name] for name in group),
+                    literal_column("0"),
+                    *(func.sum(source.c[name]) for name in counts),
+                )
+                .group_by(*(source.c[name] for name in group))
+                .order_by(*(source.c[name] for name in group))
+            )
+
+        connection = self.session.connection()
+        if connection.dialect.name == "postgresql":
+            gone = delete(table).where(*unfolded).returning(*columns).cte("gone")
+            upsert = postgresql.insert(table).from_select(names, sums(gone))
+            folded: ReturningInsert[Any] = _adding(upsert, columns, keys, counts).returning(
+                literal_column("1")
+            )
+            connection.execute(select(func.count()).select_from(folded.cte("folded")))
+            return
+        source = select(*columns).where(*unfolded).subquery()
+        connection.execute(
+            _adding(sqlite.insert(table).from_select(names, sums(source)), columns, keys, counts)
+        )
+        connection.execute(delete(table).where(*unfolded))
+
+
 def upsert_after(
     table: type[Base],
     keys: tuple[str, ...],
@@ -91,10 +170,9 @@ def upsert_after(
     if after is not None:
         values = values.where(after)
     statement = postgresql.insert(table).from_select(list(names), values)
-    return statement.on_conflict_do_update(
-        index_elements=[columns[name] for name in keys],
-        set_={name: columns[name] + statement.excluded[name] for name in increments},
-    ).returning(literal_column("1").label("done"))
+    return _adding(statement, columns, keys, increments).returning(
+        literal_column("1").label("done")
+    )
 
 
 def follows(part: CTE) -> ColumnElement[bool]:

@@ -264,6 +264,40 @@ def test_a_message_lost_with_its_marker_alive_is_published_again(
     assert wait_for_status(client, api_key, job_id, FINAL)["status"] == "succeeded"
 
 
+def test_a_sweeper_pass_folds_the_closed_hours_rollup_shards(
+    api_key: str, database_url: str
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import select
+
+    from promptq import rollups
+    from promptq.keys.service import authenticate
+    from promptq.models import UsageHourly
+    from worker.tasks.sweeper import sweep
+
+    with session_scope(database_url) as session:
+        key = authenticate(session, api_key)
+        assert key is not None
+        key_id = key.id
+    hour = rollups.floor_hour(datetime.now(UTC)) - timedelta(hours=4)
+    ended = rollups.EndedJob(key_id, "folded-model", "succeeded", hour + timedelta(minutes=1))
+    for _ in range(30):
+        with session_scope(database_url) as session:
+            rollups.jobs_ended(session, [ended])
+
+    def rows() -> list[tuple[int, int]]:
+        with session_scope(database_url) as session:
+            query = select(UsageHourly.shard, UsageHourly.jobs).where(
+                UsageHourly.model == "folded-model"
+            )
+            return [tuple(row) for row in session.execute(query)]
+
+    assert len(rows()) > 1
+    assert sweep()["hours_folded"] >= 1
+    assert rows() == [(0, 30)]
+
+
 def test_one_sweeper_pass_at_a_time(
     client: Any, api_key: str, database_url: str, settings: Any
 ) -> None:
@@ -280,7 +314,7 @@ def test_one_sweeper_pass_at_a_time(
     running = worker_context().limiter.client.lock(SWEEP_LOCK, timeout=30)
     assert running.acquire(blocking=False)
     try:
-        assert sweep() == {"reclaimed": 0, "republished": 0, "deliveries": 0}
+        assert sweep() == {"reclaimed": 0, "republished": 0, "deliveries": 0, "hours_folded": 0}
     finally:
         running.release()
     assert sweep()["republished"] >= 1

@@ -1,10 +1,12 @@
 """The hourly rollups' shards (promptq.rollups.ROLLUP_SHARDS): recordings spread an hour's
-figures over several rows, readers add them up, and migration 0014 keeps the rows written
-before it (as shard 0) and, downgraded, folds the shards back into one row."""
+figures over several rows, readers add them up, closed hours are folded back into shard 0
+(promptq.rollups.folding), and migration 0014 keeps the rows written before it (as shard 0)
+and, downgraded, folds the shards back into one row."""
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -13,7 +15,7 @@ from pathlib import Path
 import pytest
 from alembic import command
 from conftest import _create_postgres_database
-from sqlalchemy import bindparam, inspect, select, text
+from sqlalchemy import bindparam, func, inspect, select, text
 
 from promptq import rollups
 from promptq.db import get_engine, session_scope
@@ -21,6 +23,7 @@ from promptq.keys.service import create_key
 from promptq.metrics import MetricsRepository
 from promptq.migrate import alembic_config, upgrade
 from promptq.models import AttemptHourly, UsageHourly, WebhookHourly
+from promptq.rollups.folding import fold_closed_hours
 from promptq.testing import SONNET
 from promptq.types import UTCDateTime
 
@@ -99,19 +102,7 @@ def test_shards_are_added_up_and_the_migration_keeps_and_folds_them(at_0013: str
 
     # One recording at a time, as many workers' would be: each in a shard of its own
     # picking.
-    ended = rollups.EndedJob(
-        key_id, SONNET, "succeeded", HOUR + timedelta(minutes=5), tokens=(10, 20, 0, 0)
-    )
-    call = rollups.RecordedAttempt(
-        key_id, SONNET, HOUR + timedelta(minutes=5), "succeeded", 200, latency_ms=100
-    )
-    for _ in range(ENDS):
-        with session_scope(url) as session:
-            rollups.jobs_ended(session, [ended])
-            rollups.attempts_recorded(session, [call])
-            rollups.webhook_attempt_recorded(
-                session, rollups.webhook_attempt_rows(HOUR, "sent", None)
-            )
+    _record(url, key_id, HOUR + timedelta(minutes=5), ENDS)
 
     with session_scope(url) as session:
         shards = set(session.scalars(select(UsageHourly.shard)))
@@ -141,3 +132,120 @@ def test_shards_are_added_up_and_the_migration_keeps_and_folds_them(at_0013: str
     with session_scope(url) as session:
         assert session.scalars(select(UsageHourly.jobs)).all() == [3 + ENDS]
         assert session.scalar(select(UsageHourly.cost_total)) == Decimal(0)
+
+
+def _record(url: str, key_id: str, at: datetime, times: int) -> None:
+    """`times` recordings of a job's end, its call and a webhook attempt, at `at`."""
+    ended = rollups.EndedJob(key_id, SONNET, "succeeded", at, tokens=(10, 20, 0, 0))
+    call = rollups.RecordedAttempt(key_id, SONNET, at, "succeeded", 200, latency_ms=100)
+    for _ in range(times):
+        with session_scope(url) as session:
+            rollups.jobs_ended(session, [ended])
+            rollups.attempts_recorded(session, [call])
+            rollups.webhook_attempt_recorded(
+                session, rollups.webhook_attempt_rows(at, "sent", None)
+            )
+
+
+def _rows(url: str) -> dict[datetime, list[tuple[int, int]]]:
+    """usage_hourly's (shard, jobs) by hour."""
+    found: dict[datetime, list[tuple[int, int]]] = {}
+    with session_scope(url) as session:
+        for row in session.scalars(select(UsageHourly).order_by(UsageHourly.shard)):
+            found.setdefault(row.hour, []).append((row.shard, row.jobs))
+    return found
+
+
+def _figures(url: str, since: datetime) -> tuple[int, int, int]:
+    """(jobs ended, calls, webhook attempts) since `since`, as the readers add them up."""
+    with session_scope(url) as session:
+        totals = MetricsRepository(session).totals(since, None)
+        webhooks = session.scalar(select(func.sum(WebhookHourly.count))) or 0
+    return (
+        sum(totals.jobs[SONNET].by_status.values()),
+        totals.attempts[SONNET].count,
+        int(webhooks),
+    )
+
+
+def test_closed_hours_are_folded_into_shard_0_and_the_current_ones_left(
+    fresh_database_url: str,
+) -> None:
+    url = fresh_database_url
+    with session_scope(url) as session:
+        key_id = create_key(session, "folding").record.id
+    now = datetime.now(UTC)
+    current = rollups.floor_hour(now)
+    old = [current - timedelta(hours=hours) for hours in (5, 4, 3)]
+    for hour in [*old, current]:
+        _record(url, key_id, hour + timedelta(minutes=7), ENDS)
+    before = _figures(url, old[0])
+    assert before == (4 * ENDS, 4 * ENDS, 4 * ENDS)
+    assert all(len(shards) > 1 for shards in _rows(url).values())
+
+    # At most two hours a table per pass, the oldest first.
+    assert fold_closed_hours(url, now=now, hours_per_pass=2) == 3 * 2
+    rows = _rows(url)
+    assert rows[old[0]] == rows[old[1]] == [(0, ENDS)]
+    assert len(rows[old[2]]) > 1 and len(rows[current]) > 1
+    assert fold_closed_hours(url, now=now, hours_per_pass=2) == 3
+    assert fold_closed_hours(url, now=now) == 0
+    rows = _rows(url)
+    assert rows[old[2]] == [(0, ENDS)]
+    # The hour under way (and the one before it, for late recordings) stays spread.
+    assert len(rows[current]) > 1
+    assert _figures(url, old[0]) == before
+    with session_scope(url) as session:
+        assert set(
+            session.scalars(select(WebhookHourly.shard).where(WebhookHourly.hour < current))
+        ) == {0}
+        assert set(
+            session.scalars(select(AttemptHourly.shard).where(AttemptHourly.hour < current))
+        ) == {0}
+
+    # A recording late for a folded hour lands in a shard again; the next pass folds it.
+    _record(url, key_id, old[1] + timedelta(minutes=9), ENDS)
+    assert fold_closed_hours(url, now=now) == 3
+    assert _rows(url)[old[1]] == [(0, 2 * ENDS)]
+    assert _figures(url, old[0]) == (5 * ENDS, 5 * ENDS, 5 * ENDS)
+
+
+def test_a_fold_loses_nothing_recorded_while_it_runs(fresh_database_url: str) -> None:
+    """Recorders add to a closed hour while folds of it run over and over: every recording
+    is counted once, in shard 0 after the last fold."""
+    url = fresh_database_url
+    with session_scope(url) as session:
+        key_id = create_key(session, "racing").record.id
+    now = datetime.now(UTC)
+    hour = rollups.floor_hour(now) - timedelta(hours=3)
+    recorders, each = 4, 50
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def record() -> None:
+        try:
+            _record(url, key_id, hour + timedelta(minutes=1), each)
+        except BaseException as error:
+            errors.append(error)
+
+    def fold() -> None:
+        try:
+            while not done.is_set():
+                fold_closed_hours(url, now=now)
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=record) for _ in range(recorders)]
+    folder = threading.Thread(target=fold)
+    folder.start()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    done.set()
+    folder.join(timeout=60)
+    assert not errors
+    fold_closed_hours(url, now=now)
+    total = recorders * each
+    assert _rows(url) == {hour: [(0, total)]}
+    assert _figures(url, hour) == (total, total, total)

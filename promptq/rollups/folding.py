@@ -1,0 +1,57 @@
+"""Folding a closed hour's shards into one row.
+
+Recordings spread an hour's figures over ROLLUP_SHARDS rows so that they seldom wait on one
+another's locks; once the hour is over nothing needs that, and readers would add up to that
+many rows where one does (a key's dashboard adds up every hour it has). So every sweeper
+pass folds the shards of the hours that ended more than FOLD_AFTER ago into shard 0: at most
+FOLD_HOURS_PER_PASS hours per table, the oldest first, found through a partial index of the
+rows not folded yet, so a pass with nothing to fold costs three index probes. A recording
+late for its hour (an answer recorded after a database outage) adds to a shard again; the
+next pass folds it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from promptq.clock import utcnow
+from promptq.db import Database, session_scope
+from promptq.models import AttemptHourly, UsageHourly, WebhookHourly
+from promptq.rollups.repository import FoldRepository
+from promptq.rollups.service import (
+    ATTEMPT_COUNTS,
+    ATTEMPT_KEYS,
+    USAGE_COUNTS,
+    USAGE_KEYS,
+    WEBHOOK_COUNTS,
+    WEBHOOK_KEYS,
+    floor_hour,
+)
+
+# After the end of an hour, the time left for recordings still under way to land in it.
+FOLD_AFTER = timedelta(hours=1)
+# An hour of one table is one statement; a pass after a long pause catches up in steps.
+FOLD_HOURS_PER_PASS = 24
+
+TABLES = (
+    (UsageHourly, USAGE_KEYS, USAGE_COUNTS),
+    (AttemptHourly, ATTEMPT_KEYS, ATTEMPT_COUNTS),
+    (WebhookHourly, WEBHOOK_KEYS, WEBHOOK_COUNTS),
+)
+
+
+def fold_closed_hours(
+    database: Database, now: datetime | None = None, hours_per_pass: int = FOLD_HOURS_PER_PASS
+) -> int:
+    """Fold the closed hours' shards of each table, an hour per transaction; the hours
+    folded."""
+    before = floor_hour(now or utcnow()) - FOLD_AFTER
+    folded = 0
+    for table, keys, counts in TABLES:
+        with session_scope(database) as session:
+            hours = FoldRepository(session).unfolded_hours(table, before, hours_per_pass)
+        for hour in hours:
+            with session_scope(database) as session:
+                FoldRepository(session).fold(table, keys, counts, hour)
+        folded += len(hours)
+    return folded
