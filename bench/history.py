@@ -143,7 +143,7 @@ def fill(engine: Any, budgeted: str, others: list[str], jobs: int) -> None:
                     COALESCE(SUM(cost_output), 0), COALESCE(SUM(cost_cache_write), 0),
                     COALESCE(SUM(cost_cache_read), 0)
                 FROM jobs WHERE id < 'job_00001' GROUP BY 1, 2, 3, 4, 5
-                ON CONFLICT (hour, api_key_id, model, status, priced, shard) DO UPDATE SET
+                ON CONFLICT (hour, api_key_id, model, status, priced) DO UPDATE SET
                     jobs = usage_hourly.jobs + excluded.jobs,
                     cost_total = usage_hourly.cost_total + excluded.cost_total
                 """
@@ -164,7 +164,7 @@ def fill(engine: Any, budgeted: str, others: list[str], jobs: int) -> None:
                     CAST(a.status_code AS VARCHAR), COUNT(*), SUM(a.latency_ms), {buckets}
                 FROM attempts a JOIN jobs j ON j.id = a.job_id
                 WHERE j.id < 'job_00001' GROUP BY 1, 2, 3, 4, 5
-                ON CONFLICT (hour, api_key_id, model, outcome, status_code, shard) DO UPDATE SET
+                ON CONFLICT (hour, api_key_id, model, outcome, status_code) DO UPDATE SET
                     attempts = attempt_hourly.attempts + excluded.attempts
                 """
             )

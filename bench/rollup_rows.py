@@ -1,7 +1,8 @@
 """How many recordings a second one key and model's hourly rollup rows take, spread over
-promptq.rollups.ROLLUP_SHARDS rows an hour, against one row an hour (the baseline, measured
-in the same run), as PostgreSQL sees them: each recording's two upserts (usage_hourly, then
-attempt_hourly) in one transaction, as `pgbench` clients run them, at several client counts.
+promptq.rollups.ROLLUP_SHARDS rows an hour (the shards tables), against one row an hour (the
+rollups' tables, as recorded before the shards: the baseline, measured in the same run), as
+PostgreSQL sees them: each recording's two upserts (usage, then attempts) in one
+transaction, as `pgbench` clients run them, at several client counts.
 
 This is the database's side of the ceiling, without promptq's Python around it: many
 workers recording one key's jobs wait on these rows' locks, held from the upsert to the
@@ -35,9 +36,11 @@ from sqlalchemy.engine import make_url
 from promptq.rollups import (
     ATTEMPT_COUNTS,
     ATTEMPT_KEYS,
+    ATTEMPT_SHARD_KEYS,
     ROLLUP_SHARDS,
     USAGE_COUNTS,
     USAGE_KEYS,
+    USAGE_SHARD_KEYS,
 )
 
 HOUR = "2026-12-01 10:00:00+00"
@@ -46,7 +49,8 @@ HOUR = "2026-12-01 10:00:00+00"
 def _upsert(
     table: str, keys: tuple[str, ...], counts: tuple[str, ...], values: dict[str, str]
 ) -> str:
-    """One recording's upsert of `table`, its shard pgbench's variable :shard."""
+    """One recording's upsert of `table`: `values` for the keys, 1 for every figure, and
+    pgbench's variable for a shard."""
     names = [*keys, *counts]
     given = [values.get(name, ":shard" if name == "shard" else "1") for name in names]
     added = ", ".join(f"{name} = {table}.{name} + excluded.{name}" for name in counts)
@@ -56,21 +60,24 @@ def _upsert(
     )
 
 
-def script(key_id: str, shards: int) -> str:
+def script(key_id: str, sharded: bool) -> str:
+    """A recording as pgbench runs it: into the rollups' tables, one row an hour (as before
+    the shards), or into their shards tables, a shard picked at random."""
     common = {"hour": f"'{HOUR}'", "api_key_id": f"'{key_id}'", "model": "'claude-sonnet-4-5'"}
+    suffix = "_shards" if sharded else ""
     usage = _upsert(
-        "usage_hourly",
-        USAGE_KEYS,
+        f"usage_hourly{suffix}",
+        USAGE_SHARD_KEYS if sharded else USAGE_KEYS,
         USAGE_COUNTS,
         {**common, "status": "'succeeded'", "priced": "true"},
     )
     attempt = _upsert(
-        "attempt_hourly",
-        ATTEMPT_KEYS,
+        f"attempt_hourly{suffix}",
+        ATTEMPT_SHARD_KEYS if sharded else ATTEMPT_KEYS,
         ATTEMPT_COUNTS,
         {**common, "outcome": "'succeeded'", "status_code": "'200'"},
     )
-    return f"\\set shard random(0, {shards - 1})\nBEGIN;\n{usage}\n{attempt}\nEND;\n"
+    return f"\\set shard random(0, {ROLLUP_SHARDS - 1})\nBEGIN;\n{usage}\n{attempt}\nEND;\n"
 
 
 def run_pgbench(url: str, script_path: Path, clients: int, seconds: int) -> tuple[float, float]:
@@ -110,10 +117,10 @@ def main() -> None:
         rows = []
         for clients in args.clients:
             figures = []
-            for shards in (1, ROLLUP_SHARDS):
-                path = workdir / f"record-{shards}.sql"
-                path.write_text(script(key_id, shards))
-                log(f"{clients} clients, {shards} row(s) an hour")
+            for sharded in (False, True):
+                path = workdir / f"record-{'sharded' if sharded else 'one'}.sql"
+                path.write_text(script(key_id, sharded))
+                log(f"{clients} clients, {'shards' if sharded else 'one row an hour'}")
                 figures.append(run_pgbench(database.url, path, clients, args.seconds))
             (one, one_ms), (spread, spread_ms) = figures
             rows.append(

@@ -64,6 +64,7 @@ from promptq.models import (
 from promptq.ratelimit.limiter import RedisLimiter
 from promptq.redis_keys import MODELS_WAITING
 from promptq.rollups import floor_hour
+from promptq.rollups.reading import rollup_rows
 from promptq.types import picodollars_to_usd
 
 # Upper bounds of the upstream latency histogram, in seconds (the rollups count them in ms).
@@ -214,19 +215,20 @@ class MetricsRepository:
                 where.append(column < until)
             return where
 
+        usage = rollup_rows(UsageHourly)
         jobs_query = select(
-            UsageHourly.model,
-            UsageHourly.status,
-            func.min(UsageHourly.hour),
-            _sum(UsageHourly.jobs),
-            _sum(UsageHourly.input_tokens),
-            _sum(UsageHourly.output_tokens),
-            _sum(UsageHourly.cache_creation_input_tokens),
-            _sum(UsageHourly.cache_read_input_tokens),
-            _sum(UsageHourly.cost_total),
-        ).where(*hours(UsageHourly.hour))
+            usage.c.model,
+            usage.c.status,
+            func.min(usage.c.hour),
+            _sum(usage.c.jobs),
+            _sum(usage.c.input_tokens),
+            _sum(usage.c.output_tokens),
+            _sum(usage.c.cache_creation_input_tokens),
+            _sum(usage.c.cache_read_input_tokens),
+            _sum(usage.c.cost_total),
+        ).where(*hours(usage.c.hour))
         for model, status, first, count, *tokens, cost in self.session.execute(
-            jobs_query.group_by(UsageHourly.model, UsageHourly.status)
+            jobs_query.group_by(usage.c.model, usage.c.status)
         ):
             jobs = totals.jobs.setdefault(model, ModelJobs())
             jobs.by_status[status] = jobs.by_status.get(status, 0) + int(count)
@@ -235,20 +237,19 @@ class MetricsRepository:
             jobs.cost_picodollars += int(cost)
             _seen(totals, model, first)
 
-        buckets = [_sum(getattr(AttemptHourly, f"le_{i}")) for i in range(len(LATENCY_BUCKETS_MS))]
+        calls = rollup_rows(AttemptHourly)
+        buckets = [_sum(calls.c[f"le_{i}"]) for i in range(len(LATENCY_BUCKETS_MS))]
         attempts_query = select(
-            AttemptHourly.model,
-            AttemptHourly.outcome,
-            AttemptHourly.status_code,
-            func.min(AttemptHourly.hour),
-            _sum(AttemptHourly.attempts),
-            _sum(AttemptHourly.latency_ms_sum),
+            calls.c.model,
+            calls.c.outcome,
+            calls.c.status_code,
+            func.min(calls.c.hour),
+            _sum(calls.c.attempts),
+            _sum(calls.c.latency_ms_sum),
             *buckets,
-        ).where(*hours(AttemptHourly.hour))
+        ).where(*hours(calls.c.hour))
         for model, outcome, status_code, first, count, latency, *counts in self.session.execute(
-            attempts_query.group_by(
-                AttemptHourly.model, AttemptHourly.outcome, AttemptHourly.status_code
-            )
+            attempts_query.group_by(calls.c.model, calls.c.outcome, calls.c.status_code)
         ):
             attempts = totals.attempts.setdefault(model, ModelAttempts())
             key = (outcome, status_code)
@@ -258,10 +259,11 @@ class MetricsRepository:
             attempts.buckets = [a + int(b) for a, b in zip(attempts.buckets, counts, strict=True)]
             _seen(totals, model, first)
 
+        hooks = rollup_rows(WebhookHourly)
         webhooks_query = (
-            select(WebhookHourly.kind, WebhookHourly.name, _sum(WebhookHourly.count))
-            .where(*hours(WebhookHourly.hour))
-            .group_by(WebhookHourly.kind, WebhookHourly.name)
+            select(hooks.c.kind, hooks.c.name, _sum(hooks.c.count))
+            .where(*hours(hooks.c.hour))
+            .group_by(hooks.c.kind, hooks.c.name)
         )
         for kind, name, count in self.session.execute(webhooks_query):
             totals.webhooks[(kind, name)] = totals.webhooks.get((kind, name), 0) + int(count)

@@ -408,41 +408,8 @@ class SpendLedger(Base):
 LATENCY_BUCKETS_MS = (100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000, 300000, 600000)
 
 
-# The rows of an hour not folded into shard 0 yet (promptq.rollups.folding): the hours being
-# written, and closed ones for the next sweeper pass to fold.
-UNFOLDED_WHERE = "shard > 0"
-
-
-def _unfolded_index(table: str) -> Index:
-    return Index(
-        f"ix_{table}_unfolded",
-        "hour",
-        postgresql_where=text(UNFOLDED_WHERE),
-        sqlite_where=text(UNFOLDED_WHERE),
-    )
-
-
-def _shard_column() -> Mapped[int]:
-    """One of the rows an hour's figures are spread over (promptq.rollups.ROLLUP_SHARDS):
-    every recorder adds to a row of its own picking, so concurrent recorders of one key and
-    model (and every webhook attempt, whatever its key) do not all wait on one row's lock.
-    Readers add the shards up, as they add up hours; once the hour is over, its shards are
-    folded into shard 0 (promptq.rollups.folding)."""
-    return mapped_column(SmallInteger, primary_key=True, default=0, server_default="0")
-
-
-class UsageHourly(Base):
-    """What the jobs that ended in one hour (UTC) came to, per key, model, final status and
-    whether a cost was recorded: written in the transaction that ends each job, so that
-    reports and /metrics add up hours, never jobs, and keep their figures after the jobs
-    are deleted by retention. Kept forever."""
-
-    __tablename__ = "usage_hourly"
-    # A key's own report reads its hours only.
-    __table_args__ = (
-        Index("ix_usage_hourly_key_hour", "api_key_id", "hour"),
-        _unfolded_index("usage_hourly"),
-    )
+class _UsageFigures:
+    """usage_hourly's columns, shared with usage_hourly_shards."""
 
     hour: Mapped[datetime] = mapped_column(primary_key=True)
     api_key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), primary_key=True)
@@ -450,7 +417,6 @@ class UsageHourly(Base):
     status: Mapped[str] = mapped_column(String(16), primary_key=True)
     # Whether these jobs have a recorded cost (usage reports count only those).
     priced: Mapped[bool] = mapped_column(primary_key=True)
-    shard: Mapped[int] = _shard_column()
     jobs: Mapped[int] = mapped_column(Integer)
     input_tokens: Mapped[int] = mapped_column(BigInteger)
     output_tokens: Mapped[int] = mapped_column(BigInteger)
@@ -463,13 +429,8 @@ class UsageHourly(Base):
     cost_cache_read: Mapped[Decimal]
 
 
-class AttemptHourly(Base):
-    """The upstream calls recorded in one hour, per key, model, outcome and HTTP status, with
-    their latency histogram (le_N: calls at most LATENCY_BUCKETS_MS[N] long, so cumulative
-    and additive across rows). Written in the transaction that records each call."""
-
-    __tablename__ = "attempt_hourly"
-    __table_args__ = (_unfolded_index("attempt_hourly"),)
+class _AttemptFigures:
+    """attempt_hourly's columns, shared with attempt_hourly_shards."""
 
     hour: Mapped[datetime] = mapped_column(primary_key=True)
     api_key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), primary_key=True)
@@ -477,7 +438,6 @@ class AttemptHourly(Base):
     outcome: Mapped[str] = mapped_column(String(16), primary_key=True)
     # The HTTP status as text, "none" when no answer came.
     status_code: Mapped[str] = mapped_column(String(8), primary_key=True)
-    shard: Mapped[int] = _shard_column()
     attempts: Mapped[int] = mapped_column(Integer)
     latency_ms_sum: Mapped[int] = mapped_column(BigInteger)
     le_0: Mapped[int] = mapped_column(Integer)
@@ -494,18 +454,68 @@ class AttemptHourly(Base):
     le_11: Mapped[int] = mapped_column(Integer)
 
 
-class WebhookHourly(Base):
-    """Webhook figures of one hour: attempts by outcome (kind "attempt") and deliveries
-    settled by status (kind "delivery"). Written with each attempt's record."""
-
-    __tablename__ = "webhook_hourly"
-    __table_args__ = (_unfolded_index("webhook_hourly"),)
+class _WebhookFigures:
+    """webhook_hourly's columns, shared with webhook_hourly_shards."""
 
     hour: Mapped[datetime] = mapped_column(primary_key=True)
     kind: Mapped[str] = mapped_column(String(16), primary_key=True)
     name: Mapped[str] = mapped_column(String(16), primary_key=True)
-    shard: Mapped[int] = _shard_column()
     count: Mapped[int] = mapped_column(Integer)
+
+
+class UsageHourly(_UsageFigures, Base):
+    """What the jobs that ended in one hour (UTC) came to, per key, model, final status and
+    whether a cost was recorded, once the hour is over: folded in from usage_hourly_shards,
+    where each job's end adds to it in the transaction that ends the job, so that reports
+    and /metrics add up hours, never jobs, and keep their figures after the jobs are
+    deleted by retention. Kept forever. (Processes of the release before the shards add to
+    it directly.)"""
+
+    __tablename__ = "usage_hourly"
+    # A key's own report reads its hours only.
+    __table_args__ = (Index("ix_usage_hourly_key_hour", "api_key_id", "hour"),)
+
+
+class AttemptHourly(_AttemptFigures, Base):
+    """The upstream calls recorded in one hour, per key, model, outcome and HTTP status, with
+    their latency histogram (le_N: calls at most LATENCY_BUCKETS_MS[N] long, so cumulative
+    and additive across rows), once the hour is over (see UsageHourly)."""
+
+    __tablename__ = "attempt_hourly"
+
+
+class WebhookHourly(_WebhookFigures, Base):
+    """Webhook figures of one hour: attempts by outcome (kind "attempt") and deliveries
+    settled by status (kind "delivery"), once the hour is over (see UsageHourly)."""
+
+    __tablename__ = "webhook_hourly"
+
+
+# The hours being written. Each recording adds to one of ROLLUP_SHARDS rows of its hour
+# (promptq.rollups), picked at random, so that concurrent recordings of one key and model
+# (and all webhook attempts, whatever their key) seldom wait on one row's lock; each
+# sweeper pass folds the hours that are over into the tables above (promptq.rollups.folding),
+# so these hold a few hours and readers add up one row an hour of history. Readers read
+# both (promptq.rollups.reading).
+def _shard() -> Mapped[int]:
+    # Last, after the columns of the mixin: the primary key leads with the hour, which the
+    # fold reads by.
+    return mapped_column(SmallInteger, primary_key=True, sort_order=1)
+
+
+class UsageHourlyShard(_UsageFigures, Base):
+    __tablename__ = "usage_hourly_shards"
+    shard: Mapped[int] = _shard()
+
+
+class AttemptHourlyShard(_AttemptFigures, Base):
+    __tablename__ = "attempt_hourly_shards"
+    shard: Mapped[int] = _shard()
+
+
+class WebhookHourlyShard(_WebhookFigures, Base):
+    __tablename__ = "webhook_hourly_shards"
+    shard: Mapped[int] = _shard()
 
 
 # A key's spend in a period (a usage report) sums cost_total over its jobs finished in that

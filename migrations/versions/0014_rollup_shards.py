@@ -1,13 +1,15 @@
-"""usage_hourly, attempt_hourly and webhook_hourly: a shard column in the primary key
+"""usage_hourly_shards, attempt_hourly_shards, webhook_hourly_shards: the hours being written
 
 Revision ID: 0014
 Revises: 0013
 Create Date: 2026-12-03 06:00:00.000000
 
 An hour's figures of a key and model (of the deployment, for webhooks) were one row, whose
-lock every recording took until its commit; they are now spread over several rows
-(promptq.rollups.ROLLUP_SHARDS), which readers sum, and folded back into shard 0 once the
-hour is over (promptq.rollups.folding). The rows already there become shard 0.
+lock every recording took until its commit. Recordings now add to one of several rows of
+their hour in these tables (promptq.rollups.ROLLUP_SHARDS), and each sweeper pass folds the
+hours that are over into the tables of 0012 (promptq.rollups.folding); readers read both.
+Only tables are added: processes of the previous release go on adding to the tables of
+0012 until they are restarted, and their figures count the same.
 """
 
 from __future__ import annotations
@@ -20,76 +22,82 @@ down_revision = "0013"
 branch_labels = None
 depends_on = None
 
-# Each table's primary key before this revision (the shard column is added at its end).
-KEYS = {
-    "usage_hourly": ("hour", "api_key_id", "model", "status", "priced"),
-    "attempt_hourly": ("hour", "api_key_id", "model", "outcome", "status_code"),
-    "webhook_hourly": ("hour", "kind", "name"),
+# As in 0012 (a migration keeps its own copy).
+LATENCY_BUCKETS = 12
+TOKENS = (
+    "input_tokens",
+    "output_tokens",
+    "cache_creation_input_tokens",
+    "cache_read_input_tokens",
+)
+COSTS = ("cost_total", "cost_input", "cost_output", "cost_cache_write", "cost_cache_read")
+# Each table of 0012: its key, then the figures a fold adds up.
+FOLDED = {
+    "usage_hourly": (
+        ("hour", "api_key_id", "model", "status", "priced"),
+        ("jobs", *TOKENS, *COSTS),
+    ),
+    "attempt_hourly": (
+        ("hour", "api_key_id", "model", "outcome", "status_code"),
+        ("attempts", "latency_ms_sum", *(f"le_{index}" for index in range(LATENCY_BUCKETS))),
+    ),
+    "webhook_hourly": (("hour", "kind", "name"), ("count",)),
 }
 
 
 def upgrade() -> None:
-    for table, keys in KEYS.items():
-        _set_primary_key(table, keys, with_shard=True)
-        # The rows left to fold into shard 0 (promptq.rollups.folding).
-        op.create_index(
-            f"ix_{table}_unfolded",
-            table,
-            ["hour"],
-            postgresql_where=sa.text("shard > 0"),
-            sqlite_where=sa.text("shard > 0"),
-        )
+    op.create_table(
+        "usage_hourly_shards",
+        sa.Column("hour", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("api_key_id", sa.String(length=40), nullable=False),
+        sa.Column("model", sa.String(length=200), nullable=False),
+        sa.Column("status", sa.String(length=16), nullable=False),
+        sa.Column("priced", sa.Boolean(), nullable=False),
+        sa.Column("jobs", sa.Integer(), nullable=False),
+        *(sa.Column(name, sa.BigInteger(), nullable=False) for name in TOKENS),
+        *(sa.Column(name, sa.BigInteger(), nullable=False) for name in COSTS),
+        sa.Column("shard", sa.SmallInteger(), nullable=False),
+        sa.ForeignKeyConstraint(["api_key_id"], ["api_keys.id"]),
+        sa.PrimaryKeyConstraint("hour", "api_key_id", "model", "status", "priced", "shard"),
+    )
+    op.create_table(
+        "attempt_hourly_shards",
+        sa.Column("hour", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("api_key_id", sa.String(length=40), nullable=False),
+        sa.Column("model", sa.String(length=200), nullable=False),
+        sa.Column("outcome", sa.String(length=16), nullable=False),
+        sa.Column("status_code", sa.String(length=8), nullable=False),
+        sa.Column("attempts", sa.Integer(), nullable=False),
+        sa.Column("latency_ms_sum", sa.BigInteger(), nullable=False),
+        *(
+            sa.Column(f"le_{index}", sa.Integer(), nullable=False)
+            for index in range(LATENCY_BUCKETS)
+        ),
+        sa.Column("shard", sa.SmallInteger(), nullable=False),
+        sa.ForeignKeyConstraint(["api_key_id"], ["api_keys.id"]),
+        sa.PrimaryKeyConstraint("hour", "api_key_id", "model", "outcome", "status_code", "shard"),
+    )
+    op.create_table(
+        "webhook_hourly_shards",
+        sa.Column("hour", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("kind", sa.String(length=16), nullable=False),
+        sa.Column("name", sa.String(length=16), nullable=False),
+        sa.Column("count", sa.Integer(), nullable=False),
+        sa.Column("shard", sa.SmallInteger(), nullable=False),
+        sa.PrimaryKeyConstraint("hour", "kind", "name", "shard"),
+    )
 
 
 def downgrade() -> None:
-    for table, keys in KEYS.items():
-        op.drop_index(f"ix_{table}_unfolded", table_name=table)
-        # The shards of one hour are folded into one row first, or the old key would not
-        # hold.
-        counts = [
-            column["name"]
-            for column in sa.inspect(op.get_bind()).get_columns(table)
-            if column["name"] not in (*keys, "shard")
-        ]
-        folded = ", ".join(f"SUM({name}) AS {name}" for name in counts)
-        columns = ", ".join((*keys, *counts))
+    # Whatever the shards hold, every hour of it, is folded in first: nothing is lost.
+    for table, (keys, counts) in FOLDED.items():
+        key = ", ".join(keys)
+        added = ", ".join(f"{name} = {table}.{name} + excluded.{name}" for name in counts)
+        # WHERE true: SQLite would otherwise read ON CONFLICT as the SELECT's join clause.
         op.execute(
-            f"CREATE TEMPORARY TABLE {table}_folded AS SELECT {', '.join(keys)}, "
-            f"{folded} FROM {table} GROUP BY {', '.join(keys)}"
+            f"INSERT INTO {table} ({key}, {', '.join(counts)}) "
+            f"SELECT {key}, {', '.join(f'SUM({name})' for name in counts)} "
+            f"FROM {table}_shards WHERE true GROUP BY {key} "
+            f"ON CONFLICT ({key}) DO UPDATE SET {added}"
         )
-        op.execute(f"DELETE FROM {table}")
-        op.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {table}_folded")
-        op.execute(f"DROP TABLE {table}_folded")
-        _set_primary_key(table, keys, with_shard=False)
-
-
-def _set_primary_key(table: str, keys: tuple[str, ...], with_shard: bool) -> None:
-    """PostgreSQL alters the key in place; SQLite, which cannot, copies the table (batch
-    mode), its key then the old one plus the new column's."""
-    if op.get_bind().dialect.name == "postgresql":
-        op.drop_constraint(f"{table}_pkey", table, type_="primary")
-        if with_shard:
-            op.add_column(
-                table, sa.Column("shard", sa.SmallInteger(), nullable=False, server_default="0")
-            )
-            op.create_primary_key(f"{table}_pkey", table, [*keys, "shard"])
-        else:
-            op.drop_column(table, "shard")
-            op.create_primary_key(f"{table}_pkey", table, list(keys))
-        return
-    with op.batch_alter_table(table, recreate="always") as batch_op:
-        if with_shard:
-            # primary_key=True as well: the copy's columns then agree with its new key.
-            batch_op.add_column(
-                sa.Column(
-                    "shard",
-                    sa.SmallInteger(),
-                    primary_key=True,
-                    nullable=False,
-                    server_default="0",
-                )
-            )
-            batch_op.create_primary_key(f"{table}_pkey", [*keys, "shard"])
-        else:
-            batch_op.drop_column("shard")
-            batch_op.create_primary_key(f"{table}_pkey", list(keys))
+        op.drop_table(f"{table}_shards")

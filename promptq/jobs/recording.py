@@ -42,12 +42,12 @@ from sqlalchemy.orm import Session
 
 from promptq import budgets
 from promptq.jobs.repository import subscribed_of_job
-from promptq.models import Attempt, AttemptHourly, Job, UsageHourly, WebhookDelivery
+from promptq.models import Attempt, AttemptHourlyShard, Job, UsageHourlyShard, WebhookDelivery
 from promptq.rollups import (
     ATTEMPT_COUNTS,
-    ATTEMPT_KEYS,
+    ATTEMPT_SHARD_KEYS,
     USAGE_COUNTS,
-    USAGE_KEYS,
+    USAGE_SHARD_KEYS,
     EndedJob,
     RecordedAttempt,
     attempt_rows,
@@ -176,13 +176,13 @@ def _statement(shape: Shape) -> Select[Any]:
     if shape.usage is not None:
         parts.append(
             upsert_after(
-                UsageHourly, USAGE_KEYS, USAGE_COUNTS, shape.usage, "u_", source=settled
+                UsageHourlyShard, USAGE_SHARD_KEYS, USAGE_COUNTS, shape.usage, "u_", source=settled
             ).cte("usage")
         )
     after = follows(parts[-1]) if shape.usage is not None else None
     parts.append(
         upsert_after(
-            AttemptHourly, ATTEMPT_KEYS, ATTEMPT_COUNTS, shape.call, "c_", after=after
+            AttemptHourlyShard, ATTEMPT_SHARD_KEYS, ATTEMPT_COUNTS, shape.call, "c_", after=after
         ).cte("calls")
     )
     if shape.spend:

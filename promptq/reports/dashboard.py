@@ -21,6 +21,7 @@ from promptq.models import ApiKey, Job, JobStatus, UsageHourly, has_status, is_a
 from promptq.periods import Period, current_month, isoformat_z
 from promptq.reports.repository import FinishedJob, recent_finished
 from promptq.reports.service import UsageReport, UsageRow, cost_parts, usage_report
+from promptq.rollups.reading import rollup_rows
 
 SPEND_DAYS = 30
 FAILURES_SHOWN = 20
@@ -49,10 +50,11 @@ def status_counts(session: Session, api_key_id: str | None) -> dict[str, int]:
     in flight counted through the partial index of active jobs, the ended ones added up
     from the hourly rollups (so they stay counted after retention deletes the jobs)."""
     active = select(Job.status, func.count()).where(is_active_job()).group_by(Job.status)
-    ended = select(UsageHourly.status, func.sum(UsageHourly.jobs)).group_by(UsageHourly.status)
+    usage = rollup_rows(UsageHourly)
+    ended = select(usage.c.status, func.sum(usage.c.jobs)).group_by(usage.c.status)
     if api_key_id is not None:
         active = active.where(Job.api_key_id == api_key_id)
-        ended = ended.where(UsageHourly.api_key_id == api_key_id)
+        ended = ended.where(usage.c.api_key_id == api_key_id)
     counts = {status.value: 0 for status in JobStatus}
     for query in (active, ended):
         for status, count in session.execute(query):

@@ -21,6 +21,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from promptq.models import ApiKey, Job, UsageHourly
+from promptq.rollups.reading import rollup_rows
 
 GroupBy = Literal["model", "key", "day"]
 GROUP_BYS: tuple[GroupBy, ...] = ("model", "key", "day")
@@ -74,34 +75,35 @@ class UsageRepository:
         after retention has deleted the jobs. The current hour's row is as exact as the
         others, being written in the transaction that records each cost."""
         keys: Sequence[Any]
+        usage = rollup_rows(UsageHourly)
         if group_by == "model":
-            keys = [UsageHourly.model]
+            keys = [usage.c.model]
         elif group_by == "key":
-            keys = [UsageHourly.api_key_id, ApiKey.name]
+            keys = [usage.c.api_key_id, ApiKey.name]
         else:
             dialect = self.session.get_bind().dialect.name
-            keys = [day_of(UsageHourly.hour, dialect).label("day")]
+            keys = [day_of(usage.c.hour, dialect).label("day")]
         query: Select[Any] = select(
             *keys,
-            _sum(UsageHourly.jobs),
-            _sum(UsageHourly.input_tokens),
-            _sum(UsageHourly.output_tokens),
-            _sum(UsageHourly.cache_creation_input_tokens),
-            _sum(UsageHourly.cache_read_input_tokens),
-            _sum(UsageHourly.cost_total),
-            _sum(UsageHourly.cost_input),
-            _sum(UsageHourly.cost_output),
-            _sum(UsageHourly.cost_cache_write),
-            _sum(UsageHourly.cost_cache_read),
+            _sum(usage.c.jobs),
+            _sum(usage.c.input_tokens),
+            _sum(usage.c.output_tokens),
+            _sum(usage.c.cache_creation_input_tokens),
+            _sum(usage.c.cache_read_input_tokens),
+            _sum(usage.c.cost_total),
+            _sum(usage.c.cost_input),
+            _sum(usage.c.cost_output),
+            _sum(usage.c.cost_cache_write),
+            _sum(usage.c.cost_cache_read),
         ).where(
-            UsageHourly.priced.is_(True),
-            UsageHourly.hour >= start,
-            UsageHourly.hour < end,
+            usage.c.priced.is_(True),
+            usage.c.hour >= start,
+            usage.c.hour < end,
         )
         if group_by == "key":
-            query = query.join(ApiKey, ApiKey.id == UsageHourly.api_key_id)
+            query = query.join(ApiKey, ApiKey.id == usage.c.api_key_id)
         if api_key_id is not None:
-            query = query.where(UsageHourly.api_key_id == api_key_id)
+            query = query.where(usage.c.api_key_id == api_key_id)
         query = query.group_by(*keys).order_by(*reversed(keys) if group_by == "key" else keys)
         width = len(keys)
         return [

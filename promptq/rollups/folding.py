@@ -1,13 +1,13 @@
-"""Folding a closed hour's shards into one row.
+"""Folding the hours that are over from the rollups' shards tables into their tables.
 
-Recordings spread an hour's figures over ROLLUP_SHARDS rows so that they seldom wait on one
-another's locks; once the hour is over nothing needs that, and readers would add up to that
-many rows where one does (a key's dashboard adds up every hour it has). So every sweeper
-pass folds the shards of the hours that ended more than FOLD_AFTER ago into shard 0: at most
-FOLD_HOURS_PER_PASS hours per table, the oldest first, found through a partial index of the
-rows not folded yet, so a pass with nothing to fold costs three index probes. A recording
-late for its hour (an answer recorded after a database outage) adds to a shard again; the
-next pass folds it.
+Recordings spread an hour's figures over ROLLUP_SHARDS rows (usage_hourly_shards and its
+kin) so that they seldom wait on one another's locks; once the hour is over nothing needs
+that, and readers would add up that many rows where one does (a key's dashboard adds up
+every hour it has). So every sweeper pass moves the hours that ended more than FOLD_AFTER
+ago into usage_hourly and its kin, one row each: at most FOLD_HOURS_PER_PASS hours per
+table, the oldest first. The shards tables hold the last hour or two, so a pass with
+nothing to fold costs three index probes. A recording late for its hour (an answer recorded
+after a database outage) adds to a shard again; the next pass folds it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,14 @@ from datetime import datetime, timedelta
 
 from promptq.clock import utcnow
 from promptq.db import Database, session_scope
-from promptq.models import AttemptHourly, UsageHourly, WebhookHourly
+from promptq.models import (
+    AttemptHourly,
+    AttemptHourlyShard,
+    UsageHourly,
+    UsageHourlyShard,
+    WebhookHourly,
+    WebhookHourlyShard,
+)
 from promptq.rollups.repository import FoldRepository
 from promptq.rollups.service import (
     ATTEMPT_COUNTS,
@@ -33,25 +40,25 @@ FOLD_AFTER = timedelta(hours=1)
 # An hour of one table is one statement; a pass after a long pause catches up in steps.
 FOLD_HOURS_PER_PASS = 24
 
+# Each rollup's shards table, its table, the table's key, and the figures added up.
 TABLES = (
-    (UsageHourly, USAGE_KEYS, USAGE_COUNTS),
-    (AttemptHourly, ATTEMPT_KEYS, ATTEMPT_COUNTS),
-    (WebhookHourly, WEBHOOK_KEYS, WEBHOOK_COUNTS),
+    (UsageHourlyShard, UsageHourly, USAGE_KEYS, USAGE_COUNTS),
+    (AttemptHourlyShard, AttemptHourly, ATTEMPT_KEYS, ATTEMPT_COUNTS),
+    (WebhookHourlyShard, WebhookHourly, WEBHOOK_KEYS, WEBHOOK_COUNTS),
 )
 
 
 def fold_closed_hours(
     database: Database, now: datetime | None = None, hours_per_pass: int = FOLD_HOURS_PER_PASS
 ) -> int:
-    """Fold the closed hours' shards of each table, an hour per transaction; the hours
-    folded."""
+    """Fold the hours over of each rollup, an hour per transaction; the hours folded."""
     before = floor_hour(now or utcnow()) - FOLD_AFTER
     folded = 0
-    for table, keys, counts in TABLES:
+    for shards, table, keys, counts in TABLES:
         with session_scope(database) as session:
-            hours = FoldRepository(session).unfolded_hours(table, before, hours_per_pass)
+            hours = FoldRepository(session).hours_to_fold(shards, before, hours_per_pass)
         for hour in hours:
             with session_scope(database) as session:
-                FoldRepository(session).fold(table, keys, counts, hour)
+                FoldRepository(session).fold(shards, table, keys, counts, hour)
         folded += len(hours)
     return folded

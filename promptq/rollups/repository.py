@@ -25,9 +25,6 @@ from sqlalchemy.sql.dml import ReturningInsert
 
 from promptq.models import Base
 
-# Shard 0 holds the folded figures; the others, the hours being written.
-UNFOLDED_FROM = "0"
-
 
 @lru_cache(maxsize=64)
 def _upsert(
@@ -85,20 +82,19 @@ class RollupRepository:
 
 
 class FoldRepository:
-    """The statements that fold an hour's shards into its shard 0 (promptq.rollups.folding)."""
+    """The statements that fold the hours over from a rollup's shards table into its table
+    (promptq.rollups.folding)."""
 
     def __init__(self, session: Session) -> None:
         self.session = session
 
-    def unfolded_hours(self, table: type[Base], before: datetime, limit: int) -> list[datetime]:
-        """The oldest hours before `before` with rows in shards other than 0, through the
-        partial index of those rows (so the read is bound by what is left to fold, never by
-        the hours of history)."""
-        columns = table.__table__.c  # type: ignore[attr-defined]
+    def hours_to_fold(self, shards: type[Base], before: datetime, limit: int) -> list[datetime]:
+        """The oldest hours before `before` in a shards table (its key leads with the hour;
+        the table holds the few hours not folded yet)."""
+        columns = shards.__table__.c  # type: ignore[attr-defined]
         query = (
             select(columns.hour)
-            # A literal, not a bound value: the planner can then match the index's predicate.
-            .where(columns.shard > literal_column(UNFOLDED_FROM), columns.hour < before)
+            .where(columns.hour < before)
             .distinct()
             .order_by(columns.hour)
             .limit(limit)
@@ -106,44 +102,42 @@ class FoldRepository:
         return list(self.session.scalars(query))
 
     def fold(
-        self, table: type[Base], keys: tuple[str, ...], counts: tuple[str, ...], hour: datetime
+        self,
+        shards: type[Base],
+        table: type[Base],
+        keys: tuple[str, ...],
+        counts: tuple[str, ...],
+        hour: datetime,
     ) -> None:
-        """Add the hour's rows of shards other than 0 to its shard-0 rows, and delete them.
+        """Add the hour's rows of `shards` to `table`'s (whose key is `keys`), and delete them.
 
         PostgreSQL: one statement, whose DELETE ... RETURNING gives the sums exactly the
         rows it deletes (a row a late recording adds meanwhile is not deleted unseen: it is
-        left for the next fold), and whose upsert takes the shard-0 rows' locks in key
-        order, as recordings do. SQLite, whose writers take turns, deletes after adding."""
+        left for the next fold), and whose upsert takes the table's rows' locks in key
+        order. SQLite, whose writers take turns, deletes after adding."""
+        source = shards.__table__.c  # type: ignore[attr-defined]
         columns = table.__table__.c  # type: ignore[attr-defined]
-        group = [name for name in keys if name != "shard"]
-        names = [*group, "shard", *counts]
-        unfolded = (columns.hour == hour, columns.shard > literal_column(UNFOLDED_FROM))
+        names = [*keys, *counts]
 
-        def sums(source: Any) -> Select[Any]:
-            return (
-                select(
-                    *(source.c[name] for name in group),
-                    literal_column("0"),
-                    *(func.sum(source.c[name]) for name in counts),
-                )
-                .group_by(*(source.c[name] for name in group))
-                .order_by(*(source.c[name] for name in group))
-            )
+        def sums(rows: Any) -> Select[Any]:
+            group = [rows.c[name] for name in keys]
+            figures = (func.sum(rows.c[name]) for name in counts)
+            return select(*group, *figures).group_by(*group).order_by(*group)
 
         connection = self.session.connection()
         if connection.dialect.name == "postgresql":
-            gone = delete(table).where(*unfolded).returning(*columns).cte("gone")
+            gone = delete(shards).where(source.hour == hour).returning(*source).cte("gone")
             upsert = postgresql.insert(table).from_select(names, sums(gone))
             folded: ReturningInsert[Any] = _adding(upsert, columns, keys, counts).returning(
                 literal_column("1")
             )
             connection.execute(select(func.count()).select_from(folded.cte("folded")))
             return
-        source = select(*columns).where(*unfolded).subquery()
+        rows = select(*source).where(source.hour == hour).subquery()
         connection.execute(
-            _adding(sqlite.insert(table).from_select(names, sums(source)), columns, keys, counts)
+            _adding(sqlite.insert(table).from_select(names, sums(rows)), columns, keys, counts)
         )
-        connection.execute(delete(table).where(*unfolded))
+        connection.execute(delete(shards).where(source.hour == hour))
 
 
 def upsert_after(

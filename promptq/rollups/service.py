@@ -31,10 +31,10 @@ from sqlalchemy.orm import Session
 
 from promptq.models import (
     LATENCY_BUCKETS_MS,
-    AttemptHourly,
+    AttemptHourlyShard,
     Job,
-    UsageHourly,
-    WebhookHourly,
+    UsageHourlyShard,
+    WebhookHourlyShard,
 )
 from promptq.rollups.repository import RollupRepository
 
@@ -45,15 +45,19 @@ TOKEN_COLUMNS = (
     "cache_read_input_tokens",
 )
 COST_COLUMNS = ("cost_total", "cost_input", "cost_output", "cost_cache_write", "cost_cache_read")
-USAGE_KEYS = ("hour", "api_key_id", "model", "status", "priced", "shard")
-ATTEMPT_KEYS = ("hour", "api_key_id", "model", "outcome", "status_code", "shard")
+# Each rollup's key; in its shards table, the key and the shard.
+USAGE_KEYS = ("hour", "api_key_id", "model", "status", "priced")
+ATTEMPT_KEYS = ("hour", "api_key_id", "model", "outcome", "status_code")
+USAGE_SHARD_KEYS = (*USAGE_KEYS, "shard")
+ATTEMPT_SHARD_KEYS = (*ATTEMPT_KEYS, "shard")
 
-# The rows one hour's figures of a key and model are spread over. Each recording adds to one
-# shard of its own picking, at random: recordings of one key and model by many workers then
-# seldom wait on one row's lock, held by each to the end of its commit (one row per hour
-# capped one key and model, and every webhook attempt of the deployment, at about one
-# record per commit's flush). Readers sum the shards, so reports read up to this many rows
-# an hour where they read one; past hours of /metrics are read once (promptq.metrics).
+# The rows one hour's figures of a key and model are spread over while the hour is written
+# (promptq.models.UsageHourlyShard and its kin). Each recording adds to one of its own
+# picking, at random: recordings of one key and model by many workers then seldom wait on
+# one row's lock, held by each to the end of its commit (one row an hour capped one key and
+# model, and every webhook attempt of the deployment, at about one record per commit's
+# flush: bench/rollup_rows.py). Each sweeper pass folds the hours that are over into one
+# row each (promptq.rollups.folding).
 ROLLUP_SHARDS = 8
 
 
@@ -128,7 +132,9 @@ def jobs_ended(session: Session, ended: Iterable[EndedJob]) -> None:
     priced), however many jobs share it (a batch's cancel ends thousands at once). Rows
     are written in key order, so two transactions never take the same rows' locks in
     opposite orders."""
-    RollupRepository(session).add_many(UsageHourly, USAGE_KEYS, USAGE_COUNTS, usage_rows(ended))
+    RollupRepository(session).add_many(
+        UsageHourlyShard, USAGE_SHARD_KEYS, USAGE_COUNTS, usage_rows(ended)
+    )
 
 
 USAGE_COUNTS = ("jobs", *TOKEN_COLUMNS, *COST_COLUMNS)
@@ -178,7 +184,7 @@ class RecordedAttempt:
 def attempts_recorded(session: Session, recorded: Iterable[RecordedAttempt]) -> None:
     """Add upstream calls to their hours' rows, one upsert per row, in key order."""
     RollupRepository(session).add_many(
-        AttemptHourly, ATTEMPT_KEYS, ATTEMPT_COUNTS, attempt_rows(recorded)
+        AttemptHourlyShard, ATTEMPT_SHARD_KEYS, ATTEMPT_COUNTS, attempt_rows(recorded)
     )
 
 
@@ -209,7 +215,8 @@ def attempt_rows(recorded: Iterable[RecordedAttempt]) -> list[dict[str, object]]
     return rows
 
 
-WEBHOOK_KEYS = ("hour", "kind", "name", "shard")
+WEBHOOK_KEYS = ("hour", "kind", "name")
+WEBHOOK_SHARD_KEYS = (*WEBHOOK_KEYS, "shard")
 WEBHOOK_COUNTS = ("count",)
 
 
@@ -217,7 +224,7 @@ def webhook_attempt_recorded(session: Session, rows: Sequence[dict[str, object]]
     """Add one webhook attempt's rows (webhook_attempt_rows)."""
     # One statement for both: every delivery's record takes these rows' locks, held until
     # its commit, so one round trip fewer while holding the first shortens the wait of all.
-    RollupRepository(session).add_many(WebhookHourly, WEBHOOK_KEYS, WEBHOOK_COUNTS, rows)
+    RollupRepository(session).add_many(WebhookHourlyShard, WEBHOOK_SHARD_KEYS, WEBHOOK_COUNTS, rows)
 
 
 def webhook_attempt_rows(

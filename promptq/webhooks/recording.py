@@ -21,10 +21,10 @@ from typing import Any
 from sqlalchemy import CTE, Select, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from promptq.models import Job, WebhookAttempt, WebhookDelivery, WebhookHourly
-from promptq.rollups import WEBHOOK_COUNTS, WEBHOOK_KEYS, follows, upsert_after
+from promptq.models import Job, WebhookAttempt, WebhookDelivery, WebhookHourlyShard
+from promptq.rollups import WEBHOOK_COUNTS, WEBHOOK_SHARD_KEYS, follows, upsert_after
 
-HOURLY_COLUMNS = (*WEBHOOK_KEYS, *WEBHOOK_COUNTS)
+HOURLY_COLUMNS = (*WEBHOOK_SHARD_KEYS, *WEBHOOK_COUNTS)
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,12 @@ def _statement(shape: Shape) -> Select[Any]:
     after = None
     for index in range(shape.hourly):
         hourly = upsert_after(
-            WebhookHourly, WEBHOOK_KEYS, WEBHOOK_COUNTS, HOURLY_COLUMNS, f"h{index}_", after=after
+            WebhookHourlyShard,
+            WEBHOOK_SHARD_KEYS,
+            WEBHOOK_COUNTS,
+            HOURLY_COLUMNS,
+            f"h{index}_",
+            after=after,
         ).cte(f"hourly{index}")
         parts.append(hourly)
         after = follows(hourly)

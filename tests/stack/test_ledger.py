@@ -32,6 +32,7 @@ from promptq.pricing import PriceTable
 from promptq.ratelimit.limiter import RedisLimiter
 from promptq.ratelimit.table import LimitTable
 from promptq.rollups import floor_hour
+from promptq.rollups.reading import rollup_rows
 from promptq.testing import FINAL, SONNET, SentMessages
 from promptq.types import picodollars_to_usd
 from promptq.upstream import UpstreamClient
@@ -61,9 +62,11 @@ def recorded_costs(database_url: str, api_key_id: str) -> dict[str, tuple[Decima
 
 
 def usage_rollups(database_url: str, api_key_id: str) -> dict[tuple[Any, ...], tuple[int, ...]]:
-    """The key's usage_hourly rows: (hour, model, status, priced) -> (jobs, tokens, costs)."""
+    """The key's usage rollup, its shards added up: (hour, model, status, priced) -> (jobs,
+    tokens, costs)."""
     with session_scope(database_url) as session:
-        rows = session.scalars(select(UsageHourly).where(UsageHourly.api_key_id == api_key_id))
+        usage = rollup_rows(UsageHourly)
+        rows = session.execute(select(usage).where(usage.c.api_key_id == api_key_id))
         return summed(
             (
                 (row.hour, row.model, row.status, row.priced),
@@ -121,7 +124,8 @@ def usage_from_jobs(database_url: str, api_key_id: str) -> dict[tuple[Any, ...],
 
 def attempt_rollups(database_url: str, api_key_id: str) -> dict[tuple[Any, ...], tuple[int, ...]]:
     with session_scope(database_url) as session:
-        rows = session.scalars(select(AttemptHourly).where(AttemptHourly.api_key_id == api_key_id))
+        calls = rollup_rows(AttemptHourly)
+        rows = session.execute(select(calls).where(calls.c.api_key_id == api_key_id))
         return summed(
             (
                 (row.hour, row.model, row.outcome, row.status_code),

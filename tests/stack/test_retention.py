@@ -30,6 +30,7 @@ from promptq.models import (
     WebhookAttempt,
     WebhookDelivery,
 )
+from promptq.rollups.reading import rollup_rows
 from promptq.testing import SONNET
 
 
@@ -144,7 +145,8 @@ def money(url: str) -> tuple[Any, ...]:
     with session_scope(url) as session:
         ledger = sorted((r.month, r.spent, r.jobs) for r in session.scalars(select(SpendLedger)))
         usage = sorted(
-            (r.hour, r.status, r.jobs, r.cost_total) for r in session.scalars(select(UsageHourly))
+            (r.hour, r.status, r.jobs, r.cost_total)
+            for r in session.execute(select(rollup_rows(UsageHourly)))
         )
     return tuple(ledger), tuple(usage)
 

@@ -1,7 +1,8 @@
 """The hourly rollups' shards (promptq.rollups.ROLLUP_SHARDS): recordings spread an hour's
-figures over several rows, readers add them up, closed hours are folded back into shard 0
-(promptq.rollups.folding), and migration 0014 keeps the rows written before it (as shard 0)
-and, downgraded, folds the shards back into one row."""
+figures over several rows of the shards tables, readers add them up with the rollups'
+tables, the hours over are folded into those (promptq.rollups.folding), and migration 0014
+only adds tables: what the previous release wrote, and goes on writing until restarted,
+counts the same; downgraded, the shards are folded in first."""
 
 from __future__ import annotations
 
@@ -22,8 +23,15 @@ from promptq.db import get_engine, session_scope
 from promptq.keys.service import create_key
 from promptq.metrics import MetricsRepository
 from promptq.migrate import alembic_config, upgrade
-from promptq.models import AttemptHourly, UsageHourly, WebhookHourly
+from promptq.models import (
+    AttemptHourlyShard,
+    UsageHourly,
+    UsageHourlyShard,
+    WebhookHourly,
+    WebhookHourlyShard,
+)
 from promptq.rollups.folding import fold_closed_hours
+from promptq.rollups.reading import rollup_rows
 from promptq.testing import SONNET
 from promptq.types import UTCDateTime
 
@@ -83,55 +91,62 @@ def _seed_unsharded(url: str) -> str:
     return key_id
 
 
-def _primary_key(url: str, table: str) -> list[str]:
-    with get_engine(url).connect() as connection:
-        return list(inspect(connection).get_pk_constraint(table)["constrained_columns"])
-
-
-def test_shards_are_added_up_and_the_migration_keeps_and_folds_them(at_0013: str) -> None:
+def test_shards_are_added_up_with_what_the_previous_release_writes(at_0013: str) -> None:
     url = at_0013
     key_id = _seed_unsharded(url)
     upgrade(url)
-    assert _primary_key(url, "usage_hourly")[-1] == "shard"
-
+    # A process of the previous release, not yet restarted, adds to usage_hourly as it did.
+    with get_engine(url).begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO usage_hourly (hour, api_key_id, model, status, priced, jobs, "
+                "input_tokens, output_tokens, cache_creation_input_tokens, "
+                "cache_read_input_tokens, cost_total, cost_input, cost_output, "
+                "cost_cache_write, cost_cache_read) "
+                "VALUES (:hour, :key, :model, 'succeeded', false, 2, 0, 40, 0, 0, 0, 0, 0, 0, 0) "
+                "ON CONFLICT (hour, api_key_id, model, status, priced) DO UPDATE SET "
+                "jobs = usage_hourly.jobs + excluded.jobs, "
+                "output_tokens = usage_hourly.output_tokens + excluded.output_tokens"
+            ).bindparams(HOUR_PARAM),
+            {"hour": HOUR, "key": key_id, "model": SONNET},
+        )
     with session_scope(url) as session:
         kept = session.scalars(select(UsageHourly)).one()
-        assert (kept.shard, kept.jobs, kept.output_tokens) == (0, 3, 60)
-        assert session.scalars(select(AttemptHourly.shard)).all() == [0]
-        assert session.scalars(select(WebhookHourly.shard)).all() == [0]
+        assert (kept.jobs, kept.output_tokens) == (5, 100)
 
-    # One recording at a time, as many workers' would be: each in a shard of its own
-    # picking.
+    # Recordings of this release, one at a time as many workers' would be: each in a shard
+    # of its own picking.
     _record(url, key_id, HOUR + timedelta(minutes=5), ENDS)
-
     with session_scope(url) as session:
-        shards = set(session.scalars(select(UsageHourly.shard)))
+        shards = set(session.scalars(select(UsageHourlyShard.shard)))
         # 40 recordings all in one of 8 shards: a chance of 8**-39.
         assert len(shards) > 1
         assert shards <= set(range(rollups.ROLLUP_SHARDS))
         totals = MetricsRepository(session).totals(HOUR, None)
     model = totals.jobs[SONNET]
-    assert model.by_status == {"succeeded": 3 + ENDS}
-    assert model.tokens["output"] == 60 + 20 * ENDS
+    assert model.by_status == {"succeeded": 5 + ENDS}
+    assert model.tokens["output"] == 100 + 20 * ENDS
     assert totals.attempts[SONNET].count == 3 + ENDS
     assert totals.attempts[SONNET].latency_ms_sum == 900 + 100 * ENDS
 
+    # Downgraded: the shards are folded in, every hour of them, then dropped.
     command.downgrade(alembic_config(url), "0013")
-    assert "shard" not in _primary_key(url, "usage_hourly")
     with get_engine(url).connect() as connection:
+        assert "usage_hourly_shards" not in inspect(connection).get_table_names()
         usage = connection.execute(text("SELECT jobs, output_tokens FROM usage_hourly")).all()
         attempts = connection.execute(
             text("SELECT attempts, latency_ms_sum, le_0 FROM attempt_hourly")
         ).all()
         webhooks = connection.execute(text("SELECT count FROM webhook_hourly")).all()
-    assert [tuple(row) for row in usage] == [(3 + ENDS, 60 + 20 * ENDS)]
+    assert [tuple(row) for row in usage] == [(5 + ENDS, 100 + 20 * ENDS)]
     assert [tuple(row) for row in attempts] == [(3 + ENDS, 900 + 100 * ENDS, 3 + ENDS)]
     assert [tuple(row) for row in webhooks] == [(3 + ENDS,)]
-    # And up again, as it was.
+    # And up again.
     upgrade(url)
     with session_scope(url) as session:
-        assert session.scalars(select(UsageHourly.jobs)).all() == [3 + ENDS]
+        assert session.scalars(select(UsageHourly.jobs)).all() == [5 + ENDS]
         assert session.scalar(select(UsageHourly.cost_total)) == Decimal(0)
+        assert session.scalars(select(UsageHourlyShard)).all() == []
 
 
 def _record(url: str, key_id: str, at: datetime, times: int) -> None:
@@ -147,12 +162,16 @@ def _record(url: str, key_id: str, at: datetime, times: int) -> None:
             )
 
 
-def _rows(url: str) -> dict[datetime, list[tuple[int, int]]]:
-    """usage_hourly's (shard, jobs) by hour."""
-    found: dict[datetime, list[tuple[int, int]]] = {}
+def _rows(url: str) -> dict[datetime, tuple[int, int | None]]:
+    """By hour: (its rows in usage_hourly_shards, its jobs in usage_hourly: None if none)."""
+    found: dict[datetime, tuple[int, int | None]] = {}
     with session_scope(url) as session:
-        for row in session.scalars(select(UsageHourly).order_by(UsageHourly.shard)):
-            found.setdefault(row.hour, []).append((row.shard, row.jobs))
+        for hour in session.scalars(select(UsageHourlyShard.hour)):
+            shards, folded = found.get(hour, (0, None))
+            found[hour] = (shards + 1, folded)
+        for row in session.scalars(select(UsageHourly)):
+            shards, _ = found.get(row.hour, (0, None))
+            found[row.hour] = (shards, row.jobs)
     return found
 
 
@@ -160,7 +179,8 @@ def _figures(url: str, since: datetime) -> tuple[int, int, int]:
     """(jobs ended, calls, webhook attempts) since `since`, as the readers add them up."""
     with session_scope(url) as session:
         totals = MetricsRepository(session).totals(since, None)
-        webhooks = session.scalar(select(func.sum(WebhookHourly.count))) or 0
+        hooks = rollup_rows(WebhookHourly)
+        webhooks = session.scalar(select(func.sum(hooks.c.count))) or 0
     return (
         sum(totals.jobs[SONNET].by_status.values()),
         totals.attempts[SONNET].count,
@@ -168,7 +188,7 @@ def _figures(url: str, since: datetime) -> tuple[int, int, int]:
     )
 
 
-def test_closed_hours_are_folded_into_shard_0_and_the_current_ones_left(
+def test_the_hours_over_are_folded_into_one_row_and_the_current_ones_left(
     fresh_database_url: str,
 ) -> None:
     url = fresh_database_url
@@ -181,38 +201,35 @@ def test_closed_hours_are_folded_into_shard_0_and_the_current_ones_left(
         _record(url, key_id, hour + timedelta(minutes=7), ENDS)
     before = _figures(url, old[0])
     assert before == (4 * ENDS, 4 * ENDS, 4 * ENDS)
-    assert all(len(shards) > 1 for shards in _rows(url).values())
+    assert all(shards > 1 and folded is None for shards, folded in _rows(url).values())
 
     # At most two hours a table per pass, the oldest first.
     assert fold_closed_hours(url, now=now, hours_per_pass=2) == 3 * 2
     rows = _rows(url)
-    assert rows[old[0]] == rows[old[1]] == [(0, ENDS)]
-    assert len(rows[old[2]]) > 1 and len(rows[current]) > 1
+    assert rows[old[0]] == rows[old[1]] == (0, ENDS)
+    assert rows[old[2]][1] is None and rows[current][1] is None
     assert fold_closed_hours(url, now=now, hours_per_pass=2) == 3
     assert fold_closed_hours(url, now=now) == 0
     rows = _rows(url)
-    assert rows[old[2]] == [(0, ENDS)]
+    assert rows[old[2]] == (0, ENDS)
     # The hour under way (and the one before it, for late recordings) stays spread.
-    assert len(rows[current]) > 1
+    assert rows[current][0] > 1 and rows[current][1] is None
     assert _figures(url, old[0]) == before
     with session_scope(url) as session:
-        assert set(
-            session.scalars(select(WebhookHourly.shard).where(WebhookHourly.hour < current))
-        ) == {0}
-        assert set(
-            session.scalars(select(AttemptHourly.shard).where(AttemptHourly.hour < current))
-        ) == {0}
+        for shards in (AttemptHourlyShard, WebhookHourlyShard):
+            assert session.scalars(select(shards.hour).where(shards.hour < current)).all() == []
 
     # A recording late for a folded hour lands in a shard again; the next pass folds it.
     _record(url, key_id, old[1] + timedelta(minutes=9), ENDS)
+    assert _rows(url)[old[1]][1] == ENDS
     assert fold_closed_hours(url, now=now) == 3
-    assert _rows(url)[old[1]] == [(0, 2 * ENDS)]
+    assert _rows(url)[old[1]] == (0, 2 * ENDS)
     assert _figures(url, old[0]) == (5 * ENDS, 5 * ENDS, 5 * ENDS)
 
 
 def test_a_fold_loses_nothing_recorded_while_it_runs(fresh_database_url: str) -> None:
-    """Recorders add to a closed hour while folds of it run over and over: every recording
-    is counted once, in shard 0 after the last fold."""
+    """Recorders add to an hour that is over while folds of it run over and over: every
+    recording is counted once, in usage_hourly after the last fold."""
     url = fresh_database_url
     with session_scope(url) as session:
         key_id = create_key(session, "racing").record.id
@@ -247,5 +264,5 @@ def test_a_fold_loses_nothing_recorded_while_it_runs(fresh_database_url: str) ->
     assert not errors
     fold_closed_hours(url, now=now)
     total = recorders * each
-    assert _rows(url) == {hour: [(0, total)]}
+    assert _rows(url) == {hour: (0, total)}
     assert _figures(url, hour) == (total, total, total)

@@ -36,6 +36,7 @@ from promptq.models import (
 )
 from promptq.periods import month_key
 from promptq.rollups import floor_hour
+from promptq.rollups.reading import rollup_rows
 
 JOBS = 100_000
 BASE = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
@@ -266,7 +267,7 @@ def stored(url: str) -> dict[str, Any]:
                     _pico(r.cost_cache_read),
                 ),
             )
-            for r in session.scalars(select(UsageHourly))
+            for r in session.execute(select(rollup_rows(UsageHourly)))
         )
         attempts = summed(
             (
@@ -277,7 +278,7 @@ def stored(url: str) -> dict[str, Any]:
                     *(getattr(r, f"le_{i}") for i in range(len(LATENCY_BUCKETS_MS))),
                 ),
             )
-            for r in session.scalars(select(AttemptHourly))
+            for r in session.execute(select(rollup_rows(AttemptHourly)))
         )
         found = session.get(MessageBatch, "msgbatch_a")
         assert found is not None
