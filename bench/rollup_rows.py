@@ -157,7 +157,7 @@ def main() -> None:
                 rows,
             ),
             "",
-            f"Each recording: BEGIN, the usage_hourly and attempt_hourly upserts, COMMIT; "
+            f"Each recording: BEGIN, the usage and attempt upserts, COMMIT; "
             f"{args.seconds} s per cell; rate and mean latency as pgbench reports them.",
         ]
     )
