@@ -9,6 +9,7 @@ real Celery worker process.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import uuid
@@ -84,25 +85,35 @@ def database_url(
         drop()
 
 
+@contextlib.contextmanager
+def database_at(revision: str, like: str, directory: Path) -> Iterator[str]:
+    """A new database of the kind of `like` (SQLite: a file in `directory`), migrated to
+    `revision`; dropped afterwards."""
+    from promptq.db import get_engine
+    from promptq.migrate import upgrade
+
+    drop = None
+    if like.startswith("sqlite"):
+        url = f"sqlite:///{directory / 'promptq.db'}"
+    else:
+        url, drop = _create_postgres_database(os.environ["PROMPTQ_TEST_DATABASE_URL"])
+    try:
+        upgrade(url, revision)
+        yield url
+    finally:
+        get_engine(url).dispose()
+        if drop is not None:
+            drop()
+
+
 @pytest.fixture
 def fresh_database_url(
     database_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     """A migrated, empty database of the same kind as `database_url`, for a test that must
     see every row of a table (the shared one holds other tests' rows)."""
-    from promptq.db import get_engine
-    from promptq.migrate import upgrade
-
-    drop = None
-    if database_url.startswith("sqlite"):
-        url = f"sqlite:///{tmp_path_factory.mktemp('fresh') / 'promptq.db'}"
-    else:
-        url, drop = _create_postgres_database(os.environ["PROMPTQ_TEST_DATABASE_URL"])
-    upgrade(url)
-    yield url
-    get_engine(url).dispose()
-    if drop is not None:
-        drop()
+    with database_at("head", database_url, tmp_path_factory.mktemp("fresh")) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ counts the same; downgraded, the shards are folded in first."""
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from alembic import command
-from conftest import _create_postgres_database
+from conftest import database_at
 from sqlalchemy import bindparam, func, inspect, select, text
 
 from promptq import rollups
@@ -44,23 +43,12 @@ HOUR_PARAM = bindparam("hour", type_=UTCDateTime())
 @pytest.fixture
 def at_0013(database_url: str, tmp_path: Path) -> Iterator[str]:
     """A database of the kind of `database_url` at the schema before the shards."""
-    drop = None
-    if database_url.startswith("sqlite"):
-        url = f"sqlite:///{tmp_path / 'promptq.db'}"
-    else:
-        url, drop = _create_postgres_database(os.environ["PROMPTQ_TEST_DATABASE_URL"])
-    upgrade(url, "0013")
-    yield url
-    get_engine(url).dispose()
-    if drop is not None:
-        drop()
+    with database_at("0013", database_url, tmp_path) as url:
+        yield url
 
 
-def _seed_unsharded(url: str) -> str:
-    """One row in each rollup table, written as the schema before the shards had them."""
-    with session_scope(url) as session:
-        key_id = create_key(session, "shards").record.id
-    counts = ", ".join(f"le_{index}" for index in range(12))
+def _previous_release_adds_usage(url: str, key_id: str, jobs: int, output_tokens: int) -> None:
+    """An hour's usage added to usage_hourly as the release before the shards does."""
     with get_engine(url).begin() as connection:
         connection.execute(
             text(
@@ -68,11 +56,23 @@ def _seed_unsharded(url: str) -> str:
                 "input_tokens, output_tokens, cache_creation_input_tokens, "
                 "cache_read_input_tokens, cost_total, cost_input, cost_output, "
                 "cost_cache_write, cost_cache_read) "
-                "VALUES (:hour, :key, :model, 'succeeded', :priced, 3, 30, 60, 0, 0, "
-                "0, 0, 0, 0, 0)"
+                "VALUES (:hour, :key, :model, 'succeeded', false, :jobs, 0, :tokens, 0, 0, "
+                "0, 0, 0, 0, 0) "
+                "ON CONFLICT (hour, api_key_id, model, status, priced) DO UPDATE SET "
+                "jobs = usage_hourly.jobs + excluded.jobs, "
+                "output_tokens = usage_hourly.output_tokens + excluded.output_tokens"
             ).bindparams(HOUR_PARAM),
-            {"hour": HOUR, "key": key_id, "model": SONNET, "priced": False},
+            {"hour": HOUR, "key": key_id, "model": SONNET, "jobs": jobs, "tokens": output_tokens},
         )
+
+
+def _seed_unsharded(url: str) -> str:
+    """One row in each rollup table, written as the schema before the shards had them."""
+    with session_scope(url) as session:
+        key_id = create_key(session, "shards").record.id
+    _previous_release_adds_usage(url, key_id, jobs=3, output_tokens=60)
+    counts = ", ".join(f"le_{index}" for index in range(12))
+    with get_engine(url).begin() as connection:
         connection.execute(
             text(
                 "INSERT INTO attempt_hourly (hour, api_key_id, model, outcome, status_code, "
@@ -96,20 +96,7 @@ def test_shards_are_added_up_with_what_the_previous_release_writes(at_0013: str)
     key_id = _seed_unsharded(url)
     upgrade(url)
     # A process of the previous release, not yet restarted, adds to usage_hourly as it did.
-    with get_engine(url).begin() as connection:
-        connection.execute(
-            text(
-                "INSERT INTO usage_hourly (hour, api_key_id, model, status, priced, jobs, "
-                "input_tokens, output_tokens, cache_creation_input_tokens, "
-                "cache_read_input_tokens, cost_total, cost_input, cost_output, "
-                "cost_cache_write, cost_cache_read) "
-                "VALUES (:hour, :key, :model, 'succeeded', false, 2, 0, 40, 0, 0, 0, 0, 0, 0, 0) "
-                "ON CONFLICT (hour, api_key_id, model, status, priced) DO UPDATE SET "
-                "jobs = usage_hourly.jobs + excluded.jobs, "
-                "output_tokens = usage_hourly.output_tokens + excluded.output_tokens"
-            ).bindparams(HOUR_PARAM),
-            {"hour": HOUR, "key": key_id, "model": SONNET},
-        )
+    _previous_release_adds_usage(url, key_id, jobs=2, output_tokens=40)
     with session_scope(url) as session:
         kept = session.scalars(select(UsageHourly)).one()
         assert (kept.jobs, kept.output_tokens) == (5, 100)

@@ -17,14 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import _create_postgres_database
+from conftest import database_at
 from helpers import REPO
 from money_helpers import summed
 from sqlalchemy import BigInteger, func, select, text, type_coerce
 
 from promptq.db import get_engine, session_scope
 from promptq.jobs.backfill import backfill
-from promptq.migrate import upgrade
 from promptq.models import (
     LATENCY_BUCKETS_MS,
     Attempt,
@@ -145,17 +144,9 @@ def _seed(url: str) -> None:
 @pytest.fixture
 def previous_release(database_url: str, tmp_path: Path) -> Iterator[str]:
     """A database at 0009 (the previous release's schema) with its 100,000 jobs."""
-    drop = None
-    if database_url.startswith("sqlite"):
-        url = f"sqlite:///{tmp_path / 'promptq.db'}"
-    else:
-        url, drop = _create_postgres_database(os.environ["PROMPTQ_TEST_DATABASE_URL"])
-    upgrade(url, "0009")
-    _seed(url)
-    yield url
-    get_engine(url).dispose()
-    if drop is not None:
-        drop()
+    with database_at("0009", database_url, tmp_path) as url:
+        _seed(url)
+        yield url
 
 
 def _pico(value: Decimal | None) -> int:
