@@ -1,7 +1,7 @@
 """The periodic safety net (run by `promptq beat`): jobs whose message was lost are
-published again, and jobs whose worker died are taken back (and the hourly rollups' closed
-hours folded). Each pass walks the stale jobs
-for at most sweep_budget_seconds, from where the last pass stopped."""
+published again, and jobs whose worker died are taken back (and the hourly rollups' hours
+that are over folded). Each pass walks the stale jobs for at most sweep_budget_seconds,
+from where the last pass stopped."""
 
 from __future__ import annotations
 
