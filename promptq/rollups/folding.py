@@ -16,36 +16,13 @@ from datetime import datetime, timedelta
 
 from promptq.clock import utcnow
 from promptq.db import Database, session_scope
-from promptq.models import (
-    AttemptHourly,
-    AttemptHourlyShard,
-    UsageHourly,
-    UsageHourlyShard,
-    WebhookHourly,
-    WebhookHourlyShard,
-)
 from promptq.rollups.repository import FoldRepository
-from promptq.rollups.service import (
-    ATTEMPT_COUNTS,
-    ATTEMPT_KEYS,
-    USAGE_COUNTS,
-    USAGE_KEYS,
-    WEBHOOK_COUNTS,
-    WEBHOOK_KEYS,
-    floor_hour,
-)
+from promptq.rollups.service import ROLLUPS, floor_hour
 
 # After the end of an hour, the time left for recordings still under way to land in it.
 FOLD_AFTER = timedelta(hours=1)
 # An hour of one table is one statement; a pass after a long pause catches up in steps.
 FOLD_HOURS_PER_PASS = 24
-
-# Each rollup's shards table, its table, the table's key, and the figures added up.
-TABLES = (
-    (UsageHourlyShard, UsageHourly, USAGE_KEYS, USAGE_COUNTS),
-    (AttemptHourlyShard, AttemptHourly, ATTEMPT_KEYS, ATTEMPT_COUNTS),
-    (WebhookHourlyShard, WebhookHourly, WEBHOOK_KEYS, WEBHOOK_COUNTS),
-)
 
 
 def fold_closed_hours(
@@ -54,11 +31,13 @@ def fold_closed_hours(
     """Fold the hours over of each rollup, an hour per transaction; the hours folded."""
     before = floor_hour(now or utcnow()) - FOLD_AFTER
     folded = 0
-    for shards, table, keys, counts in TABLES:
+    for rollup in ROLLUPS:
         with session_scope(database) as session:
-            hours = FoldRepository(session).hours_to_fold(shards, before, hours_per_pass)
+            hours = FoldRepository(session).hours_to_fold(rollup.shards, before, hours_per_pass)
         for hour in hours:
             with session_scope(database) as session:
-                FoldRepository(session).fold(shards, table, keys, counts, hour)
+                FoldRepository(session).fold(
+                    rollup.shards, rollup.table, rollup.keys, rollup.counts, hour
+                )
         folded += len(hours)
     return folded

@@ -5,21 +5,10 @@ from __future__ import annotations
 
 from sqlalchemy import Subquery, select, union_all
 
-from promptq.models import (
-    AttemptHourly,
-    AttemptHourlyShard,
-    Base,
-    UsageHourly,
-    UsageHourlyShard,
-    WebhookHourly,
-    WebhookHourlyShard,
-)
+from promptq.models import Base
+from promptq.rollups.service import ROLLUPS
 
-_SHARDS: dict[type[Base], type[Base]] = {
-    UsageHourly: UsageHourlyShard,
-    AttemptHourly: AttemptHourlyShard,
-    WebhookHourly: WebhookHourlyShard,
-}
+_SHARDS = {rollup.table: rollup.shards for rollup in ROLLUPS}
 
 
 def rollup_rows(table: type[Base]) -> Subquery:

@@ -31,9 +31,13 @@ from sqlalchemy.orm import Session
 
 from promptq.models import (
     LATENCY_BUCKETS_MS,
+    AttemptHourly,
     AttemptHourlyShard,
+    Base,
     Job,
+    UsageHourly,
     UsageHourlyShard,
+    WebhookHourly,
     WebhookHourlyShard,
 )
 from promptq.rollups.repository import RollupRepository
@@ -62,8 +66,8 @@ ROLLUP_SHARDS = 8
 
 
 def pick_shard() -> int:
-    """The shard one recording adds to (all of its rows: so its rows' locks are still
-    taken in key order)."""
+    """The shard one call of usage_rows, attempt_rows or webhook_attempt_rows puts all its
+    rows in: so the rows of one table a recording locks are still locked in key order."""
     return random.randrange(ROLLUP_SHARDS)
 
 
@@ -242,3 +246,22 @@ def webhook_attempt_rows(
             {"hour": hour, "kind": "delivery", "name": settled_as, "shard": shard, "count": 1}
         )
     return rows
+
+
+@dataclass(frozen=True)
+class Rollup:
+    """One rollup: its table (the hours over, one row each), its shards table (the hours
+    being written), the table's key, and the figures added up."""
+
+    table: type[Base]
+    shards: type[Base]
+    keys: tuple[str, ...]
+    counts: tuple[str, ...]
+
+
+# What folding moves and what readers read as one (promptq.rollups.folding, .reading).
+ROLLUPS = (
+    Rollup(UsageHourly, UsageHourlyShard, USAGE_KEYS, USAGE_COUNTS),
+    Rollup(AttemptHourly, AttemptHourlyShard, ATTEMPT_KEYS, ATTEMPT_COUNTS),
+    Rollup(WebhookHourly, WebhookHourlyShard, WEBHOOK_KEYS, WEBHOOK_COUNTS),
+)
