@@ -34,9 +34,11 @@ class Settings(BaseSettings):
     )
 
     database_url: str = "sqlite:///./promptq.db"
-    # Connections per process (PostgreSQL). A worker's threads hold one only for the short
-    # transactions around a call, so a few serve dozens of threads; keep processes x
-    # (pool + overflow) under the server's max_connections.
+    # Connections per process (PostgreSQL): at most pool + overflow, each opened when first
+    # wanted and then kept (promptq.db). A worker's greenlets hold one only for the short
+    # statements around a call, so a few serve hundreds; keep processes x (pool + overflow)
+    # under the server's max_connections. The pool size is also how many threads the API
+    # takes jobs in on (api.intake).
     database_pool_size: int = Field(default=5, ge=1)
     database_max_overflow: int = Field(default=15, ge=0)
     # What stands between promptq and PostgreSQL: `pgbouncer` (transaction pooling) turns
