@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from promptq import outbox
 from promptq.config import Settings, get_settings
+from promptq.statement_cache import cache_long_statements
 
 # A statement's parameters are prompts, results and webhook URLs: an error that is logged
 # or shown names the statement, never them.
@@ -98,6 +99,7 @@ def _engine(
         )
         _configure_sqlite(engine)
         return engine
+    cache_long_statements()
     engine = create_engine(
         url,
         hide_parameters=HIDE_PARAMETERS,
