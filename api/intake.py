@@ -75,10 +75,12 @@ def accept_job(
 
 
 def intake_threads(settings: Settings) -> CapacityLimiter:
-    """The threads intake runs in, one per connection the database pool keeps: more would
-    each want a connection at once, and the pool would open and close its overflow ones
-    for them by the hundred a second (a PostgreSQL backend started each time), which cost
-    more than the wait for a thread."""
+    """The threads intake runs in, as many as the database pool's size: each holds one
+    connection for its insert and commit, and the rest of the pool (its overflow) stays for
+    the API's other routes. Intake is bound by the event loop's thread, not by these (py-spy:
+    they wait for work nine tenths of the time); with 40 of them, when the pool still closed
+    its overflow connections as they came back (promptq.db), it opened and closed them by
+    the hundred a second, a PostgreSQL backend started each time."""
     return CapacityLimiter(settings.database_pool_size)
 
 
