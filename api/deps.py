@@ -22,11 +22,12 @@ async def get_app_settings(request: Request) -> Settings:
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 
 
-def request_session(request: Request, settings: Settings) -> Session:
+def request_session(request: Request, settings: Settings, autocommit: bool = False) -> Session:
     """A session whose messages (promptq.outbox) the app's messenger sends once it commits:
     a job id never reaches the broker ahead of its row; and whose intake counts a key's
-    unfinished jobs in Redis (promptq.quotas.UnfinishedJobs)."""
-    session = get_sessionmaker(settings)()
+    unfinished jobs in Redis (promptq.quotas.UnfinishedJobs). `autocommit`: each statement
+    commits on its own (promptq.db.session_scope)."""
+    session = get_sessionmaker(settings, autocommit)()
     quotas.bind(session, request.app.state.unfinished)
     return outbox.bind(session, request.app.state.messenger)
 

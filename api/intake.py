@@ -17,7 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from api.broker import require_broker
 from api.deps import request_session
 from promptq.config import Settings
-from promptq.db import Database, session_scope
+from promptq.db import Database, get_engine, session_scope
 from promptq.jobs import service
 from promptq.jobspec.presenter import job_to_api
 from promptq.jobspec.schemas import JobCreate, anthropic_beta
@@ -60,7 +60,7 @@ def accept_job(
     beta = anthropic_beta(request.headers.get("anthropic-beta"))
     require_broker(request.app.state.broker, "job")
     check_intake_rate(request, settings, key)
-    with closing(request_session(request, settings)) as session:
+    with closing(request_session(request, settings, intake_autocommits(settings))) as session:
         try:
             outcome = service.create_job(session, settings, key, payload, idempotency_header, beta)
             session.commit()
@@ -72,6 +72,18 @@ def accept_job(
             if outcome.created:
                 raise
         return job_to_api(outcome.job)
+
+
+def intake_autocommits(settings: Settings) -> bool:
+    """Whether intake's unit of work runs in autocommit: on PostgreSQL, where BEGIN and
+    COMMIT are a round trip each, two of the three a job makes to the database. It needs no
+    transaction around it. Its one write is the job's row (with an idempotency key, an
+    expired key's release may go before it: right on its own); its reads (an idempotency
+    key's earlier job, a budget's spend) see committed rows either way, as each statement
+    does at READ COMMITTED; a duplicate idempotency key fails the insert just as in a
+    transaction. Its messages still go once the session commits (promptq.outbox), so after
+    the row."""
+    return get_engine(settings).dialect.name == "postgresql"
 
 
 def intake_threads(settings: Settings) -> CapacityLimiter:

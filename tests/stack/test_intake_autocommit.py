@@ -1,0 +1,63 @@
+"""Intake's unit of work runs in autocommit on PostgreSQL (api.intake.intake_autocommits):
+the job's row is inserted with no BEGIN and COMMIT round trips around it, and its message
+still reaches the broker once the row is there. On SQLite it stays one transaction."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from helpers import unique
+from sqlalchemy import event
+
+from promptq.config import Settings
+from promptq.db import get_engine
+from promptq.testing import SONNET
+
+
+@pytest.fixture
+def job_inserts(settings: Settings) -> Iterator[list[bool]]:
+    """For each INSERT of a job's row on the API's engine, whether its connection was in
+    autocommit when the statement was sent."""
+    seen: list[bool] = []
+    lock = threading.Lock()
+    engine = get_engine(settings)
+
+    def on_statement(conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if statement.lstrip().upper().startswith("INSERT INTO JOBS "):
+            with lock:
+                seen.append(getattr(conn.connection.dbapi_connection, "autocommit", False) is True)
+
+    event.listen(engine, "before_cursor_execute", on_statement)
+    yield seen
+    event.remove(engine, "before_cursor_execute", on_statement)
+
+
+def test_a_jobs_row_is_inserted_in_autocommit_on_postgresql_only(
+    client: Any, api_key: str, settings: Settings, job_inserts: list[bool]
+) -> None:
+    headers = {"Authorization": f"Bearer {api_key}"}
+    body = {"prompt": unique("autocommit"), "model": SONNET, "max_tokens": 16}
+    created = client.post("/v1/jobs", json=body, headers=headers)
+    assert created.status_code == 202, created.text
+    on_postgresql = get_engine(settings).dialect.name == "postgresql"
+    assert job_inserts == [on_postgresql]
+    # Committed on its own: another session reads it back.
+    read = client.get(f"/v1/jobs/{created.json()['id']}", headers=headers)
+    assert read.status_code == 200
+    assert read.json()["id"] == created.json()["id"]
+
+
+def test_an_idempotency_key_in_autocommit_returns_the_first_job(
+    client: Any, api_key: str, job_inserts: list[bool]
+) -> None:
+    """The second request finds the first's committed row and inserts nothing."""
+    headers = {"Authorization": f"Bearer {api_key}", "Idempotency-Key": unique("idem")}
+    body = {"prompt": unique("autocommit"), "model": SONNET, "max_tokens": 16}
+    first = client.post("/v1/jobs", json=body, headers=headers)
+    again = client.post("/v1/jobs", json=body, headers=headers)
+    assert first.status_code == again.status_code == 202, (first.text, again.text)
+    assert again.json()["id"] == first.json()["id"]
+    assert len(job_inserts) == 1
