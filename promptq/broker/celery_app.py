@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from promptq.broker import task_names
+from promptq.broker import task_names, transport
 from promptq.config import Settings
 from promptq.priority import BROKER_PRIORITY_STEPS
 from promptq.redis_roles import RedisNotConfigured, celery_broker, role_url
@@ -66,6 +66,8 @@ def broker_url(settings: Settings) -> str:
 
 def create_celery(settings: Settings) -> Celery:
     broker_redis_url = broker_url(settings)
+    # Before any connection: one redis-py client per pool, not one per command.
+    transport.install()
     # A Sentinel group becomes kombu's Sentinel transport, which asks the sentinels for the
     # primary and again after a failover. Celery's events and control messages travel over
     # this same connection: they are on the broker's Redis whatever the other roles say.

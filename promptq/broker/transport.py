@@ -1,0 +1,78 @@
+"""kombu's Redis transports, with one redis-py client per connection pool rather than one
+per command.
+
+kombu's Redis channel wraps its connection pool in a new `redis.Redis` for every publish,
+acknowledgement and unacked-message bookkeeping (`Channel.conn_or_acquire`), and redis-py's
+constructor copies its ~170 response callbacks into a case-insensitive dict each time
+(redis/redis-py#3624): 0.2 to 0.3 ms of CPU, a third of what publishing one job costs the
+API (bench/throughput.py, intake), and the same again for each message a worker takes and
+acknowledges. A `redis.Redis` over a pool takes a pooled connection for each command or
+pipeline and gives it back, so one serves every caller of the channel, threads and
+greenlets alike. kombu has no setting for this, hence these subclasses, installed under
+kombu's own names for them (`install`).
+
+The channel's other client, the one kombu keeps for BRPOP with a connection of its own
+bound to it, is kombu's as before.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kombu.transport
+from kombu.transport import redis as kombu_redis
+
+_CLIENT = "_promptq_client"
+
+
+class _OneClientPerPool:
+    """Mixed into a kombu Redis channel: its plain (not asynchronous) client, made once per
+    connection pool. kombu replaces the pool when it reconnects; a client of an old pool
+    is never handed out again."""
+
+    pool: Any
+
+    def _create_client(self, asynchronous: bool = False) -> Any:
+        if asynchronous:
+            return super()._create_client(asynchronous=True)  # type: ignore[misc]
+        pool = self.pool
+        client = self.__dict__.get(_CLIENT)
+        if client is None or client.connection_pool is not pool:
+            client = super()._create_client()  # type: ignore[misc]
+            self.__dict__[_CLIENT] = client
+        return client
+
+
+class Channel(_OneClientPerPool, kombu_redis.Channel):
+    pass
+
+
+class SentinelChannel(_OneClientPerPool, kombu_redis.SentinelChannel):
+    pass
+
+
+class Transport(kombu_redis.Transport):
+    Channel = Channel
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    Channel = SentinelChannel
+
+
+# kombu's names (URL schemes) for its Redis transports, and ours for each.
+_TRANSPORTS = {
+    "redis": f"{__name__}:Transport",
+    "rediss": f"{__name__}:Transport",
+    "sentinel": f"{__name__}:SentinelTransport",
+}
+
+
+def install() -> None:
+    """Have kombu build these transports for redis://, rediss:// and sentinel:// brokers in
+    this process. Under kombu's own names, not as a `broker_transport` class path: the name
+    is what a connection reports as its URL's scheme (Flower reads the broker's queues by
+    it) and what turns TLS on for rediss://. kombu caches the class it resolved for a name,
+    so that entry goes too."""
+    for name, path in _TRANSPORTS.items():
+        kombu.transport.TRANSPORT_ALIASES[name] = path
+        kombu.transport._transport_cache.pop(name, None)
