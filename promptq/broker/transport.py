@@ -4,12 +4,12 @@ per command.
 kombu's Redis channel wraps its connection pool in a new `redis.Redis` for every publish,
 acknowledgement and unacked-message bookkeeping (`Channel.conn_or_acquire`), and redis-py's
 constructor copies its ~170 response callbacks into a case-insensitive dict each time
-(redis/redis-py#3624): 0.2 to 0.3 ms of CPU, a third of what publishing one job costs the
-API (bench/throughput.py, intake), and the same again for each message a worker takes and
-acknowledges. A `redis.Redis` over a pool takes a pooled connection for each command or
-pipeline and gives it back, so one serves every caller of the channel, threads and
-greenlets alike. kombu has no setting for this, hence these subclasses, installed under
-kombu's own names for them (`install`).
+(redis/redis-py#3624): 0.2 to 0.3 ms of CPU, a quarter to a third of what publishing one
+job costs the API (README, Throughput), and the same again for each message a worker
+takes and acknowledges. A `redis.Redis` over a pool takes a pooled connection for each
+command or pipeline and gives it back, so one serves every caller of the channel, threads
+and greenlets alike. kombu has no setting for this, hence these subclasses, installed
+under kombu's own names for them (`install`).
 
 The channel's other client, the one kombu keeps for BRPOP with a connection of its own
 bound to it, is kombu's as before.
@@ -71,8 +71,10 @@ def install() -> None:
     """Have kombu build these transports for redis://, rediss:// and sentinel:// brokers in
     this process. Under kombu's own names, not as a `broker_transport` class path: the name
     is what a connection reports as its URL's scheme (Flower reads the broker's queues by
-    it) and what turns TLS on for rediss://. kombu caches the class it resolved for a name,
-    so that entry goes too."""
+    it) and what turns TLS on for rediss://. kombu caches the class it resolved for a name
+    (a private dict: were it renamed, a name resolved before this would keep kombu's own
+    class, and tests/stack/test_broker_transport.py fail), so that entry goes too."""
+    resolved = getattr(kombu.transport, "_transport_cache", {})
     for name, path in _TRANSPORTS.items():
         kombu.transport.TRANSPORT_ALIASES[name] = path
-        kombu.transport._transport_cache.pop(name, None)
+        resolved.pop(name, None)
