@@ -51,7 +51,8 @@ def test_publishing_many_jobs_builds_one_client(
     clients_made.clear()
     for index in range(20):
         publish_job(app, f"job_transport_{index}")
-    # Without promptq's channel: one for each message, and its marker's pipeline.
+    # Without promptq's channel: one for each publish (kombu's batch, which carries the
+    # message and its marker).
     assert len(clients_made) <= 1
     broker = redis.Redis.from_url(quiet_settings.redis_url)
     assert broker.exists(published_marker("job_transport_19"))

@@ -1,6 +1,7 @@
 """Intake's unit of work runs in autocommit on PostgreSQL (api.intake.intake_autocommits):
-the job's row is inserted with no BEGIN and COMMIT round trips around it, and its message
-still reaches the broker once the row is there. On SQLite it stays one transaction."""
+the job's row is inserted with no BEGIN and COMMIT round trips around it and reads back at
+once; on SQLite it stays one transaction. (That its message follows and a worker runs the
+job, test_end_to_end shows: its jobs are posted through this same in-process API.)"""
 
 from __future__ import annotations
 
