@@ -1,16 +1,25 @@
-"""Threads that live as long as a worker process: the rate-limit dispatcher, and the
-webhook delivery pool with its loop, which finishes the deliveries it is sending before the
-process exits; and, when it begins to stop, no more upstream calls started."""
+"""What a worker process sets up and tears down around its life: its garbage collector's
+thresholds (worker.gc_policy); the threads that live as long as it does, the rate-limit
+dispatcher and the webhook delivery pool with its loop, which finishes the deliveries it
+is sending before the process exits; and, when it begins to stop, no more upstream calls
+started."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
+from celery.signals import worker_init, worker_ready, worker_shutdown, worker_shutting_down
 
 from worker.dispatcher import Dispatcher
+from worker.gc_policy import collect_less_often
 
 _dispatcher: Dispatcher | None = None
+
+
+@worker_init.connect
+def _tune(**_: Any) -> None:
+    # Before the worker consumes anything, in `promptq worker` and `celery worker` alike.
+    collect_less_often()
 
 
 @worker_ready.connect

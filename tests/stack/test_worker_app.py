@@ -1,6 +1,6 @@
 """The worker's Celery app is built when first asked for, not when its tasks are imported:
 a tool or test that imports them needs no broker settings, and `celery -A worker.app` still
-finds the app."""
+finds the app. And a worker process Celery builds collects garbage on its own thresholds."""
 
 from __future__ import annotations
 
@@ -48,6 +48,23 @@ def test_the_app_asked_for_holds_every_task(tmp_path: Path) -> None:
         "         task_names.SWEEP, task_names.PRUNE]\n"
         "missing = [name for name in names if name not in app.tasks]\n"
         "assert not missing, missing\n",
+        tmp_path,
+        PROMPTQ_REDIS_URL="redis://127.0.0.1:1/0",
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_worker_collects_garbage_less_often(tmp_path: Path) -> None:
+    # Celery's own worker builds the process (worker_init), as `promptq worker` and
+    # `celery -A worker.app worker` do; importing the tasks alone changes nothing.
+    done = _python(
+        "import gc\n"
+        "import worker.tasks\n"
+        "from worker.app import get_app\n"
+        "from worker.gc_policy import WORKER_GC_THRESHOLDS\n"
+        "assert gc.get_threshold() != WORKER_GC_THRESHOLDS, gc.get_threshold()\n"
+        "get_app().WorkController(pool_cls='solo', concurrency=1)\n"
+        "assert gc.get_threshold() == WORKER_GC_THRESHOLDS, gc.get_threshold()\n",
         tmp_path,
         PROMPTQ_REDIS_URL="redis://127.0.0.1:1/0",
     )
