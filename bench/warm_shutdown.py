@@ -5,7 +5,7 @@
 
 One `promptq api` and one `promptq worker` (concurrency = --jobs) run as child processes;
 the simulator answers every call after --latency seconds. --jobs jobs and the worker's
-standby jobs (PROMPTQ_WORKER_STANDBY_JOBS, by default a tenth more) are submitted; once
+standby jobs (PROMPTQ_WORKER_STANDBY_JOBS, by default half as many more) are submitted; once
 every call the worker may make is in flight at the simulator and the standby jobs are in
 its hands, the worker gets SIGTERM, as a deployment's scale-down or rollout sends it.
 Measured: how long the worker takes to exit; that every call it held was answered,

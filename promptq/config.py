@@ -118,9 +118,12 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(default=1000, ge=1, le=10_000)
     # Jobs a worker process takes from the broker beyond its concurrency, each waiting in a
     # greenlet of its own for a call in flight to end, so that the next call starts at once
-    # (promptq.jobs.call_slots). Unset: a tenth of the concurrency, at least 8. They are the
-    # broker's next messages held early: a job published later at a higher priority waits
-    # behind at most these.
+    # (promptq.jobs.call_slots). Unset: half the concurrency, at least 8: calls that end
+    # together (answers of one length, started in one burst) are replaced at once, where
+    # Celery's consumer, one message per turn among a thousand busy greenlets, would refill
+    # them over seconds (README, "Sizing workers"). They are the broker's next messages held
+    # early: a job published later at a higher priority waits behind at most these, and
+    # another worker with room does not get them.
     worker_standby_jobs: int | None = Field(default=None, ge=0, le=10_000)
     # A message not acknowledged within this many seconds is handed to another worker by
     # the Redis broker; every countdown we use must stay well below it.
@@ -252,7 +255,7 @@ class Settings(BaseSettings):
         """Tasks a worker process runs at once: its calls in flight and its standby jobs."""
         standby = self.worker_standby_jobs
         if standby is None:
-            standby = max(MIN_STANDBY_JOBS, self.worker_concurrency // 10)
+            standby = max(MIN_STANDBY_JOBS, self.worker_concurrency // 2)
         return self.worker_concurrency + standby
 
     @property
