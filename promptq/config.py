@@ -122,8 +122,8 @@ class Settings(BaseSettings):
     # together (answers of one length, started in one burst) are replaced at once, where
     # Celery's consumer, one message per turn among a thousand busy greenlets, would refill
     # them over seconds (README, "Sizing workers"). They are the broker's next messages held
-    # early: a job published later at a higher priority waits behind at most these, and
-    # another worker with room does not get them.
+    # early: another worker with room does not get them; a job published later at a higher
+    # priority goes before them once this worker takes it (promptq.jobs.call_slots).
     worker_standby_jobs: int | None = Field(default=None, ge=0, le=10_000)
     # A message not acknowledged within this many seconds is handed to another worker by
     # the Redis broker; every countdown we use must stay well below it.

@@ -94,11 +94,12 @@ class JobRunner:
     # worker's delivery pool); none: they are published, for any sender to claim.
     delivery_room: DeliveryRoom | None = None
 
-    def run(self, job_id: str, grant: Grant | None = None) -> str:
-        """The job's delivery, once a call slot is free. Raises ShuttingDown
+    def run(self, job_id: str, grant: Grant | None = None, rank: int = 0) -> str:
+        """The job's delivery, once a call slot is free (waiting ones served by `rank`, its
+        message's priority on the broker: lower first). Raises ShuttingDown
         (promptq.jobs.call_slots) when the worker began stopping before the job got one
         and it holds no rate-limit grant: nothing was done, and its message goes back."""
-        with self.call_slots.slot(even_when_closed=grant is not None) as slot:
+        with self.call_slots.slot(even_when_closed=grant is not None, rank=rank) as slot:
             return self._run(job_id, grant, slot)
 
     def _run(self, job_id: str, grant: Grant | None, slot: CallSlot) -> str:

@@ -2,7 +2,7 @@
 against its own simulator: the worker takes more messages than its concurrency, yet never
 has more calls in flight; and when it is told to stop, the calls in flight finish while the
 standby jobs, untouched, go back to the broker for the next worker, none lost, none run
-twice."""
+twice; and a job of a higher priority taken after the standby jobs starts before them."""
 
 from __future__ import annotations
 
@@ -47,7 +47,9 @@ def env(quiet_env: dict[str, str], upstream: Simulator) -> dict[str, str]:
     }
 
 
-def submit(env: dict[str, str], plain: str, count: int, latency: float) -> list[str]:
+def submit(
+    env: dict[str, str], plain: str, count: int, latency: float, priority: str = "normal"
+) -> list[str]:
     settings = _settings(env)
     with session_scope(settings) as session:
         key = authenticate(session, plain)
@@ -64,7 +66,7 @@ def submit(env: dict[str, str], plain: str, count: int, latency: float) -> list[
             ).job.id
             for _ in range(count)
         ]
-    publish_jobs(create_celery(settings), ids, "normal")
+    publish_jobs(create_celery(settings), ids, priority)
     return ids
 
 
@@ -112,6 +114,36 @@ def test_a_warm_shutdown_finishes_the_calls_and_puts_the_standby_jobs_back(
     finally:
         stop_worker(second)
     assert upstream.stats()["calls"] == len(ids)  # none called twice
+
+
+def test_a_higher_priority_job_goes_before_the_standby_jobs_already_waiting(
+    env: dict[str, str], upstream: Simulator, make_key: Any, tmp_path: Path
+) -> None:
+    # One call at a time and three standby jobs, all of low priority, in the worker's hands
+    # before the high one is published: it reaches the worker once the first job has
+    # recorded (its greenlet free), and then waits for the next call to end with two of them.
+    plain = make_key("ranked")
+    low = submit(env, plain, 1 + STANDBY, latency=1.0, priority="low")
+    app = create_celery(_settings(env))
+    worker = start_worker(env, tmp_path / "worker.log", concurrency=1)
+    try:
+        _wait_for(lambda: upstream.stats()["in_flight"] == 1)
+        _wait_for(lambda: broker_backlog(app) == 0)  # the standby jobs' messages taken
+        [high] = submit(env, plain, 1, latency=1.0, priority="high")
+        _wait_for(lambda: _count(env, [*low, high], "succeeded") == len(low) + 1)
+    finally:
+        stop_worker(worker)
+    started = _started_in_order(env, [*low, high])
+    # The first low job's call was out and the next took its slot before the high job came;
+    # the two still waiting came before it, yet it went first.
+    assert started.index(high) == 2, (started, low, high)
+    assert upstream.stats()["max_in_flight"] == 1
+
+
+def _started_in_order(env: dict[str, str], ids: list[str]) -> list[str]:
+    with session_scope(_settings(env)) as session:
+        query = select(Job.id).where(Job.id.in_(ids)).order_by(Job.started_at)
+        return list(session.scalars(query))
 
 
 def _most_active_tasks(app: Any, seconds: float) -> int:

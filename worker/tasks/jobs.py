@@ -12,6 +12,7 @@ from celery.exceptions import Reject
 from promptq.broker import task_names
 from promptq.broker.publish import clear_published
 from promptq.jobs.call_slots import ShuttingDown
+from promptq.priority import Priority
 from promptq.ratelimit.protocol import Grant
 from worker.app import get_app
 from worker.context import worker_context
@@ -32,8 +33,17 @@ class RunJobTask(Task):  # type: ignore[misc]
 def run_job(job_id: str, grant: dict[str, Any] | None = None) -> str:
     """`grant` is set when a dispatcher already took rate-limit budget for this job."""
     try:
-        return worker_context().runner.run(job_id, Grant.from_message(grant) if grant else None)
+        return worker_context().runner.run(
+            job_id, Grant.from_message(grant) if grant else None, rank=_broker_priority()
+        )
     except ShuttingDown:
         # A standby job when the worker began to stop: untouched, its message goes back to
         # the broker's queue for another worker (or this one, started again).
         raise Reject("the worker is stopping", requeue=True) from None
+
+
+def _broker_priority() -> int:
+    """The message's priority on the broker (promptq.priority, lower first): a job waiting
+    for a call slot goes before waiting jobs of lower priority."""
+    priority = (run_job.request.delivery_info or {}).get("priority")
+    return priority if isinstance(priority, int) else Priority.NORMAL.broker_priority
