@@ -17,7 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from api.broker import require_broker
 from api.deps import request_session
 from promptq.config import Settings
-from promptq.db import Database, get_engine, session_scope
+from promptq.db import Database, on_postgresql, session_scope
 from promptq.jobs import service
 from promptq.jobspec.presenter import job_to_api
 from promptq.jobspec.schemas import JobCreate, anthropic_beta
@@ -83,7 +83,7 @@ def intake_autocommits(settings: Settings) -> bool:
     does at READ COMMITTED; a duplicate idempotency key fails the insert just as in a
     transaction. Its messages still go once the session commits (promptq.outbox), so after
     the row."""
-    return get_engine(settings).dialect.name == "postgresql"
+    return on_postgresql(settings)
 
 
 def intake_threads(settings: Settings) -> CapacityLimiter:

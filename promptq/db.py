@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy import Connection, Engine, create_engine, event, make_url
 from sqlalchemy import exc as sqlalchemy_errors
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -84,6 +84,19 @@ def get_engine(database: Database) -> Engine:
         database.database_pooler,
         database.database_network_timeout_seconds,
     )
+
+
+def on_postgresql(where: Database | Engine | Connection | Session) -> bool:
+    """Whether `where` (settings, a URL, or what a statement runs on) is PostgreSQL: where
+    some units of work run as one statement in autocommit, which SQLite, whose BEGIN and
+    COMMIT are no round trips, has no need of."""
+    if isinstance(where, Session):
+        bind: Engine | Connection = where.get_bind()
+    elif isinstance(where, Engine | Connection):
+        bind = where
+    else:
+        bind = get_engine(where)
+    return bind.dialect.name == "postgresql"
 
 
 @lru_cache(maxsize=8)

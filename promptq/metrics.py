@@ -48,7 +48,7 @@ from sqlalchemy import BigInteger, func, literal_column, select, text, type_coer
 from sqlalchemy.orm import Session
 
 from promptq.clock import utcnow
-from promptq.db import Database, get_sessionmaker
+from promptq.db import Database, get_sessionmaker, on_postgresql
 from promptq.models import (
     LATENCY_BUCKETS_MS,
     RUNNABLE_STATUSES,
@@ -178,7 +178,7 @@ class MetricsRepository:
         self.session = session
 
     def bound_statement_time(self) -> None:
-        if self.session.get_bind().dialect.name == "postgresql":
+        if on_postgresql(self.session):
             # SET LOCAL: for this transaction only; the connection goes back to the pool as
             # it came.
             self.session.execute(text(f"SET LOCAL statement_timeout = {STATEMENT_TIMEOUT_MS}"))

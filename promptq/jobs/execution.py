@@ -21,7 +21,7 @@ from promptq import budgets, outbox, rollups
 from promptq.batches.service import count_ended, request_ended
 from promptq.clock import utcnow
 from promptq.config import Settings
-from promptq.db import get_engine
+from promptq.db import on_postgresql
 from promptq.jobs.end_effects import end_events
 from promptq.jobs.recording import Record, record_in_one
 from promptq.jobs.repository import JobRepository
@@ -224,11 +224,7 @@ def records_alone(settings: Settings, claimed: ClaimedJob) -> bool:
     subscribed while the call ran, after the claim said it had no subscription, those
     deliveries follow it in a transaction of their own, a moment after it rather than with
     it (AttemptVerdict.subscribers_owed)."""
-    return (
-        claimed.batch_id is None
-        and not claimed.budgeted
-        and get_engine(settings).dialect.name == "postgresql"
-    )
+    return claimed.batch_id is None and not claimed.budgeted and on_postgresql(settings)
 
 
 @dataclass(frozen=True)
@@ -385,7 +381,7 @@ def record_attempt(
     # key's other jobs, last only until the commit that follows and are never taken in
     # opposite orders. On PostgreSQL what the job's end writes besides (its deliveries) is
     # in the same one statement, with nothing after it to hold those locks longer.
-    if claimed.batch_id is None and session.get_bind().dialect.name == "postgresql":
+    if claimed.batch_id is None and on_postgresql(session):
         handed: list[deliveries.PreparedDelivery] = []
         if final:
             rows, handed = _end_deliveries(session, claimed, values, room)

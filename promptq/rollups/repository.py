@@ -23,6 +23,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.dml import ReturningInsert
 
+from promptq.db import on_postgresql
 from promptq.models import Base
 
 
@@ -125,7 +126,7 @@ class FoldRepository:
             return select(*group, *figures).group_by(*group).order_by(*group)
 
         connection = self.session.connection()
-        if connection.dialect.name == "postgresql":
+        if on_postgresql(connection):
             gone = delete(shards).where(source.hour == hour).returning(*source).cte("gone")
             upsert = postgresql.insert(table).from_select(names, sums(gone))
             folded: ReturningInsert[Any] = _adding(upsert, columns, keys, counts).returning(

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from promptq import outbox
 from promptq.clock import utcnow
 from promptq.config import Settings
-from promptq.db import get_engine
+from promptq.db import on_postgresql
 from promptq.ids import new_id
 from promptq.jobspec.presenter import isoformat, job_to_api
 from promptq.models import ApiKey, DeliveryStatus, Job, WebhookAttempt, WebhookDelivery
@@ -363,7 +363,7 @@ def record(
             now, attempt_outcome(result), status if status != DeliveryStatus.PENDING else None
         ),
     )
-    if session.get_bind().dialect.name == "postgresql":
+    if on_postgresql(session):
         record_in_one(session, attempt_record)
     else:
         _record_statements(session, attempt_record)
@@ -373,7 +373,7 @@ def record(
 def records_alone(settings: Settings) -> bool:
     """Whether an attempt's record is one statement (on PostgreSQL), which needs no
     transaction around it: the sender runs it in autocommit."""
-    return get_engine(settings).dialect.name == "postgresql"
+    return on_postgresql(settings)
 
 
 def _record_statements(session: Session, record: AttemptRecord) -> None:
