@@ -77,10 +77,15 @@ def machine_rows(setup: Setup) -> list[list[str]]:
 
 
 def report_start(title: str, setup: Setup, more_machine: Iterable[list[str]] = ()) -> list[str]:
-    """A report's first lines: its heading, then the machine it ran on."""
-    return [
+    """A report's first lines: its heading, the machine it ran on, and the settings given
+    on the command line (--setting), if any."""
+    lines = [
         f"## {title}",
         "",
         markdown_table(["Machine", ""], [*machine_rows(setup), *more_machine]),
         "",
     ]
+    if setup.settings:
+        given = ", ".join(f"`{name}={value}`" for name, value in setup.settings.items())
+        lines += [f"Settings given (`--setting`): {given}.", ""]
+    return lines

