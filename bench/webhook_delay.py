@@ -97,9 +97,14 @@ def serve_receiver() -> None:
         sys.stdin.read()
         os._exit(0)
 
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+        # socketserver's backlog of 5 drops the connects of a burst beyond it, which the
+        # sender retries only a second later: that second would be counted as delay.
+        request_queue_size = 128
+
     threading.Thread(target=exit_with_the_bench, daemon=True).start()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
+    server = Server(("127.0.0.1", 0), Handler)
     print(f"http://127.0.0.1:{server.server_address[1]}/hook", flush=True)
     server.serve_forever()
 

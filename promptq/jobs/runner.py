@@ -240,11 +240,15 @@ class JobRunner:
                     verdict = record_attempt(
                         session, self.settings, self.prices, claimed, result, room
                     )
+                    if room is not None:
+                        # Committed as it ran; handed over before the session sends its
+                        # messages (the word to clients waiting on the job), whose Redis
+                        # round trip would otherwise come first: in a burst of jobs ending
+                        # together each wait for I/O puts a greenlet behind all the others.
+                        for prepared in verdict.handed_over:
+                            room.hand_over(prepared)
                     if claimed.budgeted:
                         budgets.release(session, [claimed.id])
-            if room is not None:
-                for prepared in verdict.handed_over:
-                    room.hand_over(prepared)
             if verdict.subscribers_owed:
                 for retrying in _RECORD_RETRYING:
                     with retrying, session_scope(self.settings, self.messenger) as session:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+import socket
 import ssl
 import subprocess
 import threading
@@ -317,6 +318,25 @@ def test_allow_private_reaches_every_spelling(server: RecordingServer, host: str
     assert result.succeeded, result.error
     assert server.connections == 1
     assert len(server.requests) == 1
+
+
+def test_only_a_name_or_an_unusual_spelling_is_looked_up(
+    server: RecordingServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An address in its usual spelling needs no resolver (in a worker, a trip to a thread).
+    looked_up: list[str] = []
+    lookup = socket.getaddrinfo
+
+    def recording(host: str, *args: Any, **kwargs: Any) -> Any:
+        looked_up.append(host)
+        return lookup(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", recording)
+    for host in ("127.0.0.1", "[::ffff:127.0.0.1]", "127.1", "localhost"):
+        result = PRIVATE_OK.post(server.url("/ok", host=host), BODY, headers())
+        assert result.succeeded, (host, result.error)
+    assert looked_up == ["127.1", "localhost"]
+    assert len(server.requests) == 4
 
 
 def test_credentials_in_the_url_are_sent_but_never_reported(server: RecordingServer) -> None:
