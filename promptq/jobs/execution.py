@@ -10,6 +10,7 @@ sent once it commits (promptq.outbox).
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -24,7 +25,7 @@ from promptq.config import Settings
 from promptq.db import on_postgresql
 from promptq.jobs.end_effects import end_events
 from promptq.jobs.recording import Record, record_in_one
-from promptq.jobs.repository import JobRepository
+from promptq.jobs.repository import CLAIMED_ROW_COLUMNS, JobRepository
 from promptq.models import RUNNABLE_STATUSES, DeliveryStatus, Job, JobStatus
 from promptq.pricing import PriceTable, cost_of
 from promptq.rollups import COST_COLUMNS, TOKEN_COLUMNS, EndedJob, RecordedAttempt
@@ -76,6 +77,11 @@ class ClaimedJob:
     # The key had a webhook subscription in force when the job was claimed (known only on
     # the common job's way, claim_ready_job; None: not known).
     key_subscribed: bool | None = None
+    # The job's row as the claim left it (column: value) and its key's webhook signing
+    # secret, on the common job's way: what the event of its end is built from, without
+    # reading the job again (_end_deliveries). None: read then.
+    row: Mapping[str, Any] | None = None
+    webhook_secret: str | None = None
 
 
 @dataclass(frozen=True)
@@ -192,7 +198,7 @@ def claim_ready_job(
     if row is None:
         return None
     (_, api_key_id, model, request, priority, attempts, beta, batch_id, webhook_url) = row[:9]
-    budget, quotas, subscribed = row[9], row[10], row[11]
+    budget, quotas, subscribed, webhook_secret = row[9], row[10], row[11], row[12]
     runnable = RunnableJob(
         id=job_id,
         model=model,
@@ -210,7 +216,24 @@ def claim_ready_job(
         batch_id=batch_id,
         webhook_url=webhook_url,
     )
-    claimed = replace(_claimed(runnable, now), key_subscribed=bool(subscribed))
+    as_claimed = dict(zip(CLAIMED_ROW_COLUMNS, row[13:], strict=True))
+    as_claimed.update(
+        id=job_id,
+        api_key_id=api_key_id,
+        model=model,
+        request=request,
+        priority=priority,
+        attempts=attempts,
+        anthropic_beta=beta,
+        batch_id=batch_id,
+        webhook_url=webhook_url,
+    )
+    claimed = replace(
+        _claimed(runnable, now),
+        key_subscribed=bool(subscribed),
+        row=as_claimed,
+        webhook_secret=webhook_secret,
+    )
     return runnable, claimed
 
 
@@ -388,10 +411,17 @@ def record_attempt(
             if rows:
                 record = replace(record, deliveries=rows)
         try:
-            settled, subscribed = record_in_one(session, record)
+            settled, subscribed, revoked = record_in_one(session, record)
         except BaseException:
             _give_room_back(room, handed)
             raise
+        claimed_here = {prepared.id for prepared in handed}
+        if revoked and handed:
+            # Its key was revoked during the call: nothing is sent. The deliveries, written
+            # claimed, fall due once their claims' leases run out, and their sender then
+            # finds the key revoked (deliveries.take) and fails them.
+            _give_room_back(room, handed)
+            handed = []
         if not (settled and final):
             _give_room_back(room, handed)
         else:
@@ -399,7 +429,6 @@ def record_attempt(
             # when there is none (records_alone), and a retry of the whole after one of
             # them failed would record the attempt twice.
             outbox.announce_finished(session, claimed.id)
-            claimed_here = {prepared.id for prepared in handed}
             for delivery in record.deliveries:
                 if delivery["id"] not in claimed_here:
                     outbox.deliver_webhook(session, delivery["id"])
@@ -508,22 +537,33 @@ def _end_deliveries(
 ) -> tuple[list[dict[str, Any]], list[deliveries.PreparedDelivery]]:
     """The rows of the deliveries the job's end creates, for its record to write
     (promptq.jobs.recording): to its webhook_url, and to its key's subscriptions unless the
-    claim found none. Their event's body is the job as the record leaves it, read before the
-    record: the job is the worker's while it holds the claim. Those `room` has room for are
-    claimed as they are written, to be handed over to it once they are (the second part)."""
+    claim found none. Their event's body is the job as the record leaves it, made before the
+    record from the row the claim returned (or, claimed the long way, read): the job is the
+    worker's while it holds the claim. Those `room` has room for are claimed as they are
+    written, to be handed over to it once they are (the second part)."""
     if claimed.webhook_url is None and claimed.key_subscribed is False:
         return [], []
-    found = JobRepository(session).as_written(claimed.id, values)
-    if found is None:
-        return [], []
+    if claimed.row is not None and claimed.webhook_secret is not None:
+        # From the claim's row: no statement more, and one wait for the database fewer
+        # between the answer and the POST. Whether the key was revoked meanwhile the record
+        # says (record_attempt).
+        job = JobRepository.as_written_from(claimed.row, values)
+        secret = claimed.webhook_secret
+    else:
+        found = JobRepository(session).as_written(claimed.id, values)
+        if found is None:
+            return [], []
+        if found.key_revoked:
+            room = None
+        job, secret = found.job, found.webhook_secret
     subscribed = claimed.key_subscribed is not False
-    rows = deliveries.job_event_rows(session, found.job, subscribed=subscribed)
+    rows = deliveries.job_event_rows(session, job, subscribed=subscribed)
     handed: list[deliveries.PreparedDelivery] = []
-    if room is not None and not found.key_revoked:
+    if room is not None:
         for row in rows:
             if not room.take_room(row["api_key_id"]):
                 break
-            handed.append(deliveries.claim_at_creation(row, found.webhook_secret))
+            handed.append(deliveries.claim_at_creation(row, secret))
     return rows, handed
 
 

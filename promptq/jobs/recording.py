@@ -33,6 +33,7 @@ from sqlalchemy import (
     Select,
     any_,
     bindparam,
+    false,
     func,
     insert,
     select,
@@ -41,7 +42,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from promptq import budgets
-from promptq.jobs.repository import subscribed_of_job
+from promptq.jobs.repository import revoked_of_job, subscribed_of_job
 from promptq.models import Attempt, AttemptHourlyShard, Job, UsageHourlyShard, WebhookDelivery
 from promptq.rollups import (
     ATTEMPT_COUNTS,
@@ -77,9 +78,10 @@ class Record:
     deliveries: Sequence[dict[str, Any]] = ()
 
 
-def record_in_one(session: Session, record: Record) -> tuple[bool, bool]:
-    """(settled, subscribed): whether the job's compare-and-set won, and whether its key
-    has a webhook subscription in force (see JobRepository.settle)."""
+def record_in_one(session: Session, record: Record) -> tuple[bool, bool, bool]:
+    """(settled, subscribed, revoked): whether the job's compare-and-set won, whether its
+    key has a webhook subscription in force (see JobRepository.settle), and, for a record
+    that writes deliveries, whether the key has been revoked (False for any other)."""
     usage = usage_rows([record.ended])[0] if record.ended is not None else None
     [call] = attempt_rows([record.call])
     spend = (
@@ -109,8 +111,8 @@ def record_in_one(session: Session, record: Record) -> tuple[bool, bool]:
     for index, delivery in enumerate(record.deliveries):
         params.update({f"d{index}_{name}": delivery[name] for name in DELIVERY_COLUMNS})
     # As Core, on the session's connection: nothing of it is an ORM object to track.
-    won, subscribed, _ = session.connection().execute(statement, params).one()
-    return bool(won), bool(subscribed)
+    won, subscribed, _, revoked = session.connection().execute(statement, params).one()
+    return bool(won), bool(subscribed), bool(revoked)
 
 
 @dataclass(frozen=True)
@@ -166,7 +168,12 @@ def _statement(shape: Shape) -> Select[Any]:
             Job.status == any_(bindparam("settle_from", type_=ARRAY(Job.__table__.c.status.type))),
         )
         .values({name: bindparam(f"v_{name}", type_=jobs[name].type) for name in shape.values})
-        .returning(Job.id, subscribed_of_job().label("subscribed"))
+        .returning(
+            Job.id,
+            subscribed_of_job().label("subscribed"),
+            # Only a record that writes deliveries asks: whether they may be sent at once.
+            (revoked_of_job() if shape.deliveries else false()).label("revoked"),
+        )
         .cte("settled")
     )
     parts: list[CTE] = [attempt, settled]
@@ -192,6 +199,7 @@ def _statement(shape: Shape) -> Select[Any]:
         select(func.count()).select_from(settled).scalar_subquery(),
         select(settled.c.subscribed).scalar_subquery(),
         select(func.count()).select_from(parts[-1]).scalar_subquery(),
+        select(settled.c.revoked).scalar_subquery(),
     ).add_cte(*parts)
 
 

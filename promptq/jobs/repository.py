@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -96,6 +96,18 @@ class JobRepository:
             if column in values:
                 setattr(job, attribute, values[column])
         return WrittenJob(job, secret, revoked_at is not None)
+
+    @staticmethod
+    def as_written_from(row: Mapping[str, Any], values: dict[str, Any]) -> Job:
+        """as_written's job from the row its claim returned (column: value, every column:
+        claim_ready), without reading it again: the job is the worker's while it holds the
+        claim, so the row is still as the claim left it."""
+        return Job(
+            **{
+                attribute: values[column] if column in values else row[column]
+                for attribute, column in _job_columns()
+            }
+        )
 
     def many(self, job_ids: Sequence[str]) -> Sequence[Job]:
         """The jobs of these ids that exist (by primary key; callers keep lists short)."""
@@ -314,6 +326,16 @@ def subscribed_of_job() -> Any:
     )
 
 
+def revoked_of_job() -> Any:
+    """Whether the job's key has been revoked (a term of a statement on jobs)."""
+    return (
+        select(literal_column("1"))
+        .select_from(ApiKey)
+        .where(literal_column("api_keys.id") == JOB_KEY, ApiKey.revoked_at.is_not(None))
+        .exists()
+    )
+
+
 @lru_cache(maxsize=1)
 def _job_columns() -> tuple[tuple[str, str], ...]:
     """(attribute, column) of every column of a job's row: `metadata_` is `metadata`."""
@@ -397,8 +419,32 @@ def _claim_ready_statement() -> Update:
             select(ApiKey.monthly_budget_usd).where(of_key).scalar_subquery(),
             select(ApiKey.quotas).where(of_key).scalar_subquery(),
             subscribed_of_job(),
+            select(ApiKey.webhook_secret).where(of_key).scalar_subquery(),
+            # The rest of the row as claimed (CLAIMED_ROW_COLUMNS): what the event of the
+            # job's end shows, built without reading the job again (promptq.jobs.execution).
+            *(Job.__table__.c[column] for column in CLAIMED_ROW_COLUMNS),
         )
     )
+
+
+# The columns of a job's row that claim_ready returns besides those it names (all of them,
+# in the end): most are NULL until the job ends, and cost next to nothing to return.
+CLAIMED_ROW_COLUMNS = tuple(
+    column.key
+    for column in Job.__table__.c
+    if column.key
+    not in (
+        "id",
+        "api_key_id",
+        "model",
+        "request",
+        "priority",
+        "attempts",
+        "anthropic_beta",
+        "batch_id",
+        "webhook_url",
+    )
+)
 
 
 def _filtered(query: Select[Job], status: str | None, batch: str | None) -> Select[Job]:
