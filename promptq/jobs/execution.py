@@ -25,7 +25,7 @@ from promptq.config import Settings
 from promptq.db import on_postgresql
 from promptq.jobs.end_effects import end_events
 from promptq.jobs.recording import Record, record_in_one
-from promptq.jobs.repository import CLAIMED_ROW_COLUMNS, JobRepository
+from promptq.jobs.repository import CLAIM_COLUMNS, CLAIMED_ROW_COLUMNS, JobRepository
 from promptq.models import RUNNABLE_STATUSES, DeliveryStatus, Job, JobStatus
 from promptq.pricing import PriceTable, cost_of
 from promptq.rollups import COST_COLUMNS, TOKEN_COLUMNS, EndedJob, RecordedAttempt
@@ -197,8 +197,9 @@ def claim_ready_job(
     row = JobRepository(session).claim_ready(job_id, now, lease_until)
     if row is None:
         return None
-    (_, api_key_id, model, request, priority, attempts, beta, batch_id, webhook_url) = row[:9]
-    budget, quotas, subscribed, webhook_secret = row[9], row[10], row[11], row[12]
+    named = len(CLAIM_COLUMNS)
+    (_, api_key_id, model, request, priority, attempts, beta, batch_id, webhook_url) = row[:named]
+    budget, quotas, subscribed, webhook_secret = row[named : named + 4]
     runnable = RunnableJob(
         id=job_id,
         model=model,
@@ -216,17 +217,8 @@ def claim_ready_job(
         batch_id=batch_id,
         webhook_url=webhook_url,
     )
-    as_claimed = dict(zip(CLAIMED_ROW_COLUMNS, row[13:], strict=True))
-    as_claimed.update(
-        id=job_id,
-        api_key_id=api_key_id,
-        model=model,
-        request=request,
-        priority=priority,
-        attempts=attempts,
-        anthropic_beta=beta,
-        batch_id=batch_id,
-        webhook_url=webhook_url,
+    as_claimed = dict(
+        zip(CLAIM_COLUMNS + CLAIMED_ROW_COLUMNS, row[:named] + row[named + 4 :], strict=True)
     )
     claimed = replace(
         _claimed(runnable, now),

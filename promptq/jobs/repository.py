@@ -407,15 +407,7 @@ def _claim_ready_statement() -> Update:
         _claim_statement()
         .where(key_ready)
         .returning(
-            Job.id,
-            Job.api_key_id,
-            Job.model,
-            Job.request,
-            Job.priority,
-            Job.attempts,
-            Job.anthropic_beta,
-            Job.batch_id,
-            Job.webhook_url,
+            *(Job.__table__.c[column] for column in CLAIM_COLUMNS),
             select(ApiKey.monthly_budget_usd).where(of_key).scalar_subquery(),
             select(ApiKey.quotas).where(of_key).scalar_subquery(),
             subscribed_of_job(),
@@ -427,23 +419,23 @@ def _claim_ready_statement() -> Update:
     )
 
 
-# The columns of a job's row that claim_ready returns besides those it names (all of them,
-# in the end): most are NULL until the job ends, and cost next to nothing to return.
+# What claim_ready returns of the job's row first, what running it needs; then four of its
+# key's (budget, quotas, a subscription in force, webhook signing secret); then the rest of
+# the row (CLAIMED_ROW_COLUMNS), most of it NULL until the job ends and next to nothing to
+# return.
+CLAIM_COLUMNS = (
+    "id",
+    "api_key_id",
+    "model",
+    "request",
+    "priority",
+    "attempts",
+    "anthropic_beta",
+    "batch_id",
+    "webhook_url",
+)
 CLAIMED_ROW_COLUMNS = tuple(
-    column.key
-    for column in Job.__table__.c
-    if column.key
-    not in (
-        "id",
-        "api_key_id",
-        "model",
-        "request",
-        "priority",
-        "attempts",
-        "anthropic_beta",
-        "batch_id",
-        "webhook_url",
-    )
+    column.key for column in Job.__table__.c if column.key not in CLAIM_COLUMNS
 )
 
 

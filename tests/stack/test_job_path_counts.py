@@ -328,6 +328,21 @@ def test_a_job_with_a_webhook(
     check(run_counted(worker, tally, plain, **hook), "webhook", database_url, deliveries=2)
 
 
+def run_until_called(
+    runner: JobRunner, job_id: str, upstream: Simulator
+) -> tuple[threading.Thread, list[str]]:
+    """Run the job in a thread of its own, returned once its call is at the upstream, with
+    the list its outcome will be put in."""
+    ended: list[str] = []
+    running = threading.Thread(target=lambda: ended.append(runner.run(job_id)))
+    running.start()
+    deadline = time.monotonic() + 10
+    while upstream.stats()["in_flight"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert upstream.stats()["in_flight"] == 1, "the call never started"
+    return running, ended
+
+
 def test_a_subscription_made_while_the_call_runs_still_gets_the_jobs_end(
     worker: Worker, upstream: Simulator, make_key: Any
 ) -> None:
@@ -341,13 +356,7 @@ def test_a_subscription_made_while_the_call_runs_still_gets_the_jobs_end(
         prompt=unique("[[sim:latency=1]] late"),
         webhook_url="http://127.0.0.1:9/own",
     )
-    ended: list[str] = []
-    running = threading.Thread(target=lambda: ended.append(worker.runner.run(job_id)))
-    running.start()
-    deadline = time.monotonic() + 10
-    while upstream.stats()["in_flight"] == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert upstream.stats()["in_flight"] == 1, "the call never started"
+    running, ended = run_until_called(worker.runner, job_id, upstream)
     with session_scope(worker.settings) as session:
         key = authenticate(session, plain)
         assert key is not None
@@ -404,13 +413,7 @@ def test_a_key_revoked_during_the_call_has_its_jobs_end_written_but_not_sent(
         prompt=unique("[[sim:latency=1]] midway"),
         webhook_url="http://127.0.0.1:9/own",
     )
-    ended: list[str] = []
-    running = threading.Thread(target=lambda: ended.append(runner.run(job_id)))
-    running.start()
-    deadline = time.monotonic() + 10
-    while upstream.stats()["in_flight"] == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert upstream.stats()["in_flight"] == 1, "the call never started"
+    running, ended = run_until_called(runner, job_id, upstream)
     tally.reset()
     tally.thread = running.ident  # the job's, from here on
     with session_scope(worker.settings) as session:
