@@ -130,8 +130,10 @@ def _address_literal(host: str, port: int) -> list[_AddrInfo] | None:
         ip = ipaddress.ip_address(host)
     except ValueError:
         return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id:
+        return None  # a zone is the resolver's to read
     family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-    return [(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (str(ip), port))]
+    return [(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))]
 
 
 @dataclass(frozen=True)
