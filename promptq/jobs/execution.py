@@ -217,15 +217,13 @@ def claim_ready_job(
         batch_id=batch_id,
         webhook_url=webhook_url,
     )
-    as_claimed = dict(
-        zip(CLAIM_COLUMNS + CLAIMED_ROW_COLUMNS, row[:named] + row[named + 4 :], strict=True)
-    )
-    claimed = replace(
-        _claimed(runnable, now),
-        key_subscribed=bool(subscribed),
-        row=as_claimed,
-        webhook_secret=webhook_secret,
-    )
+    claimed = replace(_claimed(runnable, now), key_subscribed=bool(subscribed))
+    if webhook_url is not None or subscribed:
+        # Only a job whose end has an event to send keeps its row (_end_deliveries).
+        as_claimed = dict(
+            zip(CLAIM_COLUMNS + CLAIMED_ROW_COLUMNS, row[:named] + row[named + 4 :], strict=True)
+        )
+        claimed = replace(claimed, row=as_claimed, webhook_secret=webhook_secret)
     return runnable, claimed
 
 

@@ -80,28 +80,24 @@ class JobRepository:
 
     def as_written(self, job_id: str, values: dict[str, Any]) -> WrittenJob | None:
         """The job as writing `values` (column: value) to its row would leave it, not
-        written, with what its key signs and sends it by: read in one statement, then
-        changed out of the session, which will never flush it."""
+        written, with what its key signs and sends it by: its row read in one statement and
+        made a job out of any session (as_written_from)."""
         query = (
-            select(Job, ApiKey.webhook_secret, ApiKey.revoked_at)
+            select(*Job.__table__.c, ApiKey.webhook_secret, ApiKey.revoked_at)
             .join(ApiKey, Job.api_key_id == ApiKey.id)
             .where(Job.id == job_id)
         )
-        row = self.session.execute(query).first()
+        row = self.session.execute(query).mappings().first()
         if row is None:
             return None
-        job, secret, revoked_at = row
-        self.session.expunge(job)
-        for attribute, column in _job_columns():
-            if column in values:
-                setattr(job, attribute, values[column])
-        return WrittenJob(job, secret, revoked_at is not None)
+        job = self.as_written_from(row, values)
+        return WrittenJob(job, row["webhook_secret"], row["revoked_at"] is not None)
 
     @staticmethod
-    def as_written_from(row: Mapping[str, Any], values: dict[str, Any]) -> Job:
-        """as_written's job from the row its claim returned (column: value, every column:
-        claim_ready), without reading it again: the job is the worker's while it holds the
-        claim, so the row is still as the claim left it."""
+    def as_written_from(row: Mapping[Any, Any], values: dict[str, Any]) -> Job:
+        """The job `row` (column: value, every column) becomes once `values` are written,
+        a new object in no session: from the row its claim returned (claim_ready), the
+        job being the worker's while it holds the claim, or from as_written's read."""
         return Job(
             **{
                 attribute: values[column] if column in values else row[column]

@@ -398,6 +398,33 @@ class HandingRoom:
         self.handed.append(prepared)
 
 
+def test_a_job_claimed_the_long_way_reads_its_row_for_its_event(
+    worker: Worker, make_key: Any, database_url: str
+) -> None:
+    # A key with an rpm is claimed the long way (read, admitted, then claimed), with no row
+    # returned by the claim: the event of its end is made from the job read before the
+    # record, and is the job as recorded all the same.
+    plain = make_key("long-way", rpm=60_000)
+    room = HandingRoom(room=1)
+    runner = replace(worker.runner, delivery_room=room)
+    job_id = submit(worker, plain, webhook_url="http://127.0.0.1:9/own")
+    assert runner.run(job_id) == "succeeded"
+    with session_scope(worker.settings) as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        [delivery] = session.scalars(
+            select(WebhookDelivery).where(WebhookDelivery.job_id == job_id)
+        )
+        assert json.loads(delivery.body)["data"] == job_to_api(job)
+        secret = authenticate(session, plain).webhook_secret  # type: ignore[union-attr]
+    if database_url.startswith("sqlite"):
+        assert room.handed == []
+        return
+    [prepared] = room.handed
+    assert prepared.body == delivery.body.encode()
+    Webhook(secret).verify(prepared.body, prepared.headers)
+
+
 def test_a_key_revoked_during_the_call_has_its_jobs_end_written_but_not_sent(
     worker: Worker, tally: Tally, upstream: Simulator, make_key: Any, database_url: str
 ) -> None:
