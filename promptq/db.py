@@ -99,6 +99,22 @@ def on_postgresql(where: Database | Engine | Connection | Session) -> bool:
     return bind.dialect.name == "postgresql"
 
 
+def open_pool(database: Database, connections: int) -> None:
+    """Build the process's engine and open the first `connections` of its pool now rather
+    than when the first units of work want them: a worker's first jobs would otherwise
+    import the driver, build the engine and open its connections in the middle of the
+    worker's first wave of answers (py-spy: the engine 9% of that first second's samples,
+    the connections 7%), where under gevent each wait is a turn behind every other ready
+    greenlet. On
+    PostgreSQL only: a SQLite connection costs no round trip, and a gevent worker keeps one."""
+    engine = get_engine(database)
+    if not on_postgresql(engine):
+        return
+    opened = [engine.connect() for _ in range(connections)]
+    for connection in opened:
+        connection.close()
+
+
 @lru_cache(maxsize=8)
 def _engine(
     url: str, pool_size: int, max_overflow: int, pooler: str, network_timeout: float

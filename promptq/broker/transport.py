@@ -13,6 +13,9 @@ under kombu's own names for them (`install`).
 
 The channel's other client, the one kombu keeps for BRPOP with a connection of its own
 bound to it, is kombu's as before.
+
+Its connections name redis-py to the server as promptq's own clients do
+(promptq.redis_roles.DRIVER_INFO), its version read once rather than at every connection.
 """
 
 from __future__ import annotations
@@ -22,15 +25,22 @@ from typing import Any
 import kombu.transport
 from kombu.transport import redis as kombu_redis
 
+from promptq.redis_roles import DRIVER_INFO
+
 _CLIENT = "_promptq_client"
 
 
 class _OneClientPerPool:
     """Mixed into a kombu Redis channel: its plain (not asynchronous) client, made once per
-    connection pool. kombu replaces the pool when it reconnects; a client of an old pool
-    is never handed out again."""
+    connection pool (kombu replaces the pool when it reconnects; a client of an old pool is
+    never handed out again), and its connections' driver info."""
 
     pool: Any
+
+    def _connparams(self, asynchronous: bool = False) -> Any:
+        params = super()._connparams(asynchronous)  # type: ignore[misc]
+        params.setdefault("driver_info", DRIVER_INFO)
+        return params
 
     def _create_client(self, asynchronous: bool = False) -> Any:
         if asynchronous:

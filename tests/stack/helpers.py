@@ -15,6 +15,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import redis
+
 from promptq import supervisor
 from promptq.supervisor import Child
 
@@ -160,3 +162,9 @@ def default_sigint() -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def assert_named_as_redis_py(client: Any) -> None:
+    """What redis-py tells the server it is (CLIENT SETINFO, Redis 7.2 and later)."""
+    driver = client.connection_pool.connection_kwargs["driver_info"]
+    assert (driver.formatted_name, driver.lib_version) == ("redis-py", redis.__version__)

@@ -1,7 +1,8 @@
 """A process's PostgreSQL pool: at most pool + overflow connections, and every one it opens
 is kept. SQLAlchemy closes an overflow connection as it comes back to a full pool; under a
 worker's greenlets, which always want more than the pool keeps, that started a PostgreSQL
-backend every few jobs (promptq.db)."""
+backend every few jobs (promptq.db). A worker opens the pool's size of them before it says
+it is ready (promptq.db.open_pool)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
+from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from helpers import start_worker, stop_worker
+from sqlalchemy import create_engine, text
+from sqlalchemy.pool import NullPool
 
 from promptq.config import Settings
-from promptq.db import get_engine
+from promptq.db import get_engine, open_pool
 
 POOL, OVERFLOW = 2, 3
 
@@ -60,3 +64,48 @@ def test_a_checkout_beyond_pool_plus_overflow_waits_for_one_to_come_back(
             assert not late.done()  # no sixth connection opened for it
             connections[0].close()
             assert late.result(timeout=10) == {pids[0]}  # the one that came back
+
+
+def test_open_pool_opens_connections_that_later_units_of_work_take(settings: Settings) -> None:
+    open_pool(settings, POOL)
+    engine = get_engine(settings)
+    assert engine.pool.checkedin() == POOL  # type: ignore[attr-defined]
+    # Checked out at once, they are the ones opened: no backend started for them.
+    opened = backends_at_once(settings, POOL)
+    assert len(opened) == POOL
+    assert engine.pool.checkedin() == POOL  # type: ignore[attr-defined]
+
+
+def backends_of(database_url: str) -> int:
+    """The server processes connected to the database, but for the one asking."""
+    engine = create_engine(database_url, poolclass=NullPool)
+    try:
+        with engine.connect() as connection:
+            return connection.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            ).scalar_one()
+    finally:
+        engine.dispose()
+
+
+def test_a_ready_worker_holds_its_pools_connections_before_any_job(
+    fresh_database_url: str, test_env: dict[str, str], tmp_path: Path
+) -> None:
+    if not fresh_database_url.startswith("postgresql"):
+        pytest.skip("SQLite's pool is one connection a process, opened as it is wanted")
+    before = backends_of(fresh_database_url)
+    env = {
+        **test_env,
+        "PROMPTQ_DATABASE_URL": fresh_database_url,
+        "PROMPTQ_DATABASE_POOL_SIZE": "7",
+    }
+    worker = start_worker(env, tmp_path / "worker.log")
+    try:
+        # What the worker opened by the time it said it was ready (its start reads the
+        # database on one connection or two: fewer than the pool's size).
+        assert backends_of(fresh_database_url) - before >= 7
+    finally:
+        stop_worker(worker)

@@ -6,6 +6,7 @@ own, so that anything still reading it fails."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -15,14 +16,24 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import REPO
+import redis
+import redis.utils
+from helpers import REPO, assert_named_as_redis_py
 from redis_servers import RedisServer
 from stack_parts import Stack, new_key, own_database, prompts
 
 from promptq.config import Settings
 from promptq.redis_keys import JOB_FINISHED_CHANNEL as CHANNEL
 from promptq.redis_keys import KEY_CHANGED_CHANNEL
-from promptq.redis_roles import SentinelGroup, celery_broker, check_url, mask, passwords
+from promptq.redis_roles import (
+    SentinelGroup,
+    async_redis_client,
+    celery_broker,
+    check_url,
+    mask,
+    passwords,
+    redis_client,
+)
 from promptq.simulator import Simulator
 
 NOWHERE = "redis://127.0.0.1:1/0"
@@ -242,3 +253,26 @@ def test_an_unreachable_role_makes_readyz_say_which(
         answer = client.get("/readyz")
     assert answer.status_code == 503
     assert answer.json()["checks"]["redis"] == "unavailable: ConnectionError (events)"
+
+
+def test_a_client_names_redis_py_without_reading_its_metadata(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def read(*_: Any) -> str:
+        raise AssertionError("redis-py read its version from the package's metadata")
+
+    monkeypatch.setattr(redis.utils, "get_lib_version", read)
+    # Each opens a connection: one that read the metadata would fail here.
+    client = redis_client(redis_url)
+    assert client.ping()
+    assert_named_as_redis_py(client)
+
+    async def ping() -> Any:
+        client = async_redis_client(redis_url)
+        try:
+            assert_named_as_redis_py(client)
+            return await client.ping()
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(ping())
