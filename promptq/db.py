@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from functools import lru_cache
 from typing import Any
 
@@ -105,14 +105,18 @@ def open_pool(database: Database, connections: int) -> None:
     import the driver, build the engine and open its connections in the middle of the
     worker's first wave of answers (py-spy: the engine 9% of that first second's samples,
     the connections 7%), where under gevent each wait is a turn behind every other ready
-    greenlet. On
-    PostgreSQL only: a SQLite connection costs no round trip, and a gevent worker keeps one."""
+    greenlet. On PostgreSQL only: a SQLite connection costs no round trip, and a gevent
+    worker keeps one. `connections`: at most the pool's size, or the last would wait for one
+    to come back."""
     engine = get_engine(database)
     if not on_postgresql(engine):
         return
-    opened = [engine.connect() for _ in range(connections)]
-    for connection in opened:
-        connection.close()
+    with ExitStack() as opened:
+        # All checked out at once, so that each is a connection of its own; all back in the
+        # pool however far it got (one that fails stops it: a database away is waited for
+        # once, not once per connection).
+        for _ in range(connections):
+            opened.enter_context(engine.connect())
 
 
 @lru_cache(maxsize=8)
