@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import redis
+import redis.utils
 from helpers import running_api, start_worker, stop_worker
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
@@ -259,3 +260,14 @@ def quiet_api(quiet_env: dict[str, str]) -> Iterator[Any]:
     yield make
     for client in opened:
         client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def version_never_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """redis-py's lookup of its own version in the package's metadata, made to fail: a
+    connection that still reads it (rather than promptq.redis_roles.DRIVER_INFO) fails."""
+
+    def read(*_: Any) -> str:
+        raise AssertionError("redis-py read its version from the package's metadata")
+
+    monkeypatch.setattr(redis.utils, "get_lib_version", read)

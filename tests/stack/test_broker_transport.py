@@ -9,7 +9,6 @@ from urllib.parse import urlsplit
 import pytest
 import redis
 import redis.client
-import redis.utils
 from helpers import assert_named_as_redis_py
 from kombu import Connection
 from kombu.transport import get_transport_cls
@@ -93,17 +92,6 @@ def test_the_transports_keep_kombus_names(quiet_settings: Settings) -> None:
     assert secure.transport_cls == "rediss"
     assert secure.ssl
     assert isinstance(secure.transport, transport.Transport)
-
-
-@pytest.fixture
-def version_never_read(monkeypatch: pytest.MonkeyPatch) -> None:
-    """redis-py's lookup of its own version in the package's metadata, made to fail: a
-    connection that still reads it (rather than promptq.redis_roles.DRIVER_INFO) fails."""
-
-    def read(*_: Any) -> str:
-        raise AssertionError("redis-py read its version from the package's metadata")
-
-    monkeypatch.setattr(redis.utils, "get_lib_version", read)
 
 
 def test_kombus_connections_name_redis_py_without_reading_its_metadata(

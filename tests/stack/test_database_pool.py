@@ -104,8 +104,7 @@ def test_a_ready_worker_holds_its_pools_connections_before_any_job(
     }
     worker = start_worker(env, tmp_path / "worker.log")
     try:
-        # What the worker opened by the time it said it was ready (its start reads the
-        # database on one connection or two: fewer than the pool's size).
+        # What the worker opened by the time it said it was ready (without open_pool, none).
         assert backends_of(fresh_database_url) - before >= 7
     finally:
         stop_worker(worker)
