@@ -39,7 +39,7 @@ from promptq.config import Settings, get_settings
 from promptq.jobspec.schemas import JobCreate
 from promptq.outbox import Messenger
 from promptq.pricing import PriceTable
-from promptq.quotas import UnfinishedJobs
+from promptq.quotas import IntakeQuotas, UnfinishedJobs
 from promptq.ratelimit.quota import RateQuota
 from promptq.ratelimit.table import LimitTable
 from promptq.redis_roles import redis_client, role_url
@@ -73,6 +73,7 @@ def create_app(settings: Settings | None = None, messenger: Messenger | None = N
     limiter_redis = redis_client(limiter_url)
     app.state.quotas = RateQuota(limiter_redis)
     app.state.unfinished = UnfinishedJobs(limiter_redis)
+    app.state.intake_quotas = IntakeQuotas(limiter_redis)
     app.state.open_requests = OpenRequests(
         settings.key_max_open_requests, settings.max_open_requests
     )

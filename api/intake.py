@@ -13,6 +13,7 @@ import anyio.to_thread
 from anyio import CapacityLimiter
 from fastapi import Request
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from api.broker import require_broker
 from api.deps import request_session
@@ -23,7 +24,7 @@ from promptq.jobspec.presenter import job_to_api
 from promptq.jobspec.schemas import JobCreate, anthropic_beta
 from promptq.keys.policy import quota
 from promptq.models import ApiKey
-from promptq.quotas import QuotaExceeded
+from promptq.quotas import INTAKE_RATE, QuotaExceeded, reserved_at_intake
 
 # Bodies posted as forms, by tools that only post flat fields.
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
@@ -35,16 +36,33 @@ INTAKE_BURST_SECONDS = 2.0
 def check_intake_rate(request: Request, settings: Settings, key: ApiKey) -> None:
     """One of the key's intake requests a second (PROMPTQ_KEY_MAX_REQUESTS_PER_SECOND),
     shared by every API process; a 429 when they are spent."""
-    quotas = request.app.state.quotas
     per_second = quota(key, settings, "requests_per_second")
-    wait = quotas.take("intake", key.id, per_second * 60, INTAKE_BURST_SECONDS)
+    wait = request.app.state.quotas.take(INTAKE_RATE, key.id, per_second * 60, INTAKE_BURST_SECONDS)
     if wait > 0:
-        raise QuotaExceeded(
-            f"this API key sends more than {per_second:g} jobs a second "
-            "(PROMPTQ_KEY_MAX_REQUESTS_PER_SECOND); slow down, or send many prompts at once "
-            "as a Message Batch (POST /v1/messages/batches)",
-            wait,
-        )
+        raise _too_fast(per_second, wait)
+
+
+def take_intake_turn(request: Request, settings: Settings, key: ApiKey, session: Session) -> None:
+    """check_intake_rate for a single job, taking its room in the key's unfinished count
+    in the same Redis round trip (promptq.quotas.IntakeQuotas). Room the count cannot give
+    (it is unknown, or at the quota) is left to the job's own check, which counts in the
+    database."""
+    per_second = quota(key, settings, "requests_per_second")
+    most = int(quota(key, settings, "unfinished_jobs"))
+    turn = request.app.state.intake_quotas.take(key.id, per_second * 60, INTAKE_BURST_SECONDS, most)
+    if turn.wait_seconds > 0:
+        raise _too_fast(per_second, turn.wait_seconds)
+    if turn.reserved:
+        reserved_at_intake(session)
+
+
+def _too_fast(per_second: float, wait: float) -> QuotaExceeded:
+    return QuotaExceeded(
+        f"this API key sends more than {per_second:g} jobs a second "
+        "(PROMPTQ_KEY_MAX_REQUESTS_PER_SECOND); slow down, or send many prompts at once "
+        "as a Message Batch (POST /v1/messages/batches)",
+        wait,
+    )
 
 
 def accept_job(
@@ -59,8 +77,8 @@ def accept_job(
     header goes with the job to the upstream."""
     beta = anthropic_beta(request.headers.get("anthropic-beta"))
     require_broker(request.app.state.broker, "job")
-    check_intake_rate(request, settings, key)
     with closing(request_session(request, settings, intake_autocommits(settings))) as session:
+        take_intake_turn(request, settings, key, session)
         try:
             outcome = service.create_job(session, settings, key, payload, idempotency_header, beta)
             session.commit()

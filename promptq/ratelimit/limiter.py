@@ -68,10 +68,14 @@ ScriptCall = tuple[Any, list[Any], list[Any]]
 RunningCalls = Callable[[str], list[tuple[str, float]]]
 
 
-def _script(client: redis.Redis, name: str) -> Any:
+def _script(client: redis.Redis, name: str, *libraries: str) -> Any:
+    """lua/NAME.lua after the prelude and the `libraries` (lua/LIBRARY.lua: functions the
+    scripts of one kind share)."""
     scripts = files("promptq.ratelimit").joinpath("lua")
-    prelude = scripts.joinpath("prelude.lua").read_text()
-    return client.register_script(prelude + "\n" + scripts.joinpath(f"{name}.lua").read_text())
+    parts = ["prelude", *libraries, name]
+    return client.register_script(
+        "\n".join(scripts.joinpath(f"{part}.lua").read_text() for part in parts)
+    )
 
 
 @dataclass(frozen=True)

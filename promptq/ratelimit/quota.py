@@ -13,7 +13,7 @@ from promptq.ratelimit.limiter import _script
 class RateQuota:
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
-        self._allow = _script(client, "allow")
+        self._allow = _script(client, "allow", "quotas")
 
     def take(self, name: str, key_id: str, per_minute: float, burst_seconds: float) -> float:
         """0 when one unit of the key's `name` quota was taken; else the seconds until one

@@ -168,3 +168,20 @@ def assert_named_as_redis_py(client: Any) -> None:
     """What redis-py tells the server it is (CLIENT SETINFO, Redis 7.2 and later)."""
     driver = client.connection_pool.connection_kwargs["driver_info"]
     assert (driver.formatted_name, driver.lib_version) == ("redis-py", redis.__version__)
+
+
+def command_names(packed: Any) -> list[str]:
+    """The command names of a packed RESP request (one, or a pipeline's several)."""
+    chunks = packed if isinstance(packed, list | tuple) else [packed]
+    data = b"".join(bytes(chunk) for chunk in chunks)
+    names: list[str] = []
+    lines = data.split(b"\r\n")
+    index = 0
+    while index < len(lines):
+        if lines[index].startswith(b"*") and index + 2 < len(lines):
+            names.append(lines[index + 2].decode(errors="replace").upper())
+            count = int(lines[index][1:])
+            index += 1 + 2 * count
+        else:
+            index += 1
+    return names

@@ -38,7 +38,7 @@ from typing import Any
 import pytest
 import redis
 import redis.connection
-from helpers import unique
+from helpers import command_names, unique
 from sqlalchemy import event, select, update
 from standardwebhooks.webhooks import Webhook
 
@@ -112,23 +112,6 @@ class Tally:
         )
 
 
-def _command_names(packed: Any) -> list[str]:
-    """The command names of a packed RESP request (one, or a pipeline's several)."""
-    chunks = packed if isinstance(packed, list | tuple) else [packed]
-    data = b"".join(bytes(chunk) for chunk in chunks)
-    names: list[str] = []
-    lines = data.split(b"\r\n")
-    index = 0
-    while index < len(lines):
-        if lines[index].startswith(b"*") and index + 2 < len(lines):
-            names.append(lines[index + 2].decode(errors="replace").upper())
-            count = int(lines[index][1:])
-            index += 1 + 2 * count
-        else:
-            index += 1
-    return names
-
-
 @pytest.fixture
 def redis_tally(monkeypatch: pytest.MonkeyPatch) -> Tally:
     """Counts the Redis round trips of this process (of Tally.thread, once set), as the
@@ -138,7 +121,7 @@ def redis_tally(monkeypatch: pytest.MonkeyPatch) -> Tally:
 
     def counting_send(self: Any, command: Any, check_health: bool = True) -> None:
         if counted.ours():
-            counted.redis.append(_command_names(command))
+            counted.redis.append(command_names(command))
         send(self, command, check_health)
 
     monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting_send)

@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
+import redis
+import redis.connection
 import requests
-from helpers import auth, running_api
+from helpers import auth, command_names, running_api
 
 from promptq import redis_keys
 from promptq.db import session_scope
+from promptq.keys.service import authenticate
 from promptq.models import Job
 from promptq.webhooks import deliveries
 
@@ -93,6 +98,82 @@ def test_unfinished_jobs_counted_in_redis_stay_exact(quiet_api: MakeClient, make
         "PROMPTQ_KEY_MAX_UNFINISHED_JOBS",
     )
     assert len(client.get("/v1/jobs", headers=auth(key)).json()["data"]) == 3
+
+
+@contextmanager
+def redis_trips_naming(monkeypatch: pytest.MonkeyPatch, text: str) -> Iterator[list[list[str]]]:
+    """The Redis round trips of this process whose commands name `text` (a key's id, in its
+    quota keys), each as the commands it carried: what the in-process API sends for a key,
+    apart from anything other threads of the session send."""
+    trips: list[list[str]] = []
+    send = redis.connection.AbstractConnection.send_packed_command
+    needle = text.encode()
+
+    def counting_send(self: Any, command: Any, check_health: bool = True) -> None:
+        chunks = command if isinstance(command, list | tuple) else [command]
+        if any(needle in bytes(chunk) for chunk in chunks):
+            trips.append(command_names(command))
+        send(self, command, check_health)
+
+    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting_send)
+    yield trips
+    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", send)
+
+
+def test_a_jobs_rate_and_its_room_are_taken_in_one_round_trip(
+    quiet_api: MakeClient, make_key: Any, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job's intake takes the key's intake rate and its room in the unfinished count with
+    one script (promptq.quotas.IntakeQuotas). A request refused or answered after that
+    (here an idempotency key's earlier job) has added to the count all the same: the count
+    reaches the quota sooner, and the database's count then keeps the quota exact."""
+    client = quiet_api(key_max_unfinished_jobs=3)
+    key = make_key("one trip")
+    with session_scope(database_url) as session:
+        record = authenticate(session, key)
+        assert record is not None
+        key_id = record.id
+    first = client.post("/v1/jobs", json={"prompt": "first"}, headers=auth(key))
+    assert first.status_code == 202  # no count yet: counted in the database, then kept
+    with redis_trips_naming(monkeypatch, key_id) as trips:
+        second = client.post(
+            "/v1/jobs", json={"prompt": "second"}, headers={**auth(key), "Idempotency-Key": "k"}
+        )
+    assert second.status_code == 202
+    assert trips == [["EVALSHA"]], trips
+    counts = client.app.state.unfinished.client
+    assert int(counts.get(redis_keys.unfinished_jobs(key_id))) == 2
+    # The same request again: the earlier job, and one more in the count (3 for 2 jobs).
+    again = client.post(
+        "/v1/jobs", json={"prompt": "second"}, headers={**auth(key), "Idempotency-Key": "k"}
+    )
+    assert again.json()["id"] == second.json()["id"]
+    assert int(counts.get(redis_keys.unfinished_jobs(key_id))) == 3
+    # The count is at the quota, the jobs are not: counted in the database, taken in.
+    assert client.post("/v1/jobs", json={"prompt": "third"}, headers=auth(key)).status_code == 202
+    refused(
+        client.post("/v1/jobs", json={"prompt": "fourth"}, headers=auth(key)),
+        429,
+        "PROMPTQ_KEY_MAX_UNFINISHED_JOBS",
+    )
+
+
+def test_a_request_past_its_rate_takes_no_room(
+    quiet_api: MakeClient, make_key: Any, database_url: str
+) -> None:
+    client = quiet_api(key_max_requests_per_second=1, key_max_unfinished_jobs=10)
+    key = make_key("past its rate")
+    with session_scope(database_url) as session:
+        record = authenticate(session, key)
+        assert record is not None
+        count = redis_keys.unfinished_jobs(record.id)
+    statuses = [
+        client.post("/v1/jobs", json={"prompt": f"fast {i}"}, headers=auth(key)).status_code
+        for i in range(5)
+    ]
+    # Two seconds of the rate at once: two taken in, the rest refused without a count.
+    assert statuses.count(202) == int(client.app.state.unfinished.client.get(count)), statuses
+    assert 429 in statuses
 
 
 def test_subscriptions_and_templates_per_key(quiet_api: MakeClient, make_key: Any) -> None:
