@@ -10,12 +10,13 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import redis
+import redis.connection
 
 from promptq import supervisor
 from promptq.supervisor import Child
@@ -185,3 +186,34 @@ def command_names(packed: Any) -> list[str]:
         else:
             index += 1
     return names
+
+
+def record_redis_trips(
+    monkeypatch: Any, wanted: Callable[[Any], bool], into: list[list[str]]
+) -> Callable[[], None]:
+    """Append to `into` each Redis round trip of this process that `wanted` (given the
+    packed request) keeps, as the commands it carried (command_names). A counting wrapper
+    around redis-py's connection send: the real server still gets every command. Returns
+    what stops the recording."""
+    send = redis.connection.AbstractConnection.send_packed_command
+
+    def counting_send(self: Any, command: Any, check_health: bool = True) -> None:
+        if wanted(command):
+            into.append(command_names(command))
+        send(self, command, check_health)
+
+    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting_send)
+    return lambda: monkeypatch.setattr(
+        redis.connection.AbstractConnection, "send_packed_command", send
+    )
+
+
+def key_id_of(database_url: str, plain: str) -> str:
+    """The id of the client key `plain`."""
+    from promptq.db import session_scope
+    from promptq.keys.service import authenticate
+
+    with session_scope(database_url) as session:
+        record = authenticate(session, plain)
+        assert record is not None
+        return record.id

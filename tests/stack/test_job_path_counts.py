@@ -36,9 +36,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-import redis
-import redis.connection
-from helpers import command_names, unique
+from helpers import record_redis_trips, unique
 from sqlalchemy import event, select, update
 from standardwebhooks.webhooks import Webhook
 
@@ -117,14 +115,7 @@ def redis_tally(monkeypatch: pytest.MonkeyPatch) -> Tally:
     """Counts the Redis round trips of this process (of Tally.thread, once set), as the
     commands each carried."""
     counted = Tally()
-    send = redis.connection.AbstractConnection.send_packed_command
-
-    def counting_send(self: Any, command: Any, check_health: bool = True) -> None:
-        if counted.ours():
-            counted.redis.append(command_names(command))
-        send(self, command, check_health)
-
-    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting_send)
+    record_redis_trips(monkeypatch, lambda _: counted.ours(), counted.redis)
     return counted
 
 

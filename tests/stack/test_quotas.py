@@ -10,20 +10,16 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
-import redis.connection
 import requests
-from helpers import auth, command_names, running_api
+from helpers import auth, key_id_of, record_redis_trips, running_api
 
 from promptq import redis_keys
 from promptq.db import session_scope
-from promptq.keys.service import authenticate
 from promptq.models import Job
 from promptq.webhooks import deliveries
 
@@ -100,24 +96,15 @@ def test_unfinished_jobs_counted_in_redis_stay_exact(quiet_api: MakeClient, make
     assert len(client.get("/v1/jobs", headers=auth(key)).json()["data"]) == 3
 
 
-@contextmanager
-def redis_trips_naming(monkeypatch: pytest.MonkeyPatch, text: str) -> Iterator[list[list[str]]]:
-    """The Redis round trips of this process whose commands name `text` (a key's id, in its
-    quota keys), each as the commands it carried: what the in-process API sends for a key,
-    apart from anything other threads of the session send."""
-    trips: list[list[str]] = []
-    send = redis.connection.AbstractConnection.send_packed_command
+def naming(text: str) -> Callable[[Any], bool]:
+    """Whether a packed Redis request names `text` (a key's id, in its quota keys)."""
     needle = text.encode()
 
-    def counting_send(self: Any, command: Any, check_health: bool = True) -> None:
+    def names(command: Any) -> bool:
         chunks = command if isinstance(command, list | tuple) else [command]
-        if any(needle in bytes(chunk) for chunk in chunks):
-            trips.append(command_names(command))
-        send(self, command, check_health)
+        return any(needle in bytes(chunk) for chunk in chunks)
 
-    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting_send)
-    yield trips
-    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", send)
+    return names
 
 
 def test_a_jobs_rate_and_its_room_are_taken_in_one_round_trip(
@@ -129,16 +116,15 @@ def test_a_jobs_rate_and_its_room_are_taken_in_one_round_trip(
     reaches the quota sooner, and the database's count then keeps the quota exact."""
     client = quiet_api(key_max_unfinished_jobs=3)
     key = make_key("one trip")
-    with session_scope(database_url) as session:
-        record = authenticate(session, key)
-        assert record is not None
-        key_id = record.id
+    key_id = key_id_of(database_url, key)
     first = client.post("/v1/jobs", json={"prompt": "first"}, headers=auth(key))
     assert first.status_code == 202  # no count yet: counted in the database, then kept
-    with redis_trips_naming(monkeypatch, key_id) as trips:
-        second = client.post(
-            "/v1/jobs", json={"prompt": "second"}, headers={**auth(key), "Idempotency-Key": "k"}
-        )
+    trips: list[list[str]] = []
+    stop_recording = record_redis_trips(monkeypatch, naming(key_id), trips)
+    second = client.post(
+        "/v1/jobs", json={"prompt": "second"}, headers={**auth(key), "Idempotency-Key": "k"}
+    )
+    stop_recording()
     assert second.status_code == 202
     assert trips == [["EVALSHA"]], trips
     counts = client.app.state.unfinished.client
@@ -163,10 +149,7 @@ def test_a_request_past_its_rate_takes_no_room(
 ) -> None:
     client = quiet_api(key_max_requests_per_second=1, key_max_unfinished_jobs=10)
     key = make_key("past its rate")
-    with session_scope(database_url) as session:
-        record = authenticate(session, key)
-        assert record is not None
-        count = redis_keys.unfinished_jobs(record.id)
+    count = redis_keys.unfinished_jobs(key_id_of(database_url, key))
     statuses = [
         client.post("/v1/jobs", json={"prompt": f"fast {i}"}, headers=auth(key)).status_code
         for i in range(5)
