@@ -26,6 +26,7 @@ import contextlib
 import logging
 import logging.config
 import re
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from datetime import UTC, datetime
@@ -237,6 +238,30 @@ class TaskSuccessFilter(logging.Filter):
         return not (isinstance(record.msg, str) and record.msg.startswith(TASK_SUCCESS_FORMAT))
 
 
+class HandedBackFilter(logging.Filter):
+    """Celery's record of a task that put its message back on its queue (a `Reject` with
+    requeue: a standby job when its worker begins to stop, worker.tasks.jobs) as one INFO
+    line. Celery logs it as a WARNING with the traceback twice over (the exception, and again
+    in its `data` field), for every standby job at every restart, though nothing failed and
+    nothing is lost: warnings an operator learns to ignore hide the ones that matter."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # Looked up rather than imported: importing Celery costs every CLI command a fifth
+        # of a second, and a process that has not imported it has no Reject to log.
+        exceptions = sys.modules.get("celery.exceptions")
+        error = record.exc_info[1] if record.exc_info else None
+        if exceptions is None or not isinstance(error, exceptions.Reject) or not error.requeue:
+            return True
+        if not logging.getLogger(record.name).isEnabledFor(logging.INFO):
+            return False  # created as a WARNING, under a level that would not show it now
+        record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
+        record.exc_info, record.exc_text = None, None
+        data = record.__dict__.get("data")
+        if isinstance(data, dict):
+            record.__dict__["data"] = {k: v for k, v in data.items() if k != "traceback"}
+        return True
+
+
 def logging_config(settings: Settings) -> dict[str, Any]:
     """The logging configuration of a promptq service, as a `logging.config.dictConfig`
     dict (uvicorn takes one as `log_config` and applies it in each of its processes)."""
@@ -249,6 +274,7 @@ def logging_config(settings: Settings) -> dict[str, Any]:
             "context": {"()": f"{__name__}.ContextFilter"},
             "redact": {"()": f"{__name__}.RedactingFilter"},
             "task_success": {"()": f"{__name__}.TaskSuccessFilter"},
+            "handed_back": {"()": f"{__name__}.HandedBackFilter"},
         },
         "formatters": {"promptq": {"()": f"{__name__}.{formatter}"}},
         "handlers": {
@@ -261,14 +287,17 @@ def logging_config(settings: Settings) -> dict[str, Any]:
             }
         },
         "root": {"level": settings.log_level, "handlers": ["stderr"]},
-        "loggers": {} if settings.log_level == "DEBUG" else _quiet_per_task_loggers(),
+        "loggers": _celery_loggers(quiet=settings.log_level != "DEBUG"),
     }
 
 
-def _quiet_per_task_loggers() -> dict[str, Any]:
+def _celery_loggers(quiet: bool) -> dict[str, Any]:
+    """Celery's per-task lines (dropped unless at DEBUG) and its handed-back messages."""
+    if not quiet:
+        return {TRACE_LOGGER: {"filters": ["handed_back"]}}
     return {
         PER_TASK_LOGGER: {"level": "WARNING"},
-        TRACE_LOGGER: {"filters": ["task_success"]},
+        TRACE_LOGGER: {"filters": ["task_success", "handed_back"]},
     }
 
 

@@ -6,6 +6,7 @@ twice; and a job of a higher priority taken after the standby jobs starts before
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -107,6 +108,11 @@ def test_a_warm_shutdown_finishes_the_calls_and_puts_the_standby_jobs_back(
     # the broker's visibility timeout, nor the sweeper's republishing).
     assert _count(env, ids, "queued") == STANDBY
     assert broker_backlog(app) == STANDBY
+    # Each said so in one INFO line: nothing failed (promptq.logging.HandedBackFilter).
+    handed_back = _handed_back_lines(tmp_path / "first.log")
+    assert {line["level"] for line in handed_back} == {"INFO"}
+    assert len({line["data"]["id"] for line in handed_back}) == STANDBY
+    assert not any("exception" in line or "traceback" in line["data"] for line in handed_back)
 
     second = start_worker(env, tmp_path / "second.log", concurrency=CONCURRENCY)
     try:
@@ -114,6 +120,12 @@ def test_a_warm_shutdown_finishes_the_calls_and_puts_the_standby_jobs_back(
     finally:
         stop_worker(second)
     assert upstream.stats()["calls"] == len(ids)  # none called twice
+
+
+def _handed_back_lines(log: Path) -> list[dict[str, Any]]:
+    """Celery's records of the worker's run_job tasks that put their message back."""
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    return [line for line in lines if "reject requeue=True" in line["message"]]
 
 
 def test_a_higher_priority_job_goes_before_the_standby_jobs_already_waiting(
