@@ -58,9 +58,10 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=1000, help="calls in flight (default 1000)")
     parser.add_argument("--latency", type=float, default=10.0, help="upstream seconds (10)")
     add_store_options(parser, DEFAULT_REDIS_URL, "flushed before and after the run")
+    parser.add_argument("--logs", type=Path, help="copy the API's and worker's logs here")
     args = parser.parse_args()
 
-    with bench_run(args, DEFAULT_REDIS_URL) as (stack, setup):
+    with bench_run(args, DEFAULT_REDIS_URL, logs=args.logs) as (stack, setup):
         simulator = Simulator(SimulatorConfig(latency=args.latency))
         stack.callback(simulator.stop)
         env = stack_env(

@@ -1,20 +1,23 @@
 """promptq.broker.transport: kombu's Redis channel with one redis-py client per connection
-pool, under kombu's own transport names, against a real Redis."""
+pool and its messages put back one at a time, under kombu's own transport names, against a
+real Redis."""
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 import redis
 import redis.client
-from helpers import assert_named_as_redis_py
-from kombu import Connection
+from helpers import assert_named_as_redis_py, record_redis_trips
+from kombu import Connection, Consumer
+from kombu.message import Message
 from kombu.transport import get_transport_cls
 
 from promptq.broker import transport
-from promptq.broker.celery_app import create_celery
+from promptq.broker.celery_app import QUEUE, create_celery
 from promptq.broker.publish import broker_backlog, publish_job
 from promptq.config import Settings
 from promptq.redis_keys import published_marker
@@ -104,3 +107,41 @@ def test_kombus_connections_name_redis_py_without_reading_its_metadata(
         for client in (channel._create_client(), channel._create_client(asynchronous=True)):
             assert client.ping()
             assert_named_as_redis_py(client)
+
+
+PUT_BACK = 40
+
+
+def test_messages_put_back_at_once_take_one_transaction_each(
+    quiet_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As a worker's standby jobs are put back when it begins to stop, a greenlet each:
+    every message back on its queue, each in one transaction, none refused by the server
+    and started again (kombu's own channel: several times as many)."""
+    app = create_celery(quiet_settings)
+    for index in range(PUT_BACK):
+        publish_job(app, f"job_put_back_{index}")
+    taken: list[Message] = []
+    with app.connection_for_read() as connection:
+        channel = connection.channel()
+        queue = app.amqp.queues[QUEUE]
+        with Consumer(channel, [queue], callbacks=[lambda _, m: taken.append(m)], accept=["json"]):
+            while len(taken) < PUT_BACK:
+                connection.drain_events(timeout=5)
+        assert broker_backlog(app) == 0
+        trips: list[list[str]] = []
+        record_redis_trips(monkeypatch, lambda _: True, trips)
+        together = threading.Barrier(PUT_BACK)
+
+        def put_back(message: Message) -> None:
+            together.wait()
+            message.reject(requeue=True)
+
+        threads = [threading.Thread(target=put_back, args=(m,)) for m in taken]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        channel.close()
+    assert broker_backlog(app) == PUT_BACK
+    assert sum(trip.count("WATCH") for trip in trips) == PUT_BACK
