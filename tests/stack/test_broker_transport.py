@@ -90,6 +90,8 @@ def test_the_transports_keep_kombus_names(quiet_settings: Settings) -> None:
     assert get_transport_cls("redis") is transport.Transport
     assert get_transport_cls("sentinel") is transport.SentinelTransport
     assert transport.SentinelTransport.Channel is transport.SentinelChannel
+    # A Sentinel group's channel puts its messages back in turn as well.
+    assert transport.SentinelChannel.QoS is transport.Channel.QoS
     # rediss:// still turns TLS on (kombu does by the transport's name).
     secure = Connection("rediss://127.0.0.1:6380/0")
     assert secure.transport_cls == "rediss"
