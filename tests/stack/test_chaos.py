@@ -90,13 +90,13 @@ class Stack:
     def assert_each_called_once(
         self, prompts: list[str], job_ids: list[str], note: str = ""
     ) -> None:
-        """With, on failure, what the workers logged of the jobs called more than once:
+        """With, on failure, what the workers logged of the jobs not called exactly once:
         the story a rare failure needs, since CI keeps no logs."""
         by_prompt = self.simulator.stats()["calls_by_prompt"]
         again = [
             job
             for text, job in zip(prompts, job_ids, strict=True)
-            if by_prompt.get(text[:60], 0) > 1
+            if by_prompt.get(text[:60], 0) != 1
         ]
         if again:
             lines = [
@@ -106,7 +106,7 @@ class Stack:
                 if any(job in line for job in again) or "shutdown" in line.lower()
             ]
             pytest.fail(
-                f"{len(again)} of {len(job_ids)} jobs were called more than once "
+                f"{len(again)} of {len(job_ids)} jobs were not called exactly once "
                 f"({self.calls(prompts)} calls{'; ' + note if note else ''}); the workers' "
                 "lines about them:\n" + "\n".join(lines[-80:])
             )
