@@ -16,7 +16,7 @@ from api.body_limit import BodySizeLimit
 from api.broker import BrokerCheck
 from api.control_chars import RefuseControlCharacters
 from api.errors import install_error_handlers
-from api.intake import intake_threads
+from api.intake import intake_line
 from api.listener import FinishedJobs
 from api.open_requests import OpenRequests
 from api.routes import (
@@ -92,7 +92,7 @@ def create_app(settings: Settings | None = None, messenger: Messenger | None = N
     # of batch (README, Security), so two at once could pass the pod's memory limit; the
     # others wait with their bodies unread.
     app.state.batch_intake = asyncio.Semaphore(1)
-    app.state.intake_threads = intake_threads(settings)
+    app.state.intake_line = intake_line(app, settings)
     app.add_middleware(
         BodySizeLimit,
         max_bytes=settings.max_body_bytes,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, FastAPI, Request
 from sqlalchemy.orm import Session
 
 from api.auth import caller, presented_key
@@ -23,13 +23,18 @@ SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 
 
 def request_session(request: Request, settings: Settings, autocommit: bool = False) -> Session:
+    """app_session for the request's app."""
+    return app_session(request.app, settings, autocommit)
+
+
+def app_session(app: FastAPI, settings: Settings, autocommit: bool = False) -> Session:
     """A session whose messages (promptq.outbox) the app's messenger sends once it commits:
     a job id never reaches the broker ahead of its row; and whose intake counts a key's
     unfinished jobs in Redis (promptq.quotas.UnfinishedJobs). `autocommit`: each statement
     commits on its own (promptq.db.session_scope)."""
     session = get_sessionmaker(settings, autocommit)()
-    quotas.bind(session, request.app.state.unfinished)
-    return outbox.bind(session, request.app.state.messenger)
+    quotas.bind(session, app.state.unfinished)
+    return outbox.bind(session, app.state.messenger)
 
 
 def get_session(request: Request, settings: SettingsDep) -> Iterator[Session]:

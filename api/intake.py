@@ -6,25 +6,27 @@ imports another."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import closing
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
-import anyio.to_thread
-from anyio import CapacityLimiter
-from fastapi import Request
+from fastapi import FastAPI, Request
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
 from api.broker import require_broker
-from api.deps import request_session
+from api.deps import app_session
+from api.intake_line import IntakeLine, Outcome
 from promptq.config import Settings
 from promptq.db import Database, on_postgresql, session_scope
+from promptq.errors import PromptqError
 from promptq.jobs import service
 from promptq.jobspec.presenter import job_to_api
 from promptq.jobspec.schemas import JobCreate, anthropic_beta
 from promptq.keys.policy import quota
 from promptq.models import ApiKey
-from promptq.quotas import INTAKE_RATE, QuotaExceeded, reserved_at_intake
+from promptq.quotas import INTAKE_RATE, IntakeAsk, QuotaExceeded, reserved_at_intake
 
 # Bodies posted as forms, by tools that only post flat fields.
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
@@ -42,20 +44,6 @@ def check_intake_rate(request: Request, settings: Settings, key: ApiKey) -> None
         raise _too_fast(per_second, wait)
 
 
-def take_intake_turn(request: Request, settings: Settings, key: ApiKey, session: Session) -> None:
-    """check_intake_rate for a single job, taking its room in the key's unfinished count
-    in the same Redis round trip (promptq.quotas.IntakeQuotas). Room the count cannot give
-    (it is unknown, or at the quota) is left to the job's own check, which counts in the
-    database."""
-    per_second = quota(key, settings, "requests_per_second")
-    most = int(quota(key, settings, "unfinished_jobs"))
-    turn = request.app.state.intake_quotas.take(key.id, per_second * 60, INTAKE_BURST_SECONDS, most)
-    if turn.wait_seconds > 0:
-        raise _too_fast(per_second, turn.wait_seconds)
-    if turn.reserved:
-        reserved_at_intake(session)
-
-
 def _too_fast(per_second: float, wait: float) -> QuotaExceeded:
     return QuotaExceeded(
         f"this API key sends more than {per_second:g} jobs a second "
@@ -65,31 +53,103 @@ def _too_fast(per_second: float, wait: float) -> QuotaExceeded:
     )
 
 
-def accept_job(
-    request: Request,
-    settings: Settings,
-    key: ApiKey,
-    payload: JobCreate,
-    idempotency_header: str | None,
-) -> dict[str, Any]:
-    """Store and commit, the job's message going once the commit is done: one trip to the
-    thread pool per job, since intake runs hundreds of times a second. An anthropic-beta
-    header goes with the job to the upstream."""
-    beta = anthropic_beta(request.headers.get("anthropic-beta"))
-    require_broker(request.app.state.broker, "job")
-    with closing(request_session(request, settings, intake_autocommits(settings))) as session:
-        take_intake_turn(request, settings, key, session)
+@dataclass(frozen=True)
+class JobTicket:
+    """A job posted, waiting in the intake line (api.intake_line) with what its request
+    said besides its body."""
+
+    key: ApiKey
+    payload: JobCreate
+    idempotency_header: str | None
+    beta: str | None  # the anthropic-beta header, for the upstream
+
+    @property
+    def idempotent(self) -> bool:
+        return self.idempotency_header is not None or self.payload.idempotency_key is not None
+
+
+def accept_jobs(app: FastAPI, settings: Settings, tickets: Sequence[JobTicket]) -> list[Outcome]:
+    """Store and commit the jobs of a batch from the intake line, in order, each job's
+    message going once the commit is done. Jobs with an idempotency key go one by one
+    (accept_alone), since two of them may name the same earlier job; the rest together
+    (accept_together). Raises what fails them all: the broker away, the database's error."""
+    require_broker(app.state.broker, "job")
+    outcomes: list[Outcome | None] = [None] * len(tickets)
+    together = [index for index, ticket in enumerate(tickets) if not ticket.idempotent]
+    if together:
+        accepted = accept_together(app, settings, [tickets[index] for index in together])
+        for index, outcome in zip(together, accepted, strict=True):
+            outcomes[index] = outcome
+    for index, ticket in enumerate(tickets):
+        if ticket.idempotent:
+            try:
+                outcomes[index] = accept_alone(app, settings, ticket)
+            except Exception as exc:  # its own unit of work, its own error
+                outcomes[index] = exc
+    return [outcome for outcome in outcomes if outcome is not None]
+
+
+def accept_together(
+    app: FastAPI, settings: Settings, tickets: Sequence[JobTicket]
+) -> list[Outcome]:
+    """Jobs without an idempotency key: their turns in one Redis round trip, each job's
+    checks (a job refused is refused alone), then every job that passed in one INSERT and
+    one commit, so either all of those are stored or none."""
+    asks = [_intake_ask(settings, ticket.key) for ticket in tickets]
+    turns = app.state.intake_quotas.take_many(asks)
+    outcomes: list[Outcome] = []
+    with closing(app_session(app, settings, intake_autocommits(settings))) as session:
+        jobs = []
+        for ticket, ask, turn in zip(tickets, asks, turns, strict=True):
+            try:
+                if turn.wait_seconds > 0:
+                    raise _too_fast(ask.per_minute / 60, turn.wait_seconds)
+                reserved_at_intake(session, turn.reserved)
+                job = service.prepare_job(
+                    session, settings, ticket.key, ticket.payload, None, ticket.beta
+                ).job
+            except PromptqError as exc:
+                outcomes.append(exc)
+            else:
+                jobs.append(job)
+                outcomes.append(job_to_api(job))
+        service.add_jobs(session, jobs)
+        session.commit()
+    return outcomes
+
+
+def accept_alone(app: FastAPI, settings: Settings, ticket: JobTicket) -> dict[str, Any]:
+    """One job in a unit of work of its own: one with an idempotency key, whose insert
+    fails when another request with that key committed first."""
+    with closing(app_session(app, settings, intake_autocommits(settings))) as session:
+        ask = _intake_ask(settings, ticket.key)
+        turn = app.state.intake_quotas.take_many([ask])[0]
+        if turn.wait_seconds > 0:
+            raise _too_fast(ask.per_minute / 60, turn.wait_seconds)
+        reserved_at_intake(session, turn.reserved)
+        create = (session, settings, ticket.key, ticket.payload, ticket.idempotency_header)
         try:
-            outcome = service.create_job(session, settings, key, payload, idempotency_header, beta)
+            outcome = service.create_job(*create, ticket.beta)
             session.commit()
         except IntegrityError:
             # Another request with the same idempotency key committed first: its job (the
             # rollback drops the message recorded for the row that lost).
             session.rollback()
-            outcome = service.create_job(session, settings, key, payload, idempotency_header, beta)
+            outcome = service.create_job(*create, ticket.beta)
             if outcome.created:
                 raise
         return job_to_api(outcome.job)
+
+
+def _intake_ask(settings: Settings, key: ApiKey) -> IntakeAsk:
+    """What a single job takes at intake: one of the key's intake requests a second
+    (PROMPTQ_KEY_MAX_REQUESTS_PER_SECOND), and its room in the key's unfinished count in
+    the same Redis round trip (promptq.quotas.IntakeQuotas). Room the count cannot give (it
+    is unknown, or at the quota) is left to the job's own check, which counts in the
+    database."""
+    per_second = quota(key, settings, "requests_per_second")
+    most = int(quota(key, settings, "unfinished_jobs"))
+    return IntakeAsk(key.id, per_second * 60, INTAKE_BURST_SECONDS, most)
 
 
 def intake_autocommits(settings: Settings) -> bool:
@@ -104,16 +164,9 @@ def intake_autocommits(settings: Settings) -> bool:
     return on_postgresql(settings)
 
 
-def intake_threads(settings: Settings) -> CapacityLimiter:
-    """The threads intake runs in, as many as the database pool's size: each holds one
-    connection for its insert and commit, and the rest of the pool (its overflow) stays for
-    the API's other routes. These threads take about two thirds of intake's CPU and the
-    event loop's thread a third (per-thread CPU, README "Throughput"). With 1, 2 or 10 of
-    them intake took 149 to 233 jobs/s, with 5 173 to 205, in alternating runs on a noisy
-    box: no clear difference, so the pool's size stays their number. With 40, when the
-    pool still closed its overflow connections as they came back (promptq.db), it opened
-    and closed them by the hundred a second, a PostgreSQL backend started each time."""
-    return CapacityLimiter(settings.database_pool_size)
+def intake_line(app: FastAPI, settings: Settings) -> IntakeLine[JobTicket]:
+    """The app's line of jobs posted (api.intake_line), taken in by accept_jobs."""
+    return IntakeLine(partial(accept_jobs, app, settings))
 
 
 async def take_in(
@@ -123,16 +176,11 @@ async def take_in(
     payload: JobCreate,
     idempotency_header: str | None,
 ) -> dict[str, Any]:
-    """accept_job in one of intake's threads (intake_threads)."""
-    return await anyio.to_thread.run_sync(
-        accept_job,
-        request,
-        settings,
-        key,
-        payload,
-        idempotency_header,
-        limiter=request.app.state.intake_threads,
-    )
+    """The job stored and its answer's body: through the app's intake line. An
+    anthropic-beta header goes with the job to the upstream."""
+    beta = anthropic_beta(request.headers.get("anthropic-beta"))
+    line: IntakeLine[JobTicket] = request.app.state.intake_line
+    return await line.take_in(JobTicket(key, payload, idempotency_header, beta))
 
 
 def read_job(database: Database, key: ApiKey, job_id: str) -> dict[str, Any]:

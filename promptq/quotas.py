@@ -13,6 +13,7 @@ Retry-After that says which quota, its setting and what to do.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import redis
@@ -31,7 +32,7 @@ from promptq.models import (
     PromptTemplate,
     WebhookSubscription,
 )
-from promptq.ratelimit.limiter import _script
+from promptq.ratelimit.limiter import _script, run_scripts
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,13 @@ class UnfinishedJobs:
         self.client.set(redis_keys.unfinished_jobs(key_id), count, px=UNFINISHED_COUNT_TTL_MS)
 
 
+class IntakeAsk(NamedTuple):
+    key_id: str
+    per_minute: float  # the key's intake rate
+    burst_seconds: float  # seconds of it the key may spend at once
+    most: int  # the key's quota of unfinished jobs
+
+
 class IntakeTurn(NamedTuple):
     wait_seconds: float  # 0: the request is within the key's intake rate
     reserved: bool  # room for the job was taken from the key's unfinished count
@@ -99,20 +107,37 @@ class IntakeQuotas:
     it (README "Intake")."""
 
     def __init__(self, client: redis.Redis) -> None:
+        self.client = client
         self._take = _script(client, "intake", "quotas")
 
     def take(self, key_id: str, per_minute: float, burst_seconds: float, most: int) -> IntakeTurn:
-        keys = [redis_keys.quota(INTAKE_RATE, key_id), redis_keys.unfinished_jobs(key_id)]
-        wait_ms, reserved = self._take(
-            keys=keys, args=[per_minute, burst_seconds * 1000, most, UNFINISHED_COUNT_TTL_MS]
-        )
-        return IntakeTurn(float(wait_ms) / 1000, bool(reserved))
+        return self.take_many([IntakeAsk(key_id, per_minute, burst_seconds, most)])[0]
+
+    def take_many(self, asks: Sequence[IntakeAsk]) -> list[IntakeTurn]:
+        """The turns of jobs taken in together (api.intake_line), in one round trip, in
+        order: each takes from its key's rate and count as if it came alone."""
+        calls = [
+            (
+                self._take,
+                [redis_keys.quota(INTAKE_RATE, ask.key_id), redis_keys.unfinished_jobs(ask.key_id)],
+                [ask.per_minute, ask.burst_seconds * 1000, ask.most, UNFINISHED_COUNT_TTL_MS],
+            )
+            for ask in asks
+        ]
+        return [
+            IntakeTurn(float(wait_ms) / 1000, bool(reserved))
+            for wait_ms, reserved in run_scripts(self.client, calls)
+        ]
 
 
-def reserved_at_intake(session: Session) -> None:
-    """The job `session` takes in has its room in the count already (IntakeQuotas):
-    check_unfinished_jobs takes none again."""
-    session.info[_RESERVED_AT_INTAKE] = True
+def reserved_at_intake(session: Session, reserved: bool = True) -> None:
+    """Whether the job `session` takes in next has its room in the count already
+    (IntakeQuotas): then check_unfinished_jobs takes none again. Jobs taken in together
+    share a session, so each says its own."""
+    if reserved:
+        session.info[_RESERVED_AT_INTAKE] = True
+    else:
+        session.info.pop(_RESERVED_AT_INTAKE, None)
 
 
 def bind(session: Session, unfinished: UnfinishedJobs | None) -> Session:

@@ -55,25 +55,23 @@ class JobRepository:
     def __init__(self, session: Session) -> None:
         self.session = session
 
-    def add(self, job: Job) -> Job:
-        """Insert a new job's row, as Core on the session's connection: the ORM's unit of
-        work (flush, identity map, change tracking) cost more of the API's CPU per job than
-        the insert itself, and nothing in the rest of the transaction changes the job. The
-        object is given the defaults its row gets and stays out of the session: what the
-        caller reads of it is what was written."""
-        for attribute, default in _job_defaults():
-            if getattr(job, attribute) is None:
-                # Core would write the None given: the column's default is set here.
-                setattr(job, attribute, default.arg(None) if default.is_callable else default.arg)
-        # Only the columns given a value: the rest of a new job's row is NULL anyway, and
-        # each parameter is one more to convert and send.
-        row = {
-            column: value
-            for attribute, column in _job_columns()
-            if (value := getattr(job, attribute)) is not None
-        }
-        self.session.connection().execute(_insert_job_statement(), row)
-        return job
+    def add_all(self, jobs: Sequence[Job]) -> None:
+        """Insert new jobs' rows in one statement, as Core on the session's connection: the
+        ORM's unit of work (flush, identity map, change tracking) cost more of the API's CPU
+        per job than the insert itself, and nothing in the rest of the transaction changes
+        the jobs. Each object is given the defaults its row gets and stays out of the
+        session: what the caller reads of it is what was written."""
+        rows = [_job_row(job) for job in jobs]
+        if len(rows) > 1:
+            # One statement for all (SQLAlchemy's "insertmanyvalues" on PostgreSQL) wants
+            # the same columns in every row; a column one job leaves out is NULL in its row
+            # either way.
+            columns = {column for row in rows for column in row}
+            rows = [{column: row.get(column) for column in columns} for row in rows]
+        if rows:
+            self.session.connection().execute(
+                _insert_job_statement(), rows[0] if len(rows) == 1 else rows
+            )
 
     def get(self, job_id: str) -> Job | None:
         return self.session.get(Job, job_id)
@@ -348,6 +346,21 @@ def _job_defaults() -> tuple[tuple[str, Any], ...]:
         for prop in sa_inspect(Job).column_attrs
         if prop.columns[0].default is not None
     )
+
+
+def _job_row(job: Job) -> dict[str, Any]:
+    """A new job's row (column: value) with its columns' defaults set on the job itself."""
+    for attribute, default in _job_defaults():
+        if getattr(job, attribute) is None:
+            # Core would write the None given: the column's default is set here.
+            setattr(job, attribute, default.arg(None) if default.is_callable else default.arg)
+    # Only the columns given a value: the rest of a new job's row is NULL anyway, and each
+    # parameter is one more to convert and send.
+    return {
+        column: value
+        for attribute, column in _job_columns()
+        if (value := getattr(job, attribute)) is not None
+    }
 
 
 @lru_cache(maxsize=1)

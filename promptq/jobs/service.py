@@ -84,6 +84,31 @@ def create_job(
     idempotency_header: str | None = None,
     anthropic_beta: str | None = None,
 ) -> CreatedJob:
+    outcome = prepare_job(session, settings, key, payload, idempotency_header, anthropic_beta)
+    if outcome.created:
+        add_jobs(session, [outcome.job])
+    return outcome
+
+
+def add_jobs(session: Session, jobs: Sequence[Job]) -> None:
+    """Write jobs prepare_job made, in one statement, each published once the session
+    commits."""
+    JobRepository(session).add_all(jobs)
+    for job in jobs:
+        outbox.publish_job(session, job.id, job.priority)
+
+
+def prepare_job(
+    session: Session,
+    settings: Settings,
+    key: ApiKey,
+    payload: JobCreate,
+    idempotency_header: str | None = None,
+    anthropic_beta: str | None = None,
+) -> CreatedJob:
+    """Every check of a new job and the job it makes, not yet written (add_jobs writes it):
+    or the earlier job its idempotency key names. Nothing is written here, so jobs taken in
+    together (api.intake_line) are refused one by one and written as one."""
     idempotency_key = resolve_idempotency_key(payload, idempotency_header)
     fingerprint = request_fingerprint(payload)
     if idempotency_key is not None:
@@ -123,8 +148,6 @@ def create_job(
         max_attempts=settings.max_attempts,
         anthropic_beta=anthropic_beta,
     )
-    JobRepository(session).add(job)
-    outbox.publish_job(session, job.id, job.priority)
     return CreatedJob(job=job, created=True)
 
 

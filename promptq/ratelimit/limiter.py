@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any
@@ -76,6 +76,26 @@ def _script(client: redis.Redis, name: str, *libraries: str) -> Any:
     return client.register_script(
         "\n".join(scripts.joinpath(f"{part}.lua").read_text() for part in parts)
     )
+
+
+def run_scripts(client: redis.Redis, calls: Sequence[ScriptCall]) -> list[Any]:
+    """Run scripts in one round trip and return their replies: by their digests in a
+    pipeline, then, for any Redis did not know (restarted, flushed), once more through the
+    script object, which loads it. (redis-py's own pipelined scripts ask SCRIPT EXISTS
+    first, a round trip more every time.)"""
+    if len(calls) == 1:
+        script, keys, args = calls[0]
+        return [script(keys=keys, args=args)]
+    with client.pipeline(transaction=False) as pipe:
+        for script, keys, args in calls:
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+        replies = pipe.execute(raise_on_error=False)
+    for index, ((script, keys, args), reply) in enumerate(zip(calls, replies, strict=True)):
+        if isinstance(reply, redis.exceptions.NoScriptError):
+            replies[index] = script(keys=keys, args=args)
+        elif isinstance(reply, Exception):
+            raise reply
+    return list(replies)
 
 
 @dataclass(frozen=True)
@@ -306,22 +326,7 @@ class RedisLimiter(Limiter):
         self._run(calls)
 
     def _run(self, calls: list[ScriptCall]) -> None:
-        """Run scripts in one round trip: by their digests in a pipeline, then, for any
-        Redis did not know (restarted, flushed), once more through the script object, which
-        loads it."""
-        if len(calls) == 1:
-            script, keys, args = calls[0]
-            script(keys=keys, args=args)
-            return
-        with self.client.pipeline(transaction=False) as pipe:
-            for script, keys, args in calls:
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
-            replies = pipe.execute(raise_on_error=False)
-        for (script, keys, args), reply in zip(calls, replies, strict=True):
-            if isinstance(reply, redis.exceptions.NoScriptError):
-                script(keys=keys, args=args)
-            elif isinstance(reply, Exception):
-                raise reply
+        run_scripts(self.client, calls)
 
     def _settle_call(
         self,
