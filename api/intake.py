@@ -25,8 +25,14 @@ from promptq.jobs import service
 from promptq.jobspec.presenter import job_to_api
 from promptq.jobspec.schemas import JobCreate, anthropic_beta
 from promptq.keys.policy import quota
-from promptq.models import ApiKey
-from promptq.quotas import INTAKE_RATE, IntakeAsk, QuotaExceeded, reserved_at_intake
+from promptq.models import ApiKey, Job
+from promptq.quotas import (
+    INTAKE_RATE,
+    IntakeAsk,
+    IntakeTurn,
+    QuotaExceeded,
+    reserved_at_intake,
+)
 
 # Bodies posted as forms, by tools that only post flat fields.
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
@@ -63,78 +69,130 @@ class JobTicket:
     idempotency_header: str | None
     beta: str | None  # the anthropic-beta header, for the upstream
 
-    @property
-    def idempotent(self) -> bool:
-        return self.idempotency_header is not None or self.payload.idempotency_key is not None
-
 
 def accept_jobs(app: FastAPI, settings: Settings, tickets: Sequence[JobTicket]) -> list[Outcome]:
     """Store and commit the jobs of a batch from the intake line, in order, each job's
-    message going once the commit is done. Jobs with an idempotency key go one by one
-    (accept_alone), since two of them may name the same earlier job; the rest together
-    (accept_together). Raises what fails them all: the broker away, the database's error."""
+    message going once the commit is done: their turns in one Redis round trip, each job's
+    checks on its own (a job refused is refused alone; one whose idempotency key names an
+    earlier job is answered with it), then every new job in one INSERT and one commit.
+    Raises what fails them all: the broker away, the database's error."""
     require_broker(app.state.broker, "job")
+    asks = [_intake_ask(settings, ticket.key) for ticket in tickets]
+    turns = app.state.intake_quotas.take_many(asks)
     outcomes: list[Outcome | None] = [None] * len(tickets)
-    together = [index for index, ticket in enumerate(tickets) if not ticket.idempotent]
-    if together:
-        accepted = accept_together(app, settings, [tickets[index] for index in together])
-        for index, outcome in zip(together, accepted, strict=True):
-            outcomes[index] = outcome
-    for index, ticket in enumerate(tickets):
-        if ticket.idempotent:
-            try:
-                outcomes[index] = accept_alone(app, settings, ticket)
-            except Exception as exc:  # its own unit of work, its own error
-                outcomes[index] = exc
+    checked, copies, pairs = _first_look(tickets, asks, turns, outcomes)
+    refused_by_constraint = _check_and_write(
+        app, settings, tickets, turns, checked, pairs, outcomes
+    )
+    # One by one now that the batch is committed: copies find their batch's job.
+    for index in sorted(copies + refused_by_constraint):
+        try:
+            outcomes[index] = accept_alone(app, settings, tickets[index], turns[index])
+        except Exception as exc:  # its own unit of work, its own error
+            outcomes[index] = exc
     return [outcome for outcome in outcomes if outcome is not None]
 
 
-def accept_together(
-    app: FastAPI, settings: Settings, tickets: Sequence[JobTicket]
-) -> list[Outcome]:
-    """Jobs without an idempotency key: their turns in one Redis round trip, each job's
-    checks (a job refused is refused alone), then every job that passed in one INSERT and
-    one commit, so either all of those are stored or none."""
-    asks = [_intake_ask(settings, ticket.key) for ticket in tickets]
-    turns = app.state.intake_quotas.take_many(asks)
-    outcomes: list[Outcome] = []
+def _first_look(
+    tickets: Sequence[JobTicket],
+    asks: Sequence[IntakeAsk],
+    turns: Sequence[IntakeTurn],
+    outcomes: list[Outcome | None],
+) -> tuple[list[int], list[int], set[tuple[str, str]]]:
+    """Sort a batch's tickets before the database: refused (past the key's rate, or an
+    idempotency key that cannot be), their outcome set; to check together; or a copy of
+    an earlier ticket's idempotency key, to take in alone after the batch. Returns the
+    indexes to check, those of the copies, and the (api key id, idempotency key) pairs of
+    the tickets to check."""
+    checked: list[int] = []
+    copies: list[int] = []
+    pairs: set[tuple[str, str]] = set()
+    for index, (ticket, ask, turn) in enumerate(zip(tickets, asks, turns, strict=True)):
+        try:
+            if turn.wait_seconds > 0:
+                raise _too_fast(ask.per_minute / 60, turn.wait_seconds)
+            idempotency_key = service.resolve_idempotency_key(
+                ticket.payload, ticket.idempotency_header
+            )
+        except PromptqError as exc:
+            outcomes[index] = exc
+            continue
+        if idempotency_key is not None:
+            pair = (ticket.key.id, idempotency_key)
+            if pair in pairs:
+                copies.append(index)
+                continue
+            pairs.add(pair)
+        checked.append(index)
+    return checked, copies, pairs
+
+
+def _check_and_write(
+    app: FastAPI,
+    settings: Settings,
+    tickets: Sequence[JobTicket],
+    turns: Sequence[IntakeTurn],
+    checked: Sequence[int],
+    pairs: set[tuple[str, str]],
+    outcomes: list[Outcome | None],
+) -> list[int]:
+    """Each checked ticket's job checked, then the new ones written in one INSERT and
+    committed, their outcomes set. Returns the indexes of the new jobs to take in alone
+    when a constraint refused the INSERT."""
     with closing(app_session(app, settings, intake_autocommits(settings))) as session:
-        jobs = []
-        for ticket, ask, turn in zip(tickets, asks, turns, strict=True):
+        # The earlier jobs of every idempotency key of the batch, in one statement.
+        looked_up = service.look_up_idempotent_jobs(session, pairs)
+        new: list[tuple[int, Job]] = []
+        for index in checked:
+            ticket = tickets[index]
+            reserved_at_intake(session, turns[index].reserved)
             try:
-                if turn.wait_seconds > 0:
-                    raise _too_fast(ask.per_minute / 60, turn.wait_seconds)
-                reserved_at_intake(session, turn.reserved)
-                job = service.prepare_job(
-                    session, settings, ticket.key, ticket.payload, None, ticket.beta
-                ).job
+                outcome = service.prepare_job(
+                    session,
+                    settings,
+                    ticket.key,
+                    ticket.payload,
+                    ticket.idempotency_header,
+                    ticket.beta,
+                    looked_up,
+                )
             except PromptqError as exc:
-                outcomes.append(exc)
-            else:
-                jobs.append(job)
-                outcomes.append(job_to_api(job))
-        service.add_jobs(session, jobs)
-        session.commit()
-    return outcomes
+                outcomes[index] = exc
+                continue
+            if outcome.created:
+                new.append((index, outcome.job))
+            outcomes[index] = job_to_api(outcome.job)
+        try:
+            service.add_jobs(session, [job for _, job in new])
+            session.commit()
+        except IntegrityError:
+            # A row broke a constraint: most likely an idempotency key another request
+            # committed meanwhile. The INSERT wrote none of them (and a rollback drops their
+            # messages), so each new job goes alone, and only the one at fault fails.
+            session.rollback()
+            return [index for index, _ in new]
+    return []
 
 
-def accept_alone(app: FastAPI, settings: Settings, ticket: JobTicket) -> dict[str, Any]:
-    """One job in a unit of work of its own: one with an idempotency key, whose insert
-    fails when another request with that key committed first."""
+def accept_alone(
+    app: FastAPI, settings: Settings, ticket: JobTicket, turn: IntakeTurn
+) -> dict[str, Any]:
+    """One job in a unit of work of its own, its turn taken already (within the key's rate):
+    a second job of one idempotency key in a batch, or a job of a batch whose INSERT a
+    constraint refused. Its own insert may fail when another request with its idempotency
+    key committed first: that request's job is the answer."""
     with closing(app_session(app, settings, intake_autocommits(settings))) as session:
-        ask = _intake_ask(settings, ticket.key)
-        turn = app.state.intake_quotas.take_many([ask])[0]
-        if turn.wait_seconds > 0:
-            raise _too_fast(ask.per_minute / 60, turn.wait_seconds)
         reserved_at_intake(session, turn.reserved)
         create = (session, settings, ticket.key, ticket.payload, ticket.idempotency_header)
         try:
             outcome = service.create_job(*create, ticket.beta)
             session.commit()
         except IntegrityError:
-            # Another request with the same idempotency key committed first: its job (the
-            # rollback drops the message recorded for the row that lost).
             session.rollback()
+            if service.resolve_idempotency_key(ticket.payload, ticket.idempotency_header) is None:
+                raise
+            # Another request with the same idempotency key committed first: its job (the
+            # rollback dropped the message recorded for the row that lost).
             outcome = service.create_job(*create, ticket.beta)
             if outcome.created:
                 raise

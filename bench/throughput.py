@@ -167,9 +167,11 @@ def post_jobs(
     clients: int,
     tag: str,
     started: threading.Event | None = None,
+    idempotent: bool = False,
 ) -> LoadResult:
     """`count` POST /v1/jobs from `clients` threads, timed from the moment all clients are
-    connected and warm; each thread takes the next job number until none are left."""
+    connected and warm; each thread takes the next job number until none are left.
+    `idempotent`: each job with an Idempotency-Key of its own, as retrying clients send."""
     parts = urlsplit(api_url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
@@ -209,9 +211,12 @@ def post_jobs(
                 if index >= count:
                     break
                 body = job_body(index, tag)
+                sent_headers = headers
+                if idempotent:
+                    sent_headers = {**headers, "Idempotency-Key": f"{tag}-{index}"}
                 began = time.perf_counter()
                 try:
-                    status, content = client.request("POST", "/v1/jobs", body, headers)
+                    status, content = client.request("POST", "/v1/jobs", body, sent_headers)
                 except (OSError, http.client.HTTPException) as exc:
                     statuses[0] += 1
                     errors.append(f"{type(exc).__name__}: {exc}")
@@ -437,7 +442,9 @@ def run_intake(
     log(f"intake: {args.jobs} jobs from {args.clients} clients, no worker running")
     meter = CpuMeter({"promptq api": api}, postgres=database.kind == "PostgreSQL")
     meter.start()
-    load = post_jobs(api_url, key, args.jobs, args.clients, "intake")
+    load = post_jobs(
+        api_url, key, args.jobs, args.clients, "intake", idempotent=args.idempotency_keys
+    )
     meter.stop()
     stored = count_jobs(engine, key_id)
     queued_messages = broker_messages(redis_url)
@@ -830,6 +837,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_store_options(
         parser, DEFAULT_REDIS_URL, "Redis for the broker, FLUSHED before and after the run"
     )
+    parser.add_argument(
+        "--idempotency-keys",
+        action="store_true",
+        help="intake: each job with an Idempotency-Key of its own",
+    )
     parser.add_argument("--skip-intake", action="store_true")
     parser.add_argument("--skip-e2e", action="store_true")
     parser.add_argument("--logs", type=Path, help="copy the API's and worker's logs here")
@@ -894,7 +906,8 @@ def print_report(
     if intake is not None:
         out += phase_section(
             f"### Intake: `POST /v1/jobs`, {args.jobs} jobs from {args.clients} concurrent "
-            "clients, one API process, no worker",
+            "clients, one API process, no worker"
+            + (", each job with an Idempotency-Key" if args.idempotency_keys else ""),
             intake.rows,
             intake.notes,
             "CPU during intake",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -21,6 +21,7 @@ from sqlalchemy import (
     literal_column,
     or_,
     select,
+    tuple_,
     update,
 )
 from sqlalchemy import inspect as sa_inspect
@@ -123,6 +124,18 @@ class JobRepository:
             Job.api_key_id == api_key_id, Job.idempotency_key == idempotency_key
         )
         return self.session.scalars(query).first()
+
+    def by_idempotency_keys(self, pairs: Collection[tuple[str, str]]) -> dict[tuple[str, str], Job]:
+        """The jobs of many (api key id, idempotency key) pairs in one statement, by pair:
+        the unique index on the two answers it, however many jobs the keys have."""
+        if not pairs:
+            return {}
+        query = select(Job).where(tuple_(Job.api_key_id, Job.idempotency_key).in_(list(pairs)))
+        return {
+            (job.api_key_id, job.idempotency_key): job
+            for job in self.session.scalars(query)
+            if job.idempotency_key is not None
+        }
 
     def list_for_key(
         self,

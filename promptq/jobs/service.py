@@ -6,7 +6,7 @@ import base64
 import contextlib
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -55,13 +55,31 @@ def resolve_idempotency_key(payload: JobCreate, header: str | None) -> str | Non
     return key
 
 
+# Jobs already looked up by (api key id, idempotency key), a pair absent when it has none:
+# a batch's, read in one statement (JobRepository.by_idempotency_keys).
+EarlierJobs = Mapping[tuple[str, str], Job]
+
+
+def look_up_idempotent_jobs(session: Session, pairs: Collection[tuple[str, str]]) -> EarlierJobs:
+    """The jobs of many (api key id, idempotency key) pairs, read at once for
+    find_idempotent_job."""
+    return JobRepository(session).by_idempotency_keys(pairs)
+
+
 def find_idempotent_job(
-    session: Session, key: ApiKey, idempotency_key: str, fingerprint: str
+    session: Session,
+    key: ApiKey,
+    idempotency_key: str,
+    fingerprint: str,
+    looked_up: EarlierJobs | None = None,
 ) -> Job | None:
     """The earlier job for this key within the window, or None. A reuse with another body
-    is a conflict; a key older than the window is released for reuse."""
-    repository = JobRepository(session)
-    existing = repository.by_idempotency_key(key.id, idempotency_key)
+    is a conflict; a key older than the window is released for reuse. `looked_up`: the
+    jobs of the key's pairs already read, the pair's included (else it is read here)."""
+    if looked_up is None:
+        existing = JobRepository(session).by_idempotency_key(key.id, idempotency_key)
+    else:
+        existing = looked_up.get((key.id, idempotency_key))
     if existing is None:
         return None
     if existing.created_at < utcnow() - IDEMPOTENCY_WINDOW:
@@ -105,14 +123,16 @@ def prepare_job(
     payload: JobCreate,
     idempotency_header: str | None = None,
     anthropic_beta: str | None = None,
+    looked_up: EarlierJobs | None = None,
 ) -> CreatedJob:
     """Every check of a new job and the job it makes, not yet written (add_jobs writes it):
-    or the earlier job its idempotency key names. Nothing is written here, so jobs taken in
+    or the earlier job its idempotency key names (`looked_up`: see find_idempotent_job).
+    Nothing is written here but an expired idempotency key's release, so jobs taken in
     together (api.intake_line) are refused one by one and written as one."""
     idempotency_key = resolve_idempotency_key(payload, idempotency_header)
     fingerprint = request_fingerprint(payload)
     if idempotency_key is not None:
-        earlier = find_idempotent_job(session, key, idempotency_key, fingerprint)
+        earlier = find_idempotent_job(session, key, idempotency_key, fingerprint, looked_up)
         if earlier is not None:
             return CreatedJob(job=earlier, created=False)
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from helpers import auth, key_id_of, unique
-from sqlalchemy import event, func, select
+from sqlalchemy import event, select
 from sqlalchemy.exc import IntegrityError
 
 from api.app import create_app
@@ -22,7 +22,8 @@ from api.intake import JobTicket, accept_jobs
 from promptq.config import Settings
 from promptq.db import get_engine, session_scope
 from promptq.errors import RateLimited
-from promptq.jobspec.errors import InvalidJob
+from promptq.jobs import service
+from promptq.jobspec.errors import InvalidJob, JobConflict
 from promptq.jobspec.schemas import JobCreate
 from promptq.models import ApiKey, Job
 from promptq.testing import SONNET, SentMessages
@@ -81,7 +82,10 @@ def test_a_batch_is_one_insert_and_each_job_is_answered_on_its_own(
     one, other = _key(database_url, make_key()), _key(database_url, make_key())
     # Two requests a second, two seconds of them at once: four jobs, then 429s.
     slow = _key(database_url, make_key(quotas={"requests_per_second": 2}))
-    again = unique("again")
+    earlier_key, again = unique("earlier"), unique("again")
+    earlier = _ticket(one, earlier_key)
+    (earlier_job,) = accept_jobs(app, strict, [earlier])
+    assert isinstance(earlier_job, dict)
     tickets = [
         _ticket(one),
         _ticket(one, webhook_url="http://10.0.0.7/n8n"),  # refused: a private address
@@ -90,48 +94,111 @@ def test_a_batch_is_one_insert_and_each_job_is_answered_on_its_own(
         JobTicket(one, first.payload, again, None),  # the same key and body: that job
         *[_ticket(slow) for _ in range(5)],
         _ticket(one),
+        JobTicket(one, earlier.payload, earlier_key, None),  # the earlier batch's job
+        _ticket(one, earlier_key),  # that key with another body: a conflict
     ]
-    outcomes = accept_jobs(app, strict, tickets)
+    lookups: list[str] = []
+
+    def on_statement(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if (
+            statement.lstrip().upper().startswith("SELECT")
+            and "idempotency_key" in (statement.split("WHERE", 1)[-1])
+        ):
+            lookups.append(statement)
+
+    engine = get_engine(strict)
+    event.listen(engine, "before_cursor_execute", on_statement)
+    try:
+        outcomes = accept_jobs(app, strict, tickets)
+    finally:
+        event.remove(engine, "before_cursor_execute", on_statement)
 
     assert len(outcomes) == len(tickets)
+    # The batch's idempotency keys read in one statement; its two copies (of `again`, and
+    # the conflicting copy of `earlier_key`), taken in alone after it, one each.
+    assert len(lookups) == 3
     assert isinstance(outcomes[1], InvalidJob) and "PROMPTQ_WEBHOOK_ALLOW_PRIVATE" in str(
         outcomes[1]
     )
     assert isinstance(outcomes[9], RateLimited)
-    created = [outcome for index, outcome in enumerate(outcomes) if index not in (1, 4, 9)]
+    assert isinstance(outcomes[12], JobConflict) and earlier_key in str(outcomes[12])
+    created = [outcome for index, outcome in enumerate(outcomes) if index in (0, 2, 3, 10)]
+    created += outcomes[5:9]
     assert all(isinstance(outcome, dict) for outcome in created)
     assert isinstance(outcomes[4], dict) and outcomes[4]["id"] == outcomes[3]["id"]
+    assert isinstance(outcomes[11], dict) and outcomes[11]["id"] == earlier_job["id"]
     job_ids = [outcome["id"] for outcome in created if isinstance(outcome, dict)]
     assert len(set(job_ids)) == len(job_ids) == 8
     assert all(outcome["status"] == "queued" for outcome in created if isinstance(outcome, dict))
-    # The jobs without an idempotency key in one INSERT, the one with a key in its own;
-    # its copy found it and wrote nothing.
-    assert job_inserts == [7, 1]
+    # The earlier batch's one job, then the eight new ones of this batch in one INSERT:
+    # the copies found their jobs and wrote nothing.
+    assert job_inserts == [1, 8]
     stored = _stored(database_url, job_ids)
     assert set(stored) == set(job_ids)
-    assert stored[job_ids[0]] == one.id and stored[job_ids[1]] == other.id
-    assert [stored[job_id] for job_id in job_ids[3:7]] == [slow.id] * 4
-    assert sorted(str(job_id) for job_id, *_ in sent.of_kind("publish_job")) == sorted(job_ids)
+    assert stored[outcomes[0]["id"]] == one.id and stored[outcomes[2]["id"]] == other.id
+    assert {stored[outcome["id"]] for outcome in outcomes[5:9]} == {slow.id}
+    published = sorted(str(job_id) for job_id, *_ in sent.of_kind("publish_job"))
+    assert published == sorted([*job_ids, earlier_job["id"]])
 
 
-def test_a_write_that_fails_stores_none_of_its_batch(
+def test_a_row_that_breaks_a_constraint_fails_alone(
     settings: Settings, database_url: str, make_key: Any, job_inserts: list[int]
 ) -> None:
+    """The batch's INSERT writes none of its rows; each job then goes on its own."""
     sent = SentMessages()
     app = create_app(settings, messenger=sent)
     key = _key(database_url, make_key())
     # A key the database does not hold: its job's row breaks the foreign key.
     ghost = ApiKey(id=unique("key_ghost")[:40], name="ghost")
     tickets = [_ticket(key), _ticket(ghost), _ticket(key)]
-    with pytest.raises(IntegrityError):
-        accept_jobs(app, settings, tickets)
-    assert job_inserts == [3]
-    with session_scope(database_url) as session:
-        count = session.scalar(
-            select(func.count()).select_from(Job).where(Job.api_key_id == key.id)
-        )
-    assert count == 0
-    assert sent.of_kind("publish_job") == []
+    first, failed, last = accept_jobs(app, settings, tickets)
+    assert isinstance(failed, IntegrityError)
+    assert isinstance(first, dict) and isinstance(last, dict)
+    assert job_inserts == [3, 1, 1, 1]
+    assert set(_stored(database_url, [first["id"], last["id"]])) == {first["id"], last["id"]}
+    published = [str(job_id) for job_id, *_ in sent.of_kind("publish_job")]
+    assert published == [first["id"], last["id"]]
+
+
+def test_an_idempotency_key_committed_meanwhile_answers_with_its_job(
+    settings: Settings, database_url: str, make_key: Any, job_inserts: list[int]
+) -> None:
+    """Another API process commits a job of the same idempotency key between the batch's
+    checks and its INSERT: the INSERT fails, and the copy is answered with that job."""
+    if get_engine(settings).dialect.name != "postgresql":
+        pytest.skip("the race needs a second writer while the batch's reads are open")
+    sent = SentMessages()
+    app = create_app(settings, messenger=sent)
+    key = _key(database_url, make_key())
+    racing = _ticket(key, unique("raced"))
+    others = [_ticket(key), _ticket(key)]
+    theirs: list[str] = []
+    racing_now: list[bool] = []
+
+    def commit_theirs_first(
+        _conn: Any, _cursor: Any, statement: str, _parameters: Any, _context: Any, _many: bool
+    ) -> None:
+        if statement.lstrip().upper().startswith("INSERT INTO JOBS ") and not racing_now:
+            racing_now.append(True)  # their own INSERT passes through here too
+            with session_scope(database_url) as session:
+                job = service.create_job(
+                    session, settings, key, racing.payload, racing.idempotency_header
+                ).job
+                theirs.append(job.id)
+
+    engine = get_engine(settings)
+    event.listen(engine, "before_cursor_execute", commit_theirs_first)
+    try:
+        outcomes = accept_jobs(app, settings, [others[0], racing, others[1]])
+    finally:
+        event.remove(engine, "before_cursor_execute", commit_theirs_first)
+    assert all(isinstance(outcome, dict) for outcome in outcomes)
+    assert outcomes[1]["id"] == theirs[0]  # type: ignore[index]
+    # The batch's INSERT of three (failed), theirs, then the two others alone: the copy
+    # found their job and inserted nothing.
+    assert job_inserts == [3, 1, 1, 1]
+    published = [str(job_id) for job_id, *_ in sent.of_kind("publish_job")]
+    assert published == [outcomes[0]["id"], outcomes[2]["id"]]  # type: ignore[index]
 
 
 def test_clients_posting_at_once_are_each_answered_stored_and_published_once(
