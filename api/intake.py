@@ -1,8 +1,9 @@
 """Taking a job in, shared by every route that makes jobs (/v1/jobs, /v1/messages, a
 template's jobs, batches): the key's intake rate, then store and commit (the job is
-published once the commit is done: promptq.outbox); and a job
-read back for a client held open on it. Here, not in one of those routes, so that no route
-imports another."""
+published once the commit is done: promptq.outbox), the jobs posted at once together
+(take_in, through the app's api.intake_line, to accept_jobs); and a job read back for a
+client held open on it. Here, not in one of those routes, so that no route imports
+another."""
 
 from __future__ import annotations
 
