@@ -100,18 +100,16 @@ class IntakeTurn(NamedTuple):
 
 
 class IntakeQuotas:
-    """A single job's two quotas at intake, the key's intake rate (the bucket RateQuota
-    keeps as "intake", which batches take from too) and room in its unfinished count
-    (UnfinishedJobs), in one Redis round trip rather than two: the two scripts apart took
+    """A job's two quotas at intake, the key's intake rate (the bucket RateQuota keeps as
+    "intake", which batches take from too) and room in its unfinished count
+    (UnfinishedJobs), in one Redis script rather than two, and the jobs of a batch in one
+    round trip: the two scripts apart took
     about 0.85 ms of the API's CPU a job on a slow hour of the benchmarks' box, a fifth of
     it (README "Intake")."""
 
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
         self._take = _script(client, "intake", "quotas")
-
-    def take(self, key_id: str, per_minute: float, burst_seconds: float, most: int) -> IntakeTurn:
-        return self.take_many([IntakeAsk(key_id, per_minute, burst_seconds, most)])[0]
 
     def take_many(self, asks: Sequence[IntakeAsk]) -> list[IntakeTurn]:
         """The turns of jobs taken in together (api.intake_line), in one round trip, in
@@ -130,7 +128,7 @@ class IntakeQuotas:
         ]
 
 
-def reserved_at_intake(session: Session, reserved: bool = True) -> None:
+def reserved_at_intake(session: Session, reserved: bool) -> None:
     """Whether the job `session` takes in next has its room in the count already
     (IntakeQuotas): then check_unfinished_jobs takes none again. Jobs taken in together
     share a session, so each says its own."""
