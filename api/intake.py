@@ -14,7 +14,7 @@ from functools import partial
 from typing import Any
 
 from fastapi import FastAPI, Request
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from api.broker import require_broker
 from api.deps import app_session
@@ -74,8 +74,9 @@ class JobTicket:
 def accept_jobs(app: FastAPI, settings: Settings, tickets: Sequence[JobTicket]) -> list[Outcome]:
     """Store and commit the jobs of a batch from the intake line, in order, each job's
     message going once the commit is done: their turns in one Redis round trip, each job's
-    checks on its own (a job refused is refused alone; one whose idempotency key names an
-    earlier job is answered with it), then every new job in one INSERT and one commit.
+    checks on its own (a job refused, or whose checks fail, fails alone; one whose
+    idempotency key names an earlier job is answered with it), then every new job in one
+    INSERT and one commit.
     Raises what fails them all: the broker away, the database's error."""
     require_broker(app.state.broker, "job")
     asks = [_intake_ask(settings, ticket.key) for ticket in tickets]
@@ -158,6 +159,15 @@ def _check_and_write(
                     looked_up,
                 )
             except PromptqError as exc:
+                outcomes[index] = exc
+                continue
+            except SQLAlchemyError:
+                # The database's trouble is every job's: the batch fails as a whole.
+                raise
+            except Exception as exc:
+                # Anything else this job's checks raise (a bug its body runs into) is its
+                # own: its request raises it, answered and logged as any route's error
+                # is, and the rest of the batch goes on.
                 outcomes[index] = exc
                 continue
             if outcome.created:

@@ -160,6 +160,37 @@ def test_a_row_that_breaks_a_constraint_fails_alone(
     assert published == [first["id"], last["id"]]
 
 
+def test_a_job_whose_checks_fail_fails_alone(
+    settings: Settings,
+    database_url: str,
+    make_key: Any,
+    job_inserts: list[int],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An error other than a refusal, met by one job's checks (a bug), is that job's: the
+    rest of its batch is stored and published. The database's errors still fail the batch
+    (test_a_row_that_breaks_a_constraint_fails_alone, tests/unit/test_intake_line.py)."""
+    sent = SentMessages()
+    app = create_app(settings, messenger=sent)
+    key = _key(database_url, make_key())
+    tickets = [_ticket(key), buggy := _ticket(key), _ticket(key)]
+    checks = service.prepare_job
+
+    def prepare_job(session: Any, settings: Settings, key: ApiKey, payload: Any, *rest: Any) -> Any:
+        if payload is buggy.payload:
+            raise KeyError("a bug in this job's checks")
+        return checks(session, settings, key, payload, *rest)
+
+    monkeypatch.setattr(service, "prepare_job", prepare_job)
+    first, failed, last = accept_jobs(app, settings, tickets)
+    assert isinstance(failed, KeyError)
+    assert isinstance(first, dict) and isinstance(last, dict)
+    assert job_inserts == [2]
+    assert set(_stored(database_url, [first["id"], last["id"]])) == {first["id"], last["id"]}
+    published = [str(job_id) for job_id, *_ in sent.of_kind("publish_job")]
+    assert published == [first["id"], last["id"]]
+
+
 def test_an_idempotency_key_committed_meanwhile_answers_with_its_job(
     settings: Settings, database_url: str, make_key: Any, job_inserts: list[int]
 ) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -106,6 +107,29 @@ def test_a_batch_that_fails_fails_its_own_requests_and_the_line_goes_on() -> Non
     assert all(isinstance(answer, RuntimeError) for answer in answers[1:])
     assert later == {"id": "d"}
     assert acceptor.batches == [["a"], ["b", "c"], ["d"]]
+
+
+def test_the_requests_of_a_failed_batch_do_not_pile_tracebacks_onto_its_error() -> None:
+    """Every request of a failed batch raises the one error object; each raise starts from
+    the traceback it was set with (asyncio keeps it with the future), so a long outage does
+    not make each logged traceback longer than the last."""
+    acceptor = Acceptor()
+    acceptor.fail_batches_with = {"a"}
+    line: IntakeLine[str] = IntakeLine(acceptor, most_at_once=5)
+    depths: list[int] = []
+
+    async def post(ticket: str) -> None:
+        try:
+            await line.take_in(ticket)
+        except RuntimeError as error:
+            depths.append(len(traceback.extract_tb(error.__traceback__)))
+
+    async def scenario() -> None:
+        await asyncio.gather(*(post(ticket) for ticket in "abcde"))
+
+    asyncio.run(scenario())
+    assert acceptor.batches == [["a", "b", "c", "d", "e"]]
+    assert len(depths) == 5 and len(set(depths)) == 1
 
 
 def test_a_request_that_goes_away_leaves_the_others_answered() -> None:
