@@ -4,6 +4,7 @@ imports this module."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 # The statuses a job ends in, as the API spells them. Written out rather than taken from
@@ -39,9 +40,16 @@ class SentMessages:
     ("announce_finished", job_id) and ("feed_batch", batch_id)."""
 
     sent: list[tuple[object, ...]] = field(default_factory=list)
+    # How many jobs each publish_jobs call published together (each is in `sent` too).
+    batches: list[int] = field(default_factory=list)
 
     def publish_job(self, job_id: str, priority: str, countdown: float | None = None) -> None:
         self.sent.append(("publish_job", job_id, priority, countdown))
+
+    def publish_jobs(self, jobs: Sequence[tuple[str, str]]) -> None:
+        self.batches.append(len(jobs))
+        for job_id, priority in jobs:
+            self.publish_job(job_id, priority)
 
     def deliver_webhook(self, delivery_id: str) -> None:
         self.sent.append(("deliver_webhook", delivery_id))

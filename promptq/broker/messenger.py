@@ -8,12 +8,13 @@ travels with the session rather than sitting in a global."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import redis
 from celery import Celery
 
-from promptq.broker.publish import publish_batch, publish_delivery, publish_job
+from promptq.broker.publish import publish_batch, publish_delivery, publish_each, publish_job
 from promptq.jobs.announcements import announce
 
 
@@ -27,6 +28,9 @@ class BrokerMessenger:
 
     def publish_job(self, job_id: str, priority: str, countdown: float | None = None) -> None:
         publish_job(self.app, job_id, priority, countdown=countdown)
+
+    def publish_jobs(self, jobs: Sequence[tuple[str, str]]) -> None:
+        publish_each(self.app, jobs)
 
     def deliver_webhook(self, delivery_id: str) -> None:
         publish_delivery(self.app, delivery_id)

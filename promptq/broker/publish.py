@@ -25,7 +25,7 @@ MAX_COUNTDOWN_SECONDS = 60.0
 # While this marker lives, the sweeper assumes the job's message is still in the broker.
 # It dies with a wiped Redis, so lost messages are re-published.
 PUBLISHED_MARKER_TTL_SECONDS = 600
-# Messages (and their markers) sent in one Redis pipeline by publish_jobs.
+# Messages (and their markers) sent in one Redis pipeline by publish_each.
 PUBLISH_CHUNK = 500
 
 
@@ -77,15 +77,20 @@ def publish_job(
 
 
 def publish_jobs(app: Celery, job_ids: list[str], priority: str) -> None:
-    """Publish many jobs through one producer connection, a round trip per chunk of them
-    with their markers."""
+    """Publish many jobs of one priority to run now: publish_each."""
+    publish_each(app, [(job_id, priority) for job_id in job_ids])
+
+
+def publish_each(app: Celery, jobs: Sequence[tuple[str, str]]) -> None:
+    """Publish (job id, priority) pairs to run now through one producer connection, a round
+    trip per chunk of them with their markers."""
     with app.producer_or_acquire() as producer:
-        for start in range(0, len(job_ids), PUBLISH_CHUNK):
-            chunk = job_ids[start : start + PUBLISH_CHUNK]
+        for start in range(0, len(jobs), PUBLISH_CHUNK):
+            chunk = jobs[start : start + PUBLISH_CHUNK]
             # Sized so that kombu never flushes on its own: the markers go after the last
             # message, in the flush on leaving the block.
             with producer.batch(max_size=len(chunk) + 1) as batch:
-                for job_id in chunk:
+                for job_id, priority in chunk:
                     app.send_task(
                         task_names.RUN_JOB,
                         args=[job_id],
@@ -93,7 +98,7 @@ def publish_jobs(app: Celery, job_ids: list[str], priority: str) -> None:
                         producer=producer,
                         **_shown_as([job_id]),
                     )
-                _mark_with(app, batch, chunk)
+                _mark_with(app, batch, [job_id for job_id, _ in chunk])
 
 
 def _shown_as(args: list[Any]) -> dict[str, str]:

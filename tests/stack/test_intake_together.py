@@ -139,6 +139,9 @@ def test_a_batch_is_one_insert_and_each_job_is_answered_on_its_own(
     assert {stored[outcome["id"]] for outcome in outcomes[5:9]} == {slow.id}
     published = sorted(str(job_id) for job_id, *_ in sent.of_kind("publish_job"))
     assert published == sorted([*job_ids, earlier_job["id"]])
+    # The batch's eight in one call (one Redis round trip: test_publish_messages); the
+    # earlier batch's one job alone, as every job posted alone.
+    assert sent.batches == [8]
 
 
 def test_a_row_that_breaks_a_constraint_fails_alone(

@@ -4,7 +4,7 @@ never after a rollback. No processes: an in-memory messenger and SQLite."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -51,6 +51,54 @@ def test_messages_go_after_the_commit_in_the_order_they_were_recorded(scratch_ur
         ("feed_batch", "msgbatch_1"),
         ("publish_job", "job_2", "low", 4.5),
     ]
+
+
+def test_jobs_to_publish_now_one_after_another_go_together(scratch_url: str) -> None:
+    """A run of two or more jobs to publish now (an intake batch's) is one publish_jobs
+    call, in place; a job alone, or one to publish later, goes as before."""
+    sent = SentMessages()
+    with session_scope(scratch_url, sent) as session:
+        _note(session, 6)
+        outbox.publish_job(session, "job_1", "high")
+        outbox.publish_job(session, "job_2", "low")
+        outbox.publish_job(session, "job_3", "normal")
+        outbox.announce_finished(session, "job_0")
+        outbox.publish_job(session, "job_4", "normal")
+        outbox.publish_job(session, "job_5", "normal", 2.0)
+        outbox.publish_job(session, "job_6", "normal")
+        outbox.publish_job(session, "job_7", "high")
+    assert sent.batches == [3, 2]
+    assert sent.sent == [
+        ("publish_job", "job_1", "high", None),
+        ("publish_job", "job_2", "low", None),
+        ("publish_job", "job_3", "normal", None),
+        ("announce_finished", "job_0"),
+        ("publish_job", "job_4", "normal", None),
+        ("publish_job", "job_5", "normal", 2.0),
+        ("publish_job", "job_6", "normal", None),
+        ("publish_job", "job_7", "high", None),
+    ]
+
+
+class FailingPublish(SentMessages):
+    def publish_jobs(self, jobs: Sequence[tuple[str, str]]) -> None:
+        raise ConnectionError("the broker is away")
+
+
+def test_jobs_published_together_that_fail_are_logged_and_the_rest_still_goes(
+    scratch_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    sent = FailingPublish()
+    with (
+        caplog.at_level(logging.WARNING, "promptq.outbox"),
+        session_scope(scratch_url, sent) as session,
+    ):
+        _note(session, 7)
+        outbox.publish_job(session, "job_1", "normal")
+        outbox.publish_job(session, "job_2", "normal")
+        outbox.announce_finished(session, "job_0")
+    assert sent.sent == [("announce_finished", "job_0")]
+    assert "could not send 2 jobs' messages now; the sweeper will" in caplog.text
 
 
 def test_a_rollback_drops_what_was_recorded(scratch_url: str) -> None:
