@@ -38,7 +38,7 @@ def test_a_message_shows_its_arguments_as_celery_would(quiet_env: dict[str, str]
     publish_job(app, "job_granted", "high", grant=grant)
     publish_jobs(app, ["job_batch_1", "job_batch_2"], "normal")
 
-    shown = {args[0]: headers for args, headers in _messages(settings.redis_url)}
+    shown = {args[0]: headers for _, args, headers in _messages(settings.redis_url)}
     assert set(shown) == {"job_alone", "job_granted", "job_batch_1", "job_batch_2"}
     for job_id, headers in shown.items():
         args = [job_id, grant.to_message()] if job_id == "job_granted" else [job_id]
@@ -58,27 +58,15 @@ def test_jobs_published_together_take_one_round_trip_each_at_its_priority(
     # The messages and their markers, in one pipeline.
     assert trips == [["LPUSH"] * 3 + ["SET"] * 3]
 
-    queues = {args[0]: name for name, args in _queues(settings.redis_url)}
+    queues = {args[0]: name for name, args, _ in _messages(settings.redis_url)}
     assert set(queues) >= {"job_t1", "job_t2", "job_t3"}
     assert queues["job_t3"] == queues["job_first"]
     assert len({queues["job_t1"], queues["job_t2"], queues["job_t3"]}) == 3
 
 
-def _queues(redis_url: str) -> list[tuple[str, list[Any]]]:
-    """Every job message waiting on the broker: its list's name and its arguments."""
-    client = redis.Redis.from_url(redis_url)
-    found = []
-    for name in client.scan_iter(match=f"{QUEUE}*"):
-        if client.type(name) != b"list":
-            continue
-        for raw in client.lrange(name, 0, -1):
-            body = json.loads(base64.b64decode(json.loads(raw)["body"]))
-            found.append((name.decode(), body[0]))
-    return found
-
-
-def _messages(redis_url: str) -> list[tuple[list[Any], dict[str, Any]]]:
-    """Every job message waiting on the broker: its arguments and its headers."""
+def _messages(redis_url: str) -> list[tuple[str, list[Any], dict[str, Any]]]:
+    """Every job message waiting on the broker: its list's name, its arguments and its
+    headers."""
     client = redis.Redis.from_url(redis_url)
     found = []
     for name in client.scan_iter(match=f"{QUEUE}*"):
@@ -87,5 +75,5 @@ def _messages(redis_url: str) -> list[tuple[list[Any], dict[str, Any]]]:
         for raw in client.lrange(name, 0, -1):
             message = json.loads(raw)
             body = json.loads(base64.b64decode(message["body"]))
-            found.append((body[0], message["headers"]))
+            found.append((name.decode(), body[0], message["headers"]))
     return found
