@@ -76,8 +76,8 @@ def accept_jobs(app: FastAPI, settings: Settings, tickets: Sequence[JobTicket]) 
     message going once the commit is done: their turns in one Redis round trip, each job's
     checks on its own (a job refused, or whose checks fail, fails alone; one whose
     idempotency key names an earlier job is answered with it), then every new job in one
-    INSERT and one commit.
-    Raises what fails them all: the broker away, the database's error."""
+    INSERT and one commit. Raises what fails them all: the broker away, the database's
+    error."""
     require_broker(app.state.broker, "job")
     asks = [_intake_ask(settings, ticket.key) for ticket in tickets]
     turns = app.state.intake_quotas.take_many(asks)
