@@ -14,7 +14,11 @@ lost or failed; missed performance targets are only reported.
 
 The intake phase then sends as many messages of a job's kind with plain Celery `send_task`
 from as many threads, on the same Redis, and prints intake's rate over that one: what
-promptq costs on top of the broker.
+promptq costs on top of the broker. At `--latency 0` (or with `--noop-baseline`) the
+end-to-end phase first runs two other tasks, each in a worker of its own on the same
+Redis, and prints a job's CPU over theirs: a no-op Celery task (bench/_noop_app.py), and
+on PostgreSQL the floor (bench/_floor_app.py), a job's input and output with the drivers
+called directly.
 
 Progress goes to stderr; stdout is Markdown, ready to paste into the README.
 """
@@ -32,14 +36,19 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import psutil
 import redis
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 # Run as a script (`python bench/throughput.py`), the bench directory is on sys.path, not
 # the repository; _stack and _report are imported as sibling modules either way.
@@ -569,7 +578,9 @@ def steady_rate(finished_at: list[float]) -> tuple[float, float]:
 
 
 @dataclass
-class NoopBaseline:
+class TaskBaseline:
+    """A worker's CPU for `messages` messages of one task that is not promptq's job."""
+
     messages: int
     cpu_seconds: float
 
@@ -578,32 +589,125 @@ class NoopBaseline:
         return self.cpu_seconds / max(self.messages, 1) * 1000
 
 
-def run_noop_baseline(
-    args: argparse.Namespace, stack: contextlib.ExitStack, env: dict[str, str], workdir: Path
-) -> NoopBaseline:
-    """A no-op Celery task's cost to a worker built as promptq's (bench/_noop_app.py), on
-    the same Redis: `args.e2e_jobs` messages published first, then drained, the worker's
-    CPU counted from the first message to the queue's last acknowledgement."""
+@dataclass(frozen=True)
+class BaselineTask:
+    module: str  # in bench/, for `celery -A`
+    app: Celery  # the module's app, to publish with
+    queue: str
+    name: str
+
+
+@dataclass
+class Baselines:
+    """What the `--latency 0` run compares a job's CPU with: the no-op task, and on
+    PostgreSQL the floor (bench/_floor_app.py, the job's input and output with the drivers
+    called directly)."""
+
+    noop: TaskBaseline
+    floor: TaskBaseline | None = None
+
+
+def run_baselines(
+    args: argparse.Namespace,
+    stack: contextlib.ExitStack,
+    env: dict[str, str],
+    workdir: Path,
+    database: DatabaseInfo,
+) -> Baselines:
+    from _floor_app import FLOOR_QUEUE, FLOOR_TASK, floor_app
     from _noop_app import NOOP_QUEUE, NOOP_TASK, noop_app
 
     from promptq.config import Settings
 
+    settings = Settings(redis_url=env["PROMPTQ_REDIS_URL"])
+    ids = [f"job_baseline_{index}" for index in range(args.e2e_jobs)]
+    log(f"baseline: {len(ids)} no-op Celery tasks")
+    noop_task = BaselineTask("_noop_app", noop_app(settings), NOOP_QUEUE, NOOP_TASK)
+    noop = run_task_baseline(args, stack, env, workdir, "noop-worker", noop_task, ids)
+    if database.kind != "PostgreSQL":
+        return Baselines(noop)
+    from promptq.simulator import Simulator, SimulatorConfig
+
+    create_floor_jobs(database.url, ids)
+    simulator = Simulator(SimulatorConfig(latency=0))
+    stack.callback(simulator.stop)
+    floor_env = {
+        **env,
+        "FLOOR_DATABASE": make_url(database.url)
+        .set(drivername="postgresql")
+        .render_as_string(hide_password=False),
+        "FLOOR_UPSTREAM_URL": simulator.url,
+    }
+    log(f"baseline: {len(ids)} floor jobs (the drivers alone, bench/_floor_app.py)")
+    floor_task = BaselineTask("_floor_app", floor_app(settings), FLOOR_QUEUE, FLOOR_TASK)
+    floor = run_task_baseline(
+        args, stack, floor_env, workdir, "floor-worker", floor_task, ids, simulator.start
+    )
+    succeeded = count_floor_jobs(database.url, "succeeded")
+    if succeeded != len(ids):
+        raise RuntimeError(f"the floor worker finished {succeeded} of its {len(ids)} jobs")
+    return Baselines(noop, floor)
+
+
+def create_floor_jobs(database_url: str, ids: list[str]) -> None:
+    """The floor's jobs, queued, each with the request promptq's job sends."""
+    from _floor_app import CREATE_TABLE, FLOOR_TABLE
+
+    request = json.dumps(
+        {"model": MODEL, "max_tokens": 1024, "messages": [{"role": "user", "content": "Hi"}]}
+    )
+    with (
+        contextlib.ExitStack() as engine_stack,
+        bench_engine(engine_stack, database_url).begin() as connection,
+    ):
+        connection.execute(text(CREATE_TABLE))
+        connection.execute(
+            text(f"INSERT INTO {FLOOR_TABLE} (id, status, request) VALUES (:id, 'queued', :r)"),
+            [{"id": job_id, "r": request} for job_id in ids],
+        )
+
+
+def count_floor_jobs(database_url: str, status: str) -> int:
+    from _floor_app import FLOOR_TABLE
+
+    with (
+        contextlib.ExitStack() as engine_stack,
+        bench_engine(engine_stack, database_url).connect() as connection,
+    ):
+        query = text(f"SELECT count(*) FROM {FLOOR_TABLE} WHERE status = :status")
+        return int(connection.execute(query, {"status": status}).scalar_one())
+
+
+def run_task_baseline(
+    args: argparse.Namespace,
+    stack: contextlib.ExitStack,
+    env: dict[str, str],
+    workdir: Path,
+    name: str,
+    task: BaselineTask,
+    ids: list[str],
+    before_publishing: Callable[[], None] | None = None,
+) -> TaskBaseline:
+    """One task's cost to a worker built as promptq's, on the same Redis: one message per
+    id published first, then drained, the worker's CPU counted from the first message to
+    the queue's last acknowledgement."""
+    queue = task.queue
     bench_dir = str(Path(__file__).resolve().parent)
     child = start_child(
         stack,
-        "noop-worker",
+        name,
         [
             "-A",
-            "_noop_app",
+            task.module,
             "worker",
             "-P",
             "gevent",
             f"--concurrency={args.concurrency}",
-            f"--queues={NOOP_QUEUE}",
+            f"--queues={queue}",
             "--loglevel=WARNING",
             "--without-gossip",
             "--without-mingle",
-            f"--hostname=noop-{uuid.uuid4().hex[:6]}@%h",
+            f"--hostname={name}-{uuid.uuid4().hex[:6]}@%h",
         ],
         {**env, "PYTHONPATH": bench_dir},
         workdir,
@@ -611,28 +715,25 @@ def run_noop_baseline(
     )
     broker = redis.Redis.from_url(env["PROMPTQ_REDIS_URL"])
     stack.callback(broker.close)
-    app = noop_app(Settings(redis_url=env["PROMPTQ_REDIS_URL"]))
     # Ready when Celery has declared its queue binding in Redis.
-    wait_until(lambda: broker.exists(f"_kombu.binding.{NOOP_QUEUE}") > 0, child, 60, "noop")
+    wait_until(lambda: broker.exists(f"_kombu.binding.{queue}") > 0, child, 60, name)
+    if before_publishing is not None:
+        before_publishing()
     time.sleep(1.0)
-    count = args.e2e_jobs
-    log(f"baseline: {count} no-op Celery tasks")
     before = cpu_seconds(child)
-    with app.producer_or_acquire() as producer:
-        for index in range(count):
-            app.send_task(
-                NOOP_TASK, args=[f"job_noop_{index}"], queue=NOOP_QUEUE, producer=producer
-            )
-    deadline = time.monotonic() + 60 + count / 100
+    with task.app.producer_or_acquire() as producer:
+        for job_id in ids:
+            task.app.send_task(task.name, args=[job_id], queue=queue, producer=producer)
+    deadline = time.monotonic() + 60 + len(ids) / 100
     while time.monotonic() < deadline:
         child.check_alive()
-        waiting = sum(broker.llen(name) for name in broker.keys(f"{NOOP_QUEUE}*"))
+        waiting = sum(broker.llen(name) for name in broker.keys(f"{queue}*"))
         if waiting == 0 and broker.hlen("unacked") == 0:
             break
         time.sleep(0.1)
     else:
-        raise RuntimeError("the no-op worker did not drain its queue in time")
-    return NoopBaseline(count, cpu_seconds(child) - before)
+        raise RuntimeError(f"the {name} did not drain its queue in time")
+    return TaskBaseline(len(ids), cpu_seconds(child) - before)
 
 
 def run_end_to_end(
@@ -643,7 +744,7 @@ def run_end_to_end(
     database: DatabaseInfo,
     env: dict[str, str],
     workdir: Path,
-    baseline: NoopBaseline | None = None,
+    baselines: Baselines | None = None,
 ) -> EndToEndReport:
     from promptq.simulator import Simulator, SimulatorConfig
 
@@ -787,17 +888,38 @@ def run_end_to_end(
                 True,
             )
         )
-    if baseline is not None:
-        ratio = worker_ms_per_job / max(baseline.ms_per_message, 1e-9)
+    if baselines is not None:
+        noop_ms = baselines.noop.ms_per_message
+        ratio = worker_ms_per_job / max(noop_ms, 1e-9)
         rows.append(
             row(
-                f"CPU per job / no-op task ({baseline.ms_per_message:.2f} ms)",
+                f"CPU per job / no-op task ({noop_ms:.2f} ms)",
                 ratio,
                 f"{ratio:.2f}x",
                 targets.noop_ratio,
                 True,
             )
         )
+        if baselines.floor is not None:
+            floor_ms = baselines.floor.ms_per_message
+            rows.append(
+                row(
+                    f"Floor ({floor_ms:.2f} ms) / no-op task: the drivers alone",
+                    floor_ms / max(noop_ms, 1e-9),
+                    f"{floor_ms / max(noop_ms, 1e-9):.2f}x",
+                    None,
+                    True,
+                )
+            )
+            rows.append(
+                row(
+                    "CPU per job / floor",
+                    worker_ms_per_job / max(floor_ms, 1e-9),
+                    f"{worker_ms_per_job / max(floor_ms, 1e-9):.2f}x",
+                    None,
+                    True,
+                )
+            )
     rows.append(["Succeeded / submitted", f"{succeeded} / {count}", "all", met(all_ok)])
     notes = [
         f"Steady state: the {STEADY_FROM:.0%} to {STEADY_TO:.0%} finishes, {window:.1f} s. "
@@ -848,7 +970,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--noop-baseline",
         action="store_true",
-        help="also measure a no-op Celery task's worker CPU (always with --latency 0)",
+        help="also measure a no-op Celery task's worker CPU and, on PostgreSQL, the floor's "
+        "(bench/_floor_app.py; always with --latency 0)",
     )
     args = parser.parse_args(argv)
     require_at_least_one(parser, args, ("jobs", "e2e_jobs", "clients", "concurrency"))
@@ -869,11 +992,11 @@ def main(argv: list[str] | None = None) -> int:
             if not args.skip_intake:
                 intake = run_intake(args, stack, api_url, api, setup.database, setup.redis.url)
             if not args.skip_e2e:
-                baseline = None
+                baselines = None
                 if args.latency == 0 or args.noop_baseline:
-                    baseline = run_noop_baseline(args, stack, env, setup.workdir)
+                    baselines = run_baselines(args, stack, env, setup.workdir, setup.database)
                 e2e = run_end_to_end(
-                    args, stack, api_url, api, setup.database, env, setup.workdir, baseline
+                    args, stack, api_url, api, setup.database, env, setup.workdir, baselines
                 )
     print_report(args, setup, intake, e2e)
     # Missed targets do not fail the run (they are figures to read); lost or failed jobs do.
