@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import suppress
@@ -31,6 +30,7 @@ from urllib3.util import parse_url
 from urllib3.util.connection import allowed_gai_family
 
 from promptq.upstream.classify import parse_retry_after
+from promptq.webhooks.deadlines import Deadline
 from promptq.webhooks.ssrf import (
     NO_ALLOW,
     UnsafeTarget,
@@ -57,47 +57,6 @@ class DeliveryResult:
     @property
     def succeeded(self) -> bool:
         return self.error is None and self.status_code is not None and 200 <= self.status_code < 300
-
-
-class _Deadline:
-    """One delivery's overall deadline, enforced on its sockets by a timer thread. Socket
-    timeouts bound each read, not their sum: a server sending a byte a second outlasts them."""
-
-    def __init__(self, seconds: float) -> None:
-        self.expired = False
-        self._at = time.monotonic() + seconds
-        self._lock = threading.Lock()
-        self._watched: list[socket.socket] = []
-        self._timer = threading.Timer(seconds, self._expire)
-        self._timer.daemon = True
-        self._timer.start()
-
-    def remaining(self) -> float:
-        return max(0.0, self._at - time.monotonic())
-
-    def watch(self, sock: socket.socket) -> None:
-        # A duplicate descriptor: TLS wrapping takes the original one over, and shutdown()
-        # acts on the socket itself, through whichever descriptor it is called.
-        with self._lock:
-            self._watched.append(sock.dup())
-            if self.expired:
-                with suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-
-    def _expire(self) -> None:
-        with self._lock:
-            self.expired = True
-            for sock in self._watched:
-                # Wakes a read blocked in the delivering thread: it sees the end of the stream.
-                with suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        self._timer.cancel()
-        with self._lock:
-            for sock in self._watched:
-                sock.close()
-            self._watched.clear()
 
 
 def _sort_addresses(
@@ -139,7 +98,7 @@ def _address_literal(host: str, port: int) -> list[_AddrInfo] | None:
 @dataclass(frozen=True)
 class _ConnectPolicy:
     allow_private: bool
-    deadline: _Deadline
+    deadline: Deadline
     allow: WebhookAllow = NO_ALLOW
 
     def connect(self, conn: HTTPConnection) -> socket.socket:
@@ -305,7 +264,7 @@ class WebhookSender:
 
     def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> DeliveryResult:
         started = time.monotonic()
-        deadline = _Deadline(self.timeout)
+        deadline = Deadline(self.timeout)
         adapter: _GuardedAdapter | None = None
         try:
             # The form of the URL only: its address is checked on the connection.
@@ -336,7 +295,7 @@ class WebhookSender:
             if adapter is not None:
                 adapter.close()
 
-    def _read_excerpt(self, response: requests.Response, deadline: _Deadline) -> bytes:
+    def _read_excerpt(self, response: requests.Response, deadline: Deadline) -> bytes:
         """Up to `excerpt_bytes` of the body, or what arrived of it before the deadline."""
         chunks: list[bytes] = []
         size = 0
@@ -374,7 +333,7 @@ class WebhookSender:
             retry_after=parse_retry_after(response.headers) if status in (429, 503) else None,
         )
 
-    def _describe(self, error: BaseException, url: str, deadline: _Deadline) -> str:
+    def _describe(self, error: BaseException, url: str, deadline: Deadline) -> str:
         # Host and port only: the path and query of a webhook URL can carry its secrets.
         try:
             parsed = parse_url(url)
