@@ -48,6 +48,8 @@ class Deadline:
         # A duplicate descriptor: TLS wrapping takes the original one over, and shutdown()
         # acts on the socket itself, through whichever descriptor it is called.
         with self._lock:
+            if self.closed:
+                return  # the POST is over: nothing to end
             self._watched.append(sock.dup())
             if self.expired:
                 with suppress(OSError):
