@@ -608,12 +608,10 @@ class Baselines:
 
 
 def run_baselines(
-    args: argparse.Namespace,
-    stack: contextlib.ExitStack,
-    env: dict[str, str],
-    workdir: Path,
-    database: DatabaseInfo,
+    args: argparse.Namespace, env: dict[str, str], workdir: Path, database: DatabaseInfo
 ) -> Baselines:
+    """Each baseline's worker (and the floor's simulator) is stopped once it is measured,
+    before the job's own run starts."""
     from _floor_app import FLOOR_QUEUE, FLOOR_TASK, floor_app
     from _noop_app import NOOP_QUEUE, NOOP_TASK, noop_app
 
@@ -623,26 +621,30 @@ def run_baselines(
     ids = [f"job_baseline_{index}" for index in range(args.e2e_jobs)]
     log(f"baseline: {len(ids)} no-op Celery tasks")
     noop_task = BaselineTask("_noop_app", noop_app(settings), NOOP_QUEUE, NOOP_TASK)
-    noop = run_task_baseline(args, stack, env, workdir, "noop-worker", noop_task, ids)
+    with contextlib.ExitStack() as stack:
+        noop = run_task_baseline(args, stack, env, workdir, "noop-worker", noop_task, ids)
     if database.kind != "PostgreSQL":
         return Baselines(noop)
     from promptq.simulator import Simulator, SimulatorConfig
 
     create_floor_jobs(database.url, ids)
-    simulator = Simulator(SimulatorConfig(latency=0))
-    stack.callback(simulator.stop)
-    floor_env = {
-        **env,
-        "FLOOR_DATABASE": make_url(database.url)
-        .set(drivername="postgresql")
-        .render_as_string(hide_password=False),
-        "FLOOR_UPSTREAM_URL": simulator.url,
-    }
     log(f"baseline: {len(ids)} floor jobs (the drivers alone, bench/_floor_app.py)")
     floor_task = BaselineTask("_floor_app", floor_app(settings), FLOOR_QUEUE, FLOOR_TASK)
-    floor = run_task_baseline(
-        args, stack, floor_env, workdir, "floor-worker", floor_task, ids, simulator.start
-    )
+    with contextlib.ExitStack() as stack:
+        # Served only once the worker is started (as in run_end_to_end): no thread of the
+        # benchmark's own while it forks a child.
+        simulator = Simulator(SimulatorConfig(latency=0))
+        stack.callback(simulator.stop)
+        floor_env = {
+            **env,
+            "FLOOR_DATABASE": make_url(database.url)
+            .set(drivername="postgresql")
+            .render_as_string(hide_password=False),
+            "FLOOR_UPSTREAM_URL": simulator.url,
+        }
+        floor = run_task_baseline(
+            args, stack, floor_env, workdir, "floor-worker", floor_task, ids, simulator.start
+        )
     succeeded = count_floor_jobs(database.url, "succeeded")
     if succeeded != len(ids):
         raise RuntimeError(f"the floor worker finished {succeeded} of its {len(ids)} jobs")
@@ -686,7 +688,7 @@ def run_task_baseline(
     name: str,
     task: BaselineTask,
     ids: list[str],
-    before_publishing: Callable[[], None] | None = None,
+    before_publishing: Callable[[], object] | None = None,
 ) -> TaskBaseline:
     """One task's cost to a worker built as promptq's, on the same Redis: one message per
     id published first, then drained, the worker's CPU counted from the first message to
@@ -994,7 +996,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.skip_e2e:
                 baselines = None
                 if args.latency == 0 or args.noop_baseline:
-                    baselines = run_baselines(args, stack, env, setup.workdir, setup.database)
+                    baselines = run_baselines(args, env, setup.workdir, setup.database)
                 e2e = run_end_to_end(
                     args, stack, api_url, api, setup.database, env, setup.workdir, baselines
                 )
