@@ -90,8 +90,9 @@ class DeadlineWatcher:
             heapq.heappush(self._heap, (deadline.at, next(self._arrivals), deadline))
             if len(self._heap) > self._compact_above:
                 self._compact()
-            if self._thread is None:
-                # Once per process: the first POST waits for this thread to start.
+            if self._thread is None or not self._thread.is_alive():
+                # Once per process (again in a child forked from it, where the parent's
+                # thread does not run): the first POST waits for this thread to start.
                 self._thread = threading.Thread(
                     target=self._run, name="webhook-deadlines", daemon=True
                 )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
 import socket
 import ssl
@@ -272,6 +273,24 @@ def test_the_deadline_holds_against_a_body_sent_a_byte_at_a_time(
     assert result.response_excerpt is not None
     assert 0 < len(result.response_excerpt) < 1000
     assert set(result.response_excerpt) == {"x"}
+
+
+def test_the_deadline_holds_in_a_process_forked_after_a_delivery(
+    server: RecordingServer,
+) -> None:
+    # The parent's deadline thread does not run in the child: the child needs its own.
+    assert PRIVATE_OK.post(server.url("/ok"), BODY, headers()).status_code == 200
+    child = os.fork()
+    if child == 0:  # pragma: no cover (reported through the exit status)
+        try:
+            result, elapsed = timed(
+                lambda: PRIVATE_OK.post(server.url("/drip-headers"), BODY, headers())
+            )
+            os._exit(0 if result.status_code is None and elapsed < TIMEOUT + SLACK else 1)
+        finally:
+            os._exit(2)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 # Spellings of 127.0.0.1 the sender's connection must read the way a resolver does.
