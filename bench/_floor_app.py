@@ -50,7 +50,7 @@ ACQUIRE = "return redis.call('INCR', KEYS[1])"
 SETTLE = "return redis.call('DECR', KEYS[1])"
 
 CREATE_TABLE = f"""
-CREATE TABLE IF NOT EXISTS {FLOOR_TABLE} (
+CREATE TABLE {FLOOR_TABLE} (
     id TEXT PRIMARY KEY,
     status TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,

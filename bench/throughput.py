@@ -645,14 +645,16 @@ def run_baselines(
         floor = run_task_baseline(
             args, stack, floor_env, workdir, "floor-worker", floor_task, ids, simulator.start
         )
-    succeeded = count_floor_jobs(database.url, "succeeded")
+    succeeded = remove_floor_jobs(database.url)
     if succeeded != len(ids):
         raise RuntimeError(f"the floor worker finished {succeeded} of its {len(ids)} jobs")
     return Baselines(noop, floor)
 
 
 def create_floor_jobs(database_url: str, ids: list[str]) -> None:
-    """The floor's jobs, queued, each with the request promptq's job sends."""
+    """The floor's jobs, queued, each with a request like a benchmark job's (one short user
+    message). A table of a run that was stopped midway (`--database-url` keeps it) goes
+    first."""
     from _floor_app import CREATE_TABLE, FLOOR_TABLE
 
     request = json.dumps(
@@ -662,6 +664,7 @@ def create_floor_jobs(database_url: str, ids: list[str]) -> None:
         contextlib.ExitStack() as engine_stack,
         bench_engine(engine_stack, database_url).begin() as connection,
     ):
+        connection.execute(text(f"DROP TABLE IF EXISTS {FLOOR_TABLE}"))
         connection.execute(text(CREATE_TABLE))
         connection.execute(
             text(f"INSERT INTO {FLOOR_TABLE} (id, status, request) VALUES (:id, 'queued', :r)"),
@@ -669,15 +672,19 @@ def create_floor_jobs(database_url: str, ids: list[str]) -> None:
         )
 
 
-def count_floor_jobs(database_url: str, status: str) -> int:
+def remove_floor_jobs(database_url: str) -> int:
+    """How many of the floor's jobs succeeded; their table is dropped (a database given
+    with `--database-url` is kept after the run)."""
     from _floor_app import FLOOR_TABLE
 
     with (
         contextlib.ExitStack() as engine_stack,
-        bench_engine(engine_stack, database_url).connect() as connection,
+        bench_engine(engine_stack, database_url).begin() as connection,
     ):
-        query = text(f"SELECT count(*) FROM {FLOOR_TABLE} WHERE status = :status")
-        return int(connection.execute(query, {"status": status}).scalar_one())
+        query = text(f"SELECT count(*) FROM {FLOOR_TABLE} WHERE status = 'succeeded'")
+        succeeded = int(connection.execute(query).scalar_one())
+        connection.execute(text(f"DROP TABLE {FLOOR_TABLE}"))
+        return succeeded
 
 
 def run_task_baseline(
