@@ -10,7 +10,7 @@ HTTP call the `anthropic` SDK makes and times it to the last byte of the answer.
 batch of --results-requests requests is marked finished in the database directly (running
 100,000 requests through the simulator would measure the worker, not the results endpoint)
 and its results are read as JSONL, while the API process's resident memory is sampled.
-Progress goes to stderr; stdout is Markdown, ready to paste into the README.
+Progress goes to stderr; stdout is Markdown, ready to paste into docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ weighs on both sides alike): intake p50/p99 for the budgeted key, 100 of its job
 end, a job read, a list page, `/metrics`, `/v1/usage` (the key's and the admin's, each
 group_by), `/dashboard`, one sweeper pass (in this process, the real functions); then, on
 the history side, a prune's throughput (rows/s, for --prune-seconds) and the database size
-per stored job. Progress goes to stderr; stdout is Markdown, ready to paste into the README.
+per stored job. Progress goes to stderr; stdout is Markdown, ready to paste into docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ One `promptq api` and one `promptq worker` run as child processes against the si
 which answers at once (latency 0), so each round trip is promptq's own cost: intake, the
 queue, the worker's claim, the call, the record, and waking the request held open. Calls
 are made one after another (--sequential) and then from --clients threads at once.
-Progress goes to stderr; stdout is Markdown, ready to paste into the README.
+Progress goes to stderr; stdout is Markdown, ready to paste into docs/benchmarks.md.
 """
 
 from __future__ import annotations

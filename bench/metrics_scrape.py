@@ -7,7 +7,7 @@ The figures are computed at scrape time from the database (see promptq/metrics.p
 scrape reads every job and attempt row. This fills a fresh database with --jobs finished
 jobs (one attempt each, spread over five models and the final statuses) in a few bulk
 statements, then times scrapes of one `promptq api` process. Progress goes to stderr;
-stdout is Markdown, ready to paste into the README.
+stdout is Markdown, ready to paste into docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ Redis, and prints a job's CPU over theirs: a no-op Celery task (bench/_noop_app.
 on PostgreSQL the floor (bench/_floor_app.py), a job's input and output with the drivers
 called directly.
 
-Progress goes to stderr; stdout is Markdown, ready to paste into the README.
+Progress goes to stderr; stdout is Markdown, ready to paste into docs/benchmarks.md.
 """
 
 from __future__ import annotations

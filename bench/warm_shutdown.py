@@ -14,7 +14,7 @@ messages on the broker again for the next worker (no second worker runs here). T
 what deploy/'s stop grace periods must cover; with the upstream's own timeout it is at most
 that timeout plus the recording.
 
-Progress goes to stderr; stdout is Markdown, ready to paste into the README. Exit status 1
+Progress goes to stderr; stdout is Markdown, ready to paste into docs/benchmarks.md. Exit status 1
 means a job was lost, failed or called twice.
 """
 

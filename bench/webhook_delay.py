@@ -6,7 +6,7 @@
 One `promptq api` and one `promptq worker` run as child processes against the simulator;
 a receiver on 127.0.0.1 notes when each job's `job.succeeded` arrives. The delay of a job
 is that arrival time less the job's `finished_at` (same machine, same clock). Progress goes
-to stderr; stdout is Markdown, ready to paste into the README.
+to stderr; stdout is Markdown, ready to paste into docs/benchmarks.md.
 """
 
 from __future__ import annotations

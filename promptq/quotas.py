@@ -104,7 +104,7 @@ class IntakeQuotas:
     "intake", which batches take from too) and room in its unfinished count
     (UnfinishedJobs), in one Redis script rather than two, and the jobs of a batch in one
     round trip: the two scripts apart took about 0.85 ms of the API's CPU a job on a slow
-    hour of the benchmarks' box, a fifth of it (README "Intake")."""
+    hour of the benchmarks' box, a fifth of it (docs/benchmarks.md, "Intake")."""
 
     def __init__(self, client: redis.Redis) -> None:
         self.client = client

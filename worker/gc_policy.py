@@ -11,8 +11,8 @@ in the collector; during each of those pauses every greenlet stood still.
 
 Collecting less often keeps what is collected the same (cycles are still found, only
 later), and cut the worker's CPU per job by about a tenth with no more resident memory in
-those runs (182 to 187 MiB at most, as before; README, "Throughput"). Reference counting,
-which frees everything that is not in a cycle, is not affected.
+those runs (182 to 187 MiB at most, as before; docs/benchmarks.md, "Throughput").
+Reference counting, which frees everything that is not in a cycle, is not affected.
 """
 
 from __future__ import annotations

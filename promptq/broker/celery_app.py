@@ -11,7 +11,7 @@ greenlet: a thousand waiting calls cost a thousand small stacks and sockets, and
 until their answers come. psycopg (3.1.14 and later), redis-py and requests cooperate once
 the process is patched, which `promptq worker` does before anything else is imported
 (promptq.cli.green); the database pool, the price table and the limiter stay one per
-process. Threads were measured against it on the same code (README, "Throughput"): at
+process. Threads were measured against it on the same code (docs/benchmarks.md, "Throughput"): at
 concurrency 1,000 and a 10 s upstream, a thread pool never got past about 750 calls in
 flight, its threads fighting over the GIL, where the greenlets held all 1,000.
 

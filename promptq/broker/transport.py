@@ -5,7 +5,7 @@ kombu's Redis channel wraps its connection pool in a new `redis.Redis` for every
 acknowledgement and unacked-message bookkeeping (`Channel.conn_or_acquire`), and redis-py's
 constructor copies its ~170 response callbacks into a case-insensitive dict each time
 (redis/redis-py#3624): 0.2 to 0.3 ms of CPU, a quarter to a third of what publishing one
-job costs the API (README, Throughput), and the same again for each message a worker
+job costs the API (docs/benchmarks.md, Throughput), and the same again for each message a worker
 takes and acknowledges. A `redis.Redis` over a pool takes a pooled connection for each
 command or pipeline and gives it back, so one serves every caller of the channel, threads
 and greenlets alike. kombu has no setting for this, hence these subclasses, installed
