@@ -20,9 +20,11 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import os
 import socket
 import threading
 import time
+import weakref
 from contextlib import suppress
 
 log = logging.getLogger(__name__)
@@ -84,21 +86,33 @@ class DeadlineWatcher:
         self._arrivals = itertools.count()
         self._thread: threading.Thread | None = None
         self._compact_above = COMPACT_ABOVE
+        # Weakly: a watcher is not kept alive by the interpreter's list of fork hooks.
+        start_afresh = weakref.WeakMethod(self._start_afresh)
+        os.register_at_fork(after_in_child=lambda: (method := start_afresh()) and method())
 
     def add(self, deadline: Deadline) -> None:
         with self._changed:
             heapq.heappush(self._heap, (deadline.at, next(self._arrivals), deadline))
             if len(self._heap) > self._compact_above:
                 self._compact()
-            if self._thread is None or not self._thread.is_alive():
-                # Once per process (again in a child forked from it, where the parent's
-                # thread does not run): the first POST waits for this thread to start.
+            if self._thread is None:
+                # Once per process (_start_afresh in a child): the first POST waits for this
+                # thread to start.
                 self._thread = threading.Thread(
                     target=self._run, name="webhook-deadlines", daemon=True
                 )
                 self._thread.start()
             elif self._heap[0][2] is deadline:
                 self._changed.notify()
+
+    def _start_afresh(self) -> None:
+        """In a child forked from this process: the parent's thread does not run here, its
+        lock may have been held at the fork (by that thread, which would never let it go),
+        and the deadlines held are the parent's POSTs, not the child's."""
+        self._changed = threading.Condition()
+        self._heap = []
+        self._thread = None
+        self._compact_above = COMPACT_ABOVE
 
     def pending(self) -> int:
         """Deadlines neither passed nor closed."""
