@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -145,19 +146,23 @@ def floor_app(settings: Settings | None = None) -> Celery:
     # promptq's tasks are not this worker's business.
     celery.conf.include = []
     shared: list[Floor] = []
+    # Patched to gevent's by then (`python -m celery` patches before it loads the app): the
+    # first messages' greenlets wait here for one build rather than each building its own.
+    building = threading.Lock()
 
     def floor() -> Floor:
         # Built in the worker, on the first message: the command line's `-P gevent` has
         # patched the process by then.
         if not shared:
-            built = Floor(
-                os.environ["FLOOR_DATABASE"],
-                settings.redis_url or "",
-                os.environ["FLOOR_UPSTREAM_URL"],
-            )
-            # Building it waits on Redis: another run may have built one meanwhile.
-            if not shared:
-                shared.append(built)
+            with building:
+                if not shared:
+                    shared.append(
+                        Floor(
+                            os.environ["FLOOR_DATABASE"],
+                            settings.redis_url or "",
+                            os.environ["FLOOR_UPSTREAM_URL"],
+                        )
+                    )
         return shared[0]
 
     @celery.task(name=FLOOR_TASK, ignore_result=True, acks_late=True)

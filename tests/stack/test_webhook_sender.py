@@ -8,6 +8,7 @@ import base64
 import json
 import os
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -289,8 +290,16 @@ def test_the_deadline_holds_in_a_process_forked_after_a_delivery(
             os._exit(0 if result.status_code is None and elapsed < TIMEOUT + SLACK else 1)
         finally:
             os._exit(2)
-    _, status = os.waitpid(child, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+    # Waited for with a bound of its own: a child hung on its POST (a deadline that no
+    # longer holds after a fork) fails here, and is killed, rather than left running.
+    gives_up_at = time.monotonic() + TIMEOUT + SLACK + 10
+    while (ended := os.waitpid(child, os.WNOHANG))[0] == 0:
+        if time.monotonic() > gives_up_at:
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+            pytest.fail("the forked child's POST outlived its deadline: it hung")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(ended[1]) == 0
 
 
 # Spellings of 127.0.0.1 the sender's connection must read the way a resolver does.
