@@ -126,10 +126,11 @@ def main() -> int:
         }
         for round_number in range(args.rounds):
             order = [here, base] if round_number % 2 == 0 else [base, here]
-            reports = {side.label: measures_of(run(side, script)) for side in order}
+            # By side, not by label: a base naming this checkout's own commit has its label.
+            reports = {side: measures_of(run(side, script)) for side in order}
             for measure in args.measure:
                 figures[measure].append(
-                    (figure(reports[here.label], measure), figure(reports[base.label], measure))
+                    (figure(reports[here], measure), figure(reports[base], measure))
                 )
     finally:
         git("worktree", "remove", "--force", str(worktree))
