@@ -146,8 +146,8 @@ def floor_app(settings: Settings | None = None) -> Celery:
     # promptq's tasks are not this worker's business.
     celery.conf.include = []
     shared: list[Floor] = []
-    # Patched to gevent's by then (`python -m celery` patches before it loads the app): the
-    # first messages' greenlets wait here for one build rather than each building its own.
+    # The first messages' greenlets wait here for one build rather than each building its
+    # own (gevent's lock: `python -m celery` patches the process before it loads the app).
     building = threading.Lock()
 
     def floor() -> Floor:
