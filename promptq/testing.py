@@ -4,8 +4,10 @@ imports this module."""
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 # The statuses a job ends in, as the API spells them. Written out rather than taken from
 # promptq.models.FINAL_STATUSES, so that a change to the code's idea of "final" shows up
@@ -71,3 +73,19 @@ class SentMessages:
     @property
     def announced(self) -> list[str]:
         return [str(message[0]) for message in self.of_kind("announce_finished")]
+
+
+def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for the name `localhost` only (no IP address in it), and its
+    key, made in `folder` by the `openssl` command (FileNotFoundError without it)."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+            "-keyout", str(key), "-out", str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return cert, key

@@ -22,6 +22,7 @@ from urllib3.exceptions import (
     ReadTimeoutError,
 )
 
+from promptq.tls import verifying_context
 from promptq.upstream.classify import classify_response, describe_body
 from promptq.upstream.result import REDACTED, Outcome, UpstreamResult
 
@@ -89,7 +90,8 @@ def _connections(url: str, max_connections: int) -> urllib3.PoolManager:
     its response) cost a worker more CPU than the call itself. What requests would read from
     the environment is read here once: the proxy for the URL's scheme (HTTPS_PROXY, NO_PROXY)
     and the CA bundle (REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE, else certifi's, as requests
-    does), so that a deployment set up for requests works the same."""
+    does), so that a deployment set up for requests works the same; the bundle is loaded
+    once, into one TLS context for every connection (promptq.tls)."""
     ca_bundle = (
         os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or certifi.where()
     )
@@ -99,7 +101,7 @@ def _connections(url: str, max_connections: int) -> urllib3.PoolManager:
         "num_pools": 2,
         "maxsize": max_connections,
         "retries": False,
-        "ca_certs": ca_bundle,
+        "ssl_context": verifying_context(ca_bundle),
     }
     parts = urllib3.util.parse_url(url)
     proxy = getproxies().get(parts.scheme or "")

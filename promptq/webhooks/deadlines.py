@@ -11,8 +11,8 @@ every greenlet ready to run, paid by each POST while it holds one of its key's f
 bench/webhook_delay.py, starting the Timer took 0.7 to 1.7 ms at the median, 3 to 16 ms at
 p95; in 24 alternating runs of it, first delivery p95 was lower with the watcher in 17
 (medians 200 and 259 ms against 250 and 314, on slow hours). No library keeps deadlines for
-sockets the HTTP client opens (requests and urllib3 only have per-operation timeouts); the
-heap below is that.
+sockets the HTTP client opens (urllib3 only has per-operation timeouts); the heap below is
+that.
 """
 
 from __future__ import annotations

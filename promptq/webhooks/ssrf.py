@@ -213,7 +213,7 @@ def check_url(url: str, allow_private: bool = False, allow: WebhookAllow = NO_AL
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in url):
         raise UnsafeTarget("webhook_url holds a control character; percent-encode it")
     try:
-        # urllib3's parser, because it is the one requests sends with: a second parser
+        # urllib3's parser, because it is the one the sender connects with: a second parser
         # could read another host out of the same string ("http://a.com\\@127.0.0.1/").
         parsed = parse_url(url)
     except LocationParseError:

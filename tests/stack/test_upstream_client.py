@@ -4,6 +4,8 @@ simulator, and as a pure function of status, headers and body."""
 from __future__ import annotations
 
 import json
+import shutil
+import ssl
 import threading
 import uuid
 from collections.abc import Iterator
@@ -11,12 +13,14 @@ from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from promptq.simulator import Simulator, SimulatorConfig
 from promptq.supervisor import free_port
+from promptq.testing import self_signed_certificate
 from promptq.upstream import (
     Outcome,
     UpstreamClient,
@@ -317,6 +321,68 @@ def test_the_environments_proxy_is_used_unless_no_proxy_names_the_host(
     assert proxied.status_code == 503 and proxied.outcome is Outcome.TRANSIENT
     # Not through the proxy: the name does not resolve.
     assert bypassed.status_code is None and bypassed.error_type == "connection_error"
+
+
+class _AnsweringOverTLS(BaseHTTPRequestHandler):
+    """An upstream that answers every call with a message and closes the connection, so that
+    each call opens a connection of its own (HTTP/1.0)."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["content-length"]))
+        body = json.dumps(
+            {
+                **MESSAGE,
+                "model": MODEL,
+                "content": [{"type": "text", "text": "hi"}],
+                "stop_reason": "end_turn",
+                "usage": {"input_tokens": 3, "output_tokens": 1},
+            }
+        ).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_https_trusts_the_environments_ca_bundle_on_every_new_connection(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The bundle is loaded once into a context every connection shares (promptq.tls): each
+    # new connection must still verify the certificate and the name against it.
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make a test certificate")
+    certificate, key = self_signed_certificate(tmp_path)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _AnsweringOverTLS)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(certificate, key)
+    server.socket = tls.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    port = server.server_address[1]
+    for name in ("https_proxy", "HTTPS_PROXY", "CURL_CA_BUNDLE"):
+        monkeypatch.delenv(name, raising=False)
+    try:
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(certificate))
+        trusting = UpstreamClient(f"https://localhost:{port}", KEY, timeout=5)
+        calls = [trusting.create_message(params("hi")) for _ in range(3)]
+        by_address = UpstreamClient(f"https://127.0.0.1:{port}", KEY, timeout=5)
+        wrong_name = by_address.create_message(params("hi"))
+        monkeypatch.delenv("REQUESTS_CA_BUNDLE")
+        untrusting = UpstreamClient(f"https://localhost:{port}", KEY, timeout=5)
+        not_trusted = untrusting.create_message(params("hi"))
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    assert [call.outcome for call in calls] == [Outcome.SUCCEEDED] * 3
+    for refused in (wrong_name, not_trusted):
+        assert refused.outcome is Outcome.TRANSIENT
+        assert refused.error_type == "connection_error"
+    assert "127.0.0.1" in (wrong_name.error_message or "")
+    assert "certificate verify failed" in (not_trusted.error_message or "")
 
 
 # --- pure classification ----------------------------------------------------------------------

@@ -11,7 +11,6 @@ import shutil
 import signal
 import socket
 import ssl
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +24,7 @@ from typing import Any
 import pytest
 from standardwebhooks.webhooks import Webhook
 
+from promptq.testing import self_signed_certificate
 from promptq.webhooks import DeliveryResult, WebhookSender, sign
 
 SECRET = "whsec_" + base64.b64encode(b"promptq-webhook-sender-test-key").decode()
@@ -432,18 +432,7 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A self-signed certificate for the name `localhost` only (no IP address in it)."""
     if shutil.which("openssl") is None:
         pytest.skip("the openssl command is needed to make a test certificate")
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(
-        [
-            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-            "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
-            "-keyout", str(key), "-out", str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )  # fmt: skip
-    return cert, key
+    return self_signed_certificate(tmp_path_factory.mktemp("tls"))
 
 
 @pytest.fixture
@@ -483,6 +472,24 @@ def test_https_refuses_a_certificate_that_does_not_name_the_host(
     assert result.error is not None
     assert result.error.startswith(f"TLS with 127.0.0.1:{server.port} failed:")
     assert server.requests == []
+
+
+def test_one_sender_checks_every_posts_host_name_on_its_one_tls_context(
+    tls_server: tuple[RecordingServer, list[str]], certificate: tuple[Path, Path]
+) -> None:
+    # The sender loads its CA bundle once, into a context all its POSTs share: a POST that
+    # passed must leave nothing on it that lets the next one through unchecked.
+    server, names = tls_server
+    sender = WebhookSender(allow_private=True, timeout=TIMEOUT, ca_bundle=str(certificate[0]))
+    first = sender.post(server.url(host="localhost"), BODY, headers())
+    by_address = sender.post(server.url(host="127.0.0.1"), BODY, headers())
+    again = sender.post(server.url(host="localhost"), BODY, headers())
+    assert first.succeeded, first.error
+    assert by_address.error is not None
+    assert by_address.error.startswith(f"TLS with 127.0.0.1:{server.port} failed:")
+    assert again.succeeded, again.error
+    assert names == ["localhost", "None", "localhost"]  # no SNI name for an address
+    assert len(server.requests) == 2
 
 
 def test_https_with_the_default_trust_store_refuses_a_self_signed_certificate(
