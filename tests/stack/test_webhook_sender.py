@@ -450,12 +450,17 @@ def tls_server(certificate: tuple[Path, Path]) -> Iterator[tuple[RecordingServer
     recorder.stop()
 
 
+@pytest.fixture
+def trusting(certificate: tuple[Path, Path]) -> WebhookSender:
+    """A sender whose CA bundle is the test certificate."""
+    return WebhookSender(allow_private=True, timeout=TIMEOUT, ca_bundle=str(certificate[0]))
+
+
 def test_https_verifies_the_certificate_for_the_name_not_the_address(
-    tls_server: tuple[RecordingServer, list[str]], certificate: tuple[Path, Path]
+    tls_server: tuple[RecordingServer, list[str]], trusting: WebhookSender
 ) -> None:
     server, names = tls_server
-    sender = WebhookSender(allow_private=True, timeout=TIMEOUT, ca_bundle=str(certificate[0]))
-    result = sender.post(server.url(host="localhost"), BODY, headers())
+    result = trusting.post(server.url(host="localhost"), BODY, headers())
     assert result.succeeded, result.error
     assert names == ["localhost"]
     [seen] = server.requests
@@ -463,11 +468,10 @@ def test_https_verifies_the_certificate_for_the_name_not_the_address(
 
 
 def test_https_refuses_a_certificate_that_does_not_name_the_host(
-    tls_server: tuple[RecordingServer, list[str]], certificate: tuple[Path, Path]
+    tls_server: tuple[RecordingServer, list[str]], trusting: WebhookSender
 ) -> None:
     server, _ = tls_server
-    sender = WebhookSender(allow_private=True, timeout=TIMEOUT, ca_bundle=str(certificate[0]))
-    result = sender.post(server.url(host="127.0.0.1"), BODY, headers())
+    result = trusting.post(server.url(host="127.0.0.1"), BODY, headers())
     assert result.status_code is None
     assert result.error is not None
     assert result.error.startswith(f"TLS with 127.0.0.1:{server.port} failed:")
@@ -475,15 +479,14 @@ def test_https_refuses_a_certificate_that_does_not_name_the_host(
 
 
 def test_one_sender_checks_every_posts_host_name_on_its_one_tls_context(
-    tls_server: tuple[RecordingServer, list[str]], certificate: tuple[Path, Path]
+    tls_server: tuple[RecordingServer, list[str]], trusting: WebhookSender
 ) -> None:
     # The sender loads its CA bundle once, into a context all its POSTs share: a POST that
     # passed must leave nothing on it that lets the next one through unchecked.
     server, names = tls_server
-    sender = WebhookSender(allow_private=True, timeout=TIMEOUT, ca_bundle=str(certificate[0]))
-    first = sender.post(server.url(host="localhost"), BODY, headers())
-    by_address = sender.post(server.url(host="127.0.0.1"), BODY, headers())
-    again = sender.post(server.url(host="localhost"), BODY, headers())
+    first = trusting.post(server.url(host="localhost"), BODY, headers())
+    by_address = trusting.post(server.url(host="127.0.0.1"), BODY, headers())
+    again = trusting.post(server.url(host="localhost"), BODY, headers())
     assert first.succeeded, first.error
     assert by_address.error is not None
     assert by_address.error.startswith(f"TLS with 127.0.0.1:{server.port} failed:")
