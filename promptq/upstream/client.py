@@ -106,7 +106,9 @@ def _connections(url: str, max_connections: int) -> urllib3.PoolManager:
     parts = urllib3.util.parse_url(url)
     proxy = getproxies().get(parts.scheme or "")
     if proxy and not proxy_bypass(parts.host or ""):
-        return urllib3.ProxyManager(proxy, **options)
+        # An https:// proxy's certificate is checked against the same bundle, as requests
+        # (and urllib3 given the bundle's path) would.
+        return urllib3.ProxyManager(proxy, proxy_ssl_context=options["ssl_context"], **options)
     return urllib3.PoolManager(**options)
 
 

@@ -9,6 +9,7 @@ import ssl
 import threading
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -323,6 +324,65 @@ def test_the_environments_proxy_is_used_unless_no_proxy_names_the_host(
     assert bypassed.status_code is None and bypassed.error_type == "connection_error"
 
 
+@contextmanager
+def serving_over_tls(
+    handler: type[BaseHTTPRequestHandler], folder: Path
+) -> Iterator[tuple[int, Path]]:
+    """A server of `handler` on 127.0.0.1 speaking TLS with a certificate for `localhost`
+    made for it: its port and the certificate, for a client to trust."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make a test certificate")
+    certificate, key = self_signed_certificate(folder)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(certificate, key)
+    server.socket = tls.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        yield server.server_address[1], certificate
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class _RefusingTunnels(BaseHTTPRequestHandler):
+    """A proxy that refuses every CONNECT (403), recording the target asked for: a client
+    that got that far trusted the proxy's certificate."""
+
+    targets: list[str] = []
+
+    def do_CONNECT(self) -> None:
+        type(self).targets.append(self.path)
+        self.send_response(403)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_an_https_proxy_is_trusted_through_the_environments_ca_bundle(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # As requests does: REQUESTS_CA_BUNDLE is what the proxy's certificate is checked against
+    # too, not only the upstream's (urllib3's proxy_ssl_context, apart from its ssl_context).
+    _RefusingTunnels.targets.clear()
+    for name in ("https_proxy", "no_proxy", "NO_PROXY", "CURL_CA_BUNDLE"):
+        monkeypatch.delenv(name, raising=False)
+    with serving_over_tls(_RefusingTunnels, tmp_path) as (port, certificate):
+        monkeypatch.setenv("HTTPS_PROXY", f"https://localhost:{port}")
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(certificate))
+        trusted = UpstreamClient("https://upstream.invalid", KEY).create_message(params("x"))
+        monkeypatch.delenv("REQUESTS_CA_BUNDLE")
+        untrusted = UpstreamClient("https://upstream.invalid", KEY).create_message(params("x"))
+
+    assert _RefusingTunnels.targets == ["upstream.invalid:443"]  # the trusted client's only
+    assert trusted.error_type == "connection_error"
+    assert "403" in (trusted.error_message or "")
+    assert untrusted.error_type == "connection_error"
+    assert "certificate verify failed" in (untrusted.error_message or "")
+
+
 class _AnsweringOverTLS(BaseHTTPRequestHandler):
     """An upstream that answers every call with a message and closes the connection, so that
     each call opens a connection of its own (HTTP/1.0)."""
@@ -353,18 +413,9 @@ def test_https_trusts_the_environments_ca_bundle_on_every_new_connection(
 ) -> None:
     # The bundle is loaded once into a context every connection shares (promptq.tls): each
     # new connection must still verify the certificate and the name against it.
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is needed to make a test certificate")
-    certificate, key = self_signed_certificate(tmp_path)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _AnsweringOverTLS)
-    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    tls.load_cert_chain(certificate, key)
-    server.socket = tls.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-    port = server.server_address[1]
     for name in ("https_proxy", "HTTPS_PROXY", "CURL_CA_BUNDLE"):
         monkeypatch.delenv(name, raising=False)
-    try:
+    with serving_over_tls(_AnsweringOverTLS, tmp_path) as (port, certificate):
         monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(certificate))
         trusting = UpstreamClient(f"https://localhost:{port}", KEY, timeout=5)
         calls = [trusting.create_message(params("hi")) for _ in range(3)]
@@ -373,9 +424,6 @@ def test_https_trusts_the_environments_ca_bundle_on_every_new_connection(
         monkeypatch.delenv("REQUESTS_CA_BUNDLE")
         untrusting = UpstreamClient(f"https://localhost:{port}", KEY, timeout=5)
         not_trusted = untrusting.create_message(params("hi"))
-    finally:
-        server.shutdown()
-        server.server_close()
 
     assert [call.outcome for call in calls] == [Outcome.SUCCEEDED] * 3
     for refused in (wrong_name, not_trusted):
