@@ -7,12 +7,12 @@ A receiver in a process of its own on 127.0.0.1 answers every POST at once. This
 posts a signed delivery's body through `WebhookSender.post` (the address check, the
 deadline, the excerpt, the result), then the same request on a bare urllib3
 `HTTPConnection` (the baseline: a connection, the request, the status and body read), in
-alternating blocks, one thread, and measures this process's CPU time for each. With
-`--https` the receiver speaks TLS with a certificate made for the run (the `openssl`
-command), the sender is given certifi's CA bundle with that certificate added (the size of
-bundle it loads in production), and the baseline's connections share one TLS context with
-that bundle loaded: the TLS handshake is in both. In a worker
-that CPU is taken from the core the jobs share. Stdout is Markdown.
+alternating blocks, one thread, and measures this process's CPU time for each; both name the
+receiver `localhost`, looked up for every POST. In a worker that CPU is taken from the core
+the jobs share. With `--https` the receiver speaks TLS with a certificate made for the run
+(the `openssl` command), the sender is given certifi's CA bundle with that certificate added
+(the size of bundle it loads in production), and the baseline's connections share one TLS
+context with that bundle loaded: the TLS handshake is in both. Stdout is Markdown.
 """
 
 from __future__ import annotations
