@@ -129,6 +129,8 @@ def measure(port: int, posts: int, bundle: str | None) -> int:
     url = f"{scheme}://localhost:{port}/hook"
     tls: ssl.SSLContext | None = None
     if bundle is not None:
+        # What promptq.tls.verifying_context builds, written out with urllib3 alone: the
+        # baseline stays the same whichever commit's promptq runs the sender.
         tls = create_urllib3_context(cert_reqs=ssl.CERT_REQUIRED)
         tls.load_verify_locations(cafile=bundle)
 

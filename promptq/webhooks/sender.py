@@ -225,7 +225,7 @@ class WebhookSender:
             "content-type": "application/json",
             # The raw body is what the excerpt shows; and a small gzip bomb stays small.
             "accept-encoding": "identity",
-            "accept": "*/*",  # as requests sent, until it was dropped here
+            "accept": "*/*",  # what requests sent: receivers see the headers they saw before
         }
 
     def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> DeliveryResult:
