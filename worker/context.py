@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -77,6 +78,8 @@ def worker_context() -> WorkerContext:
         messenger,
         CallSlots(settings.worker_concurrency),
         delivery_room=delivery_pool,
+        # Patched to gevent's, as it is made once the worker runs: waiting yields.
+        record_turns=threading.BoundedSemaphore(settings.worker_records_at_once),
     )
     return WorkerContext(
         settings=settings,

@@ -332,6 +332,7 @@ def record_attempt(
     claimed: ClaimedJob,
     result: UpstreamResult,
     room: deliveries.DeliveryRoom | None = None,
+    answered_at: datetime | None = None,
 ) -> AttemptVerdict:
     """Record one upstream call: its attempt row, the job's next status (a compare-and-set
     from the claim), and, in this transaction, what that sets off (the job's end, its
@@ -341,8 +342,10 @@ def record_attempt(
     (promptq.jobs.recording); elsewhere one statement each, in the same order. `room`, for
     a record that commits as it runs (records_alone): the deliveries of the job's end it
     has room for are claimed as they are written, for the caller to hand over to it
-    (AttemptVerdict.handed_over) rather than published."""
-    now = utcnow()
+    (AttemptVerdict.handed_over) rather than published. `answered_at`, when the answer
+    came (now if not given), is when the attempt and the job finished: the record may have
+    waited for its turn (JobRunner.record_turns) or through a database outage since."""
+    now = answered_at or utcnow()
     attempt = {
         "job_id": claimed.id,
         "number": claimed.attempt,

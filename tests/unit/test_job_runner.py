@@ -4,6 +4,8 @@ the job's row, the limiter's slots and queue, and what the runner asked to publi
 
 from __future__ import annotations
 
+import json
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -437,3 +439,67 @@ def test_once_the_worker_stops_a_job_with_a_dispatchers_grant_still_runs(
 
     assert harness.runner.run(job_id, offer.grant) == "succeeded"
     assert job_of(job_id).status == "succeeded"
+
+
+class HeldAnnouncement(SentMessages):
+    """Sends as SentMessages does, but holds the word that `held` finished (sent as its
+    record's session ends, within its turn) until released."""
+
+    def __init__(self, held: str) -> None:
+        super().__init__()
+        self.held = held
+        self.holding = threading.Event()
+        self.release = threading.Event()
+
+    def announce_finished(self, job_id: str) -> None:
+        if job_id == self.held:
+            self.holding.set()
+            assert self.release.wait(10), "never released"
+        super().announce_finished(job_id)
+
+
+@pytest.mark.parametrize("turns", [1, 2])
+def test_jobs_take_turns_to_record_their_answers(
+    make_harness: Callable[..., Harness], make_job: MakeJob, job_of: JobOf, turns: int
+) -> None:
+    harness = make_harness()
+    harness.runner.record_turns = threading.BoundedSemaphore(turns)
+    first, second = make_job("One."), make_job("Two.")
+    held = harness.runner.messenger = HeldAnnouncement(held=first)
+    second_answered = threading.Event()
+    call = harness.upstream.create_message
+
+    def watched_call(params: dict[str, Any], beta: str | None = None) -> Any:
+        result = call(params, beta)
+        if "Two." in json.dumps(params):
+            second_answered.set()
+        return result
+
+    harness.upstream.create_message = watched_call  # type: ignore[method-assign]
+    first_run = threading.Thread(target=harness.runner.run, args=(first,))
+    second_run = threading.Thread(target=harness.runner.run, args=(second,))
+    first_run.start()
+    try:
+        assert held.holding.wait(10)
+        # The first job is in its turn, recorded, its end's word not yet sent.
+        second_run.start()
+        assert second_answered.wait(10)
+        if turns == 1:
+            # Its answer in, the second job waits for the first's turn to end.
+            second_run.join(0.3)
+            assert second_run.is_alive()
+            assert job_of(second).status == "running" and job_of(second).finished_at is None
+        else:
+            second_run.join(10)
+            assert not second_run.is_alive()
+            assert job_of(second).status == "succeeded"
+        released_at = datetime.now(UTC)
+    finally:
+        held.release.set()
+        first_run.join(10)
+        second_run.join(10)
+    assert job_of(first).status == job_of(second).status == "succeeded"
+    # Finished when its answer came, not when its turn did.
+    finished_at = job_of(second).finished_at
+    assert finished_at is not None and finished_at.replace(tzinfo=UTC) < released_at
+    assert held.announced == [first, second] if turns == 1 else [second, first]
