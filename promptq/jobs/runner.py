@@ -96,20 +96,21 @@ class JobRunner:
     # worker's delivery pool); none: they are published, for any sender to claim.
     delivery_room: DeliveryRoom | None = None
     # How many of its jobs record their answer at once (PROMPTQ_WORKER_RECORDS_AT_ONCE);
-    # the others wait, in the order their answers came. None: no turns, for a caller that
-    # runs one job at a time.
+    # the others wait, in the order their answers came, and a job about to start waits
+    # behind them. None: no turns, for a caller that runs one job at a time.
     #
     # Calls started together end together (a burst, answers of one length). Under gevent a
     # greenlet that waits for I/O goes to the back of the line of every greenlet ready to
-    # run, so the jobs of such a wave record in lock-step: each statement, each hand-over
-    # of a webhook delivery, waits a turn of the whole wave, and the first answer's job
-    # ends when the last one's does. Taking turns, the jobs waiting are parked out of that
-    # line, and each records and hands its deliveries over in a few short waits, first come
-    # first done. In alternating runs against no turns (AMD EPYC, 2 cores): concurrency 100
-    # at 1 s, 98.9 to 99.5 jobs/s against 93.2 to 96.3 (the ceiling is 100); the webhook
-    # delay's p50 6 to 17 ms against 15 to 44, and its 200 jobs ended 121 to 135 a second
-    # against 104 to 119; about 4% more worker CPU a job (docs/benchmarks.md, "Record
-    # turns"). A turn is one attempt of the record: one that fails gives it back before it
+    # run, so the jobs of such a wave recorded in lock-step, each statement, each hand-over
+    # of a webhook delivery, a turn of the whole wave and of the calls replacing them, and
+    # the first answer's job ended when the last one's did. Taking turns, the jobs waiting
+    # are parked out of that line, and each records and hands its deliveries over in a few
+    # short waits, first come first done. In alternating runs on a 2-core box
+    # (docs/benchmarks.md, "Record turns"), turns for the records: concurrency 100 at 1 s
+    # 97 to 99 jobs/s against 93 to 96 (the ceiling is 100), bench/webhook_delay.py's p50 a
+    # median of 7.5 ms against 29, its p95 no different, about 4% more worker CPU a job;
+    # the starts behind them too: that p95 a median of 140 ms against 157, its p50 12.5 to
+    # 19 ms. A turn is one attempt of the record: one that fails gives it back before it
     # waits to try again, so a record waiting out a database outage keeps no other from
     # trying.
     record_turns: threading.Semaphore | None = None
@@ -123,6 +124,11 @@ class JobRunner:
             return self._run(job_id, grant, slot)
 
     def _run(self, job_id: str, grant: Grant | None, slot: CallSlot) -> str:
+        # Behind the answers that came before it (record_turns): in a wave of answers, the
+        # jobs ending record and hand their webhooks over before the calls replacing them
+        # claim, call and parse on the same core.
+        with self._record_turn():
+            pass
         try:
             started = self._start_ready(job_id, grant)
         except RebuildNeeded as needed:

@@ -466,24 +466,25 @@ def test_jobs_take_turns_to_record_their_answers(
     harness.runner.record_turns = threading.BoundedSemaphore(turns)
     first, second = make_job("One."), make_job("Two.")
     held = harness.runner.messenger = HeldAnnouncement(held=first)
-    second_answered = threading.Event()
+    second_calling, second_answers = threading.Event(), threading.Event()
     call = harness.upstream.create_message
 
-    def watched_call(params: dict[str, Any], beta: str | None = None) -> Any:
-        result = call(params, beta)
+    def second_answers_when_told(params: dict[str, Any], beta: str | None = None) -> Any:
         if "Two." in json.dumps(params):
-            second_answered.set()
-        return result
+            second_calling.set()
+            assert second_answers.wait(10), "never told to answer"
+        return call(params, beta)
 
-    harness.upstream.create_message = watched_call  # type: ignore[method-assign]
-    first_run = threading.Thread(target=harness.runner.run, args=(first,))
+    harness.upstream.create_message = second_answers_when_told  # type: ignore[method-assign]
     second_run = threading.Thread(target=harness.runner.run, args=(second,))
-    first_run.start()
+    first_run = threading.Thread(target=harness.runner.run, args=(first,))
+    second_run.start()
     try:
-        assert held.holding.wait(10)
+        assert second_calling.wait(10)
+        first_run.start()
         # The first job is in its turn, recorded, its end's word not yet sent.
-        second_run.start()
-        assert second_answered.wait(10)
+        assert held.holding.wait(10)
+        second_answers.set()
         if turns == 1:
             # Its answer in, the second job waits for the first's turn to end.
             second_run.join(0.3)
@@ -495,6 +496,7 @@ def test_jobs_take_turns_to_record_their_answers(
             assert job_of(second).status == "succeeded"
         released_at = datetime.now(UTC)
     finally:
+        second_answers.set()
         held.release.set()
         first_run.join(10)
         second_run.join(10)
@@ -502,4 +504,29 @@ def test_jobs_take_turns_to_record_their_answers(
     # Finished when its answer came, not when its turn did.
     finished_at = job_of(second).finished_at
     assert finished_at is not None and finished_at.replace(tzinfo=UTC) < released_at
-    assert held.announced == [first, second] if turns == 1 else [second, first]
+    assert held.announced == ([first, second] if turns == 1 else [second, first])
+
+
+def test_a_job_about_to_start_waits_behind_the_answers_before_it(
+    make_harness: Callable[..., Harness], make_job: MakeJob, job_of: JobOf
+) -> None:
+    harness = make_harness()
+    harness.runner.record_turns = threading.BoundedSemaphore(1)
+    first, second = make_job("One."), make_job("Two.")
+    held = harness.runner.messenger = HeldAnnouncement(held=first)
+    first_run = threading.Thread(target=harness.runner.run, args=(first,))
+    second_run = threading.Thread(target=harness.runner.run, args=(second,))
+    first_run.start()
+    try:
+        assert held.holding.wait(10)
+        second_run.start()
+        second_run.join(0.3)
+        # Not claimed, not called: the first job's turn is not over.
+        assert second_run.is_alive()
+        assert job_of(second).status == "queued" and harness.upstream.calls == 1
+    finally:
+        held.release.set()
+        first_run.join(10)
+        second_run.join(10)
+    assert job_of(first).status == job_of(second).status == "succeeded"
+    assert harness.upstream.calls == 2
