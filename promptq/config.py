@@ -126,7 +126,7 @@ class Settings(BaseSettings):
     # priority goes before them once this worker takes it (promptq.jobs.call_slots).
     worker_standby_jobs: int | None = Field(default=None, ge=0, le=10_000)
     # Jobs of one worker process that record their answer at once; the others wait their
-    # turn, in the order their answers came (JobRunner.record_turns).
+    # turn, about in the order their answers came (JobRunner.record_turns).
     worker_records_at_once: int = Field(default=2, ge=1, le=10_000)
     # A message not acknowledged within this many seconds is handed to another worker by
     # the Redis broker; every countdown we use must stay well below it.
