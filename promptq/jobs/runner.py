@@ -107,14 +107,11 @@ class JobRunner:
     # of a webhook delivery, a turn of the whole wave and of the calls replacing them, and
     # the first answer's job ended when the last one's did. Taking turns, the jobs waiting
     # are parked out of that line, and each records and hands its deliveries over in a few
-    # short waits, first come first done. In alternating runs on a 2-core box
-    # (docs/benchmarks.md, "Record turns"), turns for the records: concurrency 100 at 1 s
-    # 97 to 99 jobs/s against 93 to 96 (the ceiling is 100), bench/webhook_delay.py's p50 a
-    # median of 7.5 ms against 29, its p95 no different, about 4% more worker CPU a job;
-    # the starts behind them too: that p95 a median of 140 ms against 157, its p50 12.5 to
-    # 19 ms. A turn is one attempt of the record: one that fails gives it back before it
-    # waits to try again, so a record waiting out a database outage keeps no other from
-    # trying.
+    # short waits, first come first done: a delivery's median delay down by half or more,
+    # and the webhook p95 lower with the starts behind them, at about 4% more worker CPU
+    # a job (docs/benchmarks.md, "Record turns", for the runs and their figures). A
+    # turn is one attempt of the record: one that fails gives it back before it waits to
+    # try again, so a record waiting out a database outage keeps no other from trying.
     record_turns: threading.Semaphore | None = None
 
     def run(self, job_id: str, grant: Grant | None = None, rank: int = 0) -> str:
