@@ -5,8 +5,9 @@
 
 One `promptq api` and one `promptq worker` run as child processes against the simulator;
 a receiver on 127.0.0.1 notes when each job's `job.succeeded` arrives. The delay of a job
-is that arrival time less the job's `finished_at` (same machine, same clock). Progress goes
-to stderr; stdout is Markdown, ready to paste into docs/benchmarks.md.
+is that arrival time less the time its answer came, its last attempt's `finished_at` (same
+machine, same clock): the wait for the record counts. Progress goes to stderr; stdout is
+Markdown, ready to paste into docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -149,31 +150,35 @@ def main() -> int:
         with engine.connect() as connection:
             # The first attempt's start splits the delay: the wait for a sender to take
             # the delivery, then the POST itself.
+            # The job's end is its answer: its last upstream call's finished_at (the job's
+            # own is when that answer was recorded, which may have waited its turn).
             rows = connection.execute(
                 text(
-                    "SELECT j.id, j.finished_at, MIN(a.started_at) FROM jobs j"
+                    "SELECT j.id, MAX(c.finished_at), MIN(a.started_at) FROM jobs j"
+                    " JOIN attempts c ON c.job_id = j.id"
                     " LEFT JOIN webhook_deliveries d ON d.job_id = j.id"
                     " LEFT JOIN webhook_attempts a ON a.delivery_id = d.id AND a.number = 1"
-                    " WHERE j.api_key_id = :key GROUP BY j.id, j.finished_at"
+                    " WHERE j.api_key_id = :key AND j.finished_at IS NOT NULL GROUP BY j.id"
                 ),
                 {"key": key_id},
             ).all()
-        finished_at = sorted(epoch(finished) for _, finished, _ in rows if finished is not None)
+        answered_at = sorted(epoch(answered) for _, answered, _ in rows)
         # The pace of the jobs' ends: the deliveries' load, and what the worker did besides.
-        ended_per_second = (len(finished_at) - 1) / max(finished_at[-1] - finished_at[0], 1e-9)
+        ended_per_second = (len(answered_at) - 1) / max(answered_at[-1] - answered_at[0], 1e-9)
         delays, waits, posts = [], [], []
-        for job_id, finished, started in rows:
-            if job_id not in receiver.arrivals or finished is None:
+        for job_id, answered, started in rows:
+            if job_id not in receiver.arrivals:
                 continue
-            delays.append(receiver.arrivals[job_id] - epoch(finished))
+            delays.append(receiver.arrivals[job_id] - epoch(answered))
             if started is not None:
-                waits.append(epoch(started) - epoch(finished))
+                waits.append(epoch(started) - epoch(answered))
                 posts.append(receiver.arrivals[job_id] - epoch(started))
         lines = report_start("Webhook delivery delay", setup)
         lines += [
             f"{submitted.accepted} jobs with a `webhook_url`, one API, one worker (concurrency "
             f"{args.concurrency}), simulated upstream {args.latency} s; delay = first delivery's "
-            "arrival at a receiver on 127.0.0.1 minus the job's `finished_at`.",
+            "arrival at a receiver on 127.0.0.1 minus the answer that ended the job (its "
+            "last attempt's `finished_at`).",
             "",
             markdown_table(
                 ["Measure", "Result"],

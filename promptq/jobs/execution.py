@@ -342,15 +342,21 @@ def record_attempt(
     (promptq.jobs.recording); elsewhere one statement each, in the same order. `room`, for
     a record that commits as it runs (records_alone): the deliveries of the job's end it
     has room for are claimed as they are written, for the caller to hand over to it
-    (AttemptVerdict.handed_over) rather than published. `answered_at`, when the answer
-    came (now if not given), is when the attempt and the job finished: the record may have
-    waited for its turn (JobRunner.record_turns) or through a database outage since."""
-    now = answered_at or utcnow()
+    (AttemptVerdict.handed_over) rather than published.
+
+    `answered_at`, when the answer came (now if not given), is when the attempt finished:
+    the record may have waited for its turn (JobRunner.record_turns) or through a database
+    outage since. The job itself finishes now, as it is recorded: a poller of the most
+    recently finished jobs (order=finished) reads only its first page, and a job recorded
+    after a database outage with its answer's time would land behind every job that other
+    workers finished meanwhile, where such a poller may never look."""
+    now = utcnow()
+    answered = answered_at or now
     attempt = {
         "job_id": claimed.id,
         "number": claimed.attempt,
         "started_at": claimed.claimed_at,
-        "finished_at": now,
+        "finished_at": answered,
         "latency_ms": result.latency_ms,
         "outcome": result.outcome,
         "status_code": result.status_code,
@@ -381,7 +387,7 @@ def record_attempt(
         call=RecordedAttempt(
             claimed.api_key_id,
             claimed.model,
-            now,
+            answered,
             result.outcome,
             result.status_code,
             result.latency_ms,

@@ -115,6 +115,26 @@ def test_a_success_records_the_answer_its_usage_and_its_exact_cost_once(
     assert len(job_of(claimed.id).attempt_records) == 2
 
 
+def test_a_record_made_long_after_its_answer_finishes_the_job_when_it_is_made(
+    settings: Settings, prices: PriceTable, make_job: MakeJob, job_of: JobOf
+) -> None:
+    claimed = claim(settings, make_job())
+    # Held five minutes (the database away) since its answer came.
+    answered_at = datetime.now(UTC) - timedelta(minutes=5)
+
+    with session_scope(settings.database_url) as session:
+        record_attempt(session, settings, prices, claimed, message(), answered_at=answered_at)
+    recorded_by = datetime.now(UTC)
+
+    job = job_of(claimed.id)
+    (attempt,) = job.attempt_records
+    # The call ended when its answer came; the job, when it was recorded: a poller of the
+    # most recently finished jobs must find it on top, not five minutes down the list.
+    assert attempt.finished_at.replace(tzinfo=UTC) == answered_at
+    assert job.finished_at is not None
+    assert answered_at + timedelta(minutes=4) < job.finished_at.replace(tzinfo=UTC) <= recorded_by
+
+
 def test_a_transient_error_schedules_a_retry_no_sooner_than_retry_after(
     settings: Settings, prices: PriceTable, make_job: MakeJob, job_of: JobOf
 ) -> None:
