@@ -148,10 +148,10 @@ def main() -> int:
             time.sleep(0.2)
         engine = bench_engine(stack, setup.database.url)
         with engine.connect() as connection:
-            # The first attempt's start splits the delay: the wait for a sender to take
-            # the delivery, then the POST itself.
             # The job's end is its answer: its last upstream call's finished_at (the job's
-            # own is when that answer was recorded, which may have waited its turn).
+            # own is when that answer was recorded, which may have waited its turn). The
+            # first delivery attempt's start splits the delay: the wait for a sender to
+            # take the delivery, then the POST itself.
             rows = connection.execute(
                 text(
                     "SELECT j.id, MAX(c.finished_at), MIN(a.started_at) FROM jobs j"
