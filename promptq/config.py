@@ -125,8 +125,9 @@ class Settings(BaseSettings):
     # early: another worker with room does not get them; a job published later at a higher
     # priority goes before them once this worker takes it (promptq.jobs.call_slots).
     worker_standby_jobs: int | None = Field(default=None, ge=0, le=10_000)
-    # Jobs of one worker process that record their answer at once; the others wait their
-    # turn, about in the order their answers came (JobRunner.record_turns).
+    # Records one worker process writes at once, its jobs' answers and its webhook
+    # deliveries' attempts; the others wait their turn, about in the order they came
+    # (JobRunner.record_turns, worker.delivery_sending).
     worker_records_at_once: int = Field(default=2, ge=1, le=10_000)
     # A message not acknowledged within this many seconds is handed to another worker by
     # the Redis broker; every countdown we use must stay well below it.

@@ -63,11 +63,15 @@ def worker_context() -> WorkerContext:
     messenger = BrokerMessenger(get_app(), events)
     # Started by the worker process once ready (worker.lifecycle), not by whoever first asks
     # for the context; until then it takes no deliveries from the runner either.
+    # The turns of the process's records, its jobs' and its deliveries' (JobRunner's and
+    # DeliverySender's). Patched to gevent's, as it is made once the worker runs: waiting
+    # yields.
+    record_turns = threading.BoundedSemaphore(settings.worker_records_at_once)
     delivery_pool = DeliveryPool(
         settings.webhook_concurrency,
         settings.webhook_max_in_flight_per_key,
         BrokerSource(get_app()),
-        DeliverySender(settings, webhooks),
+        DeliverySender(settings, webhooks, record_turns),
     )
     runner = JobRunner(
         settings,
@@ -78,8 +82,7 @@ def worker_context() -> WorkerContext:
         messenger,
         CallSlots(settings.worker_concurrency),
         delivery_room=delivery_pool,
-        # Patched to gevent's, as it is made once the worker runs: waiting yields.
-        record_turns=threading.BoundedSemaphore(settings.worker_records_at_once),
+        record_turns=record_turns,
     )
     return WorkerContext(
         settings=settings,

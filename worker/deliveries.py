@@ -90,7 +90,8 @@ class DeliverySource(Protocol):
 
 
 class Sender(Protocol):
-    """Sends one delivery: claims it, asks the pool for room for its key, posts, records."""
+    """Sends one delivery: claims it, asks the pool for room for its key, posts, records
+    (or has it recorded)."""
 
     def __call__(self, delivery_id: str, pool: DeliveryPool) -> None: ...
 
@@ -100,6 +101,11 @@ class Sender(Protocol):
 
     def unclaim(self, delivery_ids: list[str]) -> None:
         """Gives back the claims of deliveries handed over that will not be sent here."""
+        ...
+
+    def close(self) -> None:
+        """Finishes what the sends so far left to do (their records): the pool has
+        stopped sending."""
         ...
 
 
@@ -342,9 +348,9 @@ class DeliveryPool:
 
     def shutdown(self) -> None:
         """Stop taking deliveries and let those being sent finish (each POST ends within its
-        15 s timeout). What waits here is left to the sweeper, pending in the database: the
-        deliveries handed over claimed, their claims given back first, so that they are due
-        at once rather than when their leases run out."""
+        15 s timeout, then its record is written). What waits here is left to the sweeper,
+        pending in the database: the deliveries handed over claimed, their claims given
+        back first, so that they are due at once rather than when their leases run out."""
         self._stopping.set()
         if self._loop is not None:
             self._loop.join()
@@ -357,6 +363,7 @@ class DeliveryPool:
         if handed:
             self._unclaim(handed)
         self._executor.shutdown(wait=True)
+        self._send.close()
 
     def _unclaim(self, delivery_ids: list[str]) -> None:
         try:

@@ -49,6 +49,8 @@ class GatedSender:
         self.retry_in = 0.05
         self.claimed_sent: list[str] = []
         self.unclaimed: list[str] = []
+        # What had been sent when the pool closed the sender (None: not closed).
+        self.sent_when_closed: list[str] | None = None
 
     def gate(self, key: str) -> threading.Event:
         with self.lock:
@@ -72,6 +74,10 @@ class GatedSender:
     def unclaim(self, delivery_ids: list[str]) -> None:
         with self.lock:
             self.unclaimed += delivery_ids
+
+    def close(self) -> None:
+        with self.lock:
+            self.sent_when_closed = list(self.sent)
 
     def _post(self, delivery_id: str, key: str, pool: DeliveryPool) -> None:
         try:
@@ -210,6 +216,9 @@ def test_shutdown_lets_the_posts_in_flight_finish(
     threading.Timer(0.2, sender.gate("k").set).start()
     pool.shutdown()
     assert sender.sent == ["k:0"]
+    # Closed once the POST in flight had ended, so that its record is written before the
+    # worker exits.
+    assert sender.sent_when_closed == ["k:0"]
     # Stopped: nothing more is taken.
     source.ids.put("k:1")
     time.sleep(0.2)
