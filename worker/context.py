@@ -61,12 +61,12 @@ def worker_context() -> WorkerContext:
         allow_private=settings.webhook_allow_private, allow=settings.webhook_allow_list
     )
     messenger = BrokerMessenger(get_app(), events)
-    # Started by the worker process once ready (worker.lifecycle), not by whoever first asks
-    # for the context; until then it takes no deliveries from the runner either.
     # The turns of the process's records, its jobs' and its deliveries' (JobRunner's and
     # DeliverySender's). Patched to gevent's, as it is made once the worker runs: waiting
     # yields.
     record_turns = threading.BoundedSemaphore(settings.worker_records_at_once)
+    # Started by the worker process once ready (worker.lifecycle), not by whoever first asks
+    # for the context; until then it takes no deliveries from the runner either.
     delivery_pool = DeliveryPool(
         settings.webhook_concurrency,
         settings.webhook_max_in_flight_per_key,

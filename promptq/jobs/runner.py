@@ -95,11 +95,13 @@ class JobRunner:
     # Where the job's end may send its webhook deliveries' first attempts itself (the
     # worker's delivery pool); none: they are published, for any sender to claim.
     delivery_room: DeliveryRoom | None = None
-    # How many of its jobs record their answer at once (PROMPTQ_WORKER_RECORDS_AT_ONCE);
-    # the others wait, about in the order their answers came, and a job about to start
-    # waits behind them. None: no turns, for a caller that runs one job at a time. About:
-    # the standard library's semaphore wakes its longest waiter, but a newcomer that runs
-    # first takes the turn given back, and the woken one waits again.
+    # How many of its jobs record their answer at once (PROMPTQ_WORKER_RECORDS_AT_ONCE;
+    # in a worker, its webhook deliveries' records take the same turns:
+    # worker.delivery_sending); the others wait, about in the order their answers came,
+    # and a job about to start waits behind them. None: no turns, for a caller that runs
+    # one job at a time. About: the standard library's semaphore wakes its longest
+    # waiter, but a newcomer that runs first takes the turn given back, and the woken one
+    # waits again.
     #
     # Calls started together end together (a burst, answers of one length). Under gevent a
     # greenlet that waits for I/O goes to the back of the line of every greenlet ready to

@@ -125,11 +125,13 @@ def wait_for_http(url: str, process: subprocess.Popen[bytes], timeout: float = 3
 
 
 class Receiver:
-    """Records every request; answers with the scripted statuses, then 200."""
+    """Records every request; answers with the scripted statuses, then 200, after `delay`
+    seconds."""
 
-    def __init__(self) -> None:
+    def __init__(self, delay: float = 0.0) -> None:
         self.requests: list[tuple[dict[str, str], bytes, float]] = []
         self.script: list[int] = []
+        self.delay = delay
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -137,6 +139,7 @@ class Receiver:
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 headers = {k.lower(): v for k, v in self.headers.items()}
                 receiver.requests.append((headers, body, time.monotonic()))
+                time.sleep(receiver.delay)
                 status = receiver.script.pop(0) if receiver.script else 200
                 self.send_response(status)
                 self.send_header("content-length", "2")
