@@ -37,6 +37,15 @@ log = logging.getLogger(__name__)
 NO_ROOM_POSTPONE_SECONDS = 2.0
 
 
+@dataclass(frozen=True)
+class Posted:
+    """A delivery's attempt whose POST has ended, to be recorded."""
+
+    prepared: PreparedDelivery
+    result: DeliveryResult
+    started_at: datetime
+
+
 @dataclass
 class DeliverySender:
     settings: Settings
@@ -107,40 +116,30 @@ class DeliverySender:
             pool.release(prepared.key_id)
         # Waits while the pool's worth of attempts wait to be recorded: the database is
         # slower than the receivers, and the POSTs slow down to its pace.
+        posted = Posted(prepared, result, started_at)
         self._unrecorded.acquire()
         try:
-            self._recording.submit(self._record_handed, prepared, result, started_at, pool)
+            self._recording.submit(self._record_handed, posted, pool)
         except RuntimeError:
             # Closed meanwhile (a POST that ended as the worker stopped): recorded here.
             self._unrecorded.release()
-            self._record(prepared, result, started_at, pool)
+            self._record(posted, pool)
 
-    def _record_handed(
-        self,
-        prepared: PreparedDelivery,
-        result: DeliveryResult,
-        started_at: datetime,
-        pool: DeliveryPool,
-    ) -> None:
+    def _record_handed(self, posted: Posted, pool: DeliveryPool) -> None:
+        delivery_id = posted.prepared.id
         try:
-            with log_context(delivery_id=prepared.id, task=task_names.DELIVER_WEBHOOK):
-                self._record(prepared, result, started_at, pool)
+            with log_context(delivery_id=delivery_id, task=task_names.DELIVER_WEBHOOK):
+                self._record(posted, pool)
         except Exception:
             # Left claimed: its lease runs out and the sweeper sends it again.
             log.exception(
                 "webhook delivery %s: its attempt could not be recorded; it will be sent again",
-                prepared.id,
+                delivery_id,
             )
         finally:
             self._unrecorded.release()
 
-    def _record(
-        self,
-        prepared: PreparedDelivery,
-        result: DeliveryResult,
-        started_at: datetime,
-        pool: DeliveryPool,
-    ) -> None:
+    def _record(self, posted: Posted, pool: DeliveryPool) -> None:
         """The attempt's record in its turn (record_turns), then its retry planned."""
         turn: AbstractContextManager[object] = self.record_turns or nullcontext()
         with (
@@ -149,6 +148,6 @@ class DeliverySender:
                 self.settings, autocommit=deliveries.records_alone(self.settings)
             ) as session,
         ):
-            delay = deliveries.record(session, prepared, result, started_at)
+            delay = deliveries.record(session, posted.prepared, posted.result, posted.started_at)
         if delay is not None:
-            pool.retry_later(prepared.id, delay)
+            pool.retry_later(posted.prepared.id, delay)
