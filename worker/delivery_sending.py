@@ -114,9 +114,9 @@ class DeliverySender:
         finally:
             # The key's share covers the wait on its receiver; recording is promptq's own.
             pool.release(prepared.key_id)
+        posted = Posted(prepared, result, started_at)
         # Waits while the pool's worth of attempts wait to be recorded: the database is
         # slower than the receivers, and the POSTs slow down to its pace.
-        posted = Posted(prepared, result, started_at)
         self._unrecorded.acquire()
         try:
             self._recording.submit(self._record_handed, posted, pool)
