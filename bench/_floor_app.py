@@ -16,12 +16,16 @@ promptq's between:
 No SQL compilation, no ORM session, no retries, no rollups, no logging, no webhooks, no
 leases: a lower bound, not something promptq could ship. What promptq's job costs above it is
 what its guarantees and its code cost; what the floor costs above the no-op task is what no
-code of promptq's can remove.
+code of promptq's can remove while it runs each job's round trips on their own.
+
+With FLOOR_BATCH_LINGER_MS set, the same work with the claims and the records batched
+across jobs (BatchedFloor): what would be left of the floor if promptq batched them.
 
     python -m celery -A _floor_app worker -P gevent -Q bench-floor ...
 
 Its environment names the database (FLOOR_DATABASE, a libpq connection string), the
-simulator (FLOOR_UPSTREAM_URL) and the broker (PROMPTQ_REDIS_URL).
+simulator (FLOOR_UPSTREAM_URL), the broker (PROMPTQ_REDIS_URL) and, for the batched form,
+how long a batch waits for more jobs (FLOOR_BATCH_LINGER_MS).
 """
 
 from __future__ import annotations
@@ -30,9 +34,10 @@ import json
 import os
 import queue
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import psycopg
 import redis
@@ -45,6 +50,9 @@ from promptq.config import Settings
 FLOOR_TASK = "bench.floor"
 FLOOR_QUEUE = "bench-floor"
 FLOOR_TABLE = "bench_floor_jobs"
+
+Item = TypeVar("Item")
+Outcome = TypeVar("Outcome")
 
 # A limiter's acquire and settle, reduced to one key each: what a script call costs.
 ACQUIRE = "return redis.call('INCR', KEYS[1])"
@@ -140,6 +148,132 @@ class Floor:
         pipeline.execute()
 
 
+# ---------------------------------------------------------------------------------------------
+# The floor with its round trips shared between jobs
+
+
+class Combiner(Generic[Item, Outcome]):
+    """Group commit, written here because it is only a benchmark's measure: the first
+    caller to find no batch under way becomes its writer. It waits `linger` seconds
+    (other greenlets queue meanwhile), runs every item queued by then as one call of
+    `flush`, and goes on until none is left; the others wait for their outcome. A failed
+    batch raises its error in every caller waiting on it and in those queued behind it."""
+
+    def __init__(self, flush: Callable[[list[Item]], list[Outcome]], linger: float) -> None:
+        self._flush = flush
+        self._linger = linger
+        self._pending: list[tuple[Item, _Slot[Outcome]]] = []
+        self._flushing = False
+
+    def submit(self, item: Item) -> Outcome:
+        slot: _Slot[Outcome] = _Slot()
+        self._pending.append((item, slot))
+        if not self._flushing:
+            self._flushing = True
+            try:
+                while self._pending:
+                    # The process is gevent's (celery -P gevent): this sleep lets the other
+                    # greenlets run and queue their items.
+                    time.sleep(self._linger)
+                    self._run_batch()
+            finally:
+                self._flushing = False
+        slot.done.wait()
+        if slot.error is not None:
+            raise slot.error
+        return slot.outcome  # type: ignore[return-value]
+
+    def _run_batch(self) -> None:
+        batch, self._pending = self._pending, []
+        try:
+            outcomes = self._flush([item for item, _ in batch])
+        except Exception as error:
+            for _, waiting in batch + self._pending:
+                waiting.error = error
+                waiting.done.set()
+            self._pending = []
+            return
+        for (_, waiting), outcome in zip(batch, outcomes, strict=True):
+            waiting.outcome = outcome
+            waiting.done.set()
+
+
+class _Slot(Generic[Outcome]):
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.outcome: Outcome | None = None
+        self.error: Exception | None = None
+
+
+BATCH_CLAIM = f"""
+UPDATE {FLOOR_TABLE} SET status = 'running', attempts = attempts + 1, claimed_at = now()
+WHERE id = ANY(%s) AND status = 'queued' RETURNING id, request"""
+BATCH_RECORD = f"""
+UPDATE {FLOOR_TABLE} AS job SET status = 'succeeded', result = answer.result::jsonb,
+    input_tokens = answer.input_tokens, output_tokens = answer.output_tokens,
+    finished_at = now()
+FROM (SELECT unnest(%s::text[]) AS id, unnest(%s::text[]) AS result,
+             unnest(%s::int[]) AS input_tokens, unnest(%s::int[]) AS output_tokens) AS answer
+WHERE job.id = answer.id AND job.status = 'running'"""
+ACQUIRE_MANY = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
+SETTLE_MANY = "return redis.call('DECRBY', KEYS[1], ARGV[1])"
+
+
+class BatchedFloor(Floor):
+    """The floor with every round trip but the upstream call shared between jobs: one
+    claim with its admission, and one record with its settlement and words, for all the
+    jobs that reached that step within `linger` seconds of the batch's first. What the
+    least a job's path costs would be if promptq batched its statements and Redis calls
+    across jobs, at the price of that wait on every job. (Without the wait, at
+    `--latency 0` a batch holds little more than one job: the worker's messages arrive
+    one by one, and each batch's round trip ends before the next job gets there.)"""
+
+    def __init__(self, database: str, redis_url: str, upstream_url: str, linger: float) -> None:
+        super().__init__(database, redis_url, upstream_url)
+        self.acquire_many_sha = self.redis.script_load(ACQUIRE_MANY)
+        self.settle_many_sha = self.redis.script_load(SETTLE_MANY)
+        self.claims: Combiner[str, Any] = Combiner(self._claim, linger)
+        self.records: Combiner[tuple[str, dict[str, Any]], None] = Combiner(self._record, linger)
+
+    def _claim(self, job_ids: list[str]) -> list[Any]:
+        with self.connection() as connection:
+            rows = connection.execute(BATCH_CLAIM, (job_ids,), prepare=True).fetchall()
+        self.redis.evalsha(self.acquire_many_sha, 1, "floor-limiter:in-flight", len(rows))
+        requests = dict(rows)
+        return [requests.get(job_id) for job_id in job_ids]
+
+    def _record(self, answers: list[tuple[str, dict[str, Any]]]) -> list[None]:
+        usages = [message.get("usage") or {} for _, message in answers]
+        with self.connection() as connection:
+            connection.execute(
+                BATCH_RECORD,
+                (
+                    [job_id for job_id, _ in answers],
+                    [json.dumps(message) for _, message in answers],
+                    [usage.get("input_tokens") for usage in usages],
+                    [usage.get("output_tokens") for usage in usages],
+                ),
+                prepare=True,
+            )
+        pipeline = self.redis.pipeline(transaction=False)
+        pipeline.evalsha(self.settle_many_sha, 1, "floor-limiter:in-flight", len(answers))
+        for job_id, _ in answers:
+            pipeline.publish(f"floor-finished:{job_id}", "succeeded")
+        pipeline.execute()
+        return [None] * len(answers)
+
+    def run(self, job_id: str) -> None:
+        request = self.claims.submit(job_id)
+        if request is None:
+            return
+        response = self.http.request(
+            "POST", self.url, body=json.dumps(request).encode(), headers=self.headers
+        )
+        if response.status != 200:
+            raise RuntimeError(f"the simulator answered {response.status}")
+        self.records.submit((job_id, json.loads(response.data)))
+
+
 def floor_app(settings: Settings | None = None) -> Celery:
     settings = settings or Settings()
     celery = create_celery(settings)
@@ -156,12 +290,16 @@ def floor_app(settings: Settings | None = None) -> Celery:
         if not shared:
             with building:
                 if not shared:
+                    ends = (
+                        os.environ["FLOOR_DATABASE"],
+                        settings.redis_url or "",
+                        os.environ["FLOOR_UPSTREAM_URL"],
+                    )
+                    linger_ms = os.environ.get("FLOOR_BATCH_LINGER_MS")
                     shared.append(
-                        Floor(
-                            os.environ["FLOOR_DATABASE"],
-                            settings.redis_url or "",
-                            os.environ["FLOOR_UPSTREAM_URL"],
-                        )
+                        Floor(*ends)
+                        if linger_ms is None
+                        else BatchedFloor(*ends, linger=float(linger_ms) / 1000)
                     )
         return shared[0]
 

@@ -18,7 +18,8 @@ promptq costs on top of the broker. At `--latency 0` (or with `--noop-baseline`)
 end-to-end phase first runs two other tasks, each in a worker of its own on the same
 Redis, and prints a job's CPU over theirs: a no-op Celery task (bench/_noop_app.py), and
 on PostgreSQL the floor (bench/_floor_app.py), a job's input and output with the drivers
-called directly.
+called directly; with `--batched-floor MS`, the floor again with its claims and records
+batched across the jobs that come within MS milliseconds.
 
 Progress goes to stderr; stdout is Markdown, ready to paste into docs/benchmarks.md.
 """
@@ -605,6 +606,16 @@ class Baselines:
 
     noop: TaskBaseline
     floor: TaskBaseline | None = None
+    batched_floors: list[BatchedFloor] = field(default_factory=list)
+
+
+@dataclass
+class BatchedFloor:
+    """The floor with its claims and records batched across jobs (`--batched-floor`)."""
+
+    linger_ms: float
+    baseline: TaskBaseline
+    jobs_per_batch: float  # jobs a claim and a record held, on average
 
 
 def run_baselines(
@@ -625,11 +636,33 @@ def run_baselines(
         noop = run_task_baseline(args, stack, env, workdir, "noop-worker", noop_task, ids)
     if database.kind != "PostgreSQL":
         return Baselines(noop)
+    floor_task = BaselineTask("_floor_app", floor_app(settings), FLOOR_QUEUE, FLOOR_TASK)
+    floor, _ = run_floor(args, env, workdir, database, floor_task, ids, None)
+    batched_floors = []
+    for linger_ms in args.batched_floor or []:
+        baseline, jobs_per_batch = run_floor(
+            args, env, workdir, database, floor_task, ids, linger_ms
+        )
+        batched_floors.append(BatchedFloor(linger_ms, baseline, jobs_per_batch))
+    return Baselines(noop, floor, batched_floors)
+
+
+def run_floor(
+    args: argparse.Namespace,
+    env: dict[str, str],
+    workdir: Path,
+    database: DatabaseInfo,
+    floor_task: BaselineTask,
+    ids: list[str],
+    linger_ms: float | None,
+) -> tuple[TaskBaseline, float]:
+    """The floor's worker CPU for `ids`, one job at a time or (with `linger_ms`) batched,
+    and how many jobs a claim and a record held on average."""
     from promptq.simulator import Simulator, SimulatorConfig
 
     create_floor_jobs(database.url, ids)
-    log(f"baseline: {len(ids)} floor jobs (the drivers alone, bench/_floor_app.py)")
-    floor_task = BaselineTask("_floor_app", floor_app(settings), FLOOR_QUEUE, FLOOR_TASK)
+    kind = "floor" if linger_ms is None else f"batched floor, {linger_ms:g} ms linger"
+    log(f"baseline: {len(ids)} {kind} jobs (the drivers alone, bench/_floor_app.py)")
     with contextlib.ExitStack() as stack:
         # Served only once the worker is started (as in run_end_to_end): no thread of the
         # benchmark's own while it forks a child.
@@ -641,14 +674,16 @@ def run_baselines(
             .set(drivername="postgresql")
             .render_as_string(hide_password=False),
             "FLOOR_UPSTREAM_URL": simulator.url,
+            **({} if linger_ms is None else {"FLOOR_BATCH_LINGER_MS": str(linger_ms)}),
         }
+        name = "floor-worker" if linger_ms is None else f"batched-floor-{linger_ms:g}ms-worker"
         floor = run_task_baseline(
-            args, stack, floor_env, workdir, "floor-worker", floor_task, ids, simulator.start
+            args, stack, floor_env, workdir, name, floor_task, ids, simulator.start
         )
-    succeeded = remove_floor_jobs(database.url)
+    succeeded, statements = remove_floor_jobs(database.url)
     if succeeded != len(ids):
-        raise RuntimeError(f"the floor worker finished {succeeded} of its {len(ids)} jobs")
-    return Baselines(noop, floor)
+        raise RuntimeError(f"the {kind} worker finished {succeeded} of its {len(ids)} jobs")
+    return floor, 2 * succeeded / max(statements, 1)
 
 
 def create_floor_jobs(database_url: str, ids: list[str]) -> None:
@@ -672,19 +707,23 @@ def create_floor_jobs(database_url: str, ids: list[str]) -> None:
         )
 
 
-def remove_floor_jobs(database_url: str) -> int:
-    """How many of the floor's jobs succeeded; their table is dropped (a database given
-    with `--database-url` is kept after the run)."""
+def remove_floor_jobs(database_url: str) -> tuple[int, int]:
+    """How many of the floor's jobs succeeded, and in how many claims and records: the
+    jobs a statement changed share its transaction's `now()`. Their table is dropped (a
+    database given with `--database-url` is kept after the run)."""
     from _floor_app import FLOOR_TABLE
 
     with (
         contextlib.ExitStack() as engine_stack,
         bench_engine(engine_stack, database_url).begin() as connection,
     ):
-        query = text(f"SELECT count(*) FROM {FLOOR_TABLE} WHERE status = 'succeeded'")
-        succeeded = int(connection.execute(query).scalar_one())
+        query = text(
+            "SELECT count(*), count(DISTINCT claimed_at) + count(DISTINCT finished_at) "
+            f"FROM {FLOOR_TABLE} WHERE status = 'succeeded'"
+        )
+        succeeded, statements = connection.execute(query).one()
         connection.execute(text(f"DROP TABLE {FLOOR_TABLE}"))
-        return succeeded
+        return int(succeeded), int(statements)
 
 
 def run_task_baseline(
@@ -929,6 +968,19 @@ def run_end_to_end(
                     True,
                 )
             )
+        for batched in baselines.batched_floors:
+            batched_ms = batched.baseline.ms_per_message
+            rows.append(
+                row(
+                    f"Floor batched, {batched.linger_ms:g} ms linger, "
+                    f"{batched.jobs_per_batch:.1f} jobs a statement ({batched_ms:.2f} ms) / "
+                    "no-op task",
+                    batched_ms / max(noop_ms, 1e-9),
+                    f"{batched_ms / max(noop_ms, 1e-9):.2f}x",
+                    None,
+                    True,
+                )
+            )
     rows.append(["Succeeded / submitted", f"{succeeded} / {count}", "all", met(all_ok)])
     notes = [
         f"Steady state: the {STEADY_FROM:.0%} to {STEADY_TO:.0%} finishes, {window:.1f} s. "
@@ -982,10 +1034,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also measure a no-op Celery task's worker CPU and, on PostgreSQL, the floor's "
         "(bench/_floor_app.py; always with --latency 0)",
     )
+    parser.add_argument(
+        "--batched-floor",
+        type=float,
+        action="append",
+        metavar="MS",
+        help="with the baselines on PostgreSQL, also measure the floor with its claims and "
+        "records batched across jobs, each batch waiting MS milliseconds for more jobs "
+        "(repeat for several)",
+    )
     args = parser.parse_args(argv)
     require_at_least_one(parser, args, ("jobs", "e2e_jobs", "clients", "concurrency"))
     if args.latency < 0:
         parser.error("--latency must be >= 0")
+    if any(linger_ms < 0 for linger_ms in args.batched_floor or []):
+        parser.error("--batched-floor must be >= 0 milliseconds")
     return args
 
 
