@@ -522,7 +522,11 @@ def test_the_charts_draw_in_headless_chromium(browser: Any, api_server: str, mak
         [
             (SONNET, "dashboard job one"),
             (SONNET, "dashboard job two"),
-            (HAIKU, "dashboard job three"),
+            # Two seconds slower than the others, so that the hour's 95th percentile (the
+            # slowest of four) stands well above its median on the latency chart. Four
+            # quick jobs submitted together and picked up late by a busy worker end
+            # together, their times within a pixel, and the amber dot hides the blue one.
+            (HAIKU, "dashboard job three [[sim:latency=2]]"),
             (SONNET, "[[sim:400]] dashboard job that fails"),
         ],
     )
