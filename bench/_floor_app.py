@@ -36,6 +36,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Any, Generic, TypeVar
 
@@ -162,12 +163,12 @@ class Combiner(Generic[Item, Outcome]):
     def __init__(self, flush: Callable[[list[Item]], list[Outcome]], linger: float) -> None:
         self._flush = flush
         self._linger = linger
-        self._pending: list[tuple[Item, _Slot[Outcome]]] = []
+        self._pending: list[tuple[Item, Future[Outcome]]] = []
         self._flushing = False
 
     def submit(self, item: Item) -> Outcome:
-        slot: _Slot[Outcome] = _Slot()
-        self._pending.append((item, slot))
+        outcome: Future[Outcome] = Future()
+        self._pending.append((item, outcome))
         if not self._flushing:
             self._flushing = True
             try:
@@ -178,10 +179,7 @@ class Combiner(Generic[Item, Outcome]):
                     self._run_batch()
             finally:
                 self._flushing = False
-        slot.done.wait()
-        if slot.error is not None:
-            raise slot.error
-        return slot.outcome  # type: ignore[return-value]
+        return outcome.result()
 
     def _run_batch(self) -> None:
         batch, self._pending = self._pending, []
@@ -189,20 +187,11 @@ class Combiner(Generic[Item, Outcome]):
             outcomes = self._flush([item for item, _ in batch])
         except Exception as error:
             for _, waiting in batch + self._pending:
-                waiting.error = error
-                waiting.done.set()
+                waiting.set_exception(error)
             self._pending = []
             return
         for (_, waiting), outcome in zip(batch, outcomes, strict=True):
-            waiting.outcome = outcome
-            waiting.done.set()
-
-
-class _Slot(Generic[Outcome]):
-    def __init__(self) -> None:
-        self.done = threading.Event()
-        self.outcome: Outcome | None = None
-        self.error: Exception | None = None
+            waiting.set_result(outcome)
 
 
 BATCH_CLAIM = f"""

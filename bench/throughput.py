@@ -602,7 +602,7 @@ class BaselineTask:
 class Baselines:
     """What the `--latency 0` run compares a job's CPU with: the no-op task, and on
     PostgreSQL the floor (bench/_floor_app.py, the job's input and output with the drivers
-    called directly)."""
+    called directly) and the floor batched across jobs at each `--batched-floor` wait."""
 
     noop: TaskBaseline
     floor: TaskBaseline | None = None
