@@ -7,8 +7,9 @@ among the records of the process's jobs (JobRunner.record_turns, shared): when a
 jobs ends together, the wave's records and POSTs go first and the deliveries' records after
 them, rather than each delivery's thread recording between two POSTs while the wave's later
 jobs wait to record and hand theirs over (docs/benchmarks.md, "Webhook delivery delay").
-A record not yet written when the process dies leaves its delivery claimed: its lease runs
-out and it is sent again, with the same webhook-id, as when a process dies mid-POST.
+A record is waited for through a database outage (promptq.record_retrying). One not written
+when the process dies, or given up on, leaves its delivery claimed: its lease runs out and it
+is sent again, with the same webhook-id, as when a process dies mid-POST.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from promptq.clock import utcnow
 from promptq.config import Settings
 from promptq.db import session_scope
 from promptq.logging import log_context
+from promptq.record_retrying import RECORD_RETRYING
 from promptq.webhooks import WebhookSender, deliveries
 from promptq.webhooks.deliveries import PreparedDelivery
 from promptq.webhooks.sender import DeliveryResult
@@ -140,14 +142,20 @@ class DeliverySender:
             self._unrecorded.release()
 
     def _record(self, posted: Posted, pool: DeliveryPool) -> None:
-        """The attempt's record in its turn (record_turns), then its retry planned."""
+        """The attempt's record in its turn (record_turns), waited for through a database
+        outage (not written, its delivery would be sent again once its lease runs out), then
+        its retry planned. A turn is one try: a record waiting out an outage holds none."""
         turn: AbstractContextManager[object] = self.record_turns or nullcontext()
-        with (
-            turn,
-            session_scope(
-                self.settings, autocommit=deliveries.records_alone(self.settings)
-            ) as session,
-        ):
-            delay = deliveries.record(session, posted.prepared, posted.result, posted.started_at)
+        for retrying in RECORD_RETRYING:
+            with (
+                retrying,
+                turn,
+                session_scope(
+                    self.settings, autocommit=deliveries.records_alone(self.settings)
+                ) as session,
+            ):
+                delay = deliveries.record(
+                    session, posted.prepared, posted.result, posted.started_at
+                )
         if delay is not None:
             pool.retry_later(posted.prepared.id, delay)

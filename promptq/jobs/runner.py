@@ -27,18 +27,10 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Protocol
 
-from tenacity import (
-    RetryCallState,
-    Retrying,
-    retry_if_exception_type,
-    stop_after_delay,
-    wait_exponential,
-)
-
 from promptq import budgets
 from promptq.clock import utcnow
 from promptq.config import Settings
-from promptq.db import TRANSIENT_DATABASE_ERRORS, reconnected, session_scope
+from promptq.db import session_scope
 from promptq.jobs.call_slots import CallSlot, CallSlots
 from promptq.jobs.execution import (
     ClaimedJob,
@@ -59,14 +51,13 @@ from promptq.jobs.repository import KEY_RPM
 from promptq.outbox import Messenger
 from promptq.pricing import PriceTable
 from promptq.ratelimit.protocol import Decision, Grant, Limiter, RebuildNeeded
+from promptq.record_retrying import RECORD_RETRYING
 from promptq.upstream import UpstreamResult
 from promptq.usage import Usage
 from promptq.webhooks.deliveries import DeliveryRoom
 
 log = logging.getLogger(__name__)
 
-# How long a worker keeps an upstream answer in memory while the database is away.
-RECORD_PATIENCE_SECONDS = 300
 # No bound of the runner's own on the calls in flight.
 UNBOUNDED_CALLS = 1 << 30
 # A reservation this close is not worth a round trip through the broker.
@@ -258,7 +249,7 @@ class JobRunner:
             # Only a record that commits as it runs hands deliveries over: once it has run,
             # nothing is left to fail and leave them claimed but never sent.
             room = self.delivery_room if alone else None
-            for retrying in _RECORD_RETRYING:
+            for retrying in RECORD_RETRYING:
                 with (
                     retrying,
                     self._record_turn(),
@@ -286,7 +277,7 @@ class JobRunner:
             # slot idle through its record, a cost that shrinks as answers take longer.
             slot.release()
             if verdict.subscribers_owed:
-                for retrying in _RECORD_RETRYING:
+                for retrying in RECORD_RETRYING:
                     with retrying, session_scope(self.settings, self.messenger) as session:
                         deliver_to_subscribers(session, job.id)
         log.info(
@@ -321,27 +312,3 @@ class JobRunner:
     def _give_back(self, grant: Grant | None) -> None:
         if grant is not None:
             self.limiter.settle(grant, None, called=False)
-
-
-_backoff = wait_exponential(multiplier=0.5, max=10)
-
-
-def _at_once_if_reconnected(state: RetryCallState) -> float:
-    """No wait before the first retry of a statement that met a connection the database had
-    dropped (a restart): the pool has let go of every connection as old, and a new one is
-    likely fine. Anything else waits, backing off."""
-    outcome = state.outcome
-    error = outcome.exception() if outcome is not None else None
-    if state.attempt_number == 1 and error is not None and reconnected(error):
-        return 0.0
-    return float(_backoff(state))
-
-
-# One for every record: tenacity keeps each run's state in a thread-local (greenlet-local
-# under gevent), and building it per job was a visible share of a worker's CPU.
-_RECORD_RETRYING = Retrying(
-    retry=retry_if_exception_type(TRANSIENT_DATABASE_ERRORS),
-    wait=_at_once_if_reconnected,
-    stop=stop_after_delay(RECORD_PATIENCE_SECONDS),
-    reraise=True,
-)
