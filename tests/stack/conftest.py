@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import redis
 import redis.utils
-from helpers import running_api, start_worker, stop_worker
+from helpers import SLOW_RECEIVER_SECONDS, Receiver, running_api, start_worker, stop_worker
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
@@ -223,6 +223,15 @@ def api_server(test_env: dict[str, str], worker_process: Any, tmp_path: Path) ->
     """A real `promptq api` process next to the test session's worker."""
     with running_api(test_env, tmp_path / "api.log") as url:
         yield url
+
+
+@pytest.fixture
+def slow_receiver() -> Iterator[Receiver]:
+    """A webhook receiver on 127.0.0.1 that holds every POST for SLOW_RECEIVER_SECONDS:
+    long enough to act while a delivery is in flight."""
+    server = Receiver(delay=SLOW_RECEIVER_SECONDS)
+    yield server
+    server.server.shutdown()
 
 
 @pytest.fixture

@@ -124,6 +124,10 @@ def wait_for_http(url: str, process: subprocess.Popen[bytes], timeout: float = 3
         raise RuntimeError(f"{url} did not answer in {timeout}s") from None
 
 
+# How long a slow receiver (the slow_receiver fixture) holds each POST.
+SLOW_RECEIVER_SECONDS = 2.0
+
+
 class Receiver:
     """Records every request; answers with the scripted statuses, then 200, after `delay`
     seconds."""

@@ -140,14 +140,6 @@ def test_database_away_means_503_then_it_resumes_without_restart(
         assert response.json()["status"] == "succeeded"
 
 
-@pytest.fixture
-def slow_receiver() -> Iterator[Receiver]:
-    """A webhook receiver that holds every POST for two seconds."""
-    server = Receiver(delay=2.0)
-    yield server
-    server.server.shutdown()
-
-
 @contextmanager
 def proxied_worker(
     test_env: dict[str, str], database_proxy: CuttableProxy, database_url: str, tmp_path: Path

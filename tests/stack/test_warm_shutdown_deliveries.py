@@ -6,12 +6,10 @@ claimed to be sent a second time once its lease runs out."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-from helpers import Receiver, start_worker, stop_worker, unique
+from helpers import SLOW_RECEIVER_SECONDS, Receiver, start_worker, stop_worker, unique
 from sqlalchemy import select
 
 from promptq.broker.celery_app import create_celery
@@ -23,15 +21,6 @@ from promptq.jobspec.schemas import JobCreate
 from promptq.keys.service import authenticate
 from promptq.models import WebhookAttempt, WebhookDelivery
 from promptq.testing import SONNET
-
-RECEIVER_SECONDS = 2.0
-
-
-@pytest.fixture
-def slow_receiver() -> Iterator[Receiver]:
-    server = Receiver(delay=RECEIVER_SECONDS)
-    yield server
-    server.server.shutdown()
 
 
 def test_a_warm_shutdown_records_the_webhook_posts_in_flight(
@@ -58,7 +47,7 @@ def test_a_warm_shutdown_records_the_webhook_posts_in_flight(
         stop_worker(worker)  # SIGTERM
     assert worker.returncode == 0, worker.log_text()
     # The receiver answered after the signal, and the worker recorded it before exiting.
-    assert time.monotonic() - slow_receiver.requests[0][2] >= RECEIVER_SECONDS
+    assert time.monotonic() - slow_receiver.requests[0][2] >= SLOW_RECEIVER_SECONDS
     with session_scope(settings) as session:
         delivery = session.scalars(
             select(WebhookDelivery).where(WebhookDelivery.job_id == job_id)
